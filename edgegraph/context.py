@@ -1,0 +1,183 @@
+"""What a pass may use besides the model: calibration data, target, seed, verification, progress."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from edgegraph.errors import CalibrationDataError
+from edgegraph.runtime import Feeds, InputSpec
+from edgegraph.targets import Target, load_target
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How to turn an image file into a model input (the usual ImageNet recipe by default)."""
+
+    size: tuple[int, int] = (224, 224)  # height, width fed to the model
+    resize: int | None = 256  # shorter side before the center crop; None resizes straight to `size`
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    scale: float = 1 / 255  # applied before mean/std
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    channels: Literal["RGB", "BGR", "L"] = "RGB"
+
+    def __call__(self, path: Path) -> np.ndarray:
+        from PIL import Image  # only image calibration needs Pillow
+
+        with Image.open(path) as img:
+            img = img.convert("L" if self.channels == "L" else "RGB")
+            height, width = self.size
+            if self.resize:
+                ratio = self.resize / min(img.size)
+                img = img.resize((round(img.width * ratio), round(img.height * ratio)), Image.BILINEAR)
+                left, top = (img.width - width) // 2, (img.height - height) // 2
+                img = img.crop((left, top, left + width, top + height))
+            else:
+                img = img.resize((width, height), Image.BILINEAR)
+            array = np.asarray(img, dtype=np.float32)
+        if array.ndim == 2:
+            array = array[..., None]
+        if self.channels == "BGR":
+            array = array[..., ::-1]
+        array = (array * self.scale - np.float32(self.mean)) / np.float32(self.std)
+        return np.ascontiguousarray(array.transpose(2, 0, 1) if self.layout == "NCHW" else array, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """A sequence of samples ({input name: array without the batch axis}) read lazily, in batches."""
+
+    length: int
+    fetch: Callable[[int], Feeds]  # sample index -> one sample
+    source: str = ""
+
+    def __len__(self) -> int:
+        return self.length
+
+    def sample(self, index: int) -> Feeds:
+        return self.fetch(index)
+
+    def batches(self, batch_size: int = 8) -> Iterator[Feeds]:
+        """Stacked batches along a new axis 0 (the last batch may be shorter)."""
+        for start in range(0, self.length, batch_size):
+            samples = [self.fetch(i) for i in range(start, min(start + batch_size, self.length))]
+            yield {name: np.stack([s[name] for s in samples]) for name in samples[0]}
+
+    def take(self, count: int, start: int = 0) -> CalibrationData:
+        """Samples [start, start + count) as a new dataset (e.g. calibration vs evaluation split)."""
+        count = max(0, min(count, self.length - start))
+        return CalibrationData(count, lambda i: self.fetch(start + i), self.source)
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], source: str = "arrays") -> CalibrationData:
+        """Axis 0 of every array indexes samples."""
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        if not arrays:
+            raise CalibrationDataError(f"{source}: no arrays")
+        lengths = {k: v.shape[0] if v.ndim else 0 for k, v in arrays.items()}
+        if len(set(lengths.values())) != 1 or 0 in lengths.values():
+            raise CalibrationDataError(f"{source}: arrays need the same, non-zero length on axis 0 (got {lengths})")
+        return cls(next(iter(lengths.values())), lambda i: {k: v[i] for k, v in arrays.items()}, source)
+
+    @classmethod
+    def from_npz(cls, path: str | Path, inputs: Sequence[str] | None = None) -> CalibrationData:
+        """An .npz whose keys are input names (an `input__` prefix, as in reference I/O files, is accepted)."""
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationDataError(f"calibration file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k.removeprefix("input__"): npz[k] for k in npz.files if not k.startswith("output__")}
+        except (OSError, ValueError) as exc:
+            raise CalibrationDataError(f"{path} is not a readable .npz file ({exc})") from None
+        if inputs is not None:
+            missing = [name for name in inputs if name not in arrays]
+            if missing:
+                raise CalibrationDataError(
+                    f"{path} has no array for model input(s) {', '.join(missing)} (keys: {', '.join(arrays) or 'none'})"
+                )
+            arrays = {name: arrays[name] for name in inputs}
+        return cls.from_arrays(arrays, str(path))
+
+    @classmethod
+    def from_images(cls, folder: str | Path, input_name: str, preprocess: ImagePreprocess = ImagePreprocess()) -> CalibrationData:
+        """Every image in `folder` (sorted by name), preprocessed for the single image input."""
+        folder = Path(folder)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        if not files:
+            raise CalibrationDataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+        return cls(len(files), lambda i: {input_name: preprocess(files[i])}, str(folder))
+
+    @classmethod
+    def random(cls, specs: Sequence[InputSpec], count: int = 8, seed: int = 0, dynamic_dim: int = 32) -> CalibrationData:
+        """Seeded random samples shaped from the input specs (dynamic dims become `dynamic_dim`).
+
+        Floats are uniform in [0, 1); integers are 0 or 1 (valid ids, masks and indices);
+        bools are random. Good for checking exactness, not for calibrating ranges.
+        """
+        def shape_of(spec: InputSpec) -> tuple[int, ...]:
+            dims = list(spec.shape or ())[1:]  # axis 0 is the batch axis added by `batches`
+            return tuple(d if isinstance(d, int) and d > 0 else dynamic_dim for d in dims)
+
+        def fetch(index: int) -> Feeds:
+            rng = np.random.default_rng([seed, index])
+            sample = {}
+            for spec in specs:
+                shape = shape_of(spec)
+                if spec.dtype.kind == "f":
+                    sample[spec.name] = rng.random(shape, dtype=np.float32).astype(spec.dtype)
+                elif spec.dtype.kind == "b":
+                    sample[spec.name] = rng.random(shape) < 0.5
+                elif spec.dtype.kind in "iu":
+                    sample[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
+                else:
+                    raise CalibrationDataError(f"cannot generate random data for input '{spec.name}' of type {spec.dtype}")
+            return sample
+
+        return cls(count, fetch, f"random(seed={seed})")
+
+
+def read_labels(path: str | Path) -> dict[str, int]:
+    """`file,label` rows of a labels.csv (header optional) -> {file name: class index}."""
+    labels = {}
+    with open(path, newline="") as handle:
+        for row in csv.reader(handle):
+            if len(row) >= 2 and row[1].strip().lstrip("-").isdigit():
+                labels[row[0].strip()] = int(row[1])
+    return labels
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """How each pass is checked against its input model (see `edgegraph.verify`)."""
+
+    enabled: bool = True
+    samples: int = 4
+    rtol: float = 1e-4  # relative to the largest |reference| value of the output
+    atol: float = 1e-5
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """Everything a pass may use besides the model. Passes declare what they need in `requires`."""
+
+    calibration: CalibrationData | None = None
+    target: Target = field(default_factory=lambda: load_target("cpu"))
+    seed: int = 0
+    verify: VerifyConfig = VerifyConfig()
+    progress: bool = True
+    threads: int = 0  # onnxruntime intra-op threads for calibration runs; 0 = all cores
+
+    def progress_bar(self, iterable=None, *, total: int | None = None, desc: str = ""):
+        """A tqdm bar on stderr (silent when progress is off or output is not a terminal)."""
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, disable=not self.progress or None, leave=False, unit="batch")

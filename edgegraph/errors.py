@@ -1,0 +1,55 @@
+"""Errors a user can act on; the CLI prints them as one line and exits with `exit_code`."""
+
+from __future__ import annotations
+
+
+class EdgegraphError(Exception):
+    """Bad input or usage: a corrupt model, an unknown pass, a bad option, missing data."""
+
+    exit_code = 2
+
+
+class ModelLoadError(EdgegraphError):
+    """The model file is missing, unreadable, or not an ONNX model."""
+
+
+class UnknownPassError(EdgegraphError):
+    """A pass name that is not registered."""
+
+
+class PassOptionError(EdgegraphError):
+    """An option that the pass does not have, or a value of the wrong type."""
+
+
+class MissingRequirementError(EdgegraphError):
+    """A pass needs something the context does not provide (calibration data, a target)."""
+
+
+class CalibrationDataError(EdgegraphError):
+    """Calibration data that does not fit the model (missing inputs, wrong shapes, unreadable)."""
+
+
+class UnknownTargetError(EdgegraphError):
+    """A target name with no profile in `edgegraph/targets/`."""
+
+
+class VerificationError(EdgegraphError):
+    """A semantics-preserving pass changed the model's outputs beyond tolerance.
+
+    This is a defect in edgegraph, not in the user's input, hence exit code 1; it still gets a
+    one-line message because the pass, output and metric are what a bug report needs.
+    """
+
+    exit_code = 1
+
+    def __init__(self, pass_name: str, output: str, metric: str, value: float, threshold: float, seed: int):
+        self.pass_name, self.output, self.metric = pass_name, output, metric
+        self.value, self.threshold, self.seed = value, threshold, seed
+        super().__init__(
+            f"pass '{pass_name}' changed output '{output}': {metric}={value:.3g} exceeds {threshold:.3g} "
+            f"(verification seed {seed}); no output written. Re-run with --no-verify to skip this check."
+        )
+
+
+class PassFailure(RuntimeError):
+    """An unexpected exception inside a pass, re-raised with the pipeline position (keeps the traceback)."""

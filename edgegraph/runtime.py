@@ -1,0 +1,165 @@
+"""onnxruntime sessions, feeds, activation capture and latency: the one place that runs models."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edgegraph import ir
+from edgegraph.errors import CalibrationDataError
+
+logger = logging.getLogger(__name__)
+
+# Errors surface as Python exceptions; ORT's own log lines would only duplicate them on stderr.
+ort.set_default_logger_severity(4)
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, numpy dtype and shape (ints for fixed dims, str/None for dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The fixed size of axis 0, or None when it is dynamic."""
+        if not self.shape:
+            return None
+        first = self.shape[0]
+        return first if isinstance(first, int) and first > 0 else None
+
+
+def input_specs(proto: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed (graph inputs that are not initializers)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    specs = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        shape = None
+        if tensor_type.HasField("shape"):
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+            )
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else np.float32
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+    return specs
+
+
+def session(model, *, threads: int = 1, optimize: bool = False) -> ort.InferenceSession:
+    """A CPU session. `optimize=False` disables ORT's graph rewrites (what verification wants).
+
+    Models past protobuf's limit are written with external data to a temporary folder that lives
+    as long as the session.
+    """
+    proto = model.to_proto() if isinstance(model, ir.Model) else model
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    providers = ["CPUExecutionProvider"]
+    if isinstance(proto, str | os.PathLike):
+        return ort.InferenceSession(str(proto), options, providers=providers)
+    if ir.proto_size(proto) <= ir.PROTO_LIMIT:
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    folder = Path(tempfile.mkdtemp(prefix="edgegraph-ort-"))
+    try:
+        path = ir.save(proto, folder / "model.onnx", external_data=True)
+        sess = ort.InferenceSession(str(path), options, providers=providers)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    sess._edgegraph_cleanup = _Cleanup(folder)  # removed when the session is collected
+    return sess
+
+
+class _Cleanup:
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __del__(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def adapt_feeds(specs: Sequence[InputSpec], sample: Mapping[str, np.ndarray]) -> Feeds:
+    """Pick the model's inputs from `sample`, cast to the model's dtypes (e.g. float16 inputs)."""
+    feeds = {}
+    for spec in specs:
+        if spec.name not in sample:
+            raise CalibrationDataError(
+                f"data has no array for model input '{spec.name}' (data keys: {', '.join(sample)})"
+            )
+        feeds[spec.name] = np.asarray(sample[spec.name]).astype(spec.dtype, copy=False)
+    return feeds
+
+
+def batch_size_for(specs: Sequence[InputSpec], wanted: int) -> int:
+    """The largest batch <= wanted that the model accepts (1 when axis 0 is fixed to 1)."""
+    fixed = {s.fixed_batch for s in specs if s.shape}
+    if None in fixed or not fixed:
+        return wanted
+    return min(fixed)
+
+
+def run(sess: ort.InferenceSession, feeds: Feeds, outputs: Sequence[str] | None = None) -> Feeds:
+    """Run once; returns {output name: array}."""
+    names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of `proto` that also returns the given intermediate tensors."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(proto)
+    present = {o.name for o in exposed.graph.output}
+    for name in names:
+        if name not in present:
+            # ORT infers the type of an output declared without one.
+            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return exposed
+
+
+def capture(model, tensors: Sequence[str], batches: Iterable[Feeds], *, threads: int = 0) -> Iterator[Feeds]:
+    """Stream the values of intermediate `tensors` over calibration batches, one batch at a time.
+
+    The caller reduces each batch (histograms, Gram matrices, ...) so memory stays bounded by one
+    batch of activations rather than the whole calibration set.
+    """
+    proto = model.to_proto() if isinstance(model, ir.Model) else model
+    sess = session(with_outputs(proto, tensors), threads=threads)
+    specs = input_specs(proto)
+    for batch in batches:
+        yield run(sess, adapt_feeds(specs, batch), tensors)
+
+
+def latency_ms(model, feeds: Feeds, *, runs: int = 20, warmup: int = 3, threads: int = 1) -> float:
+    """Median wall time of one inference in ms, with ORT's full optimizations (as deployed)."""
+    sess = session(model, threads=threads, optimize=True)
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)

@@ -1,0 +1,101 @@
+"""Compare a candidate model's outputs with a reference's: the numbers every pass is judged by."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from edgegraph.runtime import Feeds
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    """Agreement of one output over a set of samples."""
+
+    name: str
+    max_abs: float
+    ref_max_abs: float  # scale of the reference values, what tolerances are relative to
+    cosine: float
+    sqnr_db: float
+    top1: float | None  # fraction of rows with the same argmax, when the output looks like class scores
+    exact_match: bool  # bitwise equal (integer outputs must be)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def looks_like_scores(array: np.ndarray) -> bool:
+    """(batch, classes) after squeezing trailing singleton dims, with more than one class."""
+    squeezed = _squeeze_trailing(array)
+    return squeezed.ndim == 2 and squeezed.shape[1] > 1 and array.dtype.kind == "f"
+
+
+def argmax_agreement(reference: np.ndarray, candidate: np.ndarray, axis: int = -1) -> float:
+    """Fraction of positions whose argmax along `axis` agrees (top-1 per row, or per pixel)."""
+    return float(np.mean(np.argmax(reference, axis=axis) == np.argmax(candidate, axis=axis)))
+
+
+def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputMetrics:
+    reference, candidate = np.asarray(reference), np.asarray(candidate)
+    if reference.shape != candidate.shape:
+        return OutputMetrics(name, float("inf"), 0.0, 0.0, float("-inf"), None, False)
+    exact = bool(np.array_equal(reference, candidate, equal_nan=reference.dtype.kind == "f"))
+    if reference.dtype.kind not in "fc" or reference.size == 0:
+        diff = 0.0 if exact else float("inf")
+        return OutputMetrics(name, diff, 0.0, 1.0 if exact else 0.0, float("inf") if exact else float("-inf"), None, exact)
+    ref = reference.astype(np.float64).ravel()
+    cand = candidate.astype(np.float64).ravel()
+    finite = np.isfinite(ref) & np.isfinite(cand)
+    # Non-finite values must match position and value; the rest are compared numerically.
+    same_nonfinite = np.array_equal(ref[~finite], cand[~finite], equal_nan=True)
+    ref, cand = ref[finite], cand[finite]
+    error = cand - ref
+    max_abs = float(np.max(np.abs(error))) if error.size else 0.0
+    if not same_nonfinite:
+        max_abs = float("inf")
+    signal, noise = float(np.sum(ref**2)), float(np.sum(error**2))
+    sqnr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
+    norms = np.linalg.norm(ref) * np.linalg.norm(cand)
+    cosine = float(ref @ cand / norms) if norms > 0 else (1.0 if noise == 0 else 0.0)
+    top1 = None
+    if looks_like_scores(reference):
+        top1 = argmax_agreement(_squeeze_trailing(reference), _squeeze_trailing(candidate))
+    ref_scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    return OutputMetrics(name, max_abs, ref_scale, cosine, sqnr, top1, exact)
+
+
+def compare_all(references: Iterable[Feeds], candidates: Iterable[Feeds]) -> dict[str, OutputMetrics]:
+    """Metrics per output over batches of outputs (concatenated along axis 0)."""
+    refs, cands = list(references), list(candidates)
+    names = list(refs[0]) if refs else []
+    return {n: compare(n, _concat([r[n] for r in refs]), _concat([c[n] for c in cands])) for n in names}
+
+
+def exactness_violation(metrics: Mapping[str, OutputMetrics], rtol: float, atol: float):
+    """The first output outside `atol + rtol * max|reference|` as (output, metric, value, threshold), or None."""
+    for m in metrics.values():
+        if m.exact_match:
+            continue
+        if m.top1 is None and m.ref_max_abs == 0.0 and m.max_abs == float("inf"):
+            return m.name, "mismatch", m.max_abs, 0.0
+        threshold = atol + rtol * m.ref_max_abs
+        if not m.max_abs <= threshold:
+            return m.name, "max_abs", m.max_abs, threshold
+    return None
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    if len(arrays) == 1 or any(a.ndim == 0 for a in arrays):
+        return arrays[0] if len(arrays) == 1 else np.stack(arrays)
+    try:
+        return np.concatenate(arrays)
+    except ValueError:  # outputs whose non-batch dims vary per sample
+        return np.concatenate([a.ravel() for a in arrays])
+
+
+def _squeeze_trailing(array: np.ndarray) -> np.ndarray:
+    while array.ndim > 2 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return array
