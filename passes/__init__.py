@@ -3,7 +3,7 @@
 from importlib import import_module
 
 # One module per pass family; add new families here.
-for _module in ("cleanup", "quant"):
+for _module in ("cleanup", "equalize", "quant", "quant.dynamic", "quant.weight_only"):
     try:
         import_module(f"edgegraph.passes.{_module}")
     except ModuleNotFoundError as _exc:  # a family still being written

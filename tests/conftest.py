@@ -1,0 +1,31 @@
+"""Shared test helpers: where the real models and data live, and how to skip without them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MODELS = SHARED / "models"
+DATA = SHARED / "data"
+
+sys.path.insert(0, str(REPO))  # makes `fixtures` importable
+
+
+def shared_model_paths() -> list[Path]:
+    """Every real model under ../shared/models (empty when the folder is absent)."""
+    return sorted(MODELS.glob("*/*.onnx")) if MODELS.is_dir() else []
+
+
+def require_shared(path: Path) -> Path:
+    """Skip the calling test when a ../shared file is missing."""
+    if not path.exists():
+        pytest.skip(f"{path} not found: the real models/data live in ../shared next to the repo")
+    return path
+
+
+def model_id(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
