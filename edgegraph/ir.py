@@ -289,7 +289,8 @@ class Namer:
     """Fresh, deterministic tensor and node names that never collide with existing ones."""
 
     def __init__(self, graph: gs.Graph):
-        self._taken = set(graph.tensors().keys()) | {n.name for n in iter_nodes(graph)}
+        # Subgraph-local names count too: a new top-level name must not shadow one of them.
+        self._taken = {name for g in iter_graphs(graph) for name in g.tensors()} | {n.name for n in iter_nodes(graph)}
         self._counters: dict[str, int] = {}
 
     def __call__(self, prefix: str) -> str:
@@ -339,3 +340,72 @@ def to_networkx(graph: gs.Graph) -> nx.DiGraph:
                 if id(user) in index:
                     dag.add_edge(i, index[id(user)], tensor=out.name)
     return dag
+
+
+# Ops whose output is not a function of their inputs: never evaluate them offline.
+_NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def folded_value(tensor: gs.Tensor, opset: int, max_nodes: int = 16) -> np.ndarray | None:
+    """The value of `tensor` when it is computed from constants only, else None.
+
+    Covers what exporters leave in front of weights and biases, e.g. `Cast(int8 weight) * scale`
+    (weight-only quantized models) or `Reshape(bias, shape)` (paddle2onnx); the few nodes are
+    evaluated with onnx's reference implementation. Gives up (None) beyond `max_nodes` nodes,
+    on custom domains, subgraphs and random ops.
+    """
+    value = constant_value(tensor)
+    if value is not None:
+        return value
+    nodes: dict[int, gs.Node] = {}
+    leaves: dict[str, np.ndarray] = {}
+    stack = [tensor]
+    while stack:
+        current = stack.pop()
+        if current.name in leaves:
+            continue
+        value = constant_value(current)
+        if value is not None:
+            leaves[current.name] = value
+            continue
+        node = producer(current)
+        if (node is None or (node.domain or "") not in ("", "ai.onnx") or node.op in _NONDETERMINISTIC
+                or subgraphs(node)):
+            return None
+        if id(node) not in nodes:
+            nodes[id(node)] = node
+            if len(nodes) > max_nodes:
+                return None
+            stack.extend(t for t in node.inputs if t.name)
+    # Dependencies first: a node is placed after the producers of its inputs.
+    ordered: list[gs.Node] = []
+    placed: set[int] = set()
+
+    def place(node: gs.Node) -> None:
+        if id(node) in placed:
+            return
+        for t in node.inputs:
+            source = producer(t) if t.name and t.name not in leaves else None
+            if source is not None and id(source) in nodes:
+                place(source)
+        placed.add(id(node))
+        ordered.append(node)
+
+    for node in nodes.values():
+        place(node)
+    from onnx.reference import ReferenceEvaluator
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs], **n.attrs)
+         for n in ordered],
+        "folded",
+        [],
+        [onnx.helper.make_value_info(tensor.name, onnx.TypeProto())],
+        [onnx.numpy_helper.from_array(np.asarray(v), name) for name, v in leaves.items()],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    try:
+        return np.asarray(ReferenceEvaluator(proto).run([tensor.name], {})[0])
+    except Exception as exc:  # noqa: BLE001 - the reference evaluator raises many types
+        logger.debug("cannot fold %s: %s", tensor.name, exc)
+        return None

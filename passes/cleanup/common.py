@@ -1,0 +1,306 @@
+"""What the cleanup passes share: reading constants and shapes safely, and removing nodes only
+when that really shortens the graph.
+
+Everything here is defensive on purpose: real exporter output has missing shapes, symbolic dims,
+bfloat16/float8 weights numpy cannot hold, custom-domain ops and subgraphs reading outer tensors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from edgegraph import ir
+from edgegraph.pipeline import Pass, PassResult
+
+# Ops whose result differs between two evaluations: never folded, never merged.
+NONDETERMINISTIC = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
+# Quantization boundaries are kept: runtimes pattern-match DequantizeLinear -> op -> QuantizeLinear.
+KEEP_UNFOLDED = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
+FLOAT_KINDS = "f"
+# numpy dtypes whose arithmetic we trust for rewriting weights (fp16 rounding would exceed tolerances).
+WIDE_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def is_standard(node: gs.Node) -> bool:
+    """An op of the default ONNX domain (custom-domain ops are left alone)."""
+    return (node.domain or "") in DEFAULT_DOMAINS
+
+
+def has_subgraph(node: gs.Node) -> bool:
+    return bool(ir.subgraphs(node))
+
+
+# ---------------------------------------------------------------------------------------------
+# Constants
+
+
+def numpy_dtype(dtype) -> np.dtype | None:
+    """The numpy dtype of a gs dtype, or None for types numpy cannot hold exactly (bf16, fp8, int4)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):  # gs keeps onnx enums for bfloat16 / float8
+        return None
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        return None
+    return dtype if dtype.kind in "biuf" and dtype.itemsize in (1, 2, 4, 8) and dtype.name in _PLAIN_NAMES else None
+
+
+_PLAIN_NAMES = {
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64",
+}
+
+
+def is_opaque(tensor: gs.Constant) -> bool:
+    """True for initializers whose values numpy would silently change (bfloat16, float8, int4, strings)."""
+    source = tensor._values
+    dtype = source.dtype if isinstance(source, LazyValues) else getattr(source, "dtype", None)
+    return numpy_dtype(dtype) is None
+
+
+def value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant node output), else None.
+
+    Never loads types numpy cannot represent: reading those through gs would change their dtype.
+    """
+    if tensor is None:
+        return None
+    if isinstance(tensor, gs.Constant):
+        return None if is_opaque(tensor) else np.asarray(tensor.values)
+    node = ir.producer(tensor)
+    if node is None or node.op != "Constant" or not is_standard(node):
+        return None
+    attr = node.attrs.get("value")
+    if isinstance(attr, gs.Constant):
+        return None if is_opaque(attr) else np.asarray(attr.values)
+    if "value_float" in node.attrs:
+        return np.array(node.attrs["value_float"], dtype=np.float32)
+    if "value_floats" in node.attrs:
+        return np.array(node.attrs["value_floats"], dtype=np.float32)
+    if "value_int" in node.attrs:
+        return np.array(node.attrs["value_int"], dtype=np.int64)
+    if "value_ints" in node.attrs:
+        return np.array(node.attrs["value_ints"], dtype=np.int64)
+    return None
+
+
+def is_const(tensor: gs.Tensor) -> bool:
+    return value(tensor) is not None
+
+
+def int_list(tensor: gs.Tensor | None) -> list[int] | None:
+    """A constant 0-d/1-d integer tensor as a list (axes, shapes, pads), else None."""
+    array = value(tensor)
+    if array is None or array.dtype.kind not in "iu" or array.ndim > 1:
+        return None
+    return [int(v) for v in array.reshape(-1)]
+
+
+def is_empty(tensor: gs.Tensor | None) -> bool:
+    """An omitted optional input/output."""
+    return tensor is None or (isinstance(tensor, gs.Variable) and tensor.name == "")
+
+
+def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
+    if index < len(node.inputs) and not is_empty(node.inputs[index]):
+        return node.inputs[index]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+
+
+def shape_of(tensor: gs.Tensor) -> list | None:
+    """The tensor's shape as a list (ints for known dims, str/None otherwise), or None if unknown rank."""
+    if isinstance(tensor, gs.Constant):
+        return list(tensor.shape)
+    shape = tensor.shape
+    if shape is None:
+        return None
+    return [d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else None) for d in shape]
+
+
+def static_shape(tensor: gs.Tensor) -> list[int] | None:
+    """The shape when every dim is a known integer, else None."""
+    shape = shape_of(tensor)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return shape
+
+
+def same_dim(a, b) -> bool:
+    """Two dims known to be equal: equal ints, or the same named symbol."""
+    return a == b and a is not None
+
+
+def broadcast_keeps_shape(shape: list | None, other: Sequence[int]) -> bool:
+    """True when broadcasting a tensor of `shape` with a constant of shape `other` yields `shape`."""
+    if shape is None or len(other) > len(shape):
+        return False
+    for dim, o in zip(reversed(shape), reversed(list(other))):
+        if o != 1 and not (isinstance(dim, int) and dim == o):
+            return False
+    return True
+
+
+def dtype_of(tensor: gs.Tensor) -> np.dtype | None:
+    return numpy_dtype(tensor.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attributes and opset-dependent inputs
+
+
+def axes_of(node: gs.Node, input_index: int = 1) -> list[int] | None:
+    """`axes` of Squeeze/Unsqueeze/Reduce*: an attribute before opset 13 (18 for reductions), an
+    input after. None when dynamic; [] when absent."""
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    tensor = optional_input(node, input_index)
+    if tensor is None:
+        return []
+    return int_list(tensor)
+
+
+def normalize_axes(axes: Sequence[int], rank: int) -> list[int] | None:
+    out = []
+    for axis in axes:
+        axis = axis + rank if axis < 0 else axis
+        if not 0 <= axis < rank:
+            return None
+        out.append(axis)
+    return out if len(set(out)) == len(out) else None
+
+
+def perm_of(node: gs.Node, rank: int | None = None) -> list[int] | None:
+    perm = node.attrs.get("perm")
+    if perm is not None:
+        return [int(p) for p in perm]
+    if rank is None:
+        shape = shape_of(node.inputs[0])
+        rank = None if shape is None else len(shape)
+    return None if rank is None else list(reversed(range(rank)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Removing and redirecting without growing the graph
+
+
+def only_consumer(tensor: gs.Tensor, node: gs.Node, graph: gs.Graph) -> bool:
+    """`node` is the sole reader of `tensor` and the tensor is not a graph output."""
+    users = tensor.outputs
+    return len(users) == 1 and users[0] is node and not ir.is_graph_output(graph, tensor)
+
+
+def _name_can_move(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor, leaving: gs.Node | None) -> bool:
+    """Whether `ir.replace_all_uses(graph, old, new)` can give graph output `old`'s name to `new`'s
+    producer instead of adding an Identity (`leaving` is a node about to stop reading `new`).
+
+    The producer must belong to this very graph: in a subgraph, `new` may come from an outer
+    graph whose node must not start writing the subgraph's output name.
+    """
+    source = ir.producer(new)
+    return (
+        not old.outputs
+        and source is not None
+        and any(n is source for n in graph.nodes)
+        and not ir.is_graph_output(graph, new)
+        and all(u is leaving for u in new.outputs)
+    )
+
+
+def redirect(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
+    """Make readers of `old` read `new` unless that would need an extra Identity; True if done."""
+    if old is new:
+        return False
+    if ir.is_graph_output(graph, old) and not _name_can_move(graph, old, new, None):
+        return False
+    ir.replace_all_uses(graph, old, new)
+    return True
+
+
+def can_remove(graph: gs.Graph, node: gs.Node, keep: int = 0) -> bool:
+    """Whether `node` (output 0 equal to input `keep`) can go without adding an Identity."""
+    result = node.outputs[0]
+    if any(o.outputs or ir.is_graph_output(graph, o) for o in node.outputs[1:]):
+        return False
+    return not ir.is_graph_output(graph, result) or _name_can_move(graph, result, node.inputs[keep], node)
+
+
+def remove(graph: gs.Graph, node: gs.Node, keep: int = 0) -> bool:
+    """Drop `node`, whose first output equals its input `keep`; False (graph unchanged) when the
+    node has to stay to keep a graph output's name."""
+    if not can_remove(graph, node, keep):
+        return False
+    ir.bypass(graph, node, keep)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass plumbing
+
+
+@dataclass
+class GraphPass(Pass):
+    """A cleanup pass applied to the main graph, every subgraph and every local function.
+
+    Subclasses implement `rewrite(graph, model) -> Counter` of what they did; a non-empty
+    counter means the model changed.
+    """
+
+    def rewrite(self, graph: gs.Graph, model: ir.Model) -> Counter:
+        raise NotImplementedError
+
+    def run(self, model: ir.Model, ctx=None) -> PassResult:
+        self.names = Names(model)
+        total = Counter()
+        for graph in list(ir.iter_graphs(model.graph)):
+            total += self.rewrite(graph, model)
+        return PassResult(modified=sum(total.values()) > 0, stats=dict(sorted(total.items())))
+
+
+class Names:
+    """Fresh tensor/node names unique across the model, collected only when first needed."""
+
+    def __init__(self, model: ir.Model):
+        self._model = model
+        self._namer: ir.Namer | None = None
+
+    def __call__(self, prefix: str) -> str:
+        if self._namer is None:
+            self._namer = ir.Namer(self._model.graph)
+        return self._namer(prefix)
+
+    def const(self, prefix: str, array: np.ndarray) -> gs.Constant:
+        return ir.const(self(prefix), np.asarray(array))
+
+
+def tidy(model: ir.Model) -> None:
+    """Drop dead nodes and re-sort every graph (what the pipeline does between passes)."""
+    for graph in ir.iter_graphs(model.graph):
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False).toposort(
+            recurse_subgraphs=False, recurse_functions=False
+        )
+
+
+def live_nodes(graph: gs.Graph) -> Iterator[gs.Node]:
+    """Nodes of `graph` still wired in (rewrites clear the nodes they replace)."""
+    for node in list(graph.nodes):
+        if node.outputs:
+            yield node
+
+
+def onnx_dtype(dtype: np.dtype) -> int:
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))

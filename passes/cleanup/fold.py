@@ -1,0 +1,369 @@
+"""fold-constants: precompute every value that depends only on constants.
+
+Constants are evaluated in onnxruntime (one session for the whole constant subgraph, so results
+are bit-identical to what the original model computed at run time) after static `Shape`/`Size`
+results are filled in from inferred shapes. Unlike graphsurgeon's folder this one respects
+`Shape(start, end)`, never folds custom-domain, random or (De)QuantizeLinear ops, never rewrites
+int casts on shape arithmetic, and refuses folds that would bloat the model: a result that is
+larger than its constant inputs (a Cast of int8 weights to float, Expand, Tile,
+ConstantOfShape ...) is only materialised while it stays small.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from edgegraph import ir
+from edgegraph.pipeline import option
+from edgegraph.registry import register_pass
+
+from .common import (
+    KEEP_UNFOLDED, NONDETERMINISTIC, GraphPass, has_subgraph, is_empty, is_standard, numpy_dtype, shape_of, value,
+)
+
+logger = logging.getLogger(__name__)
+
+# Ops whose outputs are sequences or optionals: a Constant cannot hold them.
+NON_TENSOR_OUTPUTS = frozenset({
+    "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SplitToSequence", "Optional",
+})
+
+
+@register_pass
+@dataclass
+class FoldConstants(GraphPass):
+    """Replace nodes whose inputs are all constants by their precomputed outputs.
+
+    Also turns `Constant` nodes into initializers, folds `Shape`/`Size` of tensors whose shape
+    (or the sliced/gathered part of it) is static, and inlines `If` nodes whose condition is
+    constant. Works in subgraphs and local functions. Graph outputs that become constant stay
+    graph outputs (written by a `Constant` node).
+    """
+
+    name = "fold-constants"
+    summary = "Precompute constant subgraphs, static Shape/Size and constant-condition If nodes."
+    exact = True
+
+    size_limit: int = option(128 << 20, "never create a folded tensor larger than this many bytes")
+    growth_limit: int = option(
+        64 << 10,
+        "a fold whose result is larger than its constant inputs (Cast to a wider type, Expand, Tile, "
+        "ConstantOfShape ...) is done only up to this many bytes, so int8/fp16-stored weights stay compressed",
+    )
+
+    def __post_init__(self):
+        self.check(self.size_limit >= 0, "fold-constants: size_limit must be >= 0")
+        self.check(self.growth_limit >= 0, "fold-constants: growth_limit must be >= 0")
+
+    def rewrite(self, graph: gs.Graph, model: ir.Model) -> Counter:
+        done = Counter()
+        done["constant_nodes"] += lower_constant_nodes(graph)
+        graph.toposort(recurse_subgraphs=False, recurse_functions=False)
+        done["shapes"] += fold_static_shapes(graph)
+        done["nodes"] += self._fold(graph, model)
+        done["if_inlined"] += inline_constant_ifs(graph, self.names)
+        return +done
+
+    # -----------------------------------------------------------------------------------------
+
+    def _fold(self, graph: gs.Graph, model: ir.Model) -> int:
+        known = {id(t): t for t in graph.tensors().values() if value(t) is not None}
+        foreign = _outer_constants(graph)
+        candidates = []
+        for node in graph.nodes:
+            if self._foldable(node, known, foreign):
+                candidates.append(node)
+                for out in node.outputs:
+                    known[id(out)] = out
+        if not candidates:
+            return 0
+        values = evaluate(candidates, _opsets(graph, model))
+        return self._replace(graph, candidates, values)
+
+    def _foldable(self, node: gs.Node, known: dict, foreign: set) -> bool:
+        if (
+            not is_standard(node)
+            or node.op in NONDETERMINISTIC or node.op in KEEP_UNFOLDED or node.op in NON_TENSOR_OUTPUTS
+            or node.op == "Constant" or has_subgraph(node)
+            or any(isinstance(a, gs.Node.AttributeRef) for a in node.attrs.values())
+        ):
+            return False
+        inputs = [t for t in node.inputs if not is_empty(t)]
+        if not inputs or not node.outputs or any(is_empty(o) for o in node.outputs):
+            return False
+        if not all(id(t) in known or id(t) in foreign for t in inputs):
+            return False
+        # Skip the evaluation altogether when inference already says the result is too big.
+        for out in node.outputs:
+            size = _static_nbytes(out)
+            if size is not None and size > self.size_limit:
+                return False
+        return True
+
+    def _replace(self, graph: gs.Graph, candidates: list[gs.Node], values: dict[str, np.ndarray]) -> int:
+        folded = 0
+        for node in candidates:
+            inputs = [t for t in node.inputs if not is_empty(t)]
+            if not all(isinstance(t, gs.Constant) or value(t) is not None for t in inputs):
+                continue  # an input was not folded (failed, or refused for size)
+            results = [values.get(out.name) for out in node.outputs]
+            if any(r is None for r in results):
+                continue
+            in_bytes = sum(_nbytes(t) for t in {id(t): t for t in inputs}.values())
+            out_bytes = sum(r.nbytes for r in results)
+            if out_bytes > self.size_limit or (out_bytes > self.growth_limit and out_bytes > in_bytes):
+                continue
+            for out, result in zip(node.outputs, results):
+                _make_constant(graph, out, result)
+            node.inputs.clear()
+            node.outputs.clear()
+            folded += 1
+        return folded
+
+
+def _nbytes(tensor: gs.Tensor) -> int:
+    if isinstance(tensor, gs.Constant):
+        source = tensor._values
+        return int(getattr(source, "nbytes", 0))
+    array = value(tensor)
+    return 0 if array is None else array.nbytes
+
+
+def _static_nbytes(tensor: gs.Tensor) -> int | None:
+    shape = shape_of(tensor)
+    dtype = numpy_dtype(tensor.dtype)
+    if shape is None or dtype is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def _make_constant(graph: gs.Graph, tensor: gs.Tensor, array: np.ndarray) -> None:
+    """Turn `tensor` into an initializer; graph outputs get a Constant node so they stay outputs."""
+    array = np.asarray(array)
+    tensor.inputs.clear()
+    if ir.is_graph_output(graph, tensor):
+        tensor.dtype, tensor.shape = array.dtype, list(array.shape)
+        graph.nodes.append(gs.Node("Constant", name=f"{tensor.name}_const", attrs={
+            "value": gs.Constant(f"{tensor.name}_value", np.ascontiguousarray(array))}, outputs=[tensor]))
+    else:
+        tensor.to_constant(np.ascontiguousarray(array))
+
+
+def _outer_constants(graph: gs.Graph) -> set[int]:
+    """Ids of tensors a subgraph reads from enclosing graphs that are constants there."""
+    produced = {id(o) for n in graph.nodes for o in n.outputs} | {id(t) for t in graph.inputs}
+    return {
+        id(t) for n in graph.nodes for t in n.inputs
+        if id(t) not in produced and isinstance(t, gs.Constant) and value(t) is not None
+    }
+
+
+def _opsets(graph: gs.Graph, model: ir.Model) -> list[onnx.OperatorSetIdProto]:
+    domains = getattr(graph, "import_domains", None) or getattr(model.graph, "import_domains", None)
+    if domains:
+        return list(domains)
+    return [onnx.helper.make_opsetid("", int(graph.opset or model.opset))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(nodes: list[gs.Node], opsets: list[onnx.OperatorSetIdProto]) -> dict[str, np.ndarray]:
+    """Run `nodes` (topologically sorted, reading only constants) in onnxruntime; returns every
+    output it could compute by name. A failing batch is retried node by node."""
+    try:
+        return _run(nodes, opsets)
+    except Exception as exc:  # noqa: BLE001 - ORT raises assorted types for unsupported ops
+        logger.debug("batched constant folding failed (%s); folding node by node", exc)
+    values: dict[str, np.ndarray] = {}
+    for node in nodes:
+        extra = {t.name: v for t in node.inputs if (v := values.get(t.name)) is not None}
+        try:
+            values.update(_run([node], opsets, extra))
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("cannot fold %s (%s): %s", node.name, node.op, exc)
+    return values
+
+
+def _run(nodes: list[gs.Node], opsets, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    extra = extra or {}
+    produced = {o.name for n in nodes for o in n.outputs}
+    initializers, seen = [], set()
+    for node in nodes:
+        for t in node.inputs:
+            if is_empty(t) or t.name in produced or t.name in seen:
+                continue
+            seen.add(t.name)
+            if t.name in extra:
+                initializers.append(onnx.numpy_helper.from_array(np.asarray(extra[t.name]), t.name))
+            elif isinstance(t, gs.Constant):
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(OnnxExporter.export_tensor_proto(t))
+                tensor.name = t.name
+                initializers.append(tensor)
+            else:
+                initializers.append(onnx.numpy_helper.from_array(value(t), t.name))
+    outputs = [onnx.ValueInfoProto(name=name) for name in dict.fromkeys(o.name for n in nodes for o in n.outputs)]
+    graph = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "fold", [], outputs, initializers)
+    model = onnx.helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = max(7, onnx.helper.find_min_ir_version_for(list(opsets), ignore_unknown=True))
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {})))
+
+
+# ---------------------------------------------------------------------------------------------
+# Constant nodes, static shapes, constant-condition If
+
+
+def lower_constant_nodes(graph: gs.Graph) -> int:
+    """Turn `Constant` nodes into initializers (not the ones writing graph outputs)."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "Constant" or not is_standard(node) or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        array = value(out)
+        if array is None or ir.is_graph_output(graph, out):
+            continue
+        out.inputs.clear()
+        out.to_constant(np.ascontiguousarray(array))
+        node.outputs.clear()
+        count += 1
+    return count
+
+
+def fold_static_shapes(graph: gs.Graph) -> int:
+    """Fold `Shape`, `Size`, and `Gather`/`Slice` of a `Shape` whose selected dims are static."""
+    count = 0
+    for node in list(graph.nodes):
+        if not is_standard(node) or not node.outputs or not node.inputs or ir.is_graph_output(graph, node.outputs[0]):
+            continue
+        result = None
+        if node.op == "Shape":
+            dims = _shape_dims(node)
+            if dims is not None and all(isinstance(d, int) for d in dims):
+                result = np.array(dims, dtype=np.int64)
+        elif node.op == "Size":
+            shape = shape_of(node.inputs[0])
+            if shape is not None and all(isinstance(d, int) for d in shape):
+                result = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+        elif node.op == "Gather" and _from_shape(node.inputs[0]):
+            result = _gather_dims(node)
+        elif node.op == "Slice" and _from_shape(node.inputs[0]):
+            result = _slice_dims(node)
+        if result is not None:
+            node.outputs[0].inputs.clear()
+            node.outputs[0].to_constant(result)
+            node.outputs.clear()
+            node.inputs.clear()
+            count += 1
+    return count
+
+
+def _from_shape(tensor: gs.Tensor) -> bool:
+    source = ir.producer(tensor)
+    return source is not None and source.op == "Shape" and is_standard(source)
+
+
+def _shape_dims(shape_node: gs.Node) -> list | None:
+    """The dims `Shape` returns (honouring opset-15 start/end), ints or symbols."""
+    shape = shape_of(shape_node.inputs[0])
+    if shape is None:
+        return None
+    rank = len(shape)
+    start = int(shape_node.attrs.get("start", 0))
+    end = shape_node.attrs.get("end")
+    start = min(max(start + rank if start < 0 else start, 0), rank)
+    end = rank if end is None else min(max(int(end) + rank if int(end) < 0 else int(end), 0), rank)
+    return shape[start:end]
+
+
+def _gather_dims(node: gs.Node) -> np.ndarray | None:
+    dims = _shape_dims(ir.producer(node.inputs[0]))
+    indices = value(node.inputs[1])
+    if dims is None or indices is None or indices.dtype.kind not in "iu" or int(node.attrs.get("axis", 0)) not in (0, -1):
+        return None
+    flat = [int(i) + len(dims) if int(i) < 0 else int(i) for i in indices.reshape(-1)]
+    if any(not 0 <= i < len(dims) for i in flat):
+        return None
+    picked = [dims[i] for i in flat]
+    if not all(isinstance(d, int) for d in picked):
+        return None
+    return np.array(picked, dtype=np.int64).reshape(indices.shape)
+
+
+def _slice_dims(node: gs.Node) -> np.ndarray | None:
+    dims = _shape_dims(ir.producer(node.inputs[0]))
+    if dims is None:
+        return None
+    if len(node.inputs) >= 3:  # opset 10+: starts, ends, axes, steps as inputs
+        params = [value(t) if not is_empty(t) else None for t in node.inputs[1:5]]
+        if params[0] is None or params[1] is None or any(
+            p is None for p, t in zip(params[2:], node.inputs[3:5]) if not is_empty(t)
+        ):
+            return None
+        starts, ends = params[0].reshape(-1).tolist(), params[1].reshape(-1).tolist()
+        axes = params[2].reshape(-1).tolist() if len(params) > 2 and params[2] is not None else [0]
+        steps = params[3].reshape(-1).tolist() if len(params) > 3 and params[3] is not None else [1]
+    else:
+        starts, ends = list(node.attrs.get("starts", [])), list(node.attrs.get("ends", []))
+        axes, steps = list(node.attrs.get("axes", [0])), [1]
+    if len(starts) != 1 or len(ends) != 1 or axes not in ([0], [-1]) or len(steps) != 1 or steps[0] == 0:
+        return None
+    # Python slicing clamps out-of-range starts/ends exactly as ONNX Slice does.
+    picked = dims[slice(int(starts[0]), int(ends[0]), int(steps[0]))]
+    if not all(isinstance(d, int) for d in picked):
+        return None
+    return np.array(picked, dtype=np.int64)
+
+
+def inline_constant_ifs(graph: gs.Graph, namer) -> int:
+    """Replace `If` nodes with a constant condition by the nodes of the branch taken."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "If" or not is_standard(node) or not node.outputs:
+            continue
+        cond = value(node.inputs[0])
+        if cond is None or cond.size != 1:
+            continue
+        branch = node.attrs["then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"]
+        if len(branch.outputs) != len(node.outputs) or branch.inputs:
+            continue
+        # Branch-local names may repeat names of the outer graph: make them unique first.
+        outer = {id(t) for t in graph.tensors().values()}
+        for tensor in branch.tensors().values():
+            if id(tensor) not in outer:
+                tensor.name = namer(tensor.name)
+        for inner_node in branch.nodes:
+            inner_node.name = namer(inner_node.name or inner_node.op)
+        results = list(node.outputs)
+        node.outputs.clear()
+        node.inputs.clear()
+        graph.nodes.extend(branch.nodes)
+        for result, inner in zip(results, list(branch.outputs)):
+            source = ir.producer(inner)
+            if (source is not None and any(n is source for n in branch.nodes) and not inner.outputs
+                    and sum(o is inner for o in branch.outputs) == 1):
+                source.outputs[:] = [result if o is inner else o for o in source.outputs]
+                result.dtype, result.shape = result.dtype or inner.dtype, result.shape or inner.shape
+            else:  # the branch returns a constant, an outer tensor, or one value twice
+                graph.nodes.append(gs.Node("Identity", name=namer(f"{result.name}_inlined"), inputs=[inner],
+                                           outputs=[result]))
+        count += 1
+    if count:
+        graph.toposort(recurse_subgraphs=False, recurse_functions=False)
+    return count

@@ -1,0 +1,1 @@
+"""Quantization passes. `numerics` holds the shared Q/DQ arithmetic; `static` registers `quant`."""

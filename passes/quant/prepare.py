@@ -1,0 +1,108 @@
+"""Getting a model ready for Q/DQ: float32 compute, a recent enough opset, no BatchNorm in the way."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from edgegraph import ir
+from edgegraph.context import PassContext
+from edgegraph.errors import UnknownPassError
+
+logger = logging.getLogger(__name__)
+
+FLOAT16 = onnx.TensorProto.FLOAT16
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def compute_in_float32(model: ir.Model) -> bool:
+    """Turn a float16 model into float32 compute behind Casts at its inputs and outputs.
+
+    ORT's int8 kernels take float32 scales, and its CPU float16 kernels are few (it inserts
+    Casts around most ops anyway), so quantizing a float16 model means quantizing it from
+    float32. The model's interface keeps its float16 inputs and outputs. Returns True if changed.
+    """
+    graph = model.graph
+    is_fp16 = lambda dtype: dtype is not None and np.dtype(dtype) == np.float16  # noqa: E731
+    io16 = [t for t in list(graph.inputs) + list(graph.outputs) if is_fp16(t.dtype)]
+    changed = bool(io16)
+    for g in ir.iter_graphs(graph):
+        for tensor in g.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                if is_fp16(tensor.values.dtype):
+                    tensor.values = tensor.values.astype(np.float32)
+                    changed = True
+            elif is_fp16(tensor.dtype):
+                tensor.dtype = np.float32
+                changed = True
+        for node in g.nodes:
+            if node.op == "Cast" and node.attrs.get("to") == FLOAT16:
+                node.attrs["to"] = FLOAT
+                changed = True
+            for key, value in list(node.attrs.items()):
+                if isinstance(value, gs.Constant) and is_fp16(value.values.dtype):
+                    value.values = value.values.astype(np.float32)
+                    changed = True
+                elif isinstance(value, np.ndarray) and is_fp16(value.dtype):
+                    node.attrs[key] = value.astype(np.float32)
+                    changed = True
+    if not changed:
+        return False
+    namer = ir.Namer(graph)
+    for position, tensor in enumerate(graph.inputs):
+        if any(tensor is t for t in io16):
+            outer = gs.Variable(tensor.name, np.float16, tensor.shape)
+            tensor.name = namer(f"{outer.name}_float32")
+            graph.nodes.insert(0, gs.Node("Cast", namer(f"{outer.name}_to_float32"), {"to": FLOAT}, [outer], [tensor]))
+            graph.inputs[position] = outer
+    for position, tensor in enumerate(graph.outputs):
+        if any(tensor is t for t in io16):
+            outer = gs.Variable(tensor.name, np.float16, tensor.shape)
+            tensor.name = namer(f"{outer.name}_float32")
+            graph.nodes.append(gs.Node("Cast", namer(f"{outer.name}_to_float16"), {"to": FLOAT16}, [tensor], [outer]))
+            graph.outputs[position] = outer
+    return True
+
+
+def upgrade_opset(model: ir.Model, opset: int) -> ir.Model | None:
+    """The model converted to ai.onnx `opset` (when older), or None if onnx cannot convert it."""
+    if model.opset >= opset:
+        return model
+    proto = model.to_proto()
+    try:
+        converted = version_converter.convert_version(proto, opset)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types
+        logger.warning("quant: could not upgrade the model from opset %d to %d (%s)", model.opset, opset,
+                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    upgraded = ir.from_proto(converted, infer=True)
+    upgraded.graph.ir_version = max(converted.ir_version, proto.ir_version)
+    return upgraded
+
+
+def run_cleanup(model: ir.Model, ctx: PassContext) -> list[str]:
+    """Run the exact `cleanup` pass (constant folding, BatchNorm folding, ...) when it is available.
+
+    Returns the names of what ran. A missing cleanup pass is not an error: the quantized model
+    is then just less fused, and users can still run `-p cleanup,quant`.
+    """
+    from edgegraph.registry import get_pass
+
+    try:
+        cleanup = get_pass("cleanup")()
+    except UnknownPassError:
+        logger.info("quant: no 'cleanup' pass registered; BatchNorm / constant subgraphs stay as they are")
+        return []
+    result = cleanup.run(model, ctx)
+    if result.modified:
+        for graph in ir.iter_graphs(model.graph):
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return ["cleanup"] if result.modified else []
+
+
+__all__ = ["compute_in_float32", "upgrade_opset", "run_cleanup"]

@@ -1,0 +1,171 @@
+"""Writing a `Plan` into the graph: Q/DQ pairs on activations, integer weights and biases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from edgegraph import ir
+from edgegraph.passes.quant import numerics
+from edgegraph.passes.quant.numerics import QType
+from edgegraph.passes.quant.placement import Plan, WeightSlot
+
+INT32_LIMIT = 2**31 - 1
+# Bias codes are kept below this so int32 accumulation keeps headroom for the products.
+BIAS_LIMIT = 2**30
+
+
+@dataclass
+class QParams:
+    """Scale and zero point of one quantized tensor (scalars, or 1-D along `axis`)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    qtype: QType
+    axis: int | None = None
+
+
+@dataclass
+class QuantizedWeight:
+    node: gs.Node
+    index: int
+    float_value: np.ndarray
+    params: QParams
+    quantized: gs.Constant  # the integer initializer
+
+
+@dataclass
+class QuantizedBias:
+    node: gs.Node
+    index: int
+    float_value: np.ndarray  # the bias the int32 codes approximate (updated by bias correction)
+    input_scale: np.float32
+    weight: QuantizedWeight
+    quantized: gs.Constant
+    scale: gs.Constant
+
+    def set_value(self, value: np.ndarray) -> None:
+        """Store a new float bias as int32 codes with the fixed scale input_scale * weight_scale."""
+        self.float_value = np.asarray(value, dtype=np.float32)
+        codes, _ = numerics.quantize_bias(self.float_value, self.input_scale, self.weight.params.scale)
+        self.quantized.values = codes
+
+
+class QdqWriter:
+    """Inserts Q/DQ nodes into `graph` following a plan; keeps graph output names."""
+
+    def __init__(self, graph: gs.Graph, domain: str = ""):
+        self.graph = graph
+        self.domain = domain  # "" (ai.onnx) or "com.microsoft" for 16-bit types on old opsets
+        self.namer = ir.Namer(graph)
+        self.outputs = {t.name for t in graph.outputs}
+        self._param_consts: dict[int, tuple[gs.Constant, gs.Constant]] = {}
+        self.dequantized: dict[str, gs.Variable] = {}  # point name -> a DQ output carrying it (for analysis)
+        self.quantized_points: dict[str, gs.Variable] = {}  # point name -> the Q output
+
+    def _consts(self, params: QParams, stem: str) -> tuple[gs.Constant, gs.Constant]:
+        """One scale / zero-point initializer pair per QParams object, shared by its Q and DQ nodes."""
+        key = id(params)
+        if key not in self._param_consts:
+            scale = ir.const(self.namer(f"{stem}_scale"), np.asarray(params.scale, dtype=np.float32))
+            zero = ir.const(self.namer(f"{stem}_zero_point"), np.asarray(params.zero_point).astype(params.qtype.dtype))
+            self._param_consts[key] = (scale, zero)
+        return self._param_consts[key]
+
+    def _node(self, op: str, stem: str, inputs, output: gs.Variable, axis: int | None) -> gs.Node:
+        attrs = {"axis": int(axis)} if axis is not None else {}
+        node = gs.Node(op, self.namer(stem), attrs, list(inputs), [output], domain=self.domain or None)
+        self.graph.nodes.append(node)
+        return node
+
+    def activation(self, tensor: gs.Variable, params: QParams, quantized_consumers: set[int]) -> None:
+        """tensor -> Q -> DQ; each quantized consumer gets its own DQ (one node unit each for ORT),
+        float consumers share one. A graph output keeps its name on a DQ output."""
+        source = tensor
+        if tensor.name in self.outputs:
+            source = gs.Variable(self.namer(f"{tensor.name}_float"), tensor.dtype, tensor.shape)
+            producer = ir.producer(tensor)
+            producer.outputs[producer.outputs.index(tensor)] = source
+            for user in ir.consumers(tensor):
+                user.inputs[:] = [source if t is tensor else t for t in user.inputs]
+        scale, zero = self._consts(params, tensor.name)
+        q = gs.Variable(self.namer(f"{tensor.name}_quantized"), params.qtype.dtype, tensor.shape)
+        users = ir.consumers(source)
+        self._node("QuantizeLinear", f"{tensor.name}_QuantizeLinear", [source, scale, zero], q, params.axis)
+        self.quantized_points[tensor.name] = q
+        shared: gs.Variable | None = tensor if source is not tensor else None
+        if shared is not None:
+            self._node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", [q, scale, zero], shared, params.axis)
+        for user in users:
+            if id(user) in quantized_consumers:
+                dq = gs.Variable(self.namer(f"{tensor.name}_dequantized"), tensor.dtype, tensor.shape)
+                self._node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", [q, scale, zero], dq, params.axis)
+            else:
+                if shared is None:
+                    shared = gs.Variable(self.namer(f"{tensor.name}_dequantized"), tensor.dtype, tensor.shape)
+                    self._node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", [q, scale, zero], shared,
+                               params.axis)
+                dq = shared
+            user.inputs[:] = [dq if t is source else t for t in user.inputs]
+            self.dequantized.setdefault(tensor.name, dq)
+        if shared is not None:
+            self.dequantized.setdefault(tensor.name, shared)
+
+    def constant(self, node: gs.Node, index: int, values: np.ndarray, params: QParams) -> gs.Constant:
+        """Replace a constant input by integer codes + DQ; returns the integer initializer."""
+        stem = node.inputs[index].name
+        codes = numerics.quantize(values, params.scale, params.zero_point, params.qtype, params.axis)
+        q = ir.const(self.namer(f"{stem}_quantized"), codes)
+        scale, zero = self._consts(params, stem)
+        out = gs.Variable(self.namer(f"{stem}_dequantized"), np.float32, list(values.shape))
+        self._node("DequantizeLinear", f"{stem}_DequantizeLinear", [q, scale, zero], out, params.axis)
+        node.inputs[index] = out
+        return q
+
+
+def weight_params(weight: np.ndarray, slot: WeightSlot, qt: QType, reduce_range: bool, method: str) -> QParams:
+    """Symmetric per-channel (or per-tensor) weight scales, optionally MSE-clipped per channel."""
+    scale, zero = numerics.weight_scale_zero_point(weight, qt, slot.axis, symmetric=True)
+    if reduce_range:  # 7-bit codes: u8 x s8 pair sums then stay below int16 saturation on AVX2
+        scale = (scale * np.float32(qt.symmetric_max / (qt.symmetric_max // 2))).astype(np.float32)
+    if method == "mse":
+        scale = _mse_weight_scale(weight, scale, zero, qt, slot.axis)
+    return QParams(scale, zero, qt, slot.axis if np.ndim(scale) else None)
+
+
+def _mse_weight_scale(weight, scale, zero, qt: QType, axis: int | None) -> np.ndarray:
+    """Per channel, the clipping of the absmax scale (among a few ratios) with the least error."""
+    ratios = np.linspace(0.5, 1.0, 26, dtype=np.float32)
+    best = np.array(scale, dtype=np.float32, copy=True)
+    best_err = None
+    w = np.asarray(weight, dtype=np.float32)
+    others = tuple(i for i in range(w.ndim) if i != (axis % w.ndim if axis is not None else -1)) if axis is not None else None
+    for r in ratios:
+        candidate = (scale * r).astype(np.float32)
+        error = (numerics.fake_quantize(w, candidate, zero, qt, axis) - w) ** 2
+        err = error.sum(axis=others) if axis is not None else error.sum()
+        if best_err is None:
+            best_err = err
+            best = candidate
+            continue
+        better = err < best_err
+        best = np.where(better, candidate, best).astype(np.float32)
+        best_err = np.where(better, err, best_err)
+    return best
+
+
+def fit_bias(weight: np.ndarray, params: QParams, bias: np.ndarray, input_scale: np.float32, axis: int | None) -> QParams:
+    """Widen weight scales whose bias would not fit in int32 codes (bias / (s_in * s_w) too large)."""
+    if bias.size == 0:
+        return params
+    needed = np.abs(bias.astype(np.float64)) / (float(input_scale) * BIAS_LIMIT)
+    scale = np.asarray(params.scale, dtype=np.float64)
+    if np.all(scale >= needed):
+        return params
+    scale = np.maximum(scale, needed).astype(np.float32)
+    return QParams(scale, params.zero_point, params.qtype, params.axis)
+
+
+__all__ = ["QParams", "QuantizedWeight", "QuantizedBias", "QdqWriter", "weight_params", "fit_bias"]
