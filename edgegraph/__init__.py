@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from edgegraph.context import CalibrationData, ImagePreprocess, PassContext, VerifyConfig
-from edgegraph.errors import EdgegraphError
+from edgegraph.errors import CalibrationDataError, EdgegraphError
 from edgegraph.ir import Model, load, save
 from edgegraph.pipeline import Pass, PassResult, PipelineReport, option, run_pipeline
 from edgegraph.registry import get_pass, list_passes, register_pass
@@ -46,7 +47,11 @@ def as_calibration(calib, model: Model, preprocess: ImagePreprocess | Mapping | 
             preprocess = image_preprocess_for(specs[0], **(preprocess or {}))
         data = CalibrationData.from_images(Path(calib), specs[0].name, preprocess)
     else:
-        data = CalibrationData.from_npz(Path(calib), [s.name for s in specs])
+        path = Path(calib)
+        if path.is_file() and not zipfile.is_zipfile(path):  # np.load would suggest unpickling it
+            raise CalibrationDataError(f"{path} is not an .npz file (give an .npz with one array per model input, "
+                                       "or a folder of images)")
+        data = CalibrationData.from_npz(path, [s.name for s in specs])
     check_samples(data, specs)
     return data
 
@@ -86,8 +91,6 @@ def image_preprocess_for(spec, **given) -> ImagePreprocess:
 
 def check_samples(data: CalibrationData, specs) -> None:
     """Fail early, in one sentence, when samples do not fit the model's inputs."""
-    from edgegraph.errors import CalibrationDataError
-
     sample = data.sample(0)
     for spec in specs:
         if spec.name not in sample:

@@ -251,12 +251,20 @@ def _np_dtype(dtype) -> np.dtype | None:
 
 
 def is_quantized(node: gs.Node) -> bool:
-    """An integer/QLinear op, or a compute op with an input from DequantizeLinear (QDQ form)."""
+    """An integer/QLinear op, or a QDQ node unit: an op fed by DequantizeLinear whose outputs are
+    re-quantized (or a Conv/MatMul-like op with dequantized inputs, which runs on integer
+    kernels even with a float output). Plumbing such as Reshape does not count."""
     if node.op.startswith("QLinear") or node.op in INTEGER_OPS:
         return True
-    if node.op in _PLUMBING:
+    if node.op in _PLUMBING or not any(_is_dequantized(t) for t in node.inputs):
         return False
-    return any(ir.producer(t) is not None and ir.producer(t).op == "DequantizeLinear" for t in node.inputs)
+    requantized = all(t.outputs and all(user.op == "QuantizeLinear" for user in t.outputs) for t in node.outputs)
+    return requantized or node.op in _MAC_RULES
+
+
+def _is_dequantized(tensor: gs.Tensor) -> bool:
+    source = ir.producer(tensor)
+    return source is not None and source.op == "DequantizeLinear"
 
 
 def _op_label(node: gs.Node) -> str:
@@ -489,35 +497,41 @@ def sample_feeds(model, data: CalibrationData | None = None, *, seed: int = 0) -
 
 
 def measure_latency(models: Sequence, feeds: Sequence[runtime.Feeds], *, runs: int = 20, warmup: int = 3,
-                    threads: int = 0, rounds: int = 3) -> list[tuple[float | None, str]]:
+                    threads: int = 0, rounds: int = 3, budget_s: float = 10.0) -> list[tuple[float | None, str]]:
     """(median ms or None, note) per model, each run on its feeds.
 
-    The models are timed in turns over `rounds` rounds (the median of the round medians is
-    reported), so a slow spell of a shared machine does not land on one model only. A model
-    onnxruntime cannot run gives None and the reason.
+    The models are timed in turns over `rounds` rounds and the median of the round medians is
+    reported, so a slow spell of a shared machine does not land on one model only. A model whose
+    `runs` would take longer than `budget_s` gets fewer runs (at least 3). A model onnxruntime
+    cannot run gives None and the reason.
     """
     if runs <= 0:
         return [(None, "not measured (--runs 0)")] * len(models)
     protos = [m.to_proto() if isinstance(m, ir.Model) else m for m in models]
-    rounds = max(1, min(rounds, runs))
-    per_round = math.ceil(runs / rounds)
-    medians: list[list[float]] = [[] for _ in protos]
+    plans: dict[int, tuple[int, int]] = {}  # model index -> (rounds, runs per round)
     failures: dict[int, str] = {}
-    for _ in range(rounds):
-        for i, (proto, inputs) in enumerate(zip(protos, feeds)):
-            if i in failures:
-                continue
-            try:
-                medians[i].append(runtime.latency_ms(proto, inputs, runs=per_round, warmup=warmup, threads=threads))
-            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-                failures[i] = f"onnxruntime could not run it: {_first_line(exc)}"
+    for i, (proto, inputs) in enumerate(zip(protos, feeds)):
+        try:
+            probe = runtime.latency_ms(proto, inputs, runs=1, warmup=1, threads=threads)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            failures[i] = f"onnxruntime could not run it: {_first_line(exc)}"
+            continue
+        affordable = max(min(runs, 3), min(runs, int(budget_s * 1e3 / max(probe, 1e-3))))
+        model_rounds = min(rounds, affordable)
+        plans[i] = (model_rounds, math.ceil(affordable / model_rounds))
+    medians: dict[int, list[float]] = {i: [] for i in plans}
+    for round_index in range(rounds):
+        for i, (model_rounds, per_round) in plans.items():
+            if round_index < model_rounds:
+                medians[i].append(runtime.latency_ms(protos[i], feeds[i], runs=per_round, threads=threads,
+                                                     warmup=warmup if round_index == 0 else min(warmup, 1)))
     results = []
     for i, inputs in enumerate(feeds):
         if i in failures:
             results.append((None, failures[i]))
             continue
         shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in inputs.items())
-        note = (f"median of {rounds} rounds x {per_round} runs (models timed in turns), {warmup} warm-up runs, "
+        note = (f"median of {plans[i][0]} rounds x {plans[i][1]} runs, models timed in turns, "
                 f"threads={threads or 'all'}, {shapes}")
         results.append((statistics.median(medians[i]), note))
     return results

@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("edgegraph: %(levelname)s: %(message)s"))
+    handler.setFormatter(_LowercaseLevel("edgegraph: %(levelname)s: %(message)s"))
     logger.addHandler(handler)
     previous_level = logger.level
     logger.setLevel(logging.ERROR if "--quiet" in argv else logging.WARNING)
@@ -76,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+
+
+class _LowercaseLevel(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace(f": {record.levelname}: ", f": {record.levelname.lower()}: ", 1)
 
 
 def _fail(message: str) -> None:
@@ -459,6 +464,7 @@ def format_opt_summary(data: dict, before: ModelStats, after: ModelStats, report
         ("MACs", before.macs, after.macs, human),
         ("nodes", before.nodes, after.nodes, str),
         ("quantized nodes", before.quantized_nodes, after.quantized_nodes, str),
+        ("Q/DQ nodes", before.qdq_nodes, after.qdq_nodes, str),
         ("latency ms", before.latency_ms, after.latency_ms, _ms),
     ]:
         rows.append([label, text(b), text(a), _change(b, a)])

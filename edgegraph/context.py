@@ -146,12 +146,17 @@ class CalibrationData:
 
 
 def read_labels(path: str | Path) -> dict[str, int]:
-    """`file,label` rows of a labels.csv (header optional) -> {file name: class index}."""
+    """Rows of a labels.csv -> {file name: class index}.
+
+    The file is the first column and the label the first integer column after it, so both
+    `file,label` and `file,synset,class_index,class_name` work; a header row is skipped.
+    """
     labels = {}
     with open(path, newline="") as handle:
         for row in csv.reader(handle):
-            if len(row) >= 2 and row[1].strip().lstrip("-").isdigit():
-                labels[row[0].strip()] = int(row[1])
+            label = next((f.strip() for f in row[1:] if f.strip().lstrip("-").isdigit()), None)
+            if label is not None:
+                labels[row[0].strip()] = int(label)
     return labels
 
 

@@ -6,7 +6,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from edgegraph.errors import EdgegraphError, ModelLoadError
 
@@ -22,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 # protobuf refuses to serialize a message of 2 GiB or more; keep a margin for the graph itself.
 PROTO_LIMIT = 2**31 - 64 * 2**20
+# Initializers of at least this size are kept out of protobuf whenever the proto is only a means:
+# saving with external data (onnx's own threshold), copying a model, inferring shapes. Shape-like
+# constants are smaller, so inference still sees every value it can use.
+DETACH_BYTES = 1024
+_DETACHED = "edgegraph:detached"  # external-data location of a weight left out of a proto
 
 @dataclass
 class Model:
@@ -38,8 +45,15 @@ class Model:
         """Opset of the default ONNX domain."""
         return int(self.graph.opset)
 
-    def to_proto(self) -> onnx.ModelProto:
-        """Export to a ModelProto, keeping ir_version unless the opsets need a newer one."""
+    def to_proto(self, *, weights: bool = True) -> onnx.ModelProto:
+        """Export to a ModelProto, keeping ir_version unless the opsets need a newer one.
+
+        `weights=False` leaves initializers of DETACH_BYTES or more out (as external-data
+        references to nothing): a small proto for looking at the graph or inferring shapes.
+        """
+        if not weights:
+            with _detached(_weights(self)):
+                return self.to_proto()
         proto = gs.export_onnx(self.graph, do_type_check=False)
         needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
         proto.ir_version = max(proto.ir_version or 0, needed)
@@ -50,28 +64,55 @@ class Model:
         return proto
 
     def copy(self) -> Model:
-        """A deep copy (through protobuf, so no gs object is shared)."""
-        return from_proto(self.to_proto(), infer=False)
+        """A deep copy (through protobuf, so no gs object is shared).
+
+        Weights are not copied through protobuf: values that cannot change (not yet loaded, or
+        read-only like memory-mapped external data) are shared, writable arrays are copied.
+        """
+        return self._rebuilt(infer=False, share=False)
 
     def refresh_shapes(self) -> None:
-        """Re-run shape inference, e.g. after a pass created tensors without shapes."""
-        self.graph = from_proto(self.to_proto(), infer=True).graph
+        """Re-run shape inference, e.g. after a pass created tensors without shapes.
+
+        The graph is rebuilt: gs objects held from before the call belong to the old graph.
+        """
+        self.graph = self._rebuilt(infer=True, share=True).graph
+
+    def _rebuilt(self, *, infer: bool, share: bool) -> Model:
+        # Export without the weights (cheap even for a multi-GB model), re-import, then hand the
+        # weights to the new graph's constants.
+        weights = _weights(self)
+        with _detached(weights):
+            proto = self.to_proto()
+        rebuilt = from_proto(infer_shapes(proto) if infer else proto, infer=False)
+        by_name = {c.name: c for c in weights}
+        for tensor in _constants(rebuilt):
+            source = by_name.get(tensor.name)
+            if source is not None and _is_detached(tensor):
+                tensor._values = source._values if share else _private_copy(source._values)
+                tensor.data_location = source.data_location
+        return rebuilt
 
 
 def from_proto(proto: onnx.ModelProto, *, infer: bool = True) -> Model:
-    """Wrap a ModelProto (shape inference first, unless asked not to)."""
-    if infer:
-        proto = infer_shapes(proto)
+    """Wrap a ModelProto (shape inference first, unless asked not to).
+
+    The model's weights stay in `proto` until a pass reads them (gs loads them lazily), so the
+    proto must not be changed while the model is in use.
+    """
     graph = gs.import_onnx(proto)
     # gs drops the IR version of old models if it is not set; keep what the file said.
     graph.ir_version = proto.ir_version
-    return Model(
+    model = Model(
         graph=graph,
         doc_string=proto.doc_string,
         domain=proto.domain,
         model_version=proto.model_version,
         metadata_props={p.key: p.value for p in proto.metadata_props},
     )
+    if infer:
+        model.refresh_shapes()
+    return model
 
 
 def load(source, *, infer: bool = True) -> Model:
@@ -93,13 +134,12 @@ def load(source, *, infer: bool = True) -> Model:
         raise ModelLoadError(f"no such file: {path}")
     if path.is_dir():
         raise ModelLoadError(f"{path} is a directory, not an ONNX model file")
-    proto = _parse(path.read_bytes(), str(path))
-    if any(_uses_external_data(t) for t in _all_initializers(proto)):
-        try:
-            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: cannot read its external data: {exc}") from None
-    return from_proto(_validated(proto, str(path)), infer=infer)
+    proto = _validated(_parse(path.read_bytes(), str(path)), str(path))
+    model = from_proto(proto, infer=False)
+    _map_external_data(model, path)
+    if infer:
+        model.refresh_shapes()
+    return model
 
 
 def _parse(data: bytes, what: str) -> onnx.ModelProto:
@@ -129,11 +169,166 @@ def _uses_external_data(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
-def proto_size(proto: onnx.ModelProto) -> int:
-    """Bytes the model would take serialized, counting raw tensor data without serializing."""
-    tensor_bytes = sum(len(t.raw_data) for t in _all_initializers(proto))
-    # ByteSize() of a >2 GiB message still works (it is serializing that fails).
-    return max(proto.ByteSize(), tensor_bytes)
+def _map_external_data(model: Model, path: Path) -> None:
+    """Point the constants whose data lives in files beside `path` at that data.
+
+    Plain numeric tensors become read-only memory maps: nothing is read until a pass uses the
+    values, and only the pages it touches. Others (4-bit types, strings) are read into memory.
+    """
+    folder = path.parent.resolve()
+    for tensor in _constants(model):
+        values = tensor._values
+        if not isinstance(values, LazyValues) or not _uses_external_data(values.tensor):
+            continue
+        info = {entry.key: entry.value for entry in values.tensor.external_data}
+        file = (folder / info.get("location", "")).resolve()
+        if not file.is_relative_to(folder) or not file.is_file():
+            raise ModelLoadError(f"{path}: external data file '{info.get('location', '')}' of tensor "
+                                 f"'{tensor.name}' is missing or outside the model's folder")
+        offset = int(info.get("offset", 0))
+        dtype = _numpy_dtype(values.tensor.data_type)
+        count = int(np.prod(values.tensor.dims, dtype=np.int64))
+        length = int(info.get("length", count * (dtype.itemsize if dtype else 0)))
+        if offset + length > file.stat().st_size:
+            raise ModelLoadError(f"{path}: external data of tensor '{tensor.name}' runs past the end of {file.name}")
+        if dtype is not None and dtype.itemsize * count == length:
+            tensor.values = np.memmap(file, dtype=dtype, mode="r", offset=offset,
+                                      shape=tuple(values.tensor.dims)) if count else np.zeros(values.shape, dtype)
+        else:
+            onnx.external_data_helper.load_external_data_for_tensor(values.tensor, str(folder))
+            values.tensor.data_location = onnx.TensorProto.DEFAULT
+            del values.tensor.external_data[:]
+        tensor.data_location = None  # the values are in memory now, as far as export is concerned
+
+
+def _numpy_dtype(data_type: int) -> np.dtype | None:
+    """The numpy dtype whose bytes are the tensor's raw bytes, if there is one."""
+    if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+    # Sub-byte types are packed two to a byte in the file, one to a byte in numpy.
+    return None if "4" in dtype.name and dtype.itemsize == 1 and "float8" not in dtype.name else dtype
+
+
+def proto_size(model) -> int:
+    """Bytes a model (Model or ModelProto) takes serialized, without serializing it.
+
+    Serializing is what protobuf's ByteSize() does: seconds and a full copy for a big model, and
+    an error past 2 GiB. Tensor payloads are computed from their shapes instead; the rest of the
+    proto is measured only when the payload leaves room for it to matter.
+    """
+    if isinstance(model, Model):
+        return sum(_nbytes(c) for c in _constants(model) if not isinstance(c._values, SparseValues))
+    payload = sum(_payload_bytes(t) for t in _all_initializers(model))
+    if payload < PROTO_LIMIT // 8:
+        return model.ByteSize()
+    return payload
+
+
+def _payload_bytes(tensor: onnx.TensorProto) -> int:
+    if _uses_external_data(tensor):
+        return 0
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    dtype = _numpy_dtype(tensor.data_type)
+    return int(np.prod(tensor.dims, dtype=np.int64)) * (dtype.itemsize if dtype else 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights outside protobuf: how big models are copied, inferred and saved without extra copies.
+
+
+def _constants(model: Model) -> list[gs.Constant]:
+    """Every initializer of the model (subgraphs included), once each."""
+    found: dict[int, gs.Constant] = {}
+    for graph in iter_graphs(model.graph):
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                found.setdefault(id(tensor), tensor)
+    return list(found.values())
+
+
+def _nbytes(constant: gs.Constant) -> int:
+    return int(constant._values.nbytes)
+
+
+def _weights(model: Model) -> list[gs.Constant]:
+    """The initializers that `_detached` can move out: DETACH_BYTES or more, uniquely named,
+    with bytes that export unchanged."""
+    names: dict[str, int] = {}
+    constants = _constants(model)
+    for c in constants:
+        names[c.name] = names.get(c.name, 0) + 1
+    return [c for c in constants if names[c.name] == 1 and _nbytes(c) >= DETACH_BYTES and _detachable(c._values)
+            and (c.export_dtype is None or np.dtype(c.export_dtype) == np.dtype(c.dtype))]
+
+
+def _detachable(values) -> bool:
+    if isinstance(values, SparseValues):
+        return False
+    if isinstance(values, LazyValues):
+        return values.tensor.HasField("raw_data")
+    try:
+        onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    except (KeyError, TypeError, ValueError):
+        return False
+    return values.dtype != object
+
+
+def _is_detached(constant: gs.Constant) -> bool:
+    values = constant._values
+    return isinstance(values, LazyValues) and any(
+        e.key == "location" and e.value == _DETACHED for e in values.tensor.external_data)
+
+
+def _private_copy(values):
+    """Values a copied model may own: arrays nobody can change are shared, others copied."""
+    if isinstance(values, np.ndarray) and values.flags.writeable:
+        return values.copy()
+    return values
+
+
+@contextmanager
+def _detached(weights: Iterable[gs.Constant], data_file: Path | None = None):
+    """While active, `weights` export as external-data references instead of their values.
+
+    With `data_file`, the values are written there (each at a 4 KiB-aligned offset, so runtimes
+    can map them) and referenced by the file's name; without, the references point nowhere.
+    Either way exporting costs no copy of the weights.
+    """
+    saved = [(c, c._values, c.data_location) for c in weights]
+    handle = open(data_file, "wb") if data_file is not None else None
+    try:
+        for constant, values, _ in saved:
+            data_type = (values.tensor.data_type if isinstance(values, LazyValues)
+                         else onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
+            stub = onnx.TensorProto(name=constant.name, dims=list(constant.shape), data_type=data_type,
+                                    data_location=onnx.TensorProto.EXTERNAL)
+            if handle is None:
+                stub.external_data.add(key="location", value=_DETACHED)
+            else:
+                offset = -(-handle.tell() // 4096) * 4096
+                handle.seek(offset)
+                if isinstance(values, LazyValues):
+                    handle.write(values.tensor.raw_data)
+                else:
+                    handle.write(np.ascontiguousarray(values).reshape(-1).view(np.uint8).data)
+                for key, value in (("location", data_file.name), ("offset", str(offset)),
+                                   ("length", str(handle.tell() - offset))):
+                    stub.external_data.add(key=key, value=value)
+            constant._values = LazyValues(stub)
+            constant.data_location = None
+        if handle is not None:
+            handle.close()
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+        for constant, values, location in saved:
+            constant._values, constant.data_location = values, location
 
 
 def save(model, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
@@ -143,28 +338,41 @@ def save(model, path: str | os.PathLike[str], *, external_data: bool | None = No
     limit; the tensors then go to `<name>.data` beside the model. On any error nothing is left at
     `path` (an existing file there stays as it was).
     """
-    proto = model.to_proto() if isinstance(model, Model) else model
     path = Path(path)
     if path.is_dir():
         raise EdgegraphError(f"output path {path} is a directory")
     if not path.parent.exists():
         raise EdgegraphError(f"output folder {path.parent} does not exist")
     if external_data is None:
-        external_data = proto_size(proto) > PROTO_LIMIT
+        external_data = proto_size(model) > PROTO_LIMIT
+    if external_data and not isinstance(model, Model):
+        model = from_proto(model, infer=False)  # the weights are written from the proto, not copied
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staged = staging / path.name
         if external_data:
             data_name = f"{path.name}.data"
-            onnx.save_model(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            os.replace(staging / data_name, path.parent / data_name)
+            weights = _weights(model)
+            with _detached(weights, staging / data_name):
+                proto = model.to_proto()
+            _write_proto(proto, staged)
+            if weights:
+                os.replace(staging / data_name, path.parent / data_name)
         else:
-            staged.write_bytes(proto.SerializeToString())
+            _write_proto(model.to_proto() if isinstance(model, Model) else model, staged)
         os.replace(staged, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _write_proto(proto: onnx.ModelProto, path: Path) -> None:
+    try:
+        data = proto.SerializeToString()
+    except Exception as exc:  # noqa: BLE001 - protobuf's EncodeError or ValueError past 2 GiB
+        raise EdgegraphError(f"cannot write {path.name}: the model is too big for one file ({exc}); "
+                             "save it with external data") from None
+    path.write_bytes(data)
 
 
 def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -173,8 +381,8 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     Data propagation is tried first because it resolves Shape->Gather->Reshape chains; some
     exporter output makes it throw, in which case plain inference, and then none, is used.
     """
-    if proto_size(proto) > PROTO_LIMIT:
-        return _infer_shapes_via_file(proto)
+    if proto_size(proto) > PROTO_LIMIT:  # onnx cannot take it in memory; infer without the weights
+        return from_proto(proto, infer=True).to_proto()
     for data_prop in (True, False):
         try:
             return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
@@ -182,19 +390,6 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
             logger.debug("shape inference (data_prop=%s) failed: %s", data_prop, exc)
     logger.warning("shape inference failed; continuing with the shapes stored in the model")
     return proto
-
-
-def _infer_shapes_via_file(proto: onnx.ModelProto) -> onnx.ModelProto:
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        save(proto, src, external_data=True)
-        try:
-            onnx.shape_inference.infer_shapes_path(str(src), str(dst), check_type=False, strict_mode=False)
-        except Exception as exc:  # noqa: BLE001
-            logger.warning("shape inference failed (%s); continuing with the stored shapes", exc)
-            return proto
-        inferred = onnx.load(str(dst), load_external_data=True)
-    return inferred
 
 
 def fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> None:
@@ -243,13 +438,32 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
 
 
 def const(name: str, values: np.ndarray) -> gs.Constant:
-    """A new initializer."""
-    return gs.Constant(name, np.ascontiguousarray(values))
+    """A new initializer (4-bit ml_dtypes arrays are packed two per byte, as ONNX stores them)."""
+    values = np.asarray(values)
+    if not values.flags.c_contiguous:  # (np.ascontiguousarray would also turn a scalar into shape [1])
+        values = np.ascontiguousarray(values)
+    if values.dtype.itemsize == 1 and values.dtype.name in ("int4", "uint4", "float4_e2m1fn"):
+        # graphsurgeon would write one byte per element; onnx's own converter packs them.
+        from onnx_graphsurgeon.ir.tensor import LazyValues
+
+        return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(values, name)))
+    return gs.Constant(name, values)
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     """True if `tensor` is one of the graph's outputs (its name must then be kept)."""
     return any(out is tensor for out in graph.outputs)
+
+
+def substitute(items: list, old, new) -> None:
+    """Replace `old` by `new` in a node's inputs/outputs list, in place.
+
+    gs keeps tensor<->node links in sync only through item assignment; slice assignment
+    (`node.inputs[:] = ...`) raises inside graphsurgeon, so lists are edited entry by entry.
+    """
+    for index, item in enumerate(items):
+        if item is old:
+            items[index] = new
 
 
 def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
@@ -263,13 +477,13 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
     if new is old:
         return
     for node in consumers(old):
-        node.inputs[:] = [new if t is old else t for t in node.inputs]
+        substitute(node.inputs, old, new)
     if not is_graph_output(graph, old):
         return
     source = producer(new)
     if source is not None and not consumers(new) and not is_graph_output(graph, new):
         old.inputs.clear()
-        source.outputs[:] = [old if t is new else t for t in source.outputs]
+        substitute(source.outputs, new, old)
         old.dtype, old.shape = old.dtype or new.dtype, old.shape or new.shape
     else:
         old.inputs.clear()
@@ -313,14 +527,15 @@ def subgraphs(node: gs.Node) -> list[gs.Graph]:
     return found
 
 
-def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+def iter_graphs(graph: gs.Graph, *, functions: bool = True) -> Iterator[gs.Graph]:
     """The graph, its subgraphs (recursively) and its local functions' graphs."""
     yield graph
     for node in graph.nodes:
         for sub in subgraphs(node):
-            yield from iter_graphs(sub)
-    for function in getattr(graph, "functions", []) or []:
-        yield from iter_graphs(function)
+            yield from iter_graphs(sub, functions=False)
+    # gs gives every graph, subgraphs and functions included, the model's list of functions.
+    for function in (getattr(graph, "functions", None) or []) if functions else []:
+        yield from iter_graphs(function, functions=False)
 
 
 def iter_nodes(graph: gs.Graph) -> Iterator[gs.Node]:

@@ -144,14 +144,13 @@ class _Checker:
 
     def __init__(self, model: ir.Model, ctx: PassContext):
         self.ctx = ctx
-        proto = model.to_proto()
-        self.specs = runtime.input_specs(proto)
+        self.specs = runtime.input_specs(model)
         data = verification_data(self.specs, ctx)
         self.source = data.source
         batch = runtime.batch_size_for(self.specs, len(data))
         self.batches = [runtime.adapt_feeds(self.specs, b) for b in data.batches(batch)]
         try:
-            self.original = self._outputs(proto)
+            self.original = self._outputs(model)
         except Exception as exc:  # noqa: BLE001 - the input model itself does not run on this data
             logger.warning("verification disabled: the input model does not run on %s (%s); give --calib "
                            "data or --fix-shape", self.source, str(exc).splitlines()[0])
@@ -159,15 +158,15 @@ class _Checker:
             self.original = []
         self.previous = self.original
 
-    def _outputs(self, proto) -> list[Feeds]:
-        sess = runtime.session(proto, threads=self.ctx.threads)
+    def _outputs(self, model: ir.Model) -> list[Feeds]:
+        sess = runtime.session(model, threads=self.ctx.threads)
         return [runtime.run(sess, feeds) for feeds in self.batches]
 
     def step(self, model: ir.Model, p: Pass) -> dict[str, verify.OutputMetrics]:
         if not self.batches:
             return {}
         try:
-            current = self._outputs(model.to_proto())
+            current = self._outputs(model)
         except Exception as exc:
             raise PassFailure(f"pass '{p.name}' produced a model onnxruntime cannot run: {exc}") from exc
         missing = set(self.previous[0]) - set(current[0])

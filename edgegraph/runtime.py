@@ -44,8 +44,10 @@ class InputSpec:
         return first if isinstance(first, int) and first > 0 else None
 
 
-def input_specs(proto: onnx.ModelProto) -> list[InputSpec]:
+def input_specs(proto: onnx.ModelProto | ir.Model) -> list[InputSpec]:
     """The inputs a caller must feed (graph inputs that are not initializers)."""
+    if isinstance(proto, ir.Model):
+        proto = proto.to_proto(weights=False)
     initializers = {t.name for t in proto.graph.initializer}
     specs = []
     for value in proto.graph.input:
@@ -68,7 +70,6 @@ def session(model, *, threads: int = 1, optimize: bool = False) -> ort.Inference
     Models past protobuf's limit are written with external data to a temporary folder that lives
     as long as the session.
     """
-    proto = model.to_proto() if isinstance(model, ir.Model) else model
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
@@ -77,13 +78,14 @@ def session(model, *, threads: int = 1, optimize: bool = False) -> ort.Inference
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     providers = ["CPUExecutionProvider"]
-    if isinstance(proto, str | os.PathLike):
-        return ort.InferenceSession(str(proto), options, providers=providers)
-    if ir.proto_size(proto) <= ir.PROTO_LIMIT:
+    if isinstance(model, str | os.PathLike):
+        return ort.InferenceSession(str(model), options, providers=providers)
+    if ir.proto_size(model) <= ir.PROTO_LIMIT:
+        proto = model.to_proto() if isinstance(model, ir.Model) else model
         return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
     folder = Path(tempfile.mkdtemp(prefix="edgegraph-ort-"))
     try:
-        path = ir.save(proto, folder / "model.onnx", external_data=True)
+        path = ir.save(model, folder / "model.onnx", external_data=True)
         sess = ort.InferenceSession(str(path), options, providers=providers)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)

@@ -205,6 +205,9 @@ def _format_value(value: Any) -> str:
         return "none"
     if isinstance(value, list | tuple | set | frozenset):
         return "[" + ", ".join(_format_value(v) for v in value) + "]"
-    if isinstance(value, str) and (not value or any(c in value for c in ",()[]=' \"")):
-        return json.dumps(value)
+    if isinstance(value, str) and (not value or any(c in value for c in ",()[]=' \"") or _parse_value(value) != value):
+        # Quoted strings are taken verbatim (no escapes), so pick the quote the text lacks;
+        # "true", "none" and "12" need quotes too, or they come back as bool, None and int.
+        quote = "'" if '"' in value else '"'
+        return f"{quote}{value}{quote}"
     return str(value)

@@ -29,3 +29,7 @@ def require_shared(path: Path) -> Path:
 
 def model_id(path: Path) -> str:
     return f"{path.parent.name}/{path.name}"
+
+
+# The bundled default model (tools/train_default.py): digits_cnn.onnx, digits_calib.npz, digits_eval.npz.
+DEFAULT_DIR = REPO / "fixtures" / "default"

@@ -7,6 +7,7 @@ bfloat16/float8 weights numpy cannot hold, custom-domain ops and subgraphs readi
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from edgegraph import ir
@@ -36,8 +38,30 @@ def is_standard(node: gs.Node) -> bool:
     return (node.domain or "") in DEFAULT_DOMAINS
 
 
+def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
+    """Graphs in a node's attributes (a faster `ir.subgraphs`: this runs for every node often)."""
+    found = []
+    for v in node.attrs.values():
+        kind = type(v)
+        if kind is gs.Graph:
+            found.append(v)
+        elif kind is list or kind is tuple:
+            found.extend(x for x in v if type(x) is gs.Graph)
+    return found
+
+
 def has_subgraph(node: gs.Node) -> bool:
-    return bool(ir.subgraphs(node))
+    return bool(node_subgraphs(node))
+
+
+def graphs(root: gs.Graph) -> list[gs.Graph]:
+    """`root`, its subgraphs (recursively) and its local functions (and their subgraphs)."""
+    found = [root] + list(getattr(root, "functions", None) or [])
+    for graph in found:  # grows while iterating
+        for node in graph.nodes:
+            if node.attrs:
+                found.extend(node_subgraphs(node))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +290,7 @@ class GraphPass(Pass):
     def run(self, model: ir.Model, ctx=None) -> PassResult:
         self.names = Names(model)
         total = Counter()
-        for graph in list(ir.iter_graphs(model.graph)):
+        for graph in graphs(model.graph):
             total += self.rewrite(graph, model)
         return PassResult(modified=sum(total.values()) > 0, stats=dict(sorted(total.items())))
 
@@ -288,11 +312,162 @@ class Names:
 
 
 def tidy(model: ir.Model) -> None:
-    """Drop dead nodes and re-sort every graph (what the pipeline does between passes)."""
-    for graph in ir.iter_graphs(model.graph):
-        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False).toposort(
-            recurse_subgraphs=False, recurse_functions=False
-        )
+    """Re-sort every graph and drop its dead nodes (what the pipeline does between passes,
+    without graphsurgeon's much slower toposort)."""
+    for graph in graphs(model.graph):
+        toposort(graph)
+        prune(graph)
+
+
+def _reads(node: gs.Node) -> list[gs.Tensor]:
+    """Tensors a node reads: its inputs plus what its subgraphs take from enclosing graphs."""
+    tensors = list(node.inputs)
+    for sub in node_subgraphs(node):
+        tensors.extend(sub._foreign_tensors().values())
+    return tensors
+
+
+def toposort(graph: gs.Graph) -> None:
+    """Stable topological sort of `graph.nodes` (original order wherever dependencies allow)."""
+    nodes = list(graph.nodes)
+    index = {id(n): i for i, n in enumerate(nodes)}
+    users: list[list[int]] = [[] for _ in nodes]
+    pending = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        producers = {index[id(t.inputs[0])] for t in _reads(node) if t.inputs and id(t.inputs[0]) in index}
+        producers.discard(i)
+        pending[i] = len(producers)
+        for p in producers:
+            users[p].append(i)
+    ready = [i for i, count in enumerate(pending) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for user in users[i]:
+            pending[user] -= 1
+            if pending[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) != len(nodes):  # a cycle (invalid model): keep the rest as it was
+        placed = set(order)
+        order.extend(i for i in range(len(nodes)) if i not in placed)
+    if order != list(range(len(nodes))):
+        graph.nodes = [nodes[i] for i in order]
+
+
+def prune(graph: gs.Graph) -> int:
+    """Drop nodes no graph output depends on (graph must be sorted); returns how many."""
+    live = {id(t) for t in graph.outputs}
+    keep = []
+    for node in reversed(graph.nodes):
+        if any(id(o) in live for o in node.outputs):
+            keep.append(node)
+            live.update(id(t) for t in _reads(node))
+        else:
+            node.inputs.clear()
+            node.outputs.clear()
+    removed = len(graph.nodes) - len(keep)
+    if removed:
+        graph.nodes = keep[::-1]
+    return removed
+
+
+def infer_forward(graph: gs.Graph, changed: Sequence[gs.Tensor], opsets: Sequence) -> None:
+    """Re-infer output shapes downstream of `changed` (tensors that became constants or got a
+    shape), node by node with onnx's inference; only fills in what was unknown.
+
+    Much cheaper than re-inferring the whole model, and keeps every gs object alive.
+    """
+    domains = {o.domain or "": o.version for o in opsets}
+    dirty = {id(n) for t in changed for n in t.outputs}
+    for node in graph.nodes:
+        if id(node) not in dirty or not is_standard(node) or has_subgraph(node):
+            continue
+        for out in _infer_node(node, domains, opsets):
+            dirty.update(id(n) for n in out.outputs)
+
+
+_INFER_DATA_BYTES = 1 << 16  # constants passed to inference as data (shapes, axes, sizes)
+
+
+def _infer_node(node: gs.Node, domains: dict, opsets) -> list[gs.Tensor]:
+    """Fill in unknown output shapes/dtypes of one node; returns the outputs that improved."""
+    try:
+        schema = onnx.defs.get_schema(node.op, max_inclusive_version=domains.get("", 1), domain="")
+    except Exception:  # noqa: BLE001 - unknown op for this opset
+        return []
+    types, data = {}, {}
+    for t in node.inputs:
+        if is_empty(t) or t.name in types:
+            continue
+        dtype = numpy_dtype(t.dtype)
+        shape = shape_of(t)
+        if dtype is None:
+            return []
+        types[t.name] = onnx.helper.make_tensor_type_proto(onnx_dtype(dtype), shape)
+        if isinstance(t, gs.Constant) and not is_opaque(t) and t._values.nbytes <= _INFER_DATA_BYTES:
+            data[t.name] = onnx.numpy_helper.from_array(np.asarray(t.values), t.name)
+    try:
+        proto = OnnxExporter.export_node(node)
+        result = onnx.shape_inference.infer_node_outputs(schema, proto, types, data, opset_imports=list(opsets))
+    except Exception:  # noqa: BLE001 - inference rejects odd nodes; shapes just stay unknown
+        return []
+    improved = []
+    for out in node.outputs:
+        inferred = result.get(out.name)
+        if inferred is None or not inferred.tensor_type.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in inferred.tensor_type.shape.dim]
+        if _more_specific(dims, shape_of(out)):
+            out.shape = dims
+            if out.dtype is None and inferred.tensor_type.elem_type:
+                out.dtype = onnx.helper.tensor_dtype_to_np_dtype(inferred.tensor_type.elem_type)
+            improved.append(out)
+    return improved
+
+
+def reinfer_shapes(model: ir.Model) -> None:
+    """Re-run whole-model shape inference and fill in the shapes it learned, keeping every gs
+    object (unlike `Model.refresh_shapes`, which rebuilds the graph). Weights stay out of it."""
+    inferred = ir.infer_shapes(model.to_proto(weights=False))
+    tensors = {}
+    for graph in graphs(model.graph):
+        for node in graph.nodes:
+            for out in node.outputs:
+                if not is_empty(out):
+                    tensors[out.name] = out
+    for info in _value_infos(inferred.graph):
+        tensor = tensors.get(info.name)
+        type_ = info.type.tensor_type
+        if tensor is None or not info.type.HasField("tensor_type"):
+            continue
+        if tensor.dtype is None and type_.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(type_.elem_type)
+        if type_.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in type_.shape.dim]
+            if _more_specific(dims, shape_of(tensor)):
+                tensor.shape = dims
+
+
+def _value_infos(graph: onnx.GraphProto):
+    yield from graph.value_info
+    yield from graph.output
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _value_infos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _value_infos(g)
+
+
+def _more_specific(new: list, old: list | None) -> bool:
+    if old is None:
+        return True
+    if len(new) != len(old):
+        return False
+    return sum(isinstance(d, int) for d in new) > sum(isinstance(d, int) for d in old)
 
 
 def live_nodes(graph: gs.Graph) -> Iterator[gs.Node]:
@@ -300,6 +475,13 @@ def live_nodes(graph: gs.Graph) -> Iterator[gs.Node]:
     for node in list(graph.nodes):
         if node.outputs:
             yield node
+
+
+def set_inputs(node: gs.Node, tensors: Sequence[gs.Tensor]) -> None:
+    """Replace all inputs of `node` (gs lists cannot be slice-assigned)."""
+    tensors = list(tensors)
+    node.inputs.clear()
+    node.inputs.extend(tensors)
 
 
 def onnx_dtype(dtype: np.dtype) -> int:

@@ -15,7 +15,11 @@ from edgegraph import ir
 from edgegraph.pipeline import PassResult
 from edgegraph.registry import register_pass
 
-from .common import NONDETERMINISTIC, GraphPass, has_subgraph, is_empty, is_standard, redirect
+from .common import (
+    NONDETERMINISTIC, GraphPass, graphs, has_subgraph, is_empty, is_standard, node_subgraphs, prune, redirect, toposort,
+)
+
+CSE_VALUE_BYTES = 4096
 
 # Outputs a node computes only when asked (by index): unused ones can be dropped.
 OPTIONAL_OUTPUTS = {
@@ -37,7 +41,7 @@ class EliminateDead(GraphPass):
 
     def run(self, model: ir.Model, ctx=None) -> PassResult:
         done = Counter()
-        for graph in list(ir.iter_graphs(model.graph)):
+        for graph in graphs(model.graph):
             done += self.rewrite(graph, model)
         done["functions"] += _drop_uncalled_functions(model.graph)
         done = +done
@@ -45,12 +49,11 @@ class EliminateDead(GraphPass):
 
     def rewrite(self, graph: gs.Graph, model: ir.Model) -> Counter:
         done = Counter()
-        before_nodes = len(graph.nodes)
         before_consts = _constants(graph)
-        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
+        toposort(graph)
+        done["nodes"] += prune(graph)
         for node in graph.nodes:
             done["outputs"] += _drop_unused_outputs(graph, node)
-        done["nodes"] += before_nodes - len(graph.nodes)
         done["initializers"] += len(before_consts - _constants(graph))
         return done
 
@@ -85,7 +88,7 @@ def _drop_uncalled_functions(root: gs.Graph) -> int:
     by_key = {(f.domain or "", f.name): f for f in functions}
     while pending:
         graph = pending.pop()
-        for node in ir.iter_nodes(graph):
+        for node in (n for g in graphs(graph) for n in g.nodes):
             key = (node.domain or "", node.op)
             if key in by_key and key not in called:
                 called.add(key)
@@ -148,7 +151,7 @@ def _dedup(graph: gs.Graph, canonical: dict, inherited_shapes: frozenset = froze
                 by_shape[_cheap_key(t)].append(t)
     canonical = dict(canonical)
     removed = 0
-    nested = any(ir.subgraphs(n) for n in graph.nodes)
+    nested = any(has_subgraph(n) for n in graph.nodes)
     for cheap, group in by_shape.items():
         if len(group) == 1 and cheap not in inherited_shapes and not nested:
             continue  # nothing to compare with: skip hashing the bytes
@@ -159,11 +162,11 @@ def _dedup(graph: gs.Graph, canonical: dict, inherited_shapes: frozenset = froze
             keep = canonical.setdefault(key, tensor)
             if keep is not tensor:
                 for consumer in list(tensor.outputs):
-                    consumer.inputs[:] = [keep if t is tensor else t for t in consumer.inputs]
+                    ir.substitute(consumer.inputs, tensor, keep)
                 removed += 1
     shapes = inherited_shapes | frozenset(by_shape)
     for node in graph.nodes:
-        for sub in ir.subgraphs(node):
+        for sub in node_subgraphs(node):
             removed += _dedup(sub, canonical, shapes)
     return removed
 
@@ -188,7 +191,7 @@ class CommonSubexpressions(GraphPass):
     exact = True
 
     def rewrite(self, graph: gs.Graph, model: ir.Model) -> Counter:
-        graph.toposort(recurse_subgraphs=False, recurse_functions=False)
+        toposort(graph)
         const_keys: dict[int, tuple | None] = {}
         seen: dict[tuple, gs.Node] = {}
         merged = Counter()
@@ -215,8 +218,11 @@ class CommonSubexpressions(GraphPass):
             if is_empty(t):
                 inputs.append(None)
             elif isinstance(t, gs.Constant):
+                # Small constants compare by value; large ones by identity (dedup-initializers,
+                # which runs first in `cleanup`, already made equal weights one tensor).
                 if id(t) not in const_keys:
-                    const_keys[id(t)] = constant_key(t)
+                    small = getattr(t._values, "nbytes", CSE_VALUE_BYTES + 1) <= CSE_VALUE_BYTES
+                    const_keys[id(t)] = constant_key(t) if small else None
                 ck = const_keys[id(t)]
                 inputs.append(("const", ck) if ck is not None else ("id", id(t)))
             else:

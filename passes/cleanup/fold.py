@@ -26,7 +26,8 @@ from edgegraph.pipeline import option
 from edgegraph.registry import register_pass
 
 from .common import (
-    KEEP_UNFOLDED, NONDETERMINISTIC, GraphPass, has_subgraph, is_empty, is_standard, numpy_dtype, shape_of, value,
+    KEEP_UNFOLDED, NONDETERMINISTIC, GraphPass, has_subgraph, infer_forward, is_empty, is_opaque, is_standard,
+    numpy_dtype, shape_of, toposort, value,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,29 +67,43 @@ class FoldConstants(GraphPass):
     def rewrite(self, graph: gs.Graph, model: ir.Model) -> Counter:
         done = Counter()
         done["constant_nodes"] += lower_constant_nodes(graph)
-        graph.toposort(recurse_subgraphs=False, recurse_functions=False)
-        done["shapes"] += fold_static_shapes(graph)
-        done["nodes"] += self._fold(graph, model)
+        toposort(graph)
+        opsets = _opsets(graph, model)
+        # Folding can make more shapes static (a Resize whose sizes became constant), which can
+        # make more Shape nodes foldable: repeat, re-inferring shapes only downstream.
+        for _ in range(64):
+            shapes = fold_static_shapes(graph)
+            folded = self._fold(graph, opsets)
+            done["shapes"] += len(shapes)
+            done["nodes"] += len(folded)
+            if not shapes and not folded:
+                break
+            infer_forward(graph, shapes + folded, opsets)
         done["if_inlined"] += inline_constant_ifs(graph, self.names)
         return +done
 
     # -----------------------------------------------------------------------------------------
 
-    def _fold(self, graph: gs.Graph, model: ir.Model) -> int:
-        known = {id(t): t for t in graph.tensors().values() if value(t) is not None}
-        foreign = _outer_constants(graph)
+    def _fold(self, graph: gs.Graph, opsets) -> list[gs.Tensor]:
+        """Fold what can be; returns the tensors that became constants."""
+        # Known values: initializers (this graph's or, in a subgraph, an enclosing graph's) and
+        # Constant-node outputs, then everything the candidates compute.
+        known: set[int] = set()
         candidates = []
         for node in graph.nodes:
-            if self._foldable(node, known, foreign):
+            for t in node.inputs:
+                if isinstance(t, gs.Constant) and id(t) not in known and not is_opaque(t):
+                    known.add(id(t))
+            if node.op == "Constant" and node.outputs and value(node.outputs[0]) is not None:
+                known.add(id(node.outputs[0]))
+            elif self._foldable(node, known):
                 candidates.append(node)
-                for out in node.outputs:
-                    known[id(out)] = out
+                known.update(id(o) for o in node.outputs)
         if not candidates:
-            return 0
-        values = evaluate(candidates, _opsets(graph, model))
-        return self._replace(graph, candidates, values)
+            return []
+        return self._replace(graph, candidates, evaluate(candidates, opsets))
 
-    def _foldable(self, node: gs.Node, known: dict, foreign: set) -> bool:
+    def _foldable(self, node: gs.Node, known: set) -> bool:
         if (
             not is_standard(node)
             or node.op in NONDETERMINISTIC or node.op in KEEP_UNFOLDED or node.op in NON_TENSOR_OUTPUTS
@@ -99,7 +114,7 @@ class FoldConstants(GraphPass):
         inputs = [t for t in node.inputs if not is_empty(t)]
         if not inputs or not node.outputs or any(is_empty(o) for o in node.outputs):
             return False
-        if not all(id(t) in known or id(t) in foreign for t in inputs):
+        if not all(id(t) in known for t in inputs):
             return False
         # Skip the evaluation altogether when inference already says the result is too big.
         for out in node.outputs:
@@ -108,8 +123,8 @@ class FoldConstants(GraphPass):
                 return False
         return True
 
-    def _replace(self, graph: gs.Graph, candidates: list[gs.Node], values: dict[str, np.ndarray]) -> int:
-        folded = 0
+    def _replace(self, graph: gs.Graph, candidates: list[gs.Node], values: dict[str, np.ndarray]) -> list[gs.Tensor]:
+        folded = []
         for node in candidates:
             inputs = [t for t in node.inputs if not is_empty(t)]
             if not all(isinstance(t, gs.Constant) or value(t) is not None for t in inputs):
@@ -121,11 +136,12 @@ class FoldConstants(GraphPass):
             out_bytes = sum(r.nbytes for r in results)
             if out_bytes > self.size_limit or (out_bytes > self.growth_limit and out_bytes > in_bytes):
                 continue
-            for out, result in zip(node.outputs, results):
-                _make_constant(graph, out, result)
+            outputs = list(node.outputs)
             node.inputs.clear()
             node.outputs.clear()
-            folded += 1
+            for out, result in zip(outputs, results):
+                _make_constant(graph, out, result, self.names)
+            folded.extend(outputs)
         return folded
 
 
@@ -145,25 +161,16 @@ def _static_nbytes(tensor: gs.Tensor) -> int | None:
     return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
-def _make_constant(graph: gs.Graph, tensor: gs.Tensor, array: np.ndarray) -> None:
+def _make_constant(graph: gs.Graph, tensor: gs.Tensor, array: np.ndarray, names) -> None:
     """Turn `tensor` into an initializer; graph outputs get a Constant node so they stay outputs."""
     array = np.asarray(array)
     tensor.inputs.clear()
     if ir.is_graph_output(graph, tensor):
         tensor.dtype, tensor.shape = array.dtype, list(array.shape)
-        graph.nodes.append(gs.Node("Constant", name=f"{tensor.name}_const", attrs={
-            "value": gs.Constant(f"{tensor.name}_value", np.ascontiguousarray(array))}, outputs=[tensor]))
+        graph.nodes.append(gs.Node("Constant", name=names(f"{tensor.name}_const"), attrs={
+            "value": gs.Constant(names(f"{tensor.name}_value"), np.ascontiguousarray(array))}, outputs=[tensor]))
     else:
         tensor.to_constant(np.ascontiguousarray(array))
-
-
-def _outer_constants(graph: gs.Graph) -> set[int]:
-    """Ids of tensors a subgraph reads from enclosing graphs that are constants there."""
-    produced = {id(o) for n in graph.nodes for o in n.outputs} | {id(t) for t in graph.inputs}
-    return {
-        id(t) for n in graph.nodes for t in n.inputs
-        if id(t) not in produced and isinstance(t, gs.Constant) and value(t) is not None
-    }
 
 
 def _opsets(graph: gs.Graph, model: ir.Model) -> list[onnx.OperatorSetIdProto]:
@@ -246,9 +253,10 @@ def lower_constant_nodes(graph: gs.Graph) -> int:
     return count
 
 
-def fold_static_shapes(graph: gs.Graph) -> int:
-    """Fold `Shape`, `Size`, and `Gather`/`Slice` of a `Shape` whose selected dims are static."""
-    count = 0
+def fold_static_shapes(graph: gs.Graph) -> list[gs.Tensor]:
+    """Fold `Shape`, `Size`, and `Gather`/`Slice` of a `Shape` whose selected dims are static;
+    returns the tensors that became constants."""
+    folded = []
     for node in list(graph.nodes):
         if not is_standard(node) or not node.outputs or not node.inputs or ir.is_graph_output(graph, node.outputs[0]):
             continue
@@ -266,12 +274,13 @@ def fold_static_shapes(graph: gs.Graph) -> int:
         elif node.op == "Slice" and _from_shape(node.inputs[0]):
             result = _slice_dims(node)
         if result is not None:
-            node.outputs[0].inputs.clear()
-            node.outputs[0].to_constant(result)
-            node.outputs.clear()
+            out = node.outputs[0]
+            out.inputs.clear()  # also detaches it from node.outputs
+            out.to_constant(result)
             node.inputs.clear()
-            count += 1
-    return count
+            node.outputs.clear()
+            folded.append(out)
+    return folded
 
 
 def _from_shape(tensor: gs.Tensor) -> bool:
@@ -358,12 +367,12 @@ def inline_constant_ifs(graph: gs.Graph, namer) -> int:
             source = ir.producer(inner)
             if (source is not None and any(n is source for n in branch.nodes) and not inner.outputs
                     and sum(o is inner for o in branch.outputs) == 1):
-                source.outputs[:] = [result if o is inner else o for o in source.outputs]
+                ir.substitute(source.outputs, inner, result)
                 result.dtype, result.shape = result.dtype or inner.dtype, result.shape or inner.shape
             else:  # the branch returns a constant, an outer tensor, or one value twice
                 graph.nodes.append(gs.Node("Identity", name=namer(f"{result.name}_inlined"), inputs=[inner],
                                            outputs=[result]))
         count += 1
     if count:
-        graph.toposort(recurse_subgraphs=False, recurse_functions=False)
+        toposort(graph)
     return count

@@ -13,7 +13,7 @@ from edgegraph.registry import register_pass
 
 from .common import (
     GraphPass, axes_of, dtype_of, int_list, is_empty, is_standard, live_nodes, normalize_axes, only_consumer,
-    optional_input, perm_of, remove, same_dim, shape_of, value,
+    optional_input, perm_of, remove, same_dim, set_inputs, shape_of, value,
 )
 
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
@@ -61,6 +61,8 @@ class SimplifyShapes(GraphPass):
         for node in live_nodes(graph):
             if not is_standard(node) or not node.inputs or is_empty(node.inputs[0]) or not node.outputs:
                 continue
+            if not any(o.outputs for o in node.outputs) and not any(ir.is_graph_output(graph, o) for o in node.outputs):
+                continue  # made dead by an earlier rewrite
             for rule in _RULES.get(node.op, ()):
                 try:
                     applied = rule(self, graph, node, opset)
@@ -85,8 +87,8 @@ class SimplifyShapes(GraphPass):
         composed = [p1[p] for p in p2]
         source = first.inputs[0]
         if composed == list(range(len(composed))):
-            node.inputs[0] = source
-            return "transpose_cancelled" if remove(graph, node) else _undo(node, first)
+            _becomes(graph, node, source)
+            return "transpose_cancelled"
         node.inputs[0] = source
         node.attrs["perm"] = composed
         return "transpose_merged"
@@ -110,11 +112,8 @@ class SimplifyShapes(GraphPass):
         a, b = normalize_axes(a, len(shape)), normalize_axes(b, len(shape))
         if a is None or b is None or sorted(a) != sorted(b):
             return None
-        source = first.inputs[0]
-        node.inputs[0] = source
-        if remove(graph, node):
-            return "squeeze_cancelled"
-        return _undo(node, first)
+        _becomes(graph, node, first.inputs[0])
+        return "squeeze_cancelled"
 
     def view_chain(self, graph, node, opset):
         """view(view(x)) -> Reshape(x, target) when the target can be written down."""
@@ -131,7 +130,7 @@ class SimplifyShapes(GraphPass):
         allowzero = int(node.attrs.get("allowzero", 0)) if node.op == "Reshape" else 0
         node.op = "Reshape"
         node.attrs = {"allowzero": allowzero} if allowzero else {}
-        node.inputs[:] = [first.inputs[0], self.names.const(f"{node.outputs[0].name}_shape", target)]
+        set_inputs(node, [first.inputs[0], self.names.const(f"{node.outputs[0].name}_shape", target)])
         return "views_merged"
 
     # --- Reshape targets built from Shape ------------------------------------------------------
@@ -213,8 +212,8 @@ class SimplifyShapes(GraphPass):
         merged = [np.array(x + y, dtype=np.int64) for x, y in zip(a[:2], b[:2])]
         merged += [np.array(axes_a + axes_b, dtype=np.int64), np.array(a[3] + b[3], dtype=np.int64)]
         base = node.outputs[0].name
-        node.inputs[:] = [first.inputs[0]] + [self.names.const(f"{base}_{part}", array) for part, array in
-                                               zip(("starts", "ends", "axes", "steps"), merged)]
+        set_inputs(node, [first.inputs[0]] + [self.names.const(f"{base}_{part}", array) for part, array in
+                                              zip(("starts", "ends", "axes", "steps"), merged)])
         return "slices_merged"
 
     def concat_flatten(self, graph, node, opset):
@@ -230,7 +229,7 @@ class SimplifyShapes(GraphPass):
             inner_axis = int(inner.attrs.get("axis", 0))
             if inner_axis != axis and (rank is None or inner_axis % rank != axis % rank):
                 continue
-            node.inputs[index:index + 1] = list(inner.inputs)
+            set_inputs(node, list(node.inputs[:index]) + list(inner.inputs) + list(node.inputs[index + 1:]))
             return "concats_flattened"
         return None
 
@@ -270,10 +269,12 @@ class SimplifyShapes(GraphPass):
         return "casts_merged"
 
 
-def _undo(node: gs.Node, first: gs.Node) -> None:
-    """Put back the edge a failed cancellation rewired (the pair stays as it was)."""
-    node.inputs[0] = first.outputs[0]
-    return None
+def _becomes(graph: gs.Graph, node: gs.Node, source: gs.Tensor) -> None:
+    """`node` turned out to return `source`: drop it, or make it an Identity when its output
+    name must survive (a graph output)."""
+    set_inputs(node, [source])
+    if not remove(graph, node):
+        node.op, node.attrs = "Identity", {}
 
 
 def _rank(tensor: gs.Tensor) -> int | None:

@@ -1,1 +1,7 @@
-"""Quantization passes. `numerics` holds the shared Q/DQ arithmetic; `static` registers `quant`."""
+"""Quantization passes.
+
+`numerics` holds the Q/DQ arithmetic every quantization pass shares; `static` registers `quant`
+(calibrated QDQ int8). Other families (`dynamic`, `weight_only`) register their own passes.
+"""
+
+from edgegraph.passes.quant import static  # noqa: F401  (registers `quant`)

@@ -157,3 +157,23 @@ def make_value_info(name: str) -> onnx.ValueInfoProto:
 
 __all__ = ["ErrorSums", "Shadow", "add_float_twins", "mean_layer_errors", "output_agreement", "paired_errors",
            "model_outputs"]
+
+
+def optimized_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    """Op histogram of the graph onnxruntime actually runs (after its QDQ fusions, before layout
+    changes), e.g. to check that Q/DQ pairs were fused into QLinearConv rather than left standing."""
+    import collections
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = path
+        options.log_severity_level = 3
+        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(path)
+    return dict(collections.Counter(n.op_type for n in optimized.graph.node))

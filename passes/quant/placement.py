@@ -41,6 +41,7 @@ SHARED = frozenset({
 })
 SUPPORTED = ANCHORS | COMPUTE | SHARED
 FOLDABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
+BIASED = frozenset({"Conv", "ConvTranspose", "Gemm"})  # anchors with an int32 bias input
 
 
 @dataclass
@@ -102,6 +103,19 @@ def weight_axis(node: gs.Node, weight: np.ndarray) -> int | None:
         return 0 if node.attrs.get("transB", 0) else 1
     if node.op == "MatMul":
         return weight.ndim - 1 if weight.ndim == 2 else None
+    return None
+
+
+def output_channels(node: gs.Node, weight: np.ndarray) -> int | None:
+    """Number of output channels of a Conv / ConvTranspose / Gemm with this constant weight."""
+    if weight.ndim < 2:
+        return None
+    if node.op == "Conv":
+        return weight.shape[0]
+    if node.op == "ConvTranspose":
+        return weight.shape[1] * int(node.attrs.get("group", 1))
+    if node.op == "Gemm":
+        return weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1]
     return None
 
 
@@ -169,7 +183,7 @@ class Planner:
         return reason is None
 
     def _ineligible(self, node: gs.Node) -> str | None:
-        if node.op not in self.ops or node.domain not in ("", "ai.onnx"):
+        if node.op not in self.ops or (node.domain or "") not in ("", "ai.onnx"):
             return "op not quantized for this target" if node.op in SUPPORTED else "op has no int8 kernel"
         if node.name in self.float_nodes:
             return "kept float by option or sensitivity"
@@ -179,18 +193,22 @@ class Planner:
         for i in indices:
             if not is_float(node.inputs[i]):
                 return "input is not float32"
-        if node.op in ANCHORS and not any(ir.constant_value(node.inputs[i]) is None for i in indices):
-            return "all inputs constant"
+        if all(ir.constant_value(node.inputs[i]) is not None for i in indices):
+            return "all inputs constant (a constant subgraph: `cleanup` folds it)"
         if node.op == "MaxPool" and len(node.outputs) > 1 and ir.consumers(node.outputs[1]):
             return "MaxPool indices output is used"
         if node.op == "Resize" and node.attrs.get("mode", "nearest") not in ("nearest", "linear"):
             return "Resize mode has no int8 kernel"
-        if node.op in ("Conv", "ConvTranspose") and ir.constant_value(node.inputs[1]) is None:
-            return None  # dynamic weights: quantized as a second activation
-        if node.op in ("Add", "Mul"):
-            dynamic = [i for i in indices if ir.constant_value(node.inputs[i]) is None]
-            if not dynamic:
-                return "all inputs constant"
+        if node.op in BIASED:
+            weight = ir.constant_value(node.inputs[1])
+            if weight is None:
+                return "weights computed at run time"
+            if output_channels(node, weight) is None:
+                return "weights have an unexpected shape"
+            if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+                bias = ir.constant_value(node.inputs[2])
+                if bias is None or not is_float(node.inputs[2]) or bias.size not in (1, output_channels(node, weight)):
+                    return "bias is not a constant per output channel"
         if any(not is_float(o) for o in node.outputs[:1]):
             return "output is not float32"
         return None
@@ -284,12 +302,10 @@ class Planner:
                     axis = weight_axis(node, value) if self.per_channel else None
                     slot = WeightSlot(node, i, axis)
                     plan.weights.append(slot)
-                    bias = constant_input(node, 2) if node.op in ("Conv", "ConvTranspose", "Gemm") else None
-                    if bias is not None and bias.ndim <= 1 and is_float(node.inputs[2]):
+                    if node.op in BIASED:  # a missing bias becomes zeros: bias correction can then fix it
                         plan.biases.append(BiasSlot(node, 2, slot))
-                elif node.op in ANCHORS and i == 2:
-                    if not any(b.node is node for b in plan.biases):
-                        add_point(tensor) if value is None else plan.constants.append((node, i))
+                elif node.op in BIASED and i == 2:
+                    continue
                 else:
                     plan.constants.append((node, i))
             # Results: a Q point unless only float ops read a Gemm/MatMul result.
@@ -322,4 +338,4 @@ def make_plan(graph: gs.Graph, ops: Iterable[str], float_nodes: Iterable[str] = 
 
 
 __all__ = ["ANCHORS", "SHARED", "COMPUTE", "SUPPORTED", "Plan", "WeightSlot", "BiasSlot", "make_plan", "data_inputs",
-           "clip_bounds", "weight_axis"]
+           "clip_bounds", "weight_axis", "output_channels", "BIASED"]

@@ -73,6 +73,10 @@ def upgrade_opset(model: ir.Model, opset: int) -> ir.Model | None:
     if model.opset >= opset:
         return model
     proto = model.to_proto()
+    # IR < 4 wants initializers listed as graph inputs, which exported graphs no longer do; the
+    # target opset needs a newer IR anyway.
+    proto.ir_version = max(proto.ir_version, onnx.helper.find_min_ir_version_for(
+        [onnx.helper.make_opsetid("", opset)], ignore_unknown=True))
     try:
         converted = version_converter.convert_version(proto, opset)
         onnx.checker.check_model(converted)

@@ -89,7 +89,7 @@ class QdqWriter:
             producer = ir.producer(tensor)
             producer.outputs[producer.outputs.index(tensor)] = source
             for user in ir.consumers(tensor):
-                user.inputs[:] = [source if t is tensor else t for t in user.inputs]
+                _rewire(user, tensor, source)
         scale, zero = self._consts(params, tensor.name)
         q = gs.Variable(self.namer(f"{tensor.name}_quantized"), params.qtype.dtype, tensor.shape)
         users = ir.consumers(source)
@@ -108,7 +108,7 @@ class QdqWriter:
                     self._node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", [q, scale, zero], shared,
                                params.axis)
                 dq = shared
-            user.inputs[:] = [dq if t is source else t for t in user.inputs]
+            _rewire(user, source, dq)
             self.dequantized.setdefault(tensor.name, dq)
         if shared is not None:
             self.dequantized.setdefault(tensor.name, shared)
@@ -123,6 +123,12 @@ class QdqWriter:
         self._node("DequantizeLinear", f"{stem}_DequantizeLinear", [q, scale, zero], out, params.axis)
         node.inputs[index] = out
         return q
+
+
+def _rewire(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    for i, tensor in enumerate(node.inputs):
+        if tensor is old:
+            node.inputs[i] = new
 
 
 def weight_params(weight: np.ndarray, slot: WeightSlot, qt: QType, reduce_range: bool, method: str) -> QParams:
@@ -156,16 +162,19 @@ def _mse_weight_scale(weight, scale, zero, qt: QType, axis: int | None) -> np.nd
     return best
 
 
-def fit_bias(weight: np.ndarray, params: QParams, bias: np.ndarray, input_scale: np.float32, axis: int | None) -> QParams:
-    """Widen weight scales whose bias would not fit in int32 codes (bias / (s_in * s_w) too large)."""
-    if bias.size == 0:
-        return params
-    needed = np.abs(bias.astype(np.float64)) / (float(input_scale) * BIAS_LIMIT)
+def fit_bias(params: QParams, bias: np.ndarray, input_scale) -> QParams:
+    """Widen weight scales whose bias would not fit in int32 codes (|bias| / (s_in * s_w) too large).
+
+    Only channels with a tiny weight range next to a large bias need it; their weights then use
+    fewer codes, which costs nothing measurable because such channels contribute little.
+    """
+    needed = np.abs(bias.astype(np.float64)) / (float(np.asarray(input_scale).reshape(())) * BIAS_LIMIT)
     scale = np.asarray(params.scale, dtype=np.float64)
+    if scale.ndim == 0:
+        needed = needed.max(initial=0.0)
     if np.all(scale >= needed):
         return params
-    scale = np.maximum(scale, needed).astype(np.float32)
-    return QParams(scale, params.zero_point, params.qtype, params.axis)
+    return QParams(np.maximum(scale, needed).astype(np.float32), params.zero_point, params.qtype, params.axis)
 
 
 __all__ = ["QParams", "QuantizedWeight", "QuantizedBias", "QdqWriter", "weight_params", "fit_bias"]

@@ -1,0 +1,553 @@
+"""`quant`: static post-training quantization to QDQ, calibrated on data, placed for ORT's int8 kernels.
+
+Steps (each in its own module):
+  prepare    cleanup (BatchNorm / constant folding), float16 -> float32 compute, opset >= 13
+  placement  which nodes run on integers, where Q/DQ go, which tensors share a scale
+  calibrate  streaming min/max + histograms of those tensors -> ranges (minmax/percentile/mse/entropy)
+  qdq        integer weights (per channel), int32 biases, Q/DQ pairs on activations
+  analysis   bias correction, per-layer SQNR, sensitivity fallback to float for a drop budget
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from edgegraph import ir, runtime
+from edgegraph.context import CalibrationData, PassContext
+from edgegraph.errors import CalibrationDataError, EdgegraphError
+from edgegraph.pipeline import Pass, PassResult, option
+from edgegraph.registry import register_pass
+from edgegraph.passes.quant import analysis, calibrate, numerics, prepare
+from edgegraph.passes.quant.numerics import QType
+from edgegraph.passes.quant.placement import ANCHORS, Plan, clip_bounds, make_plan, output_channels
+from edgegraph.passes.quant.qdq import QdqWriter, QParams, QuantizedBias, QuantizedWeight, fit_bias, weight_params
+
+logger = logging.getLogger(__name__)
+
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis`
+INT16_OPSET = 21  # 16-bit and 4-bit types in ai.onnx Q/DQ
+MS_DOMAIN = "com.microsoft"
+# A float32 slack ORT allows when it checks that a Q range lies within a Clip's range.
+_CLIP_EPS = float(np.finfo(np.float32).eps)
+
+
+@register_pass
+@dataclass
+class StaticQuantize(Pass):
+    """Static int8 QDQ quantization calibrated on the calibration data."""
+
+    name: ClassVar[str] = "quant"
+    summary: ClassVar[str] = "static int8 QDQ quantization (calibrated; per-channel weights; ORT-fusable placement)"
+    exact: ClassVar[bool] = False
+    requires: ClassVar[frozenset[str]] = frozenset({"calibration"})
+
+    method: Literal["minmax", "percentile", "mse", "entropy"] = option(
+        "mse", "how activation ranges come from calibration data: minmax | percentile | mse | entropy (KL)")
+    percentile: float = option(99.999, "for method=percentile: the percentile of values kept on each side")
+    per_channel: bool = option(True, "one weight scale per output channel (needs opset >= 13; older models are upgraded)")
+    weight_type: Literal["int8", "uint8"] = option("int8", "weight type (symmetric; uint8 uses zero point 128)")
+    weight_method: Literal["minmax", "mse"] = option(
+        "minmax", "weight ranges: minmax (absmax) | mse (per-channel clipping with the least error)")
+    reduce_range: bool = option(
+        False, "7-bit weights: avoids int16 saturation in u8s8 kernels on x86 CPUs without VNNI, costs precision")
+    activation_type: Literal["uint8", "int8", "int16"] = option(
+        "uint8", "activation type; int16 needs opset 21 (or com.microsoft Q/DQ) and runs on float kernels")
+    symmetric_activations: bool = option(
+        False, "symmetric activation ranges; tensors that are never negative always use the full range")
+    exclude_ops: list[str] = option([], "op types kept in float")
+    exclude_nodes: list[str] = option([], "node names kept in float")
+    quantize_softmax: bool = option(False, "quantize Softmax too (its 8-bit output loses small probabilities)")
+    bias_correction: bool = option(True, "correct each layer's bias by the mean error its integer weights add")
+    max_drop: float | None = option(
+        None, "allowed drop in argmax/top-1 agreement with the float model (e.g. 0.01); the most sensitive layers "
+              "stay float until it holds on the calibration data")
+    min_sqnr: float | None = option(None, "minimum output SQNR in dB vs the float model; sensitive layers stay float")
+    calib_samples: int = option(0, "calibration samples to use (0 = all)")
+    analysis_samples: int = option(32, "samples used for bias correction, the per-layer table and sensitivity")
+    prepare: bool = option(True, "run the exact `cleanup` pass first (folds BatchNorm and constants)")
+    check_speed: bool = option(True, "time the result against the float model in ORT and warn if it is not faster")
+
+    def __post_init__(self) -> None:
+        self.check(0.0 < self.percentile < 100.0, f"quant: percentile must be in (0, 100), got {self.percentile}")
+        self.check(self.calib_samples >= 0, f"quant: calib_samples must be >= 0, got {self.calib_samples}")
+        self.check(self.analysis_samples >= 1, f"quant: analysis_samples must be >= 1, got {self.analysis_samples}")
+        self.check(self.max_drop is None or 0.0 <= self.max_drop < 1.0,
+                   f"quant: max_drop must be in [0, 1), got {self.max_drop}")
+        self.check(self.min_sqnr is None or np.isfinite(self.min_sqnr), "quant: min_sqnr must be a finite number")
+        for kind, values in (("exclude_ops", self.exclude_ops), ("exclude_nodes", self.exclude_nodes)):
+            self.check(all(isinstance(v, str) and v for v in values), f"quant: {kind} must be a list of names")
+
+    @property
+    def activation_qtype(self) -> QType:
+        return numerics.qtype(self.activation_type)
+
+    @property
+    def weight_qtype(self) -> QType:
+        return numerics.qtype(self.weight_type)
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        return _Quantizer(self, ctx).run(model)
+
+
+class _Quantizer:
+    """One run of the pass: holds the prepared float model, the statistics and the report."""
+
+    def __init__(self, options: StaticQuantize, ctx: PassContext):
+        self.o = options
+        self.ctx = ctx
+        self.notes: list[str] = []
+        self.timings: dict[str, float] = {}
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self, model: ir.Model) -> PassResult:
+        if self.ctx.calibration is None:  # run_pipeline checks this; direct callers may not
+            raise CalibrationDataError("quant needs calibration data")
+        start = time.perf_counter()
+        self._prepare(model)
+        self.float_proto = model.to_proto()
+        self.specs = runtime.input_specs(self.float_proto)
+        self.calib = self._calibration_set()
+        self.domain = self._qdq_domain(model)
+        float_nodes = set(self.o.exclude_nodes)
+        unknown = float_nodes - {n.name for n in model.graph.nodes}
+        if unknown:
+            logger.warning("quant: exclude_nodes names no node: %s", ", ".join(sorted(unknown)))
+        plan = self._plan(model, float_nodes)
+        if not plan.quantized:
+            logger.warning("quant: nothing to quantize (no supported op with float inputs)")
+            return PassResult(self.prepared_changed, {"quantized_nodes": 0}, {"skipped": plan.skipped})
+        self.timings["prepare"] = time.perf_counter() - start
+        self.stats = self._calibrate(plan)
+        quant, built = self._build(plan)
+        if self.o.bias_correction and built.biases:
+            self._correct_biases(quant, built)
+        errors = self._errors(quant, built)
+        fallback: list[str] = []
+        if self.o.max_drop is not None or self.o.min_sqnr is not None:
+            quant, built, plan, errors, fallback = self._fallback(quant, built, plan, errors, float_nodes)
+        model.graph = quant.graph
+        return self._result(model, plan, built, errors, fallback, time.perf_counter() - start)
+
+    # -- preparation ---------------------------------------------------------------------------
+
+    def _prepare(self, model: ir.Model) -> None:
+        changed = False
+        if self.o.prepare:
+            changed |= bool(prepare.run_cleanup(model, self.ctx))
+        if prepare.compute_in_float32(model):
+            changed = True
+            self.notes.append("float16 model: quantized from float32 compute, float16 interface kept")
+        needed = INT16_OPSET if self.o.activation_type == "int16" else (PER_CHANNEL_OPSET if self.o.per_channel else 10)
+        self.original_opset = model.opset
+        if model.opset < needed:
+            upgraded = prepare.upgrade_opset(model, needed)
+            if upgraded is None and needed == INT16_OPSET:
+                upgraded = prepare.upgrade_opset(model, PER_CHANNEL_OPSET)
+            if upgraded is None and model.opset < 10:
+                raise EdgegraphError(f"quant: the model's opset {model.opset} has no QuantizeLinear and could not be "
+                                     "upgraded to opset 10 or later")
+            if upgraded is not None:
+                model.graph = upgraded.graph
+                changed = True
+                self.notes.append(f"opset upgraded from {self.original_opset} to {model.opset}")
+        if self.o.per_channel and model.opset < PER_CHANNEL_OPSET:
+            self.notes.append(f"per-tensor weights: opset {model.opset} has no per-channel DequantizeLinear")
+        _name_nodes(model.graph)
+        model.refresh_shapes()
+        self.prepared_changed = changed
+
+    def _qdq_domain(self, model: ir.Model) -> str:
+        if self.o.activation_type == "int16" and model.opset < INT16_OPSET:
+            self.notes.append("int16 activations use com.microsoft QuantizeLinear/DequantizeLinear (opset < 21)")
+            return MS_DOMAIN
+        return ""
+
+    def _calibration_set(self) -> CalibrationData:
+        data = self.ctx.calibration
+        if self.o.calib_samples:
+            data = data.take(self.o.calib_samples)
+        if len(data) == 0:
+            raise CalibrationDataError("quant: the calibration data has no samples")
+        return data
+
+    def _batches(self, data: CalibrationData):
+        """Batches sized so one batch of captured activations stays around 256 MB."""
+        size = runtime.batch_size_for(self.specs, 8)
+        return (runtime.adapt_feeds(self.specs, b) for b in data.batches(size))
+
+    def _batch_count(self, data: CalibrationData) -> int:
+        size = runtime.batch_size_for(self.specs, 8)
+        return -(-len(data) // size)
+
+    def _plan(self, model: ir.Model, float_nodes: set[str]) -> Plan:
+        ops = set(self.ctx.target.quantized_ops) - set(self.o.exclude_ops)
+        if not self.o.quantize_softmax:
+            ops.discard("Softmax")
+        per_channel = self.o.per_channel and model.opset >= PER_CHANNEL_OPSET
+        return make_plan(model.graph, ops, float_nodes, per_channel)
+
+    # -- calibration ---------------------------------------------------------------------------
+
+    def _calibrate(self, plan: Plan) -> dict[str, calibrate.RangeStats]:
+        start = time.perf_counter()
+        names = [p.name for p in plan.points]
+        stats = self._collect(names, self.calib, "quant: calibrating")
+        self.timings["calibrate"] = time.perf_counter() - start
+        return stats
+
+    def _collect(self, names: list[str], data: CalibrationData, desc: str) -> dict[str, calibrate.RangeStats]:
+        inputs = {s.name for s in self.specs}
+        captured = [n for n in names if n not in inputs]
+
+        def batches():
+            for feeds, values in zip(self._batches(data), runtime.capture(
+                    self.float_proto, captured, self._batches(data), threads=self.ctx.threads)):
+                yield {**{k: v for k, v in feeds.items() if k in names}, **values}
+
+        try:
+            stream = self.ctx.progress_bar(batches(), total=self._batch_count(data), desc=desc)
+            return calibrate.collect(stream, names)
+        except CalibrationDataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ORT rejects the data (shapes, dtypes)
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CalibrationDataError(f"quant: the model does not run on the calibration data ({message})") from None
+
+    def _ensure_stats(self, plan: Plan) -> None:
+        missing = [p.name for p in plan.points if p.name not in self.stats]
+        if missing:
+            self.stats.update(self._collect(missing, self.calib, "quant: calibrating new points"))
+
+    # -- building ------------------------------------------------------------------------------
+
+    def _group_params(self, plan: Plan) -> dict[str, QParams]:
+        """QParams per point: one per shared-scale group, fitted inside folded Relu/Clip ranges."""
+        qt = self.o.activation_qtype
+        params: dict[str, QParams] = {}
+        for rep, members in plan.group_members().items():
+            merged = calibrate.RangeStats()
+            for name in members:
+                merged.merge_from(self.stats[name])
+            lo, hi = calibrate.activation_range(merged, self.o.method, qt, self.o.symmetric_activations,
+                                                self.o.percentile)
+            bounds = [plan.clips[m] for m in members if m in plan.clips]
+            floor = max((b[0] for b in bounds), default=-np.inf)
+            ceiling = min((b[1] for b in bounds), default=np.inf)
+            lo, hi = max(lo, floor), min(hi, ceiling)
+            symmetric = self.o.symmetric_activations and lo < 0
+            scale, zero = numerics.scale_zero_point(lo, hi, qt, symmetric)
+            scale = _fit_inside(scale, zero, qt, floor, ceiling)
+            shared = QParams(scale, zero, qt)
+            for name in members:
+                params[name] = shared
+        return params
+
+    def _build(self, plan: Plan) -> tuple[ir.Model, _Built]:
+        """A quantized copy of the prepared float model following `plan`."""
+        self._ensure_stats(plan)
+        model = ir.from_proto(self.float_proto, infer=False)
+        graph = model.graph
+        by_name = {n.name: n for n in graph.nodes}
+        tensors = graph.tensors()
+        params = self._group_params(plan)
+        writer = QdqWriter(graph, self.domain)
+        built = _Built(params=params, writer=writer)
+        quantized = [by_name[n.name] for n in plan.quantized]
+        quantized_ids = {id(n) for n in quantized}
+
+        # Weights and biases first: a bias scale needs the scale of the node's input activation.
+        bias_nodes = {b.node.name for b in plan.biases}
+        for slot in plan.weights:
+            node = by_name[slot.node.name]
+            _fold_gemm_scalars(node)
+            value = ir.constant_value(node.inputs[slot.index]).astype(np.float32)
+            wparams = weight_params(value, slot, self.o.weight_qtype, self.o.reduce_range, self.o.weight_method)
+            bias_value = _bias_value(node, value) if node.name in bias_nodes else None
+            input_params = params.get(node.inputs[0].name)
+            if bias_value is not None and input_params is not None:
+                wparams = fit_bias(wparams, bias_value, input_params.scale)
+            q = writer.constant(node, slot.index, value, wparams)
+            weight = QuantizedWeight(node, slot.index, value, wparams, q)
+            built.weights.append(weight)
+            if bias_value is not None:
+                if input_params is None:  # the input is not quantized (cannot happen for planned anchors)
+                    raise AssertionError(f"quant: {node.name} has a bias but no quantized input")
+                built.biases.append(self._write_bias(writer, node, weight, bias_value, input_params))
+        for plan_node, index in plan.constants:
+            node = by_name[plan_node.name]
+            value = ir.constant_value(node.inputs[index]).astype(np.float32)
+            scale, zero = numerics.scale_zero_point(value.min(initial=0.0), value.max(initial=0.0),
+                                                    self.o.activation_qtype, False)
+            writer.constant(node, index, value, QParams(scale, zero, self.o.activation_qtype))
+        for point in plan.points:
+            writer.activation(tensors[point.name], params[point.name], quantized_ids)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        built.quantized = [n.name for n in quantized]
+        return model, built
+
+    def _write_bias(self, writer: QdqWriter, node: gs.Node, weight: QuantizedWeight, value: np.ndarray,
+                    input_params: QParams) -> QuantizedBias:
+        input_scale = np.float32(np.asarray(input_params.scale).reshape(()))
+        codes, scale = numerics.quantize_bias(value, input_scale, weight.params.scale)
+        stem = f"{node.name}_bias"
+        q = ir.const(writer.namer(f"{stem}_quantized"), codes)
+        scale_c = ir.const(writer.namer(f"{stem}_scale"), scale.astype(np.float32))
+        zero_c = ir.const(writer.namer(f"{stem}_zero_point"), np.zeros(scale.shape, dtype=np.int32))
+        out = gs.Variable(writer.namer(f"{stem}_dequantized"), np.float32, list(value.shape))
+        writer._node("DequantizeLinear", f"{stem}_DequantizeLinear", [q, scale_c, zero_c], out,
+                     0 if scale.ndim else None)
+        while len(node.inputs) < 3:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs[2] = out
+        return QuantizedBias(node, 2, value, input_scale, weight, q, scale_c)
+
+    # -- bias correction -----------------------------------------------------------------------
+
+    def _correct_biases(self, quant: ir.Model, built: _Built) -> None:
+        start = time.perf_counter()
+        layers = [(b.node.name, {1: b.weight.float_value, 2: b.float_value}) for b in built.biases]
+        proto, shadows = analysis.add_float_twins(quant.to_proto(), layers)
+        data = self.calib.take(self.o.analysis_samples)
+        errors = analysis.mean_layer_errors(proto, shadows, self._batches(data), threads=self.ctx.threads,
+                                            progress=self._progress(data))
+        for bias in built.biases:
+            error = errors.get(bias.node.name)
+            if error is not None and error.shape == bias.float_value.shape:
+                bias.set_value(bias.float_value - error.astype(np.float32))
+        built.corrected = len(errors)
+        self.timings["bias_correction"] = time.perf_counter() - start
+
+    def _progress(self, data: CalibrationData):
+        total = self._batch_count(data)
+        return lambda it, desc="": self.ctx.progress_bar(it, total=total, desc=desc)
+
+    # -- measurement ---------------------------------------------------------------------------
+
+    def _errors(self, quant: ir.Model, built: _Built) -> dict[str, analysis.ErrorSums]:
+        """Signal / noise of every quantized tensor (and float-output anchors) vs the float model."""
+        start = time.perf_counter()
+        pairs = dict(built.points_view())
+        graph_outputs = {t.name for t in quant.graph.outputs}
+        for name in built.quantized:
+            node = next(n for n in quant.graph.nodes if n.name == name)
+            out = node.outputs[0].name
+            if out not in pairs and node.op in ANCHORS:
+                pairs[out] = out
+        for t in quant.graph.outputs:
+            pairs.setdefault(t.name, t.name)
+        data = self.calib.take(self.o.analysis_samples)
+        errors = analysis.paired_errors(self.float_proto, quant.to_proto(), pairs, lambda: self._batches(data),
+                                        threads=self.ctx.threads, progress=self._progress(data))
+        self.output_names = graph_outputs
+        self.timings["analysis"] = self.timings.get("analysis", 0.0) + time.perf_counter() - start
+        return errors
+
+    # -- sensitivity fallback ------------------------------------------------------------------
+
+    def _fallback(self, quant, built, plan, errors, float_nodes):
+        """Keep the layers that lose most SQNR in float until the output budget holds."""
+        data = self.calib.take(max(self.o.analysis_samples, min(len(self.calib), 64)))
+        reference = analysis.model_outputs(self.float_proto, self._batches(data), self.ctx.threads)
+
+        def meets(candidate: ir.Model) -> tuple[bool, float, float]:
+            outputs = analysis.model_outputs(candidate.to_proto(), self._batches(data), self.ctx.threads)
+            agreement, sqnr = analysis.output_agreement(reference, outputs)
+            ok = (self.o.max_drop is None or agreement >= 1.0 - self.o.max_drop - 1e-12) and (
+                self.o.min_sqnr is None or sqnr >= self.o.min_sqnr)
+            return ok, agreement, sqnr
+
+        ok, agreement, sqnr = meets(quant)
+        self.budget = {"agreement": agreement, "output_sqnr_db": sqnr, "met": ok}
+        if ok:
+            return quant, built, plan, errors, []
+        ranking = _sensitivity_ranking(plan, errors)
+        best = None
+        low, high = 1, len(ranking)
+        attempts = 0
+        while low <= high:
+            k = (low + high) // 2
+            trial_plan = self._plan_from(float_nodes | set(ranking[:k]))
+            trial, trial_built = self._build(trial_plan)
+            if self.o.bias_correction and trial_built.biases:
+                self._correct_biases(trial, trial_built)
+            ok, agreement, sqnr = meets(trial)
+            attempts += 1
+            if ok:
+                best = (k, trial, trial_built, trial_plan, agreement, sqnr)
+                high = k - 1
+            else:
+                low = k + 1
+        if best is None:
+            logger.warning("quant: the budget (max_drop=%s, min_sqnr=%s) is not met even with every sensitive "
+                           "layer in float", self.o.max_drop, self.o.min_sqnr)
+            self.budget.update(met=False, attempts=attempts)
+            return quant, built, plan, errors, []
+        k, quant, built, plan, agreement, sqnr = best
+        self.budget = {"agreement": agreement, "output_sqnr_db": sqnr, "met": True, "attempts": attempts}
+        return quant, built, plan, self._errors(quant, built), ranking[:k]
+
+    def _plan_from(self, float_nodes: set[str]) -> Plan:
+        model = ir.from_proto(self.float_proto, infer=False)
+        return self._plan(model, float_nodes)
+
+    # -- report --------------------------------------------------------------------------------
+
+    def _result(self, model: ir.Model, plan: Plan, built: _Built, errors, fallback, seconds: float) -> PassResult:
+        rows = []
+        for node in plan.quantized:
+            weight = next((w for w in built.weights if w.node.name == node.name), None)
+            result = _result_point(plan, node)
+            params = built.params.get(result) if result else None
+            error = errors.get(result) if result else errors.get(node.outputs[0].name)
+            rows.append({
+                "node": node.name,
+                "op": node.op,
+                "weight_scale": _range(weight.params.scale) if weight else None,
+                "activation_scale": float(np.asarray(params.scale).reshape(-1)[0]) if params else None,
+                "activation_zero_point": int(np.asarray(params.zero_point).reshape(-1)[0]) if params else None,
+                "sqnr_db": round(error.sqnr_db, 2) if error else None,
+            })
+        outputs = {name: round(errors[name].sqnr_db, 2) for name in self.output_names if name in errors}
+        skipped = {name: reason for name, reason in plan.skipped.items()}
+        stats = {
+            "quantized_nodes": len(plan.quantized),
+            "float_nodes": len(skipped),
+            "calibration_samples": len(self.calib),
+            "method": self.o.method,
+            "bias_corrected": built.corrected,
+            "output_sqnr_db": min(outputs.values()) if outputs else None,
+        }
+        if fallback:
+            stats["fallback_layers"] = len(fallback)
+        details = {"layers": rows, "float_nodes": skipped, "output_sqnr_db": outputs, "notes": self.notes,
+                   "timings_s": {k: round(v, 2) for k, v in self.timings.items()}}
+        if fallback or hasattr(self, "budget"):
+            details["fallback"] = {"layers": fallback, **getattr(self, "budget", {})}
+        if self.o.check_speed:
+            details["latency"] = self._speed(model)
+        for note in self.notes:
+            logger.info("quant: %s", note)
+        return PassResult(True, stats, details)
+
+    def _speed(self, model: ir.Model) -> dict:
+        """ORT latency of the quantized model vs the float input; warns when int8 is not faster."""
+        feeds = next(self._batches(self.calib.take(1)))
+        try:
+            float_ms = runtime.latency_ms(self.float_proto, feeds, runs=10, warmup=2, threads=1)
+            quant_ms = runtime.latency_ms(model.to_proto(), feeds, runs=10, warmup=2, threads=1)
+        except Exception as exc:  # noqa: BLE001 - timing is advisory
+            logger.warning("quant: could not time the quantized model: %s", exc)
+            return {}
+        if quant_ms >= float_ms:
+            logger.warning("quant: the quantized model is not faster than float in onnxruntime on this machine "
+                           "(%.2f ms vs %.2f ms, 1 thread); its gain here is size only", quant_ms, float_ms)
+        return {"float_ms": round(float_ms, 3), "quantized_ms": round(quant_ms, 3),
+                "speedup": round(float_ms / quant_ms, 3) if quant_ms > 0 else None}
+
+
+@dataclass
+class _Built:
+    params: dict[str, QParams]
+    writer: QdqWriter
+    weights: list[QuantizedWeight] = None
+    biases: list[QuantizedBias] = None
+    quantized: list[str] = None
+    corrected: int = 0
+
+    def __post_init__(self):
+        self.weights = [] if self.weights is None else self.weights
+        self.biases = [] if self.biases is None else self.biases
+        self.quantized = [] if self.quantized is None else self.quantized
+
+    def points_view(self):
+        """(float tensor name, quantized-model tensor carrying its dequantized value)."""
+        for name, dq in self.writer.dequantized.items():
+            yield name, dq.name
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give every node a unique name: plans refer to nodes by name across graph copies."""
+    namer = ir.Namer(graph)
+    seen: set[str] = set()
+    for node in graph.nodes:
+        if not node.name or node.name in seen:
+            node.name = namer(f"{node.op}_{len(seen)}" if not node.name else node.name)
+        seen.add(node.name)
+
+
+def _fit_inside(scale: np.ndarray, zero: np.ndarray, qt: QType, floor: float, ceiling: float) -> np.ndarray:
+    """Shrink a scale by ulps until the representable range lies within [floor, ceiling] + eps,
+    the test ORT applies before removing a Relu/Clip in front of a QuantizeLinear."""
+    scale = np.float32(scale)
+    zero = int(zero)
+    for _ in range(64):
+        low = np.float32(qt.qmin - zero) * scale
+        high = np.float32(qt.qmax - zero) * scale
+        if (floor - low <= _CLIP_EPS or not np.isfinite(floor)) and (high - ceiling <= _CLIP_EPS or not np.isfinite(ceiling)):
+            break
+        scale = np.nextafter(scale, np.float32(0))
+    return np.asarray(scale, dtype=np.float32)
+
+
+def _fold_gemm_scalars(node: gs.Node) -> None:
+    """Gemm alpha / beta folded into the constant weight / bias, so QGemm sees alpha = beta = 1."""
+    if node.op != "Gemm":
+        return
+    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+    if alpha != 1.0:
+        node.inputs[1] = ir.const(node.inputs[1].name + "_alpha", ir.constant_value(node.inputs[1]) * np.float32(alpha))
+        node.attrs["alpha"] = 1.0
+    if beta != 1.0 and len(node.inputs) > 2 and node.inputs[2].name:
+        value = ir.constant_value(node.inputs[2])
+        if value is not None:
+            node.inputs[2] = ir.const(node.inputs[2].name + "_beta", value * np.float32(beta))
+            node.attrs["beta"] = 1.0
+
+
+def _bias_value(node: gs.Node, weight: np.ndarray) -> np.ndarray:
+    """The node's bias as a 1-D float array over output channels (zeros when it has none)."""
+    channels = output_channels(node, weight)
+    value = ir.constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    if value is None:
+        return np.zeros(channels, dtype=np.float32)
+    return np.broadcast_to(value.reshape(-1).astype(np.float32), (channels,)).copy()
+
+
+def _result_point(plan: Plan, node: gs.Node) -> str | None:
+    names = {p.name for p in plan.points}
+    out = node.outputs[0]
+    if out.name in names:
+        return out.name
+    users = ir.consumers(out)
+    if len(users) == 1 and clip_bounds(users[0]) is not None and users[0].outputs[0].name in names:
+        return users[0].outputs[0].name
+    return None
+
+
+def _sensitivity_ranking(plan: Plan, errors: dict[str, analysis.ErrorSums]) -> list[str]:
+    """Quantized nodes by the relative noise they add (output noise minus their inputs' noise)."""
+    scores = []
+    for node in plan.quantized:
+        out = _result_point(plan, node) or node.outputs[0].name
+        if out not in errors:
+            continue
+        inputs = [errors[t.name].relative_noise for t in node.inputs if t is not None and t.name in errors]
+        scores.append((errors[out].relative_noise - max(inputs, default=0.0), node.name))
+    scores.sort(reverse=True)
+    return [name for _, name in scores]
+
+
+def _range(values) -> list[float]:
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    return [float(values.min()), float(values.max())]
+
+
+__all__ = ["StaticQuantize"]

@@ -1,0 +1,227 @@
+"""Benchmark: edgegraph `cleanup` vs onnxslim vs onnxsim on every model in ../shared/models.
+
+    /work/.venv/bin/python tools/bench_cleanup.py [--models agllnet,yolox] [--repeat 3] [--json out.json]
+
+Every tool gets the same in-memory ModelProto, in one process and one run:
+
+  time s     median wall time of the tool's Python call over --repeat runs:
+               edgegraph.optimize(proto, "cleanup", verify=False)   (load, shape inference,
+                                                                     passes, export)
+               onnxslim.slim(proto)
+               onnxsim.simplify(proto)
+  nodes      node count (subgraphs and functions included)
+  size MB    serialized model size
+  lat ms     median ORT latency, 1 thread, ORT_ENABLE_ALL (what users deploy with)
+  diff       max |output - original output| over all outputs, ORT with optimizations off
+
+Inputs: the model's reference_io.npz input where there is one, else seeded random data.
+Goals per model: nodes <= the best of onnxslim/onnxsim, time <= onnxslim, diff within the
+exactness tolerance (atol 1e-5 + rtol 1e-4 * max|output|), not bigger than the smaller
+competitor file. The last row counts the goals met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import statistics
+import sys
+import time
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import edgegraph  # noqa: E402
+from edgegraph import runtime  # noqa: E402
+from edgegraph.context import CalibrationData, VerifyConfig  # noqa: E402
+
+MODELS = REPO.parent / "shared" / "models"
+TOOLS = ("edgegraph", "onnxslim", "onnxsim")
+
+
+def run_edgegraph(proto: onnx.ModelProto) -> onnx.ModelProto:
+    return edgegraph.optimize(proto, "cleanup", verify=False)
+
+
+def run_onnxslim(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxslim
+
+    return onnxslim.slim(proto)
+
+
+def run_onnxsim(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxsim
+
+    model, ok = onnxsim.simplify(proto)
+    if not ok:
+        raise RuntimeError("onnxsim check failed")
+    return model
+
+
+RUNNERS = {"edgegraph": run_edgegraph, "onnxslim": run_onnxslim, "onnxsim": run_onnxsim}
+
+
+def count_nodes(graph: onnx.GraphProto) -> int:
+    total = len(graph.node)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                total += count_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                total += sum(count_nodes(g) for g in attr.graphs)
+    return total
+
+
+def all_nodes(model: onnx.ModelProto) -> int:
+    return count_nodes(model.graph) + sum(len(f.node) for f in model.functions)
+
+
+def inputs_for(path: Path, proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    specs = runtime.input_specs(proto)
+    reference = path.with_name(path.stem + ".reference_io.npz")
+    if reference.exists():
+        data = CalibrationData.from_npz(reference, [s.name for s in specs])
+        batch = next(data.batches(len(data)))
+    else:
+        batch = next(CalibrationData.random(specs, 1, seed=0).batches(1))
+    return runtime.adapt_feeds(specs, batch)
+
+
+def timed(runner, proto: onnx.ModelProto, repeat: int) -> tuple[onnx.ModelProto, float]:
+    times, result = [], None
+    for _ in range(repeat):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        sink = io.StringIO()
+        start = time.perf_counter()
+        with redirect_stdout(sink), redirect_stderr(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = runner(copy)
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
+
+
+def latency(model: onnx.ModelProto, feeds) -> float:
+    """Median ms, 1 thread, full ORT optimizations; fewer runs for slow models."""
+    sess = runtime.session(model, threads=1, optimize=True)
+    start = time.perf_counter()
+    sess.run(None, feeds)
+    first = time.perf_counter() - start
+    runs = int(min(20, max(3, 2.0 / max(first, 1e-4))))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def max_diff(reference: dict, outputs: dict) -> tuple[float, float]:
+    """(max abs difference, max |reference|) over the outputs the reference has."""
+    diff, scale = 0.0, 0.0
+    for name, ref in reference.items():
+        out = outputs.get(name)
+        if out is None or out.shape != ref.shape:
+            return float("inf"), 0.0
+        if ref.size:
+            diff = max(diff, float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64)))))
+            scale = max(scale, float(np.max(np.abs(ref.astype(np.float64)))))
+    return diff, scale
+
+
+def bench(path: Path, repeat: int) -> dict:
+    proto = onnx.load(str(path))
+    feeds = inputs_for(path, proto)
+    reference = runtime.run(runtime.session(proto), feeds)
+    row = {"model": f"{path.parent.name}/{path.name}", "orig_nodes": all_nodes(proto),
+           "orig_mb": proto.ByteSize() / 1e6, "orig_lat": latency(proto, feeds)}
+    for tool in TOOLS:
+        try:
+            result, seconds = timed(RUNNERS[tool], proto, repeat)
+            outputs = runtime.run(runtime.session(result), feeds)
+            diff, scale = max_diff(reference, outputs)
+            row[tool] = {"time": seconds, "nodes": all_nodes(result), "mb": result.ByteSize() / 1e6,
+                         "lat": latency(result, feeds), "diff": diff, "scale": scale}
+        except Exception as exc:  # noqa: BLE001 - a competitor failing on a model is a result
+            row[tool] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"}
+    row["goals"] = goals(row)
+    return row
+
+
+def goals(row: dict) -> dict[str, bool]:
+    mine = row["edgegraph"]
+    if "error" in mine:
+        return {"nodes": False, "time": False, "exact": False, "size": False}
+    others = [row[t] for t in ("onnxslim", "onnxsim") if "error" not in row[t]]
+    tol = VerifyConfig()
+    return {
+        "nodes": all(mine["nodes"] <= o["nodes"] for o in others),
+        "time": "error" in row["onnxslim"] or mine["time"] <= row["onnxslim"]["time"],
+        "exact": mine["diff"] <= tol.atol + tol.rtol * mine["scale"],
+        "size": all(mine["mb"] <= o["mb"] * 1.001 for o in others),
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'model':44s} {'nodes orig eg/slim/sim':>24s} {'time s eg/slim/sim':>20s} {'size MB eg/slim/sim':>21s}"
+              f" {'lat ms orig eg/slim/sim':>27s} {'max diff eg/slim/sim':>28s}  goals")
+    print(header)
+    print("-" * len(header))
+
+    def cell(row, tool, key, fmt):
+        data = row[tool]
+        return "err" if "error" in data else format(data[key], fmt)
+
+    met = {"nodes": 0, "time": 0, "exact": 0, "size": 0}
+    for row in rows:
+        nodes = "/".join(cell(row, t, "nodes", "d") for t in TOOLS)
+        times = "/".join(cell(row, t, "time", ".2f") for t in TOOLS)
+        sizes = "/".join(cell(row, t, "mb", ".2f") for t in TOOLS)
+        lats = "/".join(cell(row, t, "lat", ".1f") for t in TOOLS)
+        diffs = "/".join(cell(row, t, "diff", ".1e") for t in TOOLS)
+        flags = " ".join(k if ok else f"!{k}" for k, ok in row["goals"].items())
+        for key, ok in row["goals"].items():
+            met[key] += ok
+        print(f"{row['model'][:44]:44s} {row['orig_nodes']:>5d} {nodes:>18s} {times:>20s} {sizes:>21s}"
+              f" {row['orig_lat']:>8.1f} {lats:>18s} {diffs:>28s}  {flags}")
+        for tool in TOOLS:
+            if "error" in row[tool]:
+                print(f"{'':44s} {tool}: {row[tool]['error']}")
+    print("-" * len(header))
+    total = len(rows)
+    print("goals met: " + ", ".join(f"{k} {v}/{total}" for k, v in met.items()) +
+          f"  (nodes <= best competitor, time <= onnxslim, diff within exact tolerance, size <= smaller competitor)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="", help="comma-separated substrings of model paths to run")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per tool (median)")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    logging.disable(logging.WARNING)
+    if not MODELS.is_dir():
+        print(f"{MODELS} not found: the shared models live in ../shared next to the repo")
+        return 1
+    wanted = [w for w in args.models.split(",") if w]
+    paths = [p for p in sorted(MODELS.glob("*/*.onnx")) if not wanted or any(w in str(p) for w in wanted)]
+    rows = []
+    for path in paths:
+        print(f"... {path.parent.name}/{path.name}", file=sys.stderr, flush=True)
+        rows.append(bench(path, args.repeat))
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
