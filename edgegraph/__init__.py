@@ -70,7 +70,8 @@ def image_preprocess_for(spec, **given) -> ImagePreprocess:
     channels = given.get("channels") or ("L" if channel_dim == 1 else "RGB")
     size = given.get("size")
     if size is None:
-        size = tuple(spatial) if len(spatial) == 2 and all(isinstance(d, int) and d > 0 for d in spatial) else (224, 224)
+        static = len(spatial) == 2 and all(isinstance(d, int) and d > 0 for d in spatial)
+        size = tuple(spatial) if static else (224, 224)
     size = (size, size) if isinstance(size, int) else tuple(size)
     grey = channels == "L"
     fields = {

@@ -469,6 +469,11 @@ def _onnx_attention(node, shape):
     return _attention_core(q[0], q[1], k[1], q[2], q_heads * (v[2] // kv_heads))
 
 
+def _attention(node, shape):
+    # One op name, two definitions: ONNX's (opset 23, Q/K/V inputs) and com.microsoft's (fused projections).
+    return (_onnx_attention if (node.domain or "") in ("", "ai.onnx") else _ms_attention)(node, shape)
+
+
 _MAC_RULES = {
     "Conv": _conv(0, 1), "FusedConv": _conv(0, 1), "NhwcConv": _conv(0, 1), "ConvInteger": _conv(0, 1),
     "QLinearConv": _conv(0, 3), "ConvTranspose": _conv_transpose,
@@ -476,7 +481,7 @@ _MAC_RULES = {
     "DynamicQuantizeMatMul": _matmul(0, 1), "MatMulIntegerToFloat": _matmul(0, 1), "FusedMatMul": _matmul(0, 1),
     "Gemm": _gemm(0, 1), "QGemm": _gemm(0, 3), "MatMulNBits": _matmul_nbits,
     "LSTM": _rnn, "GRU": _rnn, "RNN": _rnn, "Einsum": _einsum,
-    "Attention": lambda node, shape: (_onnx_attention if (node.domain or "") in ("", "ai.onnx") else _ms_attention)(node, shape),
+    "Attention": _attention,
     "MultiHeadAttention": _multi_head_attention,
 }
 
@@ -508,7 +513,7 @@ def measure_latency(models: Sequence, feeds: Sequence[runtime.Feeds], *, runs: i
     if runs <= 0:
         return [(None, "not measured (--runs 0)")] * len(models)
     protos = [m.to_proto() if isinstance(m, ir.Model) else m for m in models]
-    plans: dict[int, tuple[int, int]] = {}  # model index -> (rounds, runs per round)
+    plans: dict[int, tuple[int, int, int]] = {}  # model index -> (rounds, runs per round, warm-up runs)
     failures: dict[int, str] = {}
     for i, (proto, inputs) in enumerate(zip(protos, feeds)):
         try:
@@ -518,20 +523,22 @@ def measure_latency(models: Sequence, feeds: Sequence[runtime.Feeds], *, runs: i
             continue
         affordable = max(min(runs, 3), min(runs, int(budget_s * 1e3 / max(probe, 1e-3))))
         model_rounds = min(rounds, affordable)
-        plans[i] = (model_rounds, math.ceil(affordable / model_rounds))
+        # The probe already warmed the caches; slow models get one warm-up run per round, not `warmup`.
+        plans[i] = (model_rounds, math.ceil(affordable / model_rounds), min(warmup, max(1, affordable // 6)))
     medians: dict[int, list[float]] = {i: [] for i in plans}
     for round_index in range(rounds):
-        for i, (model_rounds, per_round) in plans.items():
+        for i, (model_rounds, per_round, warm) in plans.items():
             if round_index < model_rounds:
-                medians[i].append(runtime.latency_ms(protos[i], feeds[i], runs=per_round, threads=threads,
-                                                     warmup=warmup if round_index == 0 else min(warmup, 1)))
+                medians[i].append(runtime.latency_ms(protos[i], feeds[i], runs=per_round, warmup=warm,
+                                                     threads=threads))
     results = []
     for i, inputs in enumerate(feeds):
         if i in failures:
             results.append((None, failures[i]))
             continue
         shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in inputs.items())
-        note = (f"median of {plans[i][0]} rounds x {plans[i][1]} runs, models timed in turns, "
+        model_rounds, per_round, warm = plans[i]
+        note = (f"median of {model_rounds} rounds x {per_round} runs (+{warm} warm-up), models timed in turns, "
                 f"threads={threads or 'all'}, {shapes}")
         results.append((statistics.median(medians[i]), note))
     return results

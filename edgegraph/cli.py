@@ -257,6 +257,8 @@ def cmd_opt(args) -> int:
         "after": after,
         "passes": [dataclasses.asdict(p) | {"metrics": p.metrics} for p in report.passes],
         "accuracy": accuracy,
+        "accuracy_note": "" if accuracy else (
+            "--no-verify" if args.no_verify else "the input model does not run in onnxruntime on the verification data"),
     }
     report_text = json.dumps(analysis.jsonable(data), indent=2) + "\n" if report_path else None
 
@@ -470,12 +472,12 @@ def format_opt_summary(data: dict, before: ModelStats, after: ModelStats, report
         rows.append([label, text(b), text(a), _change(b, a)])
     lines += _table(rows, "<>>>")
     notes = [f"MACs with {before.shapes}" if before.shapes else "",
-             f"latency: {before.latency_note}" if before.latency_ms is not None else ""]
-    if before.macs is None:
-        notes.append("MACs unknown: dynamic shapes; give --fix-shape NAME=DIMS or --calib data")
+             f"MACs: {_unknown_macs(before)}" if before.macs is None else "",
+             f"latency: {before.latency_note}",
+             f"latency after: {after.latency_note}" if after.latency_ms is None and before.latency_ms else ""]
     lines += [f"  ({n})" for n in notes if n]
     lines.append("")
-    lines += format_accuracy(accuracy, "accuracy vs the input model")
+    lines += format_accuracy(accuracy, "accuracy vs the input model", data["accuracy_note"])
     return "\n".join(lines).rstrip()
 
 
@@ -501,9 +503,14 @@ def _worst(metrics: dict) -> str:
     return text + (f", top-1 agreement {_percent(min(top1))}" if top1 else "")
 
 
-def format_accuracy(accuracy: dict | None, title: str) -> list[str]:
+def _unknown_macs(stats: ModelStats) -> str:
+    return (f"{len(stats.unknown_mac_nodes)} of {len(stats.node_macs)} MAC nodes unknown: dynamic shapes or "
+            "control flow; try --fix-shape NAME=DIMS")
+
+
+def format_accuracy(accuracy: dict | None, title: str, missing: str = "") -> list[str]:
     if not accuracy:
-        return [f"{title}: not measured (verification off)"]
+        return [f"{title}: not measured ({missing or 'no data'})"]
     lines = [f"{title} on {accuracy['data']}"]
     rows = [["output", "cosine", "SQNR dB", "top-1 agree", "max |err|"]]
     for name, m in accuracy["outputs"].items():
@@ -519,8 +526,7 @@ def format_info(path: str, stats: ModelStats, *, top: int = 10) -> str:
     opsets = ", ".join(f"{domain} {version}" for domain, version in stats.opsets.items())
     macs = human(stats.macs)
     if stats.macs is None:
-        macs += (f" ({len(stats.unknown_mac_nodes)} of {len(stats.node_macs)} MAC nodes have dynamic shapes;"
-                 " give --fix-shape NAME=DIMS)")
+        macs += f" ({_unknown_macs(stats)})"
     elif stats.shapes:
         macs += f" ({stats.shapes})"
     rows = [

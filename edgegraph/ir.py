@@ -118,8 +118,9 @@ def from_proto(proto: onnx.ModelProto, *, infer: bool = True) -> Model:
 def load(source, *, infer: bool = True) -> Model:
     """Load a model from a path, bytes, a ModelProto or a Model (copied; the source is never changed).
 
-    External data next to a path is loaded. Raises `ModelLoadError` with one clear sentence for a
-    missing file, a file that is not ONNX, or a truncated one.
+    External data next to a path is memory-mapped read-only (see `_map_external_data`): passes
+    replace constant values, they never write into them. Raises `ModelLoadError` with one clear
+    sentence for a missing file, a file that is not ONNX, a truncated one, or missing external data.
     """
     if isinstance(source, Model):
         return source.copy()

@@ -153,7 +153,7 @@ class Equalize(Pass):
     """Cross-layer equalization (+ optional high-bias absorption), keeping outputs unchanged."""
 
     name = "equalize"
-    summary = "Cross-layer equalization of Conv/Gemm pairs so per-tensor weight quantization loses less (exact)"
+    summary = "Cross-layer equalization of Conv/Gemm pairs so per-tensor weight quantization loses less"
     exact = True
 
     clip: str = option("skip", "Clip/ReLU6 between two layers: 'skip' leaves the pair alone (ReLU6 is not "

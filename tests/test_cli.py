@@ -175,8 +175,11 @@ def test_opt_writes_the_model_and_a_complete_report(capsys, tmp_path, model_path
     assert re.search(r"^\s+y\s+1\.000000\s+inf\s+100\.0%\s+0$", stdout, re.M), stdout  # exact pass
     assert "label accuracy:" in stdout
 
-    data = json.loads(report.read_text())
+    text = report.read_text()
+    assert "Infinity" not in text and "NaN" not in text  # strict JSON: SQNR of identical outputs is "inf"
+    data = json.loads(text)
     assert data["pipeline"] == "test-drop-identity" and data["output"] == str(out)
+    assert data["passes"][0]["metrics"]["y"]["sqnr_db"] == "inf"
     assert data["calibration"] == {"source": str(calib_path), "samples": 10}
     assert data["before"]["nodes"] == 6 and data["after"]["nodes"] == 5
     assert data["before"]["ops"]["Identity"] == 1 and "Identity" not in data["after"]["ops"]
@@ -219,7 +222,7 @@ def test_no_verify_skips_checks_and_accuracy(capsys, tmp_path, model_path):
     out = tmp_path / "out.onnx"
     code, stdout, err = run_cli(capsys, "opt", model_path, "-p", "test-liar", "-o", out, "--no-verify", "--runs", "0")
     assert (code, err) == (0, "")
-    assert out.exists() and "not measured (verification off)" in stdout
+    assert out.exists() and "accuracy vs the input model: not measured (--no-verify)" in stdout
 
 
 @pytest.mark.parametrize("value", ["2x3x8x8", "2,3,8,8"])
@@ -365,6 +368,10 @@ def test_crashing_pass_exits_1_with_a_hint_and_writes_nothing(capsys, tmp_path, 
     assert not out.exists() and digest(model_path) == before
     code, _, err = run_cli(capsys, "opt", model_path, "-p", "test-crash", "-o", out, "--debug")
     assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err and not out.exists()
+    out.write_bytes(b"an earlier result")  # an existing output file stays as it was
+    assert main(["opt", str(model_path), "-p", "test-crash", "-o", str(out)]) == 1
+    assert out.read_bytes() == b"an earlier result"
+    capsys.readouterr()
 
 
 def test_exact_pass_that_changes_outputs_fails_verification(capsys, tmp_path, model_path):

@@ -226,25 +226,26 @@ def bench(case: Case, tool_set: dict[str, Callable], folder: Path, rounds: int) 
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'model':16} {'tool':26} {'tool s':>7} {'size':>6} {'lat1':>6} {'latN':>6} {'agree':>7}  (fp32 ms 1t/Nt)"
+    header = f"{'model':16} {'tool':40} {'tool s':>7} {'size':>6} {'lat1':>6} {'latN':>6} {'agree':>7}  (fp32 ms 1t/Nt)"
     print(header)
     print("-" * len(header))
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:16} {r['tool']:26} ERROR {r['error']}")
+            print(f"{r['model']:16} {r['tool']:40} ERROR {r['error']}")
             continue
         extra = f"  ({r['lat1_ms']:.2f}/{r['latN_ms']:.2f})" if r["tool"].startswith("fp32") else ""
         agree = f"{r['agree']:.4f}" if "agree" in r else "-"
-        print(f"{r['model']:16} {r['tool']:26} {r['seconds']:7.2f} {r['size']:6.3f} {r['lat1']:6.3f} "
+        print(f"{r['model']:16} {r['tool']:40} {r['seconds']:7.2f} {r['size']:6.3f} {r['lat1']:6.3f} "
               f"{r['latN']:6.3f} {agree:>7}{extra}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="squeezenet_fp16,cifar10,mnist,ppocr_cls,yolox_nano,deeplab")
-    parser.add_argument("--tools", default="", help="comma-separated subset of tool labels")
+    parser.add_argument("--tools", default="", help="semicolon-separated subset of tool labels")
     parser.add_argument("--eval", type=int, default=200, help="evaluation samples (detectors/segmenters: half)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
+    parser.add_argument("--spec", action="append", default=[], help="extra edgegraph pipeline to compare (repeatable)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -252,8 +253,10 @@ def main() -> None:
         raise SystemExit(f"{MODELS} not found: the benchmark needs ../shared next to the repo")
     tool_set = tools()
     if args.tools:
-        wanted = [t.strip() for t in args.tools.split(",")]
+        wanted = [t.strip() for t in args.tools.split(";")]
         tool_set = {k: v for k, v in tool_set.items() if k in wanted}
+    for spec in args.spec:
+        tool_set[f"edgegraph {spec}"] = edgegraph_tool(spec)
     all_rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases(args.models.split(","), args.eval):

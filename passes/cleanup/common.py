@@ -58,10 +58,13 @@ def graphs(root: gs.Graph) -> list[gs.Graph]:
     """`root`, its subgraphs (recursively) and its local functions (and their subgraphs)."""
     found = [root] + list(getattr(root, "functions", None) or [])
     for graph in found:  # grows while iterating
-        for node in graph.nodes:
-            if node.attrs:
-                found.extend(node_subgraphs(node))
+        found.extend(_nested(graph))
     return found
+
+
+def _nested(graph: gs.Graph) -> list[gs.Graph]:
+    # Nodes without outputs were removed by a rewrite (e.g. an inlined If) and await pruning.
+    return [sub for node in graph.nodes if node.attrs and node.outputs for sub in node_subgraphs(node)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,8 +293,12 @@ class GraphPass(Pass):
     def run(self, model: ir.Model, ctx=None) -> PassResult:
         self.names = Names(model)
         total = Counter()
-        for graph in graphs(model.graph):
+        # Subgraphs are collected after their parent is rewritten: a rewrite may inline one.
+        pending = [model.graph] + list(getattr(model.graph, "functions", None) or [])
+        while pending:
+            graph = pending.pop(0)
             total += self.rewrite(graph, model)
+            pending.extend(_nested(graph))
         return PassResult(modified=sum(total.values()) > 0, stats=dict(sorted(total.items())))
 
 
@@ -379,39 +386,55 @@ def infer_forward(graph: gs.Graph, changed: Sequence[gs.Tensor], opsets: Sequenc
 
     Much cheaper than re-inferring the whole model, and keeps every gs object alive.
     """
-    domains = {o.domain or "": o.version for o in opsets}
     dirty = {id(n) for t in changed for n in t.outputs}
     for node in graph.nodes:
         if id(node) not in dirty or not is_standard(node) or has_subgraph(node):
             continue
-        for out in _infer_node(node, domains, opsets):
+        for out in _infer_node(node, opsets):
             dirty.update(id(n) for n in out.outputs)
 
 
 _INFER_DATA_BYTES = 1 << 16  # constants passed to inference as data (shapes, axes, sizes)
 
 
-def _infer_node(node: gs.Node, domains: dict, opsets) -> list[gs.Tensor]:
-    """Fill in unknown output shapes/dtypes of one node; returns the outputs that improved."""
+def node_inference(node: gs.Node, opsets: Sequence, overrides: dict | None = None) -> dict | None:
+    """onnx's type/shape inference for one node: {output name: TypeProto}, or None when it
+    cannot be asked (unknown op or input type). `overrides` maps input tensor ids to the
+    (dtype, shape) to assume instead of the tensor's own.
+
+    Raises `onnx.shape_inference.InferenceError` when the node contradicts its input types.
+    """
+    version = next((o.version for o in opsets if (o.domain or "") in DEFAULT_DOMAINS), None)
     try:
-        schema = onnx.defs.get_schema(node.op, max_inclusive_version=domains.get("", 1), domain="")
+        schema = onnx.defs.get_schema(node.op, max_inclusive_version=version or 1, domain="")
     except Exception:  # noqa: BLE001 - unknown op for this opset
-        return []
+        return None
+    overrides = overrides or {}
     types, data = {}, {}
     for t in node.inputs:
         if is_empty(t) or t.name in types:
             continue
-        dtype = numpy_dtype(t.dtype)
-        shape = shape_of(t)
+        dtype, shape = overrides.get(id(t), (t.dtype, shape_of(t)))
+        dtype = numpy_dtype(dtype)
         if dtype is None:
-            return []
+            return None
         types[t.name] = onnx.helper.make_tensor_type_proto(onnx_dtype(dtype), shape)
         if isinstance(t, gs.Constant) and not is_opaque(t) and t._values.nbytes <= _INFER_DATA_BYTES:
             data[t.name] = onnx.numpy_helper.from_array(np.asarray(t.values), t.name)
     try:
         proto = OnnxExporter.export_node(node)
-        result = onnx.shape_inference.infer_node_outputs(schema, proto, types, data, opset_imports=list(opsets))
+    except Exception:  # noqa: BLE001
+        return None
+    return onnx.shape_inference.infer_node_outputs(schema, proto, types, data, opset_imports=list(opsets))
+
+
+def _infer_node(node: gs.Node, opsets) -> list[gs.Tensor]:
+    """Fill in unknown output shapes/dtypes of one node; returns the outputs that improved."""
+    try:
+        result = node_inference(node, opsets)
     except Exception:  # noqa: BLE001 - inference rejects odd nodes; shapes just stay unknown
+        return []
+    if not result:
         return []
     improved = []
     for out in node.outputs:

@@ -112,7 +112,7 @@ def constant_key(tensor: gs.Constant) -> tuple | None:
         dtype = ("onnx", int(proto.data_type))
         shape = tuple(int(d) for d in proto.dims)
     else:
-        array = np.ascontiguousarray(source)
+        array = np.asarray(source, order="C")
         if array.dtype.kind not in "biufc":
             return None
         data, shape = array.tobytes(), array.shape

@@ -27,7 +27,7 @@ from edgegraph.registry import register_pass
 
 from .common import (
     KEEP_UNFOLDED, NONDETERMINISTIC, GraphPass, has_subgraph, infer_forward, is_empty, is_opaque, is_standard,
-    numpy_dtype, shape_of, toposort, value,
+    node_inference, numpy_dtype, shape_of, toposort, value,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class FoldConstants(GraphPass):
             if not shapes and not folded:
                 break
             infer_forward(graph, shapes + folded, opsets)
-        done["if_inlined"] += inline_constant_ifs(graph, self.names)
+        done["if_inlined"] += inline_constant_ifs(graph, self.names, opsets)
         return +done
 
     # -----------------------------------------------------------------------------------------
@@ -168,9 +168,9 @@ def _make_constant(graph: gs.Graph, tensor: gs.Tensor, array: np.ndarray, names)
     if ir.is_graph_output(graph, tensor):
         tensor.dtype, tensor.shape = array.dtype, list(array.shape)
         graph.nodes.append(gs.Node("Constant", name=names(f"{tensor.name}_const"), attrs={
-            "value": gs.Constant(names(f"{tensor.name}_value"), np.ascontiguousarray(array))}, outputs=[tensor]))
+            "value": gs.Constant(names(f"{tensor.name}_value"), np.asarray(array, order="C"))}, outputs=[tensor]))
     else:
-        tensor.to_constant(np.ascontiguousarray(array))
+        tensor.to_constant(np.asarray(array, order="C"))
 
 
 def _opsets(graph: gs.Graph, model: ir.Model) -> list[onnx.OperatorSetIdProto]:
@@ -247,7 +247,7 @@ def lower_constant_nodes(graph: gs.Graph) -> int:
         if array is None or ir.is_graph_output(graph, out):
             continue
         out.inputs.clear()
-        out.to_constant(np.ascontiguousarray(array))
+        out.to_constant(np.asarray(array, order="C"))
         node.outputs.clear()
         count += 1
     return count
@@ -340,8 +340,13 @@ def _slice_dims(node: gs.Node) -> np.ndarray | None:
     return np.array(picked, dtype=np.int64)
 
 
-def inline_constant_ifs(graph: gs.Graph, namer) -> int:
-    """Replace `If` nodes with a constant condition by the nodes of the branch taken."""
+def inline_constant_ifs(graph: gs.Graph, namer, opsets) -> int:
+    """Replace `If` nodes with a constant condition by the nodes of the branch taken.
+
+    An If is left alone when its readers would reject the branch's precise output types:
+    runtimes may have accepted a model only because the If hid them (e.g. a 1-element vector
+    where `Range` wants a scalar, as in ONNX's own AffineGrid expansion).
+    """
     count = 0
     for node in list(graph.nodes):
         if node.op != "If" or not is_standard(node) or not node.outputs:
@@ -352,6 +357,8 @@ def inline_constant_ifs(graph: gs.Graph, namer) -> int:
         branch = node.attrs["then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"]
         if len(branch.outputs) != len(node.outputs) or branch.inputs:
             continue
+        if not _readers_accept(node.outputs, branch.outputs, opsets):
+            continue
         # Branch-local names may repeat names of the outer graph: make them unique first.
         outer = {id(t) for t in graph.tensors().values()}
         for tensor in branch.tensors().values():
@@ -359,14 +366,18 @@ def inline_constant_ifs(graph: gs.Graph, namer) -> int:
                 tensor.name = namer(tensor.name)
         for inner_node in branch.nodes:
             inner_node.name = namer(inner_node.name or inner_node.op)
-        results = list(node.outputs)
+        results, inners, moved = list(node.outputs), list(branch.outputs), list(branch.nodes)
         node.outputs.clear()
         node.inputs.clear()
-        graph.nodes.extend(branch.nodes)
-        for result, inner in zip(results, list(branch.outputs)):
+        # The branch's nodes now belong to `graph`: detach them from the If so nothing that still
+        # walks the old node's subgraphs (graphsurgeon's cleanup does) can touch them there.
+        node.attrs.clear()
+        branch.nodes, branch.outputs = [], []
+        graph.nodes.extend(moved)
+        for result, inner in zip(results, inners):
             source = ir.producer(inner)
-            if (source is not None and any(n is source for n in branch.nodes) and not inner.outputs
-                    and sum(o is inner for o in branch.outputs) == 1):
+            if (source is not None and any(n is source for n in moved) and not inner.outputs
+                    and sum(o is inner for o in inners) == 1):
                 ir.substitute(source.outputs, inner, result)
                 result.dtype, result.shape = result.dtype or inner.dtype, result.shape or inner.shape
             else:  # the branch returns a constant, an outer tensor, or one value twice
@@ -376,3 +387,18 @@ def inline_constant_ifs(graph: gs.Graph, namer) -> int:
     if count:
         toposort(graph)
     return count
+
+
+def _readers_accept(results, inners, opsets) -> bool:
+    """Whether onnx's inference accepts every reader of `results` typed like `inners`."""
+    overrides = {id(r): (i.dtype, shape_of(i)) for r, i in zip(results, inners)}
+    for reader in {id(n): n for r in results for n in r.outputs}.values():
+        if not is_standard(reader) or has_subgraph(reader):
+            continue
+        try:
+            node_inference(reader, opsets, overrides)
+        except onnx.shape_inference.InferenceError:
+            return False
+        except Exception:  # noqa: BLE001 - inference could not judge this reader
+            continue
+    return True

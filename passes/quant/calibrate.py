@@ -16,7 +16,8 @@ Range methods (`activation_range`):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -127,12 +128,57 @@ def collect(batches: Iterable[Mapping[str, np.ndarray]], names: Iterable[str]) -
 
 
 # ---------------------------------------------------------------------------------------------
+# Activation functions a quantized tensor may feed (what its error is measured through).
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """An elementwise function and its derivative, vectorised over numpy arrays."""
+
+    name: str
+    f: Callable[[np.ndarray], np.ndarray]
+    df: Callable[[np.ndarray], np.ndarray]
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _hard_sigmoid(alpha: float, beta: float) -> tuple[Callable, Callable]:
+    f = lambda x: np.clip(alpha * x + beta, 0.0, 1.0)  # noqa: E731
+    df = lambda x: np.where((alpha * x + beta > 0) & (alpha * x + beta < 1), alpha, 0.0)  # noqa: E731
+    return f, df
+
+
+def transfer(name: str, alpha: float = 0.2, beta: float = 0.5) -> Transfer | None:
+    """The Transfer called `name` (silu, sigmoid, tanh, relu, hardsigmoid, hardswish); None = identity."""
+    if name == "silu":
+        return Transfer(name, lambda x: x * _sigmoid(x), lambda x: _sigmoid(x) * (1 + x * (1 - _sigmoid(x))))
+    if name == "sigmoid":
+        return Transfer(name, _sigmoid, lambda x: _sigmoid(x) * (1 - _sigmoid(x)))
+    if name == "tanh":
+        return Transfer(name, np.tanh, lambda x: 1 - np.tanh(x) ** 2)
+    if name == "relu":
+        return Transfer(name, lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(np.float64))
+    if name == "hardsigmoid":
+        return Transfer(name, *_hard_sigmoid(alpha, beta))
+    if name == "hardswish":
+        hs, dhs = _hard_sigmoid(alpha, beta)
+        return Transfer(name, lambda x: x * hs(x), lambda x: hs(x) + x * dhs(x))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Ranges from statistics.
 
 
 def activation_range(stats: RangeStats, method: str, qt: QType, symmetric: bool,
-                     percentile: float = 99.999) -> tuple[float, float]:
-    """The (lo, hi) to quantize a tensor with, by `method`; always within the observed min/max."""
+                     percentile: float = 99.999, transfer: Transfer | None = None) -> tuple[float, float]:
+    """The (lo, hi) to quantize a tensor with, by `method`; always within the observed min/max.
+
+    `transfer` is the activation function applied to the tensor by all its readers, if any;
+    method=mse then measures the error after it.
+    """
     if stats.empty:
         return 0.0, 0.0
     lo, hi = min(stats.min, 0.0), max(stats.max, 0.0)
@@ -144,7 +190,7 @@ def activation_range(stats: RangeStats, method: str, qt: QType, symmetric: bool,
     if method == "entropy":
         return _entropy_range(stats, qt, symmetric, lo, hi)
     if method == "mse":
-        return _mse_range(stats, qt, symmetric, lo, hi)
+        return _mse_range(stats, qt, symmetric, lo, hi, transfer)
     raise ValueError(f"unknown calibration method {method!r}")
 
 
@@ -165,38 +211,46 @@ def _centers_counts(stats: RangeStats) -> tuple[np.ndarray, np.ndarray]:
     return centers[used], stats.hist[used].astype(np.float64)
 
 
-def quantization_mse(centers: np.ndarray, counts: np.ndarray, lo, hi, qt: QType, symmetric: bool) -> np.ndarray:
+def quantization_mse(centers: np.ndarray, counts: np.ndarray, lo, hi, qt: QType, symmetric: bool,
+                     transfer: Transfer | None = None) -> np.ndarray:
     """Expected squared error of quantizing a histogram to [lo, hi] (vectorised over candidate ranges).
 
-    Inside the range the error is the rounding noise s^2 / 12; outside it is the clipping distance.
+    Inside the range the error is the rounding noise s^2 / 12; outside it is the clipping
+    distance. With a `transfer` g (the activation the tensor feeds, e.g. SiLU), errors are
+    measured after it: clipping costs (g(x) - g(clip(x)))^2 and rounding g'(x)^2 s^2 / 12, so
+    the range is not wasted on values the activation flattens (SiLU of -50 and of -8 are both ~0).
     """
     lo, hi = np.atleast_1d(lo)[:, None], np.atleast_1d(hi)[:, None]
     scale, zero_point = scale_zero_point(lo, hi, qt, symmetric)
     scale = scale.astype(np.float64)
     low = (qt.qmin - zero_point.astype(np.float64)) * scale
     high = (qt.qmax - zero_point.astype(np.float64)) * scale
-    clip = np.where(centers < low, low - centers, 0.0) + np.where(centers > high, centers - high, 0.0)
+    clipped = np.clip(centers, low, high)
     inside = (centers >= low) & (centers <= high)
-    error = clip**2 + inside * (scale**2 / 12.0)
+    if transfer is None:
+        error = (centers - clipped) ** 2 + inside * (scale**2 / 12.0)
+    else:
+        error = (transfer.f(centers) - transfer.f(clipped)) ** 2 + inside * transfer.df(centers) ** 2 * (scale**2 / 12.0)
     return (error * counts).sum(axis=1)
 
 
-def _mse_range(stats: RangeStats, qt: QType, symmetric: bool, lo: float, hi: float) -> tuple[float, float]:
+def _mse_range(stats: RangeStats, qt: QType, symmetric: bool, lo: float, hi: float,
+               transfer: Transfer | None = None) -> tuple[float, float]:
     centers, counts = _centers_counts(stats)
     ratios = np.linspace(0.02, 1.0, 99)
     # Coordinate search: the upper bound with the lower fixed, then the lower bound, twice. A
     # symmetric range only has one free parameter, so both bounds scale together.
+    if symmetric:
+        errors = quantization_mse(centers, counts, lo * ratios, hi * ratios, qt, True, transfer)
+        k = int(np.argmin(errors))
+        return lo * ratios[k], hi * ratios[k]
     best_lo, best_hi = lo, hi
     for _ in range(2):
-        if symmetric:
-            errors = quantization_mse(centers, counts, lo * ratios, hi * ratios, qt, True)
-            k = int(np.argmin(errors))
-            return lo * ratios[k], hi * ratios[k]
         if best_hi > 0:
-            errors = quantization_mse(centers, counts, np.full_like(ratios, best_lo), hi * ratios, qt, False)
+            errors = quantization_mse(centers, counts, np.full_like(ratios, best_lo), hi * ratios, qt, False, transfer)
             best_hi = hi * ratios[int(np.argmin(errors))]
         if best_lo < 0:
-            errors = quantization_mse(centers, counts, lo * ratios, np.full_like(ratios, best_hi), qt, False)
+            errors = quantization_mse(centers, counts, lo * ratios, np.full_like(ratios, best_hi), qt, False, transfer)
             best_lo = lo * ratios[int(np.argmin(errors))]
     return best_lo, best_hi
 
@@ -250,4 +304,4 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
     return float(terms.sum())
 
 
-__all__ = ["BINS", "METHODS", "RangeStats", "activation_range", "collect", "quantization_mse"]
+__all__ = ["BINS", "METHODS", "RangeStats", "Transfer", "activation_range", "collect", "quantization_mse", "transfer"]

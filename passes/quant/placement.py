@@ -68,6 +68,7 @@ class Plan:
     points: list[gs.Variable]  # activation tensors that get a QuantizeLinear -> DequantizeLinear
     groups: dict[str, str]  # point name -> representative name of its shared-scale group
     clips: dict[str, tuple[float, float]]  # point name -> (min, max) of a folded Relu/Clip
+    activations: dict[str, tuple[str, float, float]] = field(default_factory=dict)  # point -> reader activation
     weights: list[WeightSlot] = field(default_factory=list)
     biases: list[BiasSlot] = field(default_factory=list)
     constants: list[tuple[gs.Node, int]] = field(default_factory=list)  # constant operands quantized like activations
@@ -143,6 +144,30 @@ def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
         else:
             bounds.append(default)
     return bounds[0], bounds[1]
+
+
+def reader_activation(tensor: gs.Tensor) -> tuple[str, float, float] | None:
+    """The activation every reader of `tensor` applies, as (name, alpha, beta), or None.
+
+    Recognised: SiLU (Sigmoid + Mul(x, sigmoid(x))), HardSwish (HardSigmoid + Mul), and a lone
+    Sigmoid, Tanh, HardSigmoid or Relu. Quantization error of such a tensor only matters as far
+    as it survives the activation, which the range search then accounts for.
+    """
+    users = ir.consumers(tensor)
+    ops = sorted(u.op for u in users)
+    if len(users) == 1 and ops[0] in ("Sigmoid", "Tanh", "Relu", "HardSigmoid"):
+        user = users[0]
+        if user.op == "HardSigmoid":
+            return "hardsigmoid", float(user.attrs.get("alpha", 0.2)), float(user.attrs.get("beta", 0.5))
+        return user.op.lower(), 0.2, 0.5
+    if len(users) == 2 and ops in (["Mul", "Sigmoid"], ["HardSigmoid", "Mul"]):
+        gate = next(u for u in users if u.op != "Mul")
+        mul = next(u for u in users if u.op == "Mul")
+        if {t.name for t in mul.inputs} == {tensor.name, gate.outputs[0].name} and len(ir.consumers(gate.outputs[0])) == 1:
+            if gate.op == "Sigmoid":
+                return "silu", 0.2, 0.5
+            return "hardswish", float(gate.attrs.get("alpha", 0.2)), float(gate.attrs.get("beta", 0.5))
+    return None
 
 
 class _UnionFind:
@@ -329,6 +354,7 @@ class Planner:
 
         # A Conv or Gemm whose weights are dynamic has its bias (if any) quantized as an activation.
         plan.points = [points[name] for name in points]
+        plan.activations = {name: act for name, t in points.items() if (act := reader_activation(t)) is not None}
         plan.groups = {name: groups.find(name) for name in points}
         return plan
 
@@ -338,4 +364,4 @@ def make_plan(graph: gs.Graph, ops: Iterable[str], float_nodes: Iterable[str] = 
 
 
 __all__ = ["ANCHORS", "SHARED", "COMPUTE", "SUPPORTED", "Plan", "WeightSlot", "BiasSlot", "make_plan", "data_inputs",
-           "clip_bounds", "weight_axis", "output_channels", "BIASED"]
+           "clip_bounds", "weight_axis", "output_channels", "BIASED", "reader_activation"]

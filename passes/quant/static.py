@@ -236,8 +236,10 @@ class _Quantizer:
             merged = calibrate.RangeStats()
             for name in members:
                 merged.merge_from(self.stats[name])
+            readers = {plan.activations.get(m) for m in members}
+            transfer = calibrate.transfer(*readers.pop()) if len(readers) == 1 and None not in readers else None
             lo, hi = calibrate.activation_range(merged, self.o.method, qt, self.o.symmetric_activations,
-                                                self.o.percentile)
+                                                self.o.percentile, transfer)
             bounds = [plan.clips[m] for m in members if m in plan.clips]
             floor = max((b[0] for b in bounds), default=-np.inf)
             ceiling = min((b[1] for b in bounds), default=np.inf)
