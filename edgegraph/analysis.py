@@ -495,10 +495,10 @@ def sample_feeds(model, data: CalibrationData | None = None, *, seed: int = 0) -
     seeded random inputs shaped from the model."""
     proto = model.to_proto() if isinstance(model, ir.Model) else model
     specs = runtime.input_specs(proto)
+    size = runtime.batch_size_for(specs, 1)  # 1, unless axis 0 is fixed to more
     if data is None:
-        data = CalibrationData.random(specs, 1, seed=seed)
-    batch = next(data.take(runtime.batch_size_for(specs, 1)).batches(runtime.batch_size_for(specs, 1)))
-    return runtime.adapt_feeds(specs, batch)
+        data = CalibrationData.random(specs, size, seed=seed)
+    return runtime.adapt_feeds(specs, next(data.take(size).batches(size)))
 
 
 def measure_latency(models: Sequence, feeds: Sequence[runtime.Feeds], *, runs: int = 20, warmup: int = 3,

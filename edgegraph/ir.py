@@ -264,7 +264,18 @@ def _weights(model: Model) -> list[gs.Constant]:
     for c in constants:
         names[c.name] = names.get(c.name, 0) + 1
     return [c for c in constants if names[c.name] == 1 and _nbytes(c) >= DETACH_BYTES and _detachable(c._values)
-            and (c.export_dtype is None or np.dtype(c.export_dtype) == np.dtype(c.dtype))]
+            and _exports_as_stored(c)]
+
+
+def _exports_as_stored(constant: gs.Constant) -> bool:
+    """False when gs converts the values on export (a Constant created with `export_dtype`)."""
+    wanted = constant._export_dtype
+    if wanted is None:
+        return True
+    try:
+        return np.dtype(wanted) == np.dtype(constant.dtype)
+    except TypeError:  # an onnx data type number, e.g. TensorProto.BFLOAT16
+        return False
 
 
 def _detachable(values) -> bool:

@@ -120,7 +120,9 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext) -> t
             result = p.run(model, ctx)
             if result.modified:
                 for graph in ir.iter_graphs(model.graph):
-                    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+                    # mode="nodes": sorting the function list recurses forever in onnx-graphsurgeon
+                    # 0.6 when a model has both local functions and If/Loop/Scan subgraphs.
+                    graph.cleanup(remove_unused_graph_inputs=False).toposort(mode="nodes")
         except (MissingRequirementError, PassOptionError, VerificationError, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -137,6 +139,10 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext) -> t
     if checker:
         report.metrics = checker.against_original()
     return model, report
+
+
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits",
+                           "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"})
 
 
 class _Checker:
@@ -159,7 +165,10 @@ class _Checker:
         self.previous = self.original
 
     def _outputs(self, model: ir.Model) -> list[Feeds]:
-        sess = runtime.session(model, threads=self.ctx.threads)
+        # Float models run unoptimized (the purest reference). Quantized ones run as deployed,
+        # with ORT's integer kernels, whose accuracy can differ from the float simulation of Q/DQ.
+        quantized = any(n.op in QUANTIZED_OPS for n in ir.iter_nodes(model.graph))
+        sess = runtime.session(model, threads=self.ctx.threads, optimize=quantized)
         return [runtime.run(sess, feeds) for feeds in self.batches]
 
     def step(self, model: ir.Model, p: Pass) -> dict[str, verify.OutputMetrics]:

@@ -64,8 +64,17 @@ def input_specs(proto: onnx.ModelProto | ir.Model) -> list[InputSpec]:
     return specs
 
 
-def session(model, *, threads: int = 1, optimize: bool = False) -> ort.InferenceSession:
-    """A CPU session. `optimize=False` disables ORT's graph rewrites (what verification wants).
+_LEVELS = {
+    False: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    True: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,  # no fusions/layout changes: cheap to probe
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,  # + QDQ and op fusions, no NCHWc
+}
+
+
+def session(model, *, threads: int = 1, optimize: bool | str = False) -> ort.InferenceSession:
+    """A CPU session. `optimize=False` disables ORT's graph rewrites (what verification wants);
+    True enables all of them (as deployed); "basic" / "extended" pick ORT's intermediate levels.
 
     Models past protobuf's limit are written with external data to a temporary folder that lives
     as long as the session.
@@ -74,9 +83,7 @@ def session(model, *, threads: int = 1, optimize: bool = False) -> ort.Inference
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
+    options.graph_optimization_level = _LEVELS[optimize]
     providers = ["CPUExecutionProvider"]
     if isinstance(model, str | os.PathLike):
         return ort.InferenceSession(str(model), options, providers=providers)

@@ -159,6 +159,10 @@ class Equalize(Pass):
     clip: str = option("skip", "Clip/ReLU6 between two layers: 'skip' leaves the pair alone (ReLU6 is not "
                        "scale-equivariant); 'rescale' rewrites the Clip as Relu + Min with per-channel bounds "
                        "so the pair is equalized exactly (one extra elementwise op each)")
+    bound_growth: float = option(1.0, "with clip=rescale, how far a channel's ReLU6 bound may rise above the "
+                                 "original (6 -> 6 * bound_growth): 1 keeps activation ranges from growing, which "
+                                 "per-tensor activation quantization needs; larger values balance weights further "
+                                 "(best for weight-only quantization)")
     iterations: int = option(100, "maximum sweeps over all layer pairs (chains converge jointly)")
     tolerance: float = option(1e-3, "stop when no channel scale of a sweep differs from 1 by more than this")
     max_scale: float = option(1e4, "bound on any channel's accumulated scale (and its inverse), to keep "
@@ -174,6 +178,7 @@ class Equalize(Pass):
         self.check(self.iterations >= 1, f"equalize: iterations must be >= 1, got {self.iterations}")
         self.check(0 < self.tolerance < 1, f"equalize: tolerance must be in (0, 1), got {self.tolerance}")
         self.check(self.max_scale > 1, f"equalize: max_scale must be > 1, got {self.max_scale}")
+        self.check(self.bound_growth >= 1, f"equalize: bound_growth must be >= 1, got {self.bound_growth}")
         if self.absorb_bias == "calibration":
             # Only this mode reads data; the class-level `requires` stays empty.
             self.requires = frozenset({"calibration"})
@@ -219,6 +224,9 @@ class Equalize(Pass):
 
     def _equalize(self, links: list[_Link]) -> int:
         limit = math.log(self.max_scale)
+        # A bound b on the path becomes b / scale: scales below 1 / bound_growth would raise it further.
+        bounded = {id(link): any(s.kind in ("clip", "bound") for s in link.steps) for link in links}
+        floor = max(-limit, -math.log(self.bound_growth))
         for sweep in range(1, self.iterations + 1):
             worst = 0.0
             for link in links:
@@ -232,7 +240,8 @@ class Equalize(Pass):
                 log_s = np.where(ok, 0.5 * (np.log(np.where(ok, r1, 1)) - np.log(np.where(ok, r2, 1))), 0.0)
                 # Keep the accumulated scale within bounds (near-dead channels).
                 log_total = np.log(link.total)
-                log_s = np.clip(log_total + log_s, -limit, limit) - log_total
+                low = floor if bounded[id(link)] else -limit
+                log_s = np.clip(log_total + log_s, low, limit) - log_total
                 s = np.exp(log_s)
                 _apply(link, s)
                 worst = max(worst, float(np.max(np.abs(s - 1))))

@@ -350,3 +350,11 @@ def test_real_model_whose_shapes_need_a_run():
     stats = analysis.model_stats(path)
     assert stats.macs is not None and stats.macs > 10**10
     assert not stats.unknown_mac_nodes and "observed" in stats.shapes
+
+
+def test_sample_feeds_respect_a_fixed_batch_and_the_data():
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [value("x", [4, 3])], [value("y", [4, 3])])
+    assert analysis.sample_feeds(model)["x"].shape == (4, 3)
+    data = CalibrationData.from_arrays({"x": np.arange(30, dtype=np.float64).reshape(10, 3)})
+    feeds = analysis.sample_feeds(model, data)
+    assert feeds["x"].dtype == np.float32 and feeds["x"].tolist() == np.arange(12).reshape(4, 3).tolist()

@@ -17,6 +17,9 @@ import pytest
 
 import edgegraph
 
+# Cases whose optional-typed graph inputs/outputs onnx-graphsurgeon cannot export.
+KNOWN_IR_UNSUPPORTED = {"test_identity_opt", "test_if_opt", "test_loop16_seq_none"}
+
 # Expected outputs are compared the way onnx's backend runner does.
 DEFAULT_RTOL, DEFAULT_ATOL = 1e-3, 1e-7
 
@@ -53,6 +56,15 @@ def _close(expected, actual, rtol, atol) -> bool:
     return bool(np.array_equal(expected, actual))
 
 
+def _round_trips(model) -> bool:
+    """Whether edgegraph's own load -> save works on the model (no pass involved)."""
+    try:
+        edgegraph.load(model).to_proto()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _passes(model, case) -> bool:
     for inputs, expected in case.data_sets:
         outputs = _run(model, inputs)
@@ -78,7 +90,7 @@ def node_cases():
 def test_cleanup_keeps_every_backend_node_case_passing(node_cases, record_property, capsys):
     logging.disable(logging.WARNING)
     try:
-        ort_passing, broken = 0, []
+        ort_passing, broken, unsupported = 0, [], []
         for case in node_cases:
             try:
                 if not _passes(case.model, case):
@@ -89,7 +101,10 @@ def test_cleanup_keeps_every_backend_node_case_passing(node_cases, record_proper
             try:
                 cleaned = edgegraph.optimize(case.model, "cleanup", verify=False)
             except Exception as exc:  # noqa: BLE001
-                broken.append(f"{case.name}: cleanup raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                if not _round_trips(case.model):
+                    unsupported.append(case.name)  # edgegraph cannot even load/save it: not cleanup's doing
+                else:
+                    broken.append(f"{case.name}: cleanup raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 continue
             try:
                 if not _passes(cleaned, case):
@@ -99,8 +114,13 @@ def test_cleanup_keeps_every_backend_node_case_passing(node_cases, record_proper
     finally:
         logging.disable(logging.NOTSET)
     summary = (f"backend node cases: {len(node_cases)}, onnxruntime passes {ort_passing}, "
-               f"still passing after cleanup {ort_passing - len(broken)}")
+               f"still passing after cleanup {ort_passing - len(broken) - len(unsupported)}, "
+               f"broken by cleanup {len(broken)}, not loadable by edgegraph.ir {len(unsupported)}"
+               + (f" ({', '.join(unsupported)})" if unsupported else ""))
     record_property("summary", summary)
     with capsys.disabled():
         print(f"\n{summary}")
     assert not broken, f"{len(broken)} case(s) broken by cleanup:\n" + "\n".join(broken)
+    # Optional-typed graph inputs/outputs: onnx-graphsurgeon cannot export them (edgegraph.ir
+    # limitation, reported); anything else that cannot round-trip would be a new regression.
+    assert set(unsupported) <= KNOWN_IR_UNSUPPORTED, f"new round-trip failures: {set(unsupported) - KNOWN_IR_UNSUPPORTED}"

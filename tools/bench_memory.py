@@ -148,17 +148,20 @@ def main() -> None:
         if args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
 
-    base = next((r for r in rows if r[0] == "onnx load+save" and r[1]), None)
-    print(f"\n| tool | wall s (median) | peak RSS GiB | RSS / model | vs onnx load+save | output GB | max |diff| |")
-    print("|---|---|---|---|---|---|---|")
-    for name, seconds, peak, written, diff in rows:
-        if seconds is None:
-            print(f"| {name} | failed | | | | | {diff} |")
-            continue
-        ratio = f"{seconds / base[1]:.2f}x time, {peak / base[2]:.2f}x RSS" if base else ""
-        print(f"| {name} | {seconds:.1f} | {peak / 2**30:.2f} | {peak / size:.2f} | {ratio} | {written / 1e9:.2f} "
-              f"| {diff} |")
+    def ratio(row, anchor_name):
+        anchor = next((r for r in rows if r[0] == anchor_name and r[1]), None)
+        return f"{row[1] / anchor[1]:.2f}x / {row[2] / anchor[2]:.2f}x" if anchor else ""
 
+    print("\n| tool | wall s (median) | peak RSS GiB | RSS / model size | time / RSS vs onnxslim "
+          "| time / RSS vs onnx load+save | output GB | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        name, seconds, peak, written, diff = row
+        if seconds is None:
+            print(f"| {name} | failed | | | | | | {diff} |")
+            continue
+        print(f"| {name} | {seconds:.1f} | {peak / 2**30:.2f} | {peak / size:.2f} | {ratio(row, 'onnxslim')} "
+              f"| {ratio(row, 'onnx load+save')} | {written / 1e9:.2f} | {diff} |")
 
 if __name__ == "__main__":
     main()

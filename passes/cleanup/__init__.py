@@ -6,6 +6,7 @@ Each sub-pass is also a pass of its own (`edgegraph opt m.onnx -p fold-constants
     remove-identity     Identity, inference Dropout, no-op Cast/Reshape/Transpose/Pad/Slice/...
     simplify-shapes     merge/cancel Reshape/Transpose/Squeeze/Unsqueeze/Slice/Concat chains
     fold-batchnorm      BatchNormalization into Conv/ConvTranspose/Gemm/MatMul
+    fuse-activations    HardSigmoid/HardSwish spelled out as Add/Clip/Mul/Div
     fuse-linear         constant Add/Mul/Pad into Conv/Gemm, MatMul+Add -> Gemm, constant chains
     dedup-initializers  one initializer for identical constants
     cse                 one node for identical computations
@@ -21,6 +22,7 @@ from edgegraph import ir
 from edgegraph.pipeline import Pass, PassResult, option
 from edgegraph.registry import register_pass
 
+from .activations import FuseActivations
 from .batchnorm import FoldBatchNorm
 from .common import graphs, reinfer_shapes, tidy
 from .dedup import CommonSubexpressions, DedupInitializers, EliminateDead
@@ -29,8 +31,10 @@ from .fuse import FuseLinear
 from .identity import RemoveIdentity
 from .shapes import SimplifyShapes
 
-SUB_PASSES = (FoldConstants, RemoveIdentity, SimplifyShapes, FoldBatchNorm, FuseLinear, DedupInitializers,
-              CommonSubexpressions, EliminateDead)
+# fuse-activations runs before fuse-linear: merging the "/ 6" of a hard-swish into a following
+# constant Mul would hide the pattern.
+SUB_PASSES = (FoldConstants, RemoveIdentity, SimplifyShapes, FoldBatchNorm, FuseActivations, FuseLinear,
+              DedupInitializers, CommonSubexpressions, EliminateDead)
 
 
 @register_pass

@@ -28,7 +28,6 @@ NONDETERMINISTIC = frozenset(
 # Quantization boundaries are kept: runtimes pattern-match DequantizeLinear -> op -> QuantizeLinear.
 KEEP_UNFOLDED = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
-FLOAT_KINDS = "f"
 # numpy dtypes whose arithmetic we trust for rewriting weights (fp16 rounding would exceed tolerances).
 WIDE_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -81,9 +80,10 @@ def numpy_dtype(dtype) -> np.dtype | None:
         dtype = np.dtype(dtype)
     except TypeError:
         return None
-    return dtype if dtype.kind in "biuf" and dtype.itemsize in (1, 2, 4, 8) and dtype.name in _PLAIN_NAMES else None
+    return dtype if dtype.name in _PLAIN_NAMES else None
 
 
+# ml_dtypes' bfloat16/float8/int4 are numpy dtypes too, but not ones numpy computes with exactly.
 _PLAIN_NAMES = {
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64",
 }
@@ -122,10 +122,6 @@ def value(tensor: gs.Tensor | None) -> np.ndarray | None:
     return None
 
 
-def is_const(tensor: gs.Tensor) -> bool:
-    return value(tensor) is not None
-
-
 def int_list(tensor: gs.Tensor | None) -> list[int] | None:
     """A constant 0-d/1-d integer tensor as a list (axes, shapes, pads), else None."""
     array = value(tensor)
@@ -157,14 +153,6 @@ def shape_of(tensor: gs.Tensor) -> list | None:
     if shape is None:
         return None
     return [d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else None) for d in shape]
-
-
-def static_shape(tensor: gs.Tensor) -> list[int] | None:
-    """The shape when every dim is a known integer, else None."""
-    shape = shape_of(tensor)
-    if shape is None or not all(isinstance(d, int) for d in shape):
-        return None
-    return shape
 
 
 def same_dim(a, b) -> bool:
@@ -455,7 +443,11 @@ def reinfer_shapes(model: ir.Model) -> None:
     object (unlike `Model.refresh_shapes`, which rebuilds the graph). Weights stay out of it."""
     inferred = ir.infer_shapes(model.to_proto(weights=False))
     tensors = {}
-    for graph in graphs(model.graph):
+    # Local functions are left out: their tensor names live in their own namespace.
+    main = [model.graph]
+    for graph in main:  # grows while iterating
+        main.extend(_nested(graph))
+    for graph in main:
         for node in graph.nodes:
             for out in node.outputs:
                 if not is_empty(out):

@@ -136,31 +136,40 @@ class SimplifyShapes(GraphPass):
     # --- Reshape targets built from Shape ------------------------------------------------------
 
     def reshape_target(self, graph, node, opset):
-        """Reshape(x, Concat(Shape pieces, constants)) -> Reshape(x, constant)."""
+        """Reshape(x, Concat(Shape pieces, constants)) -> Reshape(x, constant).
+
+        A piece that is x's own dim at the same position (or a dim with the same symbolic name)
+        becomes 0, "copy the input dim"; one unknown piece becomes -1; static dims become numbers.
+        """
         if opset < 5 or len(node.inputs) < 2 or value(node.inputs[1]) is not None:
             return None
         entries = dim_sources(node.inputs[1])
         if entries is None:
             return None
         allowzero = int(node.attrs.get("allowzero", 0))
-        data = node.inputs[0]
-        target, unknown = [], 0
+        # With allowzero=1 a 0 means an empty dim; copies (0s) are then only possible if the
+        # target has no literal 0, and the new Reshape drops allowzero.
+        can_copy = not (allowzero and ("const", 0) in entries)
+        data_shape = shape_of(node.inputs[0])
+        target, unknown, copies = [], 0, False
         for position, entry in enumerate(entries):
             if entry[0] == "const":
-                if entry[1] == -1:
-                    unknown += 1
-                elif entry[1] == 0 and allowzero:
-                    return None
+                unknown += entry[1] == -1
                 target.append(entry[1])
-            elif entry[0] == "dim" and entry[1] is data and entry[2] == position and not allowzero:
-                target.append(0)  # the dim is copied from the input at the same position
-            elif entry[0] == "dim" and isinstance(entry[3], int) and entry[3] > 0:
-                target.append(entry[3])
+                continue
+            dim = entry[3] if entry[0] == "dim" else None
+            if isinstance(dim, int) and dim > 0:
+                target.append(dim)
+            elif can_copy and entry[0] == "dim" and _same_position_dim(entry, node.inputs[0], data_shape, position):
+                target.append(0)
+                copies = True
             else:
                 unknown += 1
                 target.append(-1)
         if unknown > 1:
             return None
+        if copies:
+            node.attrs.pop("allowzero", None)
         node.inputs[1] = self.names.const(f"{node.outputs[0].name}_shape", np.array(target, dtype=np.int64))
         return "reshape_targets"
 
@@ -316,6 +325,16 @@ def _reshape_target(node: gs.Node, source: gs.Tensor) -> np.ndarray | None:
     return np.array(target, dtype=np.int64) if unknown <= 1 else None
 
 
+def _same_position_dim(entry: tuple, data: gs.Tensor, data_shape: list | None, position: int) -> bool:
+    """Whether dim entry[2] of tensor entry[1] is surely the data's dim at `position`: the very
+    same dim, or one carrying the same symbolic name (shape inference gives equal dims one name)."""
+    _, tensor, k, dim = entry
+    if tensor is data and k == position:
+        return True
+    return (data_shape is not None and position < len(data_shape) and isinstance(dim, str)
+            and data_shape[position] == dim)
+
+
 def _slice_params(node: gs.Node) -> tuple[list[int], list[int], list[int], list[int]] | None:
     starts, ends = int_list(node.inputs[1]), int_list(node.inputs[2])
     if starts is None or ends is None or len(starts) != len(ends):
@@ -337,8 +356,9 @@ def _find_shape_node(tensor: gs.Tensor) -> gs.Node | None:
 
 
 def dim_sources(tensor: gs.Tensor, depth: int = 0) -> list[tuple] | None:
-    """What each element of a 1-D int64 shape tensor is: ("const", v) or ("dim", t, k, static_or_None)
-    (dim k of tensor t), or ("?",) for a runtime value. None when the length is unknown."""
+    """What each element of a 1-D int64 shape tensor is: ("const", v), ("dim", t, k, d) (dim k of
+    tensor t, whose inferred value is d: int, symbol or None) or ("?",) for a runtime value.
+    None when the length is unknown."""
     array = value(tensor)
     if array is not None:
         if array.dtype != np.int64 or array.ndim > 1:
@@ -388,7 +408,7 @@ def _shape_entries(shape_node: gs.Node) -> list[tuple] | None:
     end = shape_node.attrs.get("end")
     start = min(max(start + rank if start < 0 else start, 0), rank)
     end = rank if end is None else min(max(int(end) + rank if int(end) < 0 else int(end), 0), rank)
-    return [("dim", tensor, k, shape[k] if isinstance(shape[k], int) else None) for k in range(start, end)]
+    return [("dim", tensor, k, shape[k]) for k in range(start, end)]
 
 
 def _pick(node: gs.Node, dims: list[tuple]) -> list[tuple] | None:

@@ -1,13 +1,23 @@
-"""Measurements on calibration data that steer quantization: per-tensor SQNR against the float
-model, the mean error each quantized layer adds (for bias correction), and output agreement.
+"""Measurements on calibration data that steer quantization.
 
-Everything streams batch by batch through `runtime.capture`, reducing each batch to sums, so
-memory does not grow with the number of samples.
+Reading whole intermediate tensors out of onnxruntime costs more than computing them, so every
+measurement here is a `Probe`: a copy of the model with extra reduction nodes (min / max, a
+strided sample, per-channel means, energies) whose small outputs are read batch by batch.
+Memory does not grow with the number of samples, and the model runs at its normal speed.
+
+  calibration      min, max and a sample of each tensor (histograms are built from the sample)
+  paired errors    the float and the quantized model in one graph: signal and noise energy per
+                   quantized tensor -> per-layer SQNR and sensitivity
+  bias correction  each quantized layer beside a float twin fed the same quantized input: the
+                   per-channel mean of their difference is the bias error its integer weights add
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import collections
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +27,104 @@ from onnx import helper, numpy_helper
 from edgegraph import runtime, verify
 from edgegraph.runtime import Feeds
 
+INT64_MAX = np.iinfo(np.int64).max
+
+
+class Probe:
+    """A copy of `proto` to which reductions of its tensors are added as extra outputs."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(proto)
+        self.graph = self.model.graph
+        self.opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.inputs = {i.name for i in self.graph.input}
+        self._count = 0
+        self._flat: dict[str, str] = {}
+        self.outputs: list[str] = []
+
+    def _fresh(self, stem: str) -> str:
+        self._count += 1
+        return f"__probe{self._count}_{stem}"
+
+    def _const(self, values: np.ndarray) -> str:
+        name = self._fresh("const")
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(values), name))
+        return name
+
+    def _node(self, op: str, inputs: Sequence[str], **attrs) -> str:
+        out = self._fresh(op)
+        self.graph.node.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def _reduce(self, op: str, tensor: str, axes: Sequence[int] | None = None) -> str:
+        if axes is None:
+            return self._node(op, [tensor], keepdims=0)
+        if self.opset >= 18 or op == "ReduceSum":  # axes became an input (ReduceSum already at 13)
+            return self._node(op, [tensor, self._const(np.array(axes, dtype=np.int64))], keepdims=0)
+        return self._node(op, [tensor], axes=list(axes), keepdims=0)
+
+    def _flatten(self, tensor: str) -> str:
+        if tensor not in self._flat:
+            self._flat[tensor] = self._node("Reshape", [tensor, self._const(np.array([-1], dtype=np.int64))])
+        return self._flat[tensor]
+
+    def output(self, name: str) -> str:
+        self.graph.output.append(onnx.ValueInfoProto(name=name))  # ORT infers the type
+        self.outputs.append(name)
+        return name
+
+    # -- reductions ----------------------------------------------------------------------------
+
+    def minimum(self, tensor: str) -> str:
+        return self.output(self._reduce("ReduceMin", self._flatten(tensor)))
+
+    def maximum(self, tensor: str) -> str:
+        return self.output(self._reduce("ReduceMax", self._flatten(tensor)))
+
+    def sample(self, tensor: str, step: int) -> str:
+        """Every `step`-th element of the flattened tensor."""
+        if step <= 1:
+            return self.output(self._flatten(tensor))
+        starts, ends = self._const(np.array([0], np.int64)), self._const(np.array([INT64_MAX], np.int64))
+        axes, steps = self._const(np.array([0], np.int64)), self._const(np.array([step], np.int64))
+        return self.output(self._node("Slice", [self._flatten(tensor), starts, ends, axes, steps]))
+
+    def energy(self, tensor: str, minus: str | None = None) -> str:
+        """Sum of squares of `tensor` (or of tensor - minus)."""
+        x = tensor if minus is None else self._node("Sub", [tensor, minus])
+        return self.output(self._reduce("ReduceSumSquare", self._flatten(x)))
+
+    def channel_sum(self, tensor: str, minus: str, rank: int, axis: int = 1) -> str:
+        """Per-channel sum over every other axis of tensor - minus."""
+        diff = self._node("Sub", [tensor, minus])
+        return self.output(self._reduce("ReduceSum", diff, [a for a in range(rank) if a != axis % rank]))
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, batches: Iterable[Feeds], threads: int = 0, optimize: bool | str = "basic") -> Iterator[Feeds]:
+        """The probe outputs for each batch. ORT's basic optimizations only: its fusions and NCHWc
+        layouts would have to undo themselves for every probed tensor, which costs more than they gain."""
+        sess = runtime.session(self.model, threads=threads, optimize=optimize)
+        specs = runtime.input_specs(self.model)
+        for batch in batches:
+            yield runtime.run(sess, runtime.adapt_feeds(specs, batch), self.outputs)
+
+
+def sample_step(elements_per_sample: int, target: int = 8192) -> int:
+    """A prime stride that keeps about `target` elements per sample (primes avoid sampling one
+    column of an image over and over)."""
+    step = max(1, elements_per_sample // target)
+    if step <= 2:
+        return step
+    while any(step % p == 0 for p in range(2, int(step**0.5) + 1)):
+        step += 1
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired float / quantized errors
+
 
 @dataclass
 class ErrorSums:
@@ -24,12 +132,6 @@ class ErrorSums:
 
     signal: float = 0.0
     noise: float = 0.0
-
-    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        ref = reference.astype(np.float64, copy=False)
-        self.signal += float(np.sum(ref * ref))
-        diff = candidate.astype(np.float64) - ref
-        self.noise += float(np.sum(diff * diff))
 
     @property
     def sqnr_db(self) -> float:
@@ -42,92 +144,110 @@ class ErrorSums:
         return self.noise / self.signal if self.signal > 0 else (0.0 if self.noise == 0 else float("inf"))
 
 
-def paired_errors(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, pairs: Mapping[str, str],
-                  batches: Callable[[], Iterable[Feeds]], threads: int = 0,
-                  progress: Callable = lambda it, **_: it) -> dict[str, ErrorSums]:
-    """Signal / noise of every quantized tensor against its float counterpart.
+FLOAT_PREFIX = "__float__/"
 
-    `pairs` maps a float-model tensor name to the quantized-model tensor carrying the same value.
-    The two models run on the same batches in lockstep.
+
+def paired_model(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto) -> onnx.ModelProto:
+    """One graph holding the quantized model and a prefixed copy of the float model, both fed by
+    the same inputs (so one run computes both on the same batch)."""
+    float_copy = onnx.compose.add_prefix(float_proto, FLOAT_PREFIX)
+    merged = onnx.ModelProto()
+    merged.CopyFrom(quant_proto)
+    graph = merged.graph
+    for value in float_copy.graph.input:
+        original = value.name[len(FLOAT_PREFIX):]
+        graph.node.append(helper.make_node("Identity", [original], [value.name], name=value.name))
+    graph.node.extend(float_copy.graph.node)
+    graph.initializer.extend(float_copy.graph.initializer)
+    graph.value_info.extend(float_copy.graph.value_info)
+    known = {(o.domain, o.version) for o in merged.opset_import}
+    domains = {o.domain for o in merged.opset_import}
+    for opset in float_copy.opset_import:
+        if opset.domain not in domains and (opset.domain, opset.version) not in known:
+            merged.opset_import.append(opset)
+    merged.functions.extend(f for f in float_copy.functions)
+    return merged
+
+
+def paired_errors(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, pairs: Mapping[str, str],
+                  batches: Iterable[Feeds], threads: int = 0,
+                  progress: Callable = lambda it, **_: it) -> dict[str, ErrorSums]:
+    """Signal / noise energy of every quantized tensor against its float counterpart.
+
+    `pairs` maps a float-model tensor name to the quantized-model tensor carrying its value.
     """
-    float_names = [n for n in pairs if n not in _input_names(float_proto)]
-    quant_names = [pairs[n] for n in float_names]
-    sums = {name: ErrorSums() for name in float_names}
-    reference = runtime.capture(float_proto, float_names, batches(), threads=threads)
-    candidate = runtime.capture(quant_proto, quant_names, batches(), threads=threads)
-    for ref, cand in progress(zip(reference, candidate), desc="quant: measuring SQNR"):
-        for name in float_names:
-            sums[name].add(ref[name], cand[pairs[name]])
+    inputs = {i.name for i in float_proto.graph.input}
+    probe = Probe(paired_model(float_proto, quant_proto))
+    reads = {}
+    for name, quantized in pairs.items():
+        if name in inputs:
+            continue
+        reference = FLOAT_PREFIX + name
+        reads[name] = (probe.energy(reference), probe.energy(quantized, reference))
+    sums = {name: ErrorSums() for name in reads}
+    for out in progress(probe.run(batches, threads), desc="quant: measuring SQNR"):
+        for name, (signal, noise) in reads.items():
+            sums[name].signal += float(out[signal])
+            sums[name].noise += float(out[noise])
     return sums
 
 
-def _input_names(proto: onnx.ModelProto) -> set[str]:
-    return {i.name for i in proto.graph.input}
+# ---------------------------------------------------------------------------------------------
+# Bias correction
 
 
-@dataclass(frozen=True)
-class Shadow:
-    """A quantized layer and a float twin fed the same (dequantized) inputs."""
-
-    node: str  # quantized node name
-    output: str  # its output (before any folded activation)
-    twin_output: str
-    channel_axis: int = 1
-
-
-def add_float_twins(proto: onnx.ModelProto, layers: Sequence[tuple[str, dict[int, np.ndarray]]]) -> tuple[onnx.ModelProto, list[Shadow]]:
-    """A copy of `proto` where each named node gets a float twin whose inputs listed in the dict
-    are replaced by the given float arrays (the original weights / bias); other inputs are shared.
-
-    Comparing a layer with its twin isolates the error its own integer weights add, given the
-    quantized activations it really sees.
-    """
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    by_name = {n.name: n for n in model.graph.node}
-    shadows = []
+def add_float_twins(probe: Probe, layers: Sequence[tuple[str, dict[int, np.ndarray]]]) -> dict[str, str]:
+    """Give each named node a float twin whose listed inputs are replaced by the given arrays (its
+    original weights / bias); other inputs are shared. Returns {node: twin output name}."""
+    by_name = {n.name: n for n in probe.graph.node}
+    twins = {}
     for name, replacements in layers:
         node = by_name[name]
-        twin = onnx.NodeProto()
-        twin.CopyFrom(node)
-        twin.name = f"{name}__float_twin"
         inputs = list(node.input)
         for index, value in replacements.items():
-            init = numpy_helper.from_array(np.asarray(value, dtype=np.float32), f"{name}__float_twin_in{index}")
-            model.graph.initializer.append(init)
             while len(inputs) <= index:
                 inputs.append("")
-            inputs[index] = init.name
-        del twin.input[:]
-        twin.input.extend(inputs)
-        del twin.output[:]
-        twin.output.append(f"{name}__float_twin_out")
-        model.graph.node.append(twin)
-        shadows.append(Shadow(name, node.output[0], twin.output[0]))
-    return model, shadows
+            inputs[index] = probe._const(np.asarray(value, dtype=np.float32))
+        twin = helper.make_node(node.op_type, inputs, [probe._fresh(f"{name}_twin")], name=probe._fresh(name),
+                                domain=node.domain)
+        twin.attribute.extend(node.attribute)
+        probe.graph.node.append(twin)
+        twins[name] = twin.output[0]
+    return twins
 
 
-def mean_layer_errors(proto: onnx.ModelProto, shadows: Sequence[Shadow], batches: Iterable[Feeds], threads: int = 0,
+def mean_layer_errors(proto: onnx.ModelProto, layers: Sequence[tuple[str, dict[int, np.ndarray], int]],
+                      batches: Iterable[Feeds], threads: int = 0,
                       progress: Callable = lambda it, **_: it) -> dict[str, np.ndarray]:
-    """Per output channel, the mean of (quantized layer output - float twin output)."""
-    names = [n for s in shadows for n in (s.output, s.twin_output)]
+    """Per output channel (axis 1), the mean of (quantized layer output - float twin output).
+
+    `layers` holds (node name, {input index: float value}, output rank).
+    """
+    probe = Probe(proto)
+    outputs = {n.name: n.output[0] for n in probe.graph.node}
+    twins = add_float_twins(probe, [(name, values) for name, values, _ in layers])
+    reads = {name: probe.channel_sum(outputs[name], twins[name], rank) for name, _, rank in layers}
+    counts = {name: probe.output(probe._node("Size", [outputs[name]])) for name, _, _ in layers}
     sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for batch in progress(runtime.capture(proto, names, batches, threads=threads), desc="quant: bias correction"):
-        for s in shadows:
-            diff = batch[s.output].astype(np.float64) - batch[s.twin_output]
-            axes = tuple(i for i in range(diff.ndim) if i != s.channel_axis % diff.ndim)
-            sums[s.node] = sums.get(s.node, 0.0) + diff.sum(axis=axes)
-            counts[s.node] = counts.get(s.node, 0) + int(np.prod([diff.shape[i] for i in axes]))
-    return {name: sums[name] / counts[name] for name in sums}
+    totals: dict[str, int] = collections.Counter()
+    for out in progress(probe.run(batches, threads), desc="quant: bias correction"):
+        for name, read in reads.items():
+            sums[name] = sums.get(name, 0.0) + out[read].astype(np.float64)
+            channels = out[read].size
+            totals[name] += int(out[counts[name]]) // max(channels, 1)
+    return {name: sums[name] / max(totals[name], 1) for name in sums}
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
 
 
 def output_agreement(reference: Sequence[Feeds], candidate: Sequence[Feeds]) -> tuple[float, float]:
     """(argmax agreement, worst SQNR in dB) of a candidate's outputs vs the reference's.
 
     Agreement is top-1 for (batch, classes) outputs and the per-position argmax over the last
-    axis otherwise (pixels of a segmentation map, anchors of a detector); the mean over float
-    outputs with more than one entry on that axis. 1.0 when no output has such an axis.
+    axis otherwise (pixels of a segmentation map, anchors of a detector), averaged over float
+    outputs with more than one entry on that axis; 1.0 when no output has such an axis.
     """
     metrics = verify.compare_all(reference, candidate)
     agreements, sqnrs = [], []
@@ -136,10 +256,11 @@ def output_agreement(reference: Sequence[Feeds], candidate: Sequence[Feeds]) -> 
         if m.top1 is not None:
             agreements.append(m.top1)
             continue
-        ref = np.concatenate([r[name].reshape(-1, r[name].shape[-1]) for r in reference if r[name].ndim])
-        if ref.dtype.kind == "f" and ref.shape[-1] > 1:
-            cand = np.concatenate([c[name].reshape(-1, c[name].shape[-1]) for c in candidate if c[name].ndim])
-            agreements.append(verify.argmax_agreement(ref, cand))
+        ref = [r[name] for r in reference]
+        if ref[0].dtype.kind == "f" and ref[0].ndim and ref[0].shape[-1] > 1:
+            ref_rows = np.concatenate([r.reshape(-1, r.shape[-1]) for r in ref])
+            cand_rows = np.concatenate([c[name].reshape(-1, c[name].shape[-1]) for c in candidate])
+            agreements.append(verify.argmax_agreement(ref_rows, cand_rows))
     agreement = float(np.mean(agreements)) if agreements else 1.0
     return agreement, float(min(sqnrs)) if sqnrs else float("inf")
 
@@ -151,21 +272,9 @@ def model_outputs(proto: onnx.ModelProto, batches: Iterable[Feeds], threads: int
     return [runtime.run(sess, runtime.adapt_feeds(specs, b)) for b in batches]
 
 
-def make_value_info(name: str) -> onnx.ValueInfoProto:
-    return helper.make_empty_tensor_value_info(name)
-
-
-__all__ = ["ErrorSums", "Shadow", "add_float_twins", "mean_layer_errors", "output_agreement", "paired_errors",
-           "model_outputs"]
-
-
 def optimized_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
     """Op histogram of the graph onnxruntime actually runs (after its QDQ fusions, before layout
     changes), e.g. to check that Q/DQ pairs were fused into QLinearConv rather than left standing."""
-    import collections
-    import os
-    import tempfile
-
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,3 +286,7 @@ def optimized_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
         ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(path)
     return dict(collections.Counter(n.op_type for n in optimized.graph.node))
+
+
+__all__ = ["ErrorSums", "Probe", "add_float_twins", "mean_layer_errors", "optimized_op_counts", "output_agreement",
+           "paired_errors", "paired_model", "model_outputs", "sample_step"]

@@ -38,28 +38,33 @@ class RangeStats:
         self.limit = 0.0  # R: the histogram covers [-R, R]
         self.hist = np.zeros(2 * BINS, dtype=np.int64)
 
-    def update(self, values: np.ndarray) -> None:
+    def update(self, values: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
+        """Add a batch of values. `lo` / `hi` are the batch's exact extremes when `values` is only
+        a sample of it (the histogram is built from the sample, the range from the extremes)."""
         x = np.asarray(values).ravel()
-        if x.size == 0:
-            return
         if x.dtype != np.float32:
             x = x.astype(np.float32)
-        finite = x if np.isfinite(x).all() else x[np.isfinite(x)]  # inf/nan never set a range
-        if finite.size == 0:
-            return
-        lo, hi = float(finite.min()), float(finite.max())
+        if not np.isfinite(x).all():  # inf / nan never set a range
+            x = x[np.isfinite(x)]
+        if lo is None or hi is None:
+            if x.size == 0:
+                return
+            lo, hi = float(x.min()), float(x.max())
+        lo, hi = float(lo), float(hi)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
         self.min, self.max = min(self.min, lo), max(self.max, hi)
-        if finite.size > HIST_SAMPLES:
-            finite = finite[:: -(-finite.size // HIST_SAMPLES)]
+        if x.size > HIST_SAMPLES:
+            x = x[:: -(-x.size // HIST_SAMPLES)]
         self._grow(max(-lo, hi))
         if self.limit == 0.0:  # all zeros so far
-            self.hist[BINS] += finite.size
+            self.hist[BINS] += x.size
         else:
             width = self.limit / BINS
-            index = np.floor((finite + np.float32(self.limit)) * np.float32(1 / width)).astype(np.int64)
+            index = np.floor((x + np.float32(self.limit)) * np.float32(1 / width)).astype(np.int64)
             np.clip(index, 0, 2 * BINS - 1, out=index)
             self.hist += np.bincount(index, minlength=2 * BINS)
-        self.count += finite.size
+        self.count += x.size
 
     def _grow(self, absmax: float) -> None:
         if absmax <= self.limit:
@@ -84,7 +89,7 @@ class RangeStats:
 
     @property
     def empty(self) -> bool:
-        return self.count == 0
+        return self.count == 0 and self.min > self.max
 
     def merge_from(self, other: RangeStats) -> None:
         """Add another tensor's statistics (tensors that share one scale)."""
@@ -97,6 +102,13 @@ class RangeStats:
             hist = _rebin(other.hist, other.limit, self.limit)
         self.hist += hist
         self.count += other.count
+
+    def fraction_above(self, value: float) -> float:
+        """Fraction of the histogram above `value` (bin resolution)."""
+        if self.empty or self.limit == 0.0:
+            return 0.0 if value >= 0 else 1.0
+        index = int(np.clip(np.floor((value + self.limit) / (self.limit / BINS)), 0, 2 * BINS))
+        return float(self.hist[index:].sum() / max(self.hist.sum(), 1))
 
     def edges(self) -> np.ndarray:
         return np.linspace(-self.limit, self.limit, 2 * BINS + 1)
@@ -118,7 +130,7 @@ def _rebin(hist: np.ndarray, limit: float, new_limit: float) -> np.ndarray:
 
 
 def collect(batches: Iterable[Mapping[str, np.ndarray]], names: Iterable[str]) -> dict[str, RangeStats]:
-    """RangeStats for every named tensor over a stream of captured batches."""
+    """RangeStats for every named tensor over a stream of batches of whole tensors."""
     stats = {name: RangeStats() for name in names}
     for batch in batches:
         for name, stat in stats.items():

@@ -36,6 +36,8 @@ INT16_OPSET = 21  # 16-bit and 4-bit types in ai.onnx Q/DQ
 MS_DOMAIN = "com.microsoft"
 # A float32 slack ORT allows when it checks that a Q range lies within a Clip's range.
 _CLIP_EPS = float(np.finfo(np.float32).eps)
+# Share of a layer's input values allowed above u8 code 128 before `saturation_guard` acts.
+SATURATION_FRACTION = 0.01
 
 
 @register_pass
@@ -57,6 +59,11 @@ class StaticQuantize(Pass):
         "minmax", "weight ranges: minmax (absmax) | mse (per-channel clipping with the least error)")
     reduce_range: bool = option(
         False, "7-bit weights: avoids int16 saturation in u8s8 kernels on x86 CPUs without VNNI, costs precision")
+    saturation_guard: Literal["reduce-range", "uint8-weights", "off"] = option(
+        "reduce-range", "x86 CPUs without VNNI add uint8 x int8 products in saturating int16 pairs; layers whose "
+                        "input codes are often above 128 (e.g. signed inputs, zero point ~128) get 7-bit weights "
+                        "(reduce-range: fast u8s8 kernels) or uint8 weights (uint8-weights: exact but slower u8u8 "
+                        "kernels); off: no guard")
     activation_type: Literal["uint8", "int8", "int16"] = option(
         "uint8", "activation type; int16 needs opset 21 (or com.microsoft Q/DQ) and runs on float kernels")
     symmetric_activations: bool = option(
@@ -204,22 +211,32 @@ class _Quantizer:
         return stats
 
     def _collect(self, names: list[str], data: CalibrationData, desc: str) -> dict[str, calibrate.RangeStats]:
+        """Streams min / max / a strided sample of each tensor out of the float model (see analysis.Probe)."""
         inputs = {s.name for s in self.specs}
-        captured = [n for n in names if n not in inputs]
-
-        def batches():
-            for feeds, values in zip(self._batches(data), runtime.capture(
-                    self.float_proto, captured, self._batches(data), threads=self.ctx.threads)):
-                yield {**{k: v for k, v in feeds.items() if k in names}, **values}
-
+        probe = analysis.Probe(self.float_proto)
+        tensors = ir.from_proto(self.float_proto, infer=False).graph.tensors()
+        reads = {}
+        for name in names:
+            if name not in inputs:
+                shape = tensors[name].shape if name in tensors else None
+                size = int(np.prod([d for d in (shape or [])[1:] if isinstance(d, int) and d > 0], dtype=np.int64))
+                step = analysis.sample_step(size) if shape else 1
+                reads[name] = (probe.sample(name, step), probe.minimum(name), probe.maximum(name))
+        stats = {name: calibrate.RangeStats() for name in names}
         try:
-            stream = self.ctx.progress_bar(batches(), total=self._batch_count(data), desc=desc)
-            return calibrate.collect(stream, names)
+            batches = self._batches(data)
+            for feeds, out in self.ctx.progress_bar(zip(self._batches(data), probe.run(batches, self.ctx.threads)),
+                                                    total=self._batch_count(data), desc=desc):
+                for name, (sample, low, high) in reads.items():
+                    stats[name].update(out[sample], out[low], out[high])
+                for name in inputs & set(names):
+                    stats[name].update(feeds[name])
         except CalibrationDataError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT rejects the data (shapes, dtypes)
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CalibrationDataError(f"quant: the model does not run on the calibration data ({message})") from None
+        return stats
 
     def _ensure_stats(self, plan: Plan) -> None:
         missing = [p.name for p in plan.points if p.name not in self.stats]
@@ -271,9 +288,16 @@ class _Quantizer:
             node = by_name[slot.node.name]
             _fold_gemm_scalars(node)
             value = ir.constant_value(node.inputs[slot.index]).astype(np.float32)
-            wparams = weight_params(value, slot, self.o.weight_qtype, self.o.reduce_range, self.o.weight_method)
-            bias_value = _bias_value(node, value) if node.name in bias_nodes else None
             input_params = params.get(node.inputs[0].name)
+            weight_type, reduce_range = self.o.weight_qtype, self.o.reduce_range
+            if self._saturates(node, input_params):
+                if self.o.saturation_guard == "uint8-weights":
+                    weight_type = numerics.qtype("uint8")
+                else:
+                    reduce_range = True
+                built.guarded.append(node.name)
+            wparams = weight_params(value, slot, weight_type, reduce_range, self.o.weight_method)
+            bias_value = _bias_value(node, value) if node.name in bias_nodes else None
             if bias_value is not None and input_params is not None:
                 wparams = fit_bias(wparams, bias_value, input_params.scale)
             q = writer.constant(node, slot.index, value, wparams)
@@ -295,6 +319,24 @@ class _Quantizer:
         built.quantized = [n.name for n in quantized]
         return model, built
 
+    def _saturates(self, node: gs.Node, input_params: QParams | None) -> bool:
+        """Whether u8 x s8 int16 pair sums of this layer would often saturate (see `saturation_guard`)."""
+        if self.o.saturation_guard == "off" or input_params is None or self.o.reduce_range:
+            return False
+        if self.o.activation_type != "uint8" or self.o.weight_type != "int8" or node.op not in ANCHORS:
+            return False  # (ORT has no int8-activation x uint8-weight kernels)
+        weight = ir.constant_value(node.inputs[1])
+        if node.op == "Conv" and weight is not None and weight.shape[1] == 1 and int(node.attrs.get("group", 1)) > 1:
+            return False  # depthwise kernels multiply in int32
+        stats = self.stats.get(node.inputs[0].name)
+        if stats is None:
+            return False
+        scale = float(np.asarray(input_params.scale).reshape(()))
+        zero = int(np.asarray(input_params.zero_point).reshape(()))
+        # Above u8 code 128 the u8 x s8 pair sums can pass 32767 (2 * 128 * 127 = 32512).
+        threshold = (128 - zero) * scale
+        return stats.fraction_above(threshold) > SATURATION_FRACTION
+
     def _write_bias(self, writer: QdqWriter, node: gs.Node, weight: QuantizedWeight, value: np.ndarray,
                     input_params: QParams) -> QuantizedBias:
         input_scale = np.float32(np.asarray(input_params.scale).reshape(()))
@@ -315,10 +357,11 @@ class _Quantizer:
 
     def _correct_biases(self, quant: ir.Model, built: _Built) -> None:
         start = time.perf_counter()
-        layers = [(b.node.name, {1: b.weight.float_value, 2: b.float_value}) for b in built.biases]
-        proto, shadows = analysis.add_float_twins(quant.to_proto(), layers)
+        layers = [(b.node.name, {1: b.weight.float_value, 2: b.float_value}, _output_rank(b.node))
+                  for b in built.biases]
+        layers = [layer for layer in layers if layer[2] is not None]
         data = self.calib.take(self.o.analysis_samples)
-        errors = analysis.mean_layer_errors(proto, shadows, self._batches(data), threads=self.ctx.threads,
+        errors = analysis.mean_layer_errors(quant.to_proto(), layers, self._batches(data), threads=self.ctx.threads,
                                             progress=self._progress(data))
         for bias in built.biases:
             error = errors.get(bias.node.name)
@@ -346,7 +389,7 @@ class _Quantizer:
         for t in quant.graph.outputs:
             pairs.setdefault(t.name, t.name)
         data = self.calib.take(self.o.analysis_samples)
-        errors = analysis.paired_errors(self.float_proto, quant.to_proto(), pairs, lambda: self._batches(data),
+        errors = analysis.paired_errors(self.float_proto, quant.to_proto(), pairs, self._batches(data),
                                         threads=self.ctx.threads, progress=self._progress(data))
         self.output_names = graph_outputs
         self.timings["analysis"] = self.timings.get("analysis", 0.0) + time.perf_counter() - start
@@ -425,6 +468,7 @@ class _Quantizer:
             "calibration_samples": len(self.calib),
             "method": self.o.method,
             "bias_corrected": built.corrected,
+            "saturation_guarded": len(built.guarded),
             "output_sqnr_db": min(outputs.values()) if outputs else None,
         }
         if fallback:
@@ -463,8 +507,10 @@ class _Built:
     biases: list[QuantizedBias] = None
     quantized: list[str] = None
     corrected: int = 0
+    guarded: list[str] = None
 
     def __post_init__(self):
+        self.guarded = [] if self.guarded is None else self.guarded
         self.weights = [] if self.weights is None else self.weights
         self.biases = [] if self.biases is None else self.biases
         self.quantized = [] if self.quantized is None else self.quantized
@@ -521,6 +567,17 @@ def _bias_value(node: gs.Node, weight: np.ndarray) -> np.ndarray:
     if value is None:
         return np.zeros(channels, dtype=np.float32)
     return np.broadcast_to(value.reshape(-1).astype(np.float32), (channels,)).copy()
+
+
+def _output_rank(node: gs.Node) -> int | None:
+    """Rank of a Conv / Gemm output (known from its weight when shape inference gave none)."""
+    shape = node.outputs[0].shape
+    if shape is not None:
+        return len(shape)
+    if node.op == "Gemm":
+        return 2
+    weight = ir.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    return weight.ndim if weight is not None and node.op in ("Conv", "ConvTranspose") else None
 
 
 def _result_point(plan: Plan, node: gs.Node) -> str | None:
