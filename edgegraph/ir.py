@@ -202,16 +202,19 @@ def _map_external_data(model: Model, path: Path) -> None:
         tensor.data_location = None  # the values are in memory now, as far as export is concerned
 
 
+# Types stored packed, several values to a byte, while numpy holds one value per byte.
+_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+                 if hasattr(onnx.TensorProto, n)}
+
+
 def _numpy_dtype(data_type: int) -> np.dtype | None:
     """The numpy dtype whose bytes are the tensor's raw bytes, if there is one."""
-    if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+    if data_type in _PACKED_TYPES or data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return None
     try:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
     except (KeyError, TypeError, ValueError):
         return None
-    # Sub-byte types are packed two to a byte in the file, one to a byte in numpy.
-    return None if "4" in dtype.name and dtype.itemsize == 1 and "float8" not in dtype.name else dtype
 
 
 def proto_size(model) -> int:
@@ -284,10 +287,11 @@ def _detachable(values) -> bool:
     if isinstance(values, LazyValues):
         return values.tensor.HasField("raw_data")
     try:
-        onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+        data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
     except (KeyError, TypeError, ValueError):
         return False
-    return values.dtype != object
+    # numpy holds 4-bit values one per byte; their file bytes are packed (gs packs on export).
+    return values.dtype != object and data_type not in _PACKED_TYPES
 
 
 def _is_detached(constant: gs.Constant) -> bool:
@@ -456,8 +460,6 @@ def const(name: str, values: np.ndarray) -> gs.Constant:
         values = np.ascontiguousarray(values)
     if values.dtype.itemsize == 1 and values.dtype.name in ("int4", "uint4", "float4_e2m1fn"):
         # graphsurgeon would write one byte per element; onnx's own converter packs them.
-        from onnx_graphsurgeon.ir.tensor import LazyValues
-
         return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(values, name)))
     return gs.Constant(name, values)
 

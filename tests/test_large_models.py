@@ -162,3 +162,42 @@ def test_model_over_2gb(tmp_path):
     assert (path.parent / "large.onnx.data").stat().st_size > 2**31
     assert_same_outputs(expected, outputs(path, feeds))
     assert {p.name: p.stat().st_mtime_ns for p in source.parent.iterdir()} == before
+
+
+def test_external_data_of_every_storage_kind(tmp_path):
+    """Memory-mapped (float16, int8, bool, int64) and read-in (packed int4) weights both survive."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w_f16": rng.standard_normal((32, 32)).astype(np.float16),
+        "w_i8": rng.integers(-128, 127, (40, 40), dtype=np.int8),
+        "w_bool": rng.random((30, 50)) < 0.5,
+        "w_i64": rng.integers(-2**40, 2**40, (16, 16), dtype=np.int64),
+    }
+    tensors = [onnx.numpy_helper.from_array(a, name) for name, a in arrays.items()]
+    int4 = rng.integers(-8, 8, 4096).astype(np.int8)
+    nibbles = (int4 & 0x0F).astype(np.uint8)  # two's complement, first value in the low nibble
+    packed = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+    tensors.append(onnx.helper.make_tensor("w_i4", onnx.TensorProto.INT4, [4096], packed, raw=True))
+    # onnxruntime reads int4 only through DequantizeLinear (scale 1 gives the values back as floats).
+    nodes = [onnx.helper.make_node("Identity", [n], [f"{n}_out"]) for n in arrays]
+    nodes.append(onnx.helper.make_node("DequantizeLinear", ["w_i4", "one"], ["w_i4_out"]))
+    tensors.append(onnx.numpy_helper.from_array(np.float32(1), "one"))
+    outs = [onnx.helper.make_tensor_value_info(f"{t.name}_out", t.data_type, list(t.dims)) for t in tensors[:4]]
+    outs.append(onnx.helper.make_tensor_value_info("w_i4_out", onnx.TensorProto.FLOAT, [4096]))
+    graph = onnx.helper.make_graph(nodes, "kinds", [], outs, tensors)
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    expected = outputs(proto, {})
+    source = tmp_path / "kinds.onnx"
+    onnx.save_model(proto, source, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(tmp_path.iterdir())) == 7  # one data file per tensor (the scalar too), as some exporters write
+
+    model = ir.load(source)
+    values = {n: model.graph.tensors()[n].values for n in arrays}
+    assert all(isinstance(values[n], np.memmap) for n in arrays)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(values[name], array)
+    np.testing.assert_array_equal(expected["w_i4_out"], int4)
+    assert_same_outputs(expected, outputs(model, {}))
+    (tmp_path / "out").mkdir()
+    out = ir.save(model.copy(), tmp_path / "out" / "kinds.onnx", external_data=True)
+    assert_same_outputs(expected, outputs(out, {}))

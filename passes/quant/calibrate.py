@@ -44,15 +44,14 @@ class RangeStats:
         x = np.asarray(values).ravel()
         if x.dtype != np.float32:
             x = x.astype(np.float32)
-        if not np.isfinite(x).all():  # inf / nan never set a range
-            x = x[np.isfinite(x)]
+        if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+            x = x[np.isfinite(x)]  # inf / nan never set a range
+            lo = hi = None
         if lo is None or hi is None:
             if x.size == 0:
                 return
             lo, hi = float(x.min()), float(x.max())
         lo, hi = float(lo), float(hi)
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         if x.size > HIST_SAMPLES:
             x = x[:: -(-x.size // HIST_SAMPLES)]
@@ -60,9 +59,10 @@ class RangeStats:
         if self.limit == 0.0:  # all zeros so far
             self.hist[BINS] += x.size
         else:
-            width = self.limit / BINS
-            index = np.floor((x + np.float32(self.limit)) * np.float32(1 / width)).astype(np.int64)
-            np.clip(index, 0, 2 * BINS - 1, out=index)
+            # Non-finite values (only possible without lo / hi) were dropped above; others lie in range.
+            index = ((x + np.float32(self.limit)) * np.float32(BINS / self.limit)).astype(np.int64)
+            np.minimum(index, 2 * BINS - 1, out=index)
+            np.maximum(index, 0, out=index)
             self.hist += np.bincount(index, minlength=2 * BINS)
         self.count += x.size
 
@@ -242,28 +242,38 @@ def quantization_mse(centers: np.ndarray, counts: np.ndarray, lo, hi, qt: QType,
     if transfer is None:
         error = (centers - clipped) ** 2 + inside * (scale**2 / 12.0)
     else:
-        error = (transfer.f(centers) - transfer.f(clipped)) ** 2 + inside * transfer.df(centers) ** 2 * (scale**2 / 12.0)
+        # Only clipped entries need f(clipped); f of the low / high bound per candidate is enough.
+        f_centers = transfer.f(centers)
+        clip_error = np.where(centers < low, transfer.f(low) - f_centers, 0.0) + np.where(
+            centers > high, transfer.f(high) - f_centers, 0.0)
+        error = clip_error**2 + inside * transfer.df(centers) ** 2 * (scale**2 / 12.0)
     return (error * counts).sum(axis=1)
 
 
 def _mse_range(stats: RangeStats, qt: QType, symmetric: bool, lo: float, hi: float,
                transfer: Transfer | None = None) -> tuple[float, float]:
+    """Coordinate search over clipping ratios of the observed range: the upper bound with the lower
+    fixed, then the lower bound, twice; each a coarse grid refined around its best point. A
+    symmetric range has one free parameter, so both bounds scale together."""
     centers, counts = _centers_counts(stats)
-    ratios = np.linspace(0.02, 1.0, 99)
-    # Coordinate search: the upper bound with the lower fixed, then the lower bound, twice. A
-    # symmetric range only has one free parameter, so both bounds scale together.
+
+    def best_ratio(candidates: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], sym: bool) -> float:
+        ratios = np.linspace(0.02, 1.0, 50)
+        for _ in range(2):
+            errors = quantization_mse(centers, counts, *candidates(ratios), qt, sym, transfer)
+            best = float(ratios[int(np.argmin(errors))])
+            ratios = np.clip(np.linspace(best - 0.02, best + 0.02, 21), 0.005, 1.0)
+        return best
+
     if symmetric:
-        errors = quantization_mse(centers, counts, lo * ratios, hi * ratios, qt, True, transfer)
-        k = int(np.argmin(errors))
-        return lo * ratios[k], hi * ratios[k]
+        r = best_ratio(lambda t: (lo * t, hi * t), True)
+        return lo * r, hi * r
     best_lo, best_hi = lo, hi
     for _ in range(2):
         if best_hi > 0:
-            errors = quantization_mse(centers, counts, np.full_like(ratios, best_lo), hi * ratios, qt, False, transfer)
-            best_hi = hi * ratios[int(np.argmin(errors))]
+            best_hi = hi * best_ratio(lambda t: (np.full_like(t, best_lo), hi * t), False)
         if best_lo < 0:
-            errors = quantization_mse(centers, counts, lo * ratios, np.full_like(ratios, best_hi), qt, False, transfer)
-            best_lo = lo * ratios[int(np.argmin(errors))]
+            best_lo = lo * best_ratio(lambda t: (lo * t, np.full_like(t, best_hi)), False)
     return best_lo, best_hi
 
 

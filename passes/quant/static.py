@@ -77,7 +77,7 @@ class StaticQuantize(Pass):
               "stay float until it holds on the calibration data")
     min_sqnr: float | None = option(None, "minimum output SQNR in dB vs the float model; sensitive layers stay float")
     calib_samples: int = option(0, "calibration samples to use (0 = all)")
-    analysis_samples: int = option(32, "samples used for bias correction, the per-layer table and sensitivity")
+    analysis_samples: int = option(16, "samples used for bias correction, the per-layer table and sensitivity")
     prepare: bool = option(True, "run the exact `cleanup` pass first (folds BatchNorm and constants)")
     check_speed: bool = option(True, "time the result against the float model in ORT and warn if it is not faster")
 

@@ -10,7 +10,8 @@ Two encodings, same numbers:
     Works at any opset; runs on onnxruntime's dedicated MLAS int4 kernels.
   - `qdq`: standard ONNX, an int4/uint4 initializer -> blocked DequantizeLinear (axis 0,
     block_size) -> MatMul. Needs opset 21, so older models are converted with onnx's version
-    converter; onnxruntime fuses the pair into MatMulNBits when it loads the model.
+    converter. onnxruntime fuses the pair into MatMulNBits when it loads the model, with int8
+    activations (its session option `session.qdq_matmulnbits_accuracy_level`, default 4).
 """
 
 from __future__ import annotations
