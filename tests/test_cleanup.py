@@ -65,6 +65,7 @@ CASES = [
     ("remove-identity", fx.no_ops, ["Relu"]),
     ("simplify-shapes", fx.layout_chains, ["Cast", "Concat", "ReduceMean", "Reshape", "Slice", "Transpose"]),
     ("simplify-shapes", fx.dynamic_reshape, ["Reshape"]),
+    ("simplify-shapes", fx.transpose_round_trip, ["Mul", "Mul", "Pow", "Sigmoid", "Slice", "Slice", "Sub"]),
     ("fold-batchnorm", fx.conv_batchnorm, ["Add", "Conv", "Conv", "ConvTranspose", "Gemm", "MatMul", "Relu", "Reshape"]),
     ("fuse-linear", fx.linear_fusions, ["Conv", "ConvTranspose", "Gemm", "Mul", "Reshape"]),
     ("cse", fx.duplicates, ["Add", "Add", "Dropout", "MatMul", "Mul", "RandomUniformLike", "RandomUniformLike",
@@ -141,6 +142,25 @@ def test_remove_identity_keeps_what_is_needed():
     model = fx.needed_ops()
     assert not run_pass(model, "remove-identity").modified
     assert ops(apply(model, "cleanup")) == ["Add", "Cast", "Identity", "Slice"]
+
+
+def test_reshape_target_trusts_named_dims_only():
+    named = apply(fx.reshape_like_other(("batch", "seq")), "simplify-shapes")
+    assert ops(named) == ["Reshape"]
+    target = onnx.numpy_helper.to_array(next(t for t in named.graph.initializer if t.name.endswith("_shape")))
+    assert target.tolist() == [0, 0, 4, 8]
+    # "?" is what some exporters write for every unknown dim: x and y may differ, and do here.
+    model = fx.reshape_like_other(("?", "?"))
+    result = apply(model, "cleanup")
+    assert "Concat" in ops(result)
+    feeds = {"x": np.ones((2, 3, 32), np.float32), "y": np.ones((3, 2), np.float32)}
+    assert_same_outputs(model, result, feeds)
+
+
+def test_transposes_stay_when_the_data_escapes_their_region():
+    model = fx.transpose_round_trip(escape=True)
+    assert not run_pass(model, "simplify-shapes").modified
+    assert ops(apply(model, "cleanup")).count("Transpose") == 2
 
 
 def test_batchnorm_in_float16_is_left_alone():

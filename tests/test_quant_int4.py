@@ -34,7 +34,7 @@ def single_matmul(k: int, n: int = 24, seed: int = 0) -> tuple[onnx.ModelProto, 
 def test_matmulnbits_computes_x_times_the_dequantized_blocks(k, symmetric):
     """K=40 leaves a partial last block: the padding path of the packing."""
     proto, w = single_matmul(k)
-    out, record = quantize(proto, f"quant-int4(symmetric={str(symmetric).lower()})")
+    out, record = quantize(proto, f"quant-int4(symmetric={str(symmetric).lower()}, accuracy_level=0)")
     node = next(n for n in out.graph.nodes if n.op == "MatMulNBits")
     assert node.attrs["K"] == k and node.attrs["N"] == 24 and node.attrs["block_size"] == 32
     qt = nq.qtype("int4" if symmetric else "uint4")
@@ -48,7 +48,7 @@ def test_matmulnbits_computes_x_times_the_dequantized_blocks(k, symmetric):
 
 def test_qdq_and_matmulnbits_encode_the_same_numbers():
     batches = fl.token_batches()
-    nbits, _ = quantize(fl.mlp(), "quant-int4")
+    nbits, _ = quantize(fl.mlp(), "quant-int4(accuracy_level=0)")  # float compute: the plain math
     qdq, record = quantize(fl.mlp(), "quant-int4(format=qdq)")
     assert record.stats["opset_converted"] == "17 -> 21" and qdq.opset == 21
     dequant = [n for n in qdq.graph.nodes if n.op == "DequantizeLinear" and n.attrs.get("block_size")]
@@ -58,6 +58,10 @@ def test_qdq_and_matmulnbits_encode_the_same_numbers():
     # into MatMulNBits with int8 activations (accuracy_level 4), which is no longer the same math.
     a, b = (np.concatenate([runtime.run(runtime.session(m), feeds)["y"] for feeds in batches]) for m in (nbits, qdq))
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
+    # As deployed, the default (accuracy_level 4) computes exactly what onnxruntime makes of the QDQ form.
+    default, _ = quantize(fl.mlp(), "quant-int4")
+    np.testing.assert_allclose(outputs(default, batches, "y"), outputs(qdq, batches, "y"), rtol=0,
+                               atol=1e-5 * np.abs(a).max())
 
 
 def test_fixture_accuracy_and_size():

@@ -146,13 +146,24 @@ def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
 
 
 def shape_of(tensor: gs.Tensor) -> list | None:
-    """The tensor's shape as a list (ints for known dims, str/None otherwise), or None if unknown rank."""
+    """The tensor's shape as a list, or None if even the rank is unknown. Dims are ints when
+    known, symbol names when named (equal names mean equal dims), None otherwise."""
     if isinstance(tensor, gs.Constant):
         return list(tensor.shape)
     shape = tensor.shape
     if shape is None:
         return None
-    return [d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else None) for d in shape]
+    return [d if isinstance(d, int) and d >= 0 else _symbol(d) for d in shape]
+
+
+# Dim names exporters reuse for *different* unknown dims: they say nothing about equality.
+_PLACEHOLDER_DIMS = {"?", "none", "null", "unk", "unknown", "dynamic"}
+
+
+def _symbol(dim) -> str | None:
+    if not isinstance(dim, str) or not dim or dim.strip().lower() in _PLACEHOLDER_DIMS:
+        return None
+    return dim if any(c.isalpha() for c in dim) else None
 
 
 def same_dim(a, b) -> bool:

@@ -63,6 +63,7 @@ def _constants(graph: gs.Graph) -> set[int]:
 
 
 def _drop_unused_outputs(graph: gs.Graph, node: gs.Node) -> int:
+    """Blank out optional outputs nobody reads (the node itself is live: `prune` ran first)."""
     first = OPTIONAL_OUTPUTS.get(node.op)
     if first is None or not is_standard(node):
         return 0
@@ -72,10 +73,8 @@ def _drop_unused_outputs(graph: gs.Graph, node: gs.Node) -> int:
         if not is_empty(out) and not out.outputs and not ir.is_graph_output(graph, out):
             node.outputs[i] = gs.Variable.empty()
             dropped += 1
-    while node.outputs and len(node.outputs) > 1 and is_empty(node.outputs[-1]):
+    while len(node.outputs) > 1 and is_empty(node.outputs[-1]):
         node.outputs.pop()
-    if node.outputs and all(is_empty(o) for o in node.outputs):
-        return 0  # never leave a node without outputs here; cleanup removes dead nodes
     return dropped
 
 

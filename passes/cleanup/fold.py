@@ -2,11 +2,12 @@
 
 Constants are evaluated in onnxruntime (one session for the whole constant subgraph, so results
 are bit-identical to what the original model computed at run time) after static `Shape`/`Size`
-results are filled in from inferred shapes. Unlike graphsurgeon's folder this one respects
-`Shape(start, end)`, never folds custom-domain, random or (De)QuantizeLinear ops, never rewrites
-int casts on shape arithmetic, and refuses folds that would bloat the model: a result that is
-larger than its constant inputs (a Cast of int8 weights to float, Expand, Tile,
-ConstantOfShape ...) is only materialised while it stays small.
+results are filled in from inferred shapes. Unlike graphsurgeon's `fold_constants` this one
+respects `Shape(start, end)`, never folds custom-domain, random or (De)QuantizeLinear ops, has no
+"cast elision" (which turns float constants of shape arithmetic into truncated ints), keeps
+scalars scalar, and refuses folds that would bloat the model: a result larger than its constant
+inputs (a Cast of int8 weights to float, Expand, Tile, ConstantOfShape ...) is only materialised
+while it stays small.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 from edgegraph import ir
 from edgegraph.registry import register_pass
 
+from .transposes import sink_transpose
 from .common import (
     GraphPass, axes_of, dtype_of, int_list, is_empty, is_standard, live_nodes, normalize_axes, only_consumer,
     optional_input, perm_of, remove, same_dim, set_inputs, shape_of, value,
@@ -41,8 +42,8 @@ class SimplifyShapes(GraphPass):
     """Merge and cancel layout ops and resolve shape arithmetic.
 
     - consecutive Reshape/Flatten/Squeeze/Unsqueeze (and Transposes that only move size-1
-      axes) become one Reshape; Transpose pairs compose or cancel; Squeeze/Unsqueeze of the
-      same axes cancel;
+      axes) become one Reshape; Transpose pairs compose or cancel, also across elementwise ops
+      and Slices (NHWC/NCHW round trips); Squeeze/Unsqueeze of the same axes cancel;
     - a Reshape whose target is assembled from `Shape` pieces gets a constant target (dims
       copied from its own input become 0, one unknown dim becomes -1); a Concat of all dims of
       a tensor becomes its `Shape`;
@@ -52,7 +53,7 @@ class SimplifyShapes(GraphPass):
     """
 
     name = "simplify-shapes"
-    summary = "Merge Reshape/Transpose/Squeeze/Unsqueeze/Slice/Concat chains and resolve Shape arithmetic."
+    summary = "Merge/cancel Reshape/Transpose/Squeeze/Unsqueeze/Slice/Concat chains, resolve Shape arithmetic."
     exact = True
 
     def rewrite(self, graph: gs.Graph, model: ir.Model) -> Counter:
@@ -92,6 +93,10 @@ class SimplifyShapes(GraphPass):
         node.inputs[0] = source
         node.attrs["perm"] = composed
         return "transpose_merged"
+
+    def transpose_sink(self, graph, node, opset):
+        """Transpose(p) -> layout-agnostic ops -> Transpose(p^-1): both Transposes go."""
+        return "transposes_cancelled" if sink_transpose(graph, node, self.names) else None
 
     # --- views -------------------------------------------------------------------------------
 
@@ -427,7 +432,7 @@ def _pick(node: gs.Node, dims: list[tuple]) -> list[tuple] | None:
 
 
 _RULES = {
-    "Transpose": (SimplifyShapes.transpose_pair, SimplifyShapes.view_chain),
+    "Transpose": (SimplifyShapes.transpose_pair, SimplifyShapes.view_chain, SimplifyShapes.transpose_sink),
     "Squeeze": (SimplifyShapes.squeeze_pair, SimplifyShapes.view_chain),
     "Unsqueeze": (SimplifyShapes.squeeze_pair, SimplifyShapes.reduce_unsqueeze, SimplifyShapes.view_chain),
     "Reshape": (SimplifyShapes.view_chain, SimplifyShapes.reshape_target),

@@ -295,6 +295,9 @@ def _entropy_range(stats: RangeStats, qt: QType, symmetric: bool, lo: float, hi:
 def _kl_threshold(hist: np.ndarray, levels: int) -> float:
     """Number of bins (a threshold in bin units) minimising KL(P || Q), TensorRT style."""
     hist = hist.astype(np.float64)
+    # The first bin holds the exact zeros of ReLU-like tensors, a spike that both P and Q keep
+    # exactly; leaving it in lets it dominate the divergence and pull the threshold far down.
+    hist[0] = 0.0
     last = int(np.nonzero(hist)[0][-1]) + 1 if hist.any() else 0
     if last <= levels:
         return float(max(last, 1))

@@ -44,7 +44,6 @@ class QuantizedBias:
     input_scale: np.float32
     weight: QuantizedWeight
     quantized: gs.Constant
-    scale: gs.Constant
 
     def set_value(self, value: np.ndarray) -> None:
         """Store a new float bias as int32 codes with the fixed scale input_scale * weight_scale."""
@@ -54,27 +53,36 @@ class QuantizedBias:
 
 
 class QdqWriter:
-    """Inserts Q/DQ nodes into `graph` following a plan; keeps graph output names."""
+    """Inserts Q/DQ nodes into `graph` following a plan; keeps graph output names.
+
+    Names stay short (`<tensor>_q`, `<tensor>_dq`, `<tensor>_scale`, `<tensor>_zp`) and the int32
+    bias zero points (all 0, ONNX's default) are omitted, because in small models this
+    bookkeeping is a visible share of the file. Tensors it creates carry a dtype
+    but no shape, so no value_info is written for them.
+    """
 
     def __init__(self, graph: gs.Graph, domain: str = ""):
         self.graph = graph
         self.domain = domain  # "" (ai.onnx) or "com.microsoft" for 16-bit types on old opsets
         self.namer = ir.Namer(graph)
         self.outputs = {t.name for t in graph.outputs}
-        self._param_consts: dict[int, tuple[gs.Constant, gs.Constant]] = {}
+        self._param_consts: dict[int, tuple[QParams, list[gs.Constant]]] = {}
         self.dequantized: dict[str, gs.Variable] = {}  # point name -> a DQ output carrying it (for analysis)
-        self.quantized_points: dict[str, gs.Variable] = {}  # point name -> the Q output
 
-    def _consts(self, params: QParams, stem: str) -> tuple[gs.Constant, gs.Constant]:
-        """One scale / zero-point initializer pair per QParams object, shared by its Q and DQ nodes."""
-        key = id(params)
+    def params_inputs(self, params: QParams, stem: str) -> list[gs.Constant]:
+        """[scale] or [scale, zero point]: one set of initializers per QParams object, shared by its Q and DQ."""
+        key = id(params)  # the cache also holds `params`, so the id cannot be reused meanwhile
         if key not in self._param_consts:
-            scale = ir.const(self.namer(f"{stem}_scale"), np.asarray(params.scale, dtype=np.float32))
-            zero = ir.const(self.namer(f"{stem}_zero_point"), np.asarray(params.zero_point).astype(params.qtype.dtype))
-            self._param_consts[key] = (scale, zero)
-        return self._param_consts[key]
+            consts = [ir.const(self.namer(f"{stem}_scale"), np.asarray(params.scale, dtype=np.float32))]
+            zero = np.asarray(params.zero_point).astype(params.qtype.dtype)
+            # Only int32 bias zero points are left out: an omitted one means uint8 for Q, and ORT's
+            # QGemm fusion wants the weight's zero point present.
+            if not (params.qtype.name == "int32" and not zero.any() and self.domain == ""):
+                consts.append(ir.const(self.namer(f"{stem}_zp"), zero))
+            self._param_consts[key] = (params, consts)
+        return self._param_consts[key][1]
 
-    def _node(self, op: str, stem: str, inputs, output: gs.Variable, axis: int | None) -> gs.Node:
+    def node(self, op: str, stem: str, inputs, output: gs.Variable, axis: int | None) -> gs.Node:
         attrs = {"axis": int(axis)} if axis is not None else {}
         node = gs.Node(op, self.namer(stem), attrs, list(inputs), [output], domain=self.domain or None)
         self.graph.nodes.append(node)
@@ -90,39 +98,51 @@ class QdqWriter:
             producer.outputs[producer.outputs.index(tensor)] = source
             for user in ir.consumers(tensor):
                 _rewire(user, tensor, source)
-        scale, zero = self._consts(params, tensor.name)
-        q = gs.Variable(self.namer(f"{tensor.name}_quantized"), params.qtype.dtype, tensor.shape)
+        consts = self.params_inputs(params, tensor.name)
+        q = gs.Variable(self.namer(f"{tensor.name}_q"), params.qtype.dtype)
         users = ir.consumers(source)
-        self._node("QuantizeLinear", f"{tensor.name}_QuantizeLinear", [source, scale, zero], q, params.axis)
-        self.quantized_points[tensor.name] = q
+        self.node("QuantizeLinear", f"{tensor.name}_Q", [source, *consts], q, params.axis)
         shared: gs.Variable | None = tensor if source is not tensor else None
         if shared is not None:
-            self._node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", [q, scale, zero], shared, params.axis)
+            self.node("DequantizeLinear", f"{tensor.name}_DQ", [q, *consts], shared, params.axis)
         for user in users:
-            if id(user) in quantized_consumers:
-                dq = gs.Variable(self.namer(f"{tensor.name}_dequantized"), tensor.dtype, tensor.shape)
-                self._node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", [q, scale, zero], dq, params.axis)
+            if id(user) in quantized_consumers or shared is None:
+                dq = gs.Variable(self.namer(f"{tensor.name}_dq"), tensor.dtype)
+                self.node("DequantizeLinear", f"{tensor.name}_DQ", [q, *consts], dq, params.axis)
+                if id(user) not in quantized_consumers:
+                    shared = dq
             else:
-                if shared is None:
-                    shared = gs.Variable(self.namer(f"{tensor.name}_dequantized"), tensor.dtype, tensor.shape)
-                    self._node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", [q, scale, zero], shared,
-                               params.axis)
                 dq = shared
             _rewire(user, source, dq)
             self.dequantized.setdefault(tensor.name, dq)
         if shared is not None:
             self.dequantized.setdefault(tensor.name, shared)
 
-    def constant(self, node: gs.Node, index: int, values: np.ndarray, params: QParams) -> gs.Constant:
+    def constant(self, node: gs.Node, index: int, values: np.ndarray, params: QParams,
+                 codes: np.ndarray | None = None) -> gs.Constant:
         """Replace a constant input by integer codes + DQ; returns the integer initializer."""
-        stem = node.inputs[index].name
-        codes = numerics.quantize(values, params.scale, params.zero_point, params.qtype, params.axis)
-        q = ir.const(self.namer(f"{stem}_quantized"), codes)
-        scale, zero = self._consts(params, stem)
-        out = gs.Variable(self.namer(f"{stem}_dequantized"), np.float32, list(values.shape))
-        self._node("DequantizeLinear", f"{stem}_DequantizeLinear", [q, scale, zero], out, params.axis)
+        present = index < len(node.inputs) and node.inputs[index].name
+        stem = node.inputs[index].name if present else f"{node.name}_in{index}"
+        if codes is None:
+            codes = numerics.quantize(values, params.scale, params.zero_point, params.qtype, params.axis)
+        q = ir.const(self.namer(f"{stem}_q"), codes)
+        out = gs.Variable(self.namer(f"{stem}_dq"), np.float32)
+        self.node("DequantizeLinear", f"{stem}_DQ", [q, *self.params_inputs(params, stem)], out, params.axis)
+        while len(node.inputs) <= index:
+            node.inputs.append(gs.Variable.empty())
         node.inputs[index] = out
         return q
+
+    def bias(self, node: gs.Node, weight: QuantizedWeight, value: np.ndarray, input_scale) -> QuantizedBias:
+        """An int32 bias with scale input_scale * weight_scale (what QLinearConv / QGemm fuse)."""
+        input_scale = np.float32(np.asarray(input_scale).reshape(()))
+        codes, scale = numerics.quantize_bias(value, input_scale, weight.params.scale)
+        params = QParams(scale, np.zeros(scale.shape, np.int32), INT32, 0 if scale.ndim else None)
+        q = self.constant(node, 2, value, params, codes)
+        return QuantizedBias(node, 2, value, input_scale, weight, q)
+
+
+INT32 = QType("int32", -(2**31), 2**31 - 1, np.dtype(np.int32), 6, 10)
 
 
 def _rewire(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:

@@ -306,7 +306,7 @@ class _Quantizer:
             if bias_value is not None:
                 if input_params is None:  # the input is not quantized (cannot happen for planned anchors)
                     raise AssertionError(f"quant: {node.name} has a bias but no quantized input")
-                built.biases.append(self._write_bias(writer, node, weight, bias_value, input_params))
+                built.biases.append(writer.bias(node, weight, bias_value, input_params.scale))
         for plan_node, index in plan.constants:
             node = by_name[plan_node.name]
             value = ir.constant_value(node.inputs[index]).astype(np.float32)
@@ -336,22 +336,6 @@ class _Quantizer:
         # Above u8 code 128 the u8 x s8 pair sums can pass 32767 (2 * 128 * 127 = 32512).
         threshold = (128 - zero) * scale
         return stats.fraction_above(threshold) > SATURATION_FRACTION
-
-    def _write_bias(self, writer: QdqWriter, node: gs.Node, weight: QuantizedWeight, value: np.ndarray,
-                    input_params: QParams) -> QuantizedBias:
-        input_scale = np.float32(np.asarray(input_params.scale).reshape(()))
-        codes, scale = numerics.quantize_bias(value, input_scale, weight.params.scale)
-        stem = f"{node.name}_bias"
-        q = ir.const(writer.namer(f"{stem}_quantized"), codes)
-        scale_c = ir.const(writer.namer(f"{stem}_scale"), scale.astype(np.float32))
-        zero_c = ir.const(writer.namer(f"{stem}_zero_point"), np.zeros(scale.shape, dtype=np.int32))
-        out = gs.Variable(writer.namer(f"{stem}_dequantized"), np.float32, list(value.shape))
-        writer._node("DequantizeLinear", f"{stem}_DequantizeLinear", [q, scale_c, zero_c], out,
-                     0 if scale.ndim else None)
-        while len(node.inputs) < 3:
-            node.inputs.append(gs.Variable.empty())
-        node.inputs[2] = out
-        return QuantizedBias(node, 2, value, input_scale, weight, q, scale_c)
 
     # -- bias correction -----------------------------------------------------------------------
 
