@@ -27,11 +27,12 @@ import argparse
 import io
 import json
 import logging
+import os
 import statistics
 import sys
 import time
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -99,16 +100,35 @@ def inputs_for(path: Path, proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return runtime.adapt_feeds(specs, batch)
 
 
+@contextmanager
+def silenced():
+    """Silence Python and native (C++ writes to fd 1/2) chatter of the tools."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        os.dup2(devnull.fileno(), 2)
+        try:
+            with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 def run_quietly(runner, proto: onnx.ModelProto) -> tuple[onnx.ModelProto, float]:
     """(result, seconds) of one call on a private copy of `proto`, tool chatter silenced."""
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
-    sink = io.StringIO()
-    start = time.perf_counter()
-    with redirect_stdout(sink), redirect_stderr(sink), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with silenced():
+        start = time.perf_counter()
         result = runner(copy)
-    return result, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+    return result, seconds
 
 
 def latencies(models: dict[str, onnx.ModelProto], feeds) -> dict[str, float]:
@@ -170,7 +190,8 @@ def bench(path: Path, repeat: int) -> dict:
         row[tool] = {"time": statistics.median(times[tool]), "nodes": all_nodes(results[tool]),
                      "mb": results[tool].ByteSize() / 1e6, "diff": diff, "scale": scale}
     runnable = {tool: results[tool] for tool in TOOLS if "error" not in row[tool]}
-    lat = latencies({"original": proto, **runnable}, feeds)
+    with silenced():
+        lat = latencies({"original": proto, **runnable}, feeds)
     row["orig_lat"] = lat["original"]
     for tool in runnable:
         row[tool]["lat"] = lat[tool]

@@ -403,7 +403,7 @@ class _Quantizer:
         attempts = 0
         while low <= high:
             k = (low + high) // 2
-            trial_plan = self._plan_from(float_nodes | set(ranking[:k]))
+            trial_plan = self._plan_from(float_nodes | set().union(*ranking[:k]))
             trial, trial_built = self._build(trial_plan)
             if self.o.bias_correction and trial_built.biases:
                 self._correct_biases(trial, trial_built)
@@ -421,7 +421,8 @@ class _Quantizer:
             return quant, built, plan, errors, []
         k, quant, built, plan, agreement, sqnr = best
         self.budget = {"agreement": agreement, "output_sqnr_db": sqnr, "met": True, "attempts": attempts}
-        return quant, built, plan, self._errors(quant, built), ranking[:k]
+        kept = sorted(set().union(*ranking[:k]) & {n.name for n in self._plan_from(float_nodes).quantized})
+        return quant, built, plan, self._errors(quant, built), kept
 
     def _plan_from(self, float_nodes: set[str]) -> Plan:
         model = ir.from_proto(self.float_proto, infer=False)
@@ -575,17 +576,27 @@ def _result_point(plan: Plan, node: gs.Node) -> str | None:
     return None
 
 
-def _sensitivity_ranking(plan: Plan, errors: dict[str, analysis.ErrorSums]) -> list[str]:
-    """Quantized nodes by the relative noise they add (output noise minus their inputs' noise)."""
-    scores = []
+def _sensitivity_ranking(plan: Plan, errors: dict[str, analysis.ErrorSums]) -> list[set[str]]:
+    """Quantized tensors by the relative noise quantizing them adds, as the sets of nodes to keep
+    in float so that the tensor stays float (the node computing it and every node reading it:
+    a Q/DQ pair stays wherever one side is still quantized)."""
+    quantized = {id(n) for n in plan.quantized}
+    owners = {}
     for node in plan.quantized:
-        out = _result_point(plan, node) or node.outputs[0].name
-        if out not in errors:
+        result = _result_point(plan, node)
+        if result:
+            owners[result] = node
+    scored = []
+    for point in plan.points:
+        error = errors.get(point.name)
+        owner = owners.get(point.name)
+        if error is None or owner is None:
             continue
-        inputs = [errors[t.name].relative_noise for t in node.inputs if t is not None and t.name in errors]
-        scores.append((errors[out].relative_noise - max(inputs, default=0.0), node.name))
-    scores.sort(reverse=True)
-    return [name for _, name in scores]
+        inputs = [errors[t.name].relative_noise for t in owner.inputs if t is not None and t.name in errors]
+        nodes = {owner.name} | {u.name for u in ir.consumers(point) if id(u) in quantized}
+        scored.append((error.relative_noise - max(inputs, default=0.0), point.name, nodes))
+    scored.sort(key=lambda item: (-item[0], item[1]))
+    return [nodes for _, _, nodes in scored]
 
 
 def _range(values) -> list[float]:
