@@ -34,7 +34,7 @@ def as_calibration(calib, model: Model, preprocess: ImagePreprocess | Mapping | 
 
     if calib is None:
         return None
-    specs = input_specs(model.to_proto())
+    specs = input_specs(model)  # weights-free
     if isinstance(calib, CalibrationData):
         data = calib
     elif isinstance(calib, Mapping):

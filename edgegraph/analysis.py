@@ -117,6 +117,9 @@ def model_stats(model, *, fix_shapes: Mapping[str, Sequence[int]] | None = None,
     reshapes, experimental ops) are read from one onnxruntime run on `feeds`, or on random
     inputs when every input shape is static. `size_bytes` overrides the serialized size (e.g.
     the file size on disk; a path argument measures it).
+
+    Everything but that run works on the graph without its weights, so the stats of a
+    multi-GB ir.Model cost no copy of them.
     """
     if size_bytes is None:
         if isinstance(model, str | Path):
@@ -126,9 +129,9 @@ def model_stats(model, *, fix_shapes: Mapping[str, Sequence[int]] | None = None,
         elif isinstance(model, bytes | bytearray):
             size_bytes = len(model)
     loaded = model if isinstance(model, ir.Model) else ir.load(model)
-    proto = loaded.to_proto()
+    proto = loaded.to_proto(weights=False)
     if size_bytes is None:
-        size_bytes = ir.proto_size(proto)
+        size_bytes = serialized_size(loaded, proto)
     params, param_bytes = count_params(loaded.graph)
     nodes = list(ir.iter_nodes(loaded.graph))
     histogram = Counter(_op_label(n) for n in nodes)
@@ -154,15 +157,31 @@ def model_stats(model, *, fix_shapes: Mapping[str, Sequence[int]] | None = None,
     )
 
 
+def serialized_size(model: ir.Model, light: onnx.ModelProto | None = None) -> int:
+    """Bytes of `model` serialized with its weights inline, without serializing them: the graph
+    exported without its weights (`light`, if already at hand) plus the bytes of those weights.
+    Exact but for a few bytes per weight left out."""
+    light = light or model.to_proto(weights=False)
+    left_out = [t for t in onnx.external_data_helper._get_all_tensors(light)
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+    return light.ByteSize() + sum(math.prod(t.dims) * (_np_dtype(t.data_type) or np.dtype(np.uint8)).itemsize
+                                  for t in left_out)
+
+
 def _mac_costs(model: ir.Model, fix_shapes, feeds) -> tuple[list[NodeCost], str]:
-    static, note = _static_shape_copy(model, fix_shapes)
+    static, note = _static_shapes(model, fix_shapes)
     found = node_macs(static.graph)
     if any(macs is None for _, macs in found):
+        inputs = [t for t in static.graph.inputs if _is_static(t.shape)]
         run_feeds = feeds
-        if run_feeds is None and all(_is_static(t.shape) for t in static.graph.inputs):
+        if run_feeds is not None and any(t.name in feeds and np.shape(feeds[t.name]) != tuple(t.shape)
+                                         for t in inputs):
+            run_feeds = None  # inputs shaped unlike `fix_shapes`: not the shapes to count with
+        if run_feeds is None and len(inputs) == len(static.graph.inputs):
             run_feeds = sample_feeds(static)
         if run_feeds is not None:
-            observed = observed_shapes(static, run_feeds)
+            # `static` has no weights; the model itself computes the same shapes on these inputs.
+            observed = observed_shapes(model, run_feeds)
             if observed:
                 found = node_macs(static.graph, observed)
                 seen = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in run_feeds.items())
@@ -278,9 +297,10 @@ def _tensor_info(tensor: gs.Tensor) -> TensorInfo:
     return TensorInfo(tensor.name, str(dtype) if dtype is not None else "?", shape)
 
 
-def _static_shape_copy(model: ir.Model, fix_shapes) -> tuple[ir.Model, str]:
-    """A copy with the requested input shapes, and dynamic batch axes set to 1 where that is the
-    only dynamic dim. Returns the model unchanged when there is nothing to fix."""
+def _static_shapes(model: ir.Model, fix_shapes) -> tuple[ir.Model, str]:
+    """A weights-free copy (for shapes only) with the requested input shapes, and dynamic batch
+    axes set to 1 where that is the only dynamic dim. Returns the model itself when there is
+    nothing to fix."""
     shapes = {name: list(dims) for name, dims in (fix_shapes or {}).items()}
     assumed = []
     for tensor in model.graph.inputs:
@@ -293,7 +313,7 @@ def _static_shape_copy(model: ir.Model, fix_shapes) -> tuple[ir.Model, str]:
         assumed.append(tensor.name)
     if not shapes:
         return model, ""
-    fixed = model.copy()
+    fixed = ir.from_proto(model.to_proto(weights=False), infer=False)
     try:
         ir.fix_input_shapes(fixed, shapes)
     except EdgegraphError:
@@ -493,8 +513,7 @@ _MAC_RULES = {
 def sample_feeds(model, data: CalibrationData | None = None, *, seed: int = 0) -> runtime.Feeds:
     """One inference's inputs: the first sample of `data` (as a batch the model accepts), or
     seeded random inputs shaped from the model."""
-    proto = model.to_proto() if isinstance(model, ir.Model) else model
-    specs = runtime.input_specs(proto)
+    specs = runtime.input_specs(model)  # weights-free for an ir.Model
     size = runtime.batch_size_for(specs, 1)  # 1, unless axis 0 is fixed to more
     if data is None:
         data = CalibrationData.random(specs, size, seed=seed)
@@ -502,35 +521,45 @@ def sample_feeds(model, data: CalibrationData | None = None, *, seed: int = 0) -
 
 
 def measure_latency(models: Sequence, feeds: Sequence[runtime.Feeds], *, runs: int = 20, warmup: int = 3,
-                    threads: int = 0, rounds: int = 3, budget_s: float = 10.0) -> list[tuple[float | None, str]]:
-    """(median ms or None, note) per model, each run on its feeds.
+                    threads: int = 0, rounds: int = 3, budget_s: float = 10.0,
+                    in_turns: bool = True) -> list[tuple[float | None, str]]:
+    """(median ms or None, note) per model (a path, ModelProto or ir.Model), each run on its feeds.
 
-    The models are timed in turns over `rounds` rounds and the median of the round medians is
-    reported, so a slow spell of a shared machine does not land on one model only. A model whose
-    `runs` would take longer than `budget_s` gets fewer runs (at least 3). A model onnxruntime
-    cannot run gives None and the reason.
+    Each model gets one onnxruntime session for all its runs. The models are timed in turns over
+    `rounds` rounds and the median of the round medians is reported, so a slow spell of a shared
+    machine does not land on one model only. That holds every session at once; with
+    `in_turns=False` (models too big to hold together) each is timed in full and released
+    before the next. A model whose `runs` would take longer than `budget_s` gets fewer runs (at
+    least 3). A model onnxruntime cannot run gives None and the reason.
     """
     if runs <= 0:
         return [(None, "not measured (--runs 0)")] * len(models)
-    protos = [m.to_proto() if isinstance(m, ir.Model) else m for m in models]
     plans: dict[int, tuple[int, int, int]] = {}  # model index -> (rounds, runs per round, warm-up runs)
     failures: dict[int, str] = {}
-    for i, (proto, inputs) in enumerate(zip(protos, feeds)):
-        try:
-            probe = runtime.latency_ms(proto, inputs, runs=1, warmup=1, threads=threads)
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            failures[i] = f"onnxruntime could not run it: {_first_line(exc)}"
-            continue
-        affordable = max(min(runs, 3), min(runs, int(budget_s * 1e3 / max(probe, 1e-3))))
-        model_rounds = min(rounds, affordable)
-        # The probe already warmed the caches; slow models get one warm-up run per round, not `warmup`.
-        plans[i] = (model_rounds, math.ceil(affordable / model_rounds), min(warmup, max(1, affordable // 6)))
-    medians: dict[int, list[float]] = {i: [] for i in plans}
-    for round_index in range(rounds):
-        for i, (model_rounds, per_round, warm) in plans.items():
-            if round_index < model_rounds:
-                medians[i].append(runtime.latency_ms(protos[i], feeds[i], runs=per_round, warmup=warm,
-                                                     threads=threads))
+    medians: dict[int, list[float]] = {}
+    groups = [range(len(models))] if in_turns else [[i] for i in range(len(models))]
+    for group in groups:
+        sessions = {}
+        for i in group:
+            try:
+                sessions[i] = runtime.session(models[i], threads=threads, optimize=True)
+                probe = runtime.latency_ms(sessions[i], feeds[i], runs=1, warmup=1)
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+                sessions.pop(i, None)
+                failures[i] = f"onnxruntime could not run it: {_first_line(exc)}"
+                continue
+            affordable = max(min(runs, 3), min(runs, int(budget_s * 1e3 / max(probe, 1e-3))))
+            model_rounds = min(rounds, affordable)
+            # The probe already warmed the caches; slow models get one warm-up run per round, not `warmup`.
+            plans[i] = (model_rounds, math.ceil(affordable / model_rounds), min(warmup, max(1, affordable // 6)))
+            medians[i] = []
+        for round_index in range(rounds):
+            for i, sess in sessions.items():
+                model_rounds, per_round, warm = plans[i]
+                if round_index < model_rounds:
+                    medians[i].append(runtime.latency_ms(sess, feeds[i], runs=per_round, warmup=warm))
+        del sessions  # before the next group's are made
+    order = "models timed in turns" if in_turns else "models timed one after the other"
     results = []
     for i, inputs in enumerate(feeds):
         if i in failures:
@@ -538,7 +567,7 @@ def measure_latency(models: Sequence, feeds: Sequence[runtime.Feeds], *, runs: i
             continue
         shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in inputs.items())
         model_rounds, per_round, warm = plans[i]
-        note = (f"median of {model_rounds} rounds x {per_round} runs (+{warm} warm-up), models timed in turns, "
+        note = (f"median of {model_rounds} rounds x {per_round} runs (+{warm} warm-up), {order}, "
                 f"threads={threads or 'all'}, {shapes}")
         results.append((statistics.median(medians[i]), note))
     return results
@@ -546,18 +575,25 @@ def measure_latency(models: Sequence, feeds: Sequence[runtime.Feeds], *, runs: i
 
 def compare_models(reference, candidate, data: CalibrationData, *, threads: int = 0,
                    labels: np.ndarray | None = None) -> dict:
-    """Outputs of `candidate` vs `reference` over `data`: {"outputs": {name: OutputMetrics},
-    "samples": n, and with labels "label_accuracy": {"reference": acc, "candidate": acc}}."""
-    ref_out = _outputs(reference, data, threads)
-    cand_out = _outputs(candidate, data, threads)
-    missing = set(ref_out[0]) - set(cand_out[0]) if ref_out else set()
+    """Outputs of `candidate` vs `reference` (paths, ModelProtos or ir.Models) over `data`:
+    {"outputs": {name: OutputMetrics}, "samples": n, and with labels "label_accuracy":
+    {"reference": acc, "candidate": acc}}."""
+    return {"samples": len(data)} | compare_outputs(model_outputs(reference, data, threads=threads),
+                                                    model_outputs(candidate, data, threads=threads), labels=labels)
+
+
+def compare_outputs(reference: Sequence[runtime.Feeds], candidate: Sequence[runtime.Feeds], *,
+                    labels: np.ndarray | None = None) -> dict:
+    """`compare_models` on outputs already computed (`model_outputs`), e.g. one reference for many
+    models; without the "samples" count."""
+    missing = set(reference[0]) - set(candidate[0]) if reference else set()
     if missing:
         raise EdgegraphError(f"the models' outputs differ: {', '.join(sorted(missing))} missing in the second one")
-    cand_out = [{name: out[name] for name in ref} for ref, out in zip(ref_out, cand_out)]
-    result = {"samples": len(data), "outputs": verify.compare_all(ref_out, cand_out)}
+    candidate = [{name: out[name] for name in ref} for ref, out in zip(reference, candidate)]
+    result = {"outputs": verify.compare_all(reference, candidate)}
     if labels is not None:
-        result["label_accuracy"] = {"reference": label_accuracy(ref_out, labels),
-                                    "candidate": label_accuracy(cand_out, labels)}
+        result["label_accuracy"] = {"reference": label_accuracy(reference, labels),
+                                    "candidate": label_accuracy(candidate, labels)}
     return result
 
 
@@ -583,7 +619,8 @@ def load_labels(path: str | Path | None) -> np.ndarray | None:
         raise CalibrationDataError(f"{path} is not a readable .npz file ({exc})") from None
 
 
-def _outputs(model, data: CalibrationData, threads: int) -> list[runtime.Feeds]:
+def model_outputs(model, data: CalibrationData, *, threads: int = 0) -> list[runtime.Feeds]:
+    """Outputs of a model (path, ModelProto or ir.Model) over `data`, in batches, run as deployed."""
     from edgegraph.pipeline import reference_outputs
 
     try:
@@ -645,6 +682,6 @@ def jsonable(value):
     return str(value)
 
 
-__all__ = ["ModelStats", "NodeCost", "TensorInfo", "compare_models", "count_params", "disk_size", "human",
-           "is_quantized", "jsonable", "label_accuracy", "load_labels", "measure_latency", "model_stats",
-           "node_macs", "sample_feeds"]
+__all__ = ["ModelStats", "NodeCost", "TensorInfo", "compare_models", "compare_outputs", "count_params",
+           "disk_size", "human", "is_quantized", "jsonable", "label_accuracy", "load_labels", "measure_latency",
+           "model_outputs", "model_stats", "node_macs", "sample_feeds", "serialized_size"]

@@ -9,10 +9,12 @@ succeeded, so a failed or interrupted run leaves no partial file and never touch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -31,6 +33,10 @@ from edgegraph.pipeline import PipelineReport, run_pipeline, verification_data
 from edgegraph.targets import available_targets
 
 logger = logging.getLogger("edgegraph")
+
+# Models larger than this together are timed one after the other, each session released before
+# the next is made, rather than in turns with all of them held in memory at once.
+HOLD_TOGETHER_BYTES = 2 * 2**30
 
 
 class UsageError(EdgegraphError):
@@ -248,29 +254,36 @@ def cmd_opt(args) -> int:
     result, report = run_pipeline(model, pipeline, ctx)
     seconds = time.perf_counter() - start
 
-    result_proto = result.to_proto()
-    before, after = _measured_stats([model, result], ctx.calibration, args,
-                                    sizes=[analysis.disk_size(source), ir.proto_size(result_proto)])
-    accuracy, accuracy_note = _accuracy(model, result, ctx, eval_data, args)
-    data = {
-        "edgegraph": edgegraph.__version__,
-        "input": str(source),
-        "output": str(output),
-        "pipeline": spec.format_pipeline(pipeline),
-        "target": ctx.target.name,
-        "seed": args.seed,
-        "calibration": {"source": ctx.calibration.source, "samples": len(ctx.calibration)} if ctx.calibration else None,
-        "fixed_shapes": _shapes(args),
-        "seconds": seconds,
-        "before": before,
-        "after": after,
-        "passes": [dataclasses.asdict(p) | {"metrics": p.metrics} for p in report.passes],
-        "accuracy": accuracy,
-        "accuracy_note": accuracy_note,
-    }
-    report_text = json.dumps(analysis.jsonable(data), indent=2) + "\n" if report_path else None
-
-    _write(lambda: ir.save(result_proto, output), output)
+    # The result is exported once, to a staging folder beside the output, and every onnxruntime
+    # session loads it (and the input model) from disk: onnxruntime maps external data instead
+    # of taking a copy, so measuring a multi-GB model costs little memory. The statistics work
+    # on the graphs without their weights. The staged file moves into place once all succeeded.
+    with _staging(output) as staging:
+        staged = _save(result, staging / "result" / output.name, output)
+        # What onnxruntime runs as the input model: its file, unless --fix-shape changed it.
+        original = _save(model, staging / "input" / source.name, output) if args.fix_shape else source
+        sizes = [analysis.disk_size(source), sum(f.stat().st_size for f in staged.parent.iterdir())]
+        before, after = _measured_stats([model, result], [original, staged], ctx.calibration, args, sizes=sizes)
+        accuracy, accuracy_note = _accuracy(model, [original, staged], ctx, eval_data, args)
+        data = {
+            "edgegraph": edgegraph.__version__,
+            "input": str(source),
+            "output": str(output),
+            "pipeline": spec.format_pipeline(pipeline),
+            "target": ctx.target.name,
+            "seed": args.seed,
+            "calibration": ({"source": ctx.calibration.source, "samples": len(ctx.calibration)}
+                            if ctx.calibration else None),
+            "fixed_shapes": _shapes(args),
+            "seconds": seconds,
+            "before": before,
+            "after": after,
+            "passes": [dataclasses.asdict(p) | {"metrics": p.metrics} for p in report.passes],
+            "accuracy": accuracy,
+            "accuracy_note": accuracy_note,
+        }
+        report_text = json.dumps(analysis.jsonable(data), indent=2) + "\n" if report_path else None
+        _write(lambda: _publish(staged, output), output)
     if report_path:
         _write(lambda: _atomic_write_text(report_path, report_text), report_path)
     if not args.quiet:
@@ -292,11 +305,34 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _write(save, path: Path) -> None:
+def _write(save, path: Path):
     try:
-        save()
+        return save()
     except OSError as exc:
         raise EdgegraphError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def _staging(output: Path):
+    """A temporary folder beside `output` (same file system, so moving out of it is atomic),
+    removed with whatever is left in it."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _save(model: ir.Model, path: Path, output: Path) -> Path:
+    """Save `model` alone in a new folder at `path` (external data beside it when it needs some)."""
+    path.parent.mkdir()
+    return _write(lambda: ir.save(model, path), output)
+
+
+def _publish(staged: Path, output: Path) -> None:
+    """Move a model saved by `_save` into place: its external data file first, then the model."""
+    for file in sorted(staged.parent.iterdir(), key=lambda f: f == staged):
+        os.replace(file, output.parent / file.name)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -310,14 +346,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _measured_stats(models: Sequence[ir.Model], data, args, *, sizes: Sequence[int]) -> list[ModelStats]:
-    """Static stats plus latency on the first data sample (or seeded random inputs) per model."""
+def _measured_stats(models: Sequence[ir.Model], files: Sequence[Path], data, args, *,
+                    sizes: Sequence[int]) -> list[ModelStats]:
+    """Static stats plus latency per model, timed from its file on the first data sample (or
+    seeded random inputs)."""
     feeds = [_feeds(model, data, args) for model in models]
     stats = [analysis.model_stats(model, size_bytes=size, feeds=f if data is not None else None)
              for model, size, f in zip(models, sizes, feeds)]
     timed = [i for i, f in enumerate(feeds) if f is not None]
-    latencies = analysis.measure_latency([models[i] for i in timed], [feeds[i] for i in timed], runs=args.runs,
-                                         warmup=args.warmup, threads=args.threads)
+    latencies = analysis.measure_latency([files[i] for i in timed], [feeds[i] for i in timed], runs=args.runs,
+                                         warmup=args.warmup, threads=args.threads, in_turns=_in_turns(sizes))
     for i, (ms, note) in zip(timed, latencies):
         stats[i].latency_ms, stats[i].latency_note = ms, note
     return stats
@@ -331,15 +369,21 @@ def _feeds(model, data, args):
         return None
 
 
-def _accuracy(model, result, ctx, eval_data, args) -> tuple[dict | None, str]:
-    """(final model vs the input model, or None and why not), run as deployed: onnxruntime with
-    all its optimizations, so integer kernels show their real error (pass verification runs
-    without them). On --eval data when given, else on the verification samples."""
+def _in_turns(sizes: Sequence[int]) -> bool:
+    """Whether models of these sizes are small enough to hold in onnxruntime together, to be
+    timed in turns (else one after the other, one in memory at a time)."""
+    return sum(sizes) <= HOLD_TOGETHER_BYTES
+
+
+def _accuracy(model: ir.Model, files: Sequence[Path], ctx, eval_data, args) -> tuple[dict | None, str]:
+    """(final model vs the input model, from their `files`, or None and why not), run as deployed:
+    onnxruntime with all its optimizations, so integer kernels show their real error (pass
+    verification runs without them). On --eval data when given, else on the verification samples."""
     if eval_data is None and args.no_verify:
         return None, "--no-verify"
-    data = eval_data or verification_data(runtime.input_specs(model.to_proto()), ctx)
+    data = eval_data or verification_data(runtime.input_specs(model), ctx)
     try:
-        measured = analysis.compare_models(model, result, data, threads=args.threads,
+        measured = analysis.compare_models(*files, data, threads=args.threads,
                                            labels=analysis.load_labels(args.eval) if eval_data else None)
     except EdgegraphError as exc:
         return None, _one_line(exc)
@@ -365,18 +409,21 @@ def cmd_bench(args) -> int:
     if args.fix_shape:
         for model in models:
             ir.fix_input_shapes(model, _shapes(args))
+    # onnxruntime loads the files (mapping external data, no export) unless --fix-shape changed the models.
+    runnable = models if args.fix_shape else args.models
+    sizes = [analysis.disk_size(path) for path in args.models]
     data = edgegraph.as_calibration(args.calib, models[0]) if args.calib else None
     labels = analysis.load_labels(args.calib)
     feeds = [analysis.sample_feeds(model, data, seed=args.seed) for model in models]
-    latencies = analysis.measure_latency(models, feeds, runs=args.runs, warmup=args.warmup, threads=args.threads)
+    latencies = analysis.measure_latency(runnable, feeds, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                                         in_turns=_in_turns(sizes))
+    reference = analysis.model_outputs(runnable[0], data, threads=args.threads) if data is not None else None
     rows = []
-    for path, model, (ms, note) in zip(args.models, models, latencies):
-        row = {"model": path, "size_bytes": analysis.disk_size(path), "latency_ms": ms, "latency_note": note}
-        if data is not None:
-            if model is models[0]:
-                row |= analysis.compare_models(model, model, data, threads=args.threads, labels=labels)
-            else:
-                row |= analysis.compare_models(models[0], model, data, threads=args.threads, labels=labels)
+    for i, (path, size, (ms, note)) in enumerate(zip(args.models, sizes, latencies)):
+        row = {"model": path, "size_bytes": size, "latency_ms": ms, "latency_note": note}
+        if reference is not None:
+            outputs = reference if i == 0 else analysis.model_outputs(runnable[i], data, threads=args.threads)
+            row |= {"samples": len(data)} | analysis.compare_outputs(reference, outputs, labels=labels)
         rows.append(row)
     if args.json:
         print(json.dumps(analysis.jsonable({"models": rows}), indent=2))

@@ -44,8 +44,14 @@ class InputSpec:
         return first if isinstance(first, int) and first > 0 else None
 
 
-def input_specs(proto: onnx.ModelProto | ir.Model) -> list[InputSpec]:
-    """The inputs a caller must feed (graph inputs that are not initializers)."""
+def input_specs(proto: onnx.ModelProto | ir.Model | ort.InferenceSession) -> list[InputSpec]:
+    """The inputs a caller must feed (graph inputs that are not initializers).
+
+    From a session no model is exported or read again; an input declared without a shape then
+    reads as a scalar's `()` rather than None.
+    """
+    if isinstance(proto, ort.InferenceSession):
+        return [InputSpec(i.name, _ort_dtype(i.type), tuple(i.shape)) for i in proto.get_inputs()]
     if isinstance(proto, ir.Model):
         proto = proto.to_proto(weights=False)
     initializers = {t.name for t in proto.graph.initializer}
@@ -62,6 +68,14 @@ def input_specs(proto: onnx.ModelProto | ir.Model) -> list[InputSpec]:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else np.float32
         specs.append(InputSpec(value.name, np.dtype(dtype), shape))
     return specs
+
+
+def _ort_dtype(type_name: str) -> np.dtype:
+    # onnxruntime names types after TensorProto's, e.g. "tensor(float16)" for FLOAT16.
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.DataType.Value(type_name[7:-1].upper())))
+    except (KeyError, ValueError, TypeError):  # sequences, maps, optional types
+        return np.dtype(np.float32)
 
 
 _LEVELS = {
@@ -139,13 +153,17 @@ def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     """A copy of `proto` that also returns the given intermediate tensors."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(proto)
-    present = {o.name for o in exposed.graph.output}
+    return _expose(exposed, names)
+
+
+def _expose(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    present = {o.name for o in proto.graph.output}
     for name in names:
         if name not in present:
             # ORT infers the type of an output declared without one.
-            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
             present.add(name)
-    return exposed
+    return proto
 
 
 def capture(model, tensors: Sequence[str], batches: Iterable[Feeds], *, threads: int = 0) -> Iterator[Feeds]:
@@ -154,16 +172,22 @@ def capture(model, tensors: Sequence[str], batches: Iterable[Feeds], *, threads:
     The caller reduces each batch (histograms, Gram matrices, ...) so memory stays bounded by one
     batch of activations rather than the whole calibration set.
     """
-    proto = model.to_proto() if isinstance(model, ir.Model) else model
-    sess = session(with_outputs(proto, tensors), threads=threads)
-    specs = input_specs(proto)
+    if isinstance(model, ir.Model):  # a fresh export is ours to extend: no second copy of the weights
+        exposed = _expose(model.to_proto(), tensors)
+    else:
+        exposed = with_outputs(model, tensors)
+    sess = session(exposed, threads=threads)
+    specs = input_specs(sess)
     for batch in batches:
         yield run(sess, adapt_feeds(specs, batch), tensors)
 
 
 def latency_ms(model, feeds: Feeds, *, runs: int = 20, warmup: int = 3, threads: int = 1) -> float:
-    """Median wall time of one inference in ms, with ORT's full optimizations (as deployed)."""
-    sess = session(model, threads=threads, optimize=True)
+    """Median wall time of one inference in ms, with ORT's full optimizations (as deployed).
+
+    `model` may also be a session made earlier (timed as it is; `threads` is then its own).
+    """
+    sess = model if isinstance(model, ort.InferenceSession) else session(model, threads=threads, optimize=True)
     for _ in range(warmup):
         sess.run(None, feeds)
     times = []

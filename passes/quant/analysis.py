@@ -8,8 +8,10 @@ Memory does not grow with the number of samples, and the model runs at its norma
   calibration      min, max and a sample of each tensor (histograms are built from the sample)
   paired errors    the float and the quantized model in one graph: signal and noise energy per
                    quantized tensor -> per-layer SQNR and sensitivity
-  bias correction  each quantized layer beside a float twin fed the same quantized input: the
-                   per-channel mean of their difference is the bias error its integer weights add
+  bias correction  each quantized layer beside a float twin with the original weights, fed the
+                   layer's input as it was before its own QuantizeLinear: the per-channel mean of
+                   their difference is the bias error that layer's weights and input rounding /
+                   clipping add (upstream errors reach both, so nothing is corrected twice)
 """
 
 from __future__ import annotations
@@ -105,10 +107,17 @@ class Probe:
     def run(self, batches: Iterable[Feeds], threads: int = 0, optimize: bool | str = "basic") -> Iterator[Feeds]:
         """The probe outputs for each batch. ORT's basic optimizations only: its fusions and NCHWc
         layouts would have to undo themselves for every probed tensor, which costs more than they gain."""
+        for _, outputs in self.run_with_feeds(batches, threads, optimize):
+            yield outputs
+
+    def run_with_feeds(self, batches: Iterable[Feeds], threads: int = 0,
+                       optimize: bool | str = "basic") -> Iterator[tuple[Feeds, Feeds]]:
+        """(feeds, probe outputs) per batch, reading each batch once."""
         sess = runtime.session(self.model, threads=threads, optimize=optimize)
         specs = runtime.input_specs(self.model)
         for batch in batches:
-            yield runtime.run(sess, runtime.adapt_feeds(specs, batch), self.outputs)
+            feeds = runtime.adapt_feeds(specs, batch)
+            yield feeds, runtime.run(sess, feeds, self.outputs)
 
 
 def sample_step(elements_per_sample: int, target: int = 8192) -> int:
@@ -196,9 +205,10 @@ def paired_errors(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, pa
 # Bias correction
 
 
-def add_float_twins(probe: Probe, layers: Sequence[tuple[str, dict[int, np.ndarray]]]) -> dict[str, str]:
-    """Give each named node a float twin whose listed inputs are replaced by the given arrays (its
-    original weights / bias); other inputs are shared. Returns {node: twin output name}."""
+def add_float_twins(probe: Probe, layers: Sequence[tuple[str, Mapping[int, np.ndarray | str]]]) -> dict[str, str]:
+    """Give each named node a float twin whose listed inputs are replaced: by an array (its
+    original weights / bias) or by another tensor's name (e.g. its input before quantization).
+    Other inputs are shared. Returns {node: twin output name}."""
     by_name = {n.name: n for n in probe.graph.node}
     twins = {}
     for name, replacements in layers:
@@ -207,7 +217,7 @@ def add_float_twins(probe: Probe, layers: Sequence[tuple[str, dict[int, np.ndarr
         for index, value in replacements.items():
             while len(inputs) <= index:
                 inputs.append("")
-            inputs[index] = probe._const(np.asarray(value, dtype=np.float32))
+            inputs[index] = value if isinstance(value, str) else probe._const(np.asarray(value, dtype=np.float32))
         twin = helper.make_node(node.op_type, inputs, [probe._fresh(f"{name}_twin")], name=probe._fresh(name),
                                 domain=node.domain)
         twin.attribute.extend(node.attribute)
@@ -216,12 +226,12 @@ def add_float_twins(probe: Probe, layers: Sequence[tuple[str, dict[int, np.ndarr
     return twins
 
 
-def mean_layer_errors(proto: onnx.ModelProto, layers: Sequence[tuple[str, dict[int, np.ndarray], int]],
+def mean_layer_errors(proto: onnx.ModelProto, layers: Sequence[tuple[str, Mapping[int, np.ndarray | str], int]],
                       batches: Iterable[Feeds], threads: int = 0,
                       progress: Callable = lambda it, **_: it) -> dict[str, np.ndarray]:
     """Per output channel (axis 1), the mean of (quantized layer output - float twin output).
 
-    `layers` holds (node name, {input index: float value}, output rank).
+    `layers` holds (node name, {input index: float value or tensor name}, output rank).
     """
     probe = Probe(proto)
     outputs = {n.name: n.output[0] for n in probe.graph.node}

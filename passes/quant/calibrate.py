@@ -152,8 +152,12 @@ class Transfer:
     df: Callable[[np.ndarray], np.ndarray]
 
 
-def _sigmoid(x):
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+def sigmoid(x):
+    """The logistic function (via tanh, which does not overflow)."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+
+
+_sigmoid = sigmoid
 
 
 def _hard_sigmoid(alpha: float, beta: float) -> tuple[Callable, Callable]:

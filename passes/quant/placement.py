@@ -301,8 +301,7 @@ class Planner:
             users = [u for o in outs for u in ir.consumers(o)]
             reaches_output = any(o.name in self.outputs for o in outs)
             if (reaches_output or users) and all(id(u) in tail for u in users):
-                if reaches_output or users:
-                    tail.add(id(node))
+                tail.add(id(node))
         return tail
 
     def _points(self, quantized: list[gs.Node]) -> Plan:
@@ -352,7 +351,6 @@ class Planner:
                     if ir.constant_value(node.inputs[i]) is None:
                         groups.union(node.inputs[i].name, node.outputs[0].name)
 
-        # A Conv or Gemm whose weights are dynamic has its bias (if any) quantized as an activation.
         plan.points = [points[name] for name in points]
         plan.activations = {name: act for name, t in points.items() if (act := reader_activation(t)) is not None}
         plan.groups = {name: groups.find(name) for name in points}

@@ -25,6 +25,7 @@ class QParams:
     zero_point: np.ndarray
     qtype: QType
     axis: int | None = None
+    code_limit: int | None = None  # weights: largest |code - zero point| allowed
 
 
 @dataclass
@@ -152,32 +153,46 @@ def _rewire(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
 
 
 def weight_params(weight: np.ndarray, slot: WeightSlot, qt: QType, reduce_range: bool, method: str) -> QParams:
-    """Symmetric per-channel (or per-tensor) weight scales, optionally MSE-clipped per channel."""
+    """Symmetric per-channel (or per-tensor) weight scales, optionally MSE-clipped per channel.
+
+    Codes stay within +-symmetric_max of the zero point (+-127 for int8), or +-63 with
+    `reduce_range` (7 bits: u8 x s8 pair sums then stay below int16 saturation on AVX2).
+    """
+    limit = qt.symmetric_max // 2 if reduce_range else qt.symmetric_max
     scale, zero = numerics.weight_scale_zero_point(weight, qt, slot.axis, symmetric=True)
-    if reduce_range:  # 7-bit codes: u8 x s8 pair sums then stay below int16 saturation on AVX2
-        scale = (scale * np.float32(qt.symmetric_max / (qt.symmetric_max // 2))).astype(np.float32)
+    scale = (scale * np.float32(qt.symmetric_max / limit)).astype(np.float32)
+    params = QParams(scale, zero, qt, slot.axis if np.ndim(scale) else None, limit)
     if method == "mse":
-        scale = _mse_weight_scale(weight, scale, zero, qt, slot.axis)
-    return QParams(scale, zero, qt, slot.axis if np.ndim(scale) else None)
+        params.scale = _mse_weight_scale(weight, params)
+    return params
 
 
-def _mse_weight_scale(weight, scale, zero, qt: QType, axis: int | None) -> np.ndarray:
+def quantize_weight(weight: np.ndarray, params: QParams) -> np.ndarray:
+    """Integer codes of a weight, clipped to the symmetric code range of `params`."""
+    codes = numerics.quantize(weight, params.scale, params.zero_point, params.qtype, params.axis)
+    if params.code_limit is None:
+        return codes
+    zero = numerics.broadcast_param(np.asarray(params.zero_point).astype(np.int64), weight.shape, params.axis)
+    clipped = np.clip(codes.astype(np.int64), zero - params.code_limit, zero + params.code_limit)
+    return clipped.astype(params.qtype.dtype)
+
+
+def _mse_weight_scale(weight: np.ndarray, params: QParams) -> np.ndarray:
     """Per channel, the clipping of the absmax scale (among a few ratios) with the least error."""
-    ratios = np.linspace(0.5, 1.0, 26, dtype=np.float32)
-    best = np.array(scale, dtype=np.float32, copy=True)
-    best_err = None
     w = np.asarray(weight, dtype=np.float32)
-    others = tuple(i for i in range(w.ndim) if i != (axis % w.ndim if axis is not None else -1)) if axis is not None else None
-    for r in ratios:
-        candidate = (scale * r).astype(np.float32)
-        error = (numerics.fake_quantize(w, candidate, zero, qt, axis) - w) ** 2
-        err = error.sum(axis=others) if axis is not None else error.sum()
+    axis = params.axis
+    others = tuple(i for i in range(w.ndim) if i != axis % w.ndim) if axis is not None else None
+    best, best_err = params.scale, None
+    for ratio in np.linspace(0.5, 1.0, 26, dtype=np.float32):
+        trial = QParams((params.scale * ratio).astype(np.float32), params.zero_point, params.qtype, axis,
+                        params.code_limit)
+        recon = numerics.dequantize(quantize_weight(w, trial), trial.scale, trial.zero_point, trial.qtype, axis)
+        err = ((recon - w) ** 2).sum(axis=others)
         if best_err is None:
-            best_err = err
-            best = candidate
+            best, best_err = trial.scale, err
             continue
         better = err < best_err
-        best = np.where(better, candidate, best).astype(np.float32)
+        best = np.where(better, trial.scale, best).astype(np.float32)
         best_err = np.where(better, err, best_err)
     return best
 
@@ -194,7 +209,8 @@ def fit_bias(params: QParams, bias: np.ndarray, input_scale) -> QParams:
         needed = needed.max(initial=0.0)
     if np.all(scale >= needed):
         return params
-    return QParams(np.maximum(scale, needed).astype(np.float32), params.zero_point, params.qtype, params.axis)
+    return QParams(np.maximum(scale, needed).astype(np.float32), params.zero_point, params.qtype, params.axis,
+                   params.code_limit)
 
 
-__all__ = ["QParams", "QuantizedWeight", "QuantizedBias", "QdqWriter", "weight_params", "fit_bias"]
+__all__ = ["QParams", "QuantizedWeight", "QuantizedBias", "QdqWriter", "weight_params", "quantize_weight", "fit_bias"]

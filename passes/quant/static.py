@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime
@@ -26,8 +25,9 @@ from edgegraph.pipeline import Pass, PassResult, option
 from edgegraph.registry import register_pass
 from edgegraph.passes.quant import analysis, calibrate, numerics, prepare
 from edgegraph.passes.quant.numerics import QType
-from edgegraph.passes.quant.placement import ANCHORS, Plan, clip_bounds, make_plan, output_channels
-from edgegraph.passes.quant.qdq import QdqWriter, QParams, QuantizedBias, QuantizedWeight, fit_bias, weight_params
+from edgegraph.passes.quant.placement import ANCHORS, SHARED, Plan, clip_bounds, make_plan, output_channels
+from edgegraph.passes.quant.qdq import (QdqWriter, QParams, QuantizedBias, QuantizedWeight, fit_bias, quantize_weight,
+                                        weight_params)
 
 logger = logging.getLogger(__name__)
 
@@ -104,15 +104,14 @@ class StaticQuantize(Pass):
 
 
 class _Quantizer:
-    """One run of the pass: holds the prepared float model, the statistics and the report."""
+    """One run of the pass: the prepared float model, its statistics, and what was built from them."""
 
     def __init__(self, options: StaticQuantize, ctx: PassContext):
         self.o = options
         self.ctx = ctx
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
-
-    # -- the run -------------------------------------------------------------------------------
+        self.budget: dict | None = None
 
     def run(self, model: ir.Model) -> PassResult:
         if self.ctx.calibration is None:  # run_pipeline checks this; direct callers may not
@@ -123,25 +122,23 @@ class _Quantizer:
         self.specs = runtime.input_specs(self.float_proto)
         self.calib = self._calibration_set()
         self.domain = self._qdq_domain(model)
-        float_nodes = set(self.o.exclude_nodes)
-        unknown = float_nodes - {n.name for n in model.graph.nodes}
+        excluded = set(self.o.exclude_nodes)
+        unknown = excluded - {n.name for n in model.graph.nodes}
         if unknown:
             logger.warning("quant: exclude_nodes names no node: %s", ", ".join(sorted(unknown)))
-        plan = self._plan(model, float_nodes)
+        plan = self._plan(excluded)
+        self.timings["prepare"] = time.perf_counter() - start
         if not plan.quantized:
             logger.warning("quant: nothing to quantize (no supported op with float inputs)")
-            return PassResult(self.prepared_changed, {"quantized_nodes": 0}, {"skipped": plan.skipped})
-        self.timings["prepare"] = time.perf_counter() - start
-        self.stats = self._calibrate(plan)
+            return PassResult(self.prepared_changed, {"quantized_nodes": 0}, {"float_nodes": plan.skipped})
+        self.stats = self._collect([p.name for p in plan.points], "quant: calibrating", "calibrate")
         quant, built = self._build(plan)
-        if self.o.bias_correction and built.biases:
-            self._correct_biases(quant, built)
         errors = self._errors(quant, built)
         fallback: list[str] = []
         if self.o.max_drop is not None or self.o.min_sqnr is not None:
-            quant, built, plan, errors, fallback = self._fallback(quant, built, plan, errors, float_nodes)
+            quant, built, plan, errors, fallback = self._fallback(quant, built, plan, errors, excluded)
         model.graph = quant.graph
-        return self._result(model, plan, built, errors, fallback, time.perf_counter() - start)
+        return self._result(model, plan, built, errors, fallback)
 
     # -- preparation ---------------------------------------------------------------------------
 
@@ -153,7 +150,7 @@ class _Quantizer:
             changed = True
             self.notes.append("float16 model: quantized from float32 compute, float16 interface kept")
         needed = INT16_OPSET if self.o.activation_type == "int16" else (PER_CHANNEL_OPSET if self.o.per_channel else 10)
-        self.original_opset = model.opset
+        original = model.opset
         if model.opset < needed:
             upgraded = prepare.upgrade_opset(model, needed)
             if upgraded is None and needed == INT16_OPSET:
@@ -164,7 +161,7 @@ class _Quantizer:
             if upgraded is not None:
                 model.graph = upgraded.graph
                 changed = True
-                self.notes.append(f"opset upgraded from {self.original_opset} to {model.opset}")
+                self.notes.append(f"opset upgraded from {original} to {model.opset}")
         if self.o.per_channel and model.opset < PER_CHANNEL_OPSET:
             self.notes.append(f"per-tensor weights: opset {model.opset} has no per-channel DequantizeLinear")
         _name_nodes(model.graph)
@@ -186,62 +183,71 @@ class _Quantizer:
         return data
 
     def _batches(self, data: CalibrationData):
-        """Batches sized so one batch of captured activations stays around 256 MB."""
+        """Batches of up to 8 samples (1 when the model's batch axis is fixed), cast to the input types."""
         size = runtime.batch_size_for(self.specs, 8)
         return (runtime.adapt_feeds(self.specs, b) for b in data.batches(size))
 
-    def _batch_count(self, data: CalibrationData) -> int:
-        size = runtime.batch_size_for(self.specs, 8)
-        return -(-len(data) // size)
+    def _progress(self, data: CalibrationData, desc: str):
+        total = -(-len(data) // runtime.batch_size_for(self.specs, 8))
+        return lambda it, **_: self.ctx.progress_bar(it, total=total, desc=desc)
 
-    def _plan(self, model: ir.Model, float_nodes: set[str]) -> Plan:
+    def _plan(self, float_nodes: set[str]) -> Plan:
+        graph = ir.from_proto(self.float_proto, infer=False).graph
         ops = set(self.ctx.target.quantized_ops) - set(self.o.exclude_ops)
         if not self.o.quantize_softmax:
             ops.discard("Softmax")
-        per_channel = self.o.per_channel and model.opset >= PER_CHANNEL_OPSET
-        return make_plan(model.graph, ops, float_nodes, per_channel)
+        opset = int(graph.opset)
+        return make_plan(graph, ops, float_nodes, self.o.per_channel and opset >= PER_CHANNEL_OPSET)
 
     # -- calibration ---------------------------------------------------------------------------
 
-    def _calibrate(self, plan: Plan) -> dict[str, calibrate.RangeStats]:
-        start = time.perf_counter()
-        names = [p.name for p in plan.points]
-        stats = self._collect(names, self.calib, "quant: calibrating")
-        self.timings["calibrate"] = time.perf_counter() - start
-        return stats
+    def _collect(self, names: list[str], desc: str, timing: str) -> dict[str, calibrate.RangeStats]:
+        """Min / max / a strided sample of each tensor, streamed out of the float model (analysis.Probe).
 
-    def _collect(self, names: list[str], data: CalibrationData, desc: str) -> dict[str, calibrate.RangeStats]:
-        """Streams min / max / a strided sample of each tensor out of the float model (see analysis.Probe)."""
-        inputs = {s.name for s in self.specs}
-        probe = analysis.Probe(self.float_proto)
-        tensors = ir.from_proto(self.float_proto, infer=False).graph.tensors()
-        reads = {}
+        Tensors whose statistics follow from another probed tensor are not read out of ORT: the
+        output of a data-movement op in its input's scale group (its values are a subset of the
+        group's), and a Sigmoid output (the sigmoid of its input's sample and extremes).
+        """
+        start = time.perf_counter()
+        graph = ir.from_proto(self.float_proto, infer=False).graph
+        tensors = graph.tensors()
+        inputs = {s.name for s in self.specs} & set(names)
+        wanted = set(names)
+        derived: dict[str, str] = {}  # Sigmoid output -> its probed input
         for name in names:
-            if name not in inputs:
-                shape = tensors[name].shape if name in tensors else None
-                size = int(np.prod([d for d in (shape or [])[1:] if isinstance(d, int) and d > 0], dtype=np.int64))
-                step = analysis.sample_step(size) if shape else 1
-                reads[name] = (probe.sample(name, step), probe.minimum(name), probe.maximum(name))
+            producer = ir.producer(tensors[name]) if name in tensors else None
+            if producer is None or not producer.inputs or producer.inputs[0].name not in wanted:
+                continue
+            if producer.op in SHARED:
+                wanted.discard(name)  # within the range of its input's group
+            elif producer.op == "Sigmoid":
+                derived[name] = producer.inputs[0].name
+        probe = analysis.Probe(self.float_proto)
+        reads = {}
+        for name in wanted - inputs - set(derived):
+            shape = tensors[name].shape if name in tensors else None
+            size = int(np.prod([d for d in (shape or [])[1:] if isinstance(d, int) and d > 0], dtype=np.int64))
+            step = analysis.sample_step(size) if shape else 1
+            reads[name] = (probe.sample(name, step), probe.minimum(name), probe.maximum(name))
         stats = {name: calibrate.RangeStats() for name in names}
+        stream = probe.run_with_feeds(self._batches(self.calib), self.ctx.threads)
         try:
-            batches = self._batches(data)
-            for feeds, out in self.ctx.progress_bar(zip(self._batches(data), probe.run(batches, self.ctx.threads)),
-                                                    total=self._batch_count(data), desc=desc):
+            for feeds, out in self._progress(self.calib, desc)(stream):
                 for name, (sample, low, high) in reads.items():
                     stats[name].update(out[sample], out[low], out[high])
-                for name in inputs & set(names):
+                for name in inputs:
                     stats[name].update(feeds[name])
+                for name, source in derived.items():
+                    sample, low, high = (calibrate.sigmoid(out[r]) for r in reads[source]) if source in reads else (
+                        calibrate.sigmoid(feeds[source]), None, None)
+                    stats[name].update(sample, low, high)
         except CalibrationDataError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT rejects the data (shapes, dtypes)
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CalibrationDataError(f"quant: the model does not run on the calibration data ({message})") from None
+        self.timings[timing] = self.timings.get(timing, 0.0) + time.perf_counter() - start
         return stats
-
-    def _ensure_stats(self, plan: Plan) -> None:
-        missing = [p.name for p in plan.points if p.name not in self.stats]
-        if missing:
-            self.stats.update(self._collect(missing, self.calib, "quant: calibrating new points"))
 
     # -- building ------------------------------------------------------------------------------
 
@@ -249,10 +255,12 @@ class _Quantizer:
         """QParams per point: one per shared-scale group, fitted inside folded Relu/Clip ranges."""
         qt = self.o.activation_qtype
         params: dict[str, QParams] = {}
-        for rep, members in plan.group_members().items():
+        self.group_stats: dict[str, calibrate.RangeStats] = {}
+        for members in plan.group_members().values():
             merged = calibrate.RangeStats()
             for name in members:
                 merged.merge_from(self.stats[name])
+                self.group_stats[name] = merged
             readers = {plan.activations.get(m) for m in members}
             transfer = calibrate.transfer(*readers.pop()) if len(readers) == 1 and None not in readers else None
             lo, hi = calibrate.activation_range(merged, self.o.method, qt, self.o.symmetric_activations,
@@ -261,29 +269,28 @@ class _Quantizer:
             floor = max((b[0] for b in bounds), default=-np.inf)
             ceiling = min((b[1] for b in bounds), default=np.inf)
             lo, hi = max(lo, floor), min(hi, ceiling)
-            symmetric = self.o.symmetric_activations and lo < 0
-            scale, zero = numerics.scale_zero_point(lo, hi, qt, symmetric)
-            scale = _fit_inside(scale, zero, qt, floor, ceiling)
-            shared = QParams(scale, zero, qt)
-            for name in members:
-                params[name] = shared
+            # Never-negative tensors keep the full range (zero point at qmin), which also lets ORT
+            # drop a Relu in front of the Q; the others are symmetric only when asked.
+            scale, zero = numerics.scale_zero_point(lo, hi, qt, self.o.symmetric_activations and lo < 0)
+            shared = QParams(_fit_inside(scale, zero, qt, floor, ceiling), zero, qt)
+            params.update({name: shared for name in members})
         return params
 
     def _build(self, plan: Plan) -> tuple[ir.Model, _Built]:
-        """A quantized copy of the prepared float model following `plan`."""
-        self._ensure_stats(plan)
+        """A quantized copy of the prepared float model following `plan`, bias-corrected if asked."""
+        missing = [p.name for p in plan.points if p.name not in self.stats]
+        if missing:  # a fallback plan can expose tensors the first plan did not quantize
+            self.stats.update(self._collect(missing, "quant: calibrating", "calibrate"))
         model = ir.from_proto(self.float_proto, infer=False)
         graph = model.graph
         by_name = {n.name: n for n in graph.nodes}
         tensors = graph.tensors()
         params = self._group_params(plan)
         writer = QdqWriter(graph, self.domain)
-        built = _Built(params=params, writer=writer)
-        quantized = [by_name[n.name] for n in plan.quantized]
-        quantized_ids = {id(n) for n in quantized}
+        built = _Built(params, writer, quantized=[n.name for n in plan.quantized])
 
         # Weights and biases first: a bias scale needs the scale of the node's input activation.
-        bias_nodes = {b.node.name for b in plan.biases}
+        biased = {b.node.name for b in plan.biases}
         for slot in plan.weights:
             node = by_name[slot.node.name]
             _fold_gemm_scalars(node)
@@ -291,36 +298,36 @@ class _Quantizer:
             input_params = params.get(node.inputs[0].name)
             weight_type, reduce_range = self.o.weight_qtype, self.o.reduce_range
             if self._saturates(node, input_params):
+                built.guarded.append(node.name)
                 if self.o.saturation_guard == "uint8-weights":
                     weight_type = numerics.qtype("uint8")
                 else:
                     reduce_range = True
-                built.guarded.append(node.name)
             wparams = weight_params(value, slot, weight_type, reduce_range, self.o.weight_method)
-            bias_value = _bias_value(node, value) if node.name in bias_nodes else None
-            if bias_value is not None and input_params is not None:
-                wparams = fit_bias(wparams, bias_value, input_params.scale)
-            q = writer.constant(node, slot.index, value, wparams)
-            weight = QuantizedWeight(node, slot.index, value, wparams, q)
+            bias = _bias_value(node, value) if node.name in biased and input_params is not None else None
+            if bias is not None:
+                wparams = fit_bias(wparams, bias, input_params.scale)
+            codes = writer.constant(node, slot.index, value, wparams, quantize_weight(value, wparams))
+            weight = QuantizedWeight(node, slot.index, value, wparams, codes)
             built.weights.append(weight)
-            if bias_value is not None:
-                if input_params is None:  # the input is not quantized (cannot happen for planned anchors)
-                    raise AssertionError(f"quant: {node.name} has a bias but no quantized input")
-                built.biases.append(writer.bias(node, weight, bias_value, input_params.scale))
+            if bias is not None:
+                built.biases.append(writer.bias(node, weight, bias, input_params.scale))
         for plan_node, index in plan.constants:
             node = by_name[plan_node.name]
             value = ir.constant_value(node.inputs[index]).astype(np.float32)
-            scale, zero = numerics.scale_zero_point(value.min(initial=0.0), value.max(initial=0.0),
-                                                    self.o.activation_qtype, False)
-            writer.constant(node, index, value, QParams(scale, zero, self.o.activation_qtype))
+            qt = self.o.activation_qtype
+            scale, zero = numerics.scale_zero_point(value.min(initial=0.0), value.max(initial=0.0), qt, False)
+            writer.constant(node, index, value, QParams(scale, zero, qt))
+        quantized = {id(by_name[name]) for name in built.quantized}
         for point in plan.points:
-            writer.activation(tensors[point.name], params[point.name], quantized_ids)
+            writer.activation(tensors[point.name], params[point.name], quantized)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        built.quantized = [n.name for n in quantized]
+        if self.o.bias_correction and built.biases:
+            self._correct_biases(model, built)
         return model, built
 
     def _saturates(self, node: gs.Node, input_params: QParams | None) -> bool:
-        """Whether u8 x s8 int16 pair sums of this layer would often saturate (see `saturation_guard`)."""
+        """Whether this layer's u8 x s8 int16 pair sums would often saturate (see `saturation_guard`)."""
         if self.o.saturation_guard == "off" or input_params is None or self.o.reduce_range:
             return False
         if self.o.activation_type != "uint8" or self.o.weight_type != "int8" or node.op not in ANCHORS:
@@ -328,115 +335,111 @@ class _Quantizer:
         weight = ir.constant_value(node.inputs[1])
         if node.op == "Conv" and weight is not None and weight.shape[1] == 1 and int(node.attrs.get("group", 1)) > 1:
             return False  # depthwise kernels multiply in int32
-        stats = self.stats.get(node.inputs[0].name)
+        stats = self.group_stats.get(node.inputs[0].name)
         if stats is None:
             return False
         scale = float(np.asarray(input_params.scale).reshape(()))
         zero = int(np.asarray(input_params.zero_point).reshape(()))
         # Above u8 code 128 the u8 x s8 pair sums can pass 32767 (2 * 128 * 127 = 32512).
-        threshold = (128 - zero) * scale
-        return stats.fraction_above(threshold) > SATURATION_FRACTION
-
-    # -- bias correction -----------------------------------------------------------------------
+        return stats.fraction_above((128 - zero) * scale) > SATURATION_FRACTION
 
     def _correct_biases(self, quant: ir.Model, built: _Built) -> None:
+        """Each bias minus the mean error of its layer vs a float twin (see analysis.mean_layer_errors)."""
         start = time.perf_counter()
-        layers = [(b.node.name, {1: b.weight.float_value, 2: b.float_value}, _output_rank(b.node))
-                  for b in built.biases]
-        layers = [layer for layer in layers if layer[2] is not None]
+        layers = []
+        for bias in built.biases:
+            rank = _output_rank(bias.node)
+            if rank is None:
+                continue
+            twin_inputs = {1: bias.weight.float_value, 2: bias.float_value}
+            source = _before_quantize(bias.node.inputs[0])
+            if source is not None:
+                twin_inputs[0] = source.name
+            layers.append((bias.node.name, twin_inputs, rank))
         data = self.calib.take(self.o.analysis_samples)
-        errors = analysis.mean_layer_errors(quant.to_proto(), layers, self._batches(data), threads=self.ctx.threads,
-                                            progress=self._progress(data))
+        errors = analysis.mean_layer_errors(quant.to_proto(), layers, self._batches(data), self.ctx.threads,
+                                            self._progress(data, "quant: bias correction"))
         for bias in built.biases:
             error = errors.get(bias.node.name)
             if error is not None and error.shape == bias.float_value.shape:
                 bias.set_value(bias.float_value - error.astype(np.float32))
-        built.corrected = len(errors)
-        self.timings["bias_correction"] = time.perf_counter() - start
-
-    def _progress(self, data: CalibrationData):
-        total = self._batch_count(data)
-        return lambda it, desc="": self.ctx.progress_bar(it, total=total, desc=desc)
+                built.corrected += 1
+        self.timings["bias_correction"] = self.timings.get("bias_correction", 0.0) + time.perf_counter() - start
 
     # -- measurement ---------------------------------------------------------------------------
 
     def _errors(self, quant: ir.Model, built: _Built) -> dict[str, analysis.ErrorSums]:
-        """Signal / noise of every quantized tensor (and float-output anchors) vs the float model."""
+        """Signal / noise of every quantized tensor, float-output anchors and outputs vs the float model."""
         start = time.perf_counter()
-        pairs = dict(built.points_view())
-        graph_outputs = {t.name for t in quant.graph.outputs}
+        pairs = {name: dq.name for name, dq in built.writer.dequantized.items()}
+        by_name = {n.name: n for n in quant.graph.nodes}
         for name in built.quantized:
-            node = next(n for n in quant.graph.nodes if n.name == name)
-            out = node.outputs[0].name
-            if out not in pairs and node.op in ANCHORS:
-                pairs[out] = out
-        for t in quant.graph.outputs:
-            pairs.setdefault(t.name, t.name)
+            out = by_name[name].outputs[0].name
+            if by_name[name].op in ANCHORS:
+                pairs.setdefault(out, out)
+        self.output_names = [t.name for t in quant.graph.outputs]
+        for name in self.output_names:
+            pairs.setdefault(name, name)
         data = self.calib.take(self.o.analysis_samples)
         errors = analysis.paired_errors(self.float_proto, quant.to_proto(), pairs, self._batches(data),
-                                        threads=self.ctx.threads, progress=self._progress(data))
-        self.output_names = graph_outputs
+                                        self.ctx.threads, self._progress(data, "quant: measuring SQNR"))
         self.timings["analysis"] = self.timings.get("analysis", 0.0) + time.perf_counter() - start
         return errors
 
     # -- sensitivity fallback ------------------------------------------------------------------
 
-    def _fallback(self, quant, built, plan, errors, float_nodes):
-        """Keep the layers that lose most SQNR in float until the output budget holds."""
+    def _fallback(self, quant, built, plan, errors, excluded):
+        """Keep the tensors whose quantization adds most noise in float (with the nodes around
+        them) until the output budget holds on the calibration data; binary search on how many."""
+        start = time.perf_counter()
         data = self.calib.take(max(self.o.analysis_samples, min(len(self.calib), 64)))
         reference = analysis.model_outputs(self.float_proto, self._batches(data), self.ctx.threads)
 
-        def meets(candidate: ir.Model) -> tuple[bool, float, float]:
+        def check(candidate: ir.Model) -> tuple[bool, float, float]:
             outputs = analysis.model_outputs(candidate.to_proto(), self._batches(data), self.ctx.threads)
             agreement, sqnr = analysis.output_agreement(reference, outputs)
             ok = (self.o.max_drop is None or agreement >= 1.0 - self.o.max_drop - 1e-12) and (
                 self.o.min_sqnr is None or sqnr >= self.o.min_sqnr)
             return ok, agreement, sqnr
 
-        ok, agreement, sqnr = meets(quant)
-        self.budget = {"agreement": agreement, "output_sqnr_db": sqnr, "met": ok}
+        ok, agreement, sqnr = check(quant)
+        self.budget = {"agreement": agreement, "output_sqnr_db": sqnr, "met": ok, "attempts": 1}
         if ok:
             return quant, built, plan, errors, []
         ranking = _sensitivity_ranking(plan, errors)
-        best = None
-        low, high = 1, len(ranking)
-        attempts = 0
+        best, low, high = None, 1, len(ranking)
         while low <= high:
             k = (low + high) // 2
-            trial_plan = self._plan_from(float_nodes | set().union(*ranking[:k]))
+            trial_plan = self._plan(excluded | set().union(*ranking[:k]))
             trial, trial_built = self._build(trial_plan)
-            if self.o.bias_correction and trial_built.biases:
-                self._correct_biases(trial, trial_built)
-            ok, agreement, sqnr = meets(trial)
-            attempts += 1
+            ok, agreement, sqnr = check(trial)
+            self.budget["attempts"] += 1
             if ok:
                 best = (k, trial, trial_built, trial_plan, agreement, sqnr)
                 high = k - 1
             else:
                 low = k + 1
+        self.timings["fallback"] = time.perf_counter() - start
         if best is None:
-            logger.warning("quant: the budget (max_drop=%s, min_sqnr=%s) is not met even with every sensitive "
-                           "layer in float", self.o.max_drop, self.o.min_sqnr)
-            self.budget.update(met=False, attempts=attempts)
+            logger.warning("quant: the budget (max_drop=%s, min_sqnr=%s) is not met even with every ranked "
+                           "tensor in float; keeping the fully quantized model", self.o.max_drop, self.o.min_sqnr)
             return quant, built, plan, errors, []
-        k, quant, built, plan, agreement, sqnr = best
-        self.budget = {"agreement": agreement, "output_sqnr_db": sqnr, "met": True, "attempts": attempts}
-        kept = sorted(set().union(*ranking[:k]) & {n.name for n in self._plan_from(float_nodes).quantized})
-        return quant, built, plan, self._errors(quant, built), kept
-
-    def _plan_from(self, float_nodes: set[str]) -> Plan:
-        model = ir.from_proto(self.float_proto, infer=False)
-        return self._plan(model, float_nodes)
+        k, quant, built, trial_plan, agreement, sqnr = best
+        self.budget.update(agreement=agreement, output_sqnr_db=sqnr, met=True)
+        first = {n.name for n in plan.quantized}
+        kept = sorted(first & set().union(*ranking[:k]))
+        return quant, built, trial_plan, self._errors(quant, built), kept
 
     # -- report --------------------------------------------------------------------------------
 
-    def _result(self, model: ir.Model, plan: Plan, built: _Built, errors, fallback, seconds: float) -> PassResult:
+    def _result(self, model: ir.Model, plan: Plan, built: _Built, errors, fallback: list[str]) -> PassResult:
+        weights = {w.node.name: w for w in built.weights}
         rows = []
         for node in plan.quantized:
-            weight = next((w for w in built.weights if w.node.name == node.name), None)
+            weight = weights.get(node.name)
             result = _result_point(plan, node)
             params = built.params.get(result) if result else None
-            error = errors.get(result) if result else errors.get(node.outputs[0].name)
+            error = errors.get(result or node.outputs[0].name)
             rows.append({
                 "node": node.name,
                 "op": node.op,
@@ -446,10 +449,9 @@ class _Quantizer:
                 "sqnr_db": round(error.sqnr_db, 2) if error else None,
             })
         outputs = {name: round(errors[name].sqnr_db, 2) for name in self.output_names if name in errors}
-        skipped = {name: reason for name, reason in plan.skipped.items()}
         stats = {
             "quantized_nodes": len(plan.quantized),
-            "float_nodes": len(skipped),
+            "float_nodes": len(plan.skipped),
             "calibration_samples": len(self.calib),
             "method": self.o.method,
             "bias_corrected": built.corrected,
@@ -458,18 +460,20 @@ class _Quantizer:
         }
         if fallback:
             stats["fallback_layers"] = len(fallback)
-        details = {"layers": rows, "float_nodes": skipped, "output_sqnr_db": outputs, "notes": self.notes,
-                   "timings_s": {k: round(v, 2) for k, v in self.timings.items()}}
-        if fallback or hasattr(self, "budget"):
-            details["fallback"] = {"layers": fallback, **getattr(self, "budget", {})}
+        details = {"layers": rows, "float_nodes": dict(plan.skipped), "output_sqnr_db": outputs,
+                   "saturation_guarded": built.guarded, "notes": self.notes}
+        if self.budget is not None:
+            details["fallback"] = {"layers": fallback, **self.budget}
         if self.o.check_speed:
             details["latency"] = self._speed(model)
+        details["timings_s"] = {k: round(v, 2) for k, v in self.timings.items()}
         for note in self.notes:
             logger.info("quant: %s", note)
         return PassResult(True, stats, details)
 
     def _speed(self, model: ir.Model) -> dict:
         """ORT latency of the quantized model vs the float input; warns when int8 is not faster."""
+        start = time.perf_counter()
         feeds = next(self._batches(self.calib.take(1)))
         try:
             float_ms = runtime.latency_ms(self.float_proto, feeds, runs=10, warmup=2, threads=1)
@@ -477,6 +481,7 @@ class _Quantizer:
         except Exception as exc:  # noqa: BLE001 - timing is advisory
             logger.warning("quant: could not time the quantized model: %s", exc)
             return {}
+        self.timings["speed_check"] = time.perf_counter() - start
         if quant_ms >= float_ms:
             logger.warning("quant: the quantized model is not faster than float in onnxruntime on this machine "
                            "(%.2f ms vs %.2f ms, 1 thread); its gain here is size only", quant_ms, float_ms)
@@ -486,24 +491,15 @@ class _Quantizer:
 
 @dataclass
 class _Built:
+    """What `_build` made: parameters per point and the integer weights / biases (for bias correction)."""
+
     params: dict[str, QParams]
     writer: QdqWriter
-    weights: list[QuantizedWeight] = None
-    biases: list[QuantizedBias] = None
-    quantized: list[str] = None
+    quantized: list[str]
+    weights: list[QuantizedWeight] = field(default_factory=list)
+    biases: list[QuantizedBias] = field(default_factory=list)
+    guarded: list[str] = field(default_factory=list)  # layers given 7-bit / uint8 weights
     corrected: int = 0
-    guarded: list[str] = None
-
-    def __post_init__(self):
-        self.guarded = [] if self.guarded is None else self.guarded
-        self.weights = [] if self.weights is None else self.weights
-        self.biases = [] if self.biases is None else self.biases
-        self.quantized = [] if self.quantized is None else self.quantized
-
-    def points_view(self):
-        """(float tensor name, quantized-model tensor carrying its dequantized value)."""
-        for name, dq in self.writer.dequantized.items():
-            yield name, dq.name
 
 
 def _name_nodes(graph: gs.Graph) -> None:
@@ -552,6 +548,15 @@ def _bias_value(node: gs.Node, weight: np.ndarray) -> np.ndarray:
     if value is None:
         return np.zeros(channels, dtype=np.float32)
     return np.broadcast_to(value.reshape(-1).astype(np.float32), (channels,)).copy()
+
+
+def _before_quantize(tensor: gs.Tensor) -> gs.Tensor | None:
+    """For the output of DequantizeLinear(QuantizeLinear(x)), x; else None."""
+    dq = ir.producer(tensor)
+    if dq is None or dq.op != "DequantizeLinear" or isinstance(dq.inputs[0], gs.Constant):
+        return None
+    q = ir.producer(dq.inputs[0])
+    return q.inputs[0] if q is not None and q.op == "QuantizeLinear" else None
 
 
 def _output_rank(node: gs.Node) -> int | None:
