@@ -160,6 +160,18 @@ def shape_of(tensor: gs.Tensor) -> list | None:
 _PLACEHOLDER_DIMS = {"?", "none", "null", "unk", "unknown", "dynamic"}
 
 
+def shape_range(shape_node: gs.Node) -> range | None:
+    """The axes of its input that a `Shape` node returns (opset-15 start/end clamped as the spec says)."""
+    shape = shape_of(shape_node.inputs[0])
+    if shape is None:
+        return None
+    rank = len(shape)
+    start, end = int(shape_node.attrs.get("start", 0)), shape_node.attrs.get("end")
+    start = min(max(start + rank if start < 0 else start, 0), rank)
+    end = rank if end is None else min(max(int(end) + rank if int(end) < 0 else int(end), 0), rank)
+    return range(start, end)
+
+
 def _symbol(dim) -> str | None:
     if not isinstance(dim, str) or not dim or dim.strip().lower() in _PLACEHOLDER_DIMS:
         return None

@@ -28,7 +28,7 @@ from edgegraph.registry import register_pass
 
 from .common import (
     KEEP_UNFOLDED, NONDETERMINISTIC, GraphPass, has_subgraph, infer_forward, is_empty, is_opaque, is_standard,
-    numpy_dtype, shape_of, toposort, value,
+    numpy_dtype, shape_of, shape_range, toposort, value,
 )
 
 logger = logging.getLogger(__name__)
@@ -295,16 +295,9 @@ def _from_shape(tensor: gs.Tensor) -> bool:
 
 
 def _shape_dims(shape_node: gs.Node) -> list | None:
-    """The dims `Shape` returns (honouring opset-15 start/end), ints or symbols."""
-    shape = shape_of(shape_node.inputs[0])
-    if shape is None:
-        return None
-    rank = len(shape)
-    start = int(shape_node.attrs.get("start", 0))
-    end = shape_node.attrs.get("end")
-    start = min(max(start + rank if start < 0 else start, 0), rank)
-    end = rank if end is None else min(max(int(end) + rank if int(end) < 0 else int(end), 0), rank)
-    return shape[start:end]
+    """The dims `Shape` returns, ints or symbols."""
+    axes = shape_range(shape_node)
+    return None if axes is None else [shape_of(shape_node.inputs[0])[k] for k in axes]
 
 
 def _gather_dims(node: gs.Node) -> np.ndarray | None:

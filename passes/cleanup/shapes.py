@@ -14,7 +14,7 @@ from edgegraph.registry import register_pass
 from .transposes import sink_transpose
 from .common import (
     GraphPass, axes_of, dtype_of, int_list, is_empty, is_standard, live_nodes, normalize_axes, only_consumer,
-    optional_input, perm_of, remove, same_dim, set_inputs, shape_of, value,
+    optional_input, perm_of, remove, same_dim, set_inputs, shape_of, shape_range, value,
 )
 
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
@@ -405,15 +405,8 @@ def _unknown(tensor: gs.Tensor) -> list[tuple] | None:
 
 def _shape_entries(shape_node: gs.Node) -> list[tuple] | None:
     tensor = shape_node.inputs[0]
-    shape = shape_of(tensor)
-    if shape is None:
-        return None
-    rank = len(shape)
-    start = int(shape_node.attrs.get("start", 0))
-    end = shape_node.attrs.get("end")
-    start = min(max(start + rank if start < 0 else start, 0), rank)
-    end = rank if end is None else min(max(int(end) + rank if int(end) < 0 else int(end), 0), rank)
-    return [("dim", tensor, k, shape[k]) for k in range(start, end)]
+    axes = shape_range(shape_node)
+    return None if axes is None else [("dim", tensor, k, shape_of(tensor)[k]) for k in axes]
 
 
 def _pick(node: gs.Node, dims: list[tuple]) -> list[tuple] | None:
