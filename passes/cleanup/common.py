@@ -313,6 +313,22 @@ class GraphPass(Pass):
         return PassResult(modified=sum(total.values()) > 0, stats=dict(sorted(total.items())))
 
 
+def apply_first_rule(rules, owner: GraphPass, graph: gs.Graph, node: gs.Node, opset: int) -> str | None:
+    """Apply the first of `rules` that rewrites `node`; returns its counter key, or None.
+
+    A rule returns a key when it changed the graph. Exporters produce attribute forms a rule
+    may not expect; the exceptions that raises count as "no match" rather than a failed pass.
+    """
+    for rule in rules:
+        try:
+            applied = rule(owner, graph, node, opset)
+        except (TypeError, ValueError, IndexError, KeyError):
+            applied = None
+        if applied:
+            return applied
+    return None
+
+
 class Names:
     """Fresh tensor/node names unique across the model, collected only when first needed."""
 

@@ -13,6 +13,7 @@ from edgegraph import ir
 from edgegraph.registry import register_pass
 
 from .common import (
+    apply_first_rule,
     WIDE_FLOATS, GraphPass, can_remove, dtype_of, int_list, is_standard, live_nodes, only_consumer, optional_input,
     remove, set_inputs, shape_of, value,
 )
@@ -43,14 +44,9 @@ class FuseLinear(GraphPass):
             if not is_standard(node) or not node.inputs or not node.outputs or not node.outputs[0].outputs \
                     and not ir.is_graph_output(graph, node.outputs[0]):
                 continue
-            for rule in _RULES.get(node.op, ()):
-                try:
-                    applied = rule(self, graph, node, opset)
-                except (TypeError, ValueError, IndexError, KeyError):
-                    applied = None
-                if applied:
-                    done[applied] += 1
-                    break
+            applied = apply_first_rule(_RULES.get(node.op, ()), self, graph, node, opset)
+            if applied:
+                done[applied] += 1
         return done
 
     # --- Conv / ConvTranspose followed by per-channel arithmetic --------------------------------

@@ -13,6 +13,7 @@ from edgegraph.registry import register_pass
 
 from .transposes import sink_transpose
 from .common import (
+    apply_first_rule,
     GraphPass, axes_of, dtype_of, int_list, is_empty, is_standard, live_nodes, normalize_axes, only_consumer,
     optional_input, perm_of, remove, same_dim, set_inputs, shape_of, shape_range, value,
 )
@@ -64,14 +65,9 @@ class SimplifyShapes(GraphPass):
                 continue
             if not any(o.outputs for o in node.outputs) and not any(ir.is_graph_output(graph, o) for o in node.outputs):
                 continue  # made dead by an earlier rewrite
-            for rule in _RULES.get(node.op, ()):
-                try:
-                    applied = rule(self, graph, node, opset)
-                except (TypeError, ValueError, IndexError, KeyError):  # unexpected attribute forms
-                    applied = None
-                if applied:
-                    done[applied] += 1
-                    break
+            applied = apply_first_rule(_RULES.get(node.op, ()), self, graph, node, opset)
+            if applied:
+                done[applied] += 1
         return done
 
     # --- Transpose ---------------------------------------------------------------------------
