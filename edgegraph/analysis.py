@@ -161,7 +161,7 @@ def serialized_size(model: ir.Model, light: onnx.ModelProto | None = None) -> in
     """Bytes of `model` serialized with its weights inline, without serializing them: the graph
     exported without its weights (`light`, if already at hand) plus the bytes of those weights.
     Exact but for a few bytes per weight left out."""
-    light = light or model.to_proto(weights=False)
+    light = model.to_proto(weights=False) if light is None else light
     left_out = [t for t in onnx.external_data_helper._get_all_tensors(light)
                 if t.data_location == onnx.TensorProto.EXTERNAL]
     return light.ByteSize() + sum(math.prod(t.dims) * (_np_dtype(t.data_type) or np.dtype(np.uint8)).itemsize

@@ -316,7 +316,7 @@ def _write(save, path: Path):
 def _staging(output: Path):
     """A temporary folder beside `output` (same file system, so moving out of it is atomic),
     removed with whatever is left in it."""
-    folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    folder = Path(_write(lambda: tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent), output))
     try:
         yield folder
     finally:

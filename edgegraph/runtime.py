@@ -9,11 +9,13 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from edgegraph import ir
@@ -153,17 +155,28 @@ def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     """A copy of `proto` that also returns the given intermediate tensors."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(proto)
-    return _expose(exposed, names)
-
-
-def _expose(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    present = {o.name for o in proto.graph.output}
+    present = {o.name for o in exposed.graph.output}
     for name in names:
         if name not in present:
             # ORT infers the type of an output declared without one.
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
             present.add(name)
-    return proto
+    return exposed
+
+
+@contextmanager
+def _exposing(graph: gs.Graph, names: Iterable[str]):
+    """While active, `graph` also returns the named tensors (`with_outputs` for a gs graph)."""
+    present = {t.name for t in graph.outputs}
+    tensors = graph.tensors()
+    # An unknown name still becomes an output, so that ORT reports it as with_outputs would.
+    added = [tensors[name] if name in tensors else gs.Variable(name) for name in dict.fromkeys(names)
+             if name not in present]
+    graph.outputs.extend(added)
+    try:
+        yield
+    finally:
+        del graph.outputs[len(graph.outputs) - len(added):]
 
 
 def capture(model, tensors: Sequence[str], batches: Iterable[Feeds], *, threads: int = 0) -> Iterator[Feeds]:
@@ -172,11 +185,11 @@ def capture(model, tensors: Sequence[str], batches: Iterable[Feeds], *, threads:
     The caller reduces each batch (histograms, Gram matrices, ...) so memory stays bounded by one
     batch of activations rather than the whole calibration set.
     """
-    if isinstance(model, ir.Model):  # a fresh export is ours to extend: no second copy of the weights
-        exposed = _expose(model.to_proto(), tensors)
+    if isinstance(model, ir.Model):
+        with _exposing(model.graph, tensors):  # no copy of the model: a big one reaches ORT as a file
+            sess = session(model, threads=threads)
     else:
-        exposed = with_outputs(model, tensors)
-    sess = session(exposed, threads=threads)
+        sess = session(with_outputs(model, tensors), threads=threads)
     specs = input_specs(sess)
     for batch in batches:
         yield run(sess, adapt_feeds(specs, batch), tensors)

@@ -33,3 +33,24 @@ def model_id(path: Path) -> str:
 
 # The bundled default model (tools/train_default.py): digits_cnn.onnx, digits_calib.npz, digits_eval.npz.
 DEFAULT_DIR = REPO / "fixtures" / "default"
+
+
+@pytest.fixture
+def full_exports(monkeypatch) -> list[str]:
+    """Grows by the graph's name at every export to protobuf that carries the large weights
+    (those of ir.DETACH_BYTES or more): the copies that cost memory on a multi-GB model."""
+    import onnx_graphsurgeon as gs
+
+    from edgegraph import ir
+
+    exports: list[str] = []
+    export = gs.export_onnx
+
+    def counting(graph, *args, **kwargs):
+        proto = export(graph, *args, **kwargs)
+        if any(len(t.raw_data) >= ir.DETACH_BYTES for t in proto.graph.initializer):
+            exports.append(proto.graph.name)
+        return proto
+
+    monkeypatch.setattr(gs, "export_onnx", counting)
+    return exports

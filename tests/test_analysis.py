@@ -205,6 +205,36 @@ def test_shapes_inference_cannot_see_are_observed_in_a_run():
     assert analysis.model_stats(model, feeds=sample).macs == 5 * 6 * 4
 
 
+def gelu_matmul(batch="batch"):
+    """x [batch, 5, 6] -> com.microsoft Gelu -> MatMul(w [6, 64]): the MatMul's shapes need a run."""
+    return make_model(
+        [helper.make_node("Gelu", ["x"], ["g"], domain="com.microsoft"),
+         helper.make_node("MatMul", ["g", "w"], ["y"], name="mm")],
+        [value("x", [batch, 5, 6])], [value("y", None)], [weight("w", [6, 64])],
+        extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_stats_of_an_ir_model_work_without_copying_its_weights(full_exports):
+    proto = gelu_matmul()
+    model = ir.load(proto)
+    outputs = list(model.graph.outputs)
+    stats = analysis.model_stats(model)  # a static copy (batch 1) for shapes, one run for the MatMul's
+    assert stats.macs == 5 * 6 * 64 and "observed" in stats.shapes
+    assert len(full_exports) == 1  # the run's session; the static copy and the rest have no weights
+    assert model.graph.outputs == outputs  # the run's extra outputs are gone again
+    # The serialized size is computed, not serialized: exact but for a few bytes per weight.
+    assert 0 <= analysis.serialized_size(model) - model.to_proto().ByteSize() < 64
+    full_exports.clear()
+    fixed = analysis.model_stats(model, fix_shapes={"x": [2, 5, 6]}, feeds={"x": np.ones((2, 5, 6), np.float32)})
+    assert fixed.macs == 2 * 5 * 6 * 64 and len(full_exports) == 1
+
+
+def test_feeds_that_contradict_fixed_shapes_are_not_used_to_observe_shapes():
+    wrong = {"x": np.zeros([1, 5, 6], np.float32)}
+    stats = analysis.model_stats(gelu_matmul(), fix_shapes={"x": [3, 5, 6]}, feeds=wrong)
+    assert stats.macs == 3 * 5 * 6 * 64  # observed on inputs shaped as fixed, not on `wrong`
+
+
 def test_loops_with_mac_ops_inside_are_unknown():
     body = helper.make_graph(
         [helper.make_node("MatMul", ["acc_in", "w"], ["acc_out"]),
@@ -286,6 +316,17 @@ def test_latency_is_measured_and_failures_are_reported_not_raised():
     assert analysis.measure_latency([model], [good], runs=0) == [(None, "not measured (--runs 0)")]
 
 
+def test_latency_of_files_and_of_models_too_big_to_hold_together(tmp_path):
+    model = dynamic_cnn()
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, path)
+    feeds = analysis.sample_feeds(model)
+    timed = analysis.measure_latency([path, ir.load(model)], [feeds, feeds], runs=3, warmup=1, threads=1,
+                                     in_turns=False)
+    for ms, note in timed:
+        assert ms > 0 and "models timed one after the other" in note and "3 rounds x 1 runs" in note
+
+
 def test_compare_models_and_label_accuracy():
     model = dynamic_cnn()
     changed = onnx.ModelProto()
@@ -303,6 +344,10 @@ def test_compare_models_and_label_accuracy():
     scaled = analysis.compare_models(model, changed, data)["outputs"]["y"]
     assert scaled.cosine == pytest.approx(1.0, abs=1e-6) and scaled.top1 == 1.0
     assert 35 < scaled.sqnr_db < 45  # a 1% scale error is 40 dB
+    # The same from outputs computed once (what `edgegraph bench` does for its reference model).
+    reference = analysis.model_outputs(model, data)
+    again = analysis.compare_outputs(reference, analysis.model_outputs(changed, data))
+    assert again["outputs"]["y"].sqnr_db == scaled.sqnr_db and "samples" not in again
 
 
 def test_jsonable_makes_strict_json():

@@ -225,6 +225,37 @@ def test_no_verify_skips_checks_and_accuracy(capsys, tmp_path, model_path):
     assert out.exists() and "not measured (--no-verify)" in stdout
 
 
+def test_opt_on_a_model_past_the_proto_limit_copies_no_weights(capsys, tmp_path, monkeypatch, full_exports):
+    """A multi-GB model in miniature: external data, and a limit shrunk so the result is saved with
+    external data too. Verification, statistics, latency and accuracy all run without one copy
+    of the weights in protobuf (onnxruntime loads files), and the in-place output replaces both files."""
+    from fixtures import core
+
+    source = core.write_large_model(tmp_path / "model", 2**20)  # a 1 MiB table, a 4 MiB projection
+    feeds = core.large_model_feeds(source, batch=6)
+    np.savez(tmp_path / "ids.npz", **feeds)
+    expected = runtime.run(runtime.session(source), feeds)
+    monkeypatch.setattr(ir, "PROTO_LIMIT", 100_000)
+    report = tmp_path / "report.json"
+    code, out, err = run_cli(capsys, "opt", source, "-p", "test-drop-identity", "-o", source, "--calib",
+                             tmp_path / "ids.npz", "--eval", tmp_path / "ids.npz", "--runs", "2", "--report", report)
+    assert (code, err) == (0, "")
+    assert full_exports == []
+    assert sorted(p.name for p in source.parent.iterdir()) == ["large.onnx", "large.onnx.data"]
+    written = onnx.load(source, load_external_data=False)
+    assert "Identity" not in {n.op_type for n in written.graph.node}
+    assert {t.name for t in written.graph.initializer if t.data_location == TensorProto.EXTERNAL} == {"table0", "proj"}
+    got = runtime.run(runtime.session(source), feeds)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+    assert re.search(r"^latency ms\s+\d+\.\d+\s+\d+\.\d+", out, re.M), out
+    assert re.search(r"^\s+h\s+1\.000000\s+inf", out, re.M), out
+    data = json.loads(report.read_text())
+    assert data["after"]["size_bytes"] == sum(p.stat().st_size for p in source.parent.iterdir())
+    assert data["before"]["macs"] == data["after"]["macs"] > 0  # dynamic shapes observed in a run
+    assert data["accuracy"]["samples"] == 6
+
+
 @pytest.mark.parametrize("value", ["2x3x8x8", "2,3,8,8"])
 def test_fix_shape_makes_inputs_static_in_the_output(capsys, tmp_path, model_path, value):
     out = tmp_path / "out.onnx"

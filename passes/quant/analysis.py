@@ -97,6 +97,20 @@ class Probe:
         x = tensor if minus is None else self._node("Sub", [tensor, minus])
         return self.output(self._reduce("ReduceSumSquare", self._flatten(x)))
 
+    def activation(self, tensor: str, kind: tuple[str, float, float] | None) -> str:
+        """`tensor` passed through an activation (name, alpha, beta) as placement.reader_activation
+        names it; the tensor itself for None."""
+        if kind is None:
+            return tensor
+        name, alpha, beta = kind
+        if name in ("sigmoid", "tanh", "relu"):
+            return self._node(name.capitalize(), [tensor])
+        if name == "hardsigmoid":
+            return self._node("HardSigmoid", [tensor], alpha=alpha, beta=beta)
+        gate = self._node("Sigmoid", [tensor]) if name == "silu" else self._node(
+            "HardSigmoid", [tensor], alpha=alpha, beta=beta)
+        return self._node("Mul", [tensor, gate])
+
     def channel_sum(self, tensor: str, minus: str, rank: int, axis: int = 1) -> str:
         """Per-channel sum over every other axis of tensor - minus."""
         diff = self._node("Sub", [tensor, minus])
@@ -180,19 +194,24 @@ def paired_model(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto) -> 
 
 def paired_errors(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, pairs: Mapping[str, str],
                   batches: Iterable[Feeds], threads: int = 0,
-                  progress: Callable = lambda it, **_: it) -> dict[str, ErrorSums]:
+                  progress: Callable = lambda it, **_: it,
+                  activations: Mapping[str, tuple[str, float, float]] | None = None) -> dict[str, ErrorSums]:
     """Signal / noise energy of every quantized tensor against its float counterpart.
 
-    `pairs` maps a float-model tensor name to the quantized-model tensor carrying its value.
+    `pairs` maps a float-model tensor name to the quantized-model tensor carrying its value. A
+    tensor listed in `activations` is compared after that activation (what its readers see):
+    SiLU flattens large negative values, so their clipping is no error.
     """
     inputs = {i.name for i in float_proto.graph.input}
+    activations = activations or {}
     probe = Probe(paired_model(float_proto, quant_proto))
     reads = {}
     for name, quantized in pairs.items():
         if name in inputs:
             continue
-        reference = FLOAT_PREFIX + name
-        reads[name] = (probe.energy(reference), probe.energy(quantized, reference))
+        kind = activations.get(name)
+        reference = probe.activation(FLOAT_PREFIX + name, kind)
+        reads[name] = (probe.energy(reference), probe.energy(probe.activation(quantized, kind), reference))
     sums = {name: ErrorSums() for name in reads}
     for out in progress(probe.run(batches, threads), desc="quant: measuring SQNR"):
         for name, (signal, noise) in reads.items():

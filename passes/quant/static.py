@@ -287,7 +287,7 @@ class _Quantizer:
         tensors = graph.tensors()
         params = self._group_params(plan)
         writer = QdqWriter(graph, self.domain)
-        built = _Built(params, writer, quantized=[n.name for n in plan.quantized])
+        built = _Built(params, writer, quantized=[n.name for n in plan.quantized], activations=plan.activations)
 
         # Weights and biases first: a bias scale needs the scale of the node's input activation.
         biased = {b.node.name for b in plan.biases}
@@ -382,7 +382,8 @@ class _Quantizer:
             pairs.setdefault(name, name)
         data = self.calib.take(self.o.analysis_samples)
         errors = analysis.paired_errors(self.float_proto, quant.to_proto(), pairs, self._batches(data),
-                                        self.ctx.threads, self._progress(data, "quant: measuring SQNR"))
+                                        self.ctx.threads, self._progress(data, "quant: measuring SQNR"),
+                                        built.activations)
         self.timings["analysis"] = self.timings.get("analysis", 0.0) + time.perf_counter() - start
         return errors
 
@@ -500,6 +501,7 @@ class _Built:
     biases: list[QuantizedBias] = field(default_factory=list)
     guarded: list[str] = field(default_factory=list)  # layers given 7-bit / uint8 weights
     corrected: int = 0
+    activations: dict[str, tuple[str, float, float]] = field(default_factory=dict)  # point -> reader activation
 
 
 def _name_nodes(graph: gs.Graph) -> None:
