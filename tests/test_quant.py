@@ -17,6 +17,7 @@ from edgegraph.passes.quant import calibrate, numerics
 from edgegraph.passes.quant.analysis import optimized_op_counts
 from edgegraph.pipeline import run_pipeline
 from edgegraph.spec import parse
+from fixtures import core as core_fixtures
 from fixtures import quant as qfix
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +307,20 @@ def test_excluded_nodes_and_ops_stay_float():
     assert {"conv3", "fc"} <= set(record.details["float_nodes"])
     ops = optimized_op_counts(proto)
     assert ops.get("QLinearConv") == 4 and ops.get("Gemm") == 1
+
+
+@pytest.mark.parametrize("name", list(core_fixtures.all_models()))
+def test_exporter_shapes_survive(name):
+    """If/Loop subgraphs (left float), local functions, custom domains, symbolic dims, opsets 11-21."""
+    model = core_fixtures.all_models()[name]
+    calib = CalibrationData.random(runtime.input_specs(model), 8, seed=0)
+    result, report = run_pipeline(ir.load(model), parse("quant(check_speed=false)"),
+                                  PassContext(calibration=calib, progress=False))
+    proto = result.to_proto()
+    onnx.checker.check_model(proto, full_check=True)
+    if report.passes[-1].stats["quantized_nodes"] == 0:  # nothing quantizable: the model comes back as it was
+        assert not report.passes[-1].modified
+        assert [n.op_type for n in proto.graph.node] == [n.op_type for n in model.graph.node]
 
 
 def test_speed_check_reports_latencies():

@@ -8,8 +8,10 @@ the same calibration inputs; then, in one process and one run:
 
   tool s     wall time of the quantization call (ORT: incl. quant_pre_process and, for models
              below opset 13, the opset-13 upgrade its per-channel QDQ needs to be valid)
-  size       file size / fp32 file size
-  lat1/latN  median latency / fp32 median latency, ORT full optimizations, 1 thread / all threads
+  size       file size / fp32 file size (for the float16 SqueezeNet: / the size of its float32
+             version, so 0.5 would mean "as big as the float16 input")
+  lat1/latN  median latency / the input model's median latency (float16 for SqueezeNet), ORT full
+             optimizations, 1 thread / all threads; rounds interleave the tools
   agree      agreement with the fp32 model on the evaluation set, computed from outputs of
              sessions with full ORT optimizations (the integer kernels users run):
                classifiers    top-1 agreement
@@ -187,9 +189,19 @@ def latency(path: Path, case: Case, threads: int, runs: int) -> float:
     return runtime.latency_ms(proto, feeds, runs=runs, warmup=3, threads=threads)
 
 
+def fp32_size(path: Path) -> int:
+    """Bytes of the model with float32 weights (a float16 input model is measured as if float32)."""
+    from edgegraph.passes.quant.prepare import compute_in_float32
+
+    model = ir.load(path)
+    if not compute_in_float32(model):
+        return path.stat().st_size
+    return len(model.to_proto().SerializeToString())
+
+
 def bench(case: Case, tool_set: dict[str, Callable], folder: Path, rounds: int) -> list[dict]:
     reference = outputs(case.path, case)
-    base_size = case.path.stat().st_size
+    base_size = fp32_size(case.path)
     rows = {"fp32": {"model": case.name, "tool": "fp32 (input)", "seconds": 0.0, "path": case.path}}
     for label, quantize in tool_set.items():
         out = folder / f"{case.name}_{label.replace(' ', '_').replace('+', '_')}.onnx"

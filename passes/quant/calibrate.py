@@ -153,8 +153,10 @@ class Transfer:
 
 
 def sigmoid(x):
-    """The logistic function (via tanh, which does not overflow)."""
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+    """The logistic function (via tanh, which does not overflow), in the input's float precision."""
+    x = np.asarray(x)
+    half = x.dtype.type(0.5) if x.dtype.kind == "f" else 0.5
+    return half * (1 + np.tanh(half * x))
 
 
 _sigmoid = sigmoid

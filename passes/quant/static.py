@@ -11,6 +11,7 @@ Steps (each in its own module):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -77,7 +78,7 @@ class StaticQuantize(Pass):
               "stay float until it holds on the calibration data")
     min_sqnr: float | None = option(None, "minimum output SQNR in dB vs the float model; sensitive layers stay float")
     calib_samples: int = option(0, "calibration samples to use (0 = all)")
-    analysis_samples: int = option(16, "samples used for bias correction, the per-layer table and sensitivity")
+    analysis_samples: int = option(8, "samples used for bias correction, the per-layer table and sensitivity")
     prepare: bool = option(True, "run the exact `cleanup` pass first (folds BatchNorm and constants)")
     check_speed: bool = option(True, "time the result against the float model in ORT and warn if it is not faster")
 
@@ -117,6 +118,8 @@ class _Quantizer:
         if self.ctx.calibration is None:  # run_pipeline checks this; direct callers may not
             raise CalibrationDataError("quant needs calibration data")
         start = time.perf_counter()
+        original = model.graph
+        model.graph = model.copy().graph  # preparation edits this copy; `original` comes back if nothing quantizes
         self._prepare(model)
         self.float_proto = model.to_proto()
         self.specs = runtime.input_specs(self.float_proto)
@@ -129,8 +132,9 @@ class _Quantizer:
         plan = self._plan(excluded)
         self.timings["prepare"] = time.perf_counter() - start
         if not plan.quantized:
-            logger.warning("quant: nothing to quantize (no supported op with float inputs)")
-            return PassResult(self.prepared_changed, {"quantized_nodes": 0}, {"float_nodes": plan.skipped})
+            logger.warning("quant: nothing to quantize (no supported op with float inputs); the model is unchanged")
+            model.graph = original
+            return PassResult(False, {"quantized_nodes": 0}, {"float_nodes": plan.skipped})
         self.stats = self._collect([p.name for p in plan.points], "quant: calibrating", "calibrate")
         quant, built = self._build(plan)
         errors = self._errors(quant, built)
@@ -143,11 +147,9 @@ class _Quantizer:
     # -- preparation ---------------------------------------------------------------------------
 
     def _prepare(self, model: ir.Model) -> None:
-        changed = False
         if self.o.prepare:
-            changed |= bool(prepare.run_cleanup(model, self.ctx))
+            prepare.run_cleanup(model, self.ctx)
         if prepare.compute_in_float32(model):
-            changed = True
             self.notes.append("float16 model: quantized from float32 compute, float16 interface kept")
         needed = INT16_OPSET if self.o.activation_type == "int16" else (PER_CHANNEL_OPSET if self.o.per_channel else 10)
         original = model.opset
@@ -160,13 +162,11 @@ class _Quantizer:
                                      "upgraded to opset 10 or later")
             if upgraded is not None:
                 model.graph = upgraded.graph
-                changed = True
                 self.notes.append(f"opset upgraded from {original} to {model.opset}")
         if self.o.per_channel and model.opset < PER_CHANNEL_OPSET:
             self.notes.append(f"per-tensor weights: opset {model.opset} has no per-channel DequantizeLinear")
         _name_nodes(model.graph)
         model.refresh_shapes()
-        self.prepared_changed = changed
 
     def _qdq_domain(self, model: ir.Model) -> str:
         if self.o.activation_type == "int16" and model.opset < INT16_OPSET:
@@ -238,9 +238,11 @@ class _Quantizer:
                 for name in inputs:
                     stats[name].update(feeds[name])
                 for name, source in derived.items():
-                    sample, low, high = (calibrate.sigmoid(out[r]) for r in reads[source]) if source in reads else (
-                        calibrate.sigmoid(feeds[source]), None, None)
-                    stats[name].update(sample, low, high)
+                    if source in reads:
+                        sample, low, high = (out[r] for r in reads[source])
+                        stats[name].update(calibrate.sigmoid(sample), _sigmoid(float(low)), _sigmoid(float(high)))
+                    else:
+                        stats[name].update(calibrate.sigmoid(feeds[source]))
         except CalibrationDataError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT rejects the data (shapes, dtypes)
@@ -502,6 +504,10 @@ class _Built:
     guarded: list[str] = field(default_factory=list)  # layers given 7-bit / uint8 weights
     corrected: int = 0
     activations: dict[str, tuple[str, float, float]] = field(default_factory=dict)  # point -> reader activation
+
+
+def _sigmoid(x: float) -> float:
+    return 0.5 * (1.0 + math.tanh(0.5 * x))
 
 
 def _name_nodes(graph: gs.Graph) -> None:
