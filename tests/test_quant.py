@@ -173,6 +173,10 @@ def test_convnet_is_valid_and_accurate(convnet_result):
     assert np.mean(reference.argmax(1) == quantized.argmax(1)) >= 0.9
     assert record.stats["quantized_nodes"] >= 10
     assert record.stats["calibration_samples"] == 64
+    # ORT's fused integer kernels agree with the Q/DQ arithmetic: no int16 saturation (the signed
+    # input's layer is guarded), no unfused surprises.
+    assert "conv1" in record.details["saturation_guarded"]
+    assert _sqnr(_outputs(proto, {"x": x}, optimize=False), quantized) > 40
 
 
 def test_convnet_placement_fuses_into_integer_kernels(convnet_result):
@@ -260,11 +264,25 @@ def test_old_opset_is_upgraded_for_per_channel_weights():
     assert _sqnr(_outputs(model, {"x": x[32:]}), _outputs(proto, {"x": x[32:]})) > 25
 
 
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+def test_opset9_upsample_keeps_its_coordinates_when_upgraded(mode):
+    model = qfix.upsample_model(mode)
+    x = np.random.default_rng(6).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    proto, record = _quantize(model, {"x": x[:16]}, "quant(check_speed=false, method=minmax)")
+    resize = next(n for n in proto.graph.node if n.op_type == "Resize")
+    assert {a.name: a.s for a in resize.attribute}["coordinate_transformation_mode"] == b"asymmetric"
+    reference = np.concatenate([_outputs(model, {"x": x[i:i + 1]}) for i in range(16, 24)])
+    quantized = np.concatenate([_outputs(proto, {"x": x[i:i + 1]}) for i in range(16, 24)])
+    assert _sqnr(reference, quantized) > 30  # a half-pixel shift would leave ~10 dB
+
+
 @pytest.mark.parametrize("spec, opset", [("quant(check_speed=false, activation_type=int8)", 13),
                                          ("quant(check_speed=false, activation_type=int8, symmetric_activations=true)", 13),
                                          ("quant(check_speed=false, activation_type=int16)", 21),
                                          ("quant(check_speed=false, method=entropy, weight_method=mse)", 13),
-                                         ("quant(check_speed=false, method=percentile, per_channel=false)", 13)])
+                                         ("quant(check_speed=false, method=percentile, per_channel=false)", 13),
+                                         ("quant(check_speed=false, weight_type=uint8, saturation_guard=off)", 13),
+                                         ("quant(check_speed=false, saturation_guard=uint8-weights)", 13)])
 def test_option_variants_run_in_onnxruntime(spec, opset):
     model = qfix.small_convnet()
     x = qfix.convnet_inputs(48)

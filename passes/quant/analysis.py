@@ -62,7 +62,7 @@ class Probe:
     def _reduce(self, op: str, tensor: str, axes: Sequence[int] | None = None) -> str:
         if axes is None:
             return self._node(op, [tensor], keepdims=0)
-        if self.opset >= 18 or op == "ReduceSum":  # axes became an input (ReduceSum already at 13)
+        if self.opset >= 18 or (op == "ReduceSum" and self.opset >= 13):  # axes became an input
             return self._node(op, [tensor, self._const(np.array(axes, dtype=np.int64))], keepdims=0)
         return self._node(op, [tensor], axes=list(axes), keepdims=0)
 

@@ -9,14 +9,15 @@ Range methods (`activation_range`):
   minmax      observed min / max
   percentile  drop the `percentile` tails on each side
   mse         the clipping range that minimises the expected squared quantization error
-              (rounding inside, clipping outside) of the tensor's histogram
+              (rounding inside, clipping outside) of the tensor's histogram, measured after the
+              activation its readers apply when there is one (SiLU, Sigmoid, HardSwish, ...)
   entropy     TensorRT's KL-divergence threshold on |x|, with as many levels as the side has
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,16 +130,6 @@ def _rebin(hist: np.ndarray, limit: float, new_limit: float) -> np.ndarray:
     return np.bincount(index, weights=hist, minlength=2 * BINS).astype(np.int64)
 
 
-def collect(batches: Iterable[Mapping[str, np.ndarray]], names: Iterable[str]) -> dict[str, RangeStats]:
-    """RangeStats for every named tensor over a stream of batches of whole tensors."""
-    stats = {name: RangeStats() for name in names}
-    for batch in batches:
-        for name, stat in stats.items():
-            if name in batch:
-                stat.update(batch[name])
-    return stats
-
-
 # ---------------------------------------------------------------------------------------------
 # Activation functions a quantized tensor may feed (what its error is measured through).
 
@@ -159,8 +150,6 @@ def sigmoid(x):
     return half * (1 + np.tanh(half * x))
 
 
-_sigmoid = sigmoid
-
 
 def _hard_sigmoid(alpha: float, beta: float) -> tuple[Callable, Callable]:
     f = lambda x: np.clip(alpha * x + beta, 0.0, 1.0)  # noqa: E731
@@ -171,9 +160,9 @@ def _hard_sigmoid(alpha: float, beta: float) -> tuple[Callable, Callable]:
 def transfer(name: str, alpha: float = 0.2, beta: float = 0.5) -> Transfer | None:
     """The Transfer called `name` (silu, sigmoid, tanh, relu, hardsigmoid, hardswish); None = identity."""
     if name == "silu":
-        return Transfer(name, lambda x: x * _sigmoid(x), lambda x: _sigmoid(x) * (1 + x * (1 - _sigmoid(x))))
+        return Transfer(name, lambda x: x * sigmoid(x), lambda x: sigmoid(x) * (1 + x * (1 - sigmoid(x))))
     if name == "sigmoid":
-        return Transfer(name, _sigmoid, lambda x: _sigmoid(x) * (1 - _sigmoid(x)))
+        return Transfer(name, sigmoid, lambda x: sigmoid(x) * (1 - sigmoid(x)))
     if name == "tanh":
         return Transfer(name, np.tanh, lambda x: 1 - np.tanh(x) ** 2)
     if name == "relu":
@@ -335,4 +324,4 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
     return float(terms.sum())
 
 
-__all__ = ["BINS", "METHODS", "RangeStats", "Transfer", "activation_range", "collect", "quantization_mse", "transfer"]
+__all__ = ["BINS", "METHODS", "RangeStats", "Transfer", "activation_range", "quantization_mse", "sigmoid", "transfer"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -68,8 +69,9 @@ def compute_in_float32(model: ir.Model) -> bool:
     return True
 
 
-def upgrade_opset(model: ir.Model, opset: int) -> ir.Model | None:
-    """The model converted to ai.onnx `opset` (when older), or None if onnx cannot convert it."""
+def upgrade_opset(model: ir.Model, opset: int, check: Callable[[onnx.ModelProto], bool] | None = None) -> ir.Model | None:
+    """The model converted to ai.onnx `opset` (when older), or None if onnx cannot convert it or
+    `check` (e.g. "outputs unchanged on a few samples") rejects the result."""
     if model.opset >= opset:
         return model
     proto = model.to_proto()
@@ -79,14 +81,35 @@ def upgrade_opset(model: ir.Model, opset: int) -> ir.Model | None:
         [onnx.helper.make_opsetid("", opset)], ignore_unknown=True))
     try:
         converted = version_converter.convert_version(proto, opset)
+        if model.opset < 11 <= opset:  # (Resize-10 has no coordinate modes: it is asymmetric already)
+            _keep_upsample_semantics(converted)
         onnx.checker.check_model(converted)
     except Exception as exc:  # noqa: BLE001 - the converter raises many types
         logger.warning("quant: could not upgrade the model from opset %d to %d (%s)", model.opset, opset,
                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
+    if check is not None and not check(converted):
+        logger.warning("quant: onnx's opset %d -> %d conversion changed the model's outputs; keeping opset %d",
+                       model.opset, opset, model.opset)
+        return None
     upgraded = ir.from_proto(converted, infer=True)
     upgraded.graph.ir_version = max(converted.ir_version, proto.ir_version)
     return upgraded
+
+
+def _keep_upsample_semantics(model: onnx.ModelProto) -> None:
+    """Before opset 11, Upsample and Resize map output x to input x / scale (asymmetric; nearest
+    rounds down). onnx's converter emits Resize-11+ nodes with the default half_pixel coordinates,
+    which shifts every upsampled map; say asymmetric explicitly."""
+    for node in model.graph.node:
+        if node.op_type != "Resize":
+            continue
+        attrs = {a.name for a in node.attribute}
+        if "coordinate_transformation_mode" not in attrs:
+            node.attribute.append(onnx.helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
+        if mode == "nearest" and "nearest_mode" not in attrs:
+            node.attribute.append(onnx.helper.make_attribute("nearest_mode", "floor"))
 
 
 def run_cleanup(model: ir.Model, ctx: PassContext) -> list[str]:

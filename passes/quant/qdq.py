@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 from edgegraph import ir
 from edgegraph.passes.quant import numerics
 from edgegraph.passes.quant.numerics import QType
-from edgegraph.passes.quant.placement import Plan, WeightSlot
+from edgegraph.passes.quant.placement import WeightSlot
 
 INT32_LIMIT = 2**31 - 1
 # Bias codes are kept below this so int32 accumulation keeps headroom for the products.

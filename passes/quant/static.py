@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
-from edgegraph import ir, runtime
+from edgegraph import ir, runtime, verify
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import CalibrationDataError, EdgegraphError
 from edgegraph.pipeline import Pass, PassResult, option
@@ -72,7 +73,8 @@ class StaticQuantize(Pass):
     exclude_ops: list[str] = option([], "op types kept in float")
     exclude_nodes: list[str] = option([], "node names kept in float")
     quantize_softmax: bool = option(False, "quantize Softmax too (its 8-bit output loses small probabilities)")
-    bias_correction: bool = option(True, "correct each layer's bias by the mean error its integer weights add")
+    bias_correction: bool = option(
+        True, "correct each layer's bias by the mean error its integer weights and its input's rounding / clipping add")
     max_drop: float | None = option(
         None, "allowed drop in argmax/top-1 agreement with the float model (e.g. 0.01); the most sensitive layers "
               "stay float until it holds on the calibration data")
@@ -154,9 +156,10 @@ class _Quantizer:
         needed = INT16_OPSET if self.o.activation_type == "int16" else (PER_CHANNEL_OPSET if self.o.per_channel else 10)
         original = model.opset
         if model.opset < needed:
-            upgraded = prepare.upgrade_opset(model, needed)
+            check = self._unchanged_outputs(model.to_proto())
+            upgraded = prepare.upgrade_opset(model, needed, check)
             if upgraded is None and needed == INT16_OPSET:
-                upgraded = prepare.upgrade_opset(model, PER_CHANNEL_OPSET)
+                upgraded = prepare.upgrade_opset(model, PER_CHANNEL_OPSET, check)
             if upgraded is None and model.opset < 10:
                 raise EdgegraphError(f"quant: the model's opset {model.opset} has no QuantizeLinear and could not be "
                                      "upgraded to opset 10 or later")
@@ -167,6 +170,23 @@ class _Quantizer:
             self.notes.append(f"per-tensor weights: opset {model.opset} has no per-channel DequantizeLinear")
         _name_nodes(model.graph)
         model.refresh_shapes()
+
+    def _unchanged_outputs(self, before: onnx.ModelProto):
+        """A check that a converted model gives the same outputs as `before` on a few calibration
+        samples (onnx's version converter has changed semantics before, e.g. Upsample -> Resize)."""
+        def check(after: onnx.ModelProto) -> bool:
+            specs = runtime.input_specs(before)
+            data = self.ctx.calibration.take(self.ctx.verify.samples)
+            batches = [runtime.adapt_feeds(specs, b) for b in data.batches(runtime.batch_size_for(specs, 4))]
+            try:
+                reference = analysis.model_outputs(before, batches, self.ctx.threads, optimize=False)
+                candidate = analysis.model_outputs(after, batches, self.ctx.threads, optimize=False)
+            except Exception as exc:  # noqa: BLE001 - a model that does not run is not unchanged
+                logger.debug("quant: opset check failed to run: %s", exc)
+                return False
+            metrics = verify.compare_all(reference, candidate)
+            return verify.exactness_violation(metrics, self.ctx.verify.rtol * 10, self.ctx.verify.atol * 10) is None
+        return check
 
     def _qdq_domain(self, model: ir.Model) -> str:
         if self.o.activation_type == "int16" and model.opset < INT16_OPSET:
@@ -202,7 +222,8 @@ class _Quantizer:
     # -- calibration ---------------------------------------------------------------------------
 
     def _collect(self, names: list[str], desc: str, timing: str) -> dict[str, calibrate.RangeStats]:
-        """Min / max / a strided sample of each tensor, streamed out of the float model (analysis.Probe).
+        """A strided sample (and for method=minmax the exact extremes) of each tensor, streamed out of
+        the float model (analysis.Probe).
 
         Tensors whose statistics follow from another probed tensor are not read out of ORT: the
         output of a data-movement op in its input's scale group (its values are a subset of the
@@ -223,26 +244,32 @@ class _Quantizer:
             elif producer.op == "Sigmoid":
                 derived[name] = producer.inputs[0].name
         probe = analysis.Probe(self.float_proto)
+        # Only minmax needs the exact extremes (two reductions per tensor in ORT); the other
+        # methods clip outliers anyway and take the range of a dense sample.
+        exact = self.o.method == "minmax"
         reads = {}
         for name in wanted - inputs - set(derived):
             shape = tensors[name].shape if name in tensors else None
             size = int(np.prod([d for d in (shape or [])[1:] if isinstance(d, int) and d > 0], dtype=np.int64))
             step = analysis.sample_step(size) if shape else 1
-            reads[name] = (probe.sample(name, step), probe.minimum(name), probe.maximum(name))
+            reads[name] = (probe.sample(name, step), *((probe.minimum(name), probe.maximum(name)) if exact else ()))
+
+        def read(out: dict, name: str) -> tuple:
+            sample, *extremes = (out[r] for r in reads[name])
+            return (sample, *extremes) if extremes else (sample, None, None)
+
         stats = {name: calibrate.RangeStats() for name in names}
         stream = probe.run_with_feeds(self._batches(self.calib), self.ctx.threads)
         try:
             for feeds, out in self._progress(self.calib, desc)(stream):
-                for name, (sample, low, high) in reads.items():
-                    stats[name].update(out[sample], out[low], out[high])
+                for name in reads:
+                    stats[name].update(*read(out, name))
                 for name in inputs:
                     stats[name].update(feeds[name])
                 for name, source in derived.items():
-                    if source in reads:
-                        sample, low, high = (out[r] for r in reads[source])
-                        stats[name].update(calibrate.sigmoid(sample), _sigmoid(float(low)), _sigmoid(float(high)))
-                    else:
-                        stats[name].update(calibrate.sigmoid(feeds[source]))
+                    sample, low, high = read(out, source) if source in reads else (feeds[source], None, None)
+                    stats[name].update(calibrate.sigmoid(sample), *(
+                        (_sigmoid(float(low)), _sigmoid(float(high))) if low is not None else (None, None)))
         except CalibrationDataError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT rejects the data (shapes, dtypes)
@@ -375,9 +402,10 @@ class _Quantizer:
         start = time.perf_counter()
         pairs = {name: dq.name for name, dq in built.writer.dequantized.items()}
         by_name = {n.name: n for n in quant.graph.nodes}
-        for name in built.quantized:
+        float_tensors = {o for n in self.float_proto.graph.node for o in n.output}
+        for name in built.quantized:  # float-output Gemm / MatMul results
             out = by_name[name].outputs[0].name
-            if by_name[name].op in ANCHORS:
+            if by_name[name].op in ANCHORS and out in float_tensors:
                 pairs.setdefault(out, out)
         self.output_names = [t.name for t in quant.graph.outputs]
         for name in self.output_names:
@@ -479,8 +507,8 @@ class _Quantizer:
         start = time.perf_counter()
         feeds = next(self._batches(self.calib.take(1)))
         try:
-            float_ms = runtime.latency_ms(self.float_proto, feeds, runs=10, warmup=2, threads=1)
-            quant_ms = runtime.latency_ms(model.to_proto(), feeds, runs=10, warmup=2, threads=1)
+            float_ms = runtime.latency_ms(self.float_proto, feeds, runs=8, warmup=1, threads=1)
+            quant_ms = runtime.latency_ms(model.to_proto(), feeds, runs=8, warmup=1, threads=1)
         except Exception as exc:  # noqa: BLE001 - timing is advisory
             logger.warning("quant: could not time the quantized model: %s", exc)
             return {}
