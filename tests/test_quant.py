@@ -264,6 +264,15 @@ def test_old_opset_is_upgraded_for_per_channel_weights():
     assert _sqnr(_outputs(model, {"x": x[32:]}), _outputs(proto, {"x": x[32:]})) > 25
 
 
+def test_per_tensor_weights_keep_an_old_opset():
+    model = qfix.small_convnet(opset=10)
+    x = qfix.convnet_inputs(40)
+    proto, record = _quantize(model, {"x": x[:32]}, "quant(check_speed=false, per_channel=false)")
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version == 10 and record.stats["bias_corrected"] == 6
+    assert _sqnr(_outputs(model, {"x": x[32:]}), _outputs(proto, {"x": x[32:]})) > 20
+
+
 @pytest.mark.parametrize("mode", ["linear", "nearest"])
 def test_opset9_upsample_keeps_its_coordinates_when_upgraded(mode):
     model = qfix.upsample_model(mode)

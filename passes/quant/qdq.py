@@ -12,7 +12,6 @@ from edgegraph.passes.quant import numerics
 from edgegraph.passes.quant.numerics import QType
 from edgegraph.passes.quant.placement import WeightSlot
 
-INT32_LIMIT = 2**31 - 1
 # Bias codes are kept below this so int32 accumulation keeps headroom for the products.
 BIAS_LIMIT = 2**30
 

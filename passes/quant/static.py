@@ -124,6 +124,7 @@ class _Quantizer:
         model.graph = model.copy().graph  # preparation edits this copy; `original` comes back if nothing quantizes
         self._prepare(model)
         self.float_proto = model.to_proto()
+        self.float_tensors = ir.from_proto(self.float_proto, infer=False).graph.tensors()
         self.specs = runtime.input_specs(self.float_proto)
         self.calib = self._calibration_set()
         self.domain = self._qdq_domain(model)
@@ -137,7 +138,7 @@ class _Quantizer:
             logger.warning("quant: nothing to quantize (no supported op with float inputs); the model is unchanged")
             model.graph = original
             return PassResult(False, {"quantized_nodes": 0}, {"float_nodes": plan.skipped})
-        self.stats = self._collect([p.name for p in plan.points], "quant: calibrating", "calibrate")
+        self.stats = self._collect(plan, [p.name for p in plan.points], "quant: calibrating", "calibrate")
         quant, built = self._build(plan)
         errors = self._errors(quant, built)
         fallback: list[str] = []
@@ -221,55 +222,46 @@ class _Quantizer:
 
     # -- calibration ---------------------------------------------------------------------------
 
-    def _collect(self, names: list[str], desc: str, timing: str) -> dict[str, calibrate.RangeStats]:
-        """A strided sample (and for method=minmax the exact extremes) of each tensor, streamed out of
-        the float model (analysis.Probe).
+    def _collect(self, plan: Plan, names: list[str], desc: str, timing: str) -> dict[str, calibrate.RangeStats]:
+        """The exact extremes and a strided sample of each tensor, streamed out of the float model
+        (analysis.Probe).
 
         Tensors whose statistics follow from another probed tensor are not read out of ORT: the
-        output of a data-movement op in its input's scale group (its values are a subset of the
-        group's), and a Sigmoid output (the sigmoid of its input's sample and extremes).
+        output of a data-movement op in its input's scale group (`_within_group`; it gets no
+        entry), and a Sigmoid output (the sigmoid of its input's sample and extremes).
         """
         start = time.perf_counter()
-        graph = ir.from_proto(self.float_proto, infer=False).graph
-        tensors = graph.tensors()
+        tensors = self.float_tensors
         inputs = {s.name for s in self.specs} & set(names)
-        wanted = set(names)
+        wanted = set(names) - self._within_group(plan)
         derived: dict[str, str] = {}  # Sigmoid output -> its probed input
-        for name in names:
+        for name in wanted:
             producer = ir.producer(tensors[name]) if name in tensors else None
-            if producer is None or not producer.inputs or producer.inputs[0].name not in wanted:
-                continue
-            if producer.op in SHARED:
-                wanted.discard(name)  # within the range of its input's group
-            elif producer.op == "Sigmoid":
+            if producer is not None and producer.op == "Sigmoid" and producer.inputs[0].name in wanted:
                 derived[name] = producer.inputs[0].name
         probe = analysis.Probe(self.float_proto)
-        # Only minmax needs the exact extremes (two reductions per tensor in ORT); the other
-        # methods clip outliers anyway and take the range of a dense sample.
-        exact = self.o.method == "minmax"
         reads = {}
         for name in wanted - inputs - set(derived):
             shape = tensors[name].shape if name in tensors else None
             size = int(np.prod([d for d in (shape or [])[1:] if isinstance(d, int) and d > 0], dtype=np.int64))
             step = analysis.sample_step(size) if shape else 1
-            reads[name] = (probe.sample(name, step), *((probe.minimum(name), probe.maximum(name)) if exact else ()))
+            reads[name] = (probe.sample(name, step), probe.minimum(name), probe.maximum(name))
 
-        def read(out: dict, name: str) -> tuple:
-            sample, *extremes = (out[r] for r in reads[name])
-            return (sample, *extremes) if extremes else (sample, None, None)
-
-        stats = {name: calibrate.RangeStats() for name in names}
+        # Skipped tensors get no entry: a later plan that splits their group measures them then.
+        stats = {name: calibrate.RangeStats() for name in names if name in wanted}
         stream = probe.run_with_feeds(self._batches(self.calib), self.ctx.threads)
         try:
             for feeds, out in self._progress(self.calib, desc)(stream):
-                for name in reads:
-                    stats[name].update(*read(out, name))
+                for name, (sample, low, high) in reads.items():
+                    stats[name].update(out[sample], out[low], out[high])
                 for name in inputs:
                     stats[name].update(feeds[name])
                 for name, source in derived.items():
-                    sample, low, high = read(out, source) if source in reads else (feeds[source], None, None)
-                    stats[name].update(calibrate.sigmoid(sample), *(
-                        (_sigmoid(float(low)), _sigmoid(float(high))) if low is not None else (None, None)))
+                    if source in reads:
+                        sample, low, high = (out[r] for r in reads[source])
+                        stats[name].update(calibrate.sigmoid(sample), _sigmoid(float(low)), _sigmoid(float(high)))
+                    else:
+                        stats[name].update(calibrate.sigmoid(feeds[source]))
         except CalibrationDataError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT rejects the data (shapes, dtypes)
@@ -277,6 +269,19 @@ class _Quantizer:
             raise CalibrationDataError(f"quant: the model does not run on the calibration data ({message})") from None
         self.timings[timing] = self.timings.get(timing, 0.0) + time.perf_counter() - start
         return stats
+
+    def _within_group(self, plan: Plan) -> set[str]:
+        """Outputs of data-movement ops that share their input's scale: their values are a subset
+        of the group's, so they need no statistics of their own."""
+        skip = set()
+        for point in plan.points:
+            tensor = self.float_tensors.get(point.name)
+            producer = ir.producer(tensor) if tensor is not None else None
+            if producer is not None and producer.op in SHARED and producer.inputs:
+                source = producer.inputs[0].name
+                if source in plan.groups and plan.groups[source] == plan.groups[point.name]:
+                    skip.add(point.name)
+        return skip
 
     # -- building ------------------------------------------------------------------------------
 
@@ -288,7 +293,8 @@ class _Quantizer:
         for members in plan.group_members().values():
             merged = calibrate.RangeStats()
             for name in members:
-                merged.merge_from(self.stats[name])
+                if name in self.stats:
+                    merged.merge_from(self.stats[name])
                 self.group_stats[name] = merged
             readers = {plan.activations.get(m) for m in members}
             transfer = calibrate.transfer(*readers.pop()) if len(readers) == 1 and None not in readers else None
@@ -307,9 +313,10 @@ class _Quantizer:
 
     def _build(self, plan: Plan) -> tuple[ir.Model, _Built]:
         """A quantized copy of the prepared float model following `plan`, bias-corrected if asked."""
-        missing = [p.name for p in plan.points if p.name not in self.stats]
+        skipped = self._within_group(plan)
+        missing = [p.name for p in plan.points if p.name not in self.stats and p.name not in skipped]
         if missing:  # a fallback plan can expose tensors the first plan did not quantize
-            self.stats.update(self._collect(missing, "quant: calibrating", "calibrate"))
+            self.stats.update(self._collect(plan, missing, "quant: calibrating", "calibrate"))
         model = ir.from_proto(self.float_proto, infer=False)
         graph = model.graph
         by_name = {n.name: n for n in graph.nodes}
