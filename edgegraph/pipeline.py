@@ -209,9 +209,8 @@ def verification_data(specs, ctx: PassContext) -> CalibrationData:
 def reference_outputs(model, data: CalibrationData, batch_size: int = 8, threads: int = 0) -> list[Feeds]:
     """Outputs of `model` (a path, ModelProto or Model) over `data` in batches, e.g. for accuracy tables."""
     sess = runtime.session(model, threads=threads, optimize=True)
-    specs = runtime.input_specs(sess)
-    batch = runtime.batch_size_for(specs, batch_size)
-    return [runtime.run(sess, runtime.adapt_feeds(specs, b)) for b in data.batches(batch)]
+    batch = runtime.batch_size_for(runtime.input_specs(sess), batch_size)
+    return runtime.outputs(sess, data.batches(batch))
 
 
 __all__ = ["Pass", "PassResult", "PassRecord", "PipelineReport", "option", "run_pipeline"]

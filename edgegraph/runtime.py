@@ -209,3 +209,11 @@ def latency_ms(model, feeds: Feeds, *, runs: int = 20, warmup: int = 3, threads:
         sess.run(None, feeds)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def outputs(model, batches: Iterable[Feeds], *, threads: int = 0, optimize: bool = True) -> list[Feeds]:
+    """Outputs of a model (path, ModelProto, Model or open session) over batches of inputs;
+    optimized by default, i.e. as deployed, so quantized models run ORT's integer kernels."""
+    sess = model if isinstance(model, ort.InferenceSession) else session(model, threads=threads, optimize=optimize)
+    specs = input_specs(sess)
+    return [run(sess, adapt_feeds(specs, batch)) for batch in batches]

@@ -26,6 +26,13 @@ class OutputMetrics:
         return asdict(self)
 
 
+def sqnr_db(signal: float, noise: float) -> float:
+    """Signal-to-noise ratio in dB from the two energies (inf when there is no noise)."""
+    if noise == 0:
+        return float("inf")
+    return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+
+
 def looks_like_scores(array: np.ndarray) -> bool:
     """(batch, classes) after squeezing trailing singleton dims, with more than one class."""
     squeezed = _squeeze_trailing(array)
@@ -56,7 +63,7 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputMe
     if not same_nonfinite:
         max_abs = float("inf")
     signal, noise = float(np.sum(ref**2)), float(np.sum(error**2))
-    sqnr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
+    sqnr = sqnr_db(signal, noise)
     norms = np.linalg.norm(ref) * np.linalg.norm(cand)
     cosine = float(ref @ cand / norms) if norms > 0 else (1.0 if noise == 0 else 0.0)
     top1 = None

@@ -158,9 +158,7 @@ class ErrorSums:
 
     @property
     def sqnr_db(self) -> float:
-        if self.noise == 0:
-            return float("inf")
-        return float(10 * np.log10(self.signal / self.noise)) if self.signal > 0 else float("-inf")
+        return verify.sqnr_db(self.signal, self.noise)
 
     @property
     def relative_noise(self) -> float:
@@ -294,13 +292,6 @@ def output_agreement(reference: Sequence[Feeds], candidate: Sequence[Feeds]) -> 
     return agreement, float(min(sqnrs)) if sqnrs else float("inf")
 
 
-def model_outputs(proto: onnx.ModelProto, batches: Iterable[Feeds], threads: int = 0, optimize: bool = True) -> list[Feeds]:
-    """Outputs of `proto` over batches (ORT optimizations on: the integer kernels users will run)."""
-    sess = runtime.session(proto, threads=threads, optimize=optimize)
-    specs = runtime.input_specs(proto)
-    return [runtime.run(sess, runtime.adapt_feeds(specs, b)) for b in batches]
-
-
 def optimized_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
     """Op histogram of the graph onnxruntime actually runs (after its QDQ fusions, before layout
     changes), e.g. to check that Q/DQ pairs were fused into QLinearConv rather than left standing."""
@@ -318,4 +309,4 @@ def optimized_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 __all__ = ["ErrorSums", "Probe", "add_float_twins", "mean_layer_errors", "optimized_op_counts", "output_agreement",
-           "paired_errors", "paired_model", "model_outputs", "sample_step"]
+           "paired_errors", "paired_model", "sample_step"]

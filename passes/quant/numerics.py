@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 from onnx import TensorProto
 
+from edgegraph import verify
 from edgegraph.errors import PassOptionError
 
 
@@ -203,10 +204,7 @@ def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (inf when equal)."""
     ref = np.asarray(reference, dtype=np.float64)
     noise = float(np.sum((np.asarray(approximation, dtype=np.float64) - ref) ** 2))
-    signal = float(np.sum(ref**2))
-    if noise == 0:
-        return float("inf")
-    return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+    return verify.sqnr_db(float(np.sum(ref**2)), noise)
 
 
 __all__ = [

@@ -180,8 +180,8 @@ class _Quantizer:
             data = self.ctx.calibration.take(self.ctx.verify.samples)
             batches = [runtime.adapt_feeds(specs, b) for b in data.batches(runtime.batch_size_for(specs, 4))]
             try:
-                reference = analysis.model_outputs(before, batches, self.ctx.threads, optimize=False)
-                candidate = analysis.model_outputs(after, batches, self.ctx.threads, optimize=False)
+                reference = runtime.outputs(before, batches, threads=self.ctx.threads, optimize=False)
+                candidate = runtime.outputs(after, batches, threads=self.ctx.threads, optimize=False)
             except Exception as exc:  # noqa: BLE001 - a model that does not run is not unchanged
                 logger.debug("quant: opset check failed to run: %s", exc)
                 return False
@@ -431,10 +431,10 @@ class _Quantizer:
         them) until the output budget holds on the calibration data; binary search on how many."""
         start = time.perf_counter()
         data = self.calib.take(max(self.o.analysis_samples, min(len(self.calib), 64)))
-        reference = analysis.model_outputs(self.float_proto, self._batches(data), self.ctx.threads)
+        reference = runtime.outputs(self.float_proto, self._batches(data), threads=self.ctx.threads)
 
         def check(candidate: ir.Model) -> tuple[bool, float, float]:
-            outputs = analysis.model_outputs(candidate.to_proto(), self._batches(data), self.ctx.threads)
+            outputs = runtime.outputs(candidate.to_proto(), self._batches(data), threads=self.ctx.threads)
             agreement, sqnr = analysis.output_agreement(reference, outputs)
             ok = (self.o.max_drop is None or agreement >= 1.0 - self.o.max_drop - 1e-12) and (
                 self.o.min_sqnr is None or sqnr >= self.o.min_sqnr)
