@@ -441,20 +441,14 @@ class _LinkFinder:
 
 
 def _per_channel(value: np.ndarray, channels: int, rank: int | None) -> np.ndarray | None:
-    """A constant that broadcasts along the channel axis only, as a (channels,) vector, else None."""
+    """A constant that broadcasts along the channel axis only, as a (channels,) vector, else None.
+
+    `rank` None means channels last. A single value may have any rank: it is rescaled, never removed.
+    """
     value = np.asarray(value)
     if value.size == 1:
         return np.full(channels, float(value.reshape(())))
-    if rank is None:  # channels last
-        if value.shape[-1] != channels or any(d != 1 for d in value.shape[:-1]):
-            return None
-        return value.reshape(-1).astype(np.float64)
-    if value.ndim > rank:
-        return None
-    padded = (1,) * (rank - value.ndim) + value.shape
-    if padded[1] != channels or any(d != 1 for i, d in enumerate(padded) if i != 1):
-        return None
-    return value.reshape(-1).astype(np.float64)
+    return ir.channel_vector(value, value.ndim if rank is None else rank, channels, channels_last=rank is None)
 
 
 def _channel_shape(link: _Link, original: np.ndarray) -> tuple[int, ...]:

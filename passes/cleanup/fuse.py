@@ -76,7 +76,7 @@ class FuseLinear(GraphPass):
         group = int(conv.attrs.get("group", 1))
         transpose = conv.op == "ConvTranspose"
         channels = weight.shape[1] * group if transpose else weight.shape[0]
-        per_channel = _per_channel(const, weight.ndim, channels)
+        per_channel = ir.channel_vector(const, weight.ndim, channels)
         if per_channel is None:
             return None
         w64 = weight.astype(np.float64)
@@ -198,16 +198,6 @@ def _variable_side(node: gs.Node) -> int | None:
     if consts == [True, False]:
         return 1
     return None
-
-
-def _per_channel(const: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
-    """`const` as a (channels,) float64 vector if it broadcasts against (N, C, ...) per channel only."""
-    if const.ndim > rank:
-        return None
-    shape = [1] * (rank - const.ndim) + list(const.shape)
-    if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, channels):
-        return None
-    return np.broadcast_to(const.astype(np.float64).reshape(-1), (channels,)).copy()
 
 
 def _scale_output_channels(weight: np.ndarray, factor: np.ndarray, group: int, transpose: bool) -> np.ndarray:
