@@ -422,10 +422,15 @@ def fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> None:
                 raise EdgegraphError(f"--fix-shape: input '{name}' axis {axis} is fixed to {was}, got {now}")
         inputs[name].shape = [int(d) for d in shape]
     # Intermediate value_info may still carry the old symbolic dims; drop it so inference is fresh.
-    for tensor in model.graph.tensors().values():
-        if isinstance(tensor, gs.Variable) and tensor not in model.graph.inputs and tensor not in model.graph.outputs:
-            tensor.shape = None
+    drop_intermediate_shapes(model.graph)
     model.refresh_shapes()
+
+
+def drop_intermediate_shapes(graph: gs.Graph) -> None:
+    """Forget the shapes of tensors other than the graph's inputs and outputs (no value_info is written)."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
+            tensor.shape = None
 
 
 # ---------------------------------------------------------------------------------------------

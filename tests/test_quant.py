@@ -136,6 +136,58 @@ def test_mse_range_through_silu_clips_the_flat_negative_side():
     assert silu[0] > plain[0] + 5  # SiLU maps -60 and -10 to ~0: no range is spent on them
 
 
+def _naive_kl_threshold(hist, levels):
+    """TensorRT's search written out bin by bin (the reference for the prefix-sum version)."""
+    hist = hist.astype(np.float64)
+    hist[0] = 0.0
+    last = int(np.nonzero(hist)[0][-1]) + 1
+    best, best_kl = last, np.inf
+    for t in np.unique(np.linspace(levels, last, 128).astype(np.int64)):
+        p = hist[:t].copy()
+        p[-1] += hist[t:].sum()
+        groups = np.minimum((np.arange(t) * levels) // t, levels - 1)
+        sums = np.bincount(groups, weights=hist[:t], minlength=levels)
+        nonzero = np.bincount(groups, weights=(hist[:t] > 0).astype(float), minlength=levels)
+        q = np.where(hist[:t] > 0, sums[groups] / np.maximum(nonzero[groups], 1), 0.0)
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        kl = float((p[mask] * np.log(p[mask] / np.where(q[mask] > 0, q[mask], 1e-12))).sum())
+        if kl < best_kl:
+            best, best_kl = int(t), kl
+    return float(best)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kl_threshold_matches_the_bin_by_bin_search(seed):
+    rng = np.random.default_rng(seed)
+    values = np.abs(rng.standard_t(3 + seed, 100_000)) * (1 + seed)
+    if seed % 2:
+        values = np.concatenate([values, np.zeros(20_000)])  # a ReLU-like spike at 0
+    hist = np.histogram(values, bins=2048, range=(0, values.max() * (1 + 0.3 * seed)))[0]
+    for levels in (128, 256):
+        assert calibrate._kl_threshold(hist, levels) == _naive_kl_threshold(hist, levels)
+
+
+@pytest.mark.parametrize("activation", [None, "silu", "sigmoid", "relu"])
+def test_quantization_mse_matches_the_bin_by_bin_sum(activation):
+    rng = np.random.default_rng(3)
+    centers = np.sort(rng.standard_normal(300) * 4)
+    counts = rng.integers(1, 50, centers.size).astype(np.float64)
+    qt = numerics.qtype("uint8")
+    transfer = calibrate.transfer(activation) if activation else None
+    f = transfer.f if transfer else (lambda v: v)
+    slope2 = transfer.df(centers) ** 2 if transfer else 1.0
+    lows, highs = np.array([-12.0, -5.0, -1.0, 0.0]), np.array([12.0, 3.0, 6.0, 2.0])
+    fast = calibrate.quantization_mse(centers, counts, lows, highs, qt, False, transfer)
+    for lo, hi, got in zip(lows, highs, fast):
+        scale, zero = numerics.scale_zero_point(lo, hi, qt, False)
+        low, high = (qt.qmin - float(zero)) * float(scale), (qt.qmax - float(zero)) * float(scale)
+        clipped = np.clip(centers, low, high)
+        inside = (centers >= low) & (centers <= high)
+        expected = ((f(centers) - f(clipped)) ** 2 + inside * slope2 * float(scale) ** 2 / 12) @ counts
+        assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # The pass on synthetic models
 
@@ -310,10 +362,28 @@ def test_bias_correction_does_not_hurt():
     model = qfix.small_convnet(seed=4)
     x = qfix.convnet_inputs(96, seed=4)
     reference = _outputs(model, {"x": x[64:]})
-    corrected, record = _quantize(model, {"x": x[:64]}, "quant(check_speed=false, method=minmax)")
+    corrected, record = _quantize(model, {"x": x[:64]}, "quant(check_speed=false, method=minmax, bias_correction=true)")
     plain, _ = _quantize(model, {"x": x[:64]}, "quant(check_speed=false, method=minmax, bias_correction=false)")
     assert record.stats["bias_corrected"] == 6  # 5 Conv + the Gemm
     assert _sqnr(reference, _outputs(corrected, {"x": x[64:]})) >= _sqnr(reference, _outputs(plain, {"x": x[64:]})) - 0.5
+
+
+def test_auto_settings_are_the_best_measured_and_reproducible():
+    model = qfix.small_convnet(seed=6)
+    x = qfix.convnet_inputs(48, seed=6)
+    proto, record = _quantize(model, {"x": x})
+    tuning = record.details["tuning_output_sqnr_db"]
+    methods = {m: tuning[m] for m in calibrate.AUTO_METHODS}
+    chosen = record.stats["method"]
+    assert methods[chosen] == max(methods.values())
+    corrected = record.stats["bias_corrected"] > 0
+    assert corrected == (tuning["bias_correction"] > methods[chosen])
+    # The winner is exactly what asking for its settings gives (a rejected correction is undone).
+    fixed, fixed_record = _quantize(model, {"x": x}, f"quant(check_speed=false, method={chosen}, "
+                                                     f"bias_correction={str(corrected).lower()})")
+    assert "tuning_output_sqnr_db" not in fixed_record.details
+    weights = lambda p: {t.name: numpy_helper.to_array(t).tobytes() for t in p.graph.initializer}  # noqa: E731
+    assert weights(proto) == weights(fixed)
 
 
 def test_sensitivity_fallback_keeps_layers_float_for_a_budget():

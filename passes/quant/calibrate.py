@@ -27,6 +27,7 @@ from edgegraph.passes.quant.numerics import QType, scale_zero_point
 BINS = 2048  # per side of zero
 HIST_SAMPLES = 1 << 18  # histogram elements taken from one tensor of one batch
 METHODS = ("minmax", "percentile", "mse", "entropy")
+AUTO_METHODS = ("mse", "entropy", "percentile")  # tried in this order by method=auto; ties keep the first
 
 
 class RangeStats:
@@ -227,22 +228,39 @@ def quantization_mse(centers: np.ndarray, counts: np.ndarray, lo, hi, qt: QType,
     measured after it: clipping costs (g(x) - g(clip(x)))^2 and rounding g'(x)^2 s^2 / 12, so
     the range is not wasted on values the activation flattens (SiLU of -50 and of -8 are both ~0).
     """
-    lo, hi = np.atleast_1d(lo)[:, None], np.atleast_1d(hi)[:, None]
-    scale, zero_point = scale_zero_point(lo, hi, qt, symmetric)
-    scale = scale.astype(np.float64)
-    low = (qt.qmin - zero_point.astype(np.float64)) * scale
-    high = (qt.qmax - zero_point.astype(np.float64)) * scale
-    clipped = np.clip(centers, low, high)
-    inside = (centers >= low) & (centers <= high)
-    if transfer is None:
-        error = (centers - clipped) ** 2 + inside * (scale**2 / 12.0)
-    else:
-        # Only clipped entries need f(clipped); f of the low / high bound per candidate is enough.
-        f_centers = transfer.f(centers)
-        clip_error = np.where(centers < low, transfer.f(low) - f_centers, 0.0) + np.where(
-            centers > high, transfer.f(high) - f_centers, 0.0)
-        error = clip_error**2 + inside * transfer.df(centers) ** 2 * (scale**2 / 12.0)
-    return (error * counts).sum(axis=1)
+    return _HistogramError(centers, counts, transfer)(lo, hi, qt, symmetric)
+
+
+class _HistogramError:
+    """`quantization_mse` of one histogram (sorted bin centers) for many candidate ranges.
+
+    The clipping error below `low` is sum(n * (g(low) - g(x))^2) = g(low)^2 N - 2 g(low) S1 + S2
+    over the clipped bins, so prefix sums of n, n g(x), n g(x)^2 and n g'(x)^2 turn each
+    candidate into two binary searches instead of a pass over every bin.
+    """
+
+    def __init__(self, centers: np.ndarray, counts: np.ndarray, transfer: Transfer | None):
+        self.centers = np.asarray(centers, dtype=np.float64)
+        self.f = transfer.f if transfer is not None else (lambda x: x)
+        g = self.f(self.centers)
+        slope2 = transfer.df(self.centers) ** 2 if transfer is not None else 1.0
+        prefix = lambda v: np.concatenate([[0.0], np.cumsum(np.broadcast_to(v, counts.shape))])  # noqa: E731
+        self.n, self.g1, self.g2, self.w = prefix(counts), prefix(counts * g), prefix(counts * g * g), prefix(
+            counts * slope2)
+
+    def __call__(self, lo, hi, qt: QType, symmetric: bool) -> np.ndarray:
+        lo, hi = np.atleast_1d(np.asarray(lo, dtype=np.float64)), np.atleast_1d(np.asarray(hi, dtype=np.float64))
+        scale, zero_point = scale_zero_point(lo, hi, qt, symmetric)
+        scale = scale.astype(np.float64)
+        low = (qt.qmin - zero_point.astype(np.float64)) * scale
+        high = (qt.qmax - zero_point.astype(np.float64)) * scale
+        a = np.searchsorted(self.centers, low, side="left")  # bins below the range: [0, a)
+        b = np.searchsorted(self.centers, high, side="right")  # bins above it: [b, end)
+        g_low, g_high = self.f(low), self.f(high)
+        below = g_low**2 * self.n[a] - 2 * g_low * self.g1[a] + self.g2[a]
+        above = (g_high**2 * (self.n[-1] - self.n[b]) - 2 * g_high * (self.g1[-1] - self.g1[b])
+                 + (self.g2[-1] - self.g2[b]))
+        return np.maximum(below, 0.0) + np.maximum(above, 0.0) + (self.w[b] - self.w[a]) * scale**2 / 12.0
 
 
 def _mse_range(stats: RangeStats, qt: QType, symmetric: bool, lo: float, hi: float,
@@ -250,12 +268,12 @@ def _mse_range(stats: RangeStats, qt: QType, symmetric: bool, lo: float, hi: flo
     """Coordinate search over clipping ratios of the observed range: the upper bound with the lower
     fixed, then the lower bound, twice; each a coarse grid refined around its best point. A
     symmetric range has one free parameter, so both bounds scale together."""
-    centers, counts = _centers_counts(stats)
+    error = _HistogramError(*_centers_counts(stats), transfer)
 
     def best_ratio(candidates: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], sym: bool) -> float:
         ratios = np.linspace(0.02, 1.0, 50)
         for _ in range(2):
-            errors = quantization_mse(centers, counts, *candidates(ratios), qt, sym, transfer)
+            errors = error(*candidates(ratios), qt, sym)
             best = float(ratios[int(np.argmin(errors))])
             ratios = np.clip(np.linspace(best - 0.02, best + 0.02, 21), 0.005, 1.0)
         return best
@@ -288,7 +306,13 @@ def _entropy_range(stats: RangeStats, qt: QType, symmetric: bool, lo: float, hi:
 
 
 def _kl_threshold(hist: np.ndarray, levels: int) -> float:
-    """Number of bins (a threshold in bin units) minimising KL(P || Q), TensorRT style."""
+    """Number of bins (a threshold in bin units) minimising KL(P || Q), TensorRT style.
+
+    For a threshold t, P is the first t bins with the tail folded into bin t-1, and Q the same
+    bins merged into `levels` contiguous groups, each spread back evenly over its non-empty
+    bins. Q is constant within a group, so sum(p log q) needs only the group sums, and sum(p log p)
+    comes from a running sum of h log h: every candidate costs O(levels), not O(t).
+    """
     hist = hist.astype(np.float64)
     # The first bin holds the exact zeros of ReLU-like tensors, a spike that both P and Q keep
     # exactly; leaving it in lets it dominate the divergence and pull the threshold far down.
@@ -296,32 +320,28 @@ def _kl_threshold(hist: np.ndarray, levels: int) -> float:
     last = int(np.nonzero(hist)[0][-1]) + 1 if hist.any() else 0
     if last <= levels:
         return float(max(last, 1))
-    candidates = np.unique(np.linspace(levels, last, 128).astype(np.int64))
-    best, best_kl = last, math.inf
-    for t in candidates:
-        p = hist[:t].copy()
-        p[-1] += hist[t:].sum()
-        # Q: the first t bins merged into `levels` groups, each spread back over its non-empty bins.
-        groups = np.minimum((np.arange(t) * levels) // t, levels - 1)
-        sums = np.bincount(groups, weights=hist[:t], minlength=levels)
-        nonzero = np.bincount(groups, weights=(hist[:t] > 0).astype(np.float64), minlength=levels)
-        q = np.where(hist[:t] > 0, sums[groups] / np.maximum(nonzero[groups], 1), 0.0)
-        kl = _kl(p, q)
-        if kl < best_kl:
-            best, best_kl = int(t), kl
-    return float(best)
+    t = np.unique(np.linspace(levels, last, 128).astype(np.int64))
+    cum = np.concatenate([[0.0], np.cumsum(hist)])
+    occupied = np.concatenate([[0], np.cumsum(hist > 0)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h_log_h = np.concatenate([[0.0], np.cumsum(np.where(hist > 0, hist * np.log(hist), 0.0))])
+    total, kept = cum[-1], cum[t]
+    bounds = -((-np.arange(levels + 1)[None, :] * t[:, None]) // levels)  # first bin of each group
+    sums = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]
+    mean = sums / np.maximum(occupied[bounds[:, 1:]] - occupied[bounds[:, :-1]], 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_q = np.where(sums > 0, np.log(mean) - np.log(kept)[:, None], 0.0)  # per group, normalised
+    # Bin t-1 carries the tail in P; where it is empty, Q is 0 there (TensorRT's epsilon).
+    h_last = hist[t - 1]
+    group_last = np.minimum(((t - 1) * levels) // t, levels - 1)
+    log_q_last = np.where(h_last > 0, log_q[np.arange(t.size), group_last], np.log(1e-12))
+    p_last = (h_last + total - kept) / total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p_log_p = (h_log_h[t - 1] - cum[t - 1] * np.log(total)) / total + np.where(
+            p_last > 0, p_last * np.log(p_last), 0.0)
+    p_log_q = ((sums * log_q).sum(axis=1) - h_last * np.where(h_last > 0, log_q_last, 0.0)) / total \
+        + p_last * log_q_last
+    return float(t[int(np.argmin(p_log_p - p_log_q))])
 
 
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    p = p / p.sum()
-    q_sum = q.sum()
-    if q_sum == 0:
-        return math.inf
-    q = q / q_sum
-    mask = p > 0
-    with np.errstate(divide="ignore"):
-        terms = p[mask] * np.log(p[mask] / np.where(q[mask] > 0, q[mask], 1e-12))
-    return float(terms.sum())
-
-
-__all__ = ["BINS", "METHODS", "RangeStats", "Transfer", "activation_range", "quantization_mse", "sigmoid", "transfer"]
+__all__ = ["AUTO_METHODS", "BINS", "METHODS", "RangeStats", "Transfer", "activation_range", "quantization_mse", "sigmoid", "transfer"]
