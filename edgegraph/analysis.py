@@ -287,8 +287,7 @@ def _is_dequantized(tensor: gs.Tensor) -> bool:
 
 
 def _op_label(node: gs.Node) -> str:
-    domain = node.domain or ""
-    return node.op if domain in ("", "ai.onnx") else f"{domain}.{node.op}"
+    return node.op if ir.is_standard(node) else f"{node.domain}.{node.op}"
 
 
 def _tensor_info(tensor: gs.Tensor) -> TensorInfo:
@@ -491,7 +490,7 @@ def _onnx_attention(node, shape):
 
 def _attention(node, shape):
     # One op name, two definitions: ONNX's (opset 23, Q/K/V inputs) and com.microsoft's (fused projections).
-    return (_onnx_attention if (node.domain or "") in ("", "ai.onnx") else _ms_attention)(node, shape)
+    return (_onnx_attention if ir.is_standard(node) else _ms_attention)(node, shape)
 
 
 _MAC_RULES = {

@@ -422,15 +422,18 @@ def fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> None:
                 raise EdgegraphError(f"--fix-shape: input '{name}' axis {axis} is fixed to {was}, got {now}")
         inputs[name].shape = [int(d) for d in shape]
     # Intermediate value_info may still carry the old symbolic dims; drop it so inference is fresh.
-    drop_intermediate_shapes(model.graph)
+    forget_intermediate_types(model.graph, dtypes=False)
     model.refresh_shapes()
 
 
-def drop_intermediate_shapes(graph: gs.Graph) -> None:
-    """Forget the shapes of tensors other than the graph's inputs and outputs (no value_info is written)."""
+def forget_intermediate_types(graph: gs.Graph, *, dtypes: bool) -> None:
+    """Forget the shapes of tensors other than the graph's inputs and outputs, and their dtypes
+    too when `dtypes` (then no value_info is written for them)."""
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
             tensor.shape = None
+            if dtypes:
+                tensor.dtype = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +551,14 @@ class Namer:
         return name
 
 
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+
+
+def is_standard(node: gs.Node) -> bool:
+    """An op of the default ONNX domain (custom-domain ops are left alone)."""
+    return (node.domain or "") in STANDARD_DOMAINS
+
+
 def subgraphs(node: gs.Node) -> list[gs.Graph]:
     """Graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
     found = []
@@ -616,7 +627,7 @@ def folded_value(tensor: gs.Tensor, opset: int, max_nodes: int = 16) -> np.ndarr
             leaves[current.name] = value
             continue
         node = producer(current)
-        if (node is None or (node.domain or "") not in ("", "ai.onnx") or node.op in _NONDETERMINISTIC
+        if (node is None or not is_standard(node) or node.op in _NONDETERMINISTIC
                 or subgraphs(node)):
             return None
         if id(node) not in nodes:

@@ -19,6 +19,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from edgegraph import ir
+from edgegraph.ir import STANDARD_DOMAINS, is_standard  # noqa: F401 - the cleanup passes import it from here
 from edgegraph.pipeline import Pass, PassResult
 
 # Ops whose result differs between two evaluations: never folded, never merged.
@@ -27,14 +28,8 @@ NONDETERMINISTIC = frozenset(
 )
 # Quantization boundaries are kept: runtimes pattern-match DequantizeLinear -> op -> QuantizeLinear.
 KEEP_UNFOLDED = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
-DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
 # numpy dtypes whose arithmetic we trust for rewriting weights (fp16 rounding would exceed tolerances).
 WIDE_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def is_standard(node: gs.Node) -> bool:
-    """An op of the default ONNX domain (custom-domain ops are left alone)."""
-    return (node.domain or "") in DEFAULT_DOMAINS
 
 
 def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
@@ -431,7 +426,7 @@ def node_inference(node: gs.Node, opsets: Sequence, overrides: dict | None = Non
 
     Raises `onnx.shape_inference.InferenceError` when the node contradicts its input types.
     """
-    version = next((o.version for o in opsets if (o.domain or "") in DEFAULT_DOMAINS), None)
+    version = next((o.version for o in opsets if (o.domain or "") in STANDARD_DOMAINS), None)
     try:
         schema = onnx.defs.get_schema(node.op, max_inclusive_version=version or 1, domain="")
     except Exception:  # noqa: BLE001 - unknown op for this opset

@@ -208,7 +208,7 @@ class Planner:
         return reason is None
 
     def _ineligible(self, node: gs.Node) -> str | None:
-        if node.op not in self.ops or (node.domain or "") not in ("", "ai.onnx"):
+        if node.op not in self.ops or not ir.is_standard(node):
             return "op not quantized for this target" if node.op in SUPPORTED else "op has no int8 kernel"
         if node.name in self.float_nodes:
             return "kept float by option or sensitivity"

@@ -56,10 +56,9 @@ class QdqWriter:
     """Inserts Q/DQ nodes into `graph` following a plan; keeps graph output names.
 
     What it adds is named by a number per quantized tensor (`q7` codes, `s7` scale, `z7` zero
-    point, `dq7` dequantized; nodes `Q7` / `DQ7`) rather than after the tensor, and the int32
-    bias zero points (all 0, ONNX's default) are omitted: with exporters' long tensor names this
-    bookkeeping was up to 8% of the fp32 file size (PP-OCR, DeepLab). Tensors it creates carry
-    a dtype but no shape, so no value_info is written for them.
+    point, `dq7` dequantized; nodes `Q7` / `DQ7`) rather than after the tensor, and zero points
+    that are all 0 (ONNX's default) are omitted where runtimes allow it: with exporters' long
+    tensor names this bookkeeping was up to 8% of the fp32 file size (PP-OCR, DeepLab).
     """
 
     def __init__(self, graph: gs.Graph, domain: str = ""):
@@ -74,15 +73,14 @@ class QdqWriter:
     def _number(self, tensor_name: str) -> int:
         return self._numbers.setdefault(tensor_name, len(self._numbers))
 
-    def params_inputs(self, params: QParams, number: int) -> list[gs.Constant]:
-        """[scale] or [scale, zero point]: one set of initializers per QParams object, shared by its Q and DQ."""
+    def params_inputs(self, params: QParams, number: int, zero_optional: bool = False) -> list[gs.Constant]:
+        """[scale] or [scale, zero point]: one set of initializers per QParams object, shared by its Q
+        and DQ. A zero point of all zeros is left out (ONNX's default) where `zero_optional`."""
         key = id(params)  # the cache also holds `params`, so the id cannot be reused meanwhile
         if key not in self._param_consts:
             consts = [ir.const(self.namer(f"s{number}"), np.asarray(params.scale, dtype=np.float32))]
             zero = np.asarray(params.zero_point).astype(params.qtype.dtype)
-            # Only int32 bias zero points are left out: an omitted one means uint8 for Q, and ORT's
-            # QGemm fusion wants the weight's zero point present.
-            if not (params.qtype.name == "int32" and not zero.any() and self.domain == ""):
+            if not (zero_optional and not zero.any() and self.domain == ""):
                 consts.append(ir.const(self.namer(f"z{number}"), zero))
             self._param_consts[key] = (params, consts)
         return self._param_consts[key][1]
@@ -133,7 +131,11 @@ class QdqWriter:
             codes = numerics.quantize(values, params.scale, params.zero_point, params.qtype, params.axis)
         q = ir.const(self.namer(f"q{number}"), codes)
         out = gs.Variable(self.namer(f"dq{number}"), np.float32)
-        self.node("DequantizeLinear", f"DQ{number}", [q, *self.params_inputs(params, number)], out, params.axis)
+        # Zero points stay wherever they are needed: an omitted one means uint8 for a Q, and ORT's
+        # QGemm fusion wants its weight's; int32 biases and Conv's int8 weights do without.
+        zero_optional = params.qtype.name == "int32" or (node.op == "Conv" and params.qtype.name == "int8")
+        inputs = [q, *self.params_inputs(params, number, zero_optional)]
+        self.node("DequantizeLinear", f"DQ{number}", inputs, out, params.axis)
         while len(node.inputs) <= index:
             node.inputs.append(gs.Variable.empty())
         node.inputs[index] = out
