@@ -80,6 +80,23 @@ def compare_all(references: Iterable[Feeds], candidates: Iterable[Feeds]) -> dic
     return {n: compare(n, _concat([r[n] for r in refs]), _concat([c[n] for c in cands])) for n in names}
 
 
+def worst_sqnr_db(references: Iterable[Feeds], candidates: Iterable[Feeds]) -> float:
+    """The lowest SQNR (dB) over the float outputs, from float32 dot products: cheap enough to
+    score many candidate models (`compare_all` also finds max errors, cosines and top-1)."""
+    refs, cands = list(references), list(candidates)
+    worst = float("inf")
+    for name, value in (refs[0].items() if refs else ()):
+        if value.dtype.kind != "f":
+            continue
+        signal = noise = 0.0
+        for ref, cand in zip(refs, cands):
+            r = np.ascontiguousarray(ref[name], dtype=np.float32).ravel()
+            error = np.ascontiguousarray(cand[name], dtype=np.float32).ravel() - r
+            signal, noise = signal + float(np.dot(r, r)), noise + float(np.dot(error, error))
+        worst = min(worst, sqnr_db(signal, noise))
+    return worst
+
+
 def exactness_violation(metrics: Mapping[str, OutputMetrics], rtol: float, atol: float):
     """The first output outside `atol + rtol * max|reference|` as (output, metric, value, threshold), or None."""
     for m in metrics.values():

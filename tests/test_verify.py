@@ -107,3 +107,14 @@ def test_compare_all_concatenates_batches():
     assert verify.compare_all([], []) == {}
     assert set(metrics["y"].as_dict()) == {"name", "max_abs", "ref_max_abs", "cosine", "sqnr_db", "top1",
                                            "exact_match"}
+
+
+def test_worst_sqnr_matches_compare_all_over_float_outputs():
+    rng = np.random.default_rng(0)
+    refs = [{"a": rng.standard_normal((2, 50)).astype(np.float32), "b": rng.standard_normal((2, 7)).astype(np.float32),
+             "ids": np.arange(3)} for _ in range(3)]
+    cands = [{"a": r["a"] + 0.01 * rng.standard_normal(r["a"].shape).astype(np.float32),
+              "b": r["b"] + 0.3 * rng.standard_normal(r["b"].shape).astype(np.float32), "ids": r["ids"]} for r in refs]
+    full = verify.compare_all(refs, cands)
+    assert verify.worst_sqnr_db(refs, cands) == pytest.approx(min(full["a"].sqnr_db, full["b"].sqnr_db), abs=1e-3)
+    assert verify.worst_sqnr_db(refs, refs) == math.inf

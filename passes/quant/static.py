@@ -14,8 +14,8 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -362,8 +362,7 @@ class _Quantizer:
         reference = runtime.outputs(self.float_proto, batches, threads=self.ctx.threads)
 
         def score(model: ir.Model) -> float:
-            candidate = runtime.outputs(model.to_proto(), batches, threads=self.ctx.threads)
-            return analysis.output_agreement(reference, candidate)[1]
+            return verify.worst_sqnr_db(reference, runtime.outputs(model.to_proto(), batches, threads=self.ctx.threads))
         return score
 
     def _build(self, plan: Plan) -> tuple[ir.Model, _Built]:
