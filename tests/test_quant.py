@@ -378,6 +378,7 @@ def test_auto_settings_are_the_best_measured_and_reproducible():
     model = qfix.small_convnet(seed=6)
     x = qfix.convnet_inputs(48, seed=6)
     proto, record = _quantize(model, {"x": x})
+    assert record.stats["analysis_samples"] == 8  # a fast model affords the full count
     tuning = record.details["tuning_output_sqnr_db"]
     methods = {m: tuning[m] for m in calibrate.AUTO_METHODS}
     chosen = record.stats["method"]

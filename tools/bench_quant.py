@@ -1,13 +1,14 @@
 """Benchmark: edgegraph `quant` vs onnxruntime.quantization.quantize_static on real models and data.
 
-    /work/.venv/bin/python tools/bench_quant.py [--models cifar10,mnist,...] [--eval N] [--json out.json]
+    /work/.venv/bin/python tools/bench_quant.py [--models cifar10,mnist,...] [--eval N] [--tool-runs N] [--json out.json]
 
 For each model: 64 calibration inputs and a disjoint evaluation set built from ../shared/data
 (preprocessing per ../shared/models/MANIFEST.md). Every tool quantizes the same fp32 model with
 the same calibration inputs; then, in one process and one run:
 
   tool s     wall time of the quantization call (ORT: incl. quant_pre_process and, for models
-             below opset 13, the opset-13 upgrade its per-channel QDQ needs to be valid)
+             below opset 13, the opset-13 upgrade its per-channel QDQ needs to be valid); the
+             median of --tool-runs runs (single runs vary by +-30% on a loaded 2-core machine)
   size       file size / fp32 file size (for the float16 SqueezeNet: / the size of its float32
              version, so 0.5 would mean "as big as the float16 input")
   lat1/latN  median latency / the input model's median latency (float16 for SqueezeNet), ORT full
@@ -202,19 +203,22 @@ def fp32_size(path: Path) -> int:
     return len(model.to_proto().SerializeToString())
 
 
-def bench(case: Case, tool_set: dict[str, Callable], folder: Path, rounds: int) -> list[dict]:
+def bench(case: Case, tool_set: dict[str, Callable], folder: Path, rounds: int, tool_runs: int = 1) -> list[dict]:
     reference = outputs(case.path, case)
     base_size = fp32_size(case.path)
     rows = {"fp32": {"model": case.name, "tool": "fp32 (input)", "seconds": 0.0, "path": case.path}}
     for label, quantize in tool_set.items():
         out = folder / f"{case.name}_{label.replace(' ', '_').replace('+', '_')}.onnx"
-        start = time.perf_counter()
+        seconds = []
         try:
-            quantize(case, out)
+            for _ in range(tool_runs):
+                start = time.perf_counter()
+                quantize(case, out)
+                seconds.append(time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - a failing tool is a result, not a crash
             rows[label] = {"model": case.name, "tool": label, "error": f"{type(exc).__name__}: {str(exc)[:120]}"}
             continue
-        rows[label] = {"model": case.name, "tool": label, "seconds": time.perf_counter() - start, "path": out}
+        rows[label] = {"model": case.name, "tool": label, "seconds": statistics.median(seconds), "path": out}
         try:
             rows[label]["agree"] = case.metric(reference, outputs(out, case))
         except Exception as exc:  # noqa: BLE001
@@ -260,6 +264,7 @@ def main() -> None:
     parser.add_argument("--tools", default="", help="semicolon-separated subset of tool labels")
     parser.add_argument("--eval", type=int, default=200, help="evaluation samples (detectors/segmenters: half)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
+    parser.add_argument("--tool-runs", type=int, default=1, help="runs of each tool (its time is their median)")
     parser.add_argument("--spec", action="append", default=[], help="extra edgegraph pipeline to compare (repeatable)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -275,7 +280,7 @@ def main() -> None:
     all_rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases(args.models.split(","), args.eval):
-            rows = bench(case, tool_set, Path(tmp), args.rounds)
+            rows = bench(case, tool_set, Path(tmp), args.rounds, args.tool_runs)
             print_table(rows)
             print(flush=True)
             all_rows.extend(rows)

@@ -42,6 +42,12 @@ MS_DOMAIN = "com.microsoft"
 _CLIP_EPS = float(np.finfo(np.float32).eps)
 # Share of a layer's input values allowed above u8 code 128 before `saturation_guard` acts.
 SATURATION_FRACTION = 0.01
+# Samples for bias correction, tuning and the per-layer table, unless forward passes are so slow
+# that ANALYSIS_SECONDS of them allow fewer (each step runs a model on every one of them).
+DEFAULT_ANALYSIS_SAMPLES = 8
+ANALYSIS_SECONDS = 1.0
+# Wall time the speed check spends timing, beyond one warm-up run of each model.
+SPEED_CHECK_SECONDS = 1.0
 
 
 @register_pass
@@ -84,14 +90,16 @@ class StaticQuantize(Pass):
               "stay float until it holds on the calibration data")
     min_sqnr: float | None = option(None, "minimum output SQNR in dB vs the float model; sensitive layers stay float")
     calib_samples: int = option(0, "calibration samples to use (0 = all)")
-    analysis_samples: int = option(8, "samples used for bias correction, the per-layer table and sensitivity")
+    analysis_samples: int = option(
+        0, "samples used for bias correction, tuning, the per-layer table and sensitivity (0 = 8, or fewer, "
+           "down to 2, when a forward pass is slow: a 256x256 image-to-image model needs seconds per pass)")
     prepare: bool = option(True, "run the exact `cleanup` pass first (folds BatchNorm and constants)")
     check_speed: bool = option(True, "time the result against the float model in ORT and warn if it is not faster")
 
     def __post_init__(self) -> None:
         self.check(0.0 < self.percentile < 100.0, f"quant: percentile must be in (0, 100), got {self.percentile}")
         self.check(self.calib_samples >= 0, f"quant: calib_samples must be >= 0, got {self.calib_samples}")
-        self.check(self.analysis_samples >= 1, f"quant: analysis_samples must be >= 1, got {self.analysis_samples}")
+        self.check(self.analysis_samples >= 0, f"quant: analysis_samples must be >= 0, got {self.analysis_samples}")
         self.check(self.max_drop is None or 0.0 <= self.max_drop < 1.0,
                    f"quant: max_drop must be in [0, 1), got {self.max_drop}")
         self.check(self.min_sqnr is None or np.isfinite(self.min_sqnr), "quant: min_sqnr must be a finite number")
@@ -146,6 +154,7 @@ class _Quantizer:
             model.graph = original
             return PassResult(False, {"quantized_nodes": 0}, {"float_nodes": plan.skipped})
         self.stats = self._collect(plan, [p.name for p in plan.points], "quant: calibrating", "calibrate")
+        self.analysis_count = self.o.analysis_samples or self._affordable_samples()
         quant, built = self._tuned_build(plan)
         errors = self._errors(quant, built)
         fallback: list[str] = []
@@ -188,7 +197,8 @@ class _Quantizer:
         samples (onnx's version converter has changed semantics before, e.g. Upsample -> Resize)."""
         def check(after: onnx.ModelProto) -> bool:
             specs = runtime.input_specs(before)
-            data = self.ctx.calibration.take(self.ctx.verify.samples)
+            # A converter's semantic change shows on any input: two samples are enough.
+            data = self.ctx.calibration.take(min(self.ctx.verify.samples, 2))
             batches = [runtime.adapt_feeds(specs, b) for b in data.batches(runtime.batch_size_for(specs, 4))]
             try:
                 reference = runtime.outputs(before, batches, threads=self.ctx.threads, optimize=False)
@@ -281,6 +291,12 @@ class _Quantizer:
         self.timings[timing] = self.timings.get(timing, 0.0) + time.perf_counter() - start
         return stats
 
+    def _affordable_samples(self) -> int:
+        """Analysis samples for analysis_samples=0: 8, or as many as ANALYSIS_SECONDS of forward
+        passes allow (timed by calibration, which runs the float model on every sample), at least 2."""
+        seconds_per_sample = self.timings["calibrate"] / max(len(self.calib), 1)
+        return int(np.clip(ANALYSIS_SECONDS / max(seconds_per_sample, 1e-9), 2, DEFAULT_ANALYSIS_SAMPLES))
+
     def _within_group(self, plan: Plan) -> set[str]:
         """Outputs of data-movement ops that share their input's scale: their values are a subset
         of the group's, so they need no statistics of their own."""
@@ -357,7 +373,7 @@ class _Quantizer:
 
     def _output_sqnr(self) -> Callable[[ir.Model], float]:
         """A scorer: the worst output SQNR (dB) of a model vs the float model on held-out samples."""
-        data = self.calib.take(self.o.analysis_samples, start=max(0, len(self.calib) - self.o.analysis_samples))
+        data = self.calib.take(self.analysis_count, start=max(0, len(self.calib) - self.analysis_count))
         batches = list(self._batches(data))
         reference = runtime.outputs(self.float_proto, batches, threads=self.ctx.threads)
 
@@ -447,7 +463,7 @@ class _Quantizer:
             if source is not None:
                 twin_inputs[0] = source.name
             layers.append((bias.node.name, twin_inputs, rank))
-        data = self.calib.take(self.o.analysis_samples)
+        data = self.calib.take(self.analysis_count)
         errors = analysis.mean_layer_errors(quant.to_proto(), layers, self._batches(data), self.ctx.threads,
                                             self._progress(data, "quant: bias correction"))
         for bias in built.biases:
@@ -472,7 +488,7 @@ class _Quantizer:
         self.output_names = [t.name for t in quant.graph.outputs]
         for name in self.output_names:
             pairs.setdefault(name, name)
-        data = self.calib.take(self.o.analysis_samples)
+        data = self.calib.take(self.analysis_count)
         errors = analysis.paired_errors(self.float_proto, quant.to_proto(), pairs, self._batches(data),
                                         self.ctx.threads, self._progress(data, "quant: measuring SQNR"),
                                         built.activations)
@@ -485,7 +501,7 @@ class _Quantizer:
         """Keep the tensors whose quantization adds most noise in float (with the nodes around
         them) until the output budget holds on the calibration data; binary search on how many."""
         start = time.perf_counter()
-        data = self.calib.take(max(self.o.analysis_samples, min(len(self.calib), 64)))
+        data = self.calib.take(max(self.analysis_count, min(len(self.calib), 64)))
         reference = runtime.outputs(self.float_proto, self._batches(data), threads=self.ctx.threads)
 
         def check(candidate: ir.Model) -> tuple[bool, float, float]:
@@ -546,6 +562,7 @@ class _Quantizer:
             "quantized_nodes": len(plan.quantized),
             "float_nodes": len(plan.skipped),
             "calibration_samples": len(self.calib),
+            "analysis_samples": self.analysis_count,
             "method": self.method,
             "bias_corrected": built.corrected,
             "saturation_guarded": len(built.guarded),
@@ -572,8 +589,11 @@ class _Quantizer:
         feeds = next(self._batches(self.calib.take(1)))
         try:
             sessions = [runtime.session(m, threads=1, optimize=True) for m in (self.float_proto, model.to_proto())]
-            # Interleaved rounds, so a burst of other load slows both models alike.
-            rounds = [[runtime.latency_ms(s, feeds, runs=3, warmup=1) for s in sessions] for _ in range(3)]
+            rounds = [[runtime.latency_ms(s, feeds, runs=1, warmup=1) for s in sessions]]
+            # More interleaved single runs while they fit the budget (a burst of other load then
+            # slows both models alike).
+            more = int(np.clip(SPEED_CHECK_SECONDS / max(sum(rounds[0]) / 1e3, 1e-9), 1, 9)) - 1
+            rounds += [[runtime.latency_ms(s, feeds, runs=1, warmup=0) for s in sessions] for _ in range(more)]
             float_ms, quant_ms = (statistics.median(times) for times in zip(*rounds))
         except Exception as exc:  # noqa: BLE001 - timing is advisory
             logger.warning("quant: could not time the quantized model: %s", exc)
