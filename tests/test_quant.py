@@ -388,9 +388,36 @@ def test_auto_settings_are_the_best_measured_and_reproducible():
     # The winner is exactly what asking for its settings gives (a rejected correction is undone).
     fixed, fixed_record = _quantize(model, {"x": x}, f"quant(check_speed=false, method={chosen}, "
                                                      f"bias_correction={str(corrected).lower()})")
-    assert "tuning_output_sqnr_db" not in fixed_record.details
+    assert set(fixed_record.details.get("tuning_output_sqnr_db", {})) <= {"float_coarse"}
     weights = lambda p: {t.name: numpy_helper.to_array(t).tobytes() for t in p.graph.initializer}  # noqa: E731
     assert weights(proto) == weights(fixed)
+
+
+def test_channel_moments_measure_how_much_variation_a_step_drowns():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(1000) * 10, 3 + rng.standard_normal(1000) * 0.01,
+                             np.full(1000, 7.0)])  # a wide channel, a nearly constant one, a dead one
+    moments = calibrate.ChannelMoments(3)
+    moments.update(values, np.repeat(np.arange(3), 1000))
+    assert moments.coarse_fraction(0.001) < 0.01  # fine steps: nothing drowns
+    assert moments.coarse_fraction(1.0) == pytest.approx(0.5, abs=0.01)  # the narrow channel drowns, the dead one is ignored
+    shape = (2, 3, 4, 5)
+    assert np.array_equal(calibrate.ChannelMoments.channel_ids(shape, np.arange(120)),
+                          np.broadcast_to(np.arange(3)[None, :, None], (2, 3, 20)).ravel())
+    assert np.array_equal(calibrate.ChannelMoments.channel_ids((7, 5), np.arange(10)), np.arange(10) % 5)
+
+
+def test_coarse_tensors_stay_float_when_that_pays():
+    model = qfix.coarse_tensor_model()
+    x = np.random.default_rng(0).standard_normal((48, 2, 8, 8)).astype(np.float32)
+    reference = _outputs(model, {"x": x[32:]})
+    proto, record = _quantize(model, {"x": x[:32]})
+    plain, _ = _quantize(model, {"x": x[:32]}, "quant(check_speed=false, float_coarse=false)")
+    assert set(record.details["coarse_float"]) == {"r1"} and record.stats["coarse_float_tensors"] == 1
+    assert {"conv1", "conv2"} <= set(record.details["float_nodes"])
+    assert {"conv0", "conv3"} <= {row["node"] for row in record.details["layers"]}
+    kept, dropped = _sqnr(reference, _outputs(proto, {"x": x[32:]})), _sqnr(reference, _outputs(plain, {"x": x[32:]}))
+    assert kept > dropped + 10, (kept, dropped)
 
 
 def test_sensitivity_fallback_keeps_layers_float_for_a_budget():
@@ -407,7 +434,8 @@ def test_sensitivity_fallback_keeps_layers_float_for_a_budget():
 def test_excluded_nodes_and_ops_stay_float():
     model = qfix.small_convnet()
     x = qfix.convnet_inputs(32)
-    proto, record = _quantize(model, {"x": x}, "quant(check_speed=false, exclude_nodes=[conv3], exclude_ops=[Gemm])")
+    proto, record = _quantize(model, {"x": x}, "quant(check_speed=false, float_coarse=false, exclude_nodes=[conv3], "
+                                               "exclude_ops=[Gemm])")
     assert {"conv3", "fc"} <= set(record.details["float_nodes"])
     ops = optimized_op_counts(proto)
     assert ops.get("QLinearConv") == 4 and ops.get("Gemm") == 1

@@ -17,7 +17,7 @@ Range methods (`activation_range`):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,6 +114,44 @@ class RangeStats:
 
     def edges(self) -> np.ndarray:
         return np.linspace(-self.limit, self.limit, 2 * BINS + 1)
+
+
+class ChannelMoments:
+    """Streaming per-channel mean and variance of one tensor, from (a sample of) its values and
+    the channel each value belongs to."""
+
+    def __init__(self, channels: int):
+        self.count = np.zeros(channels)
+        self.sum = np.zeros(channels)
+        self.sum_sq = np.zeros(channels)
+
+    @staticmethod
+    def channel_ids(shape: Sequence[int], positions: np.ndarray) -> np.ndarray:
+        """The channel of each flat position of a tensor of `shape` (batch first): axis 1 of an
+        NCHW activation, else the last axis."""
+        axis = 1 if len(shape) == 4 else len(shape) - 1
+        return (positions // int(np.prod(shape[axis + 1:], dtype=np.int64))) % shape[axis]
+
+    def update(self, values: np.ndarray, channel_ids: np.ndarray) -> None:
+        x = np.asarray(values, dtype=np.float64).ravel()
+        size = self.count.size
+        self.count += np.bincount(channel_ids, minlength=size)
+        self.sum += np.bincount(channel_ids, weights=x, minlength=size)
+        self.sum_sq += np.bincount(channel_ids, weights=x * x, minlength=size)
+
+    def coarse_fraction(self, scale: float) -> float:
+        """How much of a typical channel's variation a uniform step `scale` drowns: the mean over
+        live channels of min(1, (scale^2 / 12) / variance). Near 0 when every channel varies over
+        many steps; near 1 when most vary within one step (their information is rounded away)."""
+        seen = self.count > 1
+        if not seen.any():
+            return 0.0
+        mean = self.sum[seen] / self.count[seen]
+        variance = np.maximum(self.sum_sq[seen] / self.count[seen] - mean**2, 0.0)
+        live = variance > 1e-6 * max(float(np.median(variance)), 1e-30)  # dead (constant) channels lose nothing
+        if not live.any():
+            return 0.0
+        return float(np.minimum(scale**2 / 12.0 / variance[live], 1.0).mean())
 
 
 def _rebin(hist: np.ndarray, limit: float, new_limit: float) -> np.ndarray:
@@ -344,4 +382,4 @@ def _kl_threshold(hist: np.ndarray, levels: int) -> float:
     return float(t[int(np.argmin(p_log_p - p_log_q))])
 
 
-__all__ = ["AUTO_METHODS", "BINS", "METHODS", "RangeStats", "Transfer", "activation_range", "quantization_mse", "sigmoid", "transfer"]
+__all__ = ["AUTO_METHODS", "BINS", "ChannelMoments", "METHODS", "RangeStats", "Transfer", "activation_range", "quantization_mse", "sigmoid", "transfer"]
