@@ -132,10 +132,11 @@ class ChannelMoments:
         axis = 1 if len(shape) == 4 else len(shape) - 1
         return (positions // int(np.prod(shape[axis + 1:], dtype=np.int64))) % shape[axis]
 
-    def update(self, values: np.ndarray, channel_ids: np.ndarray) -> None:
+    def update(self, values: np.ndarray, channel_ids: np.ndarray, counts: np.ndarray | None = None) -> None:
+        """Add values; `counts` (the bincount of `channel_ids`) may be passed when ids repeat."""
         x = np.asarray(values, dtype=np.float64).ravel()
         size = self.count.size
-        self.count += np.bincount(channel_ids, minlength=size)
+        self.count += np.bincount(channel_ids, minlength=size) if counts is None else counts
         self.sum += np.bincount(channel_ids, weights=x, minlength=size)
         self.sum_sq += np.bincount(channel_ids, weights=x * x, minlength=size)
 
