@@ -388,7 +388,7 @@ def test_auto_settings_are_the_best_measured_and_reproducible():
     # The winner is exactly what asking for its settings gives (a rejected correction is undone).
     fixed, fixed_record = _quantize(model, {"x": x}, f"quant(check_speed=false, method={chosen}, "
                                                      f"bias_correction={str(corrected).lower()})")
-    assert set(fixed_record.details.get("tuning_output_sqnr_db", {})) <= {"float_coarse"}
+    assert set(fixed_record.details.get("tuning_output_sqnr_db", {})) <= {"keep_coarse"}
     weights = lambda p: {t.name: numpy_helper.to_array(t).tobytes() for t in p.graph.initializer}  # noqa: E731
     assert weights(proto) == weights(fixed)
 
@@ -412,12 +412,21 @@ def test_coarse_tensors_stay_float_when_that_pays():
     x = np.random.default_rng(0).standard_normal((48, 2, 8, 8)).astype(np.float32)
     reference = _outputs(model, {"x": x[32:]})
     proto, record = _quantize(model, {"x": x[:32]})
-    plain, _ = _quantize(model, {"x": x[:32]}, "quant(check_speed=false, float_coarse=false)")
-    assert set(record.details["coarse_float"]) == {"r1"} and record.stats["coarse_float_tensors"] == 1
+    plain, _ = _quantize(model, {"x": x[:32]}, "quant(check_speed=false, keep_coarse=false)")
+    wide, wide_record = _quantize(model, {"x": x[:32]}, "quant(check_speed=false, sensitive_type=int16)")
+    assert record.details["coarse_tensors_kept"] == {"as": "float", "tensors": {"r1": pytest.approx(0.75, abs=0.05)}}
+    assert record.stats["coarse_tensors_kept"] == 1
     assert {"conv1", "conv2"} <= set(record.details["float_nodes"])
     assert {"conv0", "conv3"} <= {row["node"] for row in record.details["layers"]}
-    kept, dropped = _sqnr(reference, _outputs(proto, {"x": x[32:]})), _sqnr(reference, _outputs(plain, {"x": x[32:]}))
-    assert kept > dropped + 10, (kept, dropped)
+    # sensitive_type=int16: every layer stays quantized, r1 gets 16-bit activations.
+    assert wide_record.details["coarse_tensors_kept"]["as"] == "int16"
+    assert {"conv0", "conv1", "conv2", "conv3"} <= {row["node"] for row in wide_record.details["layers"]}
+    inits = {t.name: t for t in wide.graph.initializer}
+    wide_q = [n for n in wide.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "r1"]
+    assert len(wide_q) == 1 and inits[wide_q[0].input[2]].data_type == TensorProto.INT16
+    onnx.checker.check_model(wide, full_check=True)
+    sqnrs = [_sqnr(reference, _outputs(p, {"x": x[32:]})) for p in (proto, wide, plain)]
+    assert min(sqnrs[:2]) > sqnrs[2] + 10, sqnrs
 
 
 def test_sensitivity_fallback_keeps_layers_float_for_a_budget():
@@ -426,15 +435,31 @@ def test_sensitivity_fallback_keeps_layers_float_for_a_budget():
     proto, record = _quantize(model, {"x": x}, "quant(check_speed=false, min_sqnr=50)")
     fallback = record.details["fallback"]
     assert fallback["met"] and fallback["output_sqnr_db"] >= 50
-    assert record.stats["fallback_layers"] == len(fallback["layers"]) >= 1
-    assert set(fallback["layers"]) <= set(record.details["float_nodes"])
+    assert record.stats["fallback_layers"] == len(fallback["kept"]) >= 1 and fallback["as"] == "float"
+    assert set(fallback["kept"]) <= set(record.details["float_nodes"])
+    onnx.checker.check_model(proto, full_check=True)
+
+
+def test_sensitivity_fallback_to_int16_keeps_every_layer_quantized():
+    model = qfix.small_convnet(seed=5)
+    x = qfix.convnet_inputs(64, seed=5)
+    plain, plain_record = _quantize(model, {"x": x}, "quant(check_speed=false, keep_coarse=false)")
+    proto, record = _quantize(model, {"x": x}, "quant(check_speed=false, keep_coarse=false, min_sqnr=45, "
+                                               "sensitive_type=int16)")
+    fallback = record.details["fallback"]
+    assert fallback["met"] and fallback["as"] == "int16" and len(fallback["kept"]) >= 1
+    assert record.details["float_nodes"] == plain_record.details["float_nodes"]
+    inits = {t.name: t for t in proto.graph.initializer}
+    wide = {n.input[0] for n in proto.graph.node
+            if n.op_type == "QuantizeLinear" and inits[n.input[2]].data_type == TensorProto.INT16}
+    assert set(fallback["kept"]) <= wide
     onnx.checker.check_model(proto, full_check=True)
 
 
 def test_excluded_nodes_and_ops_stay_float():
     model = qfix.small_convnet()
     x = qfix.convnet_inputs(32)
-    proto, record = _quantize(model, {"x": x}, "quant(check_speed=false, float_coarse=false, exclude_nodes=[conv3], "
+    proto, record = _quantize(model, {"x": x}, "quant(check_speed=false, keep_coarse=false, exclude_nodes=[conv3], "
                                                "exclude_ops=[Gemm])")
     assert {"conv3", "fc"} <= set(record.details["float_nodes"])
     ops = optimized_op_counts(proto)

@@ -61,14 +61,17 @@ class QdqWriter:
     tensor names this bookkeeping was up to 8% of the fp32 file size (PP-OCR, DeepLab).
     """
 
-    def __init__(self, graph: gs.Graph, domain: str = ""):
+    def __init__(self, graph: gs.Graph, wide_domain: str = ""):
         self.graph = graph
-        self.domain = domain  # "" (ai.onnx) or "com.microsoft" for 16-bit types on old opsets
+        self.wide_domain = wide_domain  # of 16-bit Q/DQ: "" (ai.onnx) or "com.microsoft" on old opsets
         self.namer = ir.Namer(graph)
         self.outputs = {t.name for t in graph.outputs}
         self._param_consts: dict[int, tuple[QParams, list[gs.Constant]]] = {}
         self.dequantized: dict[str, gs.Variable] = {}  # point name -> a DQ output carrying it (for analysis)
         self._numbers: dict[str, int] = {}
+
+    def _domain(self, params: QParams) -> str:
+        return self.wide_domain if params.qtype.bits == 16 else ""
 
     def _number(self, tensor_name: str) -> int:
         return self._numbers.setdefault(tensor_name, len(self._numbers))
@@ -80,14 +83,14 @@ class QdqWriter:
         if key not in self._param_consts:
             consts = [ir.const(self.namer(f"s{number}"), np.asarray(params.scale, dtype=np.float32))]
             zero = np.asarray(params.zero_point).astype(params.qtype.dtype)
-            if not (zero_optional and not zero.any() and self.domain == ""):
+            if not (zero_optional and not zero.any() and self._domain(params) == ""):
                 consts.append(ir.const(self.namer(f"z{number}"), zero))
             self._param_consts[key] = (params, consts)
         return self._param_consts[key][1]
 
-    def node(self, op: str, stem: str, inputs, output: gs.Variable, axis: int | None) -> gs.Node:
-        attrs = {"axis": int(axis)} if axis is not None else {}
-        node = gs.Node(op, self.namer(stem), attrs, list(inputs), [output], domain=self.domain or None)
+    def node(self, op: str, stem: str, inputs, output: gs.Variable, params: QParams) -> gs.Node:
+        attrs = {"axis": int(params.axis)} if params.axis is not None else {}
+        node = gs.Node(op, self.namer(stem), attrs, list(inputs), [output], domain=self._domain(params) or None)
         self.graph.nodes.append(node)
         return node
 
@@ -105,14 +108,14 @@ class QdqWriter:
         consts = self.params_inputs(params, number)
         q = gs.Variable(self.namer(f"q{number}"), params.qtype.dtype)
         users = ir.consumers(source)
-        self.node("QuantizeLinear", f"Q{number}", [source, *consts], q, params.axis)
+        self.node("QuantizeLinear", f"Q{number}", [source, *consts], q, params)
         shared: gs.Variable | None = tensor if source is not tensor else None
         if shared is not None:
-            self.node("DequantizeLinear", f"DQ{number}", [q, *consts], shared, params.axis)
+            self.node("DequantizeLinear", f"DQ{number}", [q, *consts], shared, params)
         for user in users:
             if id(user) in quantized_consumers or shared is None:
                 dq = gs.Variable(self.namer(f"dq{number}"), tensor.dtype)
-                self.node("DequantizeLinear", f"DQ{number}", [q, *consts], dq, params.axis)
+                self.node("DequantizeLinear", f"DQ{number}", [q, *consts], dq, params)
                 if id(user) not in quantized_consumers:
                     shared = dq
             else:
@@ -135,7 +138,7 @@ class QdqWriter:
         # QGemm fusion wants its weight's; int32 biases and Conv's int8 weights do without.
         zero_optional = params.qtype.name == "int32" or (node.op == "Conv" and params.qtype.name == "int8")
         inputs = [q, *self.params_inputs(params, number, zero_optional)]
-        self.node("DequantizeLinear", f"DQ{number}", inputs, out, params.axis)
+        self.node("DequantizeLinear", f"DQ{number}", inputs, out, params)
         while len(node.inputs) <= index:
             node.inputs.append(gs.Variable.empty())
         node.inputs[index] = out

@@ -50,9 +50,9 @@ ANALYSIS_SECONDS = 1.0
 SPEED_CHECK_SECONDS = 1.0
 # Calibration samples that per-channel variances are estimated from.
 MOMENT_SAMPLES = 8
-# `float_coarse`: a tensor is coarse when its step drowns this share of a typical channel's
-# variation (calibrate.ChannelMoments.coarse_fraction), and kept float when that raises the output
-# SQNR by at least FLOAT_GAIN_DB (float layers cost speed).
+# `keep_coarse`: a tensor is coarse when its step drowns this share of a typical channel's
+# variation (calibrate.ChannelMoments.coarse_fraction), and kept out of 8 bits when that raises the
+# output SQNR by at least FLOAT_GAIN_DB (float or 16-bit layers cost speed).
 COARSE_FRACTION = 0.05
 FLOAT_GAIN_DB = 1.0
 
@@ -92,9 +92,14 @@ class StaticQuantize(Pass):
     bias_correction: bool | Literal["auto"] = option(
         "auto", "correct each layer's bias by the mean error its integer weights and its input's rounding / "
                 "clipping add; auto: kept only when it raises the output SQNR on held-out samples")
-    float_coarse: bool = option(
-        True, "keep in float the tensors whose per-tensor step is coarse next to most of their channels' "
-              "variation (e.g. a detector's stem), when that raises the output SQNR on held-out samples by 1 dB")
+    keep_coarse: bool = option(
+        True, "keep out of 8 bits (see sensitive_type) the tensors whose per-tensor step is coarse next to most "
+              "of their channels' variation (e.g. a detector's stem), when that raises the output SQNR on held-out "
+              "samples by 1 dB")
+    sensitive_type: Literal["float", "int16"] = option(
+        "float", "how tensors kept out of 8 bits (keep_coarse, max_drop / min_sqnr) are kept: float, with the "
+                 "nodes around them, or int16 activations (for NPUs that run 16-bit activations but not float, "
+                 "e.g. QNN's a16w8; needs opset 21 or com.microsoft Q/DQ; ORT's CPU runs such layers in float)")
     max_drop: float | None = option(
         None, "allowed drop in argmax/top-1 agreement with the float model (e.g. 0.01); the most sensitive layers "
               "stay float until it holds on the calibration data")
@@ -141,7 +146,9 @@ class _Quantizer:
         self.correct = options.bias_correction is True
         self.tuning: dict[str, float] = {}  # output SQNR (dB) of each setting tried
         self.moments: dict[str, calibrate.ChannelMoments] = {}  # per-channel statistics of quantized tensors
-        self.coarse: dict[str, float] = {}  # coarse tensors kept float -> their coarse fraction
+        self.coarse: dict[str, float] = {}  # coarse tensors kept out of 8 bits -> their coarse fraction
+        self.protected: set[str] = set()  # tensors kept out of 8 bits (float or int16, see sensitive_type)
+        self.wide: set[str] = set()  # tensors `_build` gives int16 activations
         self._held_out: list | None = None  # batches `_score` runs on, and the float model's outputs
         self._reference: list | None = None
 
@@ -157,11 +164,11 @@ class _Quantizer:
         self.specs = runtime.input_specs(self.float_proto)
         self.calib = self._calibration_set()
         self.domain = self._qdq_domain(model)
-        excluded = set(self.o.exclude_nodes)
+        self.excluded = excluded = set(self.o.exclude_nodes)
         unknown = excluded - {n.name for n in model.graph.nodes}
         if unknown:
             logger.warning("quant: exclude_nodes names no node: %s", ", ".join(sorted(unknown)))
-        plan = self._plan(excluded)
+        plan = self.base_plan = self._plan(excluded)
         self.timings["prepare"] = time.perf_counter() - start
         if not plan.quantized:
             logger.warning("quant: nothing to quantize (no supported op with float inputs); the model is unchanged")
@@ -169,11 +176,11 @@ class _Quantizer:
             return PassResult(False, {"quantized_nodes": 0}, {"float_nodes": plan.skipped})
         self.stats = self._collect(plan, [p.name for p in plan.points], "quant: calibrating", "calibrate")
         self.analysis_count = self.o.analysis_samples or self._affordable_samples()
-        quant, built, plan = self._tuned_build(plan, excluded)
+        quant, built, plan = self._tuned_build(plan)
         errors = self._errors(quant, built)
         fallback: list[str] = []
         if self.o.max_drop is not None or self.o.min_sqnr is not None:
-            quant, built, plan, errors, fallback = self._fallback(quant, built, plan, errors, excluded)
+            quant, built, plan, errors, fallback = self._fallback(quant, built, plan, errors)
         model.graph = quant.graph
         if all(ir.is_standard(node) for node in ir.iter_nodes(model.graph)):
             # What onnx can infer again (every op is standard) needs no value_info: it was 2-6%
@@ -188,7 +195,7 @@ class _Quantizer:
             prepare.run_cleanup(model, self.ctx)
         if prepare.compute_in_float32(model):
             self.notes.append("float16 model: quantized from float32 compute, float16 interface kept")
-        needed = INT16_OPSET if self.o.activation_type == "int16" else (PER_CHANNEL_OPSET if self.o.per_channel else 10)
+        needed = INT16_OPSET if self._may_use_int16 else (PER_CHANNEL_OPSET if self.o.per_channel else 10)
         original = model.opset
         if model.opset < needed:
             check = self._unchanged_outputs(model.to_proto())
@@ -224,8 +231,13 @@ class _Quantizer:
             return verify.exactness_violation(metrics, self.ctx.verify.rtol * 10, self.ctx.verify.atol * 10) is None
         return check
 
+    @property
+    def _may_use_int16(self) -> bool:
+        return self.o.activation_type == "int16" or self.o.sensitive_type == "int16"
+
     def _qdq_domain(self, model: ir.Model) -> str:
-        if self.o.activation_type == "int16" and model.opset < INT16_OPSET:
+        """The domain of 16-bit Q/DQ nodes: ai.onnx from opset 21, else com.microsoft."""
+        if self._may_use_int16 and model.opset < INT16_OPSET:
             self.notes.append("int16 activations use com.microsoft QuantizeLinear/DequantizeLinear (opset < 21)")
             return MS_DOMAIN
         return ""
@@ -354,10 +366,10 @@ class _Quantizer:
 
     def _group_params(self, plan: Plan) -> dict[str, QParams]:
         """QParams per point: one per shared-scale group, fitted inside folded Relu/Clip ranges."""
-        qt = self.o.activation_qtype
         params: dict[str, QParams] = {}
         self.group_stats: dict[str, calibrate.RangeStats] = {}
         for members in plan.group_members().values():
+            qt = numerics.qtype("int16") if self.wide.intersection(members) else self.o.activation_qtype
             merged = calibrate.RangeStats()
             for name in members:
                 if name in self.stats:
@@ -378,30 +390,31 @@ class _Quantizer:
             params.update({name: shared for name in members})
         return params
 
-    def _tuned_build(self, plan: Plan, excluded: set[str]) -> tuple[ir.Model, _Built, Plan]:
+    def _tuned_build(self, plan: Plan) -> tuple[ir.Model, _Built, Plan]:
         """`_build` with the settings that give the best output SQNR on held-out calibration
         samples (the last ones; bias correction is fitted on the first), trying in turn:
 
           the calibration method   no one method wins everywhere (entropy on YOLOX, mse on
                                    SqueezeNet / DeepLab)
           bias correction          helps some models and hurts others
-          coarse tensors in float  tensors whose per-tensor step drowns most of their channels'
-                                   variation (YOLOX's stem: F1 0.55 -> 0.85 with 4 nodes float),
-                                   kept only for a gain of FLOAT_GAIN_DB, as float layers cost speed
+          coarse tensors           tensors whose per-tensor step drowns most of their channels'
+                                   variation, kept out of 8 bits (YOLOX's stem: F1 0.55 -> 0.85
+                                   with 4 nodes float), only for a gain of FLOAT_GAIN_DB, as
+                                   float or 16-bit layers cost speed
 
         Settings fixed by options are not tried."""
         start = time.perf_counter()
         model, built, sqnr = self._tune_ranges(plan)
-        coarse = self._coarse_tensors(plan, built.params) if self.o.float_coarse else {}
+        coarse = self._coarse_tensors(plan, built.params) if self.o.keep_coarse else {}
         if coarse:
             sqnr = self._score(model) if sqnr is None else sqnr
-            float_sets = _float_sets(plan)
-            trial_plan = self._plan(excluded | set().union(*(float_sets[name] for name in coarse)))
-            trial, trial_built = self._build(trial_plan)
-            self.tuning["float_coarse"] = self._score(trial)
-            if self.tuning["float_coarse"] >= sqnr + FLOAT_GAIN_DB:
+            trial, trial_built, trial_plan = self._build_protected(set(coarse))
+            self.tuning["keep_coarse"] = self._score(trial)
+            if self.tuning["keep_coarse"] >= sqnr + FLOAT_GAIN_DB:
                 model, built, plan = trial, trial_built, trial_plan
-                self.coarse = coarse
+                self.coarse, self.protected = coarse, set(coarse)
+            else:
+                self._build_protected(set(), build=False)
         self.timings["tuning"] = time.perf_counter() - start - self.timings.get("bias_correction", 0.0)
         return model, built, plan
 
@@ -434,6 +447,17 @@ class _Quantizer:
             bias.set_value(value)
         built.corrected, self.correct = 0, False
         return model, built, sqnr
+
+    def _build_protected(self, tensors: set[str], build: bool = True) -> tuple[ir.Model, _Built, Plan] | None:
+        """`_build` with `tensors` kept out of 8 bits: in float together with the nodes around
+        them (their `_float_sets` in the unprotected plan), or as int16 activations. Later builds
+        keep this setting; build=False only sets it."""
+        if self.o.sensitive_type == "int16":
+            self.wide, plan = set(tensors), self.base_plan
+        else:
+            float_sets = _float_sets(self.base_plan)
+            self.wide, plan = set(), self._plan(self.excluded | set().union(*(float_sets[t] for t in tensors)))
+        return (*self._build(plan), plan) if build else None
 
     def _coarse_tensors(self, plan: Plan, params: dict[str, QParams]) -> dict[str, float]:
         """Quantized tensors whose step drowns over COARSE_FRACTION of a typical channel's
@@ -513,7 +537,7 @@ class _Quantizer:
         """Whether this layer's u8 x s8 int16 pair sums would often saturate (see `saturation_guard`)."""
         if self.o.saturation_guard == "off" or input_params is None or self.o.reduce_range:
             return False
-        if self.o.activation_type != "uint8" or self.o.weight_type != "int8" or node.op not in ANCHORS:
+        if input_params.qtype.name != "uint8" or self.o.weight_type != "int8" or node.op not in ANCHORS:
             return False  # (ORT has no int8-activation x uint8-weight kernels)
         weight = ir.constant_value(node.inputs[1])
         if node.op == "Conv" and weight is not None and weight.shape[1] == 1 and int(node.attrs.get("group", 1)) > 1:
@@ -573,9 +597,9 @@ class _Quantizer:
 
     # -- sensitivity fallback ------------------------------------------------------------------
 
-    def _fallback(self, quant, built, plan, errors, excluded):
-        """Keep the tensors whose quantization adds most noise in float (with the nodes around
-        them) until the output budget holds on the calibration data; binary search on how many."""
+    def _fallback(self, quant, built, plan, errors):
+        """Keep the tensors whose quantization adds most noise out of 8 bits (see `_build_protected`)
+        until the output budget holds on the calibration data; binary search on how many."""
         start = time.perf_counter()
         data = self.calib.take(max(self.analysis_count, min(len(self.calib), 64)))
         reference = runtime.outputs(self.float_proto, self._batches(data), threads=self.ctx.threads)
@@ -591,12 +615,12 @@ class _Quantizer:
         self.budget = {"agreement": agreement, "output_sqnr_db": sqnr, "met": ok, "attempts": 1}
         if ok:
             return quant, built, plan, errors, []
-        ranking = _sensitivity_ranking(plan, errors)
+        ranking = [t for t in _sensitivity_ranking(plan, errors) if t not in self.protected]
+        adopted = set(self.protected)
         best, low, high = None, 1, len(ranking)
         while low <= high:
             k = (low + high) // 2
-            trial_plan = self._plan(excluded | set().union(*ranking[:k]))
-            trial, trial_built = self._build(trial_plan)
+            trial, trial_built, trial_plan = self._build_protected(adopted | set(ranking[:k]))
             ok, agreement, sqnr = check(trial)
             self.budget["attempts"] += 1
             if ok:
@@ -607,12 +631,17 @@ class _Quantizer:
         self.timings["fallback"] = time.perf_counter() - start
         if best is None:
             logger.warning("quant: the budget (max_drop=%s, min_sqnr=%s) is not met even with every ranked "
-                           "tensor in float; keeping the fully quantized model", self.o.max_drop, self.o.min_sqnr)
+                           "tensor kept out of 8 bits; keeping the quantized model", self.o.max_drop, self.o.min_sqnr)
+            self._build_protected(adopted, build=False)
             return quant, built, plan, errors, []
         k, quant, built, trial_plan, agreement, sqnr = best
+        self._build_protected(adopted | set(ranking[:k]), build=False)
+        self.protected = adopted | set(ranking[:k])
         self.budget.update(agreement=agreement, output_sqnr_db=sqnr, met=True)
-        first = {n.name for n in plan.quantized}
-        kept = sorted(first & set().union(*ranking[:k]))
+        if self.o.sensitive_type == "int16":
+            kept = sorted(ranking[:k])  # the tensors given 16 bits
+        else:
+            kept = sorted({n.name for n in plan.quantized} - {n.name for n in trial_plan.quantized})
         return quant, built, trial_plan, self._errors(quant, built), kept
 
     # -- report --------------------------------------------------------------------------------
@@ -647,15 +676,15 @@ class _Quantizer:
         if fallback:
             stats["fallback_layers"] = len(fallback)
         if self.coarse:
-            stats["coarse_float_tensors"] = len(self.coarse)
+            stats["coarse_tensors_kept"] = len(self.coarse)
         details = {"layers": rows, "float_nodes": dict(plan.skipped), "output_sqnr_db": outputs,
                    "saturation_guarded": built.guarded, "notes": self.notes}
         if self.coarse:
-            details["coarse_float"] = self.coarse
+            details["coarse_tensors_kept"] = {"as": self.o.sensitive_type, "tensors": self.coarse}
         if self.tuning:
             details["tuning_output_sqnr_db"] = {k: round(v, 2) for k, v in self.tuning.items()}
         if self.budget is not None:
-            details["fallback"] = {"layers": fallback, **self.budget}
+            details["fallback"] = {"kept": fallback, "as": self.o.sensitive_type, **self.budget}
         if self.o.check_speed:
             details["latency"] = self._speed(model)
         details["timings_s"] = {k: round(v, 2) for k, v in self.timings.items()}
@@ -798,10 +827,9 @@ def _float_sets(plan: Plan) -> dict[str, set[str]]:
     return sets
 
 
-def _sensitivity_ranking(plan: Plan, errors: dict[str, analysis.ErrorSums]) -> list[set[str]]:
-    """Quantized tensors by the relative noise quantizing them adds (beyond what their producer's
-    inputs carried), as their `_float_sets`."""
-    float_sets = _float_sets(plan)
+def _sensitivity_ranking(plan: Plan, errors: dict[str, analysis.ErrorSums]) -> list[str]:
+    """Quantized tensors computed by quantized nodes, by the relative noise quantizing them adds
+    (beyond what their producer's inputs carried), most first."""
     owners = {_result_point(plan, node): node for node in plan.quantized}
     scored = []
     for point in plan.points:
@@ -810,9 +838,9 @@ def _sensitivity_ranking(plan: Plan, errors: dict[str, analysis.ErrorSums]) -> l
         if error is None or owner is None:
             continue
         inputs = [errors[t.name].relative_noise for t in owner.inputs if t is not None and t.name in errors]
-        scored.append((error.relative_noise - max(inputs, default=0.0), point.name, float_sets[point.name]))
+        scored.append((error.relative_noise - max(inputs, default=0.0), point.name))
     scored.sort(key=lambda item: (-item[0], item[1]))
-    return [nodes for _, _, nodes in scored]
+    return [name for _, name in scored]
 
 
 def _range(values) -> list[float]:
