@@ -152,7 +152,8 @@ def describe_type(annotation: Any) -> str:
     if origin is Literal:
         return "|".join(map(str, args))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe_type(a) for a in args if a is not type(None)) + " or none"
+        described = " or ".join(describe_type(a) for a in args if a is not type(None))
+        return described + " or none" if type(None) in args else described
     if origin in (list, tuple, frozenset, set):
         return f"[{describe_type(args[0]) if args else 'str'}, ...]"
     return getattr(annotation, "__name__", str(annotation))

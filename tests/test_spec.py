@@ -144,9 +144,10 @@ def test_unreadable_recipe(tmp_path):
 
 
 def test_describe_type():
-    hints = {"ratio": float, "method": Literal["a", "b"], "exclude": list[str], "limit": int | None}
+    hints = {"ratio": float, "method": Literal["a", "b"], "exclude": list[str], "limit": int | None,
+             "switch": bool | Literal["auto"]}
     assert {k: spec.describe_type(v) for k, v in hints.items()} == {
-        "ratio": "float", "method": "a|b", "exclude": "[str, ...]", "limit": "int or none"}
+        "ratio": "float", "method": "a|b", "exclude": "[str, ...]", "limit": "int or none", "switch": "bool or auto"}
 
 
 def test_registry():

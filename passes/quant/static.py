@@ -101,9 +101,10 @@ class StaticQuantize(Pass):
                  "nodes around them, or int16 activations (for NPUs that run 16-bit activations but not float, "
                  "e.g. QNN's a16w8; needs opset 21 or com.microsoft Q/DQ; ORT's CPU runs such layers in float)")
     max_drop: float | None = option(
-        None, "allowed drop in argmax/top-1 agreement with the float model (e.g. 0.01); the most sensitive layers "
-              "stay float until it holds on the calibration data")
-    min_sqnr: float | None = option(None, "minimum output SQNR in dB vs the float model; sensitive layers stay float")
+        None, "allowed drop in argmax/top-1 agreement with the float model (e.g. 0.01); the most sensitive tensors "
+              "are kept out of 8 bits (see sensitive_type) until it holds on the calibration data")
+    min_sqnr: float | None = option(
+        None, "minimum output SQNR in dB vs the float model; sensitive tensors are kept out of 8 bits as for max_drop")
     calib_samples: int = option(0, "calibration samples to use (0 = all)")
     analysis_samples: int = option(
         0, "samples used for bias correction, tuning, the per-layer table and sensitivity (0 = 8, or fewer, "
@@ -410,7 +411,7 @@ class _Quantizer:
             sqnr = self._score(model) if sqnr is None else sqnr
             trial, trial_built, trial_plan = self._build_protected(set(coarse))
             self.tuning["keep_coarse"] = self._score(trial)
-            if self.tuning["keep_coarse"] >= sqnr + FLOAT_GAIN_DB:
+            if self.tuning["keep_coarse"] >= sqnr + FLOAT_GAIN_DB and trial_plan.quantized:
                 model, built, plan = trial, trial_built, trial_plan
                 self.coarse, self.protected = coarse, set(coarse)
             else:
