@@ -55,6 +55,9 @@ MOMENT_SAMPLES = 8
 # output SQNR by at least FLOAT_GAIN_DB (float or 16-bit layers cost speed).
 COARSE_FRACTION = 0.05
 FLOAT_GAIN_DB = 1.0
+# ... and at most this share of the quantized nodes goes float for them (the coarsest first):
+# calibration data that barely varies (one image plus noise) makes many tensors look coarse.
+COARSE_FLOAT_SHARE = 0.25
 
 
 @register_pass
@@ -407,6 +410,8 @@ class _Quantizer:
         start = time.perf_counter()
         model, built, sqnr = self._tune_ranges(plan)
         coarse = self._coarse_tensors(plan, built.params) if self.o.keep_coarse else {}
+        if coarse and self.o.sensitive_type == "float":
+            coarse = _within_float_share(plan, coarse)
         if coarse:
             sqnr = self._score(model) if sqnr is None else sqnr
             trial, trial_built, trial_plan = self._build_protected(set(coarse))
@@ -826,6 +831,19 @@ def _float_sets(plan: Plan) -> dict[str, set[str]]:
             nodes.add(owners[point.name])
         sets[point.name] = nodes
     return sets
+
+
+def _within_float_share(plan: Plan, coarse: dict[str, float]) -> dict[str, float]:
+    """The coarsest tensors whose float sets together stay within COARSE_FLOAT_SHARE of the
+    quantized nodes."""
+    float_sets = _float_sets(plan)
+    budget = COARSE_FLOAT_SHARE * len(plan.quantized)
+    kept, nodes = {}, set()
+    for name, fraction in sorted(coarse.items(), key=lambda item: -item[1]):
+        if len(nodes | float_sets[name]) <= budget:
+            kept[name] = fraction
+            nodes |= float_sets[name]
+    return kept
 
 
 def _sensitivity_ranking(plan: Plan, errors: dict[str, analysis.ErrorSums]) -> list[str]:
