@@ -126,10 +126,14 @@ class ChannelMoments:
         self.sum_sq = np.zeros(channels)
 
     @staticmethod
+    def channel_axis(shape: Sequence[int]) -> int:
+        """The channel axis of a tensor of `shape` (batch first): 1 for an NCHW activation, else the last."""
+        return 1 if len(shape) == 4 else len(shape) - 1
+
+    @staticmethod
     def channel_ids(shape: Sequence[int], positions: np.ndarray) -> np.ndarray:
-        """The channel of each flat position of a tensor of `shape` (batch first): axis 1 of an
-        NCHW activation, else the last axis."""
-        axis = 1 if len(shape) == 4 else len(shape) - 1
+        """The channel of each flat position of a tensor of `shape`."""
+        axis = ChannelMoments.channel_axis(shape)
         return (positions // int(np.prod(shape[axis + 1:], dtype=np.int64))) % shape[axis]
 
     def update(self, values: np.ndarray, channel_ids: np.ndarray, counts: np.ndarray | None = None) -> None:

@@ -154,8 +154,6 @@ class _Quantizer:
         self.tuning: dict[str, float] = {}  # output SQNR (dB) of each setting tried
         self.moments: dict[str, calibrate.ChannelMoments] = {}  # per-channel statistics of quantized tensors
         self.coarse: dict[str, float] = {}  # coarse tensors kept out of 8 bits -> their coarse fraction
-        self.protected: set[str] = set()  # tensors kept out of 8 bits (float or int16, see sensitive_type)
-        self.wide: set[str] = set()  # tensors `_build` gives int16 activations
         self._held_out: list | None = None  # batches `_score` runs on, and the float model's outputs
         self._reference: list | None = None
 
@@ -318,11 +316,11 @@ class _Quantizer:
                 for name, source in derived.items():
                     if source in reads:
                         sample, low, high = (out[r] for r in reads[source])
-                        stats[name].update(calibrate.sigmoid(sample), _sigmoid(float(low)), _sigmoid(float(high)))
                         values[name] = (calibrate.sigmoid(sample), steps[source])
+                        stats[name].update(values[name][0], _sigmoid(float(low)), _sigmoid(float(high)))
                     else:
-                        stats[name].update(calibrate.sigmoid(feeds[source]))
                         values[name] = (calibrate.sigmoid(feeds[source]), 1)
+                        stats[name].update(values[name][0])
                 if seen < MOMENT_SAMPLES:  # per-channel variances settle long before ranges do
                     for name, (sample, step) in values.items():
                         self._update_moments(name, sample, step, channel_ids)
@@ -341,7 +339,7 @@ class _Quantizer:
         shape = self.float_tensors[name].shape if name in self.float_tensors else None
         if not shape or len(shape) < 2 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
             return
-        channels = shape[1] if len(shape) == 4 else shape[-1]
+        channels = shape[calibrate.ChannelMoments.channel_axis(shape)]
         key = (name, values.size)
         if key not in channel_ids:
             ids = calibrate.ChannelMoments.channel_ids(shape, np.arange(values.size, dtype=np.int64) * step)
@@ -371,12 +369,13 @@ class _Quantizer:
 
     # -- building ------------------------------------------------------------------------------
 
-    def _group_params(self, plan: Plan) -> dict[str, QParams]:
-        """QParams per point: one per shared-scale group, fitted inside folded Relu/Clip ranges."""
+    def _group_params(self, plan: Plan, wide: set[str] | frozenset[str]) -> dict[str, QParams]:
+        """QParams per point: one per shared-scale group, fitted inside folded Relu/Clip ranges;
+        int16 for groups holding a `wide` tensor."""
         params: dict[str, QParams] = {}
         self.group_stats: dict[str, calibrate.RangeStats] = {}
         for members in plan.group_members().values():
-            qt = numerics.qtype("int16") if self.wide.intersection(members) else self.o.activation_qtype
+            qt = numerics.qtype("int16") if wide.intersection(members) else self.o.activation_qtype
             merged = calibrate.RangeStats()
             for name in members:
                 if name in self.stats:
@@ -421,9 +420,7 @@ class _Quantizer:
             self.tuning["keep_coarse"] = self._score(trial)
             if self.tuning["keep_coarse"] >= sqnr + FLOAT_GAIN_DB and trial_plan.quantized:
                 model, built, plan = trial, trial_built, trial_plan
-                self.coarse, self.protected = coarse, set(coarse)
-            else:
-                self._build_protected(set(), build=False)
+                self.coarse = coarse
         self.timings["tuning"] = time.perf_counter() - start - self.timings.get("bias_correction", 0.0)
         return model, built, plan
 
@@ -457,16 +454,14 @@ class _Quantizer:
         built.corrected, self.correct = 0, False
         return model, built, sqnr
 
-    def _build_protected(self, tensors: set[str], build: bool = True) -> tuple[ir.Model, _Built, Plan] | None:
+    def _build_protected(self, tensors: set[str]) -> tuple[ir.Model, _Built, Plan]:
         """`_build` with `tensors` kept out of 8 bits: in float together with the nodes around
-        them (their `_float_sets` in the unprotected plan), or as int16 activations. Later builds
-        keep this setting; build=False only sets it."""
+        them (their `_float_sets` in the unprotected plan), or as int16 activations."""
         if self.o.sensitive_type == "int16":
-            self.wide, plan = set(tensors), self.base_plan
-        else:
-            float_sets = _float_sets(self.base_plan)
-            self.wide, plan = set(), self._plan(self.excluded | set().union(*(float_sets[t] for t in tensors)))
-        return (*self._build(plan), plan) if build else None
+            return (*self._build(self.base_plan, wide=tensors), self.base_plan)
+        float_sets = _float_sets(self.base_plan)
+        plan = self._plan(self.excluded | set().union(*(float_sets[t] for t in tensors)))
+        return (*self._build(plan), plan)
 
     def _coarse_tensors(self, plan: Plan, params: dict[str, QParams]) -> dict[str, float]:
         """Quantized tensors whose step drowns over COARSE_FRACTION of a typical channel's
@@ -490,7 +485,7 @@ class _Quantizer:
         candidate = runtime.outputs(model.to_proto(), self._held_out, threads=self.ctx.threads)
         return verify.worst_sqnr_db(self._reference, candidate)
 
-    def _build(self, plan: Plan) -> tuple[ir.Model, _Built]:
+    def _build(self, plan: Plan, wide: set[str] | frozenset[str] = frozenset()) -> tuple[ir.Model, _Built]:
         """A quantized copy of the prepared float model following `plan` (with self.method ranges),
         bias-corrected when self.correct."""
         skipped = self._within_group(plan)
@@ -501,7 +496,7 @@ class _Quantizer:
         graph = model.graph
         by_name = {n.name: n for n in graph.nodes}
         tensors = graph.tensors()
-        params = self._group_params(plan)
+        params = self._group_params(plan, wide)
         writer = QdqWriter(graph, self.domain)
         built = _Built(params, writer, quantized=[n.name for n in plan.quantized], activations=plan.activations)
 
@@ -624,8 +619,8 @@ class _Quantizer:
         self.budget = {"agreement": agreement, "output_sqnr_db": sqnr, "met": ok, "attempts": 1}
         if ok:
             return quant, built, plan, errors, []
-        ranking = [t for t in _sensitivity_ranking(plan, errors) if t not in self.protected]
-        adopted = set(self.protected)
+        adopted = set(self.coarse)  # already out of 8 bits
+        ranking = [t for t in _sensitivity_ranking(plan, errors) if t not in adopted]
         best, low, high = None, 1, len(ranking)
         while low <= high:
             k = (low + high) // 2
@@ -641,11 +636,8 @@ class _Quantizer:
         if best is None:
             logger.warning("quant: the budget (max_drop=%s, min_sqnr=%s) is not met even with every ranked "
                            "tensor kept out of 8 bits; keeping the quantized model", self.o.max_drop, self.o.min_sqnr)
-            self._build_protected(adopted, build=False)
             return quant, built, plan, errors, []
         k, quant, built, trial_plan, agreement, sqnr = best
-        self._build_protected(adopted | set(ranking[:k]), build=False)
-        self.protected = adopted | set(ranking[:k])
         self.budget.update(agreement=agreement, output_sqnr_db=sqnr, met=True)
         if self.o.sensitive_type == "int16":
             kept = sorted(ranking[:k])  # the tensors given 16 bits
