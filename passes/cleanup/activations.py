@@ -12,8 +12,8 @@ from edgegraph import ir
 from edgegraph.registry import register_pass
 
 from .common import (
-    WIDE_FLOATS, GraphPass, can_remove, dtype_of, is_standard, live_nodes, only_consumer, optional_input, remove,
-    set_inputs, value,
+    WIDE_FLOATS, GraphPass, can_remove, dtype_of, is_read, is_standard, live_nodes, only_consumer, optional_input,
+    remove, set_inputs, value,
 )
 
 
@@ -37,8 +37,7 @@ class FuseActivations(GraphPass):
         done = Counter()
         opset = int(graph.opset or model.opset)
         for node in live_nodes(graph):
-            if node.op in ("Div", "Mul") and is_standard(node) and (
-                    node.outputs[0].outputs or ir.is_graph_output(graph, node.outputs[0])):
+            if node.op in ("Div", "Mul") and is_standard(node) and is_read(graph, node.outputs[0]):
                 applied = self._hard(graph, node, opset)
                 if applied:
                     done[applied] += 1

@@ -264,10 +264,15 @@ def redirect(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
     return True
 
 
+def is_read(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    """Whether a node or the graph's outputs still read `tensor`."""
+    return bool(tensor.outputs) or ir.is_graph_output(graph, tensor)
+
+
 def can_remove(graph: gs.Graph, node: gs.Node, keep: int = 0) -> bool:
     """Whether `node` (output 0 equal to input `keep`) can go without adding an Identity."""
     result = node.outputs[0]
-    if any(o.outputs or ir.is_graph_output(graph, o) for o in node.outputs[1:]):
+    if any(is_read(graph, o) for o in node.outputs[1:]):
         return False
     return not ir.is_graph_output(graph, result) or _name_can_move(graph, result, node.inputs[keep], node)
 

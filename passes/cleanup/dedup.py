@@ -16,7 +16,8 @@ from edgegraph.pipeline import PassResult
 from edgegraph.registry import register_pass
 
 from .common import (
-    NONDETERMINISTIC, GraphPass, graphs, has_subgraph, is_empty, is_standard, node_subgraphs, prune, redirect, toposort,
+    NONDETERMINISTIC, GraphPass, graphs, has_subgraph, is_empty, is_read, is_standard, node_subgraphs, prune, redirect,
+    toposort,
 )
 
 CSE_VALUE_BYTES = 4096
@@ -70,7 +71,7 @@ def _drop_unused_outputs(graph: gs.Graph, node: gs.Node) -> int:
     dropped = 0
     for i in range(first, len(node.outputs)):
         out = node.outputs[i]
-        if not is_empty(out) and not out.outputs and not ir.is_graph_output(graph, out):
+        if not is_empty(out) and not is_read(graph, out):
             node.outputs[i] = gs.Variable.empty()
             dropped += 1
     while len(node.outputs) > 1 and is_empty(node.outputs[-1]):

@@ -14,7 +14,8 @@ from edgegraph.registry import register_pass
 
 from .common import (
     apply_first_rule,
-    WIDE_FLOATS, GraphPass, can_remove, dtype_of, int_list, is_standard, live_nodes, only_consumer, optional_input,
+    WIDE_FLOATS, GraphPass, can_remove, dtype_of, int_list, is_read, is_standard, live_nodes, only_consumer,
+    optional_input,
     remove, set_inputs, shape_of, value,
 )
 
@@ -41,8 +42,7 @@ class FuseLinear(GraphPass):
         done = Counter()
         opset = int(graph.opset or model.opset)
         for node in live_nodes(graph):
-            if not is_standard(node) or not node.inputs or not node.outputs or not node.outputs[0].outputs \
-                    and not ir.is_graph_output(graph, node.outputs[0]):
+            if not is_standard(node) or not node.inputs or not node.outputs or not is_read(graph, node.outputs[0]):
                 continue
             applied = apply_first_rule(_RULES.get(node.op, ()), self, graph, node, opset)
             if applied:

@@ -14,7 +14,7 @@ from edgegraph.registry import register_pass
 from .transposes import sink_transpose
 from .common import (
     apply_first_rule,
-    GraphPass, axes_of, dtype_of, int_list, is_empty, is_standard, live_nodes, normalize_axes, only_consumer,
+    GraphPass, axes_of, dtype_of, int_list, is_empty, is_read, is_standard, live_nodes, normalize_axes, only_consumer,
     optional_input, perm_of, remove, same_dim, set_inputs, shape_of, shape_range, value,
 )
 
@@ -63,7 +63,7 @@ class SimplifyShapes(GraphPass):
         for node in live_nodes(graph):
             if not is_standard(node) or not node.inputs or is_empty(node.inputs[0]) or not node.outputs:
                 continue
-            if not any(o.outputs for o in node.outputs) and not any(ir.is_graph_output(graph, o) for o in node.outputs):
+            if not any(is_read(graph, o) for o in node.outputs):
                 continue  # made dead by an earlier rewrite
             applied = apply_first_rule(_RULES.get(node.op, ()), self, graph, node, opset)
             if applied:
