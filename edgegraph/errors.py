@@ -53,3 +53,8 @@ class VerificationError(EdgegraphError):
 
 class PassFailure(RuntimeError):
     """An unexpected exception inside a pass, re-raised with the pipeline position (keeps the traceback)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (what the command line prints)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,309 @@
+"""The work behind each command of `edgegraph`: `opt`, `info`, `bench`, `passes`.
+
+`cli` parses the arguments and maps errors to exit codes; this module (and what it imports:
+onnx, onnxruntime) is only loaded once the arguments are known.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx_graphsurgeon as gs
+
+import edgegraph
+from edgegraph import analysis, ir, runtime, spec
+from edgegraph.analysis import ModelStats
+from edgegraph.errors import EdgegraphError, ModelLoadError, one_line
+from edgegraph.pipeline import run_pipeline, verification_data
+from edgegraph.tables import format_bench, format_info, format_opt_summary
+
+logger = logging.getLogger("edgegraph")
+
+# Models larger than this together are timed one after the other, each session released before
+# the next is made, rather than in turns with all of them held in memory at once.
+HOLD_TOGETHER_BYTES = 2 * 2**30
+
+
+def run(args, *, debug: bool = False) -> int:
+    """Run the command `args.command_name` with its parsed arguments; returns the exit code."""
+    # graphsurgeon prints its warnings to stdout, which must stay clean (`info --json | jq`); its
+    # errors arrive as exceptions anyway.
+    gs_logger, gs_severity = gs.logger.G_LOGGER, gs.logger.G_LOGGER.severity
+    if not debug:
+        gs_logger.severity = gs_logger.CRITICAL + 1
+    try:
+        return COMMANDS[args.command_name](args)
+    finally:
+        gs_logger.severity = gs_severity
+
+
+def _shapes(args) -> dict[str, list[int]]:
+    return dict(args.fix_shape)
+
+
+def _preprocess(args) -> dict:
+    given = {"size": args.image_size, "resize": args.resize, "mean": args.mean, "std": args.std,
+             "scale": args.scale, "layout": args.layout, "channels": args.channels}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("resize") == 0:
+        given["resize"] = None
+    if "size" in given and len(given["size"]) == 1:
+        given["size"] = given["size"] * 2
+    return given
+
+
+def _load(path: str) -> ir.Model:
+    try:
+        return ir.load(path)
+    except OSError as exc:  # permissions, a vanished file: the user's to fix
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# opt
+
+
+def cmd_opt(args) -> int:
+    source, output = Path(args.model), Path(args.output)
+    report_path = Path(args.report) if args.report else None
+    _check_writable(output, "output")
+    if report_path:
+        _check_writable(report_path, "--report")
+        if _same_file(report_path, source) or report_path.resolve() == output.resolve():
+            raise EdgegraphError("--report must not name the input or output model")
+    pipeline = edgegraph.parse_passes(Path(args.recipe) if args.recipe else args.passes)
+    model = _load(args.model)
+    if args.fix_shape:
+        ir.fix_input_shapes(model, _shapes(args))
+    ctx = edgegraph.make_context(model, calib=args.calib, target=args.target, seed=args.seed,
+                                 verify=not args.no_verify, progress=not args.quiet, threads=args.threads,
+                                 preprocess=_preprocess(args))
+    eval_data = edgegraph.as_calibration(args.eval, model) if args.eval else None
+
+    start = time.perf_counter()
+    result, report = run_pipeline(model, pipeline, ctx)
+    seconds = time.perf_counter() - start
+
+    # The result is exported once, to a staging folder beside the output, and every onnxruntime
+    # session loads it (and the input model) from disk: onnxruntime maps external data instead
+    # of taking a copy, so measuring a multi-GB model costs little memory. The statistics work
+    # on the graphs without their weights. The staged file moves into place once all succeeded.
+    with _staging(output) as staging:
+        staged = _save(result, staging / "result" / output.name, output)
+        # What onnxruntime runs as the input model: its file, unless --fix-shape changed it.
+        original = _save(model, staging / "input" / source.name, output) if args.fix_shape else source
+        sizes = [analysis.disk_size(source), sum(f.stat().st_size for f in staged.parent.iterdir())]
+        before, after = _measured_stats([model, result], [original, staged], ctx.calibration, args, sizes=sizes)
+        accuracy, accuracy_note = _accuracy(model, [original, staged], ctx, eval_data, args)
+        data = {
+            "edgegraph": edgegraph.__version__,
+            "input": str(source),
+            "output": str(output),
+            "pipeline": spec.format_pipeline(pipeline),
+            "target": ctx.target.name,
+            "seed": args.seed,
+            "calibration": ({"source": ctx.calibration.source, "samples": len(ctx.calibration)}
+                            if ctx.calibration else None),
+            "fixed_shapes": _shapes(args),
+            "seconds": seconds,
+            "before": before,
+            "after": after,
+            "passes": [dataclasses.asdict(p) | {"metrics": p.metrics} for p in report.passes],
+            "accuracy": accuracy,
+            "accuracy_note": accuracy_note,
+        }
+        report_text = json.dumps(analysis.jsonable(data), indent=2) + "\n" if report_path else None
+        _write(lambda: _publish(staged, output), output)
+    if report_path:
+        _write(lambda: _atomic_write_text(report_path, report_text), report_path)
+    if not args.quiet:
+        print(format_opt_summary(data, before, after, report, accuracy))
+    return 0
+
+
+def _check_writable(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise EdgegraphError(f"{what} path {path} is a directory")
+    if not path.parent.resolve().is_dir():
+        raise EdgegraphError(f"{what} folder {path.parent} does not exist")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _write(save, path: Path):
+    try:
+        return save()
+    except OSError as exc:
+        raise EdgegraphError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def _staging(output: Path):
+    """A temporary folder beside `output` (same file system, so moving out of it is atomic),
+    removed with whatever is left in it."""
+    folder = Path(_write(lambda: tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent), output))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _save(model: ir.Model, path: Path, output: Path) -> Path:
+    """Save `model` alone in a new folder at `path` (external data beside it when it needs some)."""
+    path.parent.mkdir()
+    return _write(lambda: ir.save(model, path), output)
+
+
+def _publish(staged: Path, output: Path) -> None:
+    """Move a model saved by `_save` into place: its external data file first, then the model."""
+    for file in sorted(staged.parent.iterdir(), key=lambda f: f == staged):
+        os.replace(file, output.parent / file.name)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
+    try:
+        with handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def _measured_stats(models: Sequence[ir.Model], files: Sequence[Path], data, args, *,
+                    sizes: Sequence[int]) -> list[ModelStats]:
+    """Static stats plus latency per model, timed from its file on the first data sample (or
+    seeded random inputs)."""
+    feeds = [_feeds(model, data, args) for model in models]
+    stats = [analysis.model_stats(model, size_bytes=size, feeds=f if data is not None else None)
+             for model, size, f in zip(models, sizes, feeds)]
+    timed = [i for i, f in enumerate(feeds) if f is not None]
+    latencies = analysis.measure_latency([files[i] for i in timed], [feeds[i] for i in timed], runs=args.runs,
+                                         warmup=args.warmup, threads=args.threads, in_turns=_in_turns(sizes))
+    for i, (ms, note) in zip(timed, latencies):
+        stats[i].latency_ms, stats[i].latency_note = ms, note
+    return stats
+
+
+def _feeds(model, data, args):
+    try:
+        return analysis.sample_feeds(model, data, seed=args.seed)
+    except EdgegraphError as exc:  # e.g. random data for an input type we cannot generate
+        logger.warning("no inputs to time the model with: %s", exc)
+        return None
+
+
+def _in_turns(sizes: Sequence[int]) -> bool:
+    """Whether models of these sizes are small enough to hold in onnxruntime together, to be
+    timed in turns (else one after the other, one in memory at a time)."""
+    return sum(sizes) <= HOLD_TOGETHER_BYTES
+
+
+def _accuracy(model: ir.Model, files: Sequence[Path], ctx, eval_data, args) -> tuple[dict | None, str]:
+    """(final model vs the input model, from their `files`, or None and why not), run as deployed:
+    onnxruntime with all its optimizations, so integer kernels show their real error (pass
+    verification runs without them). On --eval data when given, else on the verification samples."""
+    if eval_data is None and args.no_verify:
+        return None, "--no-verify"
+    data = eval_data or verification_data(runtime.input_specs(model), ctx)
+    try:
+        measured = analysis.compare_models(*files, data, threads=args.threads,
+                                           labels=analysis.load_labels(args.eval) if eval_data else None)
+    except EdgegraphError as exc:
+        return None, one_line(exc)
+    return {"data": data.source} | measured, ""
+
+
+# ---------------------------------------------------------------------------------------------
+# info, bench, passes
+
+
+def cmd_info(args) -> int:
+    stats = analysis.model_stats(_load(args.model), size_bytes=analysis.disk_size(args.model),
+                                 fix_shapes=_shapes(args) or None)
+    if args.json:
+        print(json.dumps(analysis.jsonable({"model": args.model} | stats.as_dict()), indent=2))
+    else:
+        print(format_info(args.model, stats, top=args.top))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    models = [_load(path) for path in args.models]
+    if args.fix_shape:
+        for model in models:
+            ir.fix_input_shapes(model, _shapes(args))
+    # onnxruntime loads the files (mapping external data, no export) unless --fix-shape changed the models.
+    runnable = models if args.fix_shape else args.models
+    sizes = [analysis.disk_size(path) for path in args.models]
+    data = edgegraph.as_calibration(args.calib, models[0]) if args.calib else None
+    labels = analysis.load_labels(args.calib)
+    feeds = [analysis.sample_feeds(model, data, seed=args.seed) for model in models]
+    latencies = analysis.measure_latency(runnable, feeds, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                                         in_turns=_in_turns(sizes))
+    reference = analysis.model_outputs(runnable[0], data, threads=args.threads) if data is not None else None
+    rows = []
+    for i, (path, size, (ms, note)) in enumerate(zip(args.models, sizes, latencies)):
+        row = {"model": path, "size_bytes": size, "latency_ms": ms, "latency_note": note}
+        if reference is not None:
+            outputs = reference if i == 0 else analysis.model_outputs(runnable[i], data, threads=args.threads)
+            row |= {"samples": len(data)} | analysis.compare_outputs(reference, outputs, labels=labels)
+        rows.append(row)
+    if args.json:
+        print(json.dumps(analysis.jsonable({"models": rows}), indent=2))
+    else:
+        print(format_bench(rows))
+    return 0
+
+
+def cmd_passes(args) -> int:
+    described = [describe_pass(cls) for cls in edgegraph.list_passes()]
+    if args.json:
+        print(json.dumps(analysis.jsonable(described), indent=2))
+        return 0
+    lines = []
+    for item in described:
+        kind = "exact" if item["exact"] else "lossy"
+        needs = f"; requires {', '.join(item['requires'])}" if item["requires"] else ""
+        lines.append(f"{item['name']}  ({kind}{needs})")
+        lines.append(f"    {item['summary']}")
+        for opt in item["options"]:
+            lines.append(f"    {opt['name']}: {opt['type']} = {opt['default']}")
+            if opt["doc"]:
+                lines.append(f"        {opt['doc']}")
+        lines.append("")
+    lines.append("Use: edgegraph opt IN.onnx -p 'name(option=value, ...),name2' -o OUT.onnx")
+    print("\n".join(lines))
+    return 0
+
+
+def describe_pass(cls) -> dict:
+    """Name, summary, exactness, requirements and documented options of a pass class."""
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    options = [
+        {"name": f.name, "type": spec.describe_type(hints[f.name]),
+         "default": spec._format_value(getattr(defaults, f.name)), "doc": f.metadata.get("doc", "")}
+        for f in dataclasses.fields(cls)
+    ]
+    return {"name": cls.name, "summary": cls.summary, "exact": cls.exact, "requires": sorted(cls.requires),
+            "options": options}
+
+
+COMMANDS = {"opt": cmd_opt, "info": cmd_info, "bench": cmd_bench, "passes": cmd_passes}
