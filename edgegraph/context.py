@@ -180,6 +180,7 @@ class PassContext:
     verify: VerifyConfig = VerifyConfig()
     progress: bool = True
     threads: int = 0  # onnxruntime intra-op threads for calibration runs; 0 = all cores
+    timing: bool = True  # False (`--runs 0`): passes take no latency measurements of their own
 
     def progress_bar(self, iterable=None, *, total: int | None = None, desc: str = ""):
         """A tqdm bar on stderr (silent when progress is off or output is not a terminal)."""
