@@ -114,6 +114,7 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext) -> t
     checker = _Checker(model, ctx) if ctx.verify.enabled else None
     if checker:
         report.verification_data = checker.source
+    interface = _interface(model)
     for position, p in enumerate(passes, 1):
         start = time.perf_counter()
         try:
@@ -129,6 +130,9 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext) -> t
             if getattr(exc, "exit_code", None) == 2:  # a user error found while running (e.g. bad data)
                 raise
             raise PassFailure(f"pass {position} '{p.name}' failed: {type(exc).__name__}: {exc}") from exc
+        change = _interface_change(interface, _interface(model))
+        if change:  # users and runtimes address a model by these names: no pass may touch them
+            raise PassFailure(f"pass {position} '{p.name}' {change}")
         record = PassRecord(p.name, format_pass(p), result.modified, time.perf_counter() - start,
                             result.stats, result.details)
         if checker and result.modified:
@@ -139,6 +143,22 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext) -> t
     if checker:
         report.metrics = checker.against_original()
     return model, report
+
+
+def _interface(model: ir.Model) -> tuple[list[str], list[str]]:
+    return [t.name for t in model.graph.inputs], [t.name for t in model.graph.outputs]
+
+
+def _interface_change(before: tuple[list[str], list[str]], after: tuple[list[str], list[str]]) -> str | None:
+    """What a pass did to the graph's input and output names (and order), in a few words; None if nothing."""
+    for kind, old, new in zip(("input", "output"), before, after):
+        if old == new:
+            continue
+        for index, (was, now) in enumerate(zip(old, new)):
+            if was != now:
+                return f"changed graph {kind} {index} from '{was[:80]}' to '{now[:80]}'"
+        return f"changed the number of graph {kind}s from {len(old)} to {len(new)}"
+    return None
 
 
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits",

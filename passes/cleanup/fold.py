@@ -358,11 +358,11 @@ def inline_constant_ifs(graph: gs.Graph, namer) -> int:
             continue
         if not _same_types(node.outputs, branch.outputs):
             continue
-        # Branch-local names may repeat names of the outer graph: make them unique first.
-        outer = {id(t) for t in graph.tensors().values()}
-        for tensor in branch.tensors().values():
-            if id(tensor) not in outer:
-                tensor.name = namer(tensor.name)
+        # What the branch defines may repeat names of the outer graph: rename it first. What it
+        # reads from enclosing graphs (possibly only inside a nested If) keeps its name: that
+        # may be a graph input or an initializer shared with other graphs.
+        for tensor in _defined_in(branch, graph):
+            tensor.name = namer(tensor.name)
         for inner_node in branch.nodes:
             inner_node.name = namer(inner_node.name or inner_node.op)
         results, inners, moved = list(node.outputs), list(branch.outputs), list(branch.nodes)
@@ -386,6 +386,23 @@ def inline_constant_ifs(graph: gs.Graph, namer) -> int:
     if count:
         toposort(graph)
     return count
+
+
+def _defined_in(branch: gs.Graph, outer: gs.Graph) -> list[gs.Tensor]:
+    """Tensors `branch` itself defines: its nodes' outputs, and the initializers nothing outside
+    it reads (an initializer that is an input or output of `outer` is never the branch's)."""
+    own_nodes = {id(n) for n in branch.nodes}
+    inside = {id(n) for g in ir.iter_graphs(branch, functions=False) for n in g.nodes}
+    pinned = {id(t) for t in list(outer.inputs) + list(outer.outputs)}
+    defined = []
+    for tensor in branch.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            local = id(tensor) not in pinned and all(id(user) in inside for user in tensor.outputs)
+        else:
+            local = any(id(n) in own_nodes for n in tensor.inputs)
+        if local:
+            defined.append(tensor)
+    return defined
 
 
 def _same_types(results, inners) -> bool:
