@@ -132,7 +132,7 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext) -> t
             raise PassFailure(f"pass {position} '{p.name}' failed: {type(exc).__name__}: {exc}") from exc
         change = _interface_change(interface, _interface(model))
         if change:  # users and runtimes address a model by these names: no pass may touch them
-            raise PassFailure(f"pass {position} '{p.name}' {change}")
+            raise PassFailure(f"pass '{p.name}' {change}")
         record = PassRecord(p.name, format_pass(p), result.modified, time.perf_counter() - start,
                             result.stats, result.details)
         if checker and result.modified:
@@ -151,13 +151,19 @@ def _interface(model: ir.Model) -> tuple[list[str], list[str]]:
 
 def _interface_change(before: tuple[list[str], list[str]], after: tuple[list[str], list[str]]) -> str | None:
     """What a pass did to the graph's input and output names (and order), in a few words; None if nothing."""
+    def names(items: list[str]) -> str:
+        shown = ", ".join(name[:80] for name in items[:3])
+        return shown + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
     for kind, old, new in zip(("input", "output"), before, after):
         if old == new:
             continue
-        for index, (was, now) in enumerate(zip(old, new)):
-            if was != now:
-                return f"changed graph {kind} {index} from '{was[:80]}' to '{now[:80]}'"
-        return f"changed the number of graph {kind}s from {len(old)} to {len(new)}"
+        removed, added = [n for n in old if n not in new], [n for n in new if n not in old]
+        if removed:
+            return f"removed graph {kind}(s) {names(removed)}" + (f" (now {names(added)})" if added else "")
+        if added:
+            return f"added graph {kind}(s) {names(added)}"
+        return f"reordered the graph {kind}s"
     return None
 
 

@@ -52,8 +52,8 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputMe
     exact = bool(np.array_equal(reference, candidate, equal_nan=reference.dtype.kind == "f"))
     if reference.dtype.kind not in "fc" or reference.size == 0:
         diff = 0.0 if exact else float("inf")
-        return OutputMetrics(name, diff, 0.0, 1.0 if exact else 0.0, float("inf") if exact else float("-inf"), None, exact,
-                             reference.dtype.name)
+        return OutputMetrics(name, diff, 0.0, 1.0 if exact else 0.0, float("inf") if exact else float("-inf"), None,
+                             exact, reference.dtype.name)
     ref = reference.astype(np.float64).ravel()
     cand = candidate.astype(np.float64).ravel()
     finite = np.isfinite(ref) & np.isfinite(cand)

@@ -27,8 +27,8 @@ from edgegraph.pipeline import option
 from edgegraph.registry import register_pass
 
 from .common import (
-    KEEP_UNFOLDED, NONDETERMINISTIC, GraphPass, has_subgraph, infer_forward, is_empty, is_opaque, is_standard,
-    numpy_dtype, shape_of, shape_range, toposort, value,
+    GROWTH_LIMIT, KEEP_UNFOLDED, NONDETERMINISTIC, GraphPass, freed_bytes, growth_ok, has_subgraph, infer_forward,
+    is_empty, is_opaque, is_standard, nbytes, numpy_dtype, shape_of, shape_range, toposort, value,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ class FoldConstants(GraphPass):
 
     size_limit: int = option(128 << 20, "never create a folded tensor larger than this many bytes")
     growth_limit: int = option(
-        64 << 10,
-        "a fold whose result is larger than its constant inputs (Cast to a wider type, Expand, Tile, "
-        "ConstantOfShape ...) is done only up to this many bytes, so int8/fp16-stored weights stay compressed",
+        GROWTH_LIMIT,
+        "a fold whose result is larger than the constants it makes unused (Cast to a wider type, Expand, "
+        "Tile, ConstantOfShape, a copy of a weight other nodes still read ...) is done only up to this many "
+        "bytes, so int8/fp16-stored and shared weights stay stored once",
     )
 
     def __post_init__(self):
@@ -122,12 +123,13 @@ class FoldConstants(GraphPass):
         if None in sizes:
             return True  # decided after evaluation
         out_bytes = sum(sizes)
-        in_bytes = sum(_nbytes(t) if isinstance(t, gs.Constant) else (_static_nbytes(t) or 0)
+        # (At most these inputs' bytes are freed; what really is, is decided after evaluation.)
+        in_bytes = sum(nbytes(t) if isinstance(t, gs.Constant) else (_static_nbytes(t) or 0)
                        for t in {id(t): t for t in inputs}.values())
         return self._acceptable(in_bytes, out_bytes)
 
-    def _acceptable(self, in_bytes: int, out_bytes: int) -> bool:
-        return out_bytes <= self.size_limit and (out_bytes <= self.growth_limit or out_bytes <= in_bytes)
+    def _acceptable(self, freed: int, out_bytes: int) -> bool:
+        return out_bytes <= self.size_limit and growth_ok(out_bytes, freed, self.growth_limit)
 
     def _replace(self, graph: gs.Graph, candidates: list[gs.Node], values: dict[str, np.ndarray]) -> list[gs.Tensor]:
         folded = []
@@ -138,9 +140,10 @@ class FoldConstants(GraphPass):
             results = [values.get(out.name) for out in node.outputs]
             if any(r is None for r in results):
                 continue
-            in_bytes = sum(_nbytes(t) for t in {id(t): t for t in inputs}.values())
+            # Inputs other nodes (here, in other graphs, or later candidates) still read stay in
+            # the model: only the rest is freed by this fold.
             out_bytes = sum(r.nbytes for r in results)
-            if not self._acceptable(in_bytes, out_bytes):
+            if not self._acceptable(freed_bytes(graph, inputs, [node]), out_bytes):
                 continue
             outputs = list(node.outputs)
             node.inputs.clear()
@@ -149,14 +152,6 @@ class FoldConstants(GraphPass):
                 _make_constant(graph, out, result, self.names)
             folded.extend(outputs)
         return folded
-
-
-def _nbytes(tensor: gs.Tensor) -> int:
-    if isinstance(tensor, gs.Constant):
-        source = tensor._values
-        return int(getattr(source, "nbytes", 0))
-    array = value(tensor)
-    return 0 if array is None else array.nbytes
 
 
 def _static_nbytes(tensor: gs.Tensor) -> int | None:
