@@ -58,7 +58,9 @@ class Model:
         _store_shared_constants_once(self.graph, proto.graph)
         needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
         proto.ir_version = max(proto.ir_version or 0, needed)
-        proto.doc_string, proto.domain, proto.model_version = self.doc_string, self.domain, self.model_version
+        for name in ("doc_string", "domain", "model_version"):  # (an empty field set would still be written)
+            if getattr(self, name):
+                setattr(proto, name, getattr(self, name))
         del proto.metadata_props[:]
         for key, value in self.metadata_props.items():
             proto.metadata_props.add(key=key, value=value)
