@@ -16,7 +16,7 @@ from edgegraph.pipeline import PassResult
 from edgegraph.registry import register_pass
 
 from .common import (
-    NONDETERMINISTIC, GraphPass, graphs, has_subgraph, is_empty, is_read, is_standard, node_subgraphs, prune, redirect,
+    NONDETERMINISTIC, GraphPass, graphs, has_subgraph, is_empty, is_read, is_standard, prune, redirect,
     toposort,
 )
 

@@ -5,9 +5,9 @@ are bit-identical to what the original model computed at run time) after static 
 results are filled in from inferred shapes. Unlike graphsurgeon's `fold_constants` this one
 respects `Shape(start, end)`, never folds custom-domain, random or (De)QuantizeLinear ops, has no
 "cast elision" (which turns float constants of shape arithmetic into truncated ints), keeps
-scalars scalar, and refuses folds that would bloat the model: a result larger than its constant
-inputs (a Cast of int8 weights to float, Expand, Tile, ConstantOfShape ...) is only materialised
-while it stays small.
+scalars scalar, and refuses folds that would bloat the model: a result larger than the constants
+it makes unused (a Cast of int8 weights to float, Expand, Tile, ConstantOfShape, a copy of a weight
+that other nodes, in this graph or another, still read ...) is only materialised while it stays small.
 """
 
 from __future__ import annotations
