@@ -55,7 +55,8 @@ class Model:
             with _detached(_weights(self)):
                 return self.to_proto()
         proto = gs.export_onnx(self.graph, do_type_check=False)
-        _store_shared_constants_once(self.graph, proto.graph)
+        if proto.ir_version >= 4:  # (before IR 4 every initializer of the main graph is also an input)
+            _store_shared_constants_once(self.graph, proto.graph)
         needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
         proto.ir_version = max(proto.ir_version or 0, needed)
         for name in ("doc_string", "domain", "model_version"):  # (an empty field set would still be written)

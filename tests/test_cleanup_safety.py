@@ -137,6 +137,17 @@ def test_manager_refuses_a_pass_that_touches_graph_io():
 # --- exact passes do not grow the file ---------------------------------------------------------
 
 
+def test_a_weight_several_graphs_read_is_stored_once():
+    model = vad_model()
+    written = ir.load(model).to_proto()  # no pass: only what loading and writing do
+    assert weight_bytes(written) == weight_bytes(model)  # was 1.7x: the LSTM weights once per branch
+    assert {"W2d", "R2d", "B1d", "Wout"} <= {t.name for t in written.graph.initializer}
+    branches = [a.g for n in written.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    assert all(not {"W2d", "R2d", "B1d", "Wout"} & {t.name for t in g.initializer} for g in branches)
+    for feeds in vad_stream(batch=1, frames=2):
+        assert_same(model, written, feeds, rtol=0, atol=0)
+
+
 def test_cleanup_does_not_grow_the_recurrent_model():
     model = vad_model()
     cleaned = edgegraph.optimize(model, "cleanup", verify=False)
