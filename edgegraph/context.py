@@ -166,6 +166,7 @@ class VerifyConfig:
 
     enabled: bool = True
     samples: int = 4
+    # For float32 outputs; other float dtypes scale them with their precision (verify.tolerance).
     rtol: float = 1e-4  # relative to the largest |reference| value of the output
     atol: float = 1e-5
 

@@ -55,9 +55,13 @@ class Model:
             with _detached(_weights(self)):
                 return self.to_proto()
         proto = gs.export_onnx(self.graph, do_type_check=False)
+        if proto.ir_version >= 4:  # (before IR 4 every initializer of the main graph is also an input)
+            _store_shared_constants_once(self.graph, proto.graph)
         needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
         proto.ir_version = max(proto.ir_version or 0, needed)
-        proto.doc_string, proto.domain, proto.model_version = self.doc_string, self.domain, self.model_version
+        for name in ("doc_string", "domain", "model_version"):  # (an empty field set would still be written)
+            if getattr(self, name):
+                setattr(proto, name, getattr(self, name))
         del proto.metadata_props[:]
         for key, value in self.metadata_props.items():
             proto.metadata_props.add(key=key, value=value)
@@ -92,6 +96,46 @@ class Model:
                 tensor._values = source._values if share else _private_copy(source._values)
                 tensor.data_location = source.data_location
         return rebuilt
+
+
+def _store_shared_constants_once(graph: gs.Graph, proto: onnx.GraphProto) -> None:
+    """Keep one copy, in the main graph, of each constant that several graphs read.
+
+    gs writes a constant into every graph that reads it: a weight that two If branches (or a
+    graph and its Loop body) take from an enclosing graph would be stored once per graph, and
+    be a separate tensor per graph when read back. Subgraphs see the main graph's initializers.
+    Only names that belong to one tensor in the whole graph tree are moved.
+    """
+    tree = list(iter_graphs(graph, functions=False))
+    if len(tree) == 1:
+        return
+    owners: dict[str, set[int]] = {}
+    readers: dict[int, int] = {}  # constant id -> number of graphs reading it
+    for g in tree:
+        for tensor in g.tensors().values():
+            owners.setdefault(tensor.name, set()).add(id(tensor))
+            if isinstance(tensor, gs.Constant):
+                readers[id(tensor)] = readers.get(id(tensor), 0) + 1
+    shared = {name for name, ids in owners.items() if len(ids) == 1 and readers.get(next(iter(ids)), 0) > 1}
+    if not shared:
+        return
+    stored = {t.name for t in proto.initializer}
+
+    def move(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                    kept = [t for t in sub.initializer if t.name not in shared]
+                    if len(kept) != len(sub.initializer):
+                        for t in sub.initializer:
+                            if t.name in shared and t.name not in stored:
+                                proto.initializer.append(t)
+                                stored.add(t.name)
+                        del sub.initializer[:]
+                        sub.initializer.extend(kept)
+                    move(sub)
+
+    move(proto)
 
 
 def from_proto(proto: onnx.ModelProto, *, infer: bool = True) -> Model:

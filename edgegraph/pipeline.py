@@ -114,6 +114,7 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext) -> t
     checker = _Checker(model, ctx) if ctx.verify.enabled else None
     if checker:
         report.verification_data = checker.source
+    interface = _interface(model)
     for position, p in enumerate(passes, 1):
         start = time.perf_counter()
         try:
@@ -129,6 +130,9 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext) -> t
             if getattr(exc, "exit_code", None) == 2:  # a user error found while running (e.g. bad data)
                 raise
             raise PassFailure(f"pass {position} '{p.name}' failed: {type(exc).__name__}: {exc}") from exc
+        change = _interface_change(interface, _interface(model))
+        if change:  # users and runtimes address a model by these names: no pass may touch them
+            raise PassFailure(f"pass '{p.name}' {change}")
         record = PassRecord(p.name, format_pass(p), result.modified, time.perf_counter() - start,
                             result.stats, result.details)
         if checker and result.modified:
@@ -139,6 +143,28 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext) -> t
     if checker:
         report.metrics = checker.against_original()
     return model, report
+
+
+def _interface(model: ir.Model) -> tuple[list[str], list[str]]:
+    return [t.name for t in model.graph.inputs], [t.name for t in model.graph.outputs]
+
+
+def _interface_change(before: tuple[list[str], list[str]], after: tuple[list[str], list[str]]) -> str | None:
+    """What a pass did to the graph's input and output names (and order), in a few words; None if nothing."""
+    def names(items: list[str]) -> str:
+        shown = ", ".join(name[:80] for name in items[:3])
+        return shown + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+    for kind, old, new in zip(("input", "output"), before, after):
+        if old == new:
+            continue
+        removed, added = [n for n in old if n not in new], [n for n in new if n not in old]
+        if removed:
+            return f"removed graph {kind}(s) {names(removed)}" + (f" (now {names(added)})" if added else "")
+        if added:
+            return f"added graph {kind}(s) {names(added)}"
+        return f"reordered the graph {kind}s"
+    return None
 
 
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits",

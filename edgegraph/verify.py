@@ -21,6 +21,7 @@ class OutputMetrics:
     sqnr_db: float
     top1: float | None  # fraction of rows with the same argmax, when the output looks like class scores
     exact_match: bool  # bitwise equal (integer outputs must be)
+    dtype: str = "float32"  # of the reference output: exact-pass tolerances scale with its precision
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,11 +48,12 @@ def argmax_agreement(reference: np.ndarray, candidate: np.ndarray, axis: int = -
 def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputMetrics:
     reference, candidate = np.asarray(reference), np.asarray(candidate)
     if reference.shape != candidate.shape:
-        return OutputMetrics(name, float("inf"), 0.0, 0.0, float("-inf"), None, False)
+        return OutputMetrics(name, float("inf"), 0.0, 0.0, float("-inf"), None, False, reference.dtype.name)
     exact = bool(np.array_equal(reference, candidate, equal_nan=reference.dtype.kind == "f"))
     if reference.dtype.kind not in "fc" or reference.size == 0:
         diff = 0.0 if exact else float("inf")
-        return OutputMetrics(name, diff, 0.0, 1.0 if exact else 0.0, float("inf") if exact else float("-inf"), None, exact)
+        return OutputMetrics(name, diff, 0.0, 1.0 if exact else 0.0, float("inf") if exact else float("-inf"), None,
+                             exact, reference.dtype.name)
     ref = reference.astype(np.float64).ravel()
     cand = candidate.astype(np.float64).ravel()
     finite = np.isfinite(ref) & np.isfinite(cand)
@@ -70,7 +72,7 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputMe
     if looks_like_scores(reference):
         top1 = argmax_agreement(_squeeze_trailing(reference), _squeeze_trailing(candidate))
     ref_scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    return OutputMetrics(name, max_abs, ref_scale, cosine, sqnr, top1, exact)
+    return OutputMetrics(name, max_abs, ref_scale, cosine, sqnr, top1, exact, reference.dtype.name)
 
 
 def compare_all(references: Iterable[Feeds], candidates: Iterable[Feeds]) -> dict[str, OutputMetrics]:
@@ -97,14 +99,56 @@ def worst_sqnr_db(references: Iterable[Feeds], candidates: Iterable[Feeds]) -> f
     return worst
 
 
+# An output stored in a dtype coarser than float32 may differ by this many units of its own
+# rounding (machine epsilon relative to max|reference|): one pass computing in float32 and
+# another in float16 already round the last result differently, and rounding errors of a few
+# operations add up. 4 units pass SqueezeNet-fp16's 1-unit differences and catch 10 units.
+ROUNDING_UNITS = 4
+_FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
+def machine_epsilon(dtype) -> float | None:
+    """Machine epsilon of a float (or complex) dtype, ml_dtypes' bfloat16/float8 included; None otherwise."""
+    try:
+        return float(np.finfo(dtype).eps)
+    except (TypeError, ValueError):
+        pass
+    try:
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).eps)
+    except (ImportError, TypeError, ValueError):
+        return None
+
+
+def tolerance(dtype, rtol: float, atol: float) -> tuple[float, float]:
+    """(rtol, atol) for an output of `dtype`, given float32's.
+
+    float32's tolerance is a number of units of float32 rounding; a finer dtype (float64) gets
+    the same number of units of its own epsilon. A coarser one (float16, bfloat16) cannot agree
+    closer than its rounding: rtol becomes at least ROUNDING_UNITS epsilons of that dtype.
+    """
+    eps = machine_epsilon(dtype)
+    if eps is None:
+        return rtol, atol
+    ratio = eps / _FLOAT32_EPS
+    if ratio <= 1:
+        return rtol * ratio, atol * ratio
+    return max(rtol, ROUNDING_UNITS * eps), atol
+
+
 def exactness_violation(metrics: Mapping[str, OutputMetrics], rtol: float, atol: float):
-    """The first output outside `atol + rtol * max|reference|` as (output, metric, value, threshold), or None."""
+    """The first output outside `atol + rtol * max|reference|` as (output, metric, value, threshold), or None.
+
+    `rtol` and `atol` are float32's; other float outputs get them scaled by `tolerance`.
+    """
     for m in metrics.values():
         if m.exact_match:
             continue
         if m.top1 is None and m.ref_max_abs == 0.0 and m.max_abs == float("inf"):
             return m.name, "mismatch", m.max_abs, 0.0
-        threshold = atol + rtol * m.ref_max_abs
+        out_rtol, out_atol = tolerance(m.dtype, rtol, atol)
+        threshold = out_atol + out_rtol * m.ref_max_abs
         if not m.max_abs <= threshold:
             return m.name, "max_abs", m.max_abs, threshold
     return None

@@ -106,7 +106,7 @@ def test_compare_all_concatenates_batches():
     assert verify.compare_all(ragged, ragged)["y"].exact_match
     assert verify.compare_all([], []) == {}
     assert set(metrics["y"].as_dict()) == {"name", "max_abs", "ref_max_abs", "cosine", "sqnr_db", "top1",
-                                           "exact_match"}
+                                           "exact_match", "dtype"}
 
 
 def test_worst_sqnr_matches_compare_all_over_float_outputs():

@@ -56,7 +56,7 @@ class Cleanup(Pass):
     size_limit: int = option(FoldConstants.size_limit, "fold-constants: largest folded tensor in bytes")
     growth_limit: int = option(
         FoldConstants.growth_limit,
-        "fold-constants: largest folded tensor (bytes) that may be bigger than its constant inputs",
+        "fold-constants: largest folded tensor (bytes) that may be bigger than the constants it makes unused",
     )
 
     def __post_init__(self):

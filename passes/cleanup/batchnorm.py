@@ -12,7 +12,8 @@ from edgegraph import ir
 from edgegraph.registry import register_pass
 
 from .common import (
-    WIDE_FLOATS, GraphPass, can_remove, is_standard, live_nodes, only_consumer, optional_input, remove, set_inputs,
+    WIDE_FLOATS, GraphPass, affordable, can_remove, is_standard, live_nodes, only_consumer, optional_input, remove,
+    set_inputs,
     shape_of, value,
 )
 
@@ -46,14 +47,15 @@ class FoldBatchNorm(GraphPass):
             if not can_remove(graph, bn):
                 continue
             fold = _FOLDERS.get(producer.op)
-            if fold is not None and fold(self, graph, producer, *affine):
+            if fold is not None and fold(self, graph, producer, bn, *affine):
                 remove(graph, bn)
                 done[producer.op] += 1
         return done
 
-    # Each folder rewrites `node` so that its output already equals BN(output), or returns False.
+    # Each folder rewrites `node` so that its output already equals BN(output), or returns False
+    # (also when the new weights would make the model bigger: the old ones are shared).
 
-    def _conv(self, graph, node, scale, shift):
+    def _conv(self, graph, node, bn, scale, shift):
         weight, bias, dtype = _weights(node)
         if weight is None or weight.ndim < 3:
             return False
@@ -69,10 +71,13 @@ class FoldBatchNorm(GraphPass):
         else:
             new_w = weight * scale.reshape(-1, *[1] * (weight.ndim - 1))
         new_b = (bias if bias is not None else 0.0) * scale + shift
+        new_w, new_b = new_w.astype(dtype), np.asarray(new_b, dtype=np.float64).astype(dtype)
+        if not affordable(graph, node.inputs[1:] + bn.inputs[1:], [node, bn], [new_w, new_b]):
+            return False
         self._set(node, new_w, new_b, dtype)
         return True
 
-    def _gemm(self, graph, node, scale, shift):
+    def _gemm(self, graph, node, bn, scale, shift):
         weight = value(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None or weight.dtype not in WIDE_FLOATS or weight.ndim != 2:
             return False
@@ -88,14 +93,17 @@ class FoldBatchNorm(GraphPass):
             return False
         new_w = weight.astype(np.float64) * (scale[:, None] if trans_b else scale[None, :])
         new_c = beta * c.astype(np.float64).reshape(-1) * scale + shift
+        new_w, new_c = new_w.astype(weight.dtype), new_c.astype(weight.dtype)
+        if not affordable(graph, node.inputs[1:] + bn.inputs[1:], [node, bn], [new_w, new_c]):
+            return False
         base = node.outputs[0].name
-        w = ir.const(self.names(f"{base}_bn_w"), new_w.astype(weight.dtype))
-        b = ir.const(self.names(f"{base}_bn_b"), new_c.astype(weight.dtype))
+        w = ir.const(self.names(f"{base}_bn_w"), new_w)
+        b = ir.const(self.names(f"{base}_bn_b"), new_c)
         set_inputs(node, [node.inputs[0], w, b])
         node.attrs["beta"] = 1.0
         return True
 
-    def _matmul(self, graph, node, scale, shift):
+    def _matmul(self, graph, node, bn, scale, shift):
         """MatMul(x, W) with x 2-D: BN over the columns; the shift becomes an Add (-> Gemm later)."""
         weight = value(node.inputs[1])
         rank = shape_of(node.inputs[0])
@@ -104,6 +112,8 @@ class FoldBatchNorm(GraphPass):
         if scale.size != weight.shape[1]:
             return False
         new_w = (weight.astype(np.float64) * scale[None, :]).astype(weight.dtype)
+        if not affordable(graph, [node.inputs[1], *bn.inputs[1:]], [node, bn], [new_w, shift.astype(weight.dtype)]):
+            return False
         node.inputs[1] = ir.const(self.names(f"{node.outputs[0].name}_bn_w"), new_w)
         out = node.outputs[0]
         scaled = gs.Variable(self.names(f"{out.name}_scaled"), dtype=out.dtype, shape=out.shape)
@@ -114,7 +124,7 @@ class FoldBatchNorm(GraphPass):
         graph.nodes.append(add)
         return True
 
-    def _add(self, graph, node, scale, shift):
+    def _add(self, graph, node, bn, scale, shift):
         """MatMul(x, W) + b followed by BN: scale W and b."""
         if len(node.inputs) != 2:
             return False
@@ -132,8 +142,11 @@ class FoldBatchNorm(GraphPass):
         if bias.dtype != weight.dtype or (bias.ndim == 2 and bias.shape[0] != 1):
             return False
         new_w = (weight.astype(np.float64) * scale[None, :]).astype(weight.dtype)
-        producer.inputs[1] = ir.const(self.names(f"{producer.outputs[0].name}_bn_w"), new_w)
         new_b = bias.astype(np.float64).reshape(-1) * scale + shift
+        if not affordable(graph, [producer.inputs[1], node.inputs[1 - side], *bn.inputs[1:]], [producer, node, bn],
+                          [new_w, new_b.astype(weight.dtype)]):
+            return False
+        producer.inputs[1] = ir.const(self.names(f"{producer.outputs[0].name}_bn_w"), new_w)
         node.inputs[1 - side] = ir.const(self.names(f"{node.outputs[0].name}_bn_b"), new_b.astype(weight.dtype))
         return True
 

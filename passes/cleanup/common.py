@@ -117,6 +117,51 @@ def value(tensor: gs.Tensor | None) -> np.ndarray | None:
     return None
 
 
+def nbytes(tensor: gs.Tensor) -> int:
+    """Bytes of a constant's values (initializer or Constant node output); 0 for computed tensors."""
+    if isinstance(tensor, gs.Constant):
+        return int(getattr(tensor._values, "nbytes", 0))
+    array = value(tensor)
+    return 0 if array is None else array.nbytes
+
+
+# A rewrite may make the model's weights this many bytes bigger (a small Cast, Expand or fused
+# weight); beyond it only rewrites that free at least as many bytes as they add are done.
+GROWTH_LIMIT = 64 << 10
+
+
+def freed_bytes(graph: gs.Graph, tensors: Sequence[gs.Tensor], readers: Sequence[gs.Node]) -> int:
+    """Bytes of the constants among `tensors` that nothing but `readers` reads: what the model
+    loses when those nodes stop reading them.
+
+    A constant is one tensor wherever it is read (main graph, If/Loop bodies: it is stored once),
+    so one that another node still reads, in any graph, stays: replacing it by a rewritten
+    copy makes the model bigger.
+    """
+    pinned = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
+    ids = {id(n) for n in readers}
+    total = 0
+    for tensor in {id(t): t for t in tensors if not is_empty(t)}.values():
+        if id(tensor) in pinned or not all(id(user) in ids for user in tensor.outputs):
+            continue
+        total += nbytes(tensor)
+    return total
+
+
+def growth_ok(added: int, freed: int, limit: int = GROWTH_LIMIT) -> bool:
+    """Whether a rewrite that adds `added` bytes of constants and frees `freed` keeps the model
+    small: it frees as much as it adds, or what it adds is small."""
+    return added <= freed or added <= limit
+
+
+def affordable(graph: gs.Graph, replaced: Sequence[gs.Tensor | None], readers: Sequence[gs.Node],
+               new: Sequence[np.ndarray]) -> bool:
+    """Whether a rewrite in which `readers` stop reading the constants `replaced` and the `new`
+    arrays become constants keeps the model small (see `growth_ok`)."""
+    return growth_ok(sum(np.asarray(a).nbytes for a in new),
+                     freed_bytes(graph, [t for t in replaced if t is not None], readers))
+
+
 def int_list(tensor: gs.Tensor | None) -> list[int] | None:
     """A constant 0-d/1-d integer tensor as a list (axes, shapes, pads), else None."""
     array = value(tensor)

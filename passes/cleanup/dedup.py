@@ -16,7 +16,7 @@ from edgegraph.pipeline import PassResult
 from edgegraph.registry import register_pass
 
 from .common import (
-    NONDETERMINISTIC, GraphPass, graphs, has_subgraph, is_empty, is_read, is_standard, node_subgraphs, prune, redirect,
+    NONDETERMINISTIC, GraphPass, graphs, has_subgraph, is_empty, is_read, is_standard, prune, redirect,
     toposort,
 )
 
@@ -125,37 +125,37 @@ def constant_key(tensor: gs.Constant) -> tuple | None:
 @dataclass
 class DedupInitializers(GraphPass):
     """Make nodes share one initializer where several hold identical values (same dtype, shape and
-    bytes). Subgraphs may share their ancestors' initializers; local functions only their own.
-    Initializers that are graph inputs (overridable defaults) or outputs are left alone."""
+    bytes), anywhere in the main graph and its subgraphs (a constant several graphs read is stored
+    once, in the main graph); local functions only share their own. Initializers that are graph
+    inputs (overridable defaults) or outputs are left alone."""
 
     name = "dedup-initializers"
     summary = "Share one initializer among identical constants (dtype + shape + bytes)."
     exact = True
 
     def run(self, model: ir.Model, ctx=None) -> PassResult:
-        removed = _dedup(model.graph, {})
+        removed = _dedup(model.graph)
         for function in getattr(model.graph, "functions", None) or []:
-            removed += _dedup(function, {})
+            removed += _dedup(function)
         return PassResult(modified=removed > 0, stats={"initializers": removed} if removed else {})
 
 
-def _dedup(graph: gs.Graph, canonical: dict, inherited_shapes: frozenset = frozenset()) -> int:
-    """Dedup `graph`'s initializers against `canonical` (those of enclosing graphs), then recurse."""
-    pinned = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
-    by_shape: dict[tuple, list[gs.Constant]] = defaultdict(list)
-    seen = set()
-    for node in graph.nodes:
-        for t in node.inputs:
-            if isinstance(t, gs.Constant) and id(t) not in seen and id(t) not in pinned:
-                seen.add(id(t))
-                by_shape[_cheap_key(t)].append(t)
-    canonical = dict(canonical)
+def _dedup(root: gs.Graph) -> int:
+    """Dedup the initializers of `root` and every graph nested in it; returns how many went."""
+    tree = list(ir.iter_graphs(root, functions=False))
+    pinned = {id(t) for graph in tree for t in list(graph.inputs) + list(graph.outputs)}
+    by_shape: dict[tuple, dict[int, gs.Constant]] = defaultdict(dict)
+    for graph in tree:
+        for node in graph.nodes:
+            for t in node.inputs:
+                if isinstance(t, gs.Constant) and id(t) not in pinned:
+                    by_shape[_cheap_key(t)].setdefault(id(t), t)
     removed = 0
-    nested = any(has_subgraph(n) for n in graph.nodes)
-    for cheap, group in by_shape.items():
-        if len(group) == 1 and cheap not in inherited_shapes and not nested:
+    for group in by_shape.values():
+        if len(group) == 1:
             continue  # nothing to compare with: skip hashing the bytes
-        for tensor in group:
+        canonical: dict[tuple, gs.Constant] = {}
+        for tensor in group.values():
             key = constant_key(tensor)
             if key is None:
                 continue
@@ -164,10 +164,6 @@ def _dedup(graph: gs.Graph, canonical: dict, inherited_shapes: frozenset = froze
                 for consumer in list(tensor.outputs):
                     ir.substitute(consumer.inputs, tensor, keep)
                 removed += 1
-    shapes = inherited_shapes | frozenset(by_shape)
-    for node in graph.nodes:
-        for sub in node_subgraphs(node):
-            removed += _dedup(sub, canonical, shapes)
     return removed
 
 

@@ -5,9 +5,9 @@ are bit-identical to what the original model computed at run time) after static 
 results are filled in from inferred shapes. Unlike graphsurgeon's `fold_constants` this one
 respects `Shape(start, end)`, never folds custom-domain, random or (De)QuantizeLinear ops, has no
 "cast elision" (which turns float constants of shape arithmetic into truncated ints), keeps
-scalars scalar, and refuses folds that would bloat the model: a result larger than its constant
-inputs (a Cast of int8 weights to float, Expand, Tile, ConstantOfShape ...) is only materialised
-while it stays small.
+scalars scalar, and refuses folds that would bloat the model: a result larger than the constants
+it makes unused (a Cast of int8 weights to float, Expand, Tile, ConstantOfShape, a copy of a weight
+that other nodes, in this graph or another, still read ...) is only materialised while it stays small.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from edgegraph.pipeline import option
 from edgegraph.registry import register_pass
 
 from .common import (
-    KEEP_UNFOLDED, NONDETERMINISTIC, GraphPass, has_subgraph, infer_forward, is_empty, is_opaque, is_standard,
-    numpy_dtype, shape_of, shape_range, toposort, value,
+    GROWTH_LIMIT, KEEP_UNFOLDED, NONDETERMINISTIC, GraphPass, freed_bytes, growth_ok, has_subgraph, infer_forward,
+    is_empty, is_opaque, is_standard, nbytes, numpy_dtype, shape_of, shape_range, toposort, value,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ class FoldConstants(GraphPass):
 
     size_limit: int = option(128 << 20, "never create a folded tensor larger than this many bytes")
     growth_limit: int = option(
-        64 << 10,
-        "a fold whose result is larger than its constant inputs (Cast to a wider type, Expand, Tile, "
-        "ConstantOfShape ...) is done only up to this many bytes, so int8/fp16-stored weights stay compressed",
+        GROWTH_LIMIT,
+        "a fold whose result is larger than the constants it makes unused (Cast to a wider type, Expand, "
+        "Tile, ConstantOfShape, a copy of a weight other nodes still read ...) is done only up to this many "
+        "bytes, so int8/fp16-stored and shared weights stay stored once",
     )
 
     def __post_init__(self):
@@ -122,12 +123,13 @@ class FoldConstants(GraphPass):
         if None in sizes:
             return True  # decided after evaluation
         out_bytes = sum(sizes)
-        in_bytes = sum(_nbytes(t) if isinstance(t, gs.Constant) else (_static_nbytes(t) or 0)
+        # (At most these inputs' bytes are freed; what really is, is decided after evaluation.)
+        in_bytes = sum(nbytes(t) if isinstance(t, gs.Constant) else (_static_nbytes(t) or 0)
                        for t in {id(t): t for t in inputs}.values())
         return self._acceptable(in_bytes, out_bytes)
 
-    def _acceptable(self, in_bytes: int, out_bytes: int) -> bool:
-        return out_bytes <= self.size_limit and (out_bytes <= self.growth_limit or out_bytes <= in_bytes)
+    def _acceptable(self, freed: int, out_bytes: int) -> bool:
+        return out_bytes <= self.size_limit and growth_ok(out_bytes, freed, self.growth_limit)
 
     def _replace(self, graph: gs.Graph, candidates: list[gs.Node], values: dict[str, np.ndarray]) -> list[gs.Tensor]:
         folded = []
@@ -138,9 +140,10 @@ class FoldConstants(GraphPass):
             results = [values.get(out.name) for out in node.outputs]
             if any(r is None for r in results):
                 continue
-            in_bytes = sum(_nbytes(t) for t in {id(t): t for t in inputs}.values())
+            # Inputs other nodes (here, in other graphs, or later candidates) still read stay in
+            # the model: only the rest is freed by this fold.
             out_bytes = sum(r.nbytes for r in results)
-            if not self._acceptable(in_bytes, out_bytes):
+            if not self._acceptable(freed_bytes(graph, inputs, [node]), out_bytes):
                 continue
             outputs = list(node.outputs)
             node.inputs.clear()
@@ -149,14 +152,6 @@ class FoldConstants(GraphPass):
                 _make_constant(graph, out, result, self.names)
             folded.extend(outputs)
         return folded
-
-
-def _nbytes(tensor: gs.Tensor) -> int:
-    if isinstance(tensor, gs.Constant):
-        source = tensor._values
-        return int(getattr(source, "nbytes", 0))
-    array = value(tensor)
-    return 0 if array is None else array.nbytes
 
 
 def _static_nbytes(tensor: gs.Tensor) -> int | None:
@@ -358,11 +353,11 @@ def inline_constant_ifs(graph: gs.Graph, namer) -> int:
             continue
         if not _same_types(node.outputs, branch.outputs):
             continue
-        # Branch-local names may repeat names of the outer graph: make them unique first.
-        outer = {id(t) for t in graph.tensors().values()}
-        for tensor in branch.tensors().values():
-            if id(tensor) not in outer:
-                tensor.name = namer(tensor.name)
+        # What the branch defines may repeat names of the outer graph: rename it first. What it
+        # reads from enclosing graphs (possibly only inside a nested If) keeps its name: that
+        # may be a graph input or an initializer shared with other graphs.
+        for tensor in _defined_in(branch, graph):
+            tensor.name = namer(tensor.name)
         for inner_node in branch.nodes:
             inner_node.name = namer(inner_node.name or inner_node.op)
         results, inners, moved = list(node.outputs), list(branch.outputs), list(branch.nodes)
@@ -386,6 +381,23 @@ def inline_constant_ifs(graph: gs.Graph, namer) -> int:
     if count:
         toposort(graph)
     return count
+
+
+def _defined_in(branch: gs.Graph, outer: gs.Graph) -> list[gs.Tensor]:
+    """Tensors `branch` itself defines: its nodes' outputs, and the initializers nothing outside
+    it reads (an initializer that is an input or output of `outer` is never the branch's)."""
+    own_nodes = {id(n) for n in branch.nodes}
+    inside = {id(n) for g in ir.iter_graphs(branch, functions=False) for n in g.nodes}
+    pinned = {id(t) for t in list(outer.inputs) + list(outer.outputs)}
+    defined = []
+    for tensor in branch.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            local = id(tensor) not in pinned and all(id(user) in inside for user in tensor.outputs)
+        else:
+            local = any(id(n) in own_nodes for n in tensor.inputs)
+        if local:
+            defined.append(tensor)
+    return defined
 
 
 def _same_types(results, inners) -> bool:

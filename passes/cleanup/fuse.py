@@ -14,7 +14,7 @@ from edgegraph.registry import register_pass
 
 from .common import (
     apply_first_rule,
-    WIDE_FLOATS, GraphPass, can_remove, dtype_of, int_list, is_read, is_standard, live_nodes, only_consumer,
+    WIDE_FLOATS, GraphPass, affordable, can_remove, dtype_of, int_list, is_read, is_standard, live_nodes, only_consumer,
     optional_input,
     remove, set_inputs, shape_of, value,
 )
@@ -86,9 +86,14 @@ class FuseLinear(GraphPass):
         else:
             factor = per_channel if node.op == "Mul" else 1.0 / per_channel
             new_w, new_b = _scale_output_channels(w64, factor, group, transpose), b64 * factor
+        new_w = None if new_w is None else new_w.astype(weight.dtype)
+        new_b = new_b.astype(weight.dtype)
+        replaced = [bias_t, node.inputs[1 - side]] + ([] if new_w is None else [conv.inputs[1]])
+        if not affordable(graph, replaced, [conv, node], [new_b] if new_w is None else [new_w, new_b]):
+            return None  # the weights are shared with other nodes: a second copy would grow the model
         base = node.outputs[0].name
-        w = conv.inputs[1] if new_w is None else ir.const(self.names(f"{base}_w"), new_w.astype(weight.dtype))
-        set_inputs(conv, [conv.inputs[0], w, ir.const(self.names(f"{base}_b"), new_b.astype(weight.dtype))])
+        w = conv.inputs[1] if new_w is None else ir.const(self.names(f"{base}_w"), new_w)
+        set_inputs(conv, [conv.inputs[0], w, ir.const(self.names(f"{base}_b"), new_b)])
         remove(graph, node, side)
         return f"{conv.op}_{node.op}"
 
@@ -154,9 +159,11 @@ class FuseLinear(GraphPass):
             c = value(c_t) if c_t is not None else np.zeros(1, dtype)
             if c is None or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
                 return None
-            new_c = beta * c.astype(np.float64).reshape(-1) + row.astype(np.float64)
+            new_c = (beta * c.astype(np.float64).reshape(-1) + row.astype(np.float64)).astype(dtype)
+            if not affordable(graph, [c_t, node.inputs[1 - side]], [matmul, node], [new_c]):
+                return None
             set_inputs(matmul, [matmul.inputs[0], matmul.inputs[1],
-                                ir.const(self.names(f"{node.outputs[0].name}_c"), new_c.astype(dtype))])
+                                ir.const(self.names(f"{node.outputs[0].name}_c"), new_c)])
             matmul.attrs["beta"] = 1.0
         remove(graph, node, side)
         return label
@@ -185,6 +192,8 @@ class FuseLinear(GraphPass):
         if merged is None:
             return None
         op, const = merged
+        if not affordable(graph, [inner.inputs[1 - inner_side], node.inputs[1 - side]], [inner, node], [const]):
+            return None
         node.op = op
         set_inputs(node, [inner.inputs[inner_side], ir.const(self.names(f"{node.outputs[0].name}_c"), const)])
         return f"{inner.op}_{node.op}"

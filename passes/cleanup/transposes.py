@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from edgegraph import ir
 
-from .common import is_empty, is_standard, perm_of, remove, set_inputs, shape_of, value
+from .common import affordable, is_empty, is_standard, perm_of, remove, set_inputs, shape_of, value
 
 UNARY = frozenset({
     "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cast", "Ceil", "Cos", "Cosh", "Elu", "Erf", "Exp",
@@ -39,14 +39,22 @@ def sink_transpose(graph: gs.Graph, first: gs.Node, names) -> bool:
         return False
     nodes, exits = region
     source, start = first.inputs[0], first.outputs[0]
+    relaid = {}  # (node id, input index) -> the constant operand in x's layout
+    for node in nodes:
+        for index, tensor in enumerate(node.inputs):
+            if tensor is not start and not is_empty(tensor) and value(tensor) is not None:
+                array = _relayout(node, index, tensor, inverse, rank, perm)
+                if array is not None:
+                    relaid[(id(node), index)] = (tensor, array)
+    replaced = [tensor for tensor, _ in relaid.values()]
+    if not affordable(graph, replaced, nodes, [array for _, array in relaid.values()]):
+        return False  # the operands are shared with other nodes: relaid copies would grow the model
     for node in nodes:
         for index, tensor in enumerate(list(node.inputs)):
             if tensor is start:
                 node.inputs[index] = source
-            elif not is_empty(tensor) and value(tensor) is not None:
-                relaid = _relayout(node, index, tensor, inverse, rank, perm)
-                if relaid is not None:
-                    node.inputs[index] = names.const(f"{tensor.name}_untransposed", relaid)
+            elif (id(node), index) in relaid:
+                node.inputs[index] = names.const(f"{tensor.name}_untransposed", relaid[(id(node), index)][1])
         if node.op == "Slice" and (len(node.inputs) < 4 or is_empty(node.inputs[3])):
             # No axes: they default to 0..k-1 of the transposed layout; name them explicitly.
             count = value(node.inputs[1]).size
