@@ -187,9 +187,9 @@ class CalibrationData:
         counts = {name: count for name, (count, _) in readers.items() if count is not None}
         if len(set(counts.values())) > 1 or 0 in counts.values():
             found = ", ".join(f"{name}: {count}" for name, count in counts.items())
-            wanted = "; ".join(f"{s.name} {layouts(s, axes[s.name])}" for s in specs)
+            wanted = "; ".join(f"{s.name}: {layouts(s, axes[s.name])}" for s in specs)
             raise CalibrationDataError(f"{source}: the arrays hold different numbers of samples ({shown(found, 300)}); "
-                                       f"give per input {shown(wanted, 600)}")
+                                       f"give {shown(wanted, 600)}")
         length = next(iter(counts.values()), 1)
         return cls(length, lambda i: {name: get(i) for name, (_, get) in readers.items()}, source, axes)
 

@@ -165,6 +165,14 @@ def batch_size_for(specs: Sequence[InputSpec], wanted: int) -> int:
     return min(fixed) if fixed else wanted
 
 
+def batch_length(specs: Sequence[InputSpec], feeds: Mapping[str, np.ndarray]) -> int:
+    """How many samples a batch of feeds holds: the size of its inputs' batch axis (1 when no
+    input has one)."""
+    axes = batch_axes(specs)
+    return next((np.shape(feeds[s.name])[axes[s.name]] for s in specs
+                 if axes[s.name] is not None and s.name in feeds and np.ndim(feeds[s.name]) > axes[s.name]), 1)
+
+
 def run(sess: ort.InferenceSession, feeds: Feeds, outputs: Sequence[str] | None = None) -> Feeds:
     """Run once; returns {output name: array}."""
     names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
