@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import onnx
 
 from edgegraph.context import CalibrationData, ImagePreprocess, PassContext, VerifyConfig
-from edgegraph.errors import CalibrationDataError, EdgegraphError
+from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
 from edgegraph.ir import Model, load
 from edgegraph.pipeline import Pass, run_pipeline
 from edgegraph.targets import load_target
@@ -26,7 +27,7 @@ def as_calibration(calib, model: Model, preprocess: ImagePreprocess | Mapping | 
     input shape (size, layout, grey or colour). The first sample is checked against the model's
     inputs (rank and fixed dims) before anything runs.
     """
-    from edgegraph.runtime import input_specs
+    from edgegraph.runtime import batch_axes, input_specs
 
     if calib is None:
         return None
@@ -48,6 +49,8 @@ def as_calibration(calib, model: Model, preprocess: ImagePreprocess | Mapping | 
             raise CalibrationDataError(f"{path} is not an .npz file (give an .npz with one array per model input, "
                                        "or a folder of images)")
         data = CalibrationData.from_npz(path, specs)
+    if not data.batch_axes:  # samples lack each input's batch axis (the class's rule): stack along the model's
+        data = dataclasses.replace(data, batch_axes=batch_axes(specs))
     check_samples(data, specs)
     return data
 
@@ -97,7 +100,7 @@ def check_samples(data: CalibrationData, specs) -> None:
     axes = batch_axes(specs)
     for spec in specs:
         if spec.name not in sample:
-            raise CalibrationDataError(f"{data.source}: no array for model input '{spec.name}'")
+            raise CalibrationDataError(f"{data.source}: no array for model input '{shown(spec.name, 100)}'")
         if spec.shape is None:
             continue
         axis = data.batch_axes.get(spec.name, 0)  # how this data's samples lack the batch axis
@@ -108,8 +111,9 @@ def check_samples(data: CalibrationData, specs) -> None:
         if not fits:
             per_sample = "x".join(str(w) if isinstance(w, int) and w > 0 else "?" for w in wanted)
             raise CalibrationDataError(
-                f"{data.source}: samples of input '{spec.name}' have shape {'x'.join(map(str, got)) or 'scalar'}, "
-                f"the model wants {per_sample or 'scalar'} per sample (as arrays: {layouts(spec, axes[spec.name])})"
+                f"{data.source}: samples of input '{shown(spec.name, 100)}' have shape "
+                f"{shown('x'.join(map(str, got)) or 'scalar', 100)}, the model wants {shown(per_sample or 'scalar', 100)} "
+                f"per sample (as arrays: {shown(layouts(spec, axes[spec.name]), 200)})"
             )
 
 

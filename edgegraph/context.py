@@ -182,7 +182,7 @@ class CalibrationData:
         readers = {}
         for spec in specs:
             if spec.name not in arrays:
-                raise CalibrationDataError(f"{source}: no array for model input '{spec.name}'")
+                raise CalibrationDataError(f"{source}: no array for model input '{shown(spec.name, 100)}'")
             readers[spec.name] = _reader(source, spec, axes[spec.name], arrays[spec.name])
         counts = {name: count for name, (count, _) in readers.items() if count is not None}
         if len(set(counts.values())) > 1 or 0 in counts.values():
@@ -238,6 +238,8 @@ class CalibrationData:
         Floats are uniform in [0, 1); integers are 0 or 1 (valid ids, masks and indices);
         bools are random. Good for checking exactness, not for calibrating ranges.
         """
+        axes = batch_axes(specs)
+
         def shape_of(spec: InputSpec) -> tuple[int, ...]:
             dims = list(spec.shape or ())
             if axes[spec.name] is not None:  # the batch axis, which `batches` adds
@@ -259,7 +261,6 @@ class CalibrationData:
                     raise CalibrationDataError(f"cannot generate random data for input '{spec.name}' of type {spec.dtype}")
             return sample
 
-        axes = batch_axes(specs)
         return cls(count, fetch, f"random(seed={seed})", axes)
 
 
@@ -279,20 +280,25 @@ def layouts(spec: InputSpec, axis: int | None) -> str:
 def _reader(source: str, spec: InputSpec, axis: int | None, array: np.ndarray):
     """(number of samples, or None for one value for all; sample index -> sample) for the array
     of one input, by the layout rule of `CalibrationData.from_arrays`."""
-    if spec.shape is None or array.ndim == len(spec.shape) and axis is not None:
-        axis = axis or 0
-        if array.ndim > axis:
-            return array.shape[axis], lambda i: array[(slice(None),) * axis + (i,)]
-    elif array.ndim == len(spec.shape) + 1:
+    def along(a: np.ndarray, ax: int, i: int) -> np.ndarray:
+        return a[(slice(None),) * ax + (i,)]  # a view
+
+    rank = None if spec.shape is None else len(spec.shape)
+    if rank is None and array.ndim:  # unknown rank: axis 0 indexes samples
+        return array.shape[0], array.__getitem__
+    if rank is not None and array.ndim == rank + 1:  # N feeds along axis 0, as they are
         if axis is None:
             return array.shape[0], array.__getitem__
         per_feed = array.shape[axis + 1]  # usually 1; a feed of B samples gives B of them
-        return array.shape[0] * per_feed, lambda i: array[i // per_feed][(slice(None),) * axis + (i % per_feed,)]
-    elif array.ndim == len(spec.shape):
-        return None, lambda i: array
+        return array.shape[0] * per_feed, lambda i: along(array[i // per_feed], axis, i % per_feed)
+    if rank is not None and array.ndim == rank:  # the model's own layout
+        if axis is None:
+            return None, lambda i: array
+        return array.shape[axis], lambda i: along(array, axis, i)
     shape = "x".join(map(str, array.shape)) or "scalar"
-    raise CalibrationDataError(f"{source}: array '{spec.name}' has shape {shape}, which does not feed input "
-                               f"'{spec.name}' [{', '.join(map(str, spec.shape or ()))}]: give {layouts(spec, axis)}")
+    name, dims = shown(spec.name, 100), shown(", ".join(map(str, spec.shape or ())), 100)
+    raise CalibrationDataError(f"{source}: array '{name}' has shape {shown(shape, 100)}, which does not feed input "
+                               f"'{name}' [{dims}]: give {shown(layouts(spec, axis), 200)}")
 
 
 def _check_dtype(where: str, dtype: np.dtype) -> None:

@@ -24,7 +24,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from edgegraph import context, registry, runtime, verify
+from edgegraph import context, errors, registry, runtime, verify
 from edgegraph.cli import main
 from edgegraph.context import CalibrationData
 from edgegraph.runtime import InputSpec
@@ -473,3 +473,35 @@ def test_quant_calibrates_a_stateful_model_and_holds_up_on_held_out_frames(capsy
     assert metrics["output"].sqnr_db > 45  # measured 50.5 dB
     assert metrics["stateN"].sqnr_db > 32  # measured 36.3 dB
     assert metrics["output"].max_abs < 0.02  # probabilities; measured 0.006
+
+
+def test_library_calibration_data_without_batch_axes_gets_the_models():
+    """A CalibrationData built by hand (samples without their batch axis) is batched along the
+    model's batch axes, and `optimize` verifies on it."""
+    import edgegraph
+    from edgegraph import ir
+
+    frames = vad_stream(1, 4)
+    data = CalibrationData(4, lambda i: {"input": frames[i]["input"][0], "state": frames[i]["state"][:, 0],
+                                         "sr": np.array(RATES[0])}, "frames")
+    checked = edgegraph.as_calibration(data, ir.from_proto(vad_model()))
+    assert dict(checked.batch_axes) == {"input": 0, "state": 1, "sr": None}
+    batch = next(checked.batches(4))
+    assert batch["state"].shape == (2, 4, 16) and batch["input"].shape == (4, 32) and batch["sr"].shape == ()
+    np.testing.assert_array_equal(batch["state"][:, 2], frames[2]["state"][:, 0])
+    assert edgegraph.optimize(vad_model(), "cleanup", calib=data).graph.input[1].name == "state"
+
+
+def test_every_error_line_is_bounded_whatever_it_echoes(capsys, tmp_path):
+    """A model input named with 30 000 characters, fed a mismatched array: the names are cut."""
+    name = "n" * 30_000  # zip member names stop at 64 KiB
+    graph = helper.make_graph([helper.make_node("Relu", [name], ["y"])], "g",
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])])
+    model = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    data = tmp_path / "data.npz"
+    np.savez(data, **{name: np.zeros((2, 2, 2, 3), np.float32)})
+    err = refused(capsys, tmp_path, opt(tmp_path, model, "-p", "cleanup", "--calib", data), "does not feed input")
+    assert len(err) < 1000, len(err)
+    assert len(errors.one_line(ValueError("m" * 10**6))) < errors.MAX_LINE + 50  # whatever a message holds
