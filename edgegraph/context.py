@@ -51,21 +51,18 @@ class ImagePreprocess:
 
     def __post_init__(self):
         channels = 1 if self.channels == "L" else 3
-        sides = [*self.size, self.resize or 1]
-        problems = [
-            len(self.size) != 2 and "size must be (height, width)",
-            not all(isinstance(v, int) and 0 < v <= MAX_IMAGE_SIDE for v in sides)
-            and f"image size and resize must be whole numbers in 1..{MAX_IMAGE_SIDE}",
-            len(self.mean) not in (1, channels) and f"mean needs 1 or {channels} values",
-            len(self.std) not in (1, channels) and f"std needs 1 or {channels} values",
-            not all(np.isfinite(v) for v in (*self.mean, *self.std, self.scale)) and "mean, std and scale must be finite",
-            any(v == 0 for v in self.std) and "std must not be 0",
-            self.layout not in ("NCHW", "NHWC") and "layout must be NCHW or NHWC",
-            self.channels not in ("RGB", "BGR", "L") and "channels must be RGB, BGR or L",
-        ]
-        problem = next((p for p in problems if p), None)
-        if problem:
-            raise EdgegraphError(f"image preprocessing: {problem}")
+        sides = (*self.size, self.resize or 1)
+        if self.layout not in ("NCHW", "NHWC") or self.channels not in ("RGB", "BGR", "L"):
+            problem = "layout must be NCHW or NHWC, channels RGB, BGR or L"
+        elif len(self.size) != 2 or not all(isinstance(v, int) and 0 < v <= MAX_IMAGE_SIDE for v in sides):
+            problem = f"size (height, width) and resize must be whole numbers in 1..{MAX_IMAGE_SIDE}"
+        elif len(self.mean) not in (1, channels) or len(self.std) not in (1, channels):
+            problem = f"mean and std need 1 or {channels} values"
+        elif not all(np.isfinite(v) for v in (*self.mean, *self.std, self.scale)) or 0 in self.std:
+            problem = "mean, std and scale must be finite, and std not 0"
+        else:
+            return
+        raise EdgegraphError(f"image preprocessing: {problem}")
 
     def __call__(self, path: Path) -> np.ndarray:
         """The model input for the image at `path`. An unreadable file, or one whose header claims
