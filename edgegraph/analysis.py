@@ -611,11 +611,9 @@ def load_labels(path: str | Path | None) -> np.ndarray | None:
     """The `labels` array of an .npz (ground-truth class per sample), or None."""
     if path is None or not str(path).endswith(".npz") or not Path(path).is_file():
         return None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return np.asarray(npz["labels"]) if "labels" in npz.files else None
-    except (OSError, ValueError) as exc:
-        raise CalibrationDataError(f"{path} is not a readable .npz file ({exc})") from None
+    from edgegraph.context import read_npz  # reads that member only, its size checked first
+
+    return read_npz(path, ["labels"]).get("labels")
 
 
 def model_outputs(model, data: CalibrationData, *, threads: int = 0) -> list[runtime.Feeds]:

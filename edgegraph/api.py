@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import onnx
 
 from edgegraph.context import CalibrationData, ImagePreprocess, PassContext, VerifyConfig
-from edgegraph.errors import CalibrationDataError, EdgegraphError
+from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
 from edgegraph.ir import Model, load
 from edgegraph.pipeline import Pass, run_pipeline
 from edgegraph.targets import load_target
@@ -19,11 +20,14 @@ from edgegraph.targets import load_target
 def as_calibration(calib, model: Model, preprocess: ImagePreprocess | Mapping | None = None) -> CalibrationData | None:
     """Accept CalibrationData, an .npz path, a folder of images, or {input name: array}.
 
-    For an image folder, `preprocess` is an ImagePreprocess, or a dict of some of its fields
-    with the rest derived from the model's input shape (size, layout, grey or colour). Every
-    sample is checked against the model's inputs (rank and fixed dims) before anything runs.
+    Arrays (an .npz's or a mapping's) are read by the layout rule of `CalibrationData.from_arrays`
+    (one array per input: N feeds along axis 0, or the input's own layout with samples along its
+    batch axis); an .npz's other members are not read. For an image folder, `preprocess` is an
+    ImagePreprocess, or a dict of some of its fields with the rest derived from the model's
+    input shape (size, layout, grey or colour). The first sample is checked against the model's
+    inputs (rank and fixed dims) before anything runs.
     """
-    from edgegraph.runtime import input_specs
+    from edgegraph.runtime import batch_axes, input_specs
 
     if calib is None:
         return None
@@ -31,7 +35,7 @@ def as_calibration(calib, model: Model, preprocess: ImagePreprocess | Mapping | 
     if isinstance(calib, CalibrationData):
         data = calib
     elif isinstance(calib, Mapping):
-        data = CalibrationData.from_arrays({k: np.asarray(v) for k, v in calib.items()})
+        data = CalibrationData.from_arrays(calib, specs=specs)
     elif Path(calib).is_dir():
         if len(specs) != 1:
             names = ", ".join(s.name for s in specs)
@@ -44,7 +48,9 @@ def as_calibration(calib, model: Model, preprocess: ImagePreprocess | Mapping | 
         if path.is_file() and not zipfile.is_zipfile(path):  # np.load would suggest unpickling it
             raise CalibrationDataError(f"{path} is not an .npz file (give an .npz with one array per model input, "
                                        "or a folder of images)")
-        data = CalibrationData.from_npz(path, [s.name for s in specs])
+        data = CalibrationData.from_npz(path, specs)
+    if not data.batch_axes:  # samples lack each input's batch axis (the class's rule): stack along the model's
+        data = dataclasses.replace(data, batch_axes=batch_axes(specs))
     check_samples(data, specs)
     return data
 
@@ -85,20 +91,29 @@ def image_preprocess_for(spec, **given) -> ImagePreprocess:
 
 def check_samples(data: CalibrationData, specs) -> None:
     """Fail early, in one sentence, when samples do not fit the model's inputs."""
+    from edgegraph.context import layouts
+    from edgegraph.runtime import batch_axes
+
+    if len(data) == 0:
+        raise CalibrationDataError(f"{data.source}: no samples")
     sample = data.sample(0)
+    axes = batch_axes(specs)
     for spec in specs:
         if spec.name not in sample:
-            raise CalibrationDataError(f"{data.source}: no array for model input '{spec.name}'")
+            raise CalibrationDataError(f"{data.source}: no array for model input '{shown(spec.name, 100)}'")
         if spec.shape is None:
             continue
-        got, wanted = np.shape(sample[spec.name]), spec.shape[1:]  # axis 0 is the batch axis
+        axis = data.batch_axes.get(spec.name, 0)  # how this data's samples lack the batch axis
+        wanted = [d for i, d in enumerate(spec.shape) if i != axis]
+        got = np.shape(sample[spec.name])
         fits = len(got) == len(wanted) and all(not isinstance(w, int) or w <= 0 or g == w
                                                for g, w in zip(got, wanted))
         if not fits:
-            shown = "x".join(str(w) if isinstance(w, int) and w > 0 else "?" for w in wanted)
+            per_sample = "x".join(str(w) if isinstance(w, int) and w > 0 else "?" for w in wanted)
             raise CalibrationDataError(
-                f"{data.source}: samples of input '{spec.name}' have shape {'x'.join(map(str, got)) or 'scalar'}, "
-                f"the model wants {shown or 'scalar'} per sample (axis 0 of the arrays indexes samples)"
+                f"{data.source}: samples of input '{shown(spec.name, 100)}' have shape "
+                f"{shown('x'.join(map(str, got)) or 'scalar', 100)}, the model wants {shown(per_sample or 'scalar', 100)} "
+                f"per sample (as arrays: {shown(layouts(spec, axes[spec.name]), 200)})"
             )
 
 

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--recipe", metavar="R.json|R.yaml", help='recipe file: {"passes": ["cleanup", {"quant": {}}]}')
     opt.add_argument("-o", "--output", metavar="OUT.onnx", required=True, help="where to write the result")
     opt.add_argument("--calib", metavar="DATA.npz|IMAGE_DIR",
-                     help=".npz with one array per input (axis 0 = samples) or a folder of images")
+                     help=".npz with one array per input (N samples stacked on axis 0, or in the model's layout) or a folder of images")
     opt.add_argument("--eval", metavar="DATA.npz",
                      help="held-out data to measure accuracy on (a `labels` array adds label accuracy)")
     opt.add_argument("--target", default="cpu", help=f"deployment target ({', '.join(available_targets())})")

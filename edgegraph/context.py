@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import csv
+import math
+import os
+import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +15,26 @@ from typing import Literal
 
 import numpy as np
 
-from edgegraph.errors import CalibrationDataError
-from edgegraph.runtime import Feeds, InputSpec
+from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
+from edgegraph.runtime import Feeds, InputSpec, batch_axes
 from edgegraph.targets import Target, load_target
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+MAX_IMAGE_SIDE = 16384  # pixels of a preprocessed image side (what a model input can sensibly be)
+
+
+def _memory_cap() -> int:
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 16 << 30
+    return min(8 << 30, physical // 2)
+
+
+# Bytes of arrays one .npz may give (what its members claim, checked before anything is read):
+# 8 GiB, or half the machine's memory when that is less. Fixed per machine, so that whether a
+# file is accepted does not depend on how busy the machine is.
+MAX_DATA_BYTES = _memory_cap()
 
 
 @dataclass(frozen=True)
@@ -29,20 +49,48 @@ class ImagePreprocess:
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     channels: Literal["RGB", "BGR", "L"] = "RGB"
 
+    def __post_init__(self):
+        channels = 1 if self.channels == "L" else 3
+        sides = (*self.size, self.resize or 1)
+        if self.layout not in ("NCHW", "NHWC") or self.channels not in ("RGB", "BGR", "L"):
+            problem = "layout must be NCHW or NHWC, channels RGB, BGR or L"
+        elif len(self.size) != 2 or not all(isinstance(v, int) and 0 < v <= MAX_IMAGE_SIDE for v in sides):
+            problem = f"size (height, width) and resize must be whole numbers in 1..{MAX_IMAGE_SIDE}"
+        elif len(self.mean) not in (1, channels) or len(self.std) not in (1, channels):
+            problem = f"mean and std need 1 or {channels} values"
+        elif not all(np.isfinite(v) for v in (*self.mean, *self.std, self.scale)) or 0 in self.std:
+            problem = "mean, std and scale must be finite, and std not 0"
+        else:
+            return
+        raise EdgegraphError(f"image preprocessing: {problem}")
+
     def __call__(self, path: Path) -> np.ndarray:
+        """The model input for the image at `path`. An unreadable file, or one whose header claims
+        more pixels than Pillow's decompression-bomb limit, raises CalibrationDataError naming it;
+        the limit is checked on the header, before any pixel is decoded."""
         from PIL import Image  # only image calibration needs Pillow
 
-        with Image.open(path) as img:
-            img = img.convert("L" if self.channels == "L" else "RGB")
-            height, width = self.size
-            if self.resize:
-                ratio = self.resize / min(img.size)
-                img = img.resize((round(img.width * ratio), round(img.height * ratio)), Image.BILINEAR)
-                left, top = (img.width - width) // 2, (img.height - height) // 2
-                img = img.crop((left, top, left + width, top + height))
-            else:
-                img = img.resize((width, height), Image.BILINEAR)
-            array = np.asarray(img, dtype=np.float32)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    img = img.convert("L" if self.channels == "L" else "RGB")
+                    height, width = self.size
+                    if self.resize:
+                        ratio = self.resize / min(img.size)
+                        img = img.resize((max(1, round(img.width * ratio)), max(1, round(img.height * ratio))),
+                                         Image.BILINEAR)
+                        left, top = (img.width - width) // 2, (img.height - height) // 2
+                        img = img.crop((left, top, left + width, top + height))
+                    else:
+                        img = img.resize((width, height), Image.BILINEAR)
+                    array = np.asarray(img, dtype=np.float32)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise CalibrationDataError(f"{shown(str(path))}: the image claims more pixels than Pillow's "
+                                       f"decompression-bomb limit ({Image.MAX_IMAGE_PIXELS}); not decoded") from None
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a corrupt file
+            raise CalibrationDataError(f"{shown(str(path))} is not a readable image "
+                                       f"({type(exc).__name__}: {shown(str(exc))})") from None
         if array.ndim == 2:
             array = array[..., None]
         if self.channels == "BGR":
@@ -53,11 +101,17 @@ class ImagePreprocess:
 
 @dataclass(frozen=True)
 class CalibrationData:
-    """A sequence of samples ({input name: array without the batch axis}) read lazily, in batches."""
+    """A sequence of samples read lazily, in batches.
+
+    A sample is {input name: array}, without the input's batch axis (`batch_axes`: axis 0 for an
+    input it does not name; None for an input without one, such as a scalar, whose sample is its
+    whole value). `batches` stacks samples along each input's batch axis.
+    """
 
     length: int
     fetch: Callable[[int], Feeds]  # sample index -> one sample
     source: str = ""
+    batch_axes: Mapping[str, int | None] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.length
@@ -66,52 +120,110 @@ class CalibrationData:
         return self.fetch(index)
 
     def batches(self, batch_size: int = 8) -> Iterator[Feeds]:
-        """Stacked batches along a new axis 0 (the last batch may be shorter)."""
-        for start in range(0, self.length, batch_size):
-            samples = [self.fetch(i) for i in range(start, min(start + batch_size, self.length))]
-            yield {name: np.stack([s[name] for s in samples]) for name in samples[0]}
+        """Up to `batch_size` samples stacked along each input's batch axis. An input without a
+        batch axis is fed as it is, so a batch also ends where its value changes (a stream
+        whose sample rate alternates is fed one sample at a time)."""
+        group: list[Feeds] = []
+        for index in range(self.length):
+            sample = self.fetch(index)
+            if group and (len(group) >= batch_size or not self._same_unbatched(group[0], sample)):
+                yield self._stack(group)
+                group = []
+            group.append(sample)
+        if group:
+            yield self._stack(group)
+
+    def _same_unbatched(self, a: Feeds, b: Feeds) -> bool:
+        return all(np.array_equal(a[name], b[name]) for name, axis in self.batch_axes.items()
+                   if axis is None and name in a)
+
+    def _stack(self, samples: list[Feeds]) -> Feeds:
+        axes = self.batch_axes
+        return {name: samples[0][name] if name in axes and axes[name] is None
+                else np.stack([s[name] for s in samples], axis=axes.get(name, 0)) for name in samples[0]}
 
     def take(self, count: int, start: int = 0) -> CalibrationData:
         """Samples [start, start + count) as a new dataset (e.g. calibration vs evaluation split)."""
         count = max(0, min(count, self.length - start))
-        return CalibrationData(count, lambda i: self.fetch(start + i), self.source)
+        return CalibrationData(count, lambda i: self.fetch(start + i), self.source, self.batch_axes)
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray], source: str = "arrays") -> CalibrationData:
-        """Axis 0 of every array indexes samples."""
-        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], source: str = "arrays",
+                    specs: Sequence[InputSpec] | None = None) -> CalibrationData:
+        """Samples from whole arrays. Without `specs`, axis 0 of every array indexes samples.
+
+        With the model's input specs, each input's array is read by its rank (see the README's
+        "Calibration data"): one more than the input's, axis 0 indexes feeds given as they are
+        (state N x 2 x 1 x 16 for [2, batch, 16], sr N for a scalar sr); the input's own rank, the
+        array is in the model's layout with samples along the batch axis (images N x 3 x H x W,
+        state 2 x N x 16), or, for an input without a batch axis, one value for every sample.
+        Numbers only (bool, integers, floats), and no NaN or infinity in float data.
+        """
+        try:
+            arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        except ValueError as exc:  # ragged lists
+            raise CalibrationDataError(f"{source}: {shown(str(exc))}") from None
         if not arrays:
             raise CalibrationDataError(f"{source}: no arrays")
-        lengths = {k: v.shape[0] if v.ndim else 0 for k, v in arrays.items()}
-        if len(set(lengths.values())) != 1 or 0 in lengths.values():
-            raise CalibrationDataError(f"{source}: arrays need the same, non-zero length on axis 0 (got {lengths})")
-        return cls(next(iter(lengths.values())), lambda i: {k: v[i] for k, v in arrays.items()}, source)
+        for name, array in arrays.items():
+            if specs is None or name in {s.name for s in specs}:
+                _check_values(f"{source}: array '{shown(name, 100)}'", array)
+        if specs is None:
+            lengths = {k: v.shape[0] if v.ndim else 0 for k, v in arrays.items()}
+            if len(set(lengths.values())) != 1 or 0 in lengths.values():
+                raise CalibrationDataError(f"{source}: arrays need the same, non-zero length on axis 0 "
+                                           f"(got {shown(lengths)})")
+            return cls(next(iter(lengths.values())), lambda i: {k: v[i] for k, v in arrays.items()}, source)
+
+        axes = batch_axes(specs)
+        readers = {}
+        for spec in specs:
+            if spec.name not in arrays:
+                raise CalibrationDataError(f"{source}: no array for model input '{shown(spec.name, 100)}'")
+            readers[spec.name] = _reader(source, spec, axes[spec.name], arrays[spec.name])
+        counts = {name: count for name, (count, _) in readers.items() if count is not None}
+        if len(set(counts.values())) > 1 or 0 in counts.values():
+            found = ", ".join(f"{name}: {count}" for name, count in counts.items())
+            wanted = "; ".join(f"{s.name}: {layouts(s, axes[s.name])}" for s in specs)
+            raise CalibrationDataError(f"{source}: the arrays hold different numbers of samples ({shown(found, 300)}); "
+                                       f"give {shown(wanted, 600)}")
+        length = next(iter(counts.values()), 1)
+        return cls(length, lambda i: {name: get(i) for name, (_, get) in readers.items()}, source, axes)
 
     @classmethod
-    def from_npz(cls, path: str | Path, inputs: Sequence[str] | None = None) -> CalibrationData:
-        """An .npz whose keys are input names (an `input__` prefix, as in reference I/O files, is accepted)."""
+    def from_npz(cls, path: str | Path, inputs: Sequence[str | InputSpec] | None = None) -> CalibrationData:
+        """An .npz whose keys are input names (an `input__` prefix, as in reference I/O files, is
+        accepted). Only the members of `inputs` are read (all but `output__*` when None), each
+        checked against MAX_DATA_BYTES before it is decompressed. With InputSpecs, arrays are read
+        by the layout rule of `from_arrays`; with names, axis 0 indexes samples."""
         path = Path(path)
-        if not path.is_file():
-            raise CalibrationDataError(f"calibration file not found: {path}")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k.removeprefix("input__"): npz[k] for k in npz.files if not k.startswith("output__")}
-        except (OSError, ValueError) as exc:
-            raise CalibrationDataError(f"{path} is not a readable .npz file ({exc})") from None
-        if inputs is not None:
-            missing = [name for name in inputs if name not in arrays]
+        keys = npz_keys(path)
+        members = {}
+        for key in keys:
+            name = key.removeprefix("input__")
+            if not key.startswith("output__") and (name not in members or key == name):
+                members[name] = key  # a plain key wins over its input__ twin
+        names = None if inputs is None else [i.name if isinstance(i, InputSpec) else i for i in inputs]
+        if names is not None:
+            missing = [name for name in names if name not in members]
             if missing:
-                raise CalibrationDataError(
-                    f"{path} has no array for model input(s) {', '.join(missing)} (keys: {', '.join(arrays) or 'none'})"
-                )
-            arrays = {name: arrays[name] for name in inputs}
-        return cls.from_arrays(arrays, str(path))
+                raise CalibrationDataError(f"{path} has no array for model input(s) {shown(', '.join(missing))} "
+                                           f"(keys: {shown(', '.join(keys) or 'none')})")
+            members = {name: members[name] for name in names}
+        arrays = read_npz(path, list(members.values()))
+        arrays = {name: arrays[key] for name, key in members.items()}
+        specs = [i for i in inputs or () if isinstance(i, InputSpec)]
+        return cls.from_arrays(arrays, str(path), specs if specs and len(specs) == len(names) else None)
 
     @classmethod
     def from_images(cls, folder: str | Path, input_name: str, preprocess: ImagePreprocess = ImagePreprocess()) -> CalibrationData:
-        """Every image in `folder` (sorted by name), preprocessed for the single image input."""
+        """Every image file in `folder` (sorted by name), preprocessed for the single image input.
+
+        Files are decoded when their sample is read; an unreadable one stops the run there
+        (CalibrationDataError naming it), rather than every file being decoded up front."""
         folder = Path(folder)
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
+            if folder.is_dir() else []
         if not files:
             raise CalibrationDataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
         return cls(len(files), lambda i: {input_name: preprocess(files[i])}, str(folder))
@@ -123,8 +235,12 @@ class CalibrationData:
         Floats are uniform in [0, 1); integers are 0 or 1 (valid ids, masks and indices);
         bools are random. Good for checking exactness, not for calibrating ranges.
         """
+        axes = batch_axes(specs)
+
         def shape_of(spec: InputSpec) -> tuple[int, ...]:
-            dims = list(spec.shape or ())[1:]  # axis 0 is the batch axis added by `batches`
+            dims = list(spec.shape or ())
+            if axes[spec.name] is not None:  # the batch axis, which `batches` adds
+                del dims[axes[spec.name]]
             return tuple(d if isinstance(d, int) and d > 0 else dynamic_dim for d in dims)
 
         def fetch(index: int) -> Feeds:
@@ -142,7 +258,135 @@ class CalibrationData:
                     raise CalibrationDataError(f"cannot generate random data for input '{spec.name}' of type {spec.dtype}")
             return sample
 
-        return cls(count, fetch, f"random(seed={seed})")
+        return cls(count, fetch, f"random(seed={seed})", axes)
+
+
+def layouts(spec: InputSpec, axis: int | None) -> str:
+    """The array shapes that feed input `spec` whose batch axis is `axis` (for messages), e.g.
+    'Nx2x1x16 (N feeds as they are) or 2xNx16 (N samples along its batch axis 1)'."""
+    if spec.shape is None:
+        return "Nx... (axis 0 indexes samples)"
+    dims = [str(d) if isinstance(d, int) and d > 0 else "?" for d in spec.shape]
+    if axis is None:
+        return f"{'x'.join(['N', *dims])} (one value per sample) or {'x'.join(dims) or 'a scalar'} (one for all)"
+    feed, own = list(dims), list(dims)
+    feed[axis], own[axis] = "1", "N"
+    return f"{'x'.join(['N', *feed])} (N feeds as they are) or {'x'.join(own)} (N samples along its batch axis {axis})"
+
+
+def _reader(source: str, spec: InputSpec, axis: int | None, array: np.ndarray):
+    """(number of samples, or None for one value for all; sample index -> sample) for the array
+    of one input, by the layout rule of `CalibrationData.from_arrays`."""
+    def along(a: np.ndarray, ax: int, i: int) -> np.ndarray:
+        return a[(slice(None),) * ax + (i,)]  # a view
+
+    rank = None if spec.shape is None else len(spec.shape)
+    if rank is None and array.ndim:  # unknown rank: axis 0 indexes samples
+        return array.shape[0], array.__getitem__
+    if rank is not None and array.ndim == rank + 1:  # N feeds along axis 0, as they are
+        if axis is None:
+            return array.shape[0], array.__getitem__
+        per_feed = array.shape[axis + 1]  # usually 1; a feed of B samples gives B of them
+        return array.shape[0] * per_feed, lambda i: along(array[i // per_feed], axis, i % per_feed)
+    if rank is not None and array.ndim == rank:  # the model's own layout
+        if axis is None:
+            return None, lambda i: array
+        return array.shape[axis], lambda i: along(array, axis, i)
+    shape = "x".join(map(str, array.shape)) or "scalar"
+    name, dims = shown(spec.name, 100), shown(", ".join(map(str, spec.shape or ())), 100)
+    raise CalibrationDataError(f"{source}: array '{name}' has shape {shown(shape, 100)}, which does not feed input "
+                               f"'{name}' [{dims}]: give {shown(layouts(spec, axis), 200)}")
+
+
+def _check_dtype(where: str, dtype: np.dtype) -> None:
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+        raise CalibrationDataError(f"{where} holds {shown(str(dtype), 60)} values; calibration data must be "
+                                   "numbers (bool, integer or float)")
+
+
+def _check_values(where: str, array: np.ndarray) -> None:
+    """Numbers only, and no NaN or infinity in float data (they would make every range infinite)."""
+    _check_dtype(where, array.dtype)
+    if array.dtype.kind != "f":
+        return
+    flat = array.reshape(-1)
+    step = 1 << 24  # bounded temporaries, whatever the array's size
+    bad = sum(int(np.count_nonzero(~np.isfinite(flat[i:i + step]))) for i in range(0, flat.size, step))
+    if bad:
+        share = "all of them" if bad == flat.size else f"of {flat.size}"
+        raise CalibrationDataError(f"{where} has {bad} NaN or infinite values ({share}); calibration data must be finite")
+
+
+def npz_keys(path: str | Path) -> list[str]:
+    """The array names in an .npz (its members without `.npy`), reading no array."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationDataError(f"calibration file not found: {path}" if not path.exists()
+                                   else f"calibration data {path} is not a file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return [info.filename.removesuffix(".npy") for info in archive.infolist()]
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise CalibrationDataError(f"{path} is not a readable .npz file ({shown(str(exc))})") from None
+
+
+def read_npz(path: str | Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays named `keys` (those present) of an .npz, without reading any other member.
+
+    Each member's .npy header is read first: numbers only, its shape x itemsize must be what the
+    zip entry holds, and all the arrays together at most MAX_DATA_BYTES; only then is the member
+    decompressed (zipfile stops at the entry's size, so it cannot inflate past what was checked).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    budget = MAX_DATA_BYTES
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            for key in (k for k in keys if k in infos):
+                arrays[key] = _read_member(archive, infos[key], budget, f"{path}: array '{shown(key, 100)}'")
+                budget -= arrays[key].nbytes
+    except CalibrationDataError:
+        raise
+    except MemoryError:
+        raise CalibrationDataError(f"{path}: not enough memory to load its arrays") from None
+    except (OSError, EOFError, ValueError, SyntaxError, RuntimeError, NotImplementedError, zipfile.BadZipFile,
+            zlib.error) as exc:
+        raise CalibrationDataError(f"{path} is not a readable .npz file ({type(exc).__name__}: "
+                                   f"{shown(str(exc))})") from None
+    return arrays
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int, where: str) -> np.ndarray:
+    with archive.open(info) as stream:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(stream)
+        _check_dtype(where, dtype)
+        dims = "x".join(map(str, shape)) or "scalar"
+        nbytes = math.prod(shape) * dtype.itemsize
+        held = info.file_size - stream.tell()
+        if any(d < 0 for d in shape) or nbytes != held:
+            raise CalibrationDataError(f"{where}: its header claims {shown(dims, 80)} {dtype} ({_bytes(nbytes)}) "
+                                       f"but the entry holds {_bytes(held)}")
+        if nbytes > budget:
+            raise CalibrationDataError(f"{where} is {_bytes(nbytes)} ({shown(dims, 80)} {dtype}), more than the "
+                                       f"{_bytes(MAX_DATA_BYTES)} calibration data may take on this machine")
+        buffer = np.empty(nbytes, np.uint8)
+        filled = 0
+        while filled < nbytes:
+            chunk = stream.read(min(1 << 24, nbytes - filled))
+            if not chunk:
+                raise CalibrationDataError(f"{where}: the entry ends before its data does")
+            buffer[filled:filled + len(chunk)] = np.frombuffer(chunk, np.uint8)
+            filled += len(chunk)
+    return buffer.view(dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _bytes(count: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(count) >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} bytes"
 
 
 def read_labels(path: str | Path) -> dict[str, int]:

@@ -55,6 +55,17 @@ class PassFailure(RuntimeError):
     """An unexpected exception inside a pass, re-raised with the pipeline position (keeps the traceback)."""
 
 
+MAX_LINE = 2000  # characters of an error line; user values in messages get `shown`'s ~200
+
+
+def shown(value, limit: int = 200) -> str:
+    """`value` for an error message: its repr (str as it is), cut to about `limit` characters,
+    so that a hostile name, key or recipe cannot make a megabyte error line."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (what the command line prints)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """An exception's message on one line (what the command line prints), at most about MAX_LINE
+    characters whatever the message echoes."""
+    return shown(" ".join(str(exc).split()), MAX_LINE) or type(exc).__name__

@@ -95,8 +95,8 @@ def check_requirements(passes: Sequence[Pass], ctx: PassContext) -> None:
     for p in passes:
         if "calibration" in p.requires and ctx.calibration is None:
             raise MissingRequirementError(
-                f"pass '{p.name}' needs calibration data: give --calib DATA.npz (keys = input names, "
-                "axis 0 = samples) or a folder of images"
+                f"pass '{p.name}' needs calibration data: give --calib DATA.npz (an array per input "
+                "name, N samples stacked on axis 0 or in the model's layout) or a folder of images"
             )
 
 

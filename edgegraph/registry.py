@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from edgegraph.errors import UnknownPassError
+from edgegraph.errors import UnknownPassError, shown
 from edgegraph.pipeline import Pass
 
 _PASSES: dict[str, type[Pass]] = {}
@@ -35,7 +35,7 @@ def get_pass(name: str) -> type[Pass]:
     if name not in _PASSES:
         close = difflib.get_close_matches(name, _PASSES, n=3)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-        raise UnknownPassError(f"unknown pass '{name}'; {hint}available: {', '.join(sorted(_PASSES))}")
+        raise UnknownPassError(f"unknown pass '{shown(name)}'; {hint}available: {', '.join(sorted(_PASSES))}")
     return _PASSES[name]
 
 

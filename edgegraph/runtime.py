@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from edgegraph import ir
-from edgegraph.errors import CalibrationDataError
+from edgegraph.errors import CalibrationDataError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +37,33 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[int | str | None, ...] | None
 
-    @property
-    def fixed_batch(self) -> int | None:
-        """The fixed size of axis 0, or None when it is dynamic."""
-        if not self.shape:
-            return None
-        first = self.shape[0]
-        return first if isinstance(first, int) and first > 0 else None
+
+def batch_axes(specs: Sequence[InputSpec]) -> dict[str, int | None]:
+    """Each input's batch axis, the one samples are stacked along; None for a scalar input
+    (e.g. a sample rate), which has none.
+
+    The batch dim is the dim name most inputs carry on axis 0 ("batch"): an input's batch axis
+    is where that name sits (axis 1 in a recurrent state [2, batch, 128]). Without the name it
+    is axis 0, unless axis 0 is fixed and another is 1 (a fixed state [2, 1, 128] -> axis 1).
+    """
+    names = [s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)]
+    batch = max(dict.fromkeys(names), key=names.count) if names else None  # ties: the first seen
+    axes: dict[str, int | None] = {}
+    for spec in specs:
+        shape = spec.shape
+        if shape is None:
+            axes[spec.name] = 0
+        elif not shape:
+            axes[spec.name] = None
+        elif batch is not None and batch in shape:
+            axes[spec.name] = shape.index(batch)
+        else:
+            axes[spec.name] = shape.index(1) if _fixed(shape[0]) and 1 in shape else 0
+    return axes
+
+
+def _fixed(dim) -> bool:
+    return isinstance(dim, int) and dim > 0
 
 
 def input_specs(proto: onnx.ModelProto | ir.Model | ort.InferenceSession) -> list[InputSpec]:
@@ -131,18 +151,26 @@ def adapt_feeds(specs: Sequence[InputSpec], sample: Mapping[str, np.ndarray]) ->
     for spec in specs:
         if spec.name not in sample:
             raise CalibrationDataError(
-                f"data has no array for model input '{spec.name}' (data keys: {', '.join(sample)})"
+                f"data has no array for model input '{spec.name}' (data keys: {shown(', '.join(sample))})"
             )
         feeds[spec.name] = np.asarray(sample[spec.name]).astype(spec.dtype, copy=False)
     return feeds
 
 
 def batch_size_for(specs: Sequence[InputSpec], wanted: int) -> int:
-    """The largest batch <= wanted that the model accepts (1 when axis 0 is fixed to 1)."""
-    fixed = {s.fixed_batch for s in specs if s.shape}
-    if None in fixed or not fixed:
-        return wanted
-    return min(fixed)
+    """The batch to feed: `wanted`, or the size the model fixes its batch axis to (e.g. 1)."""
+    axes = batch_axes(specs)
+    fixed = [s.shape[axes[s.name]] for s in specs if s.shape and axes[s.name] is not None
+             and _fixed(s.shape[axes[s.name]])]
+    return min(fixed) if fixed else wanted
+
+
+def batch_length(specs: Sequence[InputSpec], feeds: Mapping[str, np.ndarray]) -> int:
+    """How many samples a batch of feeds holds: the size of its inputs' batch axis (1 when no
+    input has one)."""
+    axes = batch_axes(specs)
+    return next((np.shape(feeds[s.name])[axes[s.name]] for s in specs
+                 if axes[s.name] is not None and s.name in feeds and np.ndim(feeds[s.name]) > axes[s.name]), 1)
 
 
 def run(sess: ort.InferenceSession, feeds: Feeds, outputs: Sequence[str] | None = None) -> Feeds:

@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from edgegraph.errors import EdgegraphError, PassOptionError
+from edgegraph.errors import EdgegraphError, PassOptionError, shown
 from edgegraph.pipeline import Pass
 from edgegraph.registry import get_pass
 
@@ -31,13 +31,13 @@ def parse(spec: str) -> list[Pass]:
         options: dict[str, str] = {}
         if rest:
             if not rest.rstrip().endswith(")"):
-                raise PassOptionError(f"'{item}': options must end with ')'")
+                raise PassOptionError(f"'{shown(item)}': options must end with ')'")
             for pair in _split_top_level(rest.rstrip()[:-1], ","):
                 if not pair.strip():
                     continue
                 key, eq, value = pair.partition("=")
                 if not eq:
-                    raise PassOptionError(f"'{name}': option '{pair.strip()}' needs the form key=value")
+                    raise PassOptionError(f"'{shown(name)}': option '{shown(pair.strip())}' needs the form key=value")
                 options[key.strip()] = _parse_value(value.strip())
         passes.append(build(name, options))
     if not passes:
@@ -55,26 +55,44 @@ def build(name: str, options: dict[str, Any]) -> Pass:
         key = key.replace("-", "_")
         if key not in fields:
             known = ", ".join(fields) or "none"
-            raise PassOptionError(f"pass '{name}' has no option '{key}' (options: {known})")
+            raise PassOptionError(f"pass '{name}' has no option '{shown(key)}' (options: {known})")
         kwargs[key] = coerce(value, hints[key], f"{name}.{key}")
     return cls(**kwargs)
 
 
-def load_recipe(path: str | Path) -> list[Pass]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise EdgegraphError(f"cannot read recipe {path}: {exc.strerror}") from None
-    try:
-        if path.suffix in {".yaml", ".yml"}:
-            import yaml
+# A recipe is a few lines; the cap also bounds YAML parsing time (pure Python: ~1 s per 100 KB).
+MAX_RECIPE_BYTES = 64 << 10
 
-            recipe = yaml.safe_load(text)
-        else:
-            recipe = json.loads(text)
+
+def load_recipe(path: str | Path) -> list[Pass]:
+    """The passes of a recipe file: `{"passes": [...]}` (or the bare list) in JSON, or in YAML
+    when the name ends in .yaml/.yml.
+
+    Recipes are untrusted input: the file must be a regular file of at most MAX_RECIPE_BYTES of
+    UTF-8, and YAML aliases (`*name`, which expand a few hundred bytes into gigabytes) are refused.
+    """
+    path = Path(path)
+    kind = "YAML" if path.suffix in {".yaml", ".yml"} else "JSON"
+    try:
+        if not path.is_file():  # a FIFO would block, /dev/zero never ends
+            raise EdgegraphError(f"cannot read recipe {path}: not a file" if path.exists()
+                                 else f"cannot read recipe {path}: No such file or directory")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise EdgegraphError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise EdgegraphError(f"recipe {path} is larger than {MAX_RECIPE_BYTES >> 10} KiB; a recipe lists passes")
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM is fine
+    except UnicodeDecodeError as exc:
+        raise EdgegraphError(f"recipe {path} is not UTF-8 text (byte {exc.start})") from None
+    try:
+        recipe = _load_yaml(text) if kind == "YAML" else json.loads(text)
+    except RecursionError:
+        raise EdgegraphError(f"recipe {path} is nested too deeply to be a recipe") from None
     except Exception as exc:  # noqa: BLE001 - json/yaml errors
-        raise EdgegraphError(f"recipe {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}") from None
+        raise EdgegraphError(f"recipe {path} is not valid {kind}: {shown(str(exc))}") from None
     items = recipe.get("passes") if isinstance(recipe, dict) else recipe
     if not isinstance(items, list) or not items:
         raise EdgegraphError(f"recipe {path} needs a non-empty 'passes' list")
@@ -82,14 +100,29 @@ def load_recipe(path: str | Path) -> list[Pass]:
     for item in items:
         if isinstance(item, str):
             passes.extend(parse(item))
-        elif isinstance(item, dict) and len(item) == 1:
+        elif isinstance(item, dict) and len(item) == 1 and isinstance(next(iter(item)), str):
             (name, options), = item.items()
             if options is not None and not isinstance(options, dict):
-                raise EdgegraphError(f"recipe {path}: options of '{name}' must be a mapping")
+                raise EdgegraphError(f"recipe {path}: options of '{shown(name)}' must be a mapping")
+            if not all(isinstance(key, str) for key in options or {}):
+                raise EdgegraphError(f"recipe {path}: option names of '{shown(name)}' must be strings")
             passes.append(build(name, options or {}))
         else:
-            raise EdgegraphError(f"recipe {path}: each pass is a name or {{name: {{options}}}}, got {item!r}")
+            raise EdgegraphError(f"recipe {path}: each pass is a name or {{name: {{options}}}}, got {shown(item)}")
     return passes
+
+
+def _load_yaml(text: str) -> Any:
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"aliases (*name) are not allowed in a recipe (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliases)  # noqa: S506 - a SafeLoader
 
 
 def format_pass(p: Pass) -> str:
@@ -116,11 +149,11 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
                 return coerce(value, arg, where)
             except PassOptionError as exc:
                 errors.append(str(exc))
-        raise PassOptionError(errors[0] if errors else f"{where}: bad value {value!r}")
+        raise PassOptionError(errors[0] if errors else f"{where}: bad value {shown(repr(value))}")
     if origin is Literal:
         if value in args:
             return value
-        raise PassOptionError(f"{where} must be one of {', '.join(map(str, args))}, got {value!r}")
+        raise PassOptionError(f"{where} must be one of {', '.join(map(str, args))}, got {shown(repr(value))}")
     if origin in (list, tuple, frozenset, set):
         items = value if isinstance(value, list | tuple) else [value]
         inner = args[0] if args else str
@@ -129,21 +162,21 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise PassOptionError(f"{where} must be true or false, got {value!r}")
+        raise PassOptionError(f"{where} must be true or false, got {shown(repr(value))}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise PassOptionError(f"{where} must be an integer, got {value!r}")
+        raise PassOptionError(f"{where} must be an integer, got {shown(repr(value))}")
     if annotation is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        raise PassOptionError(f"{where} must be a number, got {value!r}")
+        raise PassOptionError(f"{where} must be a number, got {shown(repr(value))}")
     if annotation is str:
         if isinstance(value, str):
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
-        raise PassOptionError(f"{where} must be a string, got {value!r}")
+        raise PassOptionError(f"{where} must be a string, got {shown(repr(value))}")
     return value
 
 
@@ -176,7 +209,7 @@ def _split_top_level(text: str, sep: str) -> list[str]:
             continue
         current.append(char)
     if depth != 0 or quote:
-        raise PassOptionError(f"unbalanced brackets or quotes in pass spec '{text}'")
+        raise PassOptionError(f"unbalanced brackets or quotes in pass spec '{shown(text)}'")
     parts.append("".join(current))
     return parts
 

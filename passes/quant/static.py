@@ -324,7 +324,7 @@ class _Quantizer:
                 if seen < MOMENT_SAMPLES:  # per-channel variances settle long before ranges do
                     for name, (sample, step) in values.items():
                         self._update_moments(name, sample, step, channel_ids)
-                seen += len(next(iter(feeds.values())))
+                seen += runtime.batch_length(self.specs, feeds)
         except CalibrationDataError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT rejects the data (shapes, dtypes)
