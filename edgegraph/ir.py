@@ -54,7 +54,10 @@ class Model:
         if not weights:
             with _detached(_weights(self)):
                 return self.to_proto()
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        _repack_4bit(self)
+        with _typed_as_other(self) as restore:
+            proto = gs.export_onnx(self.graph, do_type_check=False)
+        restore(proto)
         needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
         proto.ir_version = max(proto.ir_version or 0, needed)
         proto.doc_string, proto.domain, proto.model_version = self.doc_string, self.domain, self.model_version
@@ -207,6 +210,17 @@ _PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4
                  if hasattr(onnx.TensorProto, n)}
 
 
+def numpy_dtype(dtype) -> np.dtype | None:
+    """A gs tensor's dtype (numpy type or onnx data type number) as a numpy dtype; None when it
+    has none (unknown, or the element type of an optional / map value)."""
+    try:
+        if isinstance(dtype, int):  # an onnx TensorProto data type
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        return np.dtype(dtype) if dtype is not None else None
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
 def _numpy_dtype(data_type: int) -> np.dtype | None:
     """The numpy dtype whose bytes are the tensor's raw bytes, if there is one."""
     if data_type in _PACKED_TYPES or data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
@@ -292,6 +306,55 @@ def _detachable(values) -> bool:
         return False
     # numpy holds 4-bit values one per byte; their file bytes are packed (gs packs on export).
     return values.dtype != object and data_type not in _PACKED_TYPES
+
+
+def _repack_4bit(model: Model) -> None:
+    """Reading a 4-bit initializer leaves it as a numpy array of one value per byte, which gs
+    would export unpacked (a tensor onnx rejects); give such values back as packed protos."""
+    for constant in _constants(model):
+        values = constant._values
+        if isinstance(values, np.ndarray) and values.dtype.itemsize == 1 and values.dtype.name in _4BIT_NAMES:
+            constant._values = LazyValues(onnx.numpy_helper.from_array(values, constant.name))
+
+
+_4BIT_NAMES = ("int4", "uint4", "float4_e2m1fn")
+# Value types gs imports but cannot export (it crashes on optional types, drops the rest).
+_GS_EXPORTS = ("tensor_type", "sequence_type", "sparse_tensor_type")
+
+
+@contextmanager
+def _typed_as_other(model: Model):
+    """While active, tensors of a type gs cannot export (optional, map, opaque) have no dtype, so gs
+    writes them untyped; the `restore` it yields puts optional types back into the exported proto."""
+    saved = []
+    for graph in iter_graphs(model.graph):
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Variable) and tensor.dtype is not None and tensor.type not in _GS_EXPORTS:
+                saved.append((tensor, tensor.dtype))
+    types = {}
+    for tensor, dtype in saved:
+        if tensor.type == "optional_type" and isinstance(dtype, onnx.TypeProto):
+            types[tensor.name] = onnx.helper.make_optional_type_proto(dtype)
+        tensor.dtype = None
+
+    def restore(proto: onnx.ModelProto) -> None:
+        for graph in _graph_protos(proto.graph):
+            for info in (*graph.input, *graph.output, *graph.value_info):
+                if info.name in types and not info.type.WhichOneof("value"):
+                    info.type.CopyFrom(types[info.name])
+    try:
+        yield restore
+    finally:
+        for tensor, dtype in saved:
+            tensor.dtype = dtype
+
+
+def _graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graph_protos(sub)
 
 
 def _is_detached(constant: gs.Constant) -> bool:

@@ -589,7 +589,8 @@ class _Quantizer:
             out = by_name[name].outputs[0].name
             if by_name[name].op in ANCHORS and out in float_tensors:
                 pairs.setdefault(out, out)
-        self.output_names = [t.name for t in quant.graph.outputs]
+        # Sequence / optional outputs have no energy to measure.
+        self.output_names = [t.name for t in quant.graph.outputs if t.type == "tensor_type"]
         for name in self.output_names:
             pairs.setdefault(name, name)
         data = self.calib.take(self.analysis_count)
