@@ -263,13 +263,24 @@ def _constants(graph: gs.Graph):
 def is_quantized(node: gs.Node) -> bool:
     """An integer/QLinear op, or a QDQ node unit: an op fed by DequantizeLinear whose outputs are
     re-quantized (or a Conv/MatMul-like op with dequantized inputs, which runs on integer
-    kernels even with a float output). Plumbing such as Reshape does not count."""
+    kernels even with a float output). Plumbing such as Reshape does not count.
+
+    The one definition of a quantized node: the summary counts it, and so does `quant` in its
+    stats. A Relu / Clip between an op and its QuantizeLinear belongs to the op (onnxruntime
+    removes it when the Q's range already clips there)."""
     if node.op.startswith("QLinear") or node.op in INTEGER_OPS:
         return True
     if node.op in _PLUMBING or not any(_is_dequantized(t) for t in node.inputs):
         return False
-    requantized = all(t.outputs and all(user.op == "QuantizeLinear" for user in t.outputs) for t in node.outputs)
-    return requantized or node.op in _MAC_RULES
+    return all(_requantized(t) for t in node.outputs) or node.op in _MAC_RULES
+
+
+def _requantized(tensor: gs.Tensor, through_activation: bool = True) -> bool:
+    users = tensor.outputs
+    return bool(users) and all(
+        user.op == "QuantizeLinear"
+        or (through_activation and user.op in ("Relu", "Clip") and _requantized(user.outputs[0], False))
+        for user in users)
 
 
 def _is_dequantized(tensor: gs.Tensor) -> bool:

@@ -26,11 +26,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, verify
+from edgegraph.analysis import is_quantized, model_stats
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import CalibrationDataError, EdgegraphError
 from edgegraph.pipeline import Pass, PassResult, option
 from edgegraph.registry import register_pass
 from edgegraph.passes.quant import analysis, calibrate, numerics, prepare
+from edgegraph.passes.quant.names import warn_unmatched
 from edgegraph.passes.quant.numerics import QType
 from edgegraph.passes.quant.placement import ANCHORS, SHARED, Plan, clip_bounds, make_plan, output_channels
 from edgegraph.passes.quant.qdq import (QdqWriter, QParams, QuantizedBias, QuantizedWeight, fit_bias, quantize_weight,
@@ -45,10 +47,13 @@ MS_DOMAIN = "com.microsoft"
 _CLIP_EPS = float(np.finfo(np.float32).eps)
 # Share of a layer's input values allowed above u8 code 128 before `saturation_guard` acts.
 SATURATION_FRACTION = 0.01
-# Samples for bias correction, tuning and the per-layer table, unless forward passes are so slow
-# that ANALYSIS_SECONDS of them allow fewer (each step runs a model on every one of them).
+# Samples for bias correction, tuning and the per-layer table, unless the model is so heavy that
+# ANALYSIS_MACS of forward passes allow fewer (each step runs a model on every one of them). A
+# count, not a clock, so that the result does not depend on the machine's load: 80 GMACs are
+# about the second of forward passes the earlier time budget allowed on the 2-core development
+# machine (AGLLNet 256x256, 18.7 GMACs a sample: 4 samples; SqueezeNet, DeepLab, YOLOX: 8).
 DEFAULT_ANALYSIS_SAMPLES = 8
-ANALYSIS_SECONDS = 1.0
+ANALYSIS_MACS = 80e9
 # Wall time the speed check spends timing, beyond one warm-up run of each model.
 SPEED_CHECK_SECONDS = 1.0
 # Calibration samples that per-channel variances are estimated from.
@@ -114,9 +119,10 @@ class StaticQuantize(Pass):
     calib_samples: int = option(0, "calibration samples to use (0 = all)")
     analysis_samples: int = option(
         0, "samples used for bias correction, tuning, the per-layer table and sensitivity (0 = 8, or fewer, "
-           "down to 2, when a forward pass is slow: a 256x256 image-to-image model needs seconds per pass)")
+           "down to 2, for models above 10 GMACs a sample: 80 GMACs of forward passes in all)")
     prepare: bool = option(True, "run the exact `cleanup` pass first (folds BatchNorm and constants)")
-    check_speed: bool = option(True, "time the result against the float model in ORT and warn if it is not faster")
+    check_speed: bool = option(True, "time the result against the float model in ORT and warn if it is not faster "
+                                     "(not with --runs 0)")
 
     def __post_init__(self) -> None:
         self.check(0.0 < self.percentile < 100.0, f"quant: percentile must be in (0, 100), got {self.percentile}")
@@ -170,9 +176,8 @@ class _Quantizer:
         self.calib = self._calibration_set()
         self.domain = self._qdq_domain(model)
         self.excluded = excluded = set(self.o.exclude_nodes)
-        unknown = excluded - {n.name for n in model.graph.nodes}
-        if unknown:
-            logger.warning("quant: exclude_nodes names no node: %s", ", ".join(sorted(unknown)))
+        warn_unmatched("quant: exclude_nodes", self.o.exclude_nodes, model.graph, ops=False, nodes=True)
+        warn_unmatched("quant: exclude_ops", self.o.exclude_ops, model.graph, ops=True, nodes=False)
         plan = self.base_plan = self._plan(excluded)
         self.timings["prepare"] = time.perf_counter() - start
         if not plan.quantized:
@@ -349,10 +354,12 @@ class _Quantizer:
         self.moments[name].update(values, *channel_ids[key])
 
     def _affordable_samples(self) -> int:
-        """Analysis samples for analysis_samples=0: 8, or as many as ANALYSIS_SECONDS of forward
-        passes allow (timed by calibration, which runs the float model on every sample), at least 2."""
-        seconds_per_sample = self.timings["calibrate"] / max(len(self.calib), 1)
-        return int(np.clip(ANALYSIS_SECONDS / max(seconds_per_sample, 1e-9), 2, DEFAULT_ANALYSIS_SAMPLES))
+        """Analysis samples for analysis_samples=0: 8, or as many as ANALYSIS_MACS of forward
+        passes allow (MACs at the calibration data's shape), at least 2."""
+        feeds = next(self._batches(self.calib.take(1)))
+        shapes = {name: np.shape(value) for name, value in feeds.items()}
+        macs = model_stats(self.float_proto, fix_shapes=shapes, feeds=feeds).macs_known
+        return int(np.clip(ANALYSIS_MACS // max(macs, 1), 2, DEFAULT_ANALYSIS_SAMPLES))
 
     def _within_group(self, plan: Plan) -> set[str]:
         """Outputs of data-movement ops that share their input's scale: their values are a subset
@@ -666,7 +673,7 @@ class _Quantizer:
             })
         outputs = {name: round(errors[name].sqnr_db, 2) for name in self.output_names if name in errors}
         stats = {
-            "quantized_nodes": len(plan.quantized),
+            "quantized_nodes": sum(is_quantized(n) for n in ir.iter_nodes(model.graph)),
             "float_nodes": len(plan.skipped),
             "calibration_samples": len(self.calib),
             "analysis_samples": self.analysis_count,
@@ -687,7 +694,7 @@ class _Quantizer:
             details["tuning_output_sqnr_db"] = {k: round(v, 2) for k, v in self.tuning.items()}
         if self.budget is not None:
             details["fallback"] = {"kept": fallback, "as": self.o.sensitive_type, **self.budget}
-        if self.o.check_speed:
+        if self.o.check_speed and self.ctx.timing:  # (`--runs 0`: no timing at all)
             details["latency"] = self._speed(model)
         details["timings_s"] = {k: round(v, 2) for k, v in self.timings.items()}
         for note in self.notes:
