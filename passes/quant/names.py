@@ -17,6 +17,11 @@ logger = logging.getLogger(__name__)
 MAX_SHOWN = 60  # characters of a user-given name echoed back
 
 
+def shorten(name: str) -> str:
+    """A user- or model-given name, cut to MAX_SHOWN characters for a message."""
+    return name if len(name) <= MAX_SHOWN else name[:MAX_SHOWN] + "..."
+
+
 @functools.cache
 def onnx_ops() -> frozenset[str]:
     """Every op type onnx has a schema for (all domains it knows)."""
@@ -31,7 +36,7 @@ def warn_unmatched(option: str, values: Iterable[str], graph: gs.Graph, *, ops: 
     present_nodes = {n.name for n in node_list if n.name} if nodes else set()
     unmatched = [v for v in dict.fromkeys(values) if v not in present_ops and v not in present_nodes]
     for value in unmatched:
-        shown = value if len(value) <= MAX_SHOWN else value[:MAX_SHOWN] + "..."
+        shown = shorten(value)
         candidates = present_ops | present_nodes
         if ops and not nodes and value not in onnx_ops():
             what, candidates = "is not an ONNX op", onnx_ops()
@@ -44,4 +49,4 @@ def warn_unmatched(option: str, values: Iterable[str], graph: gs.Graph, *, ops: 
     return unmatched
 
 
-__all__ = ["onnx_ops", "warn_unmatched"]
+__all__ = ["onnx_ops", "shorten", "warn_unmatched"]

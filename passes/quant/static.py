@@ -32,7 +32,7 @@ from edgegraph.errors import CalibrationDataError, EdgegraphError
 from edgegraph.pipeline import Pass, PassResult, option
 from edgegraph.registry import register_pass
 from edgegraph.passes.quant import analysis, calibrate, numerics, prepare
-from edgegraph.passes.quant.names import warn_unmatched
+from edgegraph.passes.quant.names import shorten, warn_unmatched
 from edgegraph.passes.quant.numerics import QType
 from edgegraph.passes.quant.placement import ANCHORS, SHARED, Plan, clip_bounds, make_plan, output_channels
 from edgegraph.passes.quant.qdq import (QdqWriter, QParams, QuantizedBias, QuantizedWeight, fit_bias, quantize_weight,
@@ -66,6 +66,10 @@ FLOAT_GAIN_DB = 1.0
 # ... and at most this share of the quantized nodes goes float for them (the coarsest first):
 # calibration data that barely varies (one image plus noise) makes many tensors look coarse.
 COARSE_FLOAT_SHARE = 0.25
+# Worst output SQNR (dB, held-out calibration samples) below which the result is called degraded:
+# the pass reaches 25-45 dB on the shared CNNs, classifiers keep their top-1 down to ~20 dB.
+LOW_SQNR_DB = 15.0
+COSTLIEST_SHOWN = 3  # layers named in that warning
 
 
 @register_pass
@@ -630,17 +634,29 @@ class _Quantizer:
         adopted = set(self.coarse)  # already out of 8 bits
         ranking = [t for t in _sensitivity_ranking(plan, errors) if t not in adopted]
         best, low, high = None, 1, len(ranking)
+        closest, all_float = sqnr, False  # the best output SQNR of a model that still quantizes something
         while low <= high:
             k = (low + high) // 2
             trial, trial_built, trial_plan = self._build_protected(adopted | set(ranking[:k]))
+            if not trial_plan.quantized:  # a float copy meets any budget, and is no result
+                all_float, high = True, k - 1
+                continue
             ok, agreement, sqnr = check(trial)
             self.budget["attempts"] += 1
             if ok:
                 best = (k, trial, trial_built, trial_plan, agreement, sqnr)
                 high = k - 1
             else:
+                closest = max(closest, sqnr)
                 low = k + 1
         self.timings["fallback"] = time.perf_counter() - start
+        if best is None and all_float:
+            wanted = " and ".join(([f"min_sqnr={self.o.min_sqnr:g} dB"] if self.o.min_sqnr is not None else [])
+                                  + ([f"max_drop={self.o.max_drop:g}"] if self.o.max_drop is not None else []))
+            raise EdgegraphError(
+                f"quant: nothing was quantized: {wanted} is met only with every layer in float (the best model "
+                f"that keeps some layers quantized reaches {closest:.1f} dB output SQNR); lower the floor, or try "
+                "sensitive_type=int16")
         if best is None:
             logger.warning("quant: the budget (max_drop=%s, min_sqnr=%s) is not met even with every ranked "
                            "tensor kept out of 8 bits; keeping the quantized model", self.o.max_drop, self.o.min_sqnr)
@@ -694,12 +710,44 @@ class _Quantizer:
             details["tuning_output_sqnr_db"] = {k: round(v, 2) for k, v in self.tuning.items()}
         if self.budget is not None:
             details["fallback"] = {"kept": fallback, "as": self.o.sensitive_type, **self.budget}
+        degraded = self._degraded(model, plan, errors)
+        if degraded:
+            stats["warning"] = f"worst output SQNR {degraded['held_out_sqnr_db']} dB < {LOW_SQNR_DB:g} dB"
+            details["warning"] = degraded
         if self.o.check_speed and self.ctx.timing:  # (`--runs 0`: no timing at all)
             details["latency"] = self._speed(model)
         details["timings_s"] = {k: round(v, 2) for k, v in self.timings.items()}
         for note in self.notes:
             logger.info("quant: %s", note)
         return PassResult(True, stats, details)
+
+    def _degraded(self, model: ir.Model, plan: Plan, errors) -> dict | None:
+        """When the worst output SQNR on held-out samples is below LOW_SQNR_DB: a warning naming
+        the layers whose quantization adds the most noise and the options that help."""
+        sqnr = self._score(model)
+        if sqnr >= LOW_SQNR_DB:
+            return None
+        owners = {_result_point(plan, node): node for node in plan.quantized}
+        costliest = [owners[t] for t in _sensitivity_ranking(plan, errors)[:COSTLIEST_SHOWN]]
+        layers = [{"node": n.name, "op": n.op, "sqnr_db": round(errors[_result_point(plan, n)].sqnr_db, 2)}
+                  for n in costliest]
+        named = ", ".join(f"{shorten(x['node'])} ({x['op']}, {x['sqnr_db']:.1f} dB)" for x in layers)
+        options = []
+        if self.o.min_sqnr is None and self.o.max_drop is None:
+            options.append(f"quant(min_sqnr={LOW_SQNR_DB + 5:g}) to keep the most sensitive layers in float")
+        else:
+            options.append("a higher min_sqnr or smaller max_drop on more calibration samples")
+        if self.o.sensitive_type != "int16":
+            options.append("sensitive_type=int16 to give them 16-bit activations instead")
+        if costliest:
+            options.append(f"exclude_nodes=[{', '.join(shorten(n.name) for n in costliest)}]")
+        suggestion = ", ".join(options[:-1]) + (" or " if len(options) > 1 else "") + options[-1]
+        message = (f"quant: the quantized model is badly degraded: worst output SQNR {sqnr:.1f} dB on held-out "
+                   f"calibration samples (below {LOW_SQNR_DB:g} dB){'; costliest layers: ' + named if named else ''}; "
+                   f"try {suggestion}")
+        logger.warning("%s", message)
+        return {"held_out_sqnr_db": round(sqnr, 2), "threshold_db": LOW_SQNR_DB, "costliest_layers": layers,
+                "suggestion": suggestion, "message": message}
 
     def _speed(self, model: ir.Model) -> dict:
         """ORT latency of the quantized model vs the float input; warns when int8 is not faster."""
