@@ -22,6 +22,11 @@ from edgegraph.errors import EdgegraphError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
+# gs skips TypeProto attributes on import (Optional's, SequenceEmpty's `type`...) and so writes
+# those nodes without them, a model onnxruntime rejects; let it carry them like other attributes
+# (onnx.helper.make_attribute writes them back).
+gs.importers.onnx_importer.ONNX_PYTHON_ATTR_MAPPING.setdefault("TYPE_PROTO", "tp")
+
 # protobuf refuses to serialize a message of 2 GiB or more; keep a margin for the graph itself.
 PROTO_LIMIT = 2**31 - 64 * 2**20
 # Initializers of at least this size are kept out of protobuf whenever the proto is only a means:
