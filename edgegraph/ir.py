@@ -59,8 +59,7 @@ class Model:
         if not weights:
             with _detached(_weights(self)):
                 return self.to_proto()
-        _repack_4bit(self)
-        with _typed_as_other(self) as restore:
+        with _exportable(self) as restore:
             proto = gs.export_onnx(self.graph, do_type_check=False)
         restore(proto)
         needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
@@ -313,37 +312,35 @@ def _detachable(values) -> bool:
     return values.dtype != object and data_type not in _PACKED_TYPES
 
 
-def _repack_4bit(model: Model) -> None:
-    """Reading a 4-bit initializer leaves it as a numpy array of one value per byte, which gs
-    would export unpacked (a tensor onnx rejects); give such values back as packed protos."""
-    for constant in _constants(model):
-        values = constant._values
-        if isinstance(values, np.ndarray) and values.dtype.itemsize == 1 and values.dtype.name in _4BIT_NAMES:
-            constant._values = LazyValues(onnx.numpy_helper.from_array(values, constant.name))
-
-
 _4BIT_NAMES = ("int4", "uint4", "float4_e2m1fn")
 # Value types gs imports but cannot export (it crashes on optional types, drops the rest).
 _GS_EXPORTS = ("tensor_type", "sequence_type", "sparse_tensor_type")
 
 
 @contextmanager
-def _typed_as_other(model: Model):
-    """While active, tensors of a type gs cannot export (optional, map, opaque) have no dtype, so gs
-    writes them untyped; the `restore` it yields puts optional types back into the exported proto."""
-    saved = []
+def _exportable(model: Model):
+    """While active, the model's graph is one gs can export as it should be (one walk over it):
+
+    * a 4-bit initializer that a pass read is a numpy array of one value per byte, which gs
+      would write unpacked (a tensor onnx rejects): it gets its packed proto back (for good);
+    * tensors of a type gs cannot export (optional, map, opaque) have no dtype, so gs writes
+      them untyped; the `restore` yielded puts optional types back into the exported proto.
+    """
+    saved, types = [], {}
     for graph in iter_graphs(model.graph):
         for tensor in graph.tensors().values():
-            if isinstance(tensor, gs.Variable) and tensor.dtype is not None and tensor.type not in _GS_EXPORTS:
+            if isinstance(tensor, gs.Constant):
+                values = tensor._values
+                if isinstance(values, np.ndarray) and values.dtype.itemsize == 1 and values.dtype.name in _4BIT_NAMES:
+                    tensor._values = LazyValues(onnx.numpy_helper.from_array(values, tensor.name))
+            elif tensor.dtype is not None and tensor.type not in _GS_EXPORTS:
                 saved.append((tensor, tensor.dtype))
-    types = {}
-    for tensor, dtype in saved:
-        if tensor.type == "optional_type" and isinstance(dtype, onnx.TypeProto):
-            types[tensor.name] = onnx.helper.make_optional_type_proto(dtype)
-        tensor.dtype = None
+                if tensor.type == "optional_type" and isinstance(tensor.dtype, onnx.TypeProto):
+                    types[tensor.name] = onnx.helper.make_optional_type_proto(tensor.dtype)
+                tensor.dtype = None
 
     def restore(proto: onnx.ModelProto) -> None:
-        for graph in _graph_protos(proto.graph):
+        for graph in _graph_protos(proto.graph) if types else ():
             for info in (*graph.input, *graph.output, *graph.value_info):
                 if info.name in types and not info.type.WhichOneof("value"):
                     info.type.CopyFrom(types[info.name])
