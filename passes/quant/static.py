@@ -638,7 +638,7 @@ class _Quantizer:
         while low <= high:
             k = (low + high) // 2
             trial, trial_built, trial_plan = self._build_protected(adopted | set(ranking[:k]))
-            if not trial_plan.quantized:  # a float copy meets any budget, and is no result
+            if not any(is_quantized(n) for n in ir.iter_nodes(trial.graph)):  # a float copy meets any budget
                 all_float, high = True, k - 1
                 continue
             ok, agreement, sqnr = check(trial)
