@@ -4,6 +4,7 @@ for degraded results and for options that match nothing, one count of quantized 
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -244,7 +245,6 @@ def test_pass_count_is_the_summary_count(tmp_path, capsys):
     assert main(["opt", str(DEFAULT_DIR / "digits_cnn.onnx"), "-p", "cleanup,quant(check_speed=false)", "--calib",
                  str(DEFAULT_DIR / "digits_calib.npz"), "-o", str(out), "--report", str(report)]) == 0
     summary = capsys.readouterr().out
-    import json
     data = json.loads(report.read_text())
     counted = data["passes"][-1]["stats"]["quantized_nodes"]
     assert counted == data["after"]["quantized_nodes"] == analysis.model_stats(str(out)).quantized_nodes == 10
