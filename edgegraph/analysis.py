@@ -164,7 +164,7 @@ def serialized_size(model: ir.Model, light: onnx.ModelProto | None = None) -> in
     light = model.to_proto(weights=False) if light is None else light
     left_out = [t for t in onnx.external_data_helper._get_all_tensors(light)
                 if t.data_location == onnx.TensorProto.EXTERNAL]
-    return light.ByteSize() + sum(math.prod(t.dims) * (_np_dtype(t.data_type) or np.dtype(np.uint8)).itemsize
+    return light.ByteSize() + sum(math.prod(t.dims) * (ir.numpy_dtype(t.data_type) or np.dtype(np.uint8)).itemsize
                                   for t in left_out)
 
 
@@ -247,38 +247,40 @@ def _constants(graph: gs.Graph):
     """(tensor whose consumers use the value, shape, numpy dtype) for every constant of `graph`."""
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
-            yield tensor, tuple(tensor.shape), _np_dtype(tensor.dtype)
+            yield tensor, tuple(tensor.shape), ir.numpy_dtype(tensor.dtype)
     for node in graph.nodes:
         if node.op != "Constant" or not node.outputs:
             continue
         value = node.attrs.get("value")
         if isinstance(value, gs.Constant):
-            yield node.outputs[0], tuple(value.shape), _np_dtype(value.dtype)
+            yield node.outputs[0], tuple(value.shape), ir.numpy_dtype(value.dtype)
         elif node.attrs.get("value_floats") is not None:
             yield node.outputs[0], (len(node.attrs["value_floats"]),), np.dtype(np.float32)
         elif node.attrs.get("value_float") is not None:
             yield node.outputs[0], (), np.dtype(np.float32)
 
 
-def _np_dtype(dtype) -> np.dtype | None:
-    try:
-        if isinstance(dtype, int):  # an onnx TensorProto data type
-            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
-        return np.dtype(dtype)
-    except (TypeError, KeyError, ValueError):
-        return None
-
-
 def is_quantized(node: gs.Node) -> bool:
     """An integer/QLinear op, or a QDQ node unit: an op fed by DequantizeLinear whose outputs are
     re-quantized (or a Conv/MatMul-like op with dequantized inputs, which runs on integer
-    kernels even with a float output). Plumbing such as Reshape does not count."""
+    kernels even with a float output). Plumbing such as Reshape does not count.
+
+    The one definition of a quantized node: the summary counts it, and so does `quant` in its
+    stats. A Relu / Clip between an op and its QuantizeLinear belongs to the op (onnxruntime
+    removes it when the Q's range already clips there)."""
     if node.op.startswith("QLinear") or node.op in INTEGER_OPS:
         return True
     if node.op in _PLUMBING or not any(_is_dequantized(t) for t in node.inputs):
         return False
-    requantized = all(t.outputs and all(user.op == "QuantizeLinear" for user in t.outputs) for t in node.outputs)
-    return requantized or node.op in _MAC_RULES
+    return all(_requantized(t) for t in node.outputs) or node.op in _MAC_RULES
+
+
+def _requantized(tensor: gs.Tensor, through_activation: bool = True) -> bool:
+    users = tensor.outputs
+    return bool(users) and all(
+        user.op == "QuantizeLinear"
+        or (through_activation and user.op in ("Relu", "Clip") and _requantized(user.outputs[0], False))
+        for user in users)
 
 
 def _is_dequantized(tensor: gs.Tensor) -> bool:
@@ -291,7 +293,7 @@ def _op_label(node: gs.Node) -> str:
 
 
 def _tensor_info(tensor: gs.Tensor) -> TensorInfo:
-    dtype = _np_dtype(tensor.dtype)
+    dtype = ir.numpy_dtype(tensor.dtype)
     shape = None if tensor.shape is None else [d if isinstance(d, int | str) else None for d in tensor.shape]
     return TensorInfo(tensor.name, str(dtype) if dtype is not None else "?", shape)
 

@@ -22,6 +22,11 @@ from edgegraph.errors import EdgegraphError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
+# gs skips TypeProto attributes on import (Optional's, SequenceEmpty's `type`...) and so writes
+# those nodes without them, a model onnxruntime rejects; let it carry them like other attributes
+# (onnx.helper.make_attribute writes them back).
+gs.importers.onnx_importer.ONNX_PYTHON_ATTR_MAPPING.setdefault("TYPE_PROTO", "tp")
+
 # protobuf refuses to serialize a message of 2 GiB or more; keep a margin for the graph itself.
 PROTO_LIMIT = 2**31 - 64 * 2**20
 # Initializers of at least this size are kept out of protobuf whenever the proto is only a means:
@@ -54,7 +59,9 @@ class Model:
         if not weights:
             with _detached(_weights(self)):
                 return self.to_proto()
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        with _exportable(self) as restore:
+            proto = gs.export_onnx(self.graph, do_type_check=False)
+        restore(proto)
         if proto.ir_version >= 4:  # (before IR 4 every initializer of the main graph is also an input)
             _store_shared_constants_once(self.graph, proto.graph)
         needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
@@ -251,6 +258,17 @@ _PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4
                  if hasattr(onnx.TensorProto, n)}
 
 
+def numpy_dtype(dtype) -> np.dtype | None:
+    """A gs tensor's dtype (numpy type or onnx data type number) as a numpy dtype; None when it
+    has none (unknown, or the element type of an optional / map value)."""
+    try:
+        if isinstance(dtype, int):  # an onnx TensorProto data type
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        return np.dtype(dtype) if dtype is not None else None
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
 def _numpy_dtype(data_type: int) -> np.dtype | None:
     """The numpy dtype whose bytes are the tensor's raw bytes, if there is one."""
     if data_type in _PACKED_TYPES or data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
@@ -336,6 +354,53 @@ def _detachable(values) -> bool:
         return False
     # numpy holds 4-bit values one per byte; their file bytes are packed (gs packs on export).
     return values.dtype != object and data_type not in _PACKED_TYPES
+
+
+_4BIT_NAMES = ("int4", "uint4", "float4_e2m1fn")
+# Value types gs imports but cannot export (it crashes on optional types, drops the rest).
+_GS_EXPORTS = ("tensor_type", "sequence_type", "sparse_tensor_type")
+
+
+@contextmanager
+def _exportable(model: Model):
+    """While active, the model's graph is one gs can export as it should be (one walk over it):
+
+    * a 4-bit initializer that a pass read is a numpy array of one value per byte, which gs
+      would write unpacked (a tensor onnx rejects): it gets its packed proto back (for good);
+    * tensors of a type gs cannot export (optional, map, opaque) have no dtype, so gs writes
+      them untyped; the `restore` yielded puts optional types back into the exported proto.
+    """
+    saved, types = [], {}
+    for graph in iter_graphs(model.graph):
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                values = tensor._values
+                if isinstance(values, np.ndarray) and values.dtype.itemsize == 1 and values.dtype.name in _4BIT_NAMES:
+                    tensor._values = LazyValues(onnx.numpy_helper.from_array(values, tensor.name))
+            elif tensor.dtype is not None and tensor.type not in _GS_EXPORTS:
+                saved.append((tensor, tensor.dtype))
+                if tensor.type == "optional_type" and isinstance(tensor.dtype, onnx.TypeProto):
+                    types[tensor.name] = onnx.helper.make_optional_type_proto(tensor.dtype)
+                tensor.dtype = None
+
+    def restore(proto: onnx.ModelProto) -> None:
+        for graph in _graph_protos(proto.graph) if types else ():
+            for info in (*graph.input, *graph.output, *graph.value_info):
+                if info.name in types and not info.type.WhichOneof("value"):
+                    info.type.CopyFrom(types[info.name])
+    try:
+        yield restore
+    finally:
+        for tensor, dtype in saved:
+            tensor.dtype = dtype
+
+
+def _graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graph_protos(sub)
 
 
 def _is_detached(constant: gs.Constant) -> bool:

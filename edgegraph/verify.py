@@ -88,7 +88,7 @@ def worst_sqnr_db(references: Iterable[Feeds], candidates: Iterable[Feeds]) -> f
     refs, cands = list(references), list(candidates)
     worst = float("inf")
     for name, value in (refs[0].items() if refs else ()):
-        if value.dtype.kind != "f":
+        if not isinstance(value, np.ndarray) or value.dtype.kind != "f":  # (sequences, optionals: not scored)
             continue
         signal = noise = 0.0
         for ref, cand in zip(refs, cands):

@@ -17,8 +17,8 @@ import pytest
 
 import edgegraph
 
-# Cases whose optional-typed graph inputs/outputs onnx-graphsurgeon cannot export.
-KNOWN_IR_UNSUPPORTED = {"test_identity_opt", "test_if_opt", "test_loop16_seq_none"}
+# Cases edgegraph.ir cannot load and save (optional-typed values and TypeProto attributes now can).
+KNOWN_IR_UNSUPPORTED: set[str] = set()
 
 # Expected outputs are compared the way onnx's backend runner does.
 DEFAULT_RTOL, DEFAULT_ATOL = 1e-3, 1e-7
@@ -121,6 +121,5 @@ def test_cleanup_keeps_every_backend_node_case_passing(node_cases, record_proper
     with capsys.disabled():
         print(f"\n{summary}")
     assert not broken, f"{len(broken)} case(s) broken by cleanup:\n" + "\n".join(broken)
-    # Optional-typed graph inputs/outputs: onnx-graphsurgeon cannot export them (edgegraph.ir
-    # limitation, reported); anything else that cannot round-trip would be a new regression.
+    # Anything that cannot round-trip would be a new regression.
     assert set(unsupported) <= KNOWN_IR_UNSUPPORTED, f"new round-trip failures: {set(unsupported) - KNOWN_IR_UNSUPPORTED}"

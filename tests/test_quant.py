@@ -223,7 +223,9 @@ def test_convnet_is_valid_and_accurate(convnet_result):
     quantized = _outputs(proto, {"x": x})
     assert _sqnr(reference, quantized) > 25
     assert np.mean(reference.argmax(1) == quantized.argmax(1)) >= 0.9
-    assert record.stats["quantized_nodes"] >= 10
+    # Every compute node: 5 Conv, Add, MaxPool, GlobalAveragePool, Gemm (the Concat and Flatten
+    # between them move int8 data and are not counted, as in the summary: analysis.is_quantized).
+    assert record.stats["quantized_nodes"] == 9
     assert record.stats["calibration_samples"] == 64
     # ORT's fused integer kernels agree with the Q/DQ arithmetic: no int16 saturation (the signed
     # input's layer is guarded), no unfused surprises.
@@ -432,9 +434,11 @@ def test_coarse_tensors_stay_float_when_that_pays():
 def test_sensitivity_fallback_keeps_layers_float_for_a_budget():
     model = qfix.small_convnet(seed=5)
     x = qfix.convnet_inputs(64, seed=5)
-    proto, record = _quantize(model, {"x": x}, "quant(check_speed=false, min_sqnr=50)")
+    # 8 bits everywhere gives 42.5 dB here; 44 dB needs most layers float, but not all (min_sqnr=50
+    # was met only by a float copy, which the pass now refuses: test_quant_robust).
+    proto, record = _quantize(model, {"x": x}, "quant(check_speed=false, min_sqnr=44)")
     fallback = record.details["fallback"]
-    assert fallback["met"] and fallback["output_sqnr_db"] >= 50
+    assert fallback["met"] and fallback["output_sqnr_db"] >= 44 and record.stats["quantized_nodes"] >= 1
     assert record.stats["fallback_layers"] == len(fallback["kept"]) >= 1 and fallback["as"] == "float"
     assert set(fallback["kept"]) <= set(record.details["float_nodes"])
     onnx.checker.check_model(proto, full_check=True)

@@ -284,7 +284,7 @@ def output_agreement(reference: Sequence[Feeds], candidate: Sequence[Feeds]) -> 
             agreements.append(m.top1)
             continue
         ref = [r[name] for r in reference]
-        if ref[0].dtype.kind == "f" and ref[0].ndim and ref[0].shape[-1] > 1:
+        if isinstance(ref[0], np.ndarray) and ref[0].dtype.kind == "f" and ref[0].ndim and ref[0].shape[-1] > 1:
             ref_rows = np.concatenate([r.reshape(-1, r.shape[-1]) for r in ref])
             cand_rows = np.concatenate([c[name].reshape(-1, c[name].shape[-1]) for c in candidate])
             agreements.append(verify.argmax_agreement(ref_rows, cand_rows))

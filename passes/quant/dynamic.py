@@ -28,6 +28,7 @@ from edgegraph.context import PassContext
 from edgegraph.pipeline import Pass, PassResult, option
 from edgegraph.registry import register_pass
 from edgegraph.passes.quant import numerics as nq
+from edgegraph.passes.quant.names import warn_unmatched
 from edgegraph.passes.quant.linear import Embedding, Linear, detach, embedding_layers, linear_layers
 
 DYNAMIC_OPS = ("MatMul", "Gemm", "Gather")
@@ -71,6 +72,7 @@ class QuantDynamic(Pass):
         if model.opset < MIN_OPSET:
             return PassResult(False, {"skipped": f"opset {model.opset} < {MIN_OPSET} (no DynamicQuantizeLinear)"})
         graph = model.graph
+        warn_unmatched(f"{self.name}: exclude", self.exclude, graph, ops=True, nodes=True)
         namer = ir.Namer(graph)
         linears = linear_layers(graph, model.opset, self.ops, self.exclude, self.min_elements)
         embeddings = embedding_layers(graph, model.opset, self.exclude, self.min_elements) if "Gather" in self.ops else []

@@ -91,7 +91,7 @@ def data_inputs(node: gs.Node) -> list[int]:
 
 def is_float(tensor: gs.Tensor) -> bool:
     dtype = tensor.dtype if not isinstance(tensor, gs.Constant) else tensor.values.dtype
-    return dtype is not None and np.dtype(dtype) == np.float32
+    return ir.numpy_dtype(dtype) == np.float32
 
 
 def weight_axis(node: gs.Node, weight: np.ndarray) -> int | None:

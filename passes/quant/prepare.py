@@ -28,7 +28,7 @@ def compute_in_float32(model: ir.Model) -> bool:
     float32. The model's interface keeps its float16 inputs and outputs. Returns True if changed.
     """
     graph = model.graph
-    is_fp16 = lambda dtype: dtype is not None and np.dtype(dtype) == np.float16  # noqa: E731
+    is_fp16 = lambda dtype: ir.numpy_dtype(dtype) == np.float16  # noqa: E731
     io16 = [t for t in list(graph.inputs) + list(graph.outputs) if is_fp16(t.dtype)]
     changed = bool(io16)
     for g in ir.iter_graphs(graph):

@@ -98,9 +98,10 @@ class QdqWriter:
         """tensor -> Q -> DQ; each quantized consumer gets its own DQ (one node unit each for ORT),
         float consumers share one. A graph output keeps its name on a DQ output."""
         source = tensor
-        if tensor.name in self.outputs:
+        producer = ir.producer(tensor)
+        # (A graph input passed straight to an output has no producer: the output stays the input.)
+        if tensor.name in self.outputs and producer is not None:
             source = gs.Variable(self.namer(f"{tensor.name}_float"), tensor.dtype, tensor.shape)
-            producer = ir.producer(tensor)
             producer.outputs[producer.outputs.index(tensor)] = source
             for user in ir.consumers(tensor):
                 _rewire(user, tensor, source)

@@ -26,11 +26,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, verify
+from edgegraph.analysis import is_quantized, model_stats
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import CalibrationDataError, EdgegraphError
 from edgegraph.pipeline import Pass, PassResult, option
 from edgegraph.registry import register_pass
 from edgegraph.passes.quant import analysis, calibrate, numerics, prepare
+from edgegraph.passes.quant.names import shorten, warn_unmatched
 from edgegraph.passes.quant.numerics import QType
 from edgegraph.passes.quant.placement import ANCHORS, SHARED, Plan, clip_bounds, make_plan, output_channels
 from edgegraph.passes.quant.qdq import (QdqWriter, QParams, QuantizedBias, QuantizedWeight, fit_bias, quantize_weight,
@@ -45,10 +47,13 @@ MS_DOMAIN = "com.microsoft"
 _CLIP_EPS = float(np.finfo(np.float32).eps)
 # Share of a layer's input values allowed above u8 code 128 before `saturation_guard` acts.
 SATURATION_FRACTION = 0.01
-# Samples for bias correction, tuning and the per-layer table, unless forward passes are so slow
-# that ANALYSIS_SECONDS of them allow fewer (each step runs a model on every one of them).
+# Samples for bias correction, tuning and the per-layer table, unless the model is so heavy that
+# ANALYSIS_MACS of forward passes allow fewer (each step runs a model on every one of them). A
+# count, not a clock, so that the result does not depend on the machine's load: 80 GMACs are
+# about the second of forward passes the earlier time budget allowed on the 2-core development
+# machine (AGLLNet 256x256, 18.7 GMACs a sample: 4 samples; SqueezeNet, DeepLab, YOLOX: 8).
 DEFAULT_ANALYSIS_SAMPLES = 8
-ANALYSIS_SECONDS = 1.0
+ANALYSIS_MACS = 80e9
 # Wall time the speed check spends timing, beyond one warm-up run of each model.
 SPEED_CHECK_SECONDS = 1.0
 # Calibration samples that per-channel variances are estimated from.
@@ -61,6 +66,10 @@ FLOAT_GAIN_DB = 1.0
 # ... and at most this share of the quantized nodes goes float for them (the coarsest first):
 # calibration data that barely varies (one image plus noise) makes many tensors look coarse.
 COARSE_FLOAT_SHARE = 0.25
+# Worst output SQNR (dB, held-out calibration samples) below which the result is called degraded:
+# the pass reaches 25-45 dB on the shared CNNs, classifiers keep their top-1 down to ~20 dB.
+LOW_SQNR_DB = 15.0
+COSTLIEST_SHOWN = 3  # layers named in that warning
 
 
 @register_pass
@@ -114,9 +123,10 @@ class StaticQuantize(Pass):
     calib_samples: int = option(0, "calibration samples to use (0 = all)")
     analysis_samples: int = option(
         0, "samples used for bias correction, tuning, the per-layer table and sensitivity (0 = 8, or fewer, "
-           "down to 2, when a forward pass is slow: a 256x256 image-to-image model needs seconds per pass)")
+           "down to 2, for models above 10 GMACs a sample: 80 GMACs of forward passes in all)")
     prepare: bool = option(True, "run the exact `cleanup` pass first (folds BatchNorm and constants)")
-    check_speed: bool = option(True, "time the result against the float model in ORT and warn if it is not faster")
+    check_speed: bool = option(True, "time the result against the float model in ORT and warn if it is not faster "
+                                     "(not with --runs 0)")
 
     def __post_init__(self) -> None:
         self.check(0.0 < self.percentile < 100.0, f"quant: percentile must be in (0, 100), got {self.percentile}")
@@ -170,9 +180,8 @@ class _Quantizer:
         self.calib = self._calibration_set()
         self.domain = self._qdq_domain(model)
         self.excluded = excluded = set(self.o.exclude_nodes)
-        unknown = excluded - {n.name for n in model.graph.nodes}
-        if unknown:
-            logger.warning("quant: exclude_nodes names no node: %s", ", ".join(sorted(unknown)))
+        warn_unmatched("quant: exclude_nodes", self.o.exclude_nodes, model.graph, ops=False, nodes=True)
+        warn_unmatched("quant: exclude_ops", self.o.exclude_ops, model.graph, ops=True, nodes=False)
         plan = self.base_plan = self._plan(excluded)
         self.timings["prepare"] = time.perf_counter() - start
         if not plan.quantized:
@@ -349,10 +358,12 @@ class _Quantizer:
         self.moments[name].update(values, *channel_ids[key])
 
     def _affordable_samples(self) -> int:
-        """Analysis samples for analysis_samples=0: 8, or as many as ANALYSIS_SECONDS of forward
-        passes allow (timed by calibration, which runs the float model on every sample), at least 2."""
-        seconds_per_sample = self.timings["calibrate"] / max(len(self.calib), 1)
-        return int(np.clip(ANALYSIS_SECONDS / max(seconds_per_sample, 1e-9), 2, DEFAULT_ANALYSIS_SAMPLES))
+        """Analysis samples for analysis_samples=0: 8, or as many as ANALYSIS_MACS of forward
+        passes allow (MACs at the calibration data's shape), at least 2."""
+        feeds = next(self._batches(self.calib.take(1)))
+        shapes = {name: np.shape(value) for name, value in feeds.items()}
+        macs = model_stats(self.float_proto, fix_shapes=shapes, feeds=feeds).macs_known
+        return int(np.clip(ANALYSIS_MACS // max(macs, 1), 2, DEFAULT_ANALYSIS_SAMPLES))
 
     def _within_group(self, plan: Plan) -> set[str]:
         """Outputs of data-movement ops that share their input's scale: their values are a subset
@@ -589,7 +600,8 @@ class _Quantizer:
             out = by_name[name].outputs[0].name
             if by_name[name].op in ANCHORS and out in float_tensors:
                 pairs.setdefault(out, out)
-        self.output_names = [t.name for t in quant.graph.outputs]
+        # Sequence / optional outputs have no energy to measure.
+        self.output_names = [t.name for t in quant.graph.outputs if t.type == "tensor_type"]
         for name in self.output_names:
             pairs.setdefault(name, name)
         data = self.calib.take(self.analysis_count)
@@ -622,17 +634,29 @@ class _Quantizer:
         adopted = set(self.coarse)  # already out of 8 bits
         ranking = [t for t in _sensitivity_ranking(plan, errors) if t not in adopted]
         best, low, high = None, 1, len(ranking)
+        closest, all_float = sqnr, False  # the best output SQNR of a model that still quantizes something
         while low <= high:
             k = (low + high) // 2
             trial, trial_built, trial_plan = self._build_protected(adopted | set(ranking[:k]))
+            if not any(is_quantized(n) for n in ir.iter_nodes(trial.graph)):  # a float copy meets any budget
+                all_float, high = True, k - 1
+                continue
             ok, agreement, sqnr = check(trial)
             self.budget["attempts"] += 1
             if ok:
                 best = (k, trial, trial_built, trial_plan, agreement, sqnr)
                 high = k - 1
             else:
+                closest = max(closest, sqnr)
                 low = k + 1
         self.timings["fallback"] = time.perf_counter() - start
+        if best is None and all_float:
+            wanted = " and ".join(([f"min_sqnr={self.o.min_sqnr:g} dB"] if self.o.min_sqnr is not None else [])
+                                  + ([f"max_drop={self.o.max_drop:g}"] if self.o.max_drop is not None else []))
+            raise EdgegraphError(
+                f"quant: nothing was quantized: {wanted} is met only with every layer in float (the best model "
+                f"that keeps some layers quantized reaches {closest:.1f} dB output SQNR); lower the floor, or try "
+                "sensitive_type=int16")
         if best is None:
             logger.warning("quant: the budget (max_drop=%s, min_sqnr=%s) is not met even with every ranked "
                            "tensor kept out of 8 bits; keeping the quantized model", self.o.max_drop, self.o.min_sqnr)
@@ -665,7 +689,7 @@ class _Quantizer:
             })
         outputs = {name: round(errors[name].sqnr_db, 2) for name in self.output_names if name in errors}
         stats = {
-            "quantized_nodes": len(plan.quantized),
+            "quantized_nodes": sum(is_quantized(n) for n in ir.iter_nodes(model.graph)),
             "float_nodes": len(plan.skipped),
             "calibration_samples": len(self.calib),
             "analysis_samples": self.analysis_count,
@@ -686,12 +710,44 @@ class _Quantizer:
             details["tuning_output_sqnr_db"] = {k: round(v, 2) for k, v in self.tuning.items()}
         if self.budget is not None:
             details["fallback"] = {"kept": fallback, "as": self.o.sensitive_type, **self.budget}
-        if self.o.check_speed:
+        degraded = self._degraded(model, plan, errors)
+        if degraded:
+            stats["warning"] = f"worst output SQNR {degraded['held_out_sqnr_db']} dB < {LOW_SQNR_DB:g} dB"
+            details["warning"] = degraded
+        if self.o.check_speed and self.ctx.timing:  # (`--runs 0`: no timing at all)
             details["latency"] = self._speed(model)
         details["timings_s"] = {k: round(v, 2) for k, v in self.timings.items()}
         for note in self.notes:
             logger.info("quant: %s", note)
         return PassResult(True, stats, details)
+
+    def _degraded(self, model: ir.Model, plan: Plan, errors) -> dict | None:
+        """When the worst output SQNR on held-out samples is below LOW_SQNR_DB: a warning naming
+        the layers whose quantization adds the most noise and the options that help."""
+        sqnr = self._score(model)
+        if sqnr >= LOW_SQNR_DB:
+            return None
+        owners = {_result_point(plan, node): node for node in plan.quantized}
+        costliest = [owners[t] for t in _sensitivity_ranking(plan, errors)[:COSTLIEST_SHOWN]]
+        layers = [{"node": n.name, "op": n.op, "sqnr_db": round(errors[_result_point(plan, n)].sqnr_db, 2)}
+                  for n in costliest]
+        named = ", ".join(f"{shorten(x['node'])} ({x['op']}, {x['sqnr_db']:.1f} dB)" for x in layers)
+        options = []
+        if self.o.min_sqnr is None and self.o.max_drop is None:
+            options.append(f"quant(min_sqnr={LOW_SQNR_DB + 5:g}) to keep the most sensitive layers in float")
+        else:
+            options.append("a higher min_sqnr or smaller max_drop on more calibration samples")
+        if self.o.sensitive_type != "int16":
+            options.append("sensitive_type=int16 to give them 16-bit activations instead")
+        if costliest:
+            options.append(f"exclude_nodes=[{', '.join(shorten(n.name) for n in costliest)}]")
+        suggestion = ", ".join(options[:-1]) + (" or " if len(options) > 1 else "") + options[-1]
+        message = (f"quant: the quantized model is badly degraded: worst output SQNR {sqnr:.1f} dB on held-out "
+                   f"calibration samples (below {LOW_SQNR_DB:g} dB){'; costliest layers: ' + named if named else ''}; "
+                   f"try {suggestion}")
+        logger.warning("%s", message)
+        return {"held_out_sqnr_db": round(sqnr, 2), "threshold_db": LOW_SQNR_DB, "costliest_layers": layers,
+                "suggestion": suggestion, "message": message}
 
     def _speed(self, model: ir.Model) -> dict:
         """ORT latency of the quantized model vs the float input; warns when int8 is not faster."""

@@ -27,6 +27,7 @@ from edgegraph.errors import PassFailure
 from edgegraph.pipeline import Pass, PassResult, option
 from edgegraph.registry import register_pass
 from edgegraph.passes.quant import numerics as nq
+from edgegraph.passes.quant.names import warn_unmatched
 from edgegraph.passes.quant.linear import Linear, detach, linear_layers
 
 FORMATS = ("matmulnbits", "qdq")
@@ -70,6 +71,7 @@ class QuantInt4(Pass):
         self.check(self.min_elements >= 0, "quant-int4: min_elements must be >= 0")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        warn_unmatched(f"{self.name}: exclude", self.exclude, model.graph, ops=True, nodes=True)
         layers = linear_layers(model.graph, model.opset, self.ops, self.exclude, self.min_elements)
         # A block must fit in K: smaller layers (e.g. K=8 heads) stay float.
         layers = [layer for layer in layers if layer.weight.shape[0] >= self.block_size]
