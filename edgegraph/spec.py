@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -78,17 +79,26 @@ def load_recipe(path: str | Path) -> list[Pass]:
     items = recipe.get("passes") if isinstance(recipe, dict) else recipe
     if not isinstance(items, list) or not items:
         raise EdgegraphError(f"recipe {path} needs a non-empty 'passes' list")
+    return from_items(items, f"recipe {path}")
+
+
+def from_items(items: list, where: str) -> list[Pass]:
+    """A recipe's pass list: spec strings, {name: {options}} and (from the library) Pass objects."""
     passes = []
     for item in items:
-        if isinstance(item, str):
+        if isinstance(item, Pass):
+            passes.append(item)
+        elif isinstance(item, str):
             passes.extend(parse(item))
         elif isinstance(item, dict) and len(item) == 1:
             (name, options), = item.items()
-            if options is not None and not isinstance(options, dict):
-                raise EdgegraphError(f"recipe {path}: options of '{name}' must be a mapping")
+            if not isinstance(name, str):
+                raise EdgegraphError(f"{where}: a pass name must be a string, got {reprlib.repr(name)}")
+            if options is not None and (not isinstance(options, dict) or not all(isinstance(k, str) for k in options)):
+                raise EdgegraphError(f"{where}: options of '{name}' must be a mapping {{option name: value}}")
             passes.append(build(name, options or {}))
         else:
-            raise EdgegraphError(f"recipe {path}: each pass is a name or {{name: {{options}}}}, got {item!r}")
+            raise EdgegraphError(f"{where}: each pass is a name or {{name: {{options}}}}, got {reprlib.repr(item)}")
     return passes
 
 
