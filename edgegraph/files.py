@@ -90,18 +90,23 @@ shielded = _Shield()
 
 @contextlib.contextmanager
 def private_tempdir() -> Iterator[Path]:
-    """Every temporary file of the process (onnxruntime copies of big models, passes' scratch
-    space) goes into one new folder for as long as this is active; it is removed at the end,
-    however the run ends."""
-    previous, folder = tempfile.tempdir, None
+    """Every temporary file of the process goes into one new folder for as long as this is
+    active, and is removed with it at the end, however the run ends: edgegraph's (onnxruntime
+    copies of big models, passes' scratch space) through `tempfile`, native libraries' through
+    $TMPDIR (onnxruntime writes a `.ses` file there when it is imported)."""
+    previous, previous_env, folder = tempfile.tempdir, os.environ.get("TMPDIR"), None
     try:
         with shielded:
             folder = Path(tempfile.mkdtemp(prefix="edgegraph-"))
-            tempfile.tempdir = str(folder)
+            tempfile.tempdir = os.environ["TMPDIR"] = str(folder)
         yield folder
     finally:
         with shielded:
             tempfile.tempdir = previous
+            if previous_env is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = previous_env
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
 
