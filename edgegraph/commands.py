@@ -129,7 +129,7 @@ def cmd_opt(args) -> int:
                    report_path)
             moves.append((staged_report, report_path))
         try:
-            files.publish(moves)
+            files.publish(moves, outcome=True)
         except OSError as exc:
             raise EdgegraphError(f"cannot write {exc.filename}: {exc.strerror or exc}; nothing was written") from None
     if not args.quiet:
@@ -154,8 +154,12 @@ def _check_outputs(args, source: Path, output: Path, report: Path | None) -> Non
     if report:
         outputs["--report"] = report
     inputs, replaceable = {}, {}
-    if any(os.path.lexists(p) for p in outputs.values()):  # else none can be an input: skip the look
-        external = ir.external_data_files(source)
+    existing = {files.identity(p) for p in outputs.values()} - {None}
+    if existing:  # else none of them can be an input: skip the look
+        # External data lives in the model's folder; the model is read again for its list only
+        # when an output is one of the other files there (never for weights inside the model).
+        others = {files.identity(f) for f in files.files_in(source.parent)} - {files.identity(source)}
+        external = ir.external_data_files(source) if existing & others else []
         inputs = {"the input model": [source], "the input's external data": external,
                   "the --calib data": files.files_in(Path(args.calib)) if args.calib else [],
                   "the --eval data": [Path(args.eval)] if args.eval else [],

@@ -128,10 +128,15 @@ def staging(destination: Path) -> Iterator[Path]:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def publish(moves: Sequence[tuple[Path, Path]]) -> None:
+# The files `publish(..., outcome=True)` put in place: what the run has written for good (so that
+# a signal after that is not reported as "nothing was written").
+written: list[Path] = []
+
+
+def publish(moves: Sequence[tuple[Path, Path]], *, outcome: bool = False) -> None:
     """Move each staged file to its destination (staged in the destination's folder): all of
     them or, when a move fails or a signal arrives, none. Files that were replaced are put back.
-    Raises what made it fail (OSError, Interrupted)."""
+    Raises what made it fail (OSError, Interrupted). `outcome`: these are the run's results."""
     done: list[tuple[Path, Path | None]] = []  # (destination, the file it replaced, kept aside)
     failed = None
     with shielded:
@@ -149,6 +154,8 @@ def publish(moves: Sequence[tuple[Path, Path]]) -> None:
                 os.replace(staged, destination)
             if _deferred:
                 raise Interrupted(_deferred[0])
+            if outcome:
+                written.extend(destination for _, destination in moves)
         except BaseException as exc:
             for moved, previous in reversed(done):
                 with contextlib.suppress(OSError):
@@ -161,7 +168,7 @@ def publish(moves: Sequence[tuple[Path, Path]]) -> None:
             raise
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def identity(path: Path) -> tuple[int, int] | None:
     """(device, inode) of the file `path` leads to (through symlinks), None if there is none."""
     try:
         st = os.stat(path)
@@ -172,8 +179,8 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 def same_file(a: Path, b: Path) -> bool:
     """Whether `a` and `b` are one existing file (the same path, a symlink or a hard link)."""
-    ia = _identity(a)
-    return ia is not None and ia == _identity(b)
+    ia = identity(a)
+    return ia is not None and ia == identity(b)
 
 
 def files_in(path: Path) -> list[Path]:
@@ -191,17 +198,17 @@ def refuse_overwriting(outputs: Mapping[str, Path], inputs: Mapping[str, Iterabl
     owners: dict[tuple[int, int], str] = {}
     for what, paths in inputs.items():
         for path in paths:
-            identity = _identity(path)
-            if identity is not None:
-                owners.setdefault(identity, f"{what} ({path})")
+            found = identity(path)
+            if found is not None:
+                owners.setdefault(found, f"{what} ({path})")
     seen: dict[object, str] = {}
     for what, path in outputs.items():
-        identity = _identity(path)
-        allowed = {_identity(p) for p in (replaceable or {}).get(what, ())}
-        if identity in owners and identity not in allowed:
-            raise EdgegraphError(f"{what} must not name {owners[identity]}: it would be overwritten; "
+        found = identity(path)
+        allowed = {identity(p) for p in (replaceable or {}).get(what, ())}
+        if found in owners and found not in allowed:
+            raise EdgegraphError(f"{what} must not name {owners[found]}: it would be overwritten; "
                                  "choose another path")
-        key = identity or os.path.realpath(path)
+        key = found or os.path.realpath(path)
         if key in seen:
             raise EdgegraphError(f"{what} must not name the same file as {seen[key]}")
         seen[key] = what

@@ -308,3 +308,38 @@ def test_the_report_gets_the_permissions_of_the_model(capsys, tmp_path, umask):
         os.umask(old)
     assert (code, err) == (0, "")
     assert oct(out.stat().st_mode & 0o777) == oct(report.stat().st_mode & 0o777) == oct(0o666 & ~umask)
+
+
+def test_a_signal_after_the_files_are_in_place_says_so(capsys, tmp_path, monkeypatch):
+    """A signal while the (emptied) staging folder is removed: the outputs are complete and
+    stay; the line says they were written rather than "nothing was written"."""
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    rmtree = files.shutil.rmtree
+
+    def signalled(path, *args, **kwargs):
+        if Path(path).parent == tmp_path:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.shutil, "rmtree", signalled)
+    code, err = run(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--report", report, "--runs", "0")
+    assert (code, err) == (129, f"edgegraph: error: interrupted (SIGHUP); after writing {out}, {report}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx", "r.json"]
+    onnx.checker.check_model(onnx.load(out))
+
+
+def test_in_place_on_a_self_contained_model_does_not_read_it_again(capsys, tmp_path, monkeypatch):
+    """The input is read again (for its external-data files) only when an output is another file
+    of its folder: never for a model with its weights inside, however big."""
+    source = tmp_path / "m.onnx"
+    source.write_bytes(DIGITS.read_bytes())
+    (tmp_path / "notes.txt").write_text("unrelated")
+
+    def unexpected(path):
+        raise AssertionError("read the input again")
+
+    monkeypatch.setattr(ir, "external_data_files", unexpected)
+    code, err = run(capsys, "opt", source, "-p", "cleanup", "-o", source, "--runs", "0", "--report",
+                    tmp_path / "r.json")
+    assert (code, err) == (0, "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "notes.txt", "r.json"]
