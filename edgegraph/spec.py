@@ -95,7 +95,7 @@ def from_items(items: list, where: str) -> list[Pass]:
             if not isinstance(name, str):
                 raise EdgegraphError(f"{where}: a pass name must be a string, got {reprlib.repr(name)}")
             if options is not None and (not isinstance(options, dict) or not all(isinstance(k, str) for k in options)):
-                raise EdgegraphError(f"{where}: options of '{name}' must be a mapping {{option name: value}}")
+                raise EdgegraphError(f"{where}: options of '{name[:80]}' must be a mapping {{option name: value}}")
             passes.append(build(name, options or {}))
         else:
             raise EdgegraphError(f"{where}: each pass is a name or {{name: {{options}}}}, got {reprlib.repr(item)}")

@@ -29,7 +29,8 @@ MODEL = DEFAULT_DIR / "digits_cnn.onnx"
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 
 # `python -c WRAPPER opt ...`: the command line with one more pass, `test-wait`, which writes
-# its `marker` file and then waits for a signal.
+# its `marker` file and then waits for a signal (holding, if asked, an onnxruntime session of a
+# model "past 2 GiB", whose copy lives in an `edgegraph-ort-*` temporary folder).
 WRAPPER = """
 import dataclasses, sys, time
 from pathlib import Path
@@ -42,8 +43,13 @@ class Wait(Pass):
     name = "test-wait"
     summary = "Write `marker`, then wait (test pass)"
     marker: str = option("", "file to create once running")
+    session: bool = option(False, "hold an onnxruntime session of the model as if it were past 2 GiB")
 
     def run(self, model, ctx):
+        if self.session:
+            from edgegraph import ir, runtime
+            ir.PROTO_LIMIT = 20_000  # the digits CNN holds ~35 KB of weights
+            held = runtime.session(model)  # a copy with external data in a temporary folder
         Path(self.marker).write_text("running")
         for _ in range(600):
             time.sleep(0.05)
@@ -117,6 +123,15 @@ def test_signal_while_a_pass_runs(tmp_path, signum):
                                              "-o", tmp_path / "out" / "out.onnx"], wrapper=True)
     wait_for(marker.exists, process)
     assert_clean_end(process, signum, out_dir, tmp, wrapper=True)
+
+
+def test_signal_while_onnxruntime_holds_a_temporary_copy(tmp_path):
+    marker = tmp_path / "running"
+    process, out_dir, tmp = start(tmp_path, ["opt", MODEL, "-p", f"test-wait(marker={marker}, session=true)",
+                                             "-o", tmp_path / "out" / "out.onnx"], wrapper=True)
+    wait_for(marker.exists, process)
+    assert len(list(tmp.glob("edgegraph-*/edgegraph-ort-*/model.onnx.data"))) == 1
+    assert_clean_end(process, signal.SIGTERM, out_dir, tmp, wrapper=True)
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)

@@ -43,7 +43,7 @@ def load_target(name: str) -> Target:
         raise EdgegraphError(f"target profile {path}: {exc}") from None
     for key, value in profile.items():
         if key not in _KEYS:
-            raise EdgegraphError(f"target profile {path}: {key}: unknown key (keys: {', '.join(_KEYS)})")
+            raise EdgegraphError(f"target profile {path}: {key[:80]}: unknown key (keys: {', '.join(_KEYS)})")
         kind, item = _KEYS[key]
         if not isinstance(value, kind) or (item and not all(isinstance(v, item) for v in value)):
             wanted = f"a list of {item.__name__}" if item else kind.__name__
