@@ -371,13 +371,31 @@ def save(model, path: str | os.PathLike[str], *, external_data: bool | None = No
             weights = _weights(model)
             with _detached(weights, data_file):
                 proto = model.to_proto()
+                written = {_external_reference(c._values.tensor) for c in weights}
             if not weights:
                 data_file.unlink()
-            _write_proto(proto, staged)
         else:
-            _write_proto(model.to_proto() if isinstance(model, Model) else model, staged)
+            proto, written = model.to_proto() if isinstance(model, Model) else model, set()
+        _check_self_contained(proto, written, path)
+        _write_proto(proto, staged)
         files.publish(staged_moves(staged, path))
     return path
+
+
+def _external_reference(tensor: onnx.TensorProto) -> tuple:
+    return (tensor.name, *((e.key, e.value) for e in tensor.external_data))
+
+
+def _check_self_contained(proto: onnx.ModelProto, written: set[tuple], path: Path) -> None:
+    """Refuse to write a model with tensors that refer to external data other than what this
+    save wrote (`written`): such data belongs to another model, in a file this save may even
+    replace (the sidecar of a model saved over itself), so the written model would be
+    incomplete or silently wrong."""
+    for tensor in _all_initializers(proto):
+        if _uses_external_data(tensor) and _external_reference(tensor) not in written:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            raise EdgegraphError(f"cannot save {path}: tensor '{tensor.name[:80]}' refers to external data in "
+                                 f"'{location[:80]}', which is not saved with it")
 
 
 def sidecar_path(path: Path) -> Path:

@@ -343,3 +343,86 @@ def test_in_place_on_a_self_contained_model_does_not_read_it_again(capsys, tmp_p
                     tmp_path / "r.json")
     assert (code, err) == (0, "")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "notes.txt", "r.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A model saved over itself never reads the data it replaced
+
+
+def constant_reading_external_data(folder: Path) -> onnx.ModelProto:
+    """y = (x + c) * w: `c` a Constant node's tensor kept in `m.onnx.data` (offset 0), `w` a 32 KB
+    initializer inside the model. Written to folder/m.onnx."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c = numpy_helper.from_array(rng.standard_normal(1024).astype(np.float32), "c")
+    (folder / "m.onnx.data").write_bytes(c.raw_data)
+    c.ClearField("raw_data")
+    c.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "m.onnx.data"), ("offset", "0"), ("length", "4096")):
+        c.external_data.add(key=key, value=value)
+    w = numpy_helper.from_array(rng.standard_normal((8, 1024)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=c), helper.make_node("Add", ["x", "c"], ["s"]),
+         helper.make_node("Mul", ["s", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 1024])], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, folder / "m.onnx")
+    return proto
+
+
+def test_save_refuses_a_model_that_refers_to_data_it_does_not_write(tmp_path):
+    proto = constant_reading_external_data(tmp_path)
+    model = ir.from_proto(proto, infer=False)  # from a proto: nothing reads m.onnx.data
+    before = snapshot(tmp_path)
+    for external_data in (False, True):
+        for target in (tmp_path / "elsewhere.onnx", tmp_path / "m.onnx"):
+            with pytest.raises(EdgegraphError, match="tensor 'c' refers to external data in 'm.onnx.data'"):
+                ir.save(model, target, external_data=external_data)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.fixture
+def noop_pass():
+    import dataclasses
+
+    from edgegraph import registry
+    from edgegraph.pipeline import Pass, PassResult
+
+    @dataclasses.dataclass
+    class Noop(Pass):
+        name = "test-noop"
+        summary = "Change nothing (test pass)"
+        exact = True
+
+        def run(self, model, ctx):
+            return PassResult(False)
+
+    registry._load_builtins()
+    registry.register_pass(Noop)
+    yield
+    registry._PASSES.pop(Noop.name, None)
+
+
+def test_in_place_output_never_reads_the_external_data_it_replaced(capsys, tmp_path, monkeypatch, noop_pass):
+    """`-o IN` with an output past the (shrunk) proto limit: its new sidecar is named like the
+    input's `m.onnx.data`, which a Constant of the input reads. The output must compute what
+    the input computed from its own files, or nothing is written."""
+    proto = constant_reading_external_data(tmp_path)
+    source = tmp_path / "m.onnx"
+    feeds = {"x": np.random.default_rng(1).standard_normal((8, 1024)).astype(np.float32)}
+    from edgegraph import runtime
+
+    expected = runtime.run(runtime.session(source), feeds)["y"]
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(ir, "PROTO_LIMIT", 20_000)
+    code, err = run(capsys, "opt", source, "-p", "test-noop", "-o", source, "--runs", "0", "--no-verify")
+    if code == 2:
+        assert err.count("\n") == 1 and "refers to external data" in err, err
+        assert snapshot(tmp_path) == before
+    else:
+        assert (code, err) == (0, "")
+        np.testing.assert_array_equal(runtime.run(runtime.session(source), feeds)["y"], expected)
+    assert proto.graph.node[0].attribute[0].t.external_data[0].value == "m.onnx.data"
