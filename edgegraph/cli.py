@@ -41,15 +41,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # First of all, so that a signal at any moment, imports included, ends the run the same way:
     # one line, exit 128+N, every temporary file (all in one private folder) removed.
     with files.interrupts_raise():
-        files.written.clear()
         try:
+            files.written.clear()
             with files.private_tempdir():
                 return _main(argv)
         except KeyboardInterrupt as exc:
-            signum = getattr(exc, "signum", None)
-            what = f"after writing {', '.join(map(str, files.written))}" if files.written else "nothing was written"
-            _fail(f"interrupted{f' ({signal.Signals(signum).name})' if signum else ''}; {what}")
-            return 128 + (signum or signal.SIGINT)
+            with files.shielded:  # a second signal does not cut the one line short
+                signum = getattr(exc, "signum", None)
+                what = f"after writing {', '.join(map(str, files.written))}" if files.written else "nothing was written"
+                _fail(f"interrupted{f' ({signal.Signals(signum).name})' if signum else ''}; {what}")
+                return 128 + (signum or signal.SIGINT)
 
 
 def _main(argv: Sequence[str] | None) -> int:

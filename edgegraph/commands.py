@@ -142,6 +142,8 @@ def _check_writable(path: Path, what: str) -> None:
         raise EdgegraphError(f"{what} path {path} is a directory")
     if not path.parent.resolve().is_dir():
         raise EdgegraphError(f"{what} folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # say so now, not after the run
+        raise EdgegraphError(f"{what} folder {path.parent} is not writable")
 
 
 def _check_outputs(args, source: Path, output: Path, report: Path | None) -> None:

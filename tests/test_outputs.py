@@ -426,3 +426,12 @@ def test_in_place_output_never_reads_the_external_data_it_replaced(capsys, tmp_p
         assert (code, err) == (0, "")
         np.testing.assert_array_equal(runtime.run(runtime.session(source), feeds)["y"], expected)
     assert proto.graph.node[0].attribute[0].t.external_data[0].value == "m.onnx.data"
+
+
+def test_an_unwritable_report_folder_is_refused_before_the_run(capsys, tmp_path, monkeypatch, noop_pass):
+    (tmp_path / "locked").mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != tmp_path / "locked" and access(path, mode))
+    monkeypatch.setattr(ir, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert_refused(capsys, tmp_path, ["opt", DIGITS, "-p", "test-noop", "-o", tmp_path / "o.onnx",
+                                      "--report", tmp_path / "locked" / "r.json"], "--report folder")
