@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ _KEYS = {"description": (str, None), "ops": (list, str), "quantized_ops": (list,
 def load_target(name: str) -> Target:
     """The profile `name` from this folder; only these names, never a path to another file."""
     if not isinstance(name, str) or name not in available_targets():
-        shown = repr(name)[:80] if isinstance(name, str) else type(name).__name__
+        shown = reprlib.repr(name) if isinstance(name, str) else type(name).__name__
         raise UnknownTargetError(f"unknown target {shown} (available: {', '.join(available_targets())})")
     path = PROFILE_DIR / f"{name}.toml"
     try:
@@ -47,7 +48,7 @@ def load_target(name: str) -> Target:
         kind, item = _KEYS[key]
         if not isinstance(value, kind) or (item and not all(isinstance(v, item) for v in value)):
             wanted = f"a list of {item.__name__}" if item else kind.__name__
-            raise EdgegraphError(f"target profile {path}: {key}: must be {wanted}, got {repr(value)[:80]}")
+            raise EdgegraphError(f"target profile {path}: {key}: must be {wanted}, got {reprlib.repr(value)}")
     return Target(
         name=name,
         description=profile.get("description", ""),
