@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgegraph.checks import flag, input_shapes, whole_number
 from edgegraph.context import CalibrationData, ImagePreprocess, PassContext, VerifyConfig
 from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
 from edgegraph.ir import Model, load
 from edgegraph.pipeline import Pass, run_pipeline
-from edgegraph.targets import load_target
+from edgegraph.targets import Target, load_target
 
 
 def as_calibration(calib, model: Model, preprocess: ImagePreprocess | Mapping | None = None) -> CalibrationData | None:
@@ -31,6 +33,9 @@ def as_calibration(calib, model: Model, preprocess: ImagePreprocess | Mapping | 
 
     if calib is None:
         return None
+    if not isinstance(calib, CalibrationData | Mapping | str | os.PathLike):
+        raise CalibrationDataError("calibration data must be a path (.npz or image folder), {input name: array} "
+                                   f"or CalibrationData, got {type(calib).__name__}")
     specs = input_specs(model)  # weights-free
     if isinstance(calib, CalibrationData):
         data = calib
@@ -117,43 +122,67 @@ def check_samples(data: CalibrationData, specs) -> None:
             )
 
 
-def parse_passes(passes: str | Path | Sequence[str | Pass]) -> list[Pass]:
+def parse_passes(passes: str | os.PathLike | Sequence[str | Mapping | Pass] | Mapping[str, Mapping | None]) -> list[Pass]:
     """A spec string (`"cleanup,quant(method=entropy)"`), a recipe file (.json/.yaml/.yml path),
-    or a list of spec strings and Pass objects -> Pass objects."""
+    a list of what a recipe's `passes` holds (spec strings, {name: {options}}) and Pass objects,
+    or a mapping {name: {options}} (in order) -> Pass objects."""
     from edgegraph import spec
 
-    if isinstance(passes, Path) or (isinstance(passes, str) and passes.endswith((".json", ".yaml", ".yml"))):
+    if isinstance(passes, os.PathLike) or (isinstance(passes, str) and passes.endswith((".json", ".yaml", ".yml"))):
         return spec.load_recipe(passes)
     if isinstance(passes, str):
         return spec.parse(passes)
-    return [q for p in passes for q in ([p] if isinstance(p, Pass) else spec.parse(p))]
+    if isinstance(passes, Mapping):
+        items = [{name: options} for name, options in passes.items()]
+    elif isinstance(passes, Sequence) and not isinstance(passes, bytes | bytearray):
+        items = list(passes)
+    else:
+        raise EdgegraphError("passes must be a spec string, a recipe path, a list or a {name: options} mapping, "
+                             f"got {type(passes).__name__}")
+    if not items:
+        raise EdgegraphError("no passes given")
+    return spec.from_items(items, "passes")
 
 
-def make_context(model: Model, *, calib=None, target: str = "cpu", seed: int = 0, verify: bool = True,
-                 progress: bool = False, threads: int = 0,
+def make_context(model: Model, *, calib=None, target: str | Target = "cpu", seed: int = 0, verify: bool = True,
+                 progress: bool = False, threads: int = 0, timing: bool = True,
                  preprocess: ImagePreprocess | Mapping | None = None) -> PassContext:
-    """The PassContext for running passes on `model` (calibration data checked against it)."""
-    return PassContext(calibration=as_calibration(calib, model, preprocess), target=load_target(target), seed=seed,
-                       verify=VerifyConfig(enabled=verify), progress=progress, threads=threads)
+    """The PassContext for running passes on `model` (calibration data checked against it).
+
+    `timing=False` tells passes to take no latency measurements of their own (`--runs 0`).
+    """
+    seed, threads = whole_number(seed, "seed"), whole_number(threads, "threads")
+    verify, progress, timing = flag(verify, "verify"), flag(progress, "progress"), flag(timing, "timing")
+    if preprocess is not None and not isinstance(preprocess, ImagePreprocess | Mapping):
+        raise EdgegraphError(f"preprocess must be an ImagePreprocess or a mapping of its fields, "
+                             f"got {type(preprocess).__name__}")
+    return PassContext(calibration=as_calibration(calib, model, preprocess),
+                       target=target if isinstance(target, Target) else load_target(target), seed=seed,
+                       verify=VerifyConfig(enabled=verify), progress=progress, threads=threads, timing=timing)
 
 
-def optimize(model, passes: str | Path | Sequence[str | Pass], *, calib=None, target: str = "cpu", seed: int = 0,
-             verify: bool = True, progress: bool = False, threads: int = 0,
-             fix_shapes: Mapping[str, Sequence[int]] | None = None,
+def optimize(model, passes: str | os.PathLike | Sequence[str | Mapping | Pass] | Mapping[str, Mapping | None], *,
+             calib=None, target: str | Target = "cpu", seed: int = 0, verify: bool = True, progress: bool = False,
+             threads: int = 0, timing: bool = True, fix_shapes: Mapping[str, Sequence[int]] | None = None,
              preprocess: ImagePreprocess | Mapping | None = None) -> onnx.ModelProto:
     """Run a pass pipeline on `model` (path, bytes, ModelProto or Model) and return the new ModelProto.
 
-    `passes` is a spec string (`"cleanup,quant(method=entropy)"`), a recipe file, or a list of
-    names/Pass objects. `fix_shapes` ({input: dims}) makes dynamic inputs static first. This is
-    what `edgegraph opt` runs. The input is never modified.
+    `passes` is a spec string (`"cleanup,quant(method=entropy)"`), a recipe file, a list of
+    names/{name: options}/Pass objects, or a mapping {name: options}. `fix_shapes` ({input:
+    dims}) makes dynamic inputs static first. This is what `edgegraph opt` runs. The input is
+    never modified. Arguments of the wrong type or value raise EdgegraphError.
     """
     from edgegraph.ir import fix_input_shapes
 
+    if not isinstance(model, str | os.PathLike | bytes | bytearray | onnx.ModelProto | Model):
+        raise EdgegraphError(f"model must be a path, bytes, an onnx.ModelProto or an edgegraph Model, "
+                             f"got {type(model).__name__}")
+    shapes = input_shapes(fix_shapes) if fix_shapes is not None else {}
     pipeline = parse_passes(passes)
     loaded = load(model)
-    if fix_shapes:
-        fix_input_shapes(loaded, fix_shapes)
+    if shapes:
+        fix_input_shapes(loaded, shapes)
     ctx = make_context(loaded, calib=calib, target=target, seed=seed, verify=verify, progress=progress,
-                       threads=threads, preprocess=preprocess)
+                       threads=threads, timing=timing, preprocess=preprocess)
     result, _ = run_pipeline(loaded, pipeline, ctx)
     return result.to_proto()

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 2 a user error (bad file, pass, option or data: one line on stderr);
 1 an internal error (a pass crashed or broke the model: one line, `--debug` shows the
-traceback); 130 interrupted. Output files are written atomically and only once everything
-succeeded, so a failed or interrupted run leaves no partial file and never touches the input.
+traceback); 128+N for signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP). Output files are written
+atomically and only once everything succeeded, so a failed or interrupted run leaves no partial
+file or temporary file and never touches the input.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
 
 import edgegraph
+from edgegraph import checks, files
 from edgegraph.errors import EdgegraphError, PassFailure, one_line
 from edgegraph.targets import available_targets
 
@@ -35,6 +38,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # First of all, so that a signal at any moment, imports included, ends the run the same way:
+    # one line, exit 128+N, every temporary file (all in one private folder) removed.
+    with files.interrupts_raise():
+        try:
+            files.written.clear()
+            with files.private_tempdir():
+                return _main(argv)
+        except KeyboardInterrupt as exc:
+            with files.shielded:  # a second signal does not cut the one line short
+                signum = getattr(exc, "signum", None)
+                what = f"after writing {', '.join(map(str, files.written))}" if files.written else "nothing was written"
+                _fail(f"interrupted{f' ({signal.Signals(signum).name})' if signum else ''}; {what}")
+                return 128 + (signum or signal.SIGINT)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     handler = logging.StreamHandler(sys.stderr)
@@ -47,9 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Only now the heavy imports (onnx, onnxruntime): start-up stays quick and interruptible.
         commands = importlib.import_module("edgegraph.commands")
         return commands.run(args, debug=debug)
-    except KeyboardInterrupt:
-        _fail("interrupted; nothing was written")
-        return 130
     except EdgegraphError as exc:
         if debug:
             traceback.print_exc()
@@ -91,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     shapes = _Parser(add_help=False)
     shapes.add_argument("--fix-shape", metavar="NAME=DIMS", action="append", type=_fix_shape, default=[],
-                        help="make a dynamic input static, e.g. input=1x3x224x224 (repeatable)")
+                        help="make a dynamic input static, e.g. input=1x3x224x224 (repeatable; at most "
+                             f"{checks.MAX_INPUT_ELEMENTS} elements)")
     timing = _Parser(add_help=False)
     timing.add_argument("--threads", type=_non_negative, default=0,
                         help="onnxruntime threads for calibration and timing (0 = all cores; default)")
@@ -118,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--target", default="cpu", help=f"deployment target ({', '.join(available_targets())})")
     opt.add_argument("--report", metavar="R.json", help="write the full report (stats, passes, metrics) as JSON")
     opt.add_argument("--no-verify", action="store_true", help="do not check each pass's outputs in onnxruntime")
-    opt.add_argument("--seed", type=int, default=0, help="seed for random verification inputs and sampling")
+    opt.add_argument("--seed", type=_non_negative, default=0, help="seed for random verification inputs and sampling")
     opt.add_argument("--quiet", action="store_true", help="print nothing but errors")
     images = opt.add_argument_group("image-folder calibration (defaults follow the model's input shape)")
     images.add_argument("--image-size", type=_dims, metavar="H[xW]", help="model input size")
@@ -143,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("models", metavar="IN.onnx", nargs="+")
     bench.add_argument("--calib", metavar="DATA.npz|IMAGE_DIR",
                        help="inputs to time and compare on (a `labels` array adds label accuracy)")
-    bench.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    bench.add_argument("--seed", type=_non_negative, default=0, help="seed for random inputs")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.set_defaults(command_name="bench")
 
@@ -156,18 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _fix_shape(text: str) -> tuple[str, list[int]]:
     name, eq, dims = text.rpartition("=")
     if not eq or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIMS like input=1x3x224x224, got '{text}'")
+        raise argparse.ArgumentTypeError(f"expected NAME=DIMS like input=1x3x224x224, got '{text[:80]}'")
     return name, _dims(dims)
 
 
 def _dims(text: str) -> list[int]:
+    sizes = text.replace(",", "x").split("x")
+    if not all(_is_number(d) for d in sizes) or not all(int(d) > 0 for d in sizes):
+        raise argparse.ArgumentTypeError(f"expected positive sizes separated by 'x' like 1x3x224x224, got '{text[:80]}'")
     try:
-        dims = [int(d) for d in text.replace(",", "x").split("x")]
-    except ValueError:
-        dims = []
-    if not dims or any(d <= 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"expected positive sizes separated by 'x' like 1x3x224x224, got '{text}'")
-    return dims
+        return checks.dims([int(d) for d in sizes], "shape")
+    except EdgegraphError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -178,9 +195,14 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _non_negative(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
+    if not _is_number(text):
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text[:80]}'")
     return int(text)
+
+
+def _is_number(text: str) -> bool:
+    """Plain decimal digits, short enough for int() (which refuses thousands of digits)."""
+    return text.isascii() and text.isdigit() and len(text) <= 100
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import typing
 from collections.abc import Sequence
@@ -21,7 +19,7 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 
 import edgegraph
-from edgegraph import analysis, ir, runtime, spec
+from edgegraph import analysis, files, ir, runtime, spec
 from edgegraph.analysis import ModelStats
 from edgegraph.errors import EdgegraphError, ModelLoadError, one_line
 from edgegraph.pipeline import run_pipeline, verification_data
@@ -79,15 +77,14 @@ def cmd_opt(args) -> int:
     _check_writable(output, "output")
     if report_path:
         _check_writable(report_path, "--report")
-        if _same_file(report_path, source) or report_path.resolve() == output.resolve():
-            raise EdgegraphError("--report must not name the input or output model")
     pipeline = edgegraph.parse_passes(Path(args.recipe) if args.recipe else args.passes)
     model = _load(args.model)
+    _check_outputs(args, source, output, report_path)
     if args.fix_shape:
         ir.fix_input_shapes(model, _shapes(args))
     ctx = edgegraph.make_context(model, calib=args.calib, target=args.target, seed=args.seed,
                                  verify=not args.no_verify, progress=not args.quiet, threads=args.threads,
-                                 preprocess=_preprocess(args))
+                                 timing=args.runs > 0, preprocess=_preprocess(args))
     eval_data = edgegraph.as_calibration(args.eval, model) if args.eval else None
 
     start = time.perf_counter()
@@ -98,7 +95,8 @@ def cmd_opt(args) -> int:
     # session loads it (and the input model) from disk: onnxruntime maps external data instead
     # of taking a copy, so measuring a multi-GB model costs little memory. The statistics work
     # on the graphs without their weights. The staged file moves into place once all succeeded.
-    with _staging(output) as staging:
+    with contextlib.ExitStack() as stack:
+        staging = stack.enter_context(files.staging(output))
         staged = _save(result, staging / "result" / output.name, output)
         # What onnxruntime runs as the input model: its file, unless --fix-shape changed it.
         original = _save(model, staging / "input" / source.name, output) if args.fix_shape else source
@@ -122,10 +120,18 @@ def cmd_opt(args) -> int:
             "accuracy": accuracy,
             "accuracy_note": accuracy_note,
         }
-        report_text = json.dumps(analysis.jsonable(data), indent=2) + "\n" if report_path else None
-        _write(lambda: _publish(staged, output), output)
-    if report_path:
-        _write(lambda: _atomic_write_text(report_path, report_text), report_path)
+        # The model, its external data and the report are one outcome: staged, then moved
+        # into place together (or not at all).
+        moves = ir.staged_moves(staged, output)
+        if report_path:
+            staged_report = stack.enter_context(files.staging(report_path)) / report_path.name
+            _write(lambda: staged_report.write_text(json.dumps(analysis.jsonable(data), indent=2) + "\n"),
+                   report_path)
+            moves.append((staged_report, report_path))
+        try:
+            files.publish(moves, outcome=True)
+        except OSError as exc:
+            raise EdgegraphError(f"cannot write {exc.filename}: {exc.strerror or exc}; nothing was written") from None
     if not args.quiet:
         print(format_opt_summary(data, before, after, report, accuracy))
     return 0
@@ -136,13 +142,33 @@ def _check_writable(path: Path, what: str) -> None:
         raise EdgegraphError(f"{what} path {path} is a directory")
     if not path.parent.resolve().is_dir():
         raise EdgegraphError(f"{what} folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # say so now, not after the run
+        raise EdgegraphError(f"{what} folder {path.parent} is not writable")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
+def _check_outputs(args, source: Path, output: Path, report: Path | None) -> None:
+    """Refuse outputs that are input files (by path, symlink or hard link): the model, its
+    external data, calibration and eval data, the recipe. `-o` may name the input model, and
+    its external data then be replaced by the new one: everything the new model holds is in its
+    own, new files before anything is moved, and the old files stay readable until then."""
+    sidecar = ir.sidecar_path(output)
+    outputs = {"-o": output, f"the external data file of -o ({sidecar.name})": sidecar}
+    if report:
+        outputs["--report"] = report
+    inputs, replaceable = {}, {}
+    existing = {files.identity(p) for p in outputs.values()} - {None}
+    if existing:  # else none of them can be an input: skip the look
+        # External data lives in the model's folder; the model is read again for its list only
+        # when an output is one of the other files there (never for weights inside the model).
+        others = {files.identity(f) for f in files.files_in(source.parent)} - {files.identity(source)}
+        external = ir.external_data_files(source) if existing & others else []
+        inputs = {"the input model": [source], "the input's external data": external,
+                  "the --calib data": files.files_in(Path(args.calib)) if args.calib else [],
+                  "the --eval data": [Path(args.eval)] if args.eval else [],
+                  "the --recipe": [Path(args.recipe)] if args.recipe else []}
+        if files.same_file(output, source):
+            replaceable = {what: [source, *external] for what in outputs if what != "--report"}
+    files.refuse_overwriting(outputs, inputs, replaceable=replaceable)
 
 
 def _write(save, path: Path):
@@ -152,38 +178,10 @@ def _write(save, path: Path):
         raise EdgegraphError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-@contextlib.contextmanager
-def _staging(output: Path):
-    """A temporary folder beside `output` (same file system, so moving out of it is atomic),
-    removed with whatever is left in it."""
-    folder = Path(_write(lambda: tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent), output))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def _save(model: ir.Model, path: Path, output: Path) -> Path:
     """Save `model` alone in a new folder at `path` (external data beside it when it needs some)."""
     path.parent.mkdir()
     return _write(lambda: ir.save(model, path), output)
-
-
-def _publish(staged: Path, output: Path) -> None:
-    """Move a model saved by `_save` into place: its external data file first, then the model."""
-    for file in sorted(staged.parent.iterdir(), key=lambda f: f == staged):
-        os.replace(file, output.parent / file.name)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def _measured_stats(models: Sequence[ir.Model], files: Sequence[Path], data, args, *,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from edgegraph import files
 from edgegraph.errors import EdgegraphError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -457,11 +456,13 @@ def _detached(weights: Iterable[gs.Constant], data_file: Path | None = None):
 
 
 def save(model, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
-    """Write a model atomically: a temporary file in the same folder, renamed into place.
+    """Write a model atomically: staged in a hidden folder beside `path`, then moved into place.
 
     `external_data=None` chooses external data only when the model would pass protobuf's 2 GiB
-    limit; the tensors then go to `<name>.data` beside the model. On any error nothing is left at
-    `path` (an existing file there stays as it was).
+    limit; the tensors then go to `sidecar_path(path)` (`<name>.data`) beside the model, which
+    may only replace a file of that name that the model now at `path` uses (see
+    `staged_moves`). On any error nothing is left at `path` and its sidecar (existing files
+    there stay as they were).
     """
     path = Path(path)
     if path.is_dir():
@@ -472,23 +473,78 @@ def save(model, path: str | os.PathLike[str], *, external_data: bool | None = No
         external_data = proto_size(model) > PROTO_LIMIT
     if external_data and not isinstance(model, Model):
         model = from_proto(model, infer=False)  # the weights are written from the proto, not copied
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with files.staging(path) as staging:
         staged = staging / path.name
         if external_data:
-            data_name = f"{path.name}.data"
+            data_file = sidecar_path(staged)
             weights = _weights(model)
-            with _detached(weights, staging / data_name):
+            with _detached(weights, data_file):
                 proto = model.to_proto()
-            _write_proto(proto, staged)
-            if weights:
-                os.replace(staging / data_name, path.parent / data_name)
+                written = {_external_reference(c._values.tensor) for c in weights}
+            if not weights:
+                data_file.unlink()
         else:
-            _write_proto(model.to_proto() if isinstance(model, Model) else model, staged)
-        os.replace(staged, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            proto, written = model.to_proto() if isinstance(model, Model) else model, set()
+        _check_self_contained(proto, written, path)
+        _write_proto(proto, staged)
+        files.publish(staged_moves(staged, path))
     return path
+
+
+def _external_reference(tensor: onnx.TensorProto) -> tuple:
+    return (tensor.name, *((e.key, e.value) for e in tensor.external_data))
+
+
+def _check_self_contained(proto: onnx.ModelProto, written: set[tuple], path: Path) -> None:
+    """Refuse to write a model with tensors that refer to external data other than what this
+    save wrote (`written`): such data belongs to another model, in a file this save may even
+    replace (the sidecar of a model saved over itself), so the written model would be
+    incomplete or silently wrong."""
+    for tensor in _all_initializers(proto):
+        if _uses_external_data(tensor) and _external_reference(tensor) not in written:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            raise EdgegraphError(f"cannot save {path}: tensor '{tensor.name[:80]}' refers to external data in "
+                                 f"'{location[:80]}', which is not saved with it")
+
+
+def sidecar_path(path: Path) -> Path:
+    """Where `save` puts the external data of a model saved at `path`."""
+    return path.with_name(f"{path.name}.data")
+
+
+def staged_moves(staged: Path, path: Path) -> list[tuple[Path, Path]]:
+    """The (file, destination) moves for `files.publish` that put the model `save`d at `staged`
+    at `path`: its sidecar, if it has one, then the model.
+
+    The sidecar may replace an existing file only if the model now at `path` (the one being
+    replaced, e.g. by a re-run) keeps its external data there; any other file of that name
+    belongs to someone else and is refused (EdgegraphError).
+    """
+    moves = [(staged, path)]
+    data, destination = sidecar_path(staged), sidecar_path(path)
+    if data.exists():
+        if os.path.lexists(destination) and destination.name not in _external_locations(path):
+            raise EdgegraphError(f"{destination} exists and is not the external data of {path}: "
+                                 "it would be overwritten; move it away or choose another output name")
+        moves.insert(0, (data, destination))
+    return moves
+
+
+def _external_locations(path: Path) -> set[str]:
+    """The external-data locations the model file at `path` names (none if it is not a model)."""
+    try:
+        proto = _parse(path.read_bytes(), str(path))
+    except (OSError, ModelLoadError):
+        return set()
+    return {entry.value for tensor in _all_initializers(proto) if _uses_external_data(tensor)
+            for entry in tensor.external_data if entry.key == "location"}
+
+
+def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files beside the model at `path` that hold its external data (those that exist)."""
+    path = Path(path)
+    found = [path.parent / location for location in sorted(_external_locations(path))]
+    return [f for f in found if f.is_file()]
 
 
 def _write_proto(proto: onnx.ModelProto, path: Path) -> None:

@@ -96,19 +96,26 @@ def load_recipe(path: str | Path) -> list[Pass]:
     items = recipe.get("passes") if isinstance(recipe, dict) else recipe
     if not isinstance(items, list) or not items:
         raise EdgegraphError(f"recipe {path} needs a non-empty 'passes' list")
+    return from_items(items, f"recipe {path}")
+
+
+def from_items(items: list, where: str) -> list[Pass]:
+    """A recipe's pass list: spec strings, {name: {options}} and (from the library) Pass objects."""
     passes = []
     for item in items:
-        if isinstance(item, str):
+        if isinstance(item, Pass):
+            passes.append(item)
+        elif isinstance(item, str):
             passes.extend(parse(item))
         elif isinstance(item, dict) and len(item) == 1 and isinstance(next(iter(item)), str):
             (name, options), = item.items()
             if options is not None and not isinstance(options, dict):
-                raise EdgegraphError(f"recipe {path}: options of '{shown(name)}' must be a mapping")
+                raise EdgegraphError(f"{where}: options of '{shown(name)}' must be a mapping {{option name: value}}")
             if not all(isinstance(key, str) for key in options or {}):
-                raise EdgegraphError(f"recipe {path}: option names of '{shown(name)}' must be strings")
+                raise EdgegraphError(f"{where}: option names of '{shown(name)}' must be strings")
             passes.append(build(name, options or {}))
         else:
-            raise EdgegraphError(f"recipe {path}: each pass is a name or {{name: {{options}}}}, got {shown(item)}")
+            raise EdgegraphError(f"{where}: each pass is a name or {{name: {{options}}}}, got {shown(item)}")
     return passes
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import reprlib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgegraph.errors import UnknownTargetError
+from edgegraph.errors import EdgegraphError, UnknownTargetError
 
 PROFILE_DIR = Path(__file__).parent
 
@@ -26,12 +27,28 @@ def available_targets() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
+# key -> (type of its value, type of a list's items or None)
+_KEYS = {"description": (str, None), "ops": (list, str), "quantized_ops": (list, str)}
+
+
 def load_target(name: str) -> Target:
+    """The profile `name` from this folder; only these names, never a path to another file."""
+    if not isinstance(name, str) or name not in available_targets():
+        shown = reprlib.repr(name) if isinstance(name, str) else type(name).__name__
+        raise UnknownTargetError(f"unknown target {shown} (available: {', '.join(available_targets())})")
     path = PROFILE_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise UnknownTargetError(f"unknown target '{name}' (available: {', '.join(available_targets())})")
-    with path.open("rb") as handle:
-        profile = tomllib.load(handle)
+    try:
+        with path.open("rb") as handle:
+            profile = tomllib.load(handle)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise EdgegraphError(f"target profile {path}: {exc}") from None
+    for key, value in profile.items():
+        if key not in _KEYS:
+            raise EdgegraphError(f"target profile {path}: {key[:80]}: unknown key (keys: {', '.join(_KEYS)})")
+        kind, item = _KEYS[key]
+        if not isinstance(value, kind) or (item and not all(isinstance(v, item) for v in value)):
+            wanted = f"a list of {item.__name__}" if item else kind.__name__
+            raise EdgegraphError(f"target profile {path}: {key}: must be {wanted}, got {reprlib.repr(value)}")
     return Target(
         name=name,
         description=profile.get("description", ""),
