@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from edgegraph import ir, runtime, verify
+from edgegraph import ir, runtime, validate, verify
 from edgegraph.context import CalibrationData
 from edgegraph.errors import CalibrationDataError, EdgegraphError
 
@@ -162,8 +162,7 @@ def serialized_size(model: ir.Model, light: onnx.ModelProto | None = None) -> in
     exported without its weights (`light`, if already at hand) plus the bytes of those weights.
     Exact but for a few bytes per weight left out."""
     light = model.to_proto(weights=False) if light is None else light
-    left_out = [t for t in onnx.external_data_helper._get_all_tensors(light)
-                if t.data_location == onnx.TensorProto.EXTERNAL]
+    left_out = [t for t in validate.tensors(light) if validate.uses_external_data(t)]
     return light.ByteSize() + sum(math.prod(t.dims) * (_np_dtype(t.data_type) or np.dtype(np.uint8)).itemsize
                                   for t in left_out)
 
@@ -207,16 +206,14 @@ def observed_shapes(model: ir.Model, feeds: runtime.Feeds) -> dict[str, tuple[in
 
 
 def disk_size(path: str | Path) -> int:
-    """Bytes of a model file plus the external data files it references (each counted once)."""
+    """Bytes of a model file plus the external data files it references (each counted once).
+
+    Meant for a model `ir.load` accepted: its external data then passes `validate.external_data`."""
     path = Path(path)
-    total = path.stat().st_size
     proto = onnx.load_model(str(path), load_external_data=False)
-    files = {
-        onnx.external_data_helper.ExternalDataInfo(t).location
-        for t in onnx.external_data_helper._get_all_tensors(proto)
-        if t.data_location == onnx.TensorProto.EXTERNAL
-    }
-    return total + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+    files = {validate.external_data(t, path.parent, str(path)).path
+             for t in validate.tensors(proto) if validate.uses_external_data(t)}
+    return path.stat().st_size + sum(f.stat().st_size for f in files)
 
 
 def count_params(graph: gs.Graph) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from edgegraph import validate
 from edgegraph.errors import EdgegraphError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -115,31 +116,47 @@ def from_proto(proto: onnx.ModelProto, *, infer: bool = True) -> Model:
     return model
 
 
-def load(source, *, infer: bool = True) -> Model:
+def load(source, *, infer: bool = True, base_dir: str | os.PathLike[str] | None = None) -> Model:
     """Load a model from a path, bytes, a ModelProto or a Model (copied; the source is never changed).
 
-    External data next to a path is memory-mapped read-only (see `_map_external_data`): passes
-    replace constant values, they never write into them. Raises `ModelLoadError` with one clear
-    sentence for a missing file, a file that is not ONNX, a truncated one, or missing external data.
+    Every model is checked first (`edgegraph.validate`): invalid ONNX, and external data that is
+    not a regular file inside the model's folder, raise `ModelLoadError` with one clear sentence,
+    as do a missing file, a file that is not ONNX and a truncated one. External data of a path
+    is looked for beside it; bytes and ModelProtos have no folder, so their external data is
+    refused unless `base_dir` names one. External data is memory-mapped read-only (see
+    `_map_external_data`): passes replace constant values, they never write into them.
     """
     if isinstance(source, Model):
         return source.copy()
+    folder = Path(base_dir) if base_dir is not None else None
+    raw = None
     if isinstance(source, onnx.ModelProto):
+        what = "the given ModelProto"
         proto = onnx.ModelProto()
         proto.CopyFrom(source)
-        return from_proto(_validated(proto, "the given ModelProto"), infer=infer)
-    if isinstance(source, bytes | bytearray):
-        return from_proto(_validated(_parse(bytes(source), "the given bytes"), "the given bytes"), infer=infer)
-    path = Path(source)
-    if not path.exists():
-        raise ModelLoadError(f"no such file: {path}")
-    if path.is_dir():
-        raise ModelLoadError(f"{path} is a directory, not an ONNX model file")
-    proto = _validated(_parse(path.read_bytes(), str(path)), str(path))
-    model = from_proto(proto, infer=False)
-    _map_external_data(model, path)
-    if infer:
-        model.refresh_shapes()
+    elif isinstance(source, bytes | bytearray):
+        what, raw = "the given bytes", bytes(source)
+        proto = _parse(raw, what)
+    else:
+        path = Path(source)
+        what = str(path)
+        if not path.exists():
+            raise ModelLoadError(f"no such file: {path}")
+        if not path.is_file():
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            raise ModelLoadError(f"{path} is {kind}, not an ONNX model file")
+        raw = path.read_bytes()
+        proto = _parse(raw, what)
+        folder = path.parent
+    try:
+        validate.check(_validated(proto, what), what, folder, raw)
+        model = from_proto(proto, infer=False)
+        _map_external_data(model, folder, what)
+        if infer:
+            model.refresh_shapes()
+    except UnicodeDecodeError as exc:  # protobuf checks UTF-8 only when a string field is read
+        raise ModelLoadError(f"{what} has a name or text field that is not valid UTF-8 "
+                             f"(byte {exc.object[exc.start:exc.start + 1]!r})") from None
     return model
 
 
@@ -162,44 +179,57 @@ def _validated(proto: onnx.ModelProto, what: str) -> onnx.ModelProto:
     return proto
 
 
-def _all_initializers(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    yield from onnx.external_data_helper._get_all_tensors(proto)
-
-
-def _uses_external_data(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location == onnx.TensorProto.EXTERNAL
-
-
-def _map_external_data(model: Model, path: Path) -> None:
-    """Point the constants whose data lives in files beside `path` at that data.
+def _map_external_data(model: Model, folder: Path | None, what: str) -> None:
+    """Point every constant whose data lives in a file at that data, through the one rule
+    (`validate.external_data`); graphsurgeon would read it relative to the working directory.
 
     Plain numeric tensors become read-only memory maps: nothing is read until a pass uses the
-    values, and only the pages it touches. Others (4-bit types, strings) are read into memory.
+    values, and only the pages it touches. Others (4-bit types) are read into memory, as are
+    the parts of sparse tensors. Constants of node attributes (Constant nodes, in subgraphs and
+    functions too) are included; sparse constants get a loader that reads them correctly.
     """
-    folder = path.parent.resolve()
-    for tensor in _constants(model):
+    for tensor in _constants(model, attributes=True):
         values = tensor._values
-        if not isinstance(values, LazyValues) or not _uses_external_data(values.tensor):
+        if isinstance(values, SparseValues):
+            for part in (values.tensor.values, values.tensor.indices):
+                if validate.uses_external_data(part):
+                    _inline(part, validate.external_data(part, folder, what))
+            tensor._values = _Sparse(values.tensor)
             continue
-        info = {entry.key: entry.value for entry in values.tensor.external_data}
-        file = (folder / info.get("location", "")).resolve()
-        if not file.is_relative_to(folder) or not file.is_file():
-            raise ModelLoadError(f"{path}: external data file '{info.get('location', '')}' of tensor "
-                                 f"'{tensor.name}' is missing or outside the model's folder")
-        offset = int(info.get("offset", 0))
+        if not isinstance(values, LazyValues) or not validate.uses_external_data(values.tensor):
+            continue
+        source = validate.external_data(values.tensor, folder, what)
         dtype = _numpy_dtype(values.tensor.data_type)
         count = int(np.prod(values.tensor.dims, dtype=np.int64))
-        length = int(info.get("length", count * (dtype.itemsize if dtype else 0)))
-        if offset + length > file.stat().st_size:
-            raise ModelLoadError(f"{path}: external data of tensor '{tensor.name}' runs past the end of {file.name}")
-        if dtype is not None and dtype.itemsize * count == length:
-            tensor.values = np.memmap(file, dtype=dtype, mode="r", offset=offset,
+        if dtype is not None and dtype.itemsize * count == source.length:
+            tensor.values = np.memmap(source.path, dtype=dtype, mode="r", offset=source.offset,
                                       shape=tuple(values.tensor.dims)) if count else np.zeros(values.shape, dtype)
         else:
-            onnx.external_data_helper.load_external_data_for_tensor(values.tensor, str(folder))
-            values.tensor.data_location = onnx.TensorProto.DEFAULT
-            del values.tensor.external_data[:]
+            _inline(values.tensor, source)
         tensor.data_location = None  # the values are in memory now, as far as export is concerned
+
+
+def _inline(tensor: onnx.TensorProto, source: validate.ExternalData) -> None:
+    tensor.raw_data = source.read()
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
+
+
+class _Sparse(SparseValues):
+    """Sparse values that load whatever field holds them (graphsurgeon reads only the typed
+    fields, so raw_data, what numpy_helper writes, came out as zeros)."""
+
+    def load(self):
+        sparse = self.tensor
+        values = onnx.numpy_helper.to_array(sparse.values)
+        dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+        if values.size:
+            indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+            if indices.ndim == 1:
+                dense.reshape(-1)[indices] = values
+            else:
+                dense[tuple(indices.T)] = values
+        return dense
 
 
 # Types stored packed, several values to a byte, while numpy holds one value per byte.
@@ -226,14 +256,14 @@ def proto_size(model) -> int:
     """
     if isinstance(model, Model):
         return sum(_nbytes(c) for c in _constants(model) if not isinstance(c._values, SparseValues))
-    payload = sum(_payload_bytes(t) for t in _all_initializers(model))
+    payload = sum(_payload_bytes(t) for t in validate.tensors(model))
     if payload < PROTO_LIMIT // 8:
         return model.ByteSize()
     return payload
 
 
 def _payload_bytes(tensor: onnx.TensorProto) -> int:
-    if _uses_external_data(tensor):
+    if validate.uses_external_data(tensor):
         return 0
     if tensor.data_type == onnx.TensorProto.STRING:
         return sum(len(s) for s in tensor.string_data)
@@ -245,13 +275,19 @@ def _payload_bytes(tensor: onnx.TensorProto) -> int:
 # Weights outside protobuf: how big models are copied, inferred and saved without extra copies.
 
 
-def _constants(model: Model) -> list[gs.Constant]:
-    """Every initializer of the model (subgraphs included), once each."""
+def _constants(model: Model, *, attributes: bool = False) -> list[gs.Constant]:
+    """Every initializer of the model (subgraphs included), once each; with `attributes`, the
+    tensors of node attributes (Constant nodes' values) too."""
     found: dict[int, gs.Constant] = {}
     for graph in iter_graphs(model.graph):
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Constant):
                 found.setdefault(id(tensor), tensor)
+        for node in graph.nodes if attributes else []:
+            for value in node.attrs.values():
+                for item in value if isinstance(value, list | tuple) else [value]:
+                    if isinstance(item, gs.Constant):
+                        found.setdefault(id(item), item)
     return list(found.values())
 
 
@@ -398,7 +434,12 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     exporter output makes it throw, in which case plain inference, and then none, is used.
     """
     if proto_size(proto) > PROTO_LIMIT:  # onnx cannot take it in memory; infer without the weights
-        return from_proto(proto, infer=True).to_proto()
+        model = from_proto(proto, infer=False)
+        if proto_size(model.to_proto(weights=False)) > PROTO_LIMIT:  # weights that cannot be left out
+            logger.warning("shape inference skipped: the model is too big for onnx even without its weights")
+            return proto
+        model.refresh_shapes()
+        return model.to_proto()
     for data_prop in (True, False):
         try:
             return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
