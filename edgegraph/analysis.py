@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from edgegraph import ir, runtime, validate, verify
 from edgegraph.context import CalibrationData
@@ -220,7 +221,7 @@ def count_params(graph: gs.Graph) -> tuple[int, int]:
     """(elements, bytes) of the weights: constants (initializers and Constant nodes, subgraphs
     included, each counted once) except int64/bool tensors and constants used only as shapes,
     axes, indices, bounds or quantization scales/zero points. Packed 4-bit MatMulNBits weights
-    count their logical K*N elements."""
+    count their logical K*N elements; sparse initializers their dense elements and stored bytes."""
     elements = nbytes = 0
     seen: set[int] = set()
     for g in ir.iter_graphs(graph):
@@ -236,7 +237,11 @@ def count_params(graph: gs.Graph) -> tuple[int, int]:
             count = math.prod(value_shape)
             nbits = next((u for u, slots in uses if u.op == "MatMulNBits" and 1 in slots), None)
             elements += nbits.attrs["K"] * nbits.attrs["N"] if nbits is not None else count
-            nbytes += count * dtype.itemsize
+            values = tensor._values if isinstance(tensor, gs.Constant) else None
+            if isinstance(values, SparseValues):  # bytes as stored: the non-zero values and their indices
+                nbytes += sum(validate.tensor_bytes(t) or 0 for t in (values.tensor.values, values.tensor.indices))
+            else:
+                nbytes += count * dtype.itemsize
     return elements, nbytes
 
 

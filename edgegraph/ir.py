@@ -102,6 +102,9 @@ def from_proto(proto: onnx.ModelProto, *, infer: bool = True) -> Model:
     proto must not be changed while the model is in use.
     """
     graph = gs.import_onnx(proto)
+    for tensor in _constants_of(graph, attributes=True):
+        if type(tensor._values) is SparseValues:
+            tensor._values = _Sparse(tensor._values.tensor)
     # gs drops the IR version of old models if it is not set; keep what the file said.
     graph.ir_version = proto.ir_version
     model = Model(
@@ -194,7 +197,6 @@ def _map_external_data(model: Model, folder: Path | None, what: str) -> None:
             for part in (values.tensor.values, values.tensor.indices):
                 if validate.uses_external_data(part):
                     _inline(part, validate.external_data(part, folder, what))
-            tensor._values = _Sparse(values.tensor)
             continue
         if not isinstance(values, LazyValues) or not validate.uses_external_data(values.tensor):
             continue
@@ -278,8 +280,12 @@ def _payload_bytes(tensor: onnx.TensorProto) -> int:
 def _constants(model: Model, *, attributes: bool = False) -> list[gs.Constant]:
     """Every initializer of the model (subgraphs included), once each; with `attributes`, the
     tensors of node attributes (Constant nodes' values) too."""
+    return _constants_of(model.graph, attributes=attributes)
+
+
+def _constants_of(top: gs.Graph, *, attributes: bool) -> list[gs.Constant]:
     found: dict[int, gs.Constant] = {}
-    for graph in iter_graphs(model.graph):
+    for graph in iter_graphs(top):
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Constant):
                 found.setdefault(id(tensor), tensor)

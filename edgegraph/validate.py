@@ -302,6 +302,23 @@ def _node_label(node: onnx.NodeProto) -> str:
     return f"node '{_short(node.name)}' ({_short(node.op_type)})" if node.name else f"a {_short(node.op_type)} node"
 
 
+# Attribute types onnx-graphsurgeon carries through; it drops the others (sparse tensors, lists
+# of tensors or graphs, type protos) with a warning, which would change what the model means.
+_KEPT_ATTRIBUTES = frozenset({onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT, onnx.AttributeProto.STRING,
+                              onnx.AttributeProto.TENSOR, onnx.AttributeProto.GRAPH, onnx.AttributeProto.FLOATS,
+                              onnx.AttributeProto.INTS, onnx.AttributeProto.STRINGS})
+
+
+def _check_attributes(graph: _GraphLike, what: str) -> None:
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type not in _KEPT_ATTRIBUTES and not attribute.ref_attr_name:
+                kind = onnx.AttributeProto.AttributeType.Name(attribute.type) if attribute.type in \
+                    onnx.AttributeProto.AttributeType.values() else str(attribute.type)
+                raise ModelLoadError(f"{what}: {_node_label(node)} has attribute '{_short(attribute.name)}' of "
+                                     f"type {kind}, which edgegraph cannot keep (not supported yet)")
+
+
 def _check_graph(graph: _GraphLike, outer: frozenset[str], what: str, unsorted: list[bool]) -> set[str]:
     """Check one graph or function (subgraphs recursively); return the outer-scope names it reads.
 
@@ -529,6 +546,7 @@ def check(proto: onnx.ModelProto, what: str, folder: Path | None, raw: bytes | N
             _check_tensor(tensor, folder, what, next(lengths, None))
         for sparse in _sparse_of(graph):
             _check_sparse(sparse, what)
+        _check_attributes(graph, what)
     unsorted = [False]
     _check_graph(proto.graph, frozenset(), what, unsorted)
     for function in proto.functions:
