@@ -476,12 +476,18 @@ def _checker_view(proto: onnx.ModelProto, unsorted: bool) -> onnx.ModelProto:
     - Nodes are in dependency order: the checker refuses valid graphs that are not sorted.
     - Experimental ops (accepted by the checker) are in a private domain: the checker would
       print a warning about them on stdout.
+    - Graph inputs and outputs of unknown rank (a tensor type without a shape) and a graph
+      without a name are allowed, as onnxruntime allows them; the checker would refuse them.
     """
     view = onnx.ModelProto()
     _copy_fields(proto, view, skip="graph")
     _copy_fields(proto.graph, view.graph, skip="initializer")
     view.graph.initializer.extend(TensorProto(name=t.name, data_type=t.data_type, dims=[0])
                                   for t in proto.graph.initializer)
+    view.graph.name = view.graph.name or "main"
+    for value in [*view.graph.input, *view.graph.output]:
+        if value.type.HasField("tensor_type") and not value.type.tensor_type.HasField("shape"):
+            value.type.tensor_type.shape.SetInParent()
     for tensor in tensors(view):
         if uses_external_data(tensor):
             tensor.data_location = TensorProto.DEFAULT
