@@ -55,7 +55,22 @@ class Model:
         if not weights:
             with _detached(_weights(self)):
                 return self.to_proto()
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        # Types graphsurgeon cannot write (optional, map, sequences of them) go out untyped and
+        # get the type they were read with back.
+        kept = [t for g in iter_graphs(self.graph) for t in g.tensors().values() if hasattr(t, _KEPT_TYPE)]
+        dtypes = [t.dtype for t in kept]
+        for tensor in kept:
+            tensor.dtype = None
+        try:
+            proto = gs.export_onnx(self.graph, do_type_check=False)
+        finally:
+            for tensor, dtype in zip(kept, dtypes):
+                tensor.dtype = dtype
+        if kept:
+            types = {t.name: getattr(t, _KEPT_TYPE) for t in kept}
+            for value in _value_infos(proto):
+                if value.name in types:
+                    value.type.CopyFrom(types[value.name])
         needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
         proto.ir_version = max(proto.ir_version or 0, needed)
         proto.doc_string, proto.domain, proto.model_version = self.doc_string, self.domain, self.model_version
@@ -105,6 +120,12 @@ def from_proto(proto: onnx.ModelProto, *, infer: bool = True) -> Model:
     for tensor in _constants_of(graph, attributes=True):
         if type(tensor._values) is SparseValues:
             tensor._values = _Sparse(tensor._values.tensor)
+    unwritable = {v.name: v.type for v in _value_infos(proto) if not _gs_can_write(v.type)}
+    if unwritable:
+        for g in iter_graphs(graph):
+            for tensor in g.tensors().values():
+                if tensor.name in unwritable:
+                    setattr(tensor, _KEPT_TYPE, unwritable[tensor.name])
     # gs drops the IR version of old models if it is not set; keep what the file said.
     graph.ir_version = proto.ir_version
     model = Model(
@@ -117,6 +138,25 @@ def from_proto(proto: onnx.ModelProto, *, infer: bool = True) -> Model:
     if infer:
         model.refresh_shapes()
     return model
+
+
+_KEPT_TYPE = "_edgegraph_type"  # gs tensor attribute: the TypeProto it was read with
+
+
+def _value_infos(proto: onnx.ModelProto) -> Iterator[onnx.ValueInfoProto]:
+    for graph in validate.graphs(proto):
+        if isinstance(graph, onnx.GraphProto):
+            yield from graph.input
+            yield from graph.output
+        yield from graph.value_info
+
+
+def _gs_can_write(type_proto: onnx.TypeProto) -> bool:
+    """Whether graphsurgeon's exporter writes this type back (it fails on the others)."""
+    kind = type_proto.WhichOneof("value")
+    if kind == "sequence_type":
+        return type_proto.sequence_type.elem_type.WhichOneof("value") == "tensor_type"
+    return kind in ("tensor_type", "sparse_tensor_type", None)
 
 
 def load(source, *, infer: bool = True, base_dir: str | os.PathLike[str] | None = None) -> Model:

@@ -295,6 +295,70 @@ def _check_sparse(sparse: onnx.SparseTensorProto, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Text fields and declared types
+
+
+class _NotUtf8(Exception):
+    pass
+
+
+def _utf8(*values) -> None:
+    # protobuf hands out a string field that is not valid UTF-8 as bytes instead of str.
+    for value in values:
+        if value.__class__ is bytes:
+            raise _NotUtf8(value)
+
+
+def _check_type(type_proto: onnx.TypeProto, name: str, what: str) -> None:
+    """Declared types: known element types (graphsurgeon fails on others), UTF-8 dim names."""
+    kind = type_proto.WhichOneof("value")
+    _utf8(type_proto.denotation)
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        inner = getattr(type_proto, kind)
+        if inner.elem_type not in TensorProto.DataType.values():
+            raise ModelLoadError(f"{what}: '{_short(name)}' is declared with unknown data type {inner.elem_type}")
+        for dim in inner.shape.dim:
+            _utf8(dim.dim_param, dim.denotation)
+    elif kind in ("sequence_type", "optional_type"):
+        _check_type(getattr(type_proto, kind).elem_type, name, what)
+    elif kind == "map_type":
+        if type_proto.map_type.key_type not in TensorProto.DataType.values():
+            raise ModelLoadError(f"{what}: '{_short(name)}' is declared with unknown map key type "
+                                 f"{type_proto.map_type.key_type}")
+        _check_type(type_proto.map_type.value_type, name, what)
+
+
+def _check_texts(proto: onnx.ModelProto, what: str) -> None:
+    """Every name and text field a model carries is UTF-8; declared types are known."""
+    try:
+        _utf8(proto.producer_name, proto.producer_version, proto.domain, proto.doc_string,
+              *(o.domain for o in proto.opset_import))
+        for entry in proto.metadata_props:
+            _utf8(entry.key, entry.value)
+        for graph in graphs(proto):
+            _utf8(graph.name, graph.doc_string)
+            if isinstance(graph, onnx.GraphProto):
+                for value in [*graph.input, *graph.output, *graph.value_info]:
+                    _utf8(value.name, value.doc_string)
+                    _check_type(value.type, value.name, what)
+            else:
+                _utf8(graph.domain, graph.overload, *graph.input, *graph.output, *graph.attribute,
+                      *(o.domain for o in graph.opset_import))
+                for value in graph.value_info:
+                    _utf8(value.name)
+                    _check_type(value.type, value.name, what)
+            for node in graph.node:
+                _utf8(node.name, node.op_type, node.domain, node.overload, node.doc_string, *node.input, *node.output)
+                for attribute in node.attribute:
+                    _utf8(attribute.name, attribute.ref_attr_name, attribute.doc_string)
+            for tensor in _tensors_of(graph):
+                _utf8(tensor.name, tensor.doc_string, *(t for e in tensor.external_data for t in (e.key, e.value)))
+    except _NotUtf8 as exc:
+        raise ModelLoadError(f"{what} has a name or text field that is not valid UTF-8 "
+                             f"({_short(repr(exc.args[0]), 40)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # Graph structure: what the onnx checker reports as "not topologically sorted", in plain words
 
 
@@ -538,6 +602,7 @@ def check(proto: onnx.ModelProto, what: str, folder: Path | None, raw: bytes | N
     `folder` is where external data may live (None: nowhere); `raw` the serialized model when
     at hand, where the lengths of the weights are read without copying them.
     """
+    _check_texts(proto, what)
     _check_opsets(proto, what)
     lengths = iter(())
     if raw is not None:

@@ -17,8 +17,9 @@ import pytest
 
 import edgegraph
 
-# Cases whose optional-typed graph inputs/outputs onnx-graphsurgeon cannot export.
-KNOWN_IR_UNSUPPORTED = {"test_identity_opt", "test_if_opt", "test_loop16_seq_none"}
+# An Optional node with a `type` attribute (TYPE_PROTO), which onnx-graphsurgeon drops: refused
+# at load. (Optional-typed graph inputs/outputs load since edgegraph.ir keeps their types.)
+KNOWN_IR_UNSUPPORTED = {"test_if_opt"}
 
 # Expected outputs are compared the way onnx's backend runner does.
 DEFAULT_RTOL, DEFAULT_ATOL = 1e-3, 1e-7
@@ -121,6 +122,6 @@ def test_cleanup_keeps_every_backend_node_case_passing(node_cases, record_proper
     with capsys.disabled():
         print(f"\n{summary}")
     assert not broken, f"{len(broken)} case(s) broken by cleanup:\n" + "\n".join(broken)
-    # Optional-typed graph inputs/outputs: onnx-graphsurgeon cannot export them (edgegraph.ir
-    # limitation, reported); anything else that cannot round-trip would be a new regression.
+    # Attributes onnx-graphsurgeon cannot carry (edgegraph.ir limitation, refused at load);
+    # anything else that cannot round-trip would be a new regression.
     assert set(unsupported) <= KNOWN_IR_UNSUPPORTED, f"new round-trip failures: {set(unsupported) - KNOWN_IR_UNSUPPORTED}"

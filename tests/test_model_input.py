@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import edgegraph
 from conftest import MODELS, require_shared
 from edgegraph import cli, ir, validate
 from edgegraph.errors import ModelLoadError
@@ -253,3 +254,20 @@ def test_sparse_initializer_works_in_opt_info_and_bench(tmp_path, capfd):
     for path in (model, tmp_path / "out.onnx"):
         got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
+
+
+def test_optional_types_are_kept(tmp_path):
+    """Graph inputs/outputs of optional type (graphsurgeon's exporter failed on them, so such
+    models did not load) keep their types through load, cleanup and save."""
+    proto = hostile.optional_io()
+    model = ir.load(proto)
+    out = ir.save(edgegraph.optimize(model, "cleanup", verify=False), tmp_path / "out.onnx")
+    saved = onnx.load(out)
+    assert saved.graph.input[0].type == proto.graph.input[0].type
+    assert saved.graph.output[0].type == proto.graph.output[0].type
+    x = np.arange(4, dtype=np.float32)
+    for path in (proto.SerializeToString(), str(out)):
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        y, has = sess.run(None, {"x": x})
+        np.testing.assert_array_equal(y, x)
+        assert has
