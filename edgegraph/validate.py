@@ -125,11 +125,13 @@ def external_data(tensor: TensorProto, folder: Path | None, what: str) -> Extern
         raise ModelLoadError(f"{what}: tensor {name} keeps its data in an external file ('{_short(location)}'), "
                              "which needs the model's folder: load the model from its file")
     folder = folder.resolve()
-    parts = PureWindowsPath(location).parts  # splits on both / and \
-    if (not location or "\0" in location or PurePosixPath(location).is_absolute()
-            or PureWindowsPath(location).is_absolute() or PureWindowsPath(location).drive or ".." in parts):
+    # One reading of the path on every platform: `/` separates folders, and a backslash (a
+    # separator on Windows, a name character elsewhere) is refused rather than guessed at.
+    parts = PurePosixPath(location).parts
+    if (not location or "\0" in location or "\\" in location or PurePosixPath(location).is_absolute()
+            or PureWindowsPath(location).drive or ".." in parts):
         raise ModelLoadError(f"{what}: external data file '{_short(location)}' of tensor {name} is missing or "
-                             "outside the model's folder (it must be a relative path without '..')")
+                             "outside the model's folder (it must be a relative path with '/', without '..')")
     file = folder.joinpath(*parts).resolve()
     try:
         inside = file.is_relative_to(folder) and file != folder

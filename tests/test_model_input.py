@@ -131,6 +131,10 @@ def test_external_data_inside_the_folder_is_read_through_the_rule(root, capfd):
     for cond, expected in ((True, x + hostile.WEIGHT + hostile.CONSTANT), (False, x - hostile.WEIGHT)):
         np.testing.assert_allclose(out.run(None, {"cond": np.array(cond), "x": x})[0], expected)
     assert not any(Path(p).resolve() == (root / hostile.SECRET_NAME).resolve() for p in _opened)
+    # Nothing is left for graphsurgeon to read later (it would look relative to the working directory).
+    left = [t.name for t in ir._constants(loaded, attributes=True)
+            if hasattr(t._values, "tensor") and validate.uses_external_data(t._values.tensor)]
+    assert left == []
 
 
 def test_bytes_and_protos_with_external_data_need_a_folder(root):
@@ -271,3 +275,17 @@ def test_optional_types_are_kept(tmp_path):
         y, has = sess.run(None, {"x": x})
         np.testing.assert_array_equal(y, x)
         assert has
+
+
+def test_weights_that_cannot_be_left_out_do_not_recurse(monkeypatch, caplog):
+    """Shape inference of a model past the proto limit leaves the weights out; weights stored
+    in typed fields cannot be, which recursed without end (what dims of 10^12 elements did)."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4096])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    weight = onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [4096], np.ones(4096, np.float32))  # float_data
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [weight])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    monkeypatch.setattr(ir, "PROTO_LIMIT", 8000)
+    model = ir.load(proto)
+    assert "shape inference skipped" in caplog.text
+    np.testing.assert_array_equal(model.graph.tensors()["w"].values, np.ones(4096, np.float32))
