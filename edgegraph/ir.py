@@ -156,7 +156,7 @@ def _gs_can_write(type_proto: onnx.TypeProto) -> bool:
     kind = type_proto.WhichOneof("value")
     if kind == "sequence_type":
         return type_proto.sequence_type.elem_type.WhichOneof("value") == "tensor_type"
-    return kind in ("tensor_type", "sparse_tensor_type", None)
+    return kind in ("tensor_type", "sparse_tensor_type")  # not None: an empty type reads as an opaque one
 
 
 def load(source, *, infer: bool = True, base_dir: str | os.PathLike[str] | None = None) -> Model:

@@ -181,7 +181,7 @@ def test_invalid_model_is_refused(root, capfd, case, command):
     assert_refused(COMMANDS[command](model, root), root, capfd, words=[words])
 
 
-@pytest.mark.parametrize("case", ["unsorted", "experimental_op", "custom_domain_op"])
+@pytest.mark.parametrize("case", ["unsorted", "experimental_op", "custom_domain_op", "untyped_branch_output"])
 def test_unusual_valid_models_still_load(tmp_path, case):
     proto = getattr(hostile, case)()
     path = tmp_path / "model.onnx"
@@ -194,11 +194,15 @@ def test_unusual_valid_models_still_load(tmp_path, case):
                               text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["ops"] == {"ImageScaler": 1}
+    x = np.linspace(-1, 1, 16, dtype=np.float32)
+    saved = ir.save(ir.load(path), tmp_path / "out.onnx")
     if case == "unsorted":
-        x = np.linspace(-1, 1, 16, dtype=np.float32)
-        got = ort.InferenceSession(ir.save(ir.load(path), tmp_path / "out.onnx").read_bytes(),
-                                   providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        got = ort.InferenceSession(saved.read_bytes(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         np.testing.assert_array_equal(got, -np.maximum(x, 0))
+    if case == "untyped_branch_output":
+        sess = ort.InferenceSession(saved.read_bytes(), providers=["CPUExecutionProvider"])
+        np.testing.assert_array_equal(sess.run(None, {"cond": np.array(True), "x": x})[0], np.maximum(x, 0))
+        np.testing.assert_array_equal(sess.run(None, {"cond": np.array(False), "x": x})[0], -x)
 
 
 def test_every_shared_model_loads_and_checking_is_cheap():
