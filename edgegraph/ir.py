@@ -197,7 +197,7 @@ def load(source, *, infer: bool = True, base_dir: str | os.PathLike[str] | None 
         _map_external_data(model, folder, what)
         if infer:
             model.refresh_shapes()
-    except UnicodeDecodeError as exc:  # protobuf checks UTF-8 only when a string field is read
+    except UnicodeDecodeError as exc:  # graphsurgeon decodes string attributes (bytes in ONNX) as UTF-8
         raise ModelLoadError(f"{what} has a name or text field that is not valid UTF-8 "
                              f"(byte {exc.object[exc.start:exc.start + 1]!r})") from None
     return model
@@ -229,7 +229,7 @@ def _map_external_data(model: Model, folder: Path | None, what: str) -> None:
     Plain numeric tensors become read-only memory maps: nothing is read until a pass uses the
     values, and only the pages it touches. Others (4-bit types) are read into memory, as are
     the parts of sparse tensors. Constants of node attributes (Constant nodes, in subgraphs and
-    functions too) are included; sparse constants get a loader that reads them correctly.
+    functions too) are included.
     """
     for tensor in _constants(model, attributes=True):
         values = tensor._values

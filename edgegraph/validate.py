@@ -132,11 +132,11 @@ def external_data(tensor: TensorProto, folder: Path | None, what: str) -> Extern
             or PureWindowsPath(location).drive or ".." in parts):
         raise ModelLoadError(f"{what}: external data file '{_short(location)}' of tensor {name} is missing or "
                              "outside the model's folder (it must be a relative path with '/', without '..')")
-    file = folder.joinpath(*parts).resolve()
     try:
+        file = folder.joinpath(*parts).resolve()
         inside = file.is_relative_to(folder) and file != folder
         mode = os.stat(file).st_mode if inside else 0
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
         inside, mode = False, 0
     if not inside:
         raise ModelLoadError(f"{what}: external data file '{_short(location)}' of tensor {name} is missing or "

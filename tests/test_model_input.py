@@ -232,7 +232,7 @@ def test_every_shared_model_loads_and_checking_is_cheap():
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("where", ["node", "tensor"])
+@pytest.mark.parametrize("where", ["node", "tensor", "dim", "attribute"])
 def test_names_that_are_not_utf8_are_refused(root, capfd, where, command):
     model = root / "model" / "model.onnx"
     model.parent.mkdir()
