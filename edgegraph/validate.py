@@ -170,7 +170,8 @@ def _whole_number(text: str, key: str, name: str, what: str) -> int:
 _PACKED_BITS = {getattr(TensorProto, n): bits for n, bits in (
     ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2), ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))
     if hasattr(TensorProto, n)}
-_KNOWN_TYPES = frozenset(TensorProto.DataType.values()) - {TensorProto.UNDEFINED}
+_DECLARABLE_TYPES = frozenset(TensorProto.DataType.values())  # a declared type may be UNDEFINED (unknown)
+_KNOWN_TYPES = _DECLARABLE_TYPES - {TensorProto.UNDEFINED}
 
 
 def _type_name(data_type: int) -> str:
@@ -317,21 +318,22 @@ def _check_type(type_proto: onnx.TypeProto, name: str, what: str) -> None:
     _utf8(type_proto.denotation)
     if kind in ("tensor_type", "sparse_tensor_type"):
         inner = getattr(type_proto, kind)
-        if inner.elem_type not in TensorProto.DataType.values():
+        if inner.elem_type not in _DECLARABLE_TYPES:
             raise ModelLoadError(f"{what}: '{_short(name)}' is declared with unknown data type {inner.elem_type}")
         for dim in inner.shape.dim:
             _utf8(dim.dim_param, dim.denotation)
     elif kind in ("sequence_type", "optional_type"):
         _check_type(getattr(type_proto, kind).elem_type, name, what)
     elif kind == "map_type":
-        if type_proto.map_type.key_type not in TensorProto.DataType.values():
+        if type_proto.map_type.key_type not in _DECLARABLE_TYPES:
             raise ModelLoadError(f"{what}: '{_short(name)}' is declared with unknown map key type "
                                  f"{type_proto.map_type.key_type}")
         _check_type(type_proto.map_type.value_type, name, what)
 
 
 def _check_texts(proto: onnx.ModelProto, what: str) -> None:
-    """Every name and text field a model carries is UTF-8; declared types are known."""
+    """The names and texts edgegraph and graphsurgeon read are UTF-8; declared types are known.
+    (Node names, op types and tensor names are checked where `_check_graph` reads them.)"""
     try:
         _utf8(proto.producer_name, proto.producer_version, proto.domain, proto.doc_string,
               *(o.domain for o in proto.opset_import))
@@ -340,24 +342,21 @@ def _check_texts(proto: onnx.ModelProto, what: str) -> None:
         for graph in graphs(proto):
             _utf8(graph.name, graph.doc_string)
             if isinstance(graph, onnx.GraphProto):
-                for value in [*graph.input, *graph.output, *graph.value_info]:
-                    _utf8(value.name, value.doc_string)
-                    _check_type(value.type, value.name, what)
+                values = [*graph.input, *graph.output, *graph.value_info]
             else:
-                _utf8(graph.domain, graph.overload, *graph.input, *graph.output, *graph.attribute,
-                      *(o.domain for o in graph.opset_import))
-                for value in graph.value_info:
-                    _utf8(value.name)
-                    _check_type(value.type, value.name, what)
-            for node in graph.node:
-                _utf8(node.name, node.op_type, node.domain, node.overload, node.doc_string, *node.input, *node.output)
-                for attribute in node.attribute:
-                    _utf8(attribute.name, attribute.ref_attr_name, attribute.doc_string)
+                values = list(graph.value_info)
+                _utf8(graph.domain, graph.overload, *graph.attribute, *(o.domain for o in graph.opset_import))
+            for value in values:
+                _utf8(value.name)
+                _check_type(value.type, value.name, what)
             for tensor in _tensors_of(graph):
-                _utf8(tensor.name, tensor.doc_string, *(t for e in tensor.external_data for t in (e.key, e.value)))
+                _utf8(tensor.name, *(t for e in tensor.external_data for t in (e.key, e.value)))
     except _NotUtf8 as exc:
-        raise ModelLoadError(f"{what} has a name or text field that is not valid UTF-8 "
-                             f"({_short(repr(exc.args[0]), 40)})") from None
+        raise _not_utf8(exc, what) from None
+
+
+def _not_utf8(exc: _NotUtf8, what: str) -> ModelLoadError:
+    return ModelLoadError(f"{what} has a name or text field that is not valid UTF-8 ({_short(repr(exc.args[0]), 40)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,14 +374,13 @@ _KEPT_ATTRIBUTES = frozenset({onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT
                               onnx.AttributeProto.INTS, onnx.AttributeProto.STRINGS})
 
 
-def _check_attributes(graph: _GraphLike, what: str) -> None:
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type not in _KEPT_ATTRIBUTES and not attribute.ref_attr_name:
-                kind = onnx.AttributeProto.AttributeType.Name(attribute.type) if attribute.type in \
-                    onnx.AttributeProto.AttributeType.values() else str(attribute.type)
-                raise ModelLoadError(f"{what}: {_node_label(node)} has attribute '{_short(attribute.name)}' of "
-                                     f"type {kind}, which edgegraph cannot keep (not supported yet)")
+def _check_attributes(node: onnx.NodeProto, what: str) -> None:
+    for attribute in node.attribute:
+        if attribute.type not in _KEPT_ATTRIBUTES and not attribute.ref_attr_name:
+            kind = onnx.AttributeProto.AttributeType.Name(attribute.type) if attribute.type in \
+                onnx.AttributeProto.AttributeType.values() else str(attribute.type)
+            raise ModelLoadError(f"{what}: {_node_label(node)} has attribute '{_short(attribute.name)}' of "
+                                 f"type {kind}, which edgegraph cannot keep (not supported yet)")
 
 
 def _check_graph(graph: _GraphLike, outer: frozenset[str], what: str, unsorted: list[bool]) -> set[str]:
@@ -397,6 +395,10 @@ def _check_graph(graph: _GraphLike, outer: frozenset[str], what: str, unsorted: 
         kind = "graph"
     else:
         inputs, local, outputs, kind = list(graph.input), set(), list(graph.output), "function"
+    try:
+        _utf8(*inputs, *outputs, *local)
+    except _NotUtf8 as exc:
+        raise _not_utf8(exc, what) from None
     for names, role in ((inputs, "input"), (outputs, "output")):
         seen: set[str] = set()
         for name in names:
@@ -405,7 +407,14 @@ def _check_graph(graph: _GraphLike, outer: frozenset[str], what: str, unsorted: 
             seen.add(name)
     local |= set(inputs)
     producer: dict[str, int] = {}
-    for index, node in enumerate(graph.node):
+    nodes = list(graph.node)
+    for node in nodes:
+        try:
+            _utf8(node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute))
+        except _NotUtf8 as exc:
+            raise _not_utf8(exc, what) from None
+        _check_attributes(node, what)
+    for index, node in enumerate(nodes):
         for name in node.output:
             if not name:
                 continue
@@ -619,7 +628,6 @@ def check(proto: onnx.ModelProto, what: str, folder: Path | None, raw: bytes | N
             _check_tensor(tensor, folder, what, next(lengths, None))
         for sparse in _sparse_of(graph):
             _check_sparse(sparse, what)
-        _check_attributes(graph, what)
     unsorted = [False]
     _check_graph(proto.graph, frozenset(), what, unsorted)
     for function in proto.functions:
