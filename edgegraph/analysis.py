@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import SparseValues
 
-from edgegraph import ir, runtime, verify
+from edgegraph import ir, runtime, validate, verify
 from edgegraph.context import CalibrationData
 from edgegraph.errors import CalibrationDataError, EdgegraphError
 
@@ -162,8 +163,7 @@ def serialized_size(model: ir.Model, light: onnx.ModelProto | None = None) -> in
     exported without its weights (`light`, if already at hand) plus the bytes of those weights.
     Exact but for a few bytes per weight left out."""
     light = model.to_proto(weights=False) if light is None else light
-    left_out = [t for t in onnx.external_data_helper._get_all_tensors(light)
-                if t.data_location == onnx.TensorProto.EXTERNAL]
+    left_out = [t for t in validate.tensors(light) if validate.uses_external_data(t)]
     return light.ByteSize() + sum(math.prod(t.dims) * (ir.numpy_dtype(t.data_type) or np.dtype(np.uint8)).itemsize
                                   for t in left_out)
 
@@ -207,23 +207,21 @@ def observed_shapes(model: ir.Model, feeds: runtime.Feeds) -> dict[str, tuple[in
 
 
 def disk_size(path: str | Path) -> int:
-    """Bytes of a model file plus the external data files it references (each counted once)."""
+    """Bytes of a model file plus the external data files it references (each counted once).
+
+    Meant for a model `ir.load` accepted: its external data then passes `validate.external_data`."""
     path = Path(path)
-    total = path.stat().st_size
     proto = onnx.load_model(str(path), load_external_data=False)
-    files = {
-        onnx.external_data_helper.ExternalDataInfo(t).location
-        for t in onnx.external_data_helper._get_all_tensors(proto)
-        if t.data_location == onnx.TensorProto.EXTERNAL
-    }
-    return total + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+    files = {validate.external_data(t, path.parent, str(path)).path
+             for t in validate.tensors(proto) if validate.uses_external_data(t)}
+    return path.stat().st_size + sum(f.stat().st_size for f in files)
 
 
 def count_params(graph: gs.Graph) -> tuple[int, int]:
     """(elements, bytes) of the weights: constants (initializers and Constant nodes, subgraphs
     included, each counted once) except int64/bool tensors and constants used only as shapes,
     axes, indices, bounds or quantization scales/zero points. Packed 4-bit MatMulNBits weights
-    count their logical K*N elements."""
+    count their logical K*N elements; sparse initializers their dense elements and stored bytes."""
     elements = nbytes = 0
     seen: set[int] = set()
     for g in ir.iter_graphs(graph):
@@ -239,7 +237,11 @@ def count_params(graph: gs.Graph) -> tuple[int, int]:
             count = math.prod(value_shape)
             nbits = next((u for u, slots in uses if u.op == "MatMulNBits" and 1 in slots), None)
             elements += nbits.attrs["K"] * nbits.attrs["N"] if nbits is not None else count
-            nbytes += count * dtype.itemsize
+            values = tensor._values if isinstance(tensor, gs.Constant) else None
+            if isinstance(values, SparseValues):  # bytes as stored: the non-zero values and their indices
+                nbytes += sum(validate.tensor_bytes(t) or 0 for t in (values.tensor.values, values.tensor.indices))
+            else:
+                nbytes += count * dtype.itemsize
     return elements, nbytes
 
 

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from edgegraph import files
+from edgegraph import files, validate
 from edgegraph.errors import EdgegraphError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,15 @@ def from_proto(proto: onnx.ModelProto, *, infer: bool = True) -> Model:
     proto must not be changed while the model is in use.
     """
     graph = gs.import_onnx(proto)
+    for tensor in _constants_of(graph, attributes=True):
+        if type(tensor._values) is SparseValues:
+            tensor._values = _Sparse(tensor._values.tensor)
+    unwritable = {v.name: v.type for v in _value_infos(proto) if not _gs_can_write(v.type)}
+    if unwritable:
+        for g in iter_graphs(graph):
+            for tensor in g.tensors().values():
+                if tensor.name in unwritable:
+                    setattr(tensor, _KEPT_TYPE, unwritable[tensor.name])
     # gs drops the IR version of old models if it is not set; keep what the file said.
     graph.ir_version = proto.ir_version
     model = Model(
@@ -165,31 +174,66 @@ def from_proto(proto: onnx.ModelProto, *, infer: bool = True) -> Model:
     return model
 
 
-def load(source, *, infer: bool = True) -> Model:
+_KEPT_TYPE = "_edgegraph_type"  # gs tensor attribute: the TypeProto it was read with
+
+
+def _value_infos(proto: onnx.ModelProto) -> Iterator[onnx.ValueInfoProto]:
+    for graph in validate.graphs(proto):
+        if isinstance(graph, onnx.GraphProto):
+            yield from graph.input
+            yield from graph.output
+        yield from graph.value_info
+
+
+def _gs_can_write(type_proto: onnx.TypeProto) -> bool:
+    """Whether graphsurgeon's exporter writes this type back (it fails on the others)."""
+    kind = type_proto.WhichOneof("value")
+    if kind == "sequence_type":
+        return type_proto.sequence_type.elem_type.WhichOneof("value") == "tensor_type"
+    return kind in ("tensor_type", "sparse_tensor_type")  # not None: an empty type reads as an opaque one
+
+
+def load(source, *, infer: bool = True, base_dir: str | os.PathLike[str] | None = None) -> Model:
     """Load a model from a path, bytes, a ModelProto or a Model (copied; the source is never changed).
 
-    External data next to a path is memory-mapped read-only (see `_map_external_data`): passes
-    replace constant values, they never write into them. Raises `ModelLoadError` with one clear
-    sentence for a missing file, a file that is not ONNX, a truncated one, or missing external data.
+    Every model is checked first (`edgegraph.validate`): invalid ONNX, and external data that is
+    not a regular file inside the model's folder, raise `ModelLoadError` with one clear sentence,
+    as do a missing file, a file that is not ONNX and a truncated one. External data of a path
+    is looked for beside it; bytes and ModelProtos have no folder, so their external data is
+    refused unless `base_dir` names one. External data is memory-mapped read-only (see
+    `_map_external_data`): passes replace constant values, they never write into them.
     """
     if isinstance(source, Model):
         return source.copy()
+    folder = Path(base_dir) if base_dir is not None else None
+    raw = None
     if isinstance(source, onnx.ModelProto):
+        what = "the given ModelProto"
         proto = onnx.ModelProto()
         proto.CopyFrom(source)
-        return from_proto(_validated(proto, "the given ModelProto"), infer=infer)
-    if isinstance(source, bytes | bytearray):
-        return from_proto(_validated(_parse(bytes(source), "the given bytes"), "the given bytes"), infer=infer)
-    path = Path(source)
-    if not path.exists():
-        raise ModelLoadError(f"no such file: {path}")
-    if path.is_dir():
-        raise ModelLoadError(f"{path} is a directory, not an ONNX model file")
-    proto = _validated(_parse(path.read_bytes(), str(path)), str(path))
-    model = from_proto(proto, infer=False)
-    _map_external_data(model, path)
-    if infer:
-        model.refresh_shapes()
+    elif isinstance(source, bytes | bytearray):
+        what, raw = "the given bytes", bytes(source)
+        proto = _parse(raw, what)
+    else:
+        path = Path(source)
+        what = str(path)
+        if not path.exists():
+            raise ModelLoadError(f"no such file: {path}")
+        if not path.is_file():
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            raise ModelLoadError(f"{path} is {kind}, not an ONNX model file")
+        raw = path.read_bytes()
+        proto = _parse(raw, what)
+        folder = path.parent
+    try:
+        validate.check(_validated(proto, what), what, folder, raw)
+        model = from_proto(proto, infer=False)
+        _map_external_data(model, folder, what)
+        if infer:
+            model.refresh_shapes()
+    except UnicodeDecodeError as exc:  # graphsurgeon decodes string attributes (bytes in ONNX) as UTF-8
+        raise ModelLoadError(f"{what} has a name or text field that is not valid UTF-8 "
+                             f"(byte {exc.object[exc.start:exc.start + 1]!r})") from None
     return model
 
 
@@ -212,44 +256,56 @@ def _validated(proto: onnx.ModelProto, what: str) -> onnx.ModelProto:
     return proto
 
 
-def _all_initializers(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    yield from onnx.external_data_helper._get_all_tensors(proto)
-
-
-def _uses_external_data(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location == onnx.TensorProto.EXTERNAL
-
-
-def _map_external_data(model: Model, path: Path) -> None:
-    """Point the constants whose data lives in files beside `path` at that data.
+def _map_external_data(model: Model, folder: Path | None, what: str) -> None:
+    """Point every constant whose data lives in a file at that data, through the one rule
+    (`validate.external_data`); graphsurgeon would read it relative to the working directory.
 
     Plain numeric tensors become read-only memory maps: nothing is read until a pass uses the
-    values, and only the pages it touches. Others (4-bit types, strings) are read into memory.
+    values, and only the pages it touches. Others (4-bit types) are read into memory, as are
+    the parts of sparse tensors. Constants of node attributes (Constant nodes, in subgraphs and
+    functions too) are included.
     """
-    folder = path.parent.resolve()
-    for tensor in _constants(model):
+    for tensor in _constants(model, attributes=True):
         values = tensor._values
-        if not isinstance(values, LazyValues) or not _uses_external_data(values.tensor):
+        if isinstance(values, SparseValues):
+            for part in (values.tensor.values, values.tensor.indices):
+                if validate.uses_external_data(part):
+                    _inline(part, validate.external_data(part, folder, what))
             continue
-        info = {entry.key: entry.value for entry in values.tensor.external_data}
-        file = (folder / info.get("location", "")).resolve()
-        if not file.is_relative_to(folder) or not file.is_file():
-            raise ModelLoadError(f"{path}: external data file '{info.get('location', '')}' of tensor "
-                                 f"'{tensor.name}' is missing or outside the model's folder")
-        offset = int(info.get("offset", 0))
-        dtype = _numpy_dtype(values.tensor.data_type)
+        if not isinstance(values, LazyValues) or not validate.uses_external_data(values.tensor):
+            continue
+        source = validate.external_data(values.tensor, folder, what)
+        dtype = _storage_dtype(values.tensor.data_type)
         count = int(np.prod(values.tensor.dims, dtype=np.int64))
-        length = int(info.get("length", count * (dtype.itemsize if dtype else 0)))
-        if offset + length > file.stat().st_size:
-            raise ModelLoadError(f"{path}: external data of tensor '{tensor.name}' runs past the end of {file.name}")
-        if dtype is not None and dtype.itemsize * count == length:
-            tensor.values = np.memmap(file, dtype=dtype, mode="r", offset=offset,
+        if dtype is not None and dtype.itemsize * count == source.length:
+            tensor.values = np.memmap(source.path, dtype=dtype, mode="r", offset=source.offset,
                                       shape=tuple(values.tensor.dims)) if count else np.zeros(values.shape, dtype)
         else:
-            onnx.external_data_helper.load_external_data_for_tensor(values.tensor, str(folder))
-            values.tensor.data_location = onnx.TensorProto.DEFAULT
-            del values.tensor.external_data[:]
+            _inline(values.tensor, source)
         tensor.data_location = None  # the values are in memory now, as far as export is concerned
+
+
+def _inline(tensor: onnx.TensorProto, source: validate.ExternalData) -> None:
+    tensor.raw_data = source.read()
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
+
+
+class _Sparse(SparseValues):
+    """Sparse values that load whatever field holds them (graphsurgeon reads only the typed
+    fields, so raw_data, what numpy_helper writes, came out as zeros)."""
+
+    def load(self):
+        sparse = self.tensor
+        values = onnx.numpy_helper.to_array(sparse.values)
+        dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+        if values.size:
+            indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+            if indices.ndim == 1:
+                dense.reshape(-1)[indices] = values
+            else:
+                dense[tuple(indices.T)] = values
+        return dense
 
 
 # Types stored packed, several values to a byte, while numpy holds one value per byte.
@@ -268,7 +324,7 @@ def numpy_dtype(dtype) -> np.dtype | None:
         return None
 
 
-def _numpy_dtype(data_type: int) -> np.dtype | None:
+def _storage_dtype(data_type: int) -> np.dtype | None:
     """The numpy dtype whose bytes are the tensor's raw bytes, if there is one."""
     if data_type in _PACKED_TYPES or data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return None
@@ -287,18 +343,18 @@ def proto_size(model) -> int:
     """
     if isinstance(model, Model):
         return sum(_nbytes(c) for c in _constants(model) if not isinstance(c._values, SparseValues))
-    payload = sum(_payload_bytes(t) for t in _all_initializers(model))
+    payload = sum(_payload_bytes(t) for t in validate.tensors(model))
     if payload < PROTO_LIMIT // 8:
         return model.ByteSize()
     return payload
 
 
 def _payload_bytes(tensor: onnx.TensorProto) -> int:
-    if _uses_external_data(tensor):
+    if validate.uses_external_data(tensor):
         return 0
     if tensor.data_type == onnx.TensorProto.STRING:
         return sum(len(s) for s in tensor.string_data)
-    dtype = _numpy_dtype(tensor.data_type)
+    dtype = _storage_dtype(tensor.data_type)
     return int(np.prod(tensor.dims, dtype=np.int64)) * (dtype.itemsize if dtype else 8)
 
 
@@ -306,13 +362,23 @@ def _payload_bytes(tensor: onnx.TensorProto) -> int:
 # Weights outside protobuf: how big models are copied, inferred and saved without extra copies.
 
 
-def _constants(model: Model) -> list[gs.Constant]:
-    """Every initializer of the model (subgraphs included), once each."""
+def _constants(model: Model, *, attributes: bool = False) -> list[gs.Constant]:
+    """Every initializer of the model (subgraphs included), once each; with `attributes`, the
+    tensors of node attributes (Constant nodes' values) too."""
+    return _constants_of(model.graph, attributes=attributes)
+
+
+def _constants_of(top: gs.Graph, *, attributes: bool) -> list[gs.Constant]:
     found: dict[int, gs.Constant] = {}
-    for graph in iter_graphs(model.graph):
+    for graph in iter_graphs(top):
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Constant):
                 found.setdefault(id(tensor), tensor)
+        for node in graph.nodes if attributes else []:
+            for value in node.attrs.values():
+                for item in value if isinstance(value, list | tuple) else [value]:
+                    if isinstance(item, gs.Constant):
+                        found.setdefault(id(item), item)
     return list(found.values())
 
 
@@ -366,8 +432,9 @@ def _exportable(model: Model):
 
     * a 4-bit initializer that a pass read is a numpy array of one value per byte, which gs
       would write unpacked (a tensor onnx rejects): it gets its packed proto back (for good);
-    * tensors of a type gs cannot export (optional, map, opaque) have no dtype, so gs writes
-      them untyped; the `restore` yielded puts optional types back into the exported proto.
+    * tensors of a type gs cannot export (optional, map, sequences of those, opaque) have no
+      dtype meanwhile, so gs writes them untyped; the `restore` yielded puts back the type they
+      were read with (`from_proto` keeps it), or an optional type made from their dtype.
     """
     saved, types = [], {}
     for graph in iter_graphs(model.graph):
@@ -376,30 +443,23 @@ def _exportable(model: Model):
                 values = tensor._values
                 if isinstance(values, np.ndarray) and values.dtype.itemsize == 1 and values.dtype.name in _4BIT_NAMES:
                     tensor._values = LazyValues(onnx.numpy_helper.from_array(values, tensor.name))
-            elif tensor.dtype is not None and tensor.type not in _GS_EXPORTS:
-                saved.append((tensor, tensor.dtype))
-                if tensor.type == "optional_type" and isinstance(tensor.dtype, onnx.TypeProto):
+            elif hasattr(tensor, _KEPT_TYPE) or (tensor.dtype is not None and tensor.type not in _GS_EXPORTS):
+                if hasattr(tensor, _KEPT_TYPE):
+                    types[tensor.name] = getattr(tensor, _KEPT_TYPE)
+                elif tensor.type == "optional_type" and isinstance(tensor.dtype, onnx.TypeProto):
                     types[tensor.name] = onnx.helper.make_optional_type_proto(tensor.dtype)
+                saved.append((tensor, tensor.dtype))
                 tensor.dtype = None
 
     def restore(proto: onnx.ModelProto) -> None:
-        for graph in _graph_protos(proto.graph) if types else ():
-            for info in (*graph.input, *graph.output, *graph.value_info):
-                if info.name in types and not info.type.WhichOneof("value"):
-                    info.type.CopyFrom(types[info.name])
+        for info in _value_infos(proto) if types else ():
+            if info.name in types and not info.type.WhichOneof("value"):
+                info.type.CopyFrom(types[info.name])
     try:
         yield restore
     finally:
         for tensor, dtype in saved:
             tensor.dtype = dtype
-
-
-def _graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _graph_protos(sub)
 
 
 def _is_detached(constant: gs.Constant) -> bool:
@@ -563,7 +623,12 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     exporter output makes it throw, in which case plain inference, and then none, is used.
     """
     if proto_size(proto) > PROTO_LIMIT:  # onnx cannot take it in memory; infer without the weights
-        return from_proto(proto, infer=True).to_proto()
+        model = from_proto(proto, infer=False)
+        if proto_size(model.to_proto(weights=False)) > PROTO_LIMIT:  # weights that cannot be left out
+            logger.warning("shape inference skipped: the model is too big for onnx even without its weights")
+            return proto
+        model.refresh_shapes()
+        return model.to_proto()
     for data_prop in (True, False):
         try:
             return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
