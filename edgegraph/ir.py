@@ -560,8 +560,8 @@ def _check_self_contained(proto: onnx.ModelProto, written: set[tuple], path: Pat
     save wrote (`written`): such data belongs to another model, in a file this save may even
     replace (the sidecar of a model saved over itself), so the written model would be
     incomplete or silently wrong."""
-    for tensor in _all_initializers(proto):
-        if _uses_external_data(tensor) and _external_reference(tensor) not in written:
+    for tensor in validate.tensors(proto):
+        if validate.uses_external_data(tensor) and _external_reference(tensor) not in written:
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             raise EdgegraphError(f"cannot save {path}: tensor '{tensor.name[:80]}' refers to external data in "
                                  f"'{location[:80]}', which is not saved with it")
@@ -596,7 +596,7 @@ def _external_locations(path: Path) -> set[str]:
         proto = _parse(path.read_bytes(), str(path))
     except (OSError, ModelLoadError):
         return set()
-    return {entry.value for tensor in _all_initializers(proto) if _uses_external_data(tensor)
+    return {entry.value for tensor in validate.tensors(proto) if validate.uses_external_data(tensor)
             for entry in tensor.external_data if entry.key == "location"}
 
 

@@ -367,11 +367,12 @@ def _node_label(node: onnx.NodeProto) -> str:
     return f"node '{_short(node.name)}' ({_short(node.op_type)})" if node.name else f"a {_short(node.op_type)} node"
 
 
-# Attribute types onnx-graphsurgeon carries through; it drops the others (sparse tensors, lists
-# of tensors or graphs, type protos) with a warning, which would change what the model means.
+# Attribute types onnx-graphsurgeon carries through (type protos since edgegraph.ir teaches it
+# them); it drops the others (sparse tensors, lists of tensors or graphs) with a warning, which
+# would change what the model means.
 _KEPT_ATTRIBUTES = frozenset({onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT, onnx.AttributeProto.STRING,
                               onnx.AttributeProto.TENSOR, onnx.AttributeProto.GRAPH, onnx.AttributeProto.FLOATS,
-                              onnx.AttributeProto.INTS, onnx.AttributeProto.STRINGS})
+                              onnx.AttributeProto.INTS, onnx.AttributeProto.STRINGS, onnx.AttributeProto.TYPE_PROTO})
 
 
 def _check_attributes(node: onnx.NodeProto, what: str) -> None:
