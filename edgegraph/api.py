@@ -116,10 +116,13 @@ def parse_passes(passes: str | Path | Sequence[str | Pass]) -> list[Pass]:
 
 def make_context(model: Model, *, calib=None, target: str = "cpu", seed: int = 0, verify: bool = True,
                  progress: bool = False, threads: int = 0,
-                 preprocess: ImagePreprocess | Mapping | None = None) -> PassContext:
-    """The PassContext for running passes on `model` (calibration data checked against it)."""
+                 preprocess: ImagePreprocess | Mapping | None = None,
+                 fix_shapes: Mapping[str, Sequence[int]] | None = None) -> PassContext:
+    """The PassContext for running passes on `model` (calibration data checked against it);
+    `fix_shapes`: the input shapes already fixed in `model`, for advice in error messages."""
     return PassContext(calibration=as_calibration(calib, model, preprocess), target=load_target(target), seed=seed,
-                       verify=VerifyConfig(enabled=verify), progress=progress, threads=threads)
+                       verify=VerifyConfig(enabled=verify), progress=progress, threads=threads,
+                       fixed_shapes=dict(fix_shapes or {}))
 
 
 def optimize(model, passes: str | Path | Sequence[str | Pass], *, calib=None, target: str = "cpu", seed: int = 0,
@@ -136,9 +139,11 @@ def optimize(model, passes: str | Path | Sequence[str | Pass], *, calib=None, ta
 
     pipeline = parse_passes(passes)
     loaded = load(model)
+    fixed = loaded
     if fix_shapes:
-        fix_input_shapes(loaded, fix_shapes)
-    ctx = make_context(loaded, calib=calib, target=target, seed=seed, verify=verify, progress=progress,
-                       threads=threads, preprocess=preprocess)
-    result, _ = run_pipeline(loaded, pipeline, ctx)
+        fixed = loaded.copy()
+        fix_input_shapes(fixed, fix_shapes)
+    ctx = make_context(fixed, calib=calib, target=target, seed=seed, verify=verify, progress=progress,
+                       threads=threads, preprocess=preprocess, fix_shapes=fix_shapes)
+    result, _ = run_pipeline(fixed, pipeline, ctx, unspecialised=loaded if fix_shapes else None)
     return result.to_proto()

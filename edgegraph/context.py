@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import logging
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +14,14 @@ from typing import Literal
 import numpy as np
 
 from edgegraph.errors import CalibrationDataError
-from edgegraph.runtime import Feeds, InputSpec
+from edgegraph.runtime import Feeds, InputSpec, batch_size_for
 from edgegraph.targets import Target, load_target
+
+# One line per stage of work (loading, each pass, verification, saving, timing) at INFO. Not
+# propagated to the "edgegraph" logger (warnings and errors on stderr): `edgegraph opt` shows
+# these lines when progress bars cannot be shown, and a library user can attach a handler.
+STAGES = logging.getLogger("edgegraph.stages")
+STAGES.propagate = False
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -117,32 +126,86 @@ class CalibrationData:
         return cls(len(files), lambda i: {input_name: preprocess(files[i])}, str(folder))
 
     @classmethod
-    def random(cls, specs: Sequence[InputSpec], count: int = 8, seed: int = 0, dynamic_dim: int = 32) -> CalibrationData:
-        """Seeded random samples shaped from the input specs (dynamic dims become `dynamic_dim`).
+    def random(cls, specs: Sequence[InputSpec], count: int = 8, seed: int = 0, dynamic_dim: int = 32, *,
+               ranges: Mapping[str, tuple[int, int]] | None = None, whole: bool | None = False) -> CalibrationData:
+        """Seeded random samples shaped from the input specs. Good for checking exactness, not
+        for calibrating ranges.
 
-        Floats are uniform in [0, 1); integers are 0 or 1 (valid ids, masks and indices);
-        bools are random. Good for checking exactness, not for calibrating ranges.
+        Floats are uniform in [0, 1); integers are drawn from `ranges[name]` ([low, high)), else
+        are 0 or 1 (valid ids, masks and indices); bools are random. A dynamic dim takes
+        `dynamic_dim`, the same value wherever its symbol appears.
+
+        Samples normally leave out axis 0, which `batches` stacks. With `whole`, each sample is
+        one complete feed (a dynamic batch dim becomes 1, `batches` yields the samples as they
+        are): what a model needs whose inputs cannot all be stacked on axis 0 (a scalar input,
+        state whose batch axis is axis 1, a fixed axis 0 that the count does not divide).
+        `whole=None` picks that only when stacking cannot give the model's shapes.
         """
+        if whole is None:
+            whole = not _stackable(specs, count)
+        batch_symbols = {s.shape[0] for s in specs if whole and s.shape and isinstance(s.shape[0], str)}
+
+        def size(dim, axis: int) -> int:
+            if isinstance(dim, int) and dim > 0:
+                return dim
+            return 1 if whole and (axis == 0 or dim in batch_symbols) else dynamic_dim
+
         def shape_of(spec: InputSpec) -> tuple[int, ...]:
-            dims = list(spec.shape or ())[1:]  # axis 0 is the batch axis added by `batches`
-            return tuple(d if isinstance(d, int) and d > 0 else dynamic_dim for d in dims)
+            dims = list(spec.shape or ())
+            shape = tuple(size(d, axis) for axis, d in enumerate(dims))
+            return shape if whole else shape[1:]  # axis 0 is the batch axis added by `batches`
+
+        shapes = {spec.name: shape_of(spec) for spec in specs}
+        ranges = dict(ranges or {})
 
         def fetch(index: int) -> Feeds:
             rng = np.random.default_rng([seed, index])
             sample = {}
             for spec in specs:
-                shape = shape_of(spec)
+                shape = shapes[spec.name]
                 if spec.dtype.kind == "f":
                     sample[spec.name] = rng.random(shape, dtype=np.float32).astype(spec.dtype)
                 elif spec.dtype.kind == "b":
                     sample[spec.name] = rng.random(shape) < 0.5
                 elif spec.dtype.kind in "iu":
-                    sample[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
+                    low, high = ranges.get(spec.name, (0, 2))
+                    sample[spec.name] = rng.integers(low, high, shape).astype(spec.dtype)
                 else:
                     raise CalibrationDataError(f"cannot generate random data for input '{spec.name}' of type {spec.dtype}")
             return sample
 
-        return cls(count, fetch, f"random(seed={seed})")
+        source = f"random(seed={seed})"
+        return _WholeFeeds(count, fetch, source) if whole else cls(count, fetch, source)
+
+
+class _WholeFeeds(CalibrationData):
+    """Samples that are each one complete feed (see `CalibrationData.random(whole=True)`)."""
+
+    def batches(self, batch_size: int = 8) -> Iterator[Feeds]:
+        for index in range(self.length):
+            yield self.fetch(index)
+
+    def take(self, count: int, start: int = 0) -> CalibrationData:
+        count = max(0, min(count, self.length - start))
+        return _WholeFeeds(count, lambda i: self.fetch(start + i), self.source)
+
+
+def _stackable(specs: Sequence[InputSpec], count: int) -> bool:
+    """Whether samples without axis 0, stacked `count` at a time in batches the model accepts,
+    give every input the shape the model declares."""
+    batch = batch_size_for(specs, count)
+    first_axes = {s.shape[0] for s in specs if s.shape and not isinstance(s.shape[0], int)}
+    for spec in specs:
+        if spec.shape is None:
+            continue
+        if not spec.shape or count % batch:
+            return False  # a scalar input, or a last batch shorter than a fixed axis 0
+        first, rest = spec.shape[0], spec.shape[1:]
+        if isinstance(first, int) and first > 0 and first != batch:
+            return False
+        if any(d in first_axes for d in rest if d is not None):
+            return False  # a batch symbol on another axis (state [2, B, H]) would get another size
+    return True
 
 
 def read_labels(path: str | Path) -> dict[str, int]:
@@ -181,9 +244,51 @@ class PassContext:
     progress: bool = True
     threads: int = 0  # onnxruntime intra-op threads for calibration runs; 0 = all cores
     timing: bool = True  # False (`--runs 0`): passes take no latency measurements of their own
+    fixed_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)  # what --fix-shape made static
 
     def progress_bar(self, iterable=None, *, total: int | None = None, desc: str = ""):
-        """A tqdm bar on stderr (silent when progress is off or output is not a terminal)."""
-        from tqdm.auto import tqdm
+        """A tqdm bar on stderr when progress is on and stderr is a terminal. Otherwise the
+        iteration is silent and, with progress on, ends with one `STAGES` line: what ran, how
+        many steps, how long."""
+        if self.progress and is_terminal(sys.stderr):
+            from tqdm.auto import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, disable=not self.progress or None, leave=False, unit="batch")
+            return tqdm(iterable, total=total, desc=desc, leave=False, unit="batch")
+        return _StageLine(iterable, desc if self.progress else "")
+
+
+def is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+class _StageLine:
+    """Stands in for a tqdm bar (iteration, update, close, `with`) where none can be shown."""
+
+    def __init__(self, iterable, desc: str):
+        self.iterable, self.desc, self.steps, self.start, self.done = iterable, desc, 0, time.perf_counter(), False
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.steps += 1
+        self.close()
+
+    def update(self, steps: int = 1) -> None:
+        self.steps += steps
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.desc and not self.done:
+            STAGES.info("%s: %d step(s) in %.2fs", self.desc, self.steps, time.perf_counter() - self.start)
+        self.done = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
