@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
+import io
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ def run(args, *, debug: bool = False) -> int:
     """Run the command `args.command_name` with its parsed arguments; returns the exit code."""
     # graphsurgeon prints its warnings to stdout, which must stay clean (`info --json | jq`); its
     # errors arrive as exceptions anyway.
+    _report_native_crashes()
     gs_logger, gs_severity = gs.logger.G_LOGGER, gs.logger.G_LOGGER.severity
     if not debug:
         gs_logger.severity = gs_logger.CRITICAL + 1
@@ -47,7 +50,7 @@ def run(args, *, debug: bool = False) -> int:
     # can show that work is going on (stderr is not a terminal: CI logs, pipes).
     stages = None
     if args.command_name == "opt" and not args.quiet and not is_terminal(sys.stderr):
-        stages = logging.StreamHandler(sys.stdout)
+        stages = _StageHandler(sys.stdout)
         stages.setFormatter(logging.Formatter("  %(message)s"))
         STAGES.addHandler(stages)
         STAGES.setLevel(logging.INFO)
@@ -58,6 +61,27 @@ def run(args, *, debug: bool = False) -> int:
         if stages:
             STAGES.removeHandler(stages)
             STAGES.setLevel(logging.NOTSET)
+
+
+class _StageHandler(logging.StreamHandler):
+    """Stage lines on stdout; when the reader has gone (`edgegraph opt ... | head`), the lines
+    stop and the work goes on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            self.setStream(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the handler
+            return
+        super().handleError(record)
+
+
+def _report_native_crashes() -> None:
+    """A native crash (onnxruntime dividing by zero, a bad read) still says something on stderr:
+    Python's fault handler prints the signal and where we were. The input model's first run is
+    in a child process (`runtime.outputs_isolated`) and becomes a one-line error instead."""
+    if faulthandler.is_enabled():
+        return
+    with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        faulthandler.enable(sys.stderr, all_threads=False)
 
 
 def _shapes(args) -> dict[str, list[int]]:

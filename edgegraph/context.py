@@ -146,7 +146,7 @@ class CalibrationData:
         batch_symbols = {s.shape[0] for s in specs if whole and s.shape and isinstance(s.shape[0], str)}
 
         def size(dim, axis: int) -> int:
-            if isinstance(dim, int) and dim > 0:
+            if isinstance(dim, int) and dim >= 0:  # 0 too: an empty dim is a fixed size
                 return dim
             return 1 if whole and (axis == 0 or dim in batch_symbols) else dynamic_dim
 

@@ -198,17 +198,21 @@ class _Checker:
         self.batches = [runtime.adapt_feeds(self.specs, b) for b in data.batches(batch)]
         start = time.perf_counter()
         try:
-            self.original = self._outputs(model)
+            # The input model is untrusted: its first run is in a child process, so that a native
+            # crash of onnxruntime becomes this error rather than the end of us.
+            self.original = self._outputs(model, isolated=True)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise VerificationDataError(_does_not_run(exc, data, ctx, self.specs)) from None
         STAGES.info("verification: the input model ran on %d sample(s) of %s in %.2fs", len(data), data.source,
                     time.perf_counter() - start)
         self.previous = self.original
 
-    def _outputs(self, model: ir.Model) -> list[Feeds]:
+    def _outputs(self, model: ir.Model, *, isolated: bool = False) -> list[Feeds]:
         # Float models run unoptimized (the purest reference). Quantized ones run as deployed,
         # with ORT's integer kernels, whose accuracy can differ from the float simulation of Q/DQ.
         quantized = any(n.op in QUANTIZED_OPS for n in ir.iter_nodes(model.graph))
+        if isolated:
+            return runtime.outputs_isolated(model, self.batches, threads=self.ctx.threads, optimize=quantized)
         sess = runtime.session(model, threads=self.ctx.threads, optimize=quantized)
         return [runtime.run(sess, feeds) for feeds in self.batches]
 
