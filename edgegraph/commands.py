@@ -296,9 +296,9 @@ def _accuracy(model: ir.Model, files: Sequence[Path], ctx, eval_data, args) -> t
 
 def cmd_info(args) -> int:
     model = _load(args.model)
-    if args.fix_shape:  # the statistics are only as good as the shapes: check them in onnxruntime
-        check_specialisation(model, _specialised(model, args), PassContext(progress=False,
-                                                                          fixed_shapes=_shapes(args)))
+    if args.fix_shape and not args.no_verify:  # the statistics are only as good as the shapes: check them
+        ctx = PassContext(progress=False, fixed_shapes=_shapes(args), data_option="")
+        check_specialisation(model, _specialised(model, args), ctx)
     stats = analysis.model_stats(model, size_bytes=analysis.disk_size(args.model),
                                  fix_shapes=_shapes(args) or None)
     if args.json:
@@ -315,7 +315,7 @@ def cmd_bench(args) -> int:
     runnable = models if args.fix_shape else args.models
     sizes = [analysis.disk_size(path) for path in args.models]
     data = edgegraph.as_calibration(args.calib, models[0]) if args.calib else None
-    if args.fix_shape:
+    if args.fix_shape and not args.no_verify:
         ctx = PassContext(calibration=data, seed=args.seed, progress=False, threads=args.threads,
                           fixed_shapes=_shapes(args))
         for before, after in zip(loaded, models):

@@ -245,6 +245,7 @@ class PassContext:
     threads: int = 0  # onnxruntime intra-op threads for calibration runs; 0 = all cores
     timing: bool = True  # False (`--runs 0`): passes take no latency measurements of their own
     fixed_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)  # what --fix-shape made static
+    data_option: str = "--calib DATA.npz"  # how the user gives real inputs, for advice ("" where one cannot)
 
     def progress_bar(self, iterable=None, *, total: int | None = None, desc: str = ""):
         """A tqdm bar on stderr when progress is on and stderr is a terminal. Otherwise the

@@ -202,7 +202,7 @@ class _Checker:
             # crash of onnxruntime becomes this error rather than the end of us.
             self.original = self._outputs(model, isolated=True)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            raise VerificationDataError(_does_not_run(exc, data, ctx, self.specs)) from None
+            raise VerificationDataError(_does_not_run(exc, data.source, self.batches[0], ctx, self.specs)) from None
         STAGES.info("verification: the input model ran on %d sample(s) of %s in %.2fs", len(data), data.source,
                     time.perf_counter() - start)
         self.previous = self.original
@@ -245,30 +245,22 @@ def _ort_text(exc: BaseException) -> str:
     return text if len(text) <= ORT_MESSAGE_LIMIT else text[:ORT_MESSAGE_LIMIT - 3] + "..."
 
 
-def _does_not_run(exc: BaseException, data: CalibrationData, ctx: PassContext, specs) -> str:
+def _does_not_run(exc: BaseException, source: str, feeds: Feeds, ctx: PassContext, specs) -> str:
     """Why verification cannot start, with advice that fits what the user already gave."""
-    shapes = ", ".join(f"{name}={'x'.join(map(str, value.shape)) or 'scalar'}"
-                       for name, value in _first_feeds(data, specs).items())
+    shapes = ", ".join(f"{name}={'x'.join(map(str, value.shape)) or 'scalar'}" for name, value in feeds.items())
     advice = []
     if ctx.fixed_shapes:
         advice.append(f"check the {FIX_SHAPE} sizes ({_shapes_text(ctx.fixed_shapes)}) against the model")
     if ctx.calibration is not None:
-        advice.append(f"check that {data.source} holds inputs this model accepts")
-    else:
-        advice.append("give real inputs with --calib DATA.npz")
+        advice.append(f"check that {source} holds inputs this model accepts")
+    elif ctx.data_option:
+        advice.append(f"give real inputs with {ctx.data_option}")
+    if ctx.calibration is None and not ctx.fixed_shapes:
         dynamic = [s.name for s in specs if s.shape is None or not all(isinstance(d, int) and d > 0 for d in s.shape)]
-        if dynamic and not ctx.fixed_shapes:
+        if dynamic:
             advice.append(f"fix its dynamic inputs ({', '.join(dynamic[:4])}) with {FIX_SHAPE} NAME=DIMS")
     advice.append("or skip verification with --no-verify")
-    return (f"the input model does not run in onnxruntime on {data.source} ({shapes}): {_ort_text(exc)}; "
-            + ", ".join(advice))
-
-
-def _first_feeds(data: CalibrationData, specs) -> Feeds:
-    try:
-        return runtime.adapt_feeds(specs, next(data.batches(runtime.batch_size_for(specs, len(data)))))
-    except Exception:  # noqa: BLE001 - only for the message
-        return {}
+    return f"the input model does not run in onnxruntime on {source} ({shapes}): {_ort_text(exc)}; " + ", ".join(advice)
 
 
 def _shapes_text(shapes) -> str:
@@ -302,7 +294,7 @@ _VALUE_RANGES = {
                      ("Range", 2), ("Resize", 3), ("Loop", 0), ("NonMaxSuppression", 2), ("STFT", 1), ("STFT", 3),
                      ("DFT", 1), ("HannWindow", 0), ("HammingWindow", 0), ("BlackmanWindow", 0),
                      ("MelWeightMatrix", 0), ("MelWeightMatrix", 1), ("MelWeightMatrix", 2), ("CenterCropPad", 1),
-                     ("Col2Im", 1), ("Col2Im", 2), ("AffineGrid", 1), ("Slice", 4), ("Upsample", 1)], _POSITIVE),
+                     ("Col2Im", 1), ("Col2Im", 2), ("AffineGrid", 1), ("Slice", 4)], _POSITIVE),
     **dict.fromkeys([("Expand", 1), ("TopK", 1), ("ReverseSequence", 1)], (1, 2)),
     **dict.fromkeys([("Reshape", 1), ("GatherND", 1), ("ScatterND", 1), ("CumSum", 1), ("RoiAlign", 2)], (0, 1)),
 }

@@ -247,9 +247,12 @@ def outputs_isolated(model, batches: Sequence[Feeds], *, threads: int = 0, optim
             os.close(read)
             try:
                 sess = session(model, threads=threads, optimize=optimize)
-                result = ("outputs", [run(sess, feeds) for feeds in batches])
+                try:
+                    result = ("outputs", [run(sess, feeds) for feeds in batches])
+                finally:
+                    del sess  # a big model's temporary folder goes with it: os._exit collects nothing
             except Exception as exc:  # noqa: BLE001 - reported to the parent
-                result = ("error", f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
+                result = ("error", str(exc) or type(exc).__name__)
             with os.fdopen(write, "wb") as pipe:
                 pickle.dump(result, pipe, protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException:  # noqa: BLE001 - interrupted: the parent is told by the exit status

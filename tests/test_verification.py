@@ -213,8 +213,11 @@ def test_info_and_bench_check_the_specialisation(capsys, tmp_path):
     source = save(reshape_model(), tmp_path / "m.onnx")
     code, _, err = run_cli(capsys, "info", source, "--fix-shape", "x=2x6")
     assert code == 2 and "check the --fix-shape sizes (x=2x6)" in err
+    assert "--calib" not in err and "--no-verify" in err  # info takes no data, and can skip the check
+    code, out, err = run_cli(capsys, "info", source, "--fix-shape", "x=2x6", "--no-verify")
+    assert (code, err) == (0, "") and "x=2x6" in out  # MACs at the shapes asked for
     code, _, err = run_cli(capsys, "bench", source, "--fix-shape", "x=2x6", "--runs", "1")
-    assert code == 2 and "check the --fix-shape sizes (x=2x6)" in err
+    assert code == 2 and "check the --fix-shape sizes (x=2x6)" in err and "--calib DATA.npz" in err
     code, out, err = run_cli(capsys, "bench", source, "--fix-shape", "x=1x6", "--runs", "1")
     assert (code, err) == (0, "") and "latency at x=1x6" in out
 
