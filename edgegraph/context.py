@@ -127,12 +127,14 @@ class CalibrationData:
 
     @classmethod
     def random(cls, specs: Sequence[InputSpec], count: int = 8, seed: int = 0, dynamic_dim: int = 32, *,
-               ranges: Mapping[str, tuple[int, int]] | None = None, whole: bool | None = False) -> CalibrationData:
+               ranges: Mapping[str, tuple[int, int] | list[int]] | None = None,
+               whole: bool | None = False) -> CalibrationData:
         """Seeded random samples shaped from the input specs. Good for checking exactness, not
         for calibrating ranges.
 
-        Floats are uniform in [0, 1); integers are drawn from `ranges[name]` ([low, high)), else
-        are 0 or 1 (valid ids, masks and indices); bools are random. A dynamic dim takes
+        Floats are uniform in [0, 1); integers are drawn from `ranges[name]` ([low, high), or a
+        list of values, which a scalar takes in turn, sample after sample), else are 0 or 1 (valid
+        ids, masks and indices); bools are random. A dynamic dim takes
         `dynamic_dim`, the same value wherever its symbol appears.
 
         Samples normally leave out axis 0, which `batches` stacks. With `whole`, each sample is
@@ -168,8 +170,12 @@ class CalibrationData:
                 elif spec.dtype.kind == "b":
                     sample[spec.name] = rng.random(shape) < 0.5
                 elif spec.dtype.kind in "iu":
-                    low, high = ranges.get(spec.name, (0, 2))
-                    sample[spec.name] = rng.integers(low, high, shape).astype(spec.dtype)
+                    allowed = ranges.get(spec.name, (0, 2))
+                    if isinstance(allowed, list):
+                        value = allowed[index % len(allowed)] if not shape else rng.choice(allowed, shape)
+                        sample[spec.name] = np.asarray(value).astype(spec.dtype)
+                    else:
+                        sample[spec.name] = rng.integers(*allowed, shape).astype(spec.dtype)
                 else:
                     raise CalibrationDataError(f"cannot generate random data for input '{spec.name}' of type {spec.dtype}")
             return sample

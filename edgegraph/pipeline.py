@@ -305,11 +305,14 @@ _INDEXES = {("Gather", 1): (0, 0), ("GatherElements", 1): (0, 0), ("ScatterEleme
 _VALUE_PRESERVING = {"Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Reshape", "Expand"}
 
 
-def integer_input_ranges(model) -> dict[str, tuple[int, int]]:
-    """{integer graph input: [low, high) of values its readers accept}, for random inputs.
+def integer_input_ranges(model) -> dict[str, tuple[int, int] | list[int]]:
+    """{integer graph input: [low, high) of values its readers accept, or a list of values}, for
+    random inputs (`CalibrationData.random(ranges=...)`).
 
     Inputs that nothing in `_VALUE_RANGES` / `_INDEXES` reads are left out (0 or 1 then: valid
-    ids, masks and indices). When readers disagree, the intersection wins if there is one.
+    ids, masks and indices). When readers disagree, the intersection wins if there is one. An
+    input only compared with constants (`Equal(sr, 16000)` choosing an If branch) takes those
+    constants and one other value in turn, so that every branch runs.
     """
     model = model if isinstance(model, ir.Model) else ir.from_proto(model, infer=False)
     readers: dict[str, list[tuple[gs.Node, int]]] = {}
@@ -323,11 +326,27 @@ def integer_input_ranges(model) -> dict[str, tuple[int, int]]:
                 continue
         except TypeError:  # no dtype, or not a numpy one
             continue
+        compared = _compared_with(tensor.name, readers)
+        if compared:
+            ranges[tensor.name] = [*compared, min(compared) - 1]
+            continue
         found = _reader_ranges(tensor.name, readers, set())
         if found:
             low, high = max(r[0] for r in found), min(r[1] for r in found)
             ranges[tensor.name] = (low, high) if low < high else found[0]
     return ranges
+
+
+def _compared_with(name: str, readers) -> list[int]:
+    """The scalar constants `name` is compared with, when Equal with a constant is all it feeds."""
+    values = []
+    for node, index in readers.get(name, []):
+        other = node.inputs[1 - index] if node.op == "Equal" and len(node.inputs) == 2 else None
+        value = ir.constant_value(other) if other is not None else None
+        if value is None or value.size != 1:
+            return []
+        values.append(int(value.reshape(())))
+    return sorted(set(values))
 
 
 def _reader_ranges(name: str, readers, seen: set) -> list[tuple[int, int]]:

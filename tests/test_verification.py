@@ -250,6 +250,8 @@ def test_random_inputs_feed_a_model_whose_batch_is_not_on_axis_0():
     assert len(feeds) == 4 and len(data) == 4
     for f in feeds:  # whole feeds: the batch symbol is 1 wherever it appears; sr is a scalar
         assert f["input"].shape == (1, CHUNK) and f["state"].shape == (2, 1, HIDDEN) and f["sr"].shape == ()
+    # sr is only compared with 16000: it takes that and another value in turn, so both If branches run.
+    assert [int(f["sr"]) for f in feeds] == [16000, 15999, 16000, 15999]
     sess = runtime.session(vad_model())
     assert runtime.run(sess, feeds[0])["stateN"].shape == (2, 1, HIDDEN)
     # A model that stacks on axis 0 keeps one batch of all samples (what catches batch-size bugs).
