@@ -325,13 +325,13 @@ def cmd_bench(args) -> int:
     latencies = analysis.measure_latency(runnable, feeds, runs=args.runs, warmup=args.warmup, threads=args.threads,
                                          in_turns=_in_turns(sizes))
     reference = analysis.model_outputs(runnable[0], data, threads=args.threads) if data is not None else None
+    scores = verify.score_outputs(models[0])  # top-1 for the first model's class scores only
     rows = []
     for i, (path, size, (ms, note)) in enumerate(zip(args.models, sizes, latencies)):
         row = {"model": path, "size_bytes": size, "latency_ms": ms, "latency_note": note}
         if reference is not None:
             outputs = reference if i == 0 else analysis.model_outputs(runnable[i], data, threads=args.threads)
-            row |= {"samples": len(data)} | analysis.compare_outputs(reference, outputs, labels=labels,
-                                                                     scores=verify.score_outputs(models[0]))
+            row |= {"samples": len(data)} | analysis.compare_outputs(reference, outputs, labels=labels, scores=scores)
         rows.append(row)
     if args.json:
         print(json.dumps(analysis.jsonable({"models": rows}), indent=2))

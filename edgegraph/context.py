@@ -134,8 +134,8 @@ class CalibrationData:
 
         Floats are uniform in [0, 1); integers are drawn from `ranges[name]` ([low, high), or a
         list of values, which a scalar takes in turn, sample after sample), else are 0 or 1 (valid
-        ids, masks and indices); bools are random. A dynamic dim takes
-        `dynamic_dim`, the same value wherever its symbol appears.
+        ids, masks and indices); bools are random. A dynamic dim takes `dynamic_dim` (the batch
+        dim of a whole feed 1), the same value wherever its symbol appears.
 
         Samples normally leave out axis 0, which `batches` stacks. With `whole`, each sample is
         one complete feed (a dynamic batch dim becomes 1, `batches` yields the samples as they
