@@ -135,14 +135,11 @@ def optimize(model, passes: str | Path | Sequence[str | Pass], *, calib=None, ta
     names/Pass objects. `fix_shapes` ({input: dims}) makes dynamic inputs static first. This is
     what `edgegraph opt` runs. The input is never modified.
     """
-    from edgegraph.ir import fix_input_shapes
+    from edgegraph.pipeline import specialise
 
     pipeline = parse_passes(passes)
     loaded = load(model)
-    fixed = loaded
-    if fix_shapes:
-        fixed = loaded.copy()
-        fix_input_shapes(fixed, fix_shapes)
+    fixed = specialise(loaded, fix_shapes)
     ctx = make_context(fixed, calib=calib, target=target, seed=seed, verify=verify, progress=progress,
                        threads=threads, preprocess=preprocess, fix_shapes=fix_shapes)
     result, _ = run_pipeline(fixed, pipeline, ctx, unspecialised=loaded if fix_shapes else None)

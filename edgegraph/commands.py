@@ -28,7 +28,7 @@ from edgegraph import analysis, ir, spec, verify
 from edgegraph.analysis import ModelStats
 from edgegraph.context import STAGES, PassContext, is_terminal
 from edgegraph.errors import EdgegraphError, ModelLoadError, one_line
-from edgegraph.pipeline import check_specialisation, run_pipeline, verification_data
+from edgegraph.pipeline import check_specialisation, run_pipeline, specialise, verification_data
 from edgegraph.tables import format_bench, format_info, format_opt_header, format_opt_summary
 
 logger = logging.getLogger("edgegraph")
@@ -109,16 +109,6 @@ def _load(path: str) -> ir.Model:
     return model
 
 
-def _specialised(model: ir.Model, args) -> ir.Model:
-    """`model` with the --fix-shape inputs made static (a copy), or `model` itself without any.
-    Check it with `pipeline.check_specialisation` (run_pipeline does, given `unspecialised`)."""
-    if not args.fix_shape:
-        return model
-    fixed = model.copy()
-    ir.fix_input_shapes(fixed, _shapes(args))
-    return fixed
-
-
 # ---------------------------------------------------------------------------------------------
 # opt
 
@@ -138,7 +128,7 @@ def cmd_opt(args) -> int:
     if not args.quiet:  # before the work, so that a long run says what it is doing
         print(format_opt_header(data), flush=True)
     loaded = _load(args.model)
-    model = _specialised(loaded, args)
+    model = specialise(loaded, _shapes(args))
     ctx = edgegraph.make_context(model, calib=args.calib, target=args.target, seed=args.seed,
                                  verify=not args.no_verify, progress=not args.quiet, threads=args.threads,
                                  preprocess=_preprocess(args), fix_shapes=_shapes(args))
@@ -298,7 +288,7 @@ def cmd_info(args) -> int:
     model = _load(args.model)
     if args.fix_shape and not args.no_verify:  # the statistics are only as good as the shapes: check them
         ctx = PassContext(progress=False, fixed_shapes=_shapes(args), data_option="")
-        check_specialisation(model, _specialised(model, args), ctx)
+        check_specialisation(model, specialise(model, _shapes(args)), ctx)
     stats = analysis.model_stats(model, size_bytes=analysis.disk_size(args.model),
                                  fix_shapes=_shapes(args) or None)
     if args.json:
@@ -310,7 +300,7 @@ def cmd_info(args) -> int:
 
 def cmd_bench(args) -> int:
     loaded = [_load(path) for path in args.models]
-    models = [_specialised(model, args) for model in loaded]
+    models = [specialise(model, _shapes(args)) for model in loaded]
     # onnxruntime loads the files (mapping external data, no export) unless --fix-shape changed the models.
     runnable = models if args.fix_shape else args.models
     sizes = [analysis.disk_size(path) for path in args.models]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -152,6 +152,17 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext, *,
     if checker:
         report.metrics = checker.against_original()
     return model, report
+
+
+def specialise(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None) -> ir.Model:
+    """A copy of `model` with the `shapes` inputs made static (`--fix-shape`), or `model` itself
+    when there are none. Check it with `check_specialisation` (`run_pipeline(..., unspecialised=
+    model)` does)."""
+    if not shapes:
+        return model
+    fixed = model.copy()
+    ir.fix_input_shapes(fixed, shapes)
+    return fixed
 
 
 def check_specialisation(unspecialised: ir.Model, specialised: ir.Model, ctx: PassContext) -> _Checker:
