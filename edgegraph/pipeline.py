@@ -213,7 +213,8 @@ class _Checker:
             # crash of onnxruntime becomes this error rather than the end of us.
             self.original = self._outputs(model, isolated=True)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            raise VerificationDataError(_does_not_run(exc, data.source, self.batches[0], ctx, self.specs)) from None
+            first = self.batches[0] if self.batches else {}
+            raise VerificationDataError(_does_not_run(exc, data.source, first, ctx, self.specs)) from None
         STAGES.info("verification: the input model ran on %d sample(s) of %s in %.2fs", len(data), data.source,
                     time.perf_counter() - start)
         self.previous = self.original
