@@ -515,12 +515,19 @@ _MAC_RULES = {
 
 def sample_feeds(model, data: CalibrationData | None = None, *, seed: int = 0) -> runtime.Feeds:
     """One inference's inputs: the first sample of `data` (as a batch the model accepts), or
-    seeded random inputs shaped from the model."""
+    seeded random inputs that the model accepts (`pipeline.random_inputs`)."""
+    from edgegraph.pipeline import random_inputs
+
     specs = runtime.input_specs(model)  # weights-free for an ir.Model
     size = runtime.batch_size_for(specs, 1)  # 1, unless axis 0 is fixed to more
     if data is None:
-        data = CalibrationData.random(specs, size, seed=seed)
+        data = random_inputs(model, size, seed=seed)
     return runtime.adapt_feeds(specs, next(data.take(size).batches(size)))
+
+
+def feeds_text(feeds: runtime.Feeds) -> str:
+    """`x=1x3x48x192, sr=scalar`: the shapes a model was run (timed) at."""
+    return ", ".join(f"{name}={'x'.join(map(str, np.shape(value))) or 'scalar'}" for name, value in feeds.items())
 
 
 def measure_latency(models: Sequence, feeds: Sequence[runtime.Feeds], *, runs: int = 20, warmup: int = 3,
@@ -568,32 +575,33 @@ def measure_latency(models: Sequence, feeds: Sequence[runtime.Feeds], *, runs: i
         if i in failures:
             results.append((None, failures[i]))
             continue
-        shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in inputs.items())
         model_rounds, per_round, warm = plans[i]
-        note = (f"median of {model_rounds} rounds x {per_round} runs (+{warm} warm-up), {order}, "
-                f"threads={threads or 'all'}, {shapes}")
+        note = (f"at {feeds_text(inputs)}, median of {model_rounds} rounds x {per_round} runs (+{warm} warm-up), "
+                f"{order}, threads={threads or 'all'}")
         results.append((statistics.median(medians[i]), note))
     return results
 
 
 def compare_models(reference, candidate, data: CalibrationData, *, threads: int = 0,
-                   labels: np.ndarray | None = None) -> dict:
+                   labels: np.ndarray | None = None, scores=None) -> dict:
     """Outputs of `candidate` vs `reference` (paths, ModelProtos or ir.Models) over `data`:
     {"outputs": {name: OutputMetrics}, "samples": n, and with labels "label_accuracy":
-    {"reference": acc, "candidate": acc}}."""
+    {"reference": acc, "candidate": acc}}. `scores`: the outputs to give top-1 for
+    (`verify.score_outputs`)."""
     return {"samples": len(data)} | compare_outputs(model_outputs(reference, data, threads=threads),
-                                                    model_outputs(candidate, data, threads=threads), labels=labels)
+                                                    model_outputs(candidate, data, threads=threads), labels=labels,
+                                                    scores=scores)
 
 
 def compare_outputs(reference: Sequence[runtime.Feeds], candidate: Sequence[runtime.Feeds], *,
-                    labels: np.ndarray | None = None) -> dict:
+                    labels: np.ndarray | None = None, scores=None) -> dict:
     """`compare_models` on outputs already computed (`model_outputs`), e.g. one reference for many
     models; without the "samples" count."""
     missing = set(reference[0]) - set(candidate[0]) if reference else set()
     if missing:
         raise EdgegraphError(f"the models' outputs differ: {', '.join(sorted(missing))} missing in the second one")
     candidate = [{name: out[name] for name in ref} for ref, out in zip(reference, candidate)]
-    result = {"outputs": verify.compare_all(reference, candidate)}
+    result = {"outputs": verify.compare_all(reference, candidate, scores=scores)}
     if labels is not None:
         result["label_accuracy"] = {"reference": label_accuracy(reference, labels),
                                     "candidate": label_accuracy(candidate, labels)}

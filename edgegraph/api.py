@@ -146,10 +146,12 @@ def parse_passes(passes: str | os.PathLike | Sequence[str | Mapping | Pass] | Ma
 
 def make_context(model: Model, *, calib=None, target: str | Target = "cpu", seed: int = 0, verify: bool = True,
                  progress: bool = False, threads: int = 0, timing: bool = True,
-                 preprocess: ImagePreprocess | Mapping | None = None) -> PassContext:
+                 preprocess: ImagePreprocess | Mapping | None = None,
+                 fix_shapes: Mapping[str, Sequence[int]] | None = None) -> PassContext:
     """The PassContext for running passes on `model` (calibration data checked against it).
 
-    `timing=False` tells passes to take no latency measurements of their own (`--runs 0`).
+    `timing=False` tells passes to take no latency measurements of their own (`--runs 0`);
+    `fix_shapes`: the input shapes already fixed in `model`, for advice in error messages.
     """
     seed, threads = whole_number(seed, "seed"), whole_number(threads, "threads")
     verify, progress, timing = flag(verify, "verify"), flag(progress, "progress"), flag(timing, "timing")
@@ -158,7 +160,8 @@ def make_context(model: Model, *, calib=None, target: str | Target = "cpu", seed
                              f"got {type(preprocess).__name__}")
     return PassContext(calibration=as_calibration(calib, model, preprocess),
                        target=target if isinstance(target, Target) else load_target(target), seed=seed,
-                       verify=VerifyConfig(enabled=verify), progress=progress, threads=threads, timing=timing)
+                       verify=VerifyConfig(enabled=verify), progress=progress, threads=threads, timing=timing,
+                       fixed_shapes=dict(fix_shapes or {}))
 
 
 def optimize(model, passes: str | os.PathLike | Sequence[str | Mapping | Pass] | Mapping[str, Mapping | None], *,
@@ -172,7 +175,7 @@ def optimize(model, passes: str | os.PathLike | Sequence[str | Mapping | Pass] |
     dims}) makes dynamic inputs static first. This is what `edgegraph opt` runs. The input is
     never modified. Arguments of the wrong type or value raise EdgegraphError.
     """
-    from edgegraph.ir import fix_input_shapes
+    from edgegraph.pipeline import specialise
 
     if not isinstance(model, str | os.PathLike | bytes | bytearray | onnx.ModelProto | Model):
         raise EdgegraphError(f"model must be a path, bytes, an onnx.ModelProto or an edgegraph Model, "
@@ -180,9 +183,8 @@ def optimize(model, passes: str | os.PathLike | Sequence[str | Mapping | Pass] |
     shapes = input_shapes(fix_shapes) if fix_shapes is not None else {}
     pipeline = parse_passes(passes)
     loaded = load(model)
-    if shapes:
-        fix_input_shapes(loaded, shapes)
-    ctx = make_context(loaded, calib=calib, target=target, seed=seed, verify=verify, progress=progress,
-                       threads=threads, timing=timing, preprocess=preprocess)
-    result, _ = run_pipeline(loaded, pipeline, ctx)
+    fixed = specialise(loaded, shapes)
+    ctx = make_context(fixed, calib=calib, target=target, seed=seed, verify=verify, progress=progress,
+                       threads=threads, timing=timing, preprocess=preprocess, fix_shapes=shapes)
+    result, _ = run_pipeline(fixed, pipeline, ctx, unspecialised=loaded if shapes else None)
     return result.to_proto()

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--fix-shape", metavar="NAME=DIMS", action="append", type=_fix_shape, default=[],
                         help="make a dynamic input static, e.g. input=1x3x224x224 (repeatable; at most "
                              f"{checks.MAX_INPUT_ELEMENTS} elements)")
+    shapes.add_argument("--no-verify", action="store_true",
+                        help="do not check in onnxruntime (the passes' outputs, the --fix-shape result)")
     timing = _Parser(add_help=False)
     timing.add_argument("--threads", type=_non_negative, default=0,
                         help="onnxruntime threads for calibration and timing (0 = all cores; default)")
@@ -134,7 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="held-out data to measure accuracy on (a `labels` array adds label accuracy)")
     opt.add_argument("--target", default="cpu", help=f"deployment target ({', '.join(available_targets())})")
     opt.add_argument("--report", metavar="R.json", help="write the full report (stats, passes, metrics) as JSON")
-    opt.add_argument("--no-verify", action="store_true", help="do not check each pass's outputs in onnxruntime")
     opt.add_argument("--seed", type=_non_negative, default=0, help="seed for random verification inputs and sampling")
     opt.add_argument("--quiet", action="store_true", help="print nothing but errors")
     images = opt.add_argument_group("image-folder calibration (defaults follow the model's input shape)")

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
+import io
 import json
 import logging
 import os
+import sys
 import time
 import typing
 from collections.abc import Sequence
@@ -19,11 +22,12 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 
 import edgegraph
-from edgegraph import analysis, files, ir, runtime, spec
+from edgegraph import analysis, files, ir, spec, verify
 from edgegraph.analysis import ModelStats
+from edgegraph.context import STAGES, PassContext, is_terminal
 from edgegraph.errors import EdgegraphError, ModelLoadError, one_line
-from edgegraph.pipeline import run_pipeline, verification_data
-from edgegraph.tables import format_bench, format_info, format_opt_summary
+from edgegraph.pipeline import check_specialisation, run_pipeline, specialise, verification_data
+from edgegraph.tables import format_bench, format_info, format_opt_header, format_opt_summary
 
 logger = logging.getLogger("edgegraph")
 
@@ -36,13 +40,46 @@ def run(args, *, debug: bool = False) -> int:
     """Run the command `args.command_name` with its parsed arguments; returns the exit code."""
     # graphsurgeon prints its warnings to stdout, which must stay clean (`info --json | jq`); its
     # errors arrive as exceptions anyway.
+    _report_native_crashes()
     gs_logger, gs_severity = gs.logger.G_LOGGER, gs.logger.G_LOGGER.severity
     if not debug:
         gs_logger.severity = gs_logger.CRITICAL + 1
+    # One line per stage on stdout, between the header and the summary, where no progress bar
+    # can show that work is going on (stderr is not a terminal: CI logs, pipes).
+    stages = None
+    if args.command_name == "opt" and not args.quiet and not is_terminal(sys.stderr):
+        stages = _StageHandler(sys.stdout)
+        stages.setFormatter(logging.Formatter("  %(message)s"))
+        STAGES.addHandler(stages)
+        STAGES.setLevel(logging.INFO)
     try:
         return COMMANDS[args.command_name](args)
     finally:
         gs_logger.severity = gs_severity
+        if stages:
+            STAGES.removeHandler(stages)
+            STAGES.setLevel(logging.NOTSET)
+
+
+class _StageHandler(logging.StreamHandler):
+    """Stage lines on stdout; when the reader has gone (`edgegraph opt ... | head`), the lines
+    stop and the work goes on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            self.setStream(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the handler
+            return
+        super().handleError(record)
+
+
+def _report_native_crashes() -> None:
+    """A native crash (onnxruntime dividing by zero, a bad read) still says something on stderr:
+    Python's fault handler prints the signal and where we were. The input model's first run is
+    in a child process (`runtime.outputs_isolated`) and becomes a one-line error instead."""
+    if faulthandler.is_enabled():
+        return
+    with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        faulthandler.enable(sys.stderr, all_threads=False)
 
 
 def _shapes(args) -> dict[str, list[int]]:
@@ -61,10 +98,13 @@ def _preprocess(args) -> dict:
 
 
 def _load(path: str) -> ir.Model:
+    start = time.perf_counter()
     try:
-        return ir.load(path)
+        model = ir.load(path)
     except OSError as exc:  # permissions, a vanished file: the user's to fix
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    STAGES.info("loaded %s in %.2fs", path, time.perf_counter() - start)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,17 +118,21 @@ def cmd_opt(args) -> int:
     if report_path:
         _check_writable(report_path, "--report")
     pipeline = edgegraph.parse_passes(Path(args.recipe) if args.recipe else args.passes)
-    model = _load(args.model)
+    data = {"edgegraph": edgegraph.__version__, "input": str(source), "output": str(output),
+            "pipeline": spec.format_pipeline(pipeline), "target": args.target, "seed": args.seed,
+            "calibration": {"source": args.calib} if args.calib else None}
+    if not args.quiet:  # before the work, so that a long run says what it is doing
+        print(format_opt_header(data), flush=True)
+    loaded = _load(args.model)
     _check_outputs(args, source, output, report_path)
-    if args.fix_shape:
-        ir.fix_input_shapes(model, _shapes(args))
+    model = specialise(loaded, _shapes(args))
     ctx = edgegraph.make_context(model, calib=args.calib, target=args.target, seed=args.seed,
                                  verify=not args.no_verify, progress=not args.quiet, threads=args.threads,
-                                 timing=args.runs > 0, preprocess=_preprocess(args))
+                                 timing=args.runs > 0, preprocess=_preprocess(args), fix_shapes=_shapes(args))
     eval_data = edgegraph.as_calibration(args.eval, model) if args.eval else None
 
     start = time.perf_counter()
-    result, report = run_pipeline(model, pipeline, ctx)
+    result, report = run_pipeline(model, pipeline, ctx, unspecialised=loaded if args.fix_shape else None)
     seconds = time.perf_counter() - start
 
     # The result is exported once, to a staging folder beside the output, and every onnxruntime
@@ -97,19 +141,17 @@ def cmd_opt(args) -> int:
     # on the graphs without their weights. The staged file moves into place once all succeeded.
     with contextlib.ExitStack() as stack:
         staging = stack.enter_context(files.staging(output))
+        saving = time.perf_counter()
         staged = _save(result, staging / "result" / output.name, output)
+        STAGES.info("saved the result in %.2fs", time.perf_counter() - saving)
         # What onnxruntime runs as the input model: its file, unless --fix-shape changed it.
         original = _save(model, staging / "input" / source.name, output) if args.fix_shape else source
         sizes = [analysis.disk_size(source), sum(f.stat().st_size for f in staged.parent.iterdir())]
-        before, after = _measured_stats([model, result], [original, staged], ctx.calibration, args, sizes=sizes)
+        before, after = _measured_stats([model, result], [original, staged], ctx.calibration or eval_data, args,
+                                        sizes=sizes)
         accuracy, accuracy_note = _accuracy(model, [original, staged], ctx, eval_data, args)
-        data = {
-            "edgegraph": edgegraph.__version__,
-            "input": str(source),
-            "output": str(output),
-            "pipeline": spec.format_pipeline(pipeline),
+        data |= {
             "target": ctx.target.name,
-            "seed": args.seed,
             "calibration": ({"source": ctx.calibration.source, "samples": len(ctx.calibration)}
                             if ctx.calibration else None),
             "fixed_shapes": _shapes(args),
@@ -188,14 +230,19 @@ def _measured_stats(models: Sequence[ir.Model], files: Sequence[Path], data, arg
                     sizes: Sequence[int]) -> list[ModelStats]:
     """Static stats plus latency per model, timed from its file on the first data sample (or
     seeded random inputs)."""
+    start = time.perf_counter()
     feeds = [_feeds(model, data, args) for model in models]
     stats = [analysis.model_stats(model, size_bytes=size, feeds=f if data is not None else None)
              for model, size, f in zip(models, sizes, feeds)]
     timed = [i for i, f in enumerate(feeds) if f is not None]
+    STAGES.info("statistics in %.2fs", time.perf_counter() - start)
+    start = time.perf_counter()
     latencies = analysis.measure_latency([files[i] for i in timed], [feeds[i] for i in timed], runs=args.runs,
                                          warmup=args.warmup, threads=args.threads, in_turns=_in_turns(sizes))
     for i, (ms, note) in zip(timed, latencies):
         stats[i].latency_ms, stats[i].latency_note = ms, note
+    if args.runs:
+        STAGES.info("timing (%d runs per model) in %.2fs", args.runs, time.perf_counter() - start)
     return stats
 
 
@@ -219,12 +266,15 @@ def _accuracy(model: ir.Model, files: Sequence[Path], ctx, eval_data, args) -> t
     verification runs without them). On --eval data when given, else on the verification samples."""
     if eval_data is None and args.no_verify:
         return None, "--no-verify"
-    data = eval_data or verification_data(runtime.input_specs(model), ctx)
+    data = eval_data or verification_data(model, ctx)
+    start = time.perf_counter()
     try:
         measured = analysis.compare_models(*files, data, threads=args.threads,
-                                           labels=analysis.load_labels(args.eval) if eval_data else None)
+                                           labels=analysis.load_labels(args.eval) if eval_data else None,
+                                           scores=verify.score_outputs(model))
     except EdgegraphError as exc:
         return None, one_line(exc)
+    STAGES.info("accuracy on %d sample(s) of %s in %.2fs", len(data), data.source, time.perf_counter() - start)
     return {"data": data.source} | measured, ""
 
 
@@ -233,7 +283,11 @@ def _accuracy(model: ir.Model, files: Sequence[Path], ctx, eval_data, args) -> t
 
 
 def cmd_info(args) -> int:
-    stats = analysis.model_stats(_load(args.model), size_bytes=analysis.disk_size(args.model),
+    model = _load(args.model)
+    if args.fix_shape and not args.no_verify:  # the statistics are only as good as the shapes: check them
+        ctx = PassContext(progress=False, fixed_shapes=_shapes(args), data_option="")
+        check_specialisation(model, specialise(model, _shapes(args)), ctx)
+    stats = analysis.model_stats(model, size_bytes=analysis.disk_size(args.model),
                                  fix_shapes=_shapes(args) or None)
     if args.json:
         print(json.dumps(analysis.jsonable({"model": args.model} | stats.as_dict()), indent=2))
@@ -243,25 +297,29 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    models = [_load(path) for path in args.models]
-    if args.fix_shape:
-        for model in models:
-            ir.fix_input_shapes(model, _shapes(args))
+    loaded = [_load(path) for path in args.models]
+    models = [specialise(model, _shapes(args)) for model in loaded]
     # onnxruntime loads the files (mapping external data, no export) unless --fix-shape changed the models.
     runnable = models if args.fix_shape else args.models
     sizes = [analysis.disk_size(path) for path in args.models]
     data = edgegraph.as_calibration(args.calib, models[0]) if args.calib else None
+    if args.fix_shape and not args.no_verify:
+        ctx = PassContext(calibration=data, seed=args.seed, progress=False, threads=args.threads,
+                          fixed_shapes=_shapes(args))
+        for before, after in zip(loaded, models):
+            check_specialisation(before, after, ctx)
     labels = analysis.load_labels(args.calib)
     feeds = [analysis.sample_feeds(model, data, seed=args.seed) for model in models]
     latencies = analysis.measure_latency(runnable, feeds, runs=args.runs, warmup=args.warmup, threads=args.threads,
                                          in_turns=_in_turns(sizes))
     reference = analysis.model_outputs(runnable[0], data, threads=args.threads) if data is not None else None
+    scores = verify.score_outputs(models[0])  # top-1 for the first model's class scores only
     rows = []
     for i, (path, size, (ms, note)) in enumerate(zip(args.models, sizes, latencies)):
         row = {"model": path, "size_bytes": size, "latency_ms": ms, "latency_note": note}
         if reference is not None:
             outputs = reference if i == 0 else analysis.model_outputs(runnable[i], data, threads=args.threads)
-            row |= {"samples": len(data)} | analysis.compare_outputs(reference, outputs, labels=labels)
+            row |= {"samples": len(data)} | analysis.compare_outputs(reference, outputs, labels=labels, scores=scores)
         rows.append(row)
     if args.json:
         print(json.dumps(analysis.jsonable({"models": rows}), indent=2))

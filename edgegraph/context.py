@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
+import sys
+import time
 import warnings
 import zipfile
 import zlib
@@ -18,6 +21,12 @@ import numpy as np
 from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
 from edgegraph.runtime import Feeds, InputSpec, batch_axes
 from edgegraph.targets import Target, load_target
+
+# One line per stage of work (loading, each pass, verification, saving, timing) at INFO. Not
+# propagated to the "edgegraph" logger (warnings and errors on stderr): `edgegraph opt` shows
+# these lines when progress bars cannot be shown, and a library user can attach a handler.
+STAGES = logging.getLogger("edgegraph.stages")
+STAGES.propagate = False
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 MAX_IMAGE_SIDE = 16384  # pixels of a preprocessed image side (what a model input can sensibly be)
@@ -229,11 +238,17 @@ class CalibrationData:
         return cls(len(files), lambda i: {input_name: preprocess(files[i])}, str(folder))
 
     @classmethod
-    def random(cls, specs: Sequence[InputSpec], count: int = 8, seed: int = 0, dynamic_dim: int = 32) -> CalibrationData:
-        """Seeded random samples shaped from the input specs (dynamic dims become `dynamic_dim`).
+    def random(cls, specs: Sequence[InputSpec], count: int = 8, seed: int = 0, dynamic_dim: int = 32, *,
+               ranges: Mapping[str, tuple[int, int] | list[int]] | None = None) -> CalibrationData:
+        """Seeded random samples shaped from the input specs. Good for checking exactness, not
+        for calibrating ranges.
 
-        Floats are uniform in [0, 1); integers are 0 or 1 (valid ids, masks and indices);
-        bools are random. Good for checking exactness, not for calibrating ranges.
+        Floats are uniform in [0, 1); integers are drawn from `ranges[name]` ([low, high), or a
+        list of values, which a scalar takes in turn, sample after sample), else are 0 or 1 (valid
+        ids, masks and indices); bools are random. A dynamic dim takes `dynamic_dim`.
+
+        Samples leave out each input's batch axis (`runtime.batch_axes`: axis 1 of a
+        `state [2, B, H]`, none for a scalar such as `sr`), which `batches` stacks.
         """
         axes = batch_axes(specs)
 
@@ -241,19 +256,28 @@ class CalibrationData:
             dims = list(spec.shape or ())
             if axes[spec.name] is not None:  # the batch axis, which `batches` adds
                 del dims[axes[spec.name]]
-            return tuple(d if isinstance(d, int) and d > 0 else dynamic_dim for d in dims)
+            # (0 too is a fixed size: an empty dim)
+            return tuple(d if isinstance(d, int) and d >= 0 else dynamic_dim for d in dims)
+
+        shapes = {spec.name: shape_of(spec) for spec in specs}
+        ranges = dict(ranges or {})
 
         def fetch(index: int) -> Feeds:
             rng = np.random.default_rng([seed, index])
             sample = {}
             for spec in specs:
-                shape = shape_of(spec)
+                shape = shapes[spec.name]
                 if spec.dtype.kind == "f":
                     sample[spec.name] = rng.random(shape, dtype=np.float32).astype(spec.dtype)
                 elif spec.dtype.kind == "b":
                     sample[spec.name] = rng.random(shape) < 0.5
                 elif spec.dtype.kind in "iu":
-                    sample[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
+                    allowed = ranges.get(spec.name, (0, 2))
+                    if isinstance(allowed, list):
+                        value = allowed[index % len(allowed)] if not shape else rng.choice(allowed, shape)
+                        sample[spec.name] = np.asarray(value).astype(spec.dtype)
+                    else:
+                        sample[spec.name] = rng.integers(*allowed, shape).astype(spec.dtype)
                 else:
                     raise CalibrationDataError(f"cannot generate random data for input '{spec.name}' of type {spec.dtype}")
             return sample
@@ -426,9 +450,52 @@ class PassContext:
     progress: bool = True
     threads: int = 0  # onnxruntime intra-op threads for calibration runs; 0 = all cores
     timing: bool = True  # False (`--runs 0`): passes take no latency measurements of their own
+    fixed_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)  # what --fix-shape made static
+    data_option: str = "--calib DATA.npz"  # how the user gives real inputs, for advice ("" where one cannot)
 
     def progress_bar(self, iterable=None, *, total: int | None = None, desc: str = ""):
-        """A tqdm bar on stderr (silent when progress is off or output is not a terminal)."""
-        from tqdm.auto import tqdm
+        """A tqdm bar on stderr when progress is on and stderr is a terminal. Otherwise the
+        iteration is silent and, with progress on, ends with one `STAGES` line: what ran, how
+        many steps, how long."""
+        if self.progress and is_terminal(sys.stderr):
+            from tqdm.auto import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, disable=not self.progress or None, leave=False, unit="batch")
+            return tqdm(iterable, total=total, desc=desc, leave=False, unit="batch")
+        return _StageLine(iterable, desc if self.progress else "")
+
+
+def is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+class _StageLine:
+    """Stands in for a tqdm bar (iteration, update, close, `with`) where none can be shown."""
+
+    def __init__(self, iterable, desc: str):
+        self.iterable, self.desc, self.steps, self.start, self.done = iterable, desc, 0, time.perf_counter(), False
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.steps += 1
+        self.close()
+
+    def update(self, steps: int = 1) -> None:
+        self.steps += steps
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.desc and not self.done:
+            STAGES.info("%s: %d step(s) in %.2fs", self.desc, self.steps, time.perf_counter() - self.start)
+        self.done = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

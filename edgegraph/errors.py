@@ -33,6 +33,10 @@ class UnknownTargetError(EdgegraphError):
     """A target name with no profile in `edgegraph/targets/`."""
 
 
+class VerificationDataError(EdgegraphError):
+    """The input model does not run in onnxruntime on the data it is to be verified on."""
+
+
 class VerificationError(EdgegraphError):
     """A semantics-preserving pass changed the model's outputs beyond tolerance.
 

@@ -639,8 +639,14 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> None:
-    """Make the named graph inputs static (`--fix-shape`) and re-infer shapes downstream."""
+    """Make the named graph inputs static (`--fix-shape`) and re-infer shapes downstream.
+
+    A symbolic dim names one size wherever it appears, so fixing `input [batch, 32]` to 1x32
+    also fixes `state [2, batch, 16]` to 2x1x16 (giving that symbol two sizes is an error).
+    Check the result in onnxruntime with `pipeline.check_specialisation`.
+    """
     inputs = {t.name: t for t in model.graph.inputs}
+    symbols: dict[str, tuple[int, str]] = {}  # symbol -> (size, the input that fixed it)
     for name, shape in shapes.items():
         if name not in inputs:
             raise EdgegraphError(f"--fix-shape: model has no input '{name}' (inputs: {', '.join(inputs)})")
@@ -650,20 +656,33 @@ def fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> None:
         for axis, (was, now) in enumerate(zip(old or [], shape)):
             if isinstance(was, int) and was > 0 and was != now:
                 raise EdgegraphError(f"--fix-shape: input '{name}' axis {axis} is fixed to {was}, got {now}")
+            if isinstance(was, str) and was:
+                size, by = symbols.setdefault(was, (int(now), name))
+                if size != now:
+                    raise EdgegraphError(f"--fix-shape: dim '{was}' of inputs '{by}' and '{name}' must be the same "
+                                         f"size, got {size} and {now}")
         inputs[name].shape = [int(d) for d in shape]
-    # Intermediate value_info may still carry the old symbolic dims; drop it so inference is fresh.
+    for tensor in model.graph.inputs:
+        if tensor.name not in shapes and tensor.shape is not None:
+            tensor.shape = [symbols[d][0] if isinstance(d, str) and d in symbols else d for d in tensor.shape]
+    # Shapes inferred before (value_info, in subgraphs too) may carry the old symbolic or stale
+    # sizes, which onnxruntime then checks outputs against: forget them so inference is fresh.
     forget_intermediate_types(model.graph, dtypes=False)
     model.refresh_shapes()
 
 
 def forget_intermediate_types(graph: gs.Graph, *, dtypes: bool) -> None:
-    """Forget the shapes of tensors other than the graph's inputs and outputs, and their dtypes
-    too when `dtypes` (then no value_info is written for them)."""
-    for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
-            tensor.shape = None
-            if dtypes:
-                tensor.dtype = None
+    """Forget the shapes of tensors other than the model's inputs and outputs, in subgraphs too,
+    and their dtypes too when `dtypes` (then no value_info is written for them). A subgraph's own
+    inputs and outputs keep their dtype, which ONNX requires."""
+    model_io = {id(t) for t in [*graph.inputs, *graph.outputs]}
+    for g in iter_graphs(graph):
+        declared = {id(t) for t in [*g.inputs, *g.outputs]}
+        for tensor in g.tensors().values():
+            if isinstance(tensor, gs.Variable) and id(tensor) not in model_io:
+                tensor.shape = None
+                if dtypes and id(tensor) not in declared:
+                    tensor.dtype = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
+import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, verify
-from edgegraph.context import CalibrationData, PassContext
-from edgegraph.errors import MissingRequirementError, PassFailure, PassOptionError, VerificationError
+from edgegraph.context import STAGES, CalibrationData, PassContext
+from edgegraph.errors import (MissingRequirementError, PassFailure, PassOptionError, VerificationDataError,
+                              VerificationError, one_line)
 from edgegraph.runtime import Feeds
 
 logger = logging.getLogger(__name__)
@@ -100,19 +103,24 @@ def check_requirements(passes: Sequence[Pass], ctx: PassContext) -> None:
             )
 
 
-def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext) -> tuple[ir.Model, PipelineReport]:
+def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext, *,
+                 unspecialised: ir.Model | None = None) -> tuple[ir.Model, PipelineReport]:
     """Run `passes` in order on a copy of `model`, verifying each one; returns the new model and a report.
 
     Exact passes must keep every output within `ctx.verify` tolerances of the model they were
     given, or `VerificationError` names the pass and the output. Lossy passes record metrics.
+    When `model` is `unspecialised` with some input shapes fixed (`--fix-shape`), that step is
+    verified first, like an exact pass (see `check_specialisation`).
     """
     from edgegraph.spec import format_pass
 
     check_requirements(passes, ctx)
     model = model.copy()
     report = PipelineReport()
-    checker = _Checker(model, ctx) if ctx.verify.enabled else None
-    if checker:
+    checker = None
+    if ctx.verify.enabled:
+        checker = (check_specialisation(unspecialised, model, ctx) if unspecialised is not None
+                   else _Checker(model, ctx))
         report.verification_data = checker.source
     interface = _interface(model)
     for position, p in enumerate(passes, 1):
@@ -135,11 +143,16 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext) -> t
             raise PassFailure(f"pass '{p.name}' {change}")
         record = PassRecord(p.name, format_pass(p), result.modified, time.perf_counter() - start,
                             result.stats, result.details)
+        checked = ""
         if checker and result.modified:
-            record.metrics = checker.step(model, p)
+            check_start = time.perf_counter()
+            record.metrics = checker.step(model, p.name, exact=p.exact)
+            checked = f", verified in {time.perf_counter() - check_start:.2f}s"
         report.passes.append(record)
         logger.info("%s: %s in %.2fs %s", p.name, "changed" if result.modified else "no change",
                     record.seconds, result.stats or "")
+        STAGES.info("pass %d %s: %s in %.2fs%s", position, p.name, "changed" if result.modified else "no change",
+                    record.seconds, checked)
     if checker:
         report.metrics = checker.against_original()
     return model, report
@@ -167,69 +180,233 @@ def _interface_change(before: tuple[list[str], list[str]], after: tuple[list[str
     return None
 
 
+def specialise(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None) -> ir.Model:
+    """A copy of `model` with the `shapes` inputs made static (`--fix-shape`), or `model` itself
+    when there are none. Check it with `check_specialisation` (`run_pipeline(..., unspecialised=
+    model)` does)."""
+    if not shapes:
+        return model
+    fixed = model.copy()
+    ir.fix_input_shapes(fixed, shapes)
+    return fixed
+
+
+def check_specialisation(unspecialised: ir.Model, specialised: ir.Model, ctx: PassContext) -> _Checker:
+    """Check shape specialisation (`--fix-shape`) like an exact pass: on the same inputs, shaped
+    as `specialised` wants them, `specialised` must load and run in onnxruntime and give the
+    outputs of `unspecialised` within `ctx.verify` tolerances.
+
+    Raises an EdgegraphError (exit 2) when `unspecialised` itself does not run on inputs of the
+    fixed shapes (the shapes do not fit the model), PassFailure or VerificationError (exit 1, our
+    bug) when the specialised model does not run or computes something else. Returns the checker,
+    ready to check passes run on `specialised`.
+    """
+    start = time.perf_counter()
+    checker = _Checker(unspecialised, ctx, shaped_as=specialised)
+    checker.step(specialised, FIX_SHAPE, exact=True)
+    STAGES.info("%s %s: verified in %.2fs", FIX_SHAPE, _shapes_text(ctx.fixed_shapes), time.perf_counter() - start)
+    return checker
+
+
+FIX_SHAPE = "--fix-shape"  # the name shape specialisation goes by in errors and progress lines
+
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits",
                            "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"})
 
+# onnxruntime's own message goes into ours whole (it names the node and the shapes), up to this length.
+ORT_MESSAGE_LIMIT = 600
+
 
 class _Checker:
-    """Runs each pass's output on the same samples and compares it with the previous model."""
+    """Runs each pass's output on the same samples and compares it with the previous model.
 
-    def __init__(self, model: ir.Model, ctx: PassContext):
+    `shaped_as`: the model whose input shapes the samples take, when not `model` itself (the
+    specialised model while `model` is the one before `--fix-shape`).
+    """
+
+    def __init__(self, model: ir.Model, ctx: PassContext, *, shaped_as: ir.Model | None = None):
         self.ctx = ctx
-        self.specs = runtime.input_specs(model)
-        data = verification_data(self.specs, ctx)
+        shaped_as = shaped_as or model
+        self.specs = runtime.input_specs(shaped_as)
+        self.scores = verify.score_outputs(model)
+        data = verification_data(shaped_as, ctx)
         self.source = data.source
         batch = runtime.batch_size_for(self.specs, len(data))
         self.batches = [runtime.adapt_feeds(self.specs, b) for b in data.batches(batch)]
+        start = time.perf_counter()
         try:
-            self.original = self._outputs(model)
-        except Exception as exc:  # noqa: BLE001 - the input model itself does not run on this data
-            logger.warning("verification disabled: the input model does not run on %s (%s); give --calib "
-                           "data or --fix-shape", self.source, str(exc).splitlines()[0])
-            self.batches = []
-            self.original = []
+            # The input model is untrusted: its first run is in a child process, so that a native
+            # crash of onnxruntime becomes this error rather than the end of us.
+            self.original = self._outputs(model, isolated=True)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            first = self.batches[0] if self.batches else {}
+            raise VerificationDataError(_does_not_run(exc, data.source, first, ctx, self.specs)) from None
+        STAGES.info("verification: the input model ran on %d sample(s) of %s in %.2fs", len(data), data.source,
+                    time.perf_counter() - start)
         self.previous = self.original
 
-    def _outputs(self, model: ir.Model) -> list[Feeds]:
+    def _outputs(self, model: ir.Model, *, isolated: bool = False) -> list[Feeds]:
         # Float models run unoptimized (the purest reference). Quantized ones run as deployed,
         # with ORT's integer kernels, whose accuracy can differ from the float simulation of Q/DQ.
         quantized = any(n.op in QUANTIZED_OPS for n in ir.iter_nodes(model.graph))
+        if isolated:
+            return runtime.outputs_isolated(model, self.batches, threads=self.ctx.threads, optimize=quantized)
         sess = runtime.session(model, threads=self.ctx.threads, optimize=quantized)
         return [runtime.run(sess, feeds) for feeds in self.batches]
 
-    def step(self, model: ir.Model, p: Pass) -> dict[str, verify.OutputMetrics]:
-        if not self.batches:
-            return {}
+    def step(self, model: ir.Model, name: str, *, exact: bool) -> dict[str, verify.OutputMetrics]:
+        """Compare `model`, the result of pass (or step) `name`, with the previous model."""
+        what = name if name == FIX_SHAPE else f"pass '{name}'"
         try:
             current = self._outputs(model)
         except Exception as exc:
-            raise PassFailure(f"pass '{p.name}' produced a model onnxruntime cannot run: {exc}") from exc
+            raise PassFailure(f"{what} produced a model onnxruntime cannot run: {_ort_text(exc)}") from exc
         missing = set(self.previous[0]) - set(current[0])
         if missing:
-            raise PassFailure(f"pass '{p.name}' removed graph output(s) {', '.join(sorted(missing))}")
+            raise PassFailure(f"{what} removed graph output(s) {', '.join(sorted(missing))}")
         current = [{name: out[name] for name in prev} for prev, out in zip(self.previous, current)]
-        metrics = verify.compare_all(self.previous, current)
-        if p.exact:
+        metrics = verify.compare_all(self.previous, current, scores=self.scores)
+        if exact:
             cfg = self.ctx.verify
             violation = verify.exactness_violation(metrics, cfg.rtol, cfg.atol)
             if violation:
-                raise VerificationError(p.name, *violation, seed=self.ctx.seed)
+                raise VerificationError(name, *violation, seed=self.ctx.seed)
         self.previous = current
         return metrics
 
     def against_original(self) -> dict[str, verify.OutputMetrics]:
-        if not self.batches:
-            return {}
-        return verify.compare_all(self.original, self.previous)
+        return verify.compare_all(self.original, self.previous, scores=self.scores)
 
 
-def verification_data(specs, ctx: PassContext) -> CalibrationData:
-    """Samples to verify on: the explicit verification set, else the calibration data's first
-    samples, else seeded random inputs."""
+def _ort_text(exc: BaseException) -> str:
+    text = one_line(exc)
+    return text if len(text) <= ORT_MESSAGE_LIMIT else text[:ORT_MESSAGE_LIMIT - 3] + "..."
+
+
+def _does_not_run(exc: BaseException, source: str, feeds: Feeds, ctx: PassContext, specs) -> str:
+    """Why verification cannot start, with advice that fits what the user already gave."""
+    shapes = ", ".join(f"{name}={'x'.join(map(str, value.shape)) or 'scalar'}" for name, value in feeds.items())
+    advice = []
+    if ctx.fixed_shapes:
+        advice.append(f"check the {FIX_SHAPE} sizes ({_shapes_text(ctx.fixed_shapes)}) against the model")
+    if ctx.calibration is not None:
+        advice.append(f"check that {source} holds inputs this model accepts")
+    elif ctx.data_option:
+        advice.append(f"give real inputs with {ctx.data_option}")
+    if ctx.calibration is None and not ctx.fixed_shapes:
+        dynamic = [s.name for s in specs if s.shape is None or not all(isinstance(d, int) and d > 0 for d in s.shape)]
+        if dynamic:
+            advice.append(f"fix its dynamic inputs ({', '.join(dynamic[:4])}) with {FIX_SHAPE} NAME=DIMS")
+    advice.append("or skip verification with --no-verify")
+    return f"the input model does not run in onnxruntime on {source} ({shapes}): {_ort_text(exc)}; " + ", ".join(advice)
+
+
+def _shapes_text(shapes) -> str:
+    return " ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in (shapes or {}).items())
+
+
+def verification_data(model: ir.Model, ctx: PassContext) -> CalibrationData:
+    """Samples to verify `model` on: the calibration data's first samples, else seeded random
+    inputs that the graph accepts (see `random_inputs`)."""
     wanted = ctx.verify.samples
     if ctx.calibration is not None:
         return ctx.calibration.take(wanted)
-    return CalibrationData.random(specs, wanted, seed=ctx.seed)
+    return random_inputs(model, wanted, seed=ctx.seed)
+
+
+def random_inputs(model, count: int, seed: int = 0) -> CalibrationData:
+    """Seeded random inputs for `model` (an ir.Model or ModelProto): shaped from its inputs
+    (each input batched on its own batch axis), integers in ranges that its graph
+    accepts (`integer_input_ranges`)."""
+    specs = runtime.input_specs(model)
+    return CalibrationData.random(specs, count, seed=seed, ranges=integer_input_ranges(model))
+
+
+# What an integer input may hold, by what reads it: (op, input index) -> [low, high).
+# A size, count, divisor or step must be positive (0 makes onnxruntime divide by zero: SIGFPE);
+# a shape for Expand is all ones and for Reshape all zeros (keep each dim), valid for any input;
+# TopK's k is 1; an index is in range of the axis it indexes (see _INDEXES), else 0.
+_POSITIVE = (1, 4)
+_VALUE_RANGES = {
+    **dict.fromkeys([("Div", 1), ("Mod", 1), ("ConstantOfShape", 0), ("Tile", 1), ("OneHot", 1), ("Range", 1),
+                     ("Range", 2), ("Resize", 3), ("Loop", 0), ("NonMaxSuppression", 2), ("STFT", 1), ("STFT", 3),
+                     ("DFT", 1), ("HannWindow", 0), ("HammingWindow", 0), ("BlackmanWindow", 0),
+                     ("MelWeightMatrix", 0), ("MelWeightMatrix", 1), ("MelWeightMatrix", 2), ("CenterCropPad", 1),
+                     ("Col2Im", 1), ("Col2Im", 2), ("AffineGrid", 1), ("Slice", 4)], _POSITIVE),
+    **dict.fromkeys([("Expand", 1), ("TopK", 1), ("ReverseSequence", 1)], (1, 2)),
+    **dict.fromkeys([("Reshape", 1), ("GatherND", 1), ("ScatterND", 1), ("CumSum", 1), ("RoiAlign", 2)], (0, 1)),
+}
+# (op, indices input) -> (data input, default axis): indices must be in [0, data.shape[axis]).
+_INDEXES = {("Gather", 1): (0, 0), ("GatherElements", 1): (0, 0), ("ScatterElements", 1): (0, 0),
+            ("Scatter", 1): (0, 0), ("NegativeLogLikelihoodLoss", 1): (0, 1), ("SoftmaxCrossEntropyLoss", 1): (0, 1)}
+# Ops that pass integer values through unchanged (their consumers decide the range).
+_VALUE_PRESERVING = {"Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Reshape", "Expand"}
+
+
+def integer_input_ranges(model) -> dict[str, tuple[int, int] | list[int]]:
+    """{integer graph input: [low, high) of values its readers accept, or a list of values}, for
+    random inputs (`CalibrationData.random(ranges=...)`).
+
+    Inputs that nothing in `_VALUE_RANGES` / `_INDEXES` reads are left out (0 or 1 then: valid
+    ids, masks and indices). When readers disagree, the intersection wins if there is one. An
+    input only compared with constants (`Equal(sr, 16000)` choosing an If branch) takes those
+    constants and one other value in turn, so that every branch runs.
+    """
+    model = model if isinstance(model, ir.Model) else ir.from_proto(model, infer=False)
+    readers: dict[str, list[tuple[gs.Node, int]]] = {}
+    for node in ir.iter_nodes(model.graph):
+        for index, tensor in enumerate(node.inputs):
+            readers.setdefault(tensor.name, []).append((node, index))
+    ranges = {}
+    for tensor in model.graph.inputs:
+        try:
+            if np.dtype(tensor.dtype).kind not in "iu":
+                continue
+        except TypeError:  # no dtype, or not a numpy one
+            continue
+        compared = _compared_with(tensor.name, readers)
+        if compared:
+            ranges[tensor.name] = [*compared, min(compared) - 1]
+            continue
+        found = _reader_ranges(tensor.name, readers, set())
+        if found:
+            low, high = max(r[0] for r in found), min(r[1] for r in found)
+            ranges[tensor.name] = (low, high) if low < high else found[0]
+    return ranges
+
+
+def _compared_with(name: str, readers) -> list[int]:
+    """The scalar constants `name` is compared with, when Equal with a constant is all it feeds."""
+    values = []
+    for node, index in readers.get(name, []):
+        other = node.inputs[1 - index] if node.op == "Equal" and len(node.inputs) == 2 else None
+        value = ir.constant_value(other) if other is not None else None
+        if value is None or value.size != 1:
+            return []
+        values.append(int(value.reshape(())))
+    return sorted(set(values))
+
+
+def _reader_ranges(name: str, readers, seen: set) -> list[tuple[int, int]]:
+    found = []
+    seen.add(name)
+    for node, index in readers.get(name, []):
+        key = (node.op, index)
+        if key == ("Reshape", 1) and node.attrs.get("allowzero"):
+            continue  # a 0 would mean an empty dim, not "keep this dim"
+        if key in _VALUE_RANGES:
+            found.append(_VALUE_RANGES[key])
+        elif key in _INDEXES:
+            data, axis = _INDEXES[key]
+            axis = int(node.attrs.get("axis", axis))
+            shape = node.inputs[data].shape if len(node.inputs) > data else None
+            dim = shape[axis] if shape and -len(shape) <= axis < len(shape) else None
+            found.append((0, int(dim)) if isinstance(dim, int | np.integer) and dim > 0 else (0, 1))
+        elif node.op in _VALUE_PRESERVING and not (node.op in ("Reshape", "Expand") and index):
+            for out in node.outputs:
+                if out.name not in seen:
+                    found += _reader_ranges(out.name, readers, seen)
+    return found
 
 
 def reference_outputs(model, data: CalibrationData, batch_size: int = 8, threads: int = 0) -> list[Feeds]:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
 import os
+import pickle
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -116,7 +121,7 @@ def session(model, *, threads: int = 1, optimize: bool | str = False) -> ort.Inf
     as long as the session.
     """
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors arrive as exceptions: no second copy on stderr
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = _LEVELS[optimize]
@@ -245,3 +250,63 @@ def outputs(model, batches: Iterable[Feeds], *, threads: int = 0, optimize: bool
     sess = model if isinstance(model, ort.InferenceSession) else session(model, threads=threads, optimize=optimize)
     specs = input_specs(sess)
     return [run(sess, adapt_feeds(specs, batch)) for batch in batches]
+
+
+class NativeCrash(RuntimeError):
+    """onnxruntime killed the process that ran a model (a signal such as SIGFPE or SIGSEGV)."""
+
+
+def outputs_isolated(model, batches: Sequence[Feeds], *, threads: int = 0, optimize: bool | str = False) -> list[Feeds]:
+    """`run(session(model), feeds)` for each of `batches`, in a forked child process: the first
+    run of an untrusted model, whose native crash in onnxruntime (a kernel dividing by zero on
+    an integer input: SIGFPE) would otherwise kill edgegraph without a word. A crash raises
+    NativeCrash, an error in onnxruntime a RuntimeError with its message. Costs a fork (a few
+    ms) and pickling the outputs; runs in this process where fork is unsafe or missing (not Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        sess = session(model, threads=threads, optimize=optimize)
+        return [run(sess, feeds) for feeds in batches]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns, never runs the parent's exit handlers
+        status = 0
+        try:
+            faulthandler.disable()  # a crash here is the parent's to report, in one line
+            os.close(read)
+            try:
+                sess = session(model, threads=threads, optimize=optimize)
+                try:
+                    result = ("outputs", [run(sess, feeds) for feeds in batches])
+                finally:
+                    del sess  # a big model's temporary folder goes with it: os._exit collects nothing
+            except Exception as exc:  # noqa: BLE001 - reported to the parent
+                result = ("error", str(exc) or type(exc).__name__)
+            with os.fdopen(write, "wb") as pipe:
+                pickle.dump(result, pipe, protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException:  # noqa: BLE001 - interrupted: the parent is told by the exit status
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as pipe:
+            message = pipe.read()  # all of it before waiting, or a large result would fill the pipe
+        _, status = os.waitpid(pid, 0)
+    except BaseException:  # Ctrl-C, SIGTERM: do not leave the child behind
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        raise NativeCrash(f"onnxruntime crashed ({name})")
+    if not message:
+        raise RuntimeError(f"the onnxruntime process ended with status {os.WEXITSTATUS(status)}")
+    kind, value = pickle.loads(message)
+    if kind == "error":
+        raise RuntimeError(value)
+    return value

@@ -42,11 +42,17 @@ def _number(value, digits: int = 5) -> str:
     return f"{value:.{digits}g}"
 
 
+def format_opt_header(data: dict) -> str:
+    """What `opt` is about to do (printed before the work): IN -> OUT, pipeline, target, data."""
+    return (f"{data['input']} -> {data['output']}\n"
+            f"pipeline: {data['pipeline']}   target: {data['target']}   "
+            f"calibration: {_calibration_text(data['calibration'])}")
+
+
 def format_opt_summary(data: dict, before: ModelStats, after: ModelStats, report: PipelineReport,
                        accuracy: dict | None) -> str:
-    lines = [f"{data['input']} -> {data['output']}",
-             f"pipeline: {data['pipeline']}   target: {data['target']}   "
-             f"calibration: {_calibration_text(data['calibration'])}", "", "passes"]
+    """What `opt` did (printed after `format_opt_header`): passes, before -> after, accuracy."""
+    lines = ["", "passes"]
     for i, p in enumerate(report.passes, 1):
         worst = _worst(p.metrics)
         lines.append(f"  {i}. {p.spec}: {'changed' if p.modified else 'no change'} in {p.seconds:.2f}s"
@@ -68,7 +74,7 @@ def format_opt_summary(data: dict, before: ModelStats, after: ModelStats, report
     lines += columns(rows, "<>>>")
     notes = [f"MACs with {before.shapes}" if before.shapes else "",
              f"MACs: {_unknown_macs(before)}" if before.macs is None else "",
-             f"latency: {before.latency_note}",
+             _latency_note(before.latency_ms, before.latency_note),
              f"latency after: {after.latency_note}" if after.latency_ms is None and before.latency_ms else ""]
     lines += [f"  ({n})" for n in notes if n]
     lines.append("")
@@ -78,7 +84,14 @@ def format_opt_summary(data: dict, before: ModelStats, after: ModelStats, report
 
 
 def _calibration_text(calibration: dict | None) -> str:
-    return "none" if not calibration else f"{calibration['source']} ({calibration['samples']} samples)"
+    if not calibration:
+        return "none"
+    return calibration["source"] + (f" ({calibration['samples']} samples)" if "samples" in calibration else "")
+
+
+def _latency_note(ms: float | None, note: str) -> str:
+    """`latency at x=1x3x48x192, median of ...` (the note of a timed model starts with its shapes)."""
+    return f"latency {note}" if ms is not None else f"latency: {note}"
 
 
 def _short(value) -> str:
@@ -168,7 +181,8 @@ def format_bench(rows: list[dict]) -> str:
                 cells.append(_percent(row["label_accuracy"]["candidate"]))
         rows_text.append(cells)
     lines = columns(rows_text, "<>>>>>>>")
-    lines.append(f"(latency: {rows[0]['latency_note']}; speedup and agreement are relative to the first model)")
+    lines.append(f"({_latency_note(rows[0]['latency_ms'], rows[0]['latency_note'])}; speedup and agreement are "
+                 "relative to the first model)")
     if compared:
         lines.append(f"(agreement over {rows[0]['samples']} samples, worst output shown)")
     return "\n".join(lines)

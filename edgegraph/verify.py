@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -40,12 +40,51 @@ def looks_like_scores(array: np.ndarray) -> bool:
     return squeezed.ndim == 2 and squeezed.shape[1] > 1 and array.dtype.kind == "f"
 
 
+# Class scores come out of a softmax, or of the linear layer of a classifier's head; these ops
+# only reshape or retype them on the way to the output.
+_SCORE_OPS = {"Softmax", "LogSoftmax"}
+_HEAD_OPS = {"Gemm", "MatMul"}
+_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dropout"}
+
+
+def score_outputs(model) -> frozenset[str]:
+    """The outputs of `model` (an ir.Model) that are class scores, for which top-1 agreement
+    means something; `compare_all(..., scores=...)` reports it for these only.
+
+    An output is class scores when it is (batch, classes) shaped (`looks_like_scores`, and its
+    axis 0 is the inputs' axis 0, so not one row per anchor or prior) and is computed by a
+    Softmax/LogSoftmax, or, for a model with a single output, by a Gemm/MatMul (+ bias Add):
+    a classifier's logits. The boxes, states or embeddings beside other outputs are not scores.
+    """
+    from edgegraph import ir
+
+    graph = model.graph
+    batch_dims = {t.shape[0] for t in graph.inputs if t.shape}
+    found = set()
+    for out in graph.outputs:
+        shape = list(out.shape or [])
+        while len(shape) > 2 and shape[-1] == 1:
+            shape.pop()
+        if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] < 2) or shape[0] not in batch_dims:
+            continue
+        node = ir.producer(out)
+        while node is not None and node.op in _PASS_THROUGH and node.inputs:
+            node = ir.producer(node.inputs[0])
+        if node is not None and node.op == "Add" and len(graph.outputs) == 1:
+            node = next((ir.producer(t) for t in node.inputs if ir.producer(t) is not None
+                         and ir.producer(t).op in _HEAD_OPS), node)
+        if node is not None and (node.op in _SCORE_OPS or (node.op in _HEAD_OPS and len(graph.outputs) == 1)):
+            found.add(out.name)
+    return frozenset(found)
+
+
 def argmax_agreement(reference: np.ndarray, candidate: np.ndarray, axis: int = -1) -> float:
     """Fraction of positions whose argmax along `axis` agrees (top-1 per row, or per pixel)."""
     return float(np.mean(np.argmax(reference, axis=axis) == np.argmax(candidate, axis=axis)))
 
 
-def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputMetrics:
+def compare(name: str, reference: np.ndarray, candidate: np.ndarray, *, scores: bool | None = None) -> OutputMetrics:
+    """Agreement of one output; top-1 when `scores` (None: when the arrays look like scores)."""
     reference, candidate = np.asarray(reference), np.asarray(candidate)
     if reference.shape != candidate.shape:
         return OutputMetrics(name, float("inf"), 0.0, 0.0, float("-inf"), None, False, reference.dtype.name)
@@ -69,17 +108,20 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputMe
     norms = np.linalg.norm(ref) * np.linalg.norm(cand)
     cosine = float(ref @ cand / norms) if norms > 0 else (1.0 if noise == 0 else 0.0)
     top1 = None
-    if looks_like_scores(reference):
+    if looks_like_scores(reference) and scores is not False:
         top1 = argmax_agreement(_squeeze_trailing(reference), _squeeze_trailing(candidate))
     ref_scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     return OutputMetrics(name, max_abs, ref_scale, cosine, sqnr, top1, exact, reference.dtype.name)
 
 
-def compare_all(references: Iterable[Feeds], candidates: Iterable[Feeds]) -> dict[str, OutputMetrics]:
-    """Metrics per output over batches of outputs (concatenated along axis 0)."""
+def compare_all(references: Iterable[Feeds], candidates: Iterable[Feeds], *,
+                scores: Collection[str] | None = None) -> dict[str, OutputMetrics]:
+    """Metrics per output over batches of outputs (concatenated along axis 0); top-1 only for
+    the outputs named in `scores` (see `score_outputs`), or by their shape when it is None."""
     refs, cands = list(references), list(candidates)
     names = list(refs[0]) if refs else []
-    return {n: compare(n, _concat([r[n] for r in refs]), _concat([c[n] for c in cands])) for n in names}
+    return {n: compare(n, _concat([r[n] for r in refs]), _concat([c[n] for c in cands]),
+                       scores=None if scores is None else n in scores) for n in names}
 
 
 def worst_sqnr_db(references: Iterable[Feeds], candidates: Iterable[Feeds]) -> float:

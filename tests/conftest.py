@@ -54,3 +54,17 @@ def full_exports(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(gs, "export_onnx", counting)
     return exports
+
+
+@pytest.fixture(scope="session")
+def backend_node_cases():
+    """Every ONNX backend node test case (collected once: it takes seconds)."""
+    import warnings
+
+    import numpy as np
+    from onnx.backend.test.case.node import collect_testcases
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with np.errstate(all="ignore"):
+            return collect_testcases(None)

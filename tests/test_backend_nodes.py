@@ -9,7 +9,6 @@ lists every case that broke and why.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import numpy as np
 import onnxruntime as ort
@@ -78,13 +77,8 @@ def _passes(model, case) -> bool:
 
 
 @pytest.fixture(scope="module")
-def node_cases():
-    from onnx.backend.test.case.node import collect_testcases
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with np.errstate(all="ignore"):
-            return collect_testcases(None)
+def node_cases(backend_node_cases):
+    return backend_node_cases
 
 
 def test_cleanup_keeps_every_backend_node_case_passing(node_cases, record_property, capsys):
