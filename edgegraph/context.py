@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 
 from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
-from edgegraph.runtime import Feeds, InputSpec, batch_axes
+from edgegraph.runtime import Feeds, InputSpec, batch_axes, batch_size_for
 from edgegraph.targets import Target, load_target
 
 # One line per stage of work (loading, each pass, verification, saving, timing) at INFO. Not
@@ -248,9 +248,16 @@ class CalibrationData:
         ids, masks and indices); bools are random. A dynamic dim takes `dynamic_dim`.
 
         Samples leave out each input's batch axis (`runtime.batch_axes`: axis 1 of a
-        `state [2, B, H]`, none for a scalar such as `sr`), which `batches` stacks.
+        `state [2, B, H]`, none for a scalar such as `sr`), which `batches` stacks. Where the
+        model fixes its batch size to B > 1, the count is rounded up to whole batches of B, and
+        inputs without a batch axis keep one value per batch (`batches` would split it). When
+        every input shape is static, each sample is one whole feed (which axis is the batch is
+        then unknown, e.g. after `--fix-shape`, and does not matter).
         """
-        axes = batch_axes(specs)
+        static = all(s.shape is not None and all(isinstance(d, int) and d >= 0 for d in s.shape) for s in specs)
+        axes = {s.name: None for s in specs} if static else batch_axes(specs)
+        group = 1 if static else batch_size_for(specs, 1)  # samples that must share a batch
+        count = -(-count // group) * group
 
         def shape_of(spec: InputSpec) -> tuple[int, ...]:
             dims = list(spec.shape or ())
@@ -263,10 +270,12 @@ class CalibrationData:
         ranges = dict(ranges or {})
 
         def fetch(index: int) -> Feeds:
-            rng = np.random.default_rng([seed, index])
             sample = {}
             for spec in specs:
                 shape = shapes[spec.name]
+                # (an input without a batch axis draws per batch, the others per sample)
+                draw = index // group if axes[spec.name] is None else index
+                rng = np.random.default_rng([seed, draw, len(sample)])
                 if spec.dtype.kind == "f":
                     sample[spec.name] = rng.random(shape, dtype=np.float32).astype(spec.dtype)
                 elif spec.dtype.kind == "b":
@@ -274,7 +283,7 @@ class CalibrationData:
                 elif spec.dtype.kind in "iu":
                     allowed = ranges.get(spec.name, (0, 2))
                     if isinstance(allowed, list):
-                        value = allowed[index % len(allowed)] if not shape else rng.choice(allowed, shape)
+                        value = allowed[draw % len(allowed)] if not shape else rng.choice(allowed, shape)
                         sample[spec.name] = np.asarray(value).astype(spec.dtype)
                     else:
                         sample[spec.name] = rng.integers(*allowed, shape).astype(spec.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -629,13 +630,66 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
             return proto
         model.refresh_shapes()
         return model.to_proto()
-    for data_prop in (True, False):
-        try:
-            return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
-        except Exception as exc:  # noqa: BLE001 - onnx raises many unrelated types here
-            logger.debug("shape inference (data_prop=%s) failed: %s", data_prop, exc)
+    lent = _lend_outer_constants(proto)
+    try:
+        for data_prop in (True, False):
+            try:
+                inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
+                                                             data_prop=data_prop)
+            except Exception as exc:  # noqa: BLE001 - onnx raises many unrelated types here
+                logger.debug("shape inference (data_prop=%s) failed: %s", data_prop, exc)
+                continue
+            _take_back(inferred, lent)
+            return inferred
+    finally:
+        _take_back(proto, lent)
     logger.warning("shape inference failed; continuing with the shapes stored in the model")
     return proto
+
+
+# Integer constants up to this many elements (axes, shapes, pads): what shape inference reads.
+SHAPE_LIKE_ELEMENTS = 64
+
+
+def _lend_outer_constants(proto: onnx.ModelProto) -> list[int]:
+    """Copy into each subgraph the small integer initializers of enclosing graphs that it reads.
+
+    onnx's shape inference reads the values of axes/shape inputs only from the subgraph's own
+    initializers, and `Model.to_proto` stores a constant several graphs read once, in the main
+    graph. Returns how many were appended to each subgraph (in `validate.graphs` order), for
+    `_take_back`.
+    """
+    lent: list[int] = []
+
+    def visit(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto]) -> None:
+        for node in graph.node:
+            for sub in validate.subgraphs(node):
+                own = {t.name for t in sub.initializer} | set(_defined_names(sub))
+                wanted = [outer[name] for name in sorted(validate.names_read(sub)) if name in outer and name not in own]
+                sub.initializer.extend(wanted)
+                lent.append(len(wanted))
+                visit(sub, outer | {t.name: t for t in sub.initializer if _shape_like(t)})
+
+    visit(proto.graph, {t.name: t for t in proto.graph.initializer if _shape_like(t)})
+    return lent
+
+
+def _take_back(proto: onnx.ModelProto, lent: list[int]) -> None:
+    """Remove what `_lend_outer_constants` appended (from `proto` or a copy of it)."""
+    for graph, count in zip(list(validate.graphs(proto))[1:], lent):
+        if count:
+            del graph.initializer[len(graph.initializer) - count:]
+
+
+def _shape_like(tensor: onnx.TensorProto) -> bool:
+    return (tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and not validate.uses_external_data(tensor)
+            and math.prod(tensor.dims) <= SHAPE_LIKE_ELEMENTS)
+
+
+def _defined_names(graph: onnx.GraphProto) -> Iterator[str]:
+    yield from (i.name for i in graph.input)
+    for node in graph.node:
+        yield from node.output
 
 
 def fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> None:

@@ -47,10 +47,10 @@ def graphs(proto: onnx.ModelProto) -> Iterator[_GraphLike]:
         graph = stack.pop()
         yield graph
         for node in reversed(graph.node):
-            stack.extend(reversed(list(_subgraphs(node))))
+            stack.extend(reversed(list(subgraphs(node))))
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     # By field, not by the declared attribute type: a hostile attribute may say one and hold the other.
     for attribute in node.attribute:
         if attribute.HasField("g"):
@@ -431,7 +431,7 @@ def _check_graph(graph: _GraphLike, outer: frozenset[str], what: str, unsorted: 
     needs: list[set[int]] = []
     for node in graph.node:
         reads = {name for name in node.input if name}
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             reads |= _check_graph(sub, frozenset(visible), what, unsorted)
         for name in reads:
             if name not in visible:
@@ -492,17 +492,18 @@ def _dependencies(graph: _GraphLike) -> list[set[int]]:
     needs = []
     for node in graph.node:
         reads = {name for name in node.input if name}
-        for sub in _subgraphs(node):
-            reads |= _names_read(sub)
+        for sub in subgraphs(node):
+            reads |= names_read(sub)
         needs.append({producer[name] for name in reads if name in producer})
     return needs
 
 
-def _names_read(graph: onnx.GraphProto) -> set[str]:
+def names_read(graph: onnx.GraphProto) -> set[str]:
+    """Names the nodes of `graph` (and of its subgraphs) read, and its outputs."""
     reads = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
     for node in graph.node:
-        for sub in _subgraphs(node):
-            reads |= _names_read(sub)
+        for sub in subgraphs(node):
+            reads |= names_read(sub)
     return reads
 
 
