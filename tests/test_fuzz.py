@@ -4,8 +4,9 @@ Each case takes a fixture model, breaks it one way (a byte-level mutation or tru
 protobuf-level one: invalid UTF-8 or huge names, negative or huge dims, unknown data types,
 short raw data, swapped attribute types, impossible opsets, dangling or cyclic node inputs,
 external data pointing out of the model's folder, ...) and runs the three commands on it, from
-a folder of its own, with a "secret" file planted beside that folder. Whatever the model, the
-README's promise must hold:
+a folder of its own. The current directory is that folder's parent, which holds "secret" files
+(`secret.bin`, and decoys named like the cases' own external-data files). Whatever the model,
+the README's promise must hold:
 
 - exit 0 or 2, never 1, never a crash, never a hang (each run is bounded in time and memory);
 - on exit 2, exactly one line on stderr, `edgegraph: error: ...`, at most MAX_ERROR_CHARS long;
@@ -47,6 +48,10 @@ TIMEOUT = 10.0  # seconds per command; an unbroken fixture model takes well unde
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "fixtures" / "default"
 SECRET_NAME = "secret.bin"
+# Planted beside the case folders with the secret's bytes, under the names of the cases' own
+# external-data files: external data resolved against the current directory instead of the
+# model's folder reads them.
+SECRET_FILES = (SECRET_NAME, "weights.bin", "model.onnx.data", "t0.bin", "t1.bin", "t2.bin")
 MODEL = "model.onnx"
 
 
@@ -603,8 +608,12 @@ def m_external(case):
     """Point a tensor's external data somewhere hostile, or give it hostile offsets/lengths."""
     model = case.model
     candidates = _tensors(model)
+    # Tensors that are not main-graph initializers (Constant values, subgraph initializers)
+    # are where external data has been handled differently; they get half the picks.
+    others = [t for t in candidates if not any(t is i for i in model.graph.initializer)]
     external = [t for t in candidates if t.data_location == TensorProto.EXTERNAL]
-    tensor = case.pick(external) if external and case.rng.random() < 0.5 else case.pick(candidates)
+    roll = case.rng.random()
+    tensor = case.pick(others if others and roll < 0.5 else external if external and roll < 0.75 else candidates)
     if tensor is None:
         return m_flip_bits(case)
     if tensor.data_location != TensorProto.EXTERNAL:  # move its data to a file of its own first
@@ -644,7 +653,7 @@ def m_sparse(case, *, valid: bool | None = None):
     tensor = case.pick([t for t in graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) >= 1
                         and t.data_location != TensorProto.EXTERNAL])
     if tensor is None:
-        return m_dims(case)
+        return "no in-memory float initializer to make sparse (model unchanged)" if valid else m_dims(case)
     array = numpy_helper.to_array(tensor)
     flat = array.reshape(-1)
     indices = np.flatnonzero(np.abs(flat) > np.median(np.abs(flat))).astype(np.int64)
@@ -792,7 +801,12 @@ def commands(case: int, folder: str, base: str) -> list[list[str]]:
 def secret_bytes(seed: int = SEED) -> bytes:
     """A periodic printable pattern: any 16 bytes read from it are one of `secret_windows()`."""
     letters = np.random.default_rng([seed, 10**6]).integers(ord("a"), ord("z") + 1, 10, dtype=np.uint8)
-    return (b"SECRET" + bytes(letters)) * 256
+    return (b"SECRET" + bytes(letters)) * 4096  # 64 KiB: more than any fixture tensor
+
+
+def plant_secrets(root: Path, seed: int = SEED) -> None:
+    for name in SECRET_FILES:
+        (root / name).write_bytes(secret_bytes(seed))
 
 
 def secret_windows(seed: int = SEED) -> list[bytes]:
@@ -822,9 +836,9 @@ def run_case(case: int, worker: Worker, root: Path, seed: int = SEED) -> tuple[s
         if sorted(p.name for p in root.iterdir()) != outside:
             problems.append(f"`edgegraph {' '.join(argv)}` changed the folder outside the model's: "
                             f"{sorted(set(p.name for p in root.iterdir()) ^ set(outside))}")
-        if (root / SECRET_NAME).read_bytes() != secret_bytes(seed):
-            problems.append(f"`edgegraph {' '.join(argv)}` changed {SECRET_NAME}, outside the model's folder")
-            (root / SECRET_NAME).write_bytes(secret_bytes(seed))
+        if any((root / name).read_bytes() != secret_bytes(seed) for name in SECRET_FILES):
+            problems.append(f"`edgegraph {' '.join(argv)}` changed a file outside the model's folder")
+            plant_secrets(root, seed)
     return what, problems
 
 
@@ -898,7 +912,7 @@ def failure_message(case: int, seed: int, what: str, problems: list[str]) -> str
 @pytest.fixture(scope="module")
 def fuzz_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    (root / SECRET_NAME).write_bytes(secret_bytes())
+    plant_secrets(root)
     worker = Worker(tmp_path_factory.mktemp("fuzz_worker"), watch=[root], timeout=TIMEOUT)
     yield root, worker
     worker.close()
@@ -931,7 +945,7 @@ def test_fuzz_plan_is_seeded():
 
 def _sweep(count: int, seed: int) -> None:
     root = Path(tempfile.mkdtemp(prefix="edgegraph-fuzz-"))
-    (root / SECRET_NAME).write_bytes(secret_bytes(seed))
+    plant_secrets(root, seed)
     worker = Worker(root.parent / f"{root.name}-worker", watch=[root], timeout=TIMEOUT)
     start, failed = time.monotonic(), 0
     for case in range(count):
@@ -954,7 +968,7 @@ if __name__ == "__main__":
         case = int(args[0])
         folder = Path(args[1] if len(args) > 1 else f"fuzz_case_{case}").resolve() / f"case_{case:04d}"
         what, argvs = write_case(case, folder, seed)
-        (folder.parent / SECRET_NAME).write_bytes(secret_bytes(seed))
+        plant_secrets(folder.parent, seed)
         print(f"seed {seed}, case {case}: {what}\nfrom {folder.parent}:")
         for argv in argvs:
             print("  edgegraph " + " ".join(argv))
