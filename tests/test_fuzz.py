@@ -13,7 +13,8 @@ the README's promise must hold:
 - on exit 2 nothing is written; on exit 0 only the named outputs are; the input files never change;
 - nothing outside the model's folder is read, and the secret's bytes appear in no output;
 - what `opt` writes with exit 0 passes the onnx checker and loads in onnxruntime;
-- mutations that keep the model valid (`none`, `sparse-valid`) exit 0.
+- mutations that keep the model valid (`none`, `sparse-valid`) exit 0; the first cases are
+  controls, one per fixture model, unbroken.
 
 Reproduce one case: `python tests/test_fuzz.py CASE [FOLDER]` writes its files and prints the
 commands; `python tests/test_fuzz.py --sweep 3000` runs that many cases and sums up the failures.
@@ -755,7 +756,10 @@ def plan(case: int, seed: int = SEED) -> tuple[np.random.Generator, str, str]:
     base = BASE_NAMES[int(rng.integers(len(BASE_NAMES)))]
     names = list(MUTATIONS)
     weights = np.array([MUTATIONS[n][1] for n in names], float)
-    return rng, base, names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    mutation = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    if case < len(BASE_NAMES):  # the first cases are the controls: each fixture model unbroken
+        base, mutation = BASE_NAMES[case], "none"
+    return rng, base, mutation
 
 
 def case_id(case: int) -> str:
