@@ -139,9 +139,10 @@ def calibration(model_bytes: bytes, base: str) -> bytes:
 
 
 class Case:
-    def __init__(self, base: str, rng: np.random.Generator):
+    def __init__(self, base: str, rng: np.random.Generator, secret: str):
         model_bytes, files = bases()[base]
         self.base, self.rng = base, rng
+        self.secret = secret  # the secret's absolute path
         self.raw: bytes | None = None  # set by byte-level mutations; else `model` is serialized
         self.model = onnx.load_from_string(model_bytes)
         self.files = dict(files)  # name -> bytes, written beside the model
@@ -601,7 +602,7 @@ def m_structure(case):
 
 
 # Where hostile external data points (relative to the model's folder unless absolute).
-ESCAPES = ["../" + SECRET_NAME, "ABSOLUTE_SECRET", SECRET_NAME, "link.bin", "sub/../../" + SECRET_NAME, "/dev/zero",
+ESCAPES = ["../" + SECRET_NAME, "ABSOLUTE", SECRET_NAME, "link.bin", "sub/../../" + SECRET_NAME, "/dev/zero",
            "/dev/urandom", "/proc/self/environ", "", ".", "missing.bin", "/etc/hostname", "file:../" + SECRET_NAME]
 
 
@@ -632,6 +633,8 @@ def m_external(case):
         target = case.pick(ESCAPES)
         if target == "link.bin":
             case.links["link.bin"] = "../" + SECRET_NAME
+        elif target == "ABSOLUTE":
+            target = case.secret
         info["location"].value = target
         return f"external data of tensor '{tensor.name}' at '{target}'"
     if how in ("offset", "length"):
@@ -770,11 +773,10 @@ def case_id(case: int) -> str:
 def write_case(case: int, folder: Path, seed: int = SEED) -> tuple[str, list[list[str]]]:
     """Write the case's model (and its files) into `folder`; (what was done, the commands to run)."""
     rng, base, mutation = plan(case, seed)
-    fuzz = Case(base, rng)
+    fuzz = Case(base, rng, str(folder.parent.resolve() / SECRET_NAME))
     calib = calibration(bases()[base][0], base)
     what = MUTATIONS[mutation][0](fuzz)
-    secret = str(folder.parent.resolve() / SECRET_NAME)
-    data = fuzz.serialized().replace(b"ABSOLUTE_SECRET", secret.encode())
+    data = fuzz.serialized()
     folder.mkdir(parents=True)
     (folder / MODEL).write_bytes(data)
     (folder / "calib.npz").write_bytes(calib)
@@ -934,13 +936,13 @@ def test_fuzz_case(fuzz_root, case):
 def test_fuzz_plan_is_seeded():
     """The same seed gives the same cases (what makes a failing case reproducible)."""
     assert [case_id(c) for c in range(20)] == [case_id(c) for c in range(20)]
-    folders = []
-    for _ in range(2):
-        folder = Path(tempfile.mkdtemp()) / "case_0005"
-        write_case(5, folder)
-        folders.append(snapshot(folder))
-        shutil.rmtree(folder.parent)
-    assert folders[0] == folders[1]
+    root, folders = Path(tempfile.mkdtemp()), []
+    for case in (5, 5, 6):
+        write_case(case, root / "case")
+        folders.append(snapshot(root / "case"))
+        shutil.rmtree(root / "case")
+    shutil.rmtree(root)
+    assert folders[0] == folders[1] != folders[2]
 
 
 # ---------------------------------------------------------------------------------------------
