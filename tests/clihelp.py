@@ -64,6 +64,7 @@ class Outcome:
     err: str
     seconds: float
     problem: str = ""  # a hang, a crash of the process, an exception that escaped main()
+    err_bytes: int = 0  # the size of all of stderr (`err` holds at most its first 200 kB)
     opened: list[str] = dataclasses.field(default_factory=list)  # watched paths Python opened
 
 
@@ -134,7 +135,8 @@ class Worker:
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
             return Outcome(None, "", "", time.monotonic() - start,
                            f"the process died ({how}): {self._dump('crash.txt')}")
-        return Outcome(reply["code"], reply["out"], reply["err"], reply["seconds"], reply["problem"], reply["opened"])
+        return Outcome(reply["code"], reply["out"], reply["err"], reply["seconds"], reply["problem"],
+                       err_bytes=reply["err_bytes"], opened=reply["opened"])
 
     def check_model(self, path: Path) -> str:
         """'' when onnx's full checker passes and onnxruntime loads the model at `path`, else why not."""
@@ -188,7 +190,7 @@ def _serve(scratch: str, memory_bytes: int, watch: list[str]) -> None:
     sys.addaudithook(audit)
     for line in sys.stdin:
         request = json.loads(line)
-        reply = {"code": None, "out": "", "err": "", "seconds": 0.0, "problem": "", "opened": []}
+        reply = {"code": None, "out": "", "err": "", "seconds": 0.0, "problem": "", "opened": [], "err_bytes": 0}
         if request["op"] == "check":
             reply["problem"] = _check(request["path"])
         elif request["op"] == "run":
@@ -211,6 +213,7 @@ def _serve(scratch: str, memory_bytes: int, watch: list[str]) -> None:
                     os.dup2(real_out, 1), os.dup2(real_err, 2)
             reply["out"] = out_path.read_bytes()[:200_000].decode(errors="replace")
             reply["err"] = err_path.read_bytes()[:200_000].decode(errors="replace")
+            reply["err_bytes"] = err_path.stat().st_size
             reply["opened"] = sorted(set(opened))
             os.chdir(scratch)
         replies.write(json.dumps(reply) + "\n")

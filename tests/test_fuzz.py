@@ -870,8 +870,8 @@ def check_run(argv, outcome, folder: Path, inputs: dict[str, str], windows: list
         if not (err.startswith("edgegraph: error: ") and err.count("\n") == 1 and err.endswith("\n")):
             found.append(f"exit 2 but stderr is not exactly one 'edgegraph: error:' line "
                          f"({err.count(chr(10))} lines): {err[:300]!r}")
-        if len(err.rstrip("\n")) > MAX_ERROR_CHARS:
-            found.append(f"error line of {len(err)} characters (limit {MAX_ERROR_CHARS}): {err[:200]!r}...")
+        if max(len(err.rstrip("\n")), outcome.err_bytes - 1) > MAX_ERROR_CHARS:
+            found.append(f"stderr of {outcome.err_bytes} bytes (limit {MAX_ERROR_CHARS}): {err[:200]!r}...")
     now = snapshot(folder)
     changed = sorted(k for k in inputs if now.get(k) != inputs[k])
     if changed:
