@@ -7,7 +7,6 @@ no traceback, no output file, and the input file byte for byte unchanged.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import shlex
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from clihelp import digest, run_cli
 from conftest import MODELS, REPO, require_shared
 from onnx import TensorProto, helper, numpy_helper
 
@@ -143,16 +143,6 @@ def calib_path(tmp_path) -> Path:
     x = np.random.default_rng(1).standard_normal((10, 3, 8, 8)).astype(np.float32)
     np.savez(path, x=x, labels=np.arange(10) % 4)
     return path
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def has_pass(name: str) -> bool:
