@@ -178,7 +178,10 @@ def _mac_costs(model: ir.Model, fix_shapes, feeds) -> tuple[list[NodeCost], str]
                                          for t in inputs):
             run_feeds = None  # inputs shaped unlike `fix_shapes`: not the shapes to count with
         if run_feeds is None and len(inputs) == len(static.graph.inputs):
-            run_feeds = sample_feeds(static)
+            try:
+                run_feeds = sample_feeds(static)
+            except CalibrationDataError as exc:  # e.g. shapes too large to run: MACs stay unknown
+                logger.debug("no run to observe shapes: %s", exc)
         if run_feeds is not None:
             # `static` has no weights; the model itself computes the same shapes on these inputs.
             observed = observed_shapes(model, run_feeds)

@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 
+from edgegraph.checks import MAX_INPUT_ELEMENTS
 from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
 from edgegraph.runtime import Feeds, InputSpec, batch_axes, batch_size_for
 from edgegraph.targets import Target, load_target
@@ -267,6 +268,13 @@ class CalibrationData:
             return tuple(d if isinstance(d, int) and d >= 0 else dynamic_dim for d in dims)
 
         shapes = {spec.name: shape_of(spec) for spec in specs}
+        for spec in specs:  # a hostile or absurd declaration must not allocate terabytes
+            fed = [d if isinstance(d, int) and d >= 0 else dynamic_dim for d in spec.shape or ()]
+            if math.prod(fed) > MAX_INPUT_ELEMENTS:
+                raise CalibrationDataError(
+                    f"cannot make test inputs for input '{shown(spec.name)}': shape {shown('x'.join(map(str, fed)))} "
+                    f"has {math.prod(fed):.3g} elements (at most {MAX_INPUT_ELEMENTS}); give real inputs or "
+                    "smaller static sizes (--fix-shape)")
         ranges = dict(ranges or {})
 
         def fetch(index: int) -> Feeds:

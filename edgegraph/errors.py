@@ -59,7 +59,7 @@ class PassFailure(RuntimeError):
     """An unexpected exception inside a pass, re-raised with the pipeline position (keeps the traceback)."""
 
 
-MAX_LINE = 2000  # characters of an error line; user values in messages get `shown`'s ~200
+MAX_LINE = 1000  # characters: an error line holds a whole onnxruntime message (pipeline.ORT_MESSAGE_LIMIT) and advice
 
 
 def shown(value, limit: int = 200) -> str:
