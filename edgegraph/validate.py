@@ -634,7 +634,42 @@ def check(proto: onnx.ModelProto, what: str, folder: Path | None, raw: bytes | N
     _check_graph(proto.graph, frozenset(), what, unsorted)
     for function in proto.functions:
         _check_graph(function, frozenset(), what, unsorted)
+    _require_no_recursion(proto, what)
     _run_checker(proto, unsorted[0], what)
+
+
+def _require_no_recursion(proto: onnx.ModelProto, what: str) -> None:
+    """Local functions may call each other, but not in a cycle (ONNX forbids recursion; shape
+    inference and onnxruntime would expand it forever)."""
+    local = {(f.domain, f.name): f for f in proto.functions}
+    calls = {key: sorted({(n.domain, n.op_type) for g in _function_graphs(f) for n in g.node} & local.keys())
+             for key, f in local.items()}
+    state: dict[tuple[str, str], int] = {}  # 1: on the current path, 2: done
+
+    def visit(key: tuple[str, str], path: list[str]) -> None:
+        state[key] = 1
+        for callee in calls[key]:
+            if state.get(callee) == 1:
+                cycle = " -> ".join(_short(name) for name in [*path, key[1], callee[1]][-4:])
+                raise ModelLoadError(f"{what}: local functions call each other in a cycle ({cycle}); "
+                                     "ONNX functions cannot be recursive")
+            if callee not in state:
+                visit(callee, [*path, key[1]])
+        state[key] = 2
+
+    for key in local:
+        if key not in state:
+            visit(key, [])
+
+
+def _function_graphs(function: onnx.FunctionProto) -> Iterator[_GraphLike]:
+    """A function's body and the subgraphs in it."""
+    stack: list[_GraphLike] = [function]
+    while stack:
+        graph = stack.pop()
+        yield graph
+        for node in graph.node:
+            stack.extend(subgraphs(node))
 
 
 def _short(text: str, limit: int = 80) -> str:

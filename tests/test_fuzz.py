@@ -43,7 +43,7 @@ from clihelp import Worker, snapshot  # noqa: E402
 SEED = 8  # issue #8
 CASES = 300
 QUANT_EVERY = 10  # every 10th case on a model with image-like inputs also runs `cleanup,quant`
-MAX_ERROR_CHARS = 500
+MAX_ERROR_CHARS = 1000  # errors.MAX_LINE: room for a whole onnxruntime message and advice
 TIMEOUT = 10.0  # seconds per command; an unbroken fixture model takes well under one
 
 REPO = Path(__file__).resolve().parents[1]
