@@ -33,9 +33,10 @@ def digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def snapshot(folder: Path) -> dict[str, str]:
+def snapshot(folder: Path, *, inodes: bool = False) -> dict[str, str]:
     """Every entry under `folder` (hidden ones too, symlinks not followed): relative path ->
-    sha256 of a file, 'dir', or '-> target' of a symlink. Equal snapshots: nothing was written."""
+    sha256 of a file (with its inode number, if `inodes`: a file replaced by an identical copy
+    differs then), 'dir', or '-> target' of a symlink. Equal snapshots: nothing was written."""
     folder = Path(folder)
     found = {}
     for root, dirs, files in os.walk(folder):
@@ -47,7 +48,7 @@ def snapshot(folder: Path) -> dict[str, str]:
             elif path.is_dir():
                 found[key] = "dir"
             else:
-                found[key] = digest(path)
+                found[key] = f"{digest(path)} inode {path.stat().st_ino}" if inodes else digest(path)
     return found
 
 

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from clihelp import digest
 from conftest import DEFAULT_DIR
 
 import edgegraph
@@ -21,10 +21,6 @@ from edgegraph.pipeline import Pass, PassResult, option
 
 DIGITS = DEFAULT_DIR / "digits_cnn.onnx"
 CALIB = DEFAULT_DIR / "digits_calib.npz"
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def refused(capsys, tmp_path: Path, *args, phrase: str) -> str:

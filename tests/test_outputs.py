@@ -3,7 +3,6 @@ file, the model, its sidecar and the report as one outcome, the report with the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -12,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import clihelp
+from clihelp import run_cli
 from conftest import DEFAULT_DIR
 
 from edgegraph import files, ir
@@ -21,25 +22,13 @@ from edgegraph.errors import EdgegraphError
 DIGITS = DEFAULT_DIR / "digits_cnn.onnx"
 
 
-def run(capsys, *args) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    """Every file and link under `root`: a link's target, a file's (inode, sha256)."""
-    state = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink():
-            state[str(path.relative_to(root))] = ("link", os.readlink(path))
-        elif path.is_file():
-            state[str(path.relative_to(root))] = (path.stat().st_ino, hashlib.sha256(path.read_bytes()).hexdigest())
-    return state
+def snapshot(root: Path) -> dict[str, str]:
+    return clihelp.snapshot(root, inodes=True)  # a replaced file keeps neither its bytes nor its inode
 
 
 def assert_refused(capsys, tmp_path: Path, argv: list, phrase: str) -> str:
     before = snapshot(tmp_path)
-    code, err = run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("edgegraph: error: ") and "Traceback" not in err, err
     assert phrase in err, err
@@ -130,7 +119,7 @@ def test_no_output_may_be_an_input_file(capsys, tmp_path, inputs, kind, output, 
 
 
 def test_refusal_names_the_input(capsys, tmp_path, inputs):
-    code, err = run(capsys, *opt_argv(inputs, "eval"), "-o", tmp_path / "out" / "o.onnx", "--report", inputs["eval"])
+    code, _, err = run_cli(capsys, *opt_argv(inputs, "eval"), "-o", tmp_path / "out" / "o.onnx", "--report", inputs["eval"])
     assert code == 2
     assert err == (f"edgegraph: error: --report must not name the --eval data ({inputs['eval']}): "
                    "it would be overwritten; choose another path\n")
@@ -152,7 +141,7 @@ def test_in_place_replaces_the_input_model_and_its_own_external_data(capsys, tmp
                                       "--report", ir.sidecar_path(source)], "--report must not name the input")
     expected = onnx.load(DIGITS)
     monkeypatch.setattr(ir, "PROTO_LIMIT", 20_000)  # the output needs external data too
-    code, err = run(capsys, "opt", source, "-p", "cleanup", "-o", source, "--runs", "0")
+    code, _, err = run_cli(capsys, "opt", source, "-p", "cleanup", "-o", source, "--runs", "0")
     assert (code, err) == (0, "")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     written = onnx.load(source, load_external_data=False)
@@ -204,7 +193,7 @@ def test_opt_refuses_a_foreign_sidecar_when_it_needs_one(capsys, tmp_path, monke
     out = tmp_path / "out" / "o.onnx"
     out.parent.mkdir()
     ir.sidecar_path(out).write_bytes(b"not ours")
-    code, err = run(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--runs", "0")
+    code, _, err = run_cli(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--runs", "0")
     assert (code, err) == (0, "")  # no external data needed: the file is left alone
     assert ir.sidecar_path(out).read_bytes() == b"not ours"
     out.unlink()
@@ -214,7 +203,7 @@ def test_opt_refuses_a_foreign_sidecar_when_it_needs_one(capsys, tmp_path, monke
     # A re-run over its own output replaces its own sidecar.
     ir.sidecar_path(out).unlink()
     for _ in range(2):
-        code, err = run(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--runs", "0")
+        code, _, err = run_cli(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--runs", "0")
         assert (code, err) == (0, "")
     assert sorted(p.name for p in out.parent.iterdir()) == ["o.onnx", "o.onnx.data"]
 
@@ -252,7 +241,7 @@ def test_a_report_that_cannot_be_written_leaves_nothing(capsys, tmp_path, monkey
         return replace(src, dst, **kwargs)
 
     monkeypatch.setattr(os, "replace", failing)
-    code, err = run(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--report", report, "--runs", "0")
+    code, _, err = run_cli(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--report", report, "--runs", "0")
     assert code == 2
     assert err == f"edgegraph: error: cannot write {report}: No space left on device; nothing was written\n"
     assert snapshot(tmp_path) == before  # the sidecar and model moved first were put back
@@ -272,7 +261,7 @@ def test_a_signal_while_files_move_into_place_undoes_the_moves(capsys, tmp_path,
         return replace(src, dst, **kwargs)
 
     monkeypatch.setattr(os, "replace", signalled)
-    code, err = run(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--report", report, "--runs", "0")
+    code, _, err = run_cli(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--report", report, "--runs", "0")
     assert (code, err) == (143, "edgegraph: error: interrupted (SIGTERM); nothing was written\n")
     assert moves[:3] == [ir.sidecar_path(out), out, report]  # all three moved, then put back
     assert snapshot(tmp_path) == before
@@ -303,7 +292,7 @@ def test_the_report_gets_the_permissions_of_the_model(capsys, tmp_path, umask):
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
     old = os.umask(umask)
     try:
-        code, err = run(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--report", report, "--runs", "0")
+        code, _, err = run_cli(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--report", report, "--runs", "0")
     finally:
         os.umask(old)
     assert (code, err) == (0, "")
@@ -322,7 +311,7 @@ def test_a_signal_after_the_files_are_in_place_says_so(capsys, tmp_path, monkeyp
         return rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(files.shutil, "rmtree", signalled)
-    code, err = run(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--report", report, "--runs", "0")
+    code, _, err = run_cli(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--report", report, "--runs", "0")
     assert (code, err) == (129, f"edgegraph: error: interrupted (SIGHUP); after writing {out}, {report}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx", "r.json"]
     onnx.checker.check_model(onnx.load(out))
@@ -339,7 +328,7 @@ def test_in_place_on_a_self_contained_model_does_not_read_it_again(capsys, tmp_p
         raise AssertionError("read the input again")
 
     monkeypatch.setattr(ir, "external_data_files", unexpected)
-    code, err = run(capsys, "opt", source, "-p", "cleanup", "-o", source, "--runs", "0", "--report",
+    code, _, err = run_cli(capsys, "opt", source, "-p", "cleanup", "-o", source, "--runs", "0", "--report",
                     tmp_path / "r.json")
     assert (code, err) == (0, "")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "notes.txt", "r.json"]
@@ -418,7 +407,7 @@ def test_in_place_output_never_reads_the_external_data_it_replaced(capsys, tmp_p
     expected = runtime.run(runtime.session(source), feeds)["y"]
     before = snapshot(tmp_path)
     monkeypatch.setattr(ir, "PROTO_LIMIT", 20_000)
-    code, err = run(capsys, "opt", source, "-p", "test-noop", "-o", source, "--runs", "0", "--no-verify")
+    code, _, err = run_cli(capsys, "opt", source, "-p", "test-noop", "-o", source, "--runs", "0", "--no-verify")
     if code == 2:
         assert err.count("\n") == 1 and "refers to external data" in err, err
         assert snapshot(tmp_path) == before

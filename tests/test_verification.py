@@ -23,23 +23,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from clihelp import run_cli
 from conftest import REPO
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegraph import ir, runtime, verify
-from edgegraph.cli import main
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import EdgegraphError, PassFailure, VerificationDataError
 from edgegraph.pipeline import check_specialisation, integer_input_ranges, random_inputs
 from fixtures.recurrent import CHUNK, HIDDEN, vad_model, vad_stream
 
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_subprocess(*args, cwd: Path) -> subprocess.CompletedProcess:
