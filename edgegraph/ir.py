@@ -44,6 +44,10 @@ class Model:
     domain: str = ""
     model_version: int = 0
     metadata_props: dict[str, str] = field(default_factory=dict)
+    # Whether `save` writes the intermediate types that shape inference found (value_info): only
+    # when the model this one was read from had them, so that an exact pass never grows a file
+    # by ~60 bytes a tensor of types any runtime infers again.
+    value_info: bool = True
 
     @property
     def opset(self) -> int:
@@ -96,6 +100,7 @@ class Model:
         with _detached(weights):
             proto = self.to_proto()
         rebuilt = from_proto(infer_shapes(proto) if infer else proto, infer=False)
+        rebuilt.value_info = self.value_info
         by_name = {c.name: c for c in weights}
         for tensor in _constants(rebuilt):
             source = by_name.get(tensor.name)
@@ -169,6 +174,7 @@ def from_proto(proto: onnx.ModelProto, *, infer: bool = True) -> Model:
         domain=proto.domain,
         model_version=proto.model_version,
         metadata_props={p.key: p.value for p in proto.metadata_props},
+        value_info=any(len(g.value_info) for g in validate.graphs(proto)),
     )
     if infer:
         model.refresh_shapes()
@@ -546,6 +552,9 @@ def save(model, path: str | os.PathLike[str], *, external_data: bool | None = No
                 data_file.unlink()
         else:
             proto, written = model.to_proto() if isinstance(model, Model) else model, set()
+        if isinstance(model, Model) and not model.value_info:  # (`proto` is then ours to change)
+            for graph in validate.graphs(proto):
+                del graph.value_info[:]
         _check_self_contained(proto, written, path)
         _write_proto(proto, staged)
         files.publish(staged_moves(staged, path))
