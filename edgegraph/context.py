@@ -262,8 +262,8 @@ class CalibrationData:
 
         def shape_of(spec: InputSpec) -> tuple[int, ...]:
             dims = list(spec.shape or ())
-            if axes[spec.name] is not None:  # the batch axis, which `batches` adds
-                del dims[axes[spec.name]]
+            if axes[spec.name] is not None and spec.shape:  # the batch axis, which `batches` adds
+                del dims[axes[spec.name]]  # (an input of unknown shape gets a vector: samples are scalars)
             # (0 too is a fixed size: an empty dim)
             return tuple(d if isinstance(d, int) and d >= 0 else dynamic_dim for d in dims)
 
