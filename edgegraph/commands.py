@@ -22,8 +22,8 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 
 import edgegraph
-from edgegraph import analysis, files, ir, spec, verify
-from edgegraph.analysis import ModelStats
+from edgegraph import files, ir, spec, stats, verify
+from edgegraph.stats import ModelStats
 from edgegraph.context import STAGES, PassContext, is_terminal
 from edgegraph.errors import EdgegraphError, ModelLoadError, one_line
 from edgegraph.pipeline import check_specialisation, run_pipeline, specialise, verification_data
@@ -146,7 +146,7 @@ def cmd_opt(args) -> int:
         STAGES.info("saved the result in %.2fs", time.perf_counter() - saving)
         # What onnxruntime runs as the input model: its file, unless --fix-shape changed it.
         original = _save(model, staging / "input" / source.name, output) if args.fix_shape else source
-        sizes = [analysis.disk_size(source), sum(f.stat().st_size for f in staged.parent.iterdir())]
+        sizes = [stats.disk_size(source), sum(f.stat().st_size for f in staged.parent.iterdir())]
         before, after = _measured_stats([model, result], [original, staged], ctx.calibration or eval_data, args,
                                         sizes=sizes)
         accuracy, accuracy_note = _accuracy(model, [original, staged], ctx, eval_data, args)
@@ -167,7 +167,7 @@ def cmd_opt(args) -> int:
         moves = ir.staged_moves(staged, output)
         if report_path:
             staged_report = stack.enter_context(files.staging(report_path)) / report_path.name
-            _write(lambda: staged_report.write_text(json.dumps(analysis.jsonable(data), indent=2) + "\n"),
+            _write(lambda: staged_report.write_text(json.dumps(stats.jsonable(data), indent=2) + "\n"),
                    report_path)
             moves.append((staged_report, report_path))
         try:
@@ -232,23 +232,23 @@ def _measured_stats(models: Sequence[ir.Model], files: Sequence[Path], data, arg
     seeded random inputs)."""
     start = time.perf_counter()
     feeds = [_feeds(model, data, args) for model in models]
-    stats = [analysis.model_stats(model, size_bytes=size, feeds=f if data is not None else None)
+    facts = [stats.model_stats(model, size_bytes=size, feeds=f if data is not None else None)
              for model, size, f in zip(models, sizes, feeds)]
     timed = [i for i, f in enumerate(feeds) if f is not None]
     STAGES.info("statistics in %.2fs", time.perf_counter() - start)
     start = time.perf_counter()
-    latencies = analysis.measure_latency([files[i] for i in timed], [feeds[i] for i in timed], runs=args.runs,
+    latencies = stats.measure_latency([files[i] for i in timed], [feeds[i] for i in timed], runs=args.runs,
                                          warmup=args.warmup, threads=args.threads, in_turns=_in_turns(sizes))
     for i, (ms, note) in zip(timed, latencies):
-        stats[i].latency_ms, stats[i].latency_note = ms, note
+        facts[i].latency_ms, facts[i].latency_note = ms, note
     if args.runs:
         STAGES.info("timing (%d runs per model) in %.2fs", args.runs, time.perf_counter() - start)
-    return stats
+    return facts
 
 
 def _feeds(model, data, args):
     try:
-        return analysis.sample_feeds(model, data, seed=args.seed)
+        return stats.sample_feeds(model, data, seed=args.seed)
     except EdgegraphError as exc:  # e.g. random data for an input type we cannot generate
         logger.warning("no inputs to time the model with: %s", exc)
         return None
@@ -269,8 +269,8 @@ def _accuracy(model: ir.Model, files: Sequence[Path], ctx, eval_data, args) -> t
     data = eval_data or verification_data(model, ctx)
     start = time.perf_counter()
     try:
-        measured = analysis.compare_models(*files, data, threads=args.threads,
-                                           labels=analysis.load_labels(args.eval) if eval_data else None,
+        measured = stats.compare_models(*files, data, threads=args.threads,
+                                           labels=stats.load_labels(args.eval) if eval_data else None,
                                            scores=verify.score_outputs(model))
     except EdgegraphError as exc:
         return None, one_line(exc)
@@ -287,12 +287,12 @@ def cmd_info(args) -> int:
     if args.fix_shape and not args.no_verify:  # the statistics are only as good as the shapes: check them
         ctx = PassContext(progress=False, fixed_shapes=_shapes(args), data_option="")
         check_specialisation(model, specialise(model, _shapes(args)), ctx)
-    stats = analysis.model_stats(model, size_bytes=analysis.disk_size(args.model),
+    facts = stats.model_stats(model, size_bytes=stats.disk_size(args.model),
                                  fix_shapes=_shapes(args) or None)
     if args.json:
-        print(json.dumps(analysis.jsonable({"model": args.model} | stats.as_dict()), indent=2))
+        print(json.dumps(stats.jsonable({"model": args.model} | facts.as_dict()), indent=2))
     else:
-        print(format_info(args.model, stats, top=args.top))
+        print(format_info(args.model, facts, top=args.top))
     return 0
 
 
@@ -301,28 +301,28 @@ def cmd_bench(args) -> int:
     models = [specialise(model, _shapes(args)) for model in loaded]
     # onnxruntime loads the files (mapping external data, no export) unless --fix-shape changed the models.
     runnable = models if args.fix_shape else args.models
-    sizes = [analysis.disk_size(path) for path in args.models]
+    sizes = [stats.disk_size(path) for path in args.models]
     data = edgegraph.as_calibration(args.calib, models[0]) if args.calib else None
     if args.fix_shape and not args.no_verify:
         ctx = PassContext(calibration=data, seed=args.seed, progress=False, threads=args.threads,
                           fixed_shapes=_shapes(args))
         for before, after in zip(loaded, models):
             check_specialisation(before, after, ctx)
-    labels = analysis.load_labels(args.calib)
-    feeds = [analysis.sample_feeds(model, data, seed=args.seed) for model in models]
-    latencies = analysis.measure_latency(runnable, feeds, runs=args.runs, warmup=args.warmup, threads=args.threads,
+    labels = stats.load_labels(args.calib)
+    feeds = [stats.sample_feeds(model, data, seed=args.seed) for model in models]
+    latencies = stats.measure_latency(runnable, feeds, runs=args.runs, warmup=args.warmup, threads=args.threads,
                                          in_turns=_in_turns(sizes))
-    reference = analysis.model_outputs(runnable[0], data, threads=args.threads) if data is not None else None
+    reference = stats.model_outputs(runnable[0], data, threads=args.threads) if data is not None else None
     scores = verify.score_outputs(models[0])  # top-1 for the first model's class scores only
     rows = []
     for i, (path, size, (ms, note)) in enumerate(zip(args.models, sizes, latencies)):
         row = {"model": path, "size_bytes": size, "latency_ms": ms, "latency_note": note}
         if reference is not None:
-            outputs = reference if i == 0 else analysis.model_outputs(runnable[i], data, threads=args.threads)
-            row |= {"samples": len(data)} | analysis.compare_outputs(reference, outputs, labels=labels, scores=scores)
+            outputs = reference if i == 0 else stats.model_outputs(runnable[i], data, threads=args.threads)
+            row |= {"samples": len(data)} | stats.compare_outputs(reference, outputs, labels=labels, scores=scores)
         rows.append(row)
     if args.json:
-        print(json.dumps(analysis.jsonable({"models": rows}), indent=2))
+        print(json.dumps(stats.jsonable({"models": rows}), indent=2))
     else:
         print(format_bench(rows))
     return 0
@@ -331,7 +331,7 @@ def cmd_bench(args) -> int:
 def cmd_passes(args) -> int:
     described = [describe_pass(cls) for cls in edgegraph.list_passes()]
     if args.json:
-        print(json.dumps(analysis.jsonable(described), indent=2))
+        print(json.dumps(stats.jsonable(described), indent=2))
         return 0
     lines = []
     for item in described:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgegraph.analysis import ModelStats, human
+from edgegraph.stats import ModelStats, human
 from edgegraph.pipeline import PipelineReport
 
 

@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 from conftest import DATA, DEFAULT_DIR, MODELS, require_shared
-from edgegraph import analysis, ir, runtime, verify
+from edgegraph import stats, ir, runtime, verify
 from edgegraph.cli import main
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.errors import EdgegraphError
@@ -99,7 +99,7 @@ def test_analysis_sample_count_does_not_follow_the_clock(monkeypatch):
 def test_analysis_sample_count_follows_the_model_size(monkeypatch):
     model = qfix.small_convnet()
     data = {"x": qfix.convnet_inputs(32)}
-    macs = analysis.model_stats(model, fix_shapes={"x": [1, 3, 16, 16]}).macs_known
+    macs = stats.model_stats(model, fix_shapes={"x": [1, 3, 16, 16]}).macs_known
     for budget, expected in ((macs * 100, 8), (macs * 5.5, 5), (macs, 2)):
         monkeypatch.setattr(static, "ANALYSIS_MACS", budget)
         _, record = _run(model, data, "quant(check_speed=false, method=minmax, bias_correction=false)")
@@ -247,7 +247,7 @@ def test_pass_count_is_the_summary_count(tmp_path, capsys):
     summary = capsys.readouterr().out
     data = json.loads(report.read_text())
     counted = data["passes"][-1]["stats"]["quantized_nodes"]
-    assert counted == data["after"]["quantized_nodes"] == analysis.model_stats(str(out)).quantized_nodes == 10
+    assert counted == data["after"]["quantized_nodes"] == stats.model_stats(str(out)).quantized_nodes == 10
     assert any(line.split()[:4] == ["quantized", "nodes", "0", "10"] for line in summary.splitlines())
 
 
@@ -256,4 +256,4 @@ def test_pass_count_is_the_summary_count_on_a_real_cnn():
     require_shared(DATA / "cifar10_test_subset")
     x, _ = qfix.cifar10(DATA)
     proto, record = _run(onnx.load(path), {"modelInput": x[:32]}, "cleanup,quant(check_speed=false)")
-    assert record.stats["quantized_nodes"] == analysis.model_stats(proto).quantized_nodes == 6  # 3 Conv, 2 pools, Gemm
+    assert record.stats["quantized_nodes"] == stats.model_stats(proto).quantized_nodes == 6  # 3 Conv, 2 pools, Gemm

@@ -26,7 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, verify
-from edgegraph.analysis import is_quantized, model_stats
+from edgegraph.stats import is_quantized, model_stats
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import CalibrationDataError, EdgegraphError
 from edgegraph.pipeline import Pass, PassResult, option

@@ -1,4 +1,4 @@
-"""edgegraph.analysis: parameter counts, sizes, MACs per op family, quantization counts, latency, accuracy.
+"""edgegraph.stats: parameter counts, sizes, MACs per op family, quantization counts, latency, accuracy.
 
 MAC expectations are derived independently of the implementation: from the output shapes
 onnxruntime actually produces and the textbook cost of each op (products per output element).
@@ -14,7 +14,7 @@ import pytest
 from conftest import MODELS, require_shared
 from onnx import TensorProto, helper, numpy_helper
 
-from edgegraph import analysis, ir, runtime
+from edgegraph import stats, ir, runtime
 from edgegraph.context import CalibrationData
 
 FLOAT = TensorProto.FLOAT
@@ -42,8 +42,8 @@ def run_shapes(model, feeds):
     return {o.name: v.shape for o, v in zip(sess.get_outputs(), sess.run(None, feeds))}
 
 
-def macs_by_op(stats):
-    return {c.name: c.macs for c in stats.node_macs}
+def macs_by_op(facts):
+    return {c.name: c.macs for c in facts.node_macs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,10 +65,10 @@ def test_conv_macs_match_the_products_per_output_element(group, stride, pads, di
         [weight("w", [cout, cin // group, k, k]), weight("b", [cout])])
     out = run_shapes(model, {"x": np.zeros([2, cin, 11, 13], np.float32)})["y"]
     expected = math.prod(out) * (cin // group) * k * k
-    stats = analysis.model_stats(model)
-    assert macs_by_op(stats) == {"conv": expected}
-    assert stats.macs == expected
-    assert stats.params == cout * cin // group * k * k + cout
+    facts = stats.model_stats(model)
+    assert macs_by_op(facts) == {"conv": expected}
+    assert facts.macs == expected
+    assert facts.params == cout * cin // group * k * k + cout
 
 
 def test_conv_transpose_macs_count_each_input_element_scattered_over_the_kernel():
@@ -76,7 +76,7 @@ def test_conv_transpose_macs_count_each_input_element_scattered_over_the_kernel(
     model = make_model(
         [helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="deconv", group=group, strides=[2, 2])],
         [value("x", [1, cin, 5, 7])], [value("y", None)], [weight("w", [cin, cout // group, k, k])])
-    assert analysis.model_stats(model).macs == 1 * cin * 5 * 7 * (cout // group) * k * k
+    assert stats.model_stats(model).macs == 1 * cin * 5 * 7 * (cout // group) * k * k
 
 
 @pytest.mark.parametrize("a_shape, b_shape", [
@@ -90,7 +90,7 @@ def test_matmul_macs_are_output_elements_times_the_inner_dim(a_shape, b_shape):
                        [value("a", a_shape), value("b", b_shape)], [value("y", None)])
     feeds = {"a": np.zeros(a_shape, np.float32), "b": np.zeros(b_shape, np.float32)}
     out = run_shapes(model, feeds)["y"]
-    assert analysis.model_stats(model).macs == math.prod(out) * a_shape[-1]
+    assert stats.model_stats(model).macs == math.prod(out) * a_shape[-1]
 
 
 @pytest.mark.parametrize("trans_a, trans_b", [(0, 0), (1, 0), (0, 1), (1, 1)])
@@ -100,7 +100,7 @@ def test_gemm_macs_follow_the_transposes(trans_a, trans_b):
     b_shape = [n, k] if trans_b else [k, n]
     model = make_model([helper.make_node("Gemm", ["a", "b", "c"], ["y"], transA=trans_a, transB=trans_b)],
                        [value("a", a_shape)], [value("y", None)], [weight("b", b_shape), weight("c", [n])])
-    assert analysis.model_stats(model).macs == m * k * n
+    assert stats.model_stats(model).macs == m * k * n
 
 
 def test_integer_qlinear_and_qdq_fed_ops_cost_the_same_as_float():
@@ -120,11 +120,11 @@ def test_integer_qlinear_and_qdq_fed_ops_cost_the_same_as_float():
          helper.make_node("Conv", ["xf", "wf"], ["y"], name="conv")],
         [x], [value("y", None)], common)
     for model in (qlinear, integer, qdq):
-        stats = analysis.model_stats(model)
-        assert stats.macs == float_cost
-        assert stats.quantized_nodes == 1
-        assert stats.params == 8 * 4 * 3 * 3  # int8 weights; scales and zero points are not weights
-    assert analysis.model_stats(qdq).qdq_nodes == 2
+        facts = stats.model_stats(model)
+        assert facts.macs == float_cost
+        assert facts.quantized_nodes == 1
+        assert facts.params == 8 * 4 * 3 * 3  # int8 weights; scales and zero points are not weights
+    assert stats.model_stats(qdq).qdq_nodes == 2
 
 
 def test_matmul_nbits_counts_its_logical_weights_and_macs():
@@ -136,22 +136,22 @@ def test_matmul_nbits_counts_its_logical_weights_and_macs():
                           K=k, N=n, bits=4, block_size=block)],
         [value("a", [1, 5, k])], [value("y", [1, 5, n])], [packed, scales],
         extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
-    stats = analysis.model_stats(model)
-    assert stats.macs == 5 * k * n
-    assert stats.quantized_nodes == 1
-    assert stats.params == k * n + n * k // block
-    assert stats.ops == {"com.microsoft.MatMulNBits": 1}
+    facts = stats.model_stats(model)
+    assert facts.macs == 5 * k * n
+    assert facts.quantized_nodes == 1
+    assert facts.params == k * n + n * k // block
+    assert facts.ops == {"com.microsoft.MatMulNBits": 1}
 
 
 def test_einsum_and_lstm_macs():
     einsum = make_model([helper.make_node("Einsum", ["a", "b"], ["y"], equation="bij,bjk->bik")],
                         [value("a", [2, 3, 4]), value("b", [2, 4, 5])], [value("y", None)], opset=12)
-    assert analysis.model_stats(einsum).macs == 2 * 3 * 4 * 5
+    assert stats.model_stats(einsum).macs == 2 * 3 * 4 * 5
     seq, batch, features, hidden = 7, 2, 10, 16
     lstm = make_model([helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=hidden)],
                       [value("x", [seq, batch, features])], [value("y", None)],
                       [weight("W", [1, 4 * hidden, features]), weight("R", [1, 4 * hidden, hidden])])
-    assert analysis.model_stats(lstm).macs == seq * batch * 4 * hidden * (features + hidden)
+    assert stats.model_stats(lstm).macs == seq * batch * 4 * hidden * (features + hidden)
 
 
 def test_onnx_attention_macs():
@@ -159,7 +159,7 @@ def test_onnx_attention_macs():
     model = make_model([helper.make_node("Attention", ["q", "k", "v"], ["y"])],
                        [value("q", [b, heads, s, head]), value("k", [b, heads, length, head]),
                         value("v", [b, heads, length, head])], [value("y", None)], opset=23)
-    assert analysis.model_stats(model).macs == b * heads * s * length * head * 2
+    assert stats.model_stats(model).macs == b * heads * s * length * head * 2
 
 
 def dynamic_cnn():
@@ -173,10 +173,10 @@ def dynamic_cnn():
 
 
 def test_dynamic_shapes_give_unknown_macs_until_fixed():
-    stats = analysis.model_stats(dynamic_cnn())
-    assert stats.macs is None
-    assert stats.unknown_mac_nodes == ["conv", "fc"] and stats.macs_known == 0
-    fixed = analysis.model_stats(dynamic_cnn(), fix_shapes={"x": [1, 3, 16, 20]})
+    facts = stats.model_stats(dynamic_cnn())
+    assert facts.macs is None
+    assert facts.unknown_mac_nodes == ["conv", "fc"] and facts.macs_known == 0
+    fixed = stats.model_stats(dynamic_cnn(), fix_shapes={"x": [1, 3, 16, 20]})
     assert fixed.macs == 8 * 16 * 20 * 3 * 9 + 8 * 10
     assert "x=1x3x16x20" in fixed.shapes
 
@@ -185,10 +185,10 @@ def test_a_dynamic_batch_alone_is_counted_per_sample():
     model = dynamic_cnn()
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 16
     model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 20
-    stats = analysis.model_stats(model)
-    assert stats.macs == 8 * 16 * 20 * 3 * 9 + 8 * 10
-    assert "batch axis of x taken as 1" in stats.shapes
-    assert stats.inputs[0].shape == ["batch", 3, 16, 20]  # the reported model is unchanged
+    facts = stats.model_stats(model)
+    assert facts.macs == 8 * 16 * 20 * 3 * 9 + 8 * 10
+    assert "batch axis of x taken as 1" in facts.shapes
+    assert facts.inputs[0].shape == ["batch", 3, 16, 20]  # the reported model is unchanged
 
 
 def test_shapes_inference_cannot_see_are_observed_in_a_run():
@@ -198,11 +198,11 @@ def test_shapes_inference_cannot_see_are_observed_in_a_run():
          helper.make_node("MatMul", ["g", "w"], ["y"], name="mm")],
         [value("x", [1, 5, 6])], [value("y", None)], [weight("w", [6, 4])],
         extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
-    stats = analysis.model_stats(model)
-    assert stats.macs == 5 * 6 * 4
-    assert "observed" in stats.shapes
+    facts = stats.model_stats(model)
+    assert facts.macs == 5 * 6 * 4
+    assert "observed" in facts.shapes
     sample = {"x": np.zeros([1, 5, 6], np.float32)}
-    assert analysis.model_stats(model, feeds=sample).macs == 5 * 6 * 4
+    assert stats.model_stats(model, feeds=sample).macs == 5 * 6 * 4
 
 
 def gelu_matmul(batch="batch"):
@@ -218,21 +218,21 @@ def test_stats_of_an_ir_model_work_without_copying_its_weights(full_exports):
     proto = gelu_matmul()
     model = ir.load(proto)
     outputs = list(model.graph.outputs)
-    stats = analysis.model_stats(model)  # a static copy (batch 1) for shapes, one run for the MatMul's
-    assert stats.macs == 5 * 6 * 64 and "observed" in stats.shapes
+    facts = stats.model_stats(model)  # a static copy (batch 1) for shapes, one run for the MatMul's
+    assert facts.macs == 5 * 6 * 64 and "observed" in facts.shapes
     assert len(full_exports) == 1  # the run's session; the static copy and the rest have no weights
     assert model.graph.outputs == outputs  # the run's extra outputs are gone again
     # The serialized size is computed, not serialized: exact but for a few bytes per weight.
-    assert 0 <= analysis.serialized_size(model) - model.to_proto().ByteSize() < 64
+    assert 0 <= stats.serialized_size(model) - model.to_proto().ByteSize() < 64
     full_exports.clear()
-    fixed = analysis.model_stats(model, fix_shapes={"x": [2, 5, 6]}, feeds={"x": np.ones((2, 5, 6), np.float32)})
+    fixed = stats.model_stats(model, fix_shapes={"x": [2, 5, 6]}, feeds={"x": np.ones((2, 5, 6), np.float32)})
     assert fixed.macs == 2 * 5 * 6 * 64 and len(full_exports) == 1
 
 
 def test_feeds_that_contradict_fixed_shapes_are_not_used_to_observe_shapes():
     wrong = {"x": np.zeros([1, 5, 6], np.float32)}
-    stats = analysis.model_stats(gelu_matmul(), fix_shapes={"x": [3, 5, 6]}, feeds=wrong)
-    assert stats.macs == 3 * 5 * 6 * 64  # observed on inputs shaped as fixed, not on `wrong`
+    facts = stats.model_stats(gelu_matmul(), fix_shapes={"x": [3, 5, 6]}, feeds=wrong)
+    assert facts.macs == 3 * 5 * 6 * 64  # observed on inputs shaped as fixed, not on `wrong`
 
 
 def test_loops_with_mac_ops_inside_are_unknown():
@@ -244,9 +244,9 @@ def test_loops_with_mac_ops_inside_are_unknown():
     model = make_model(
         [helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body, name="loop")],
         [value("x", [1, 4]), value("trips", [], TensorProto.INT64)], [value("y", [1, 4])], [weight("w", [4, 4])])
-    stats = analysis.model_stats(model)
-    assert stats.macs is None and stats.unknown_mac_nodes == ["loop"]
-    assert stats.params == 16  # the loop body's outer-scope weight
+    facts = stats.model_stats(model)
+    assert facts.macs is None and facts.unknown_mac_nodes == ["loop"]
+    assert facts.params == 16  # the loop body's outer-scope weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,12 +268,12 @@ def test_params_skip_shapes_and_count_constant_nodes_and_shared_weights_once():
          helper.make_node("Resize", ["e", "", "scales"], ["y"], mode="nearest")],
         [value("x", [1, 4])], [value("y", None)],
         [w, shape, scales, numpy_helper.from_array(np.array([1, 1, 2, 2], np.int64), "shape4")])
-    stats = analysis.model_stats(model)
-    assert stats.params == 16 + 4
-    assert stats.param_bytes == (16 + 4) * 4
-    assert stats.ops == {"MatMul": 2, "Reshape": 2, "Add": 1, "Constant": 1, "Resize": 1}
-    assert stats.nodes == 7
-    assert stats.macs == 2 * 4 * 4
+    facts = stats.model_stats(model)
+    assert facts.params == 16 + 4
+    assert facts.param_bytes == (16 + 4) * 4
+    assert facts.ops == {"MatMul": 2, "Reshape": 2, "Add": 1, "Constant": 1, "Resize": 1}
+    assert facts.nodes == 7
+    assert facts.macs == 2 * 4 * 4
 
 
 def test_size_counts_external_data(tmp_path):
@@ -284,22 +284,22 @@ def test_size_counts_external_data(tmp_path):
     saved.CopyFrom(model)  # save_model turns the tensors it is given into external references
     onnx.save_model(saved, path, save_as_external_data=True, location="m.data", size_threshold=0)
     expected = path.stat().st_size + (tmp_path / "m.data").stat().st_size
-    assert analysis.disk_size(path) == expected
-    stats = analysis.model_stats(path)
-    assert stats.size_bytes == expected > 256 * 256 * 4
-    assert stats.params == 256 * 256
+    assert stats.disk_size(path) == expected
+    facts = stats.model_stats(path)
+    assert facts.size_bytes == expected > 256 * 256 * 4
+    assert facts.params == 256 * 256
     # In memory the size is the serialized size with the weights inline.
-    assert analysis.model_stats(model).size_bytes == model.ByteSize()
+    assert stats.model_stats(model).size_bytes == model.ByteSize()
 
 
 def test_inputs_outputs_opsets_and_producer():
     model = dynamic_cnn()
     model.producer_name, model.producer_version = "pytorch", "2.1"
-    stats = analysis.model_stats(model)
-    assert [(t.name, t.dtype, t.shape) for t in stats.inputs] == [("x", "float32", ["batch", 3, "height", "width"])]
-    assert stats.outputs[0].describe() == "y: float32[batch, 10]"
-    assert stats.opsets == {"ai.onnx": 17} and stats.producer == "pytorch 2.1"
-    data = analysis.jsonable(stats.as_dict())
+    facts = stats.model_stats(model)
+    assert [(t.name, t.dtype, t.shape) for t in facts.inputs] == [("x", "float32", ["batch", 3, "height", "width"])]
+    assert facts.outputs[0].describe() == "y: float32[batch, 10]"
+    assert facts.opsets == {"ai.onnx": 17} and facts.producer == "pytorch 2.1"
+    data = stats.jsonable(facts.as_dict())
     assert data["macs"] is None and data["unknown_mac_nodes"] == ["conv", "fc"]
 
 
@@ -309,21 +309,21 @@ def test_inputs_outputs_opsets_and_producer():
 
 def test_latency_is_measured_and_failures_are_reported_not_raised():
     model = dynamic_cnn()
-    good = analysis.sample_feeds(ir.load(model))
+    good = stats.sample_feeds(ir.load(model))
     assert good["x"].shape == (1, 3, 32, 32)  # dynamic dims of random inputs
     bad = {"x": np.zeros([1, 5, 8, 8], np.float32)}  # wrong channel count
-    (ms, note), (none, reason) = analysis.measure_latency([model, model], [good, bad], runs=4, warmup=1, threads=1)
+    (ms, note), (none, reason) = stats.measure_latency([model, model], [good, bad], runs=4, warmup=1, threads=1)
     assert ms > 0 and "x=1x3x32x32" in note and "threads=1" in note
     assert none is None and "onnxruntime could not run it" in reason
-    assert analysis.measure_latency([model], [good], runs=0) == [(None, "not measured (--runs 0)")]
+    assert stats.measure_latency([model], [good], runs=0) == [(None, "not measured (--runs 0)")]
 
 
 def test_latency_of_files_and_of_models_too_big_to_hold_together(tmp_path):
     model = dynamic_cnn()
     path = tmp_path / "m.onnx"
     onnx.save_model(model, path)
-    feeds = analysis.sample_feeds(model)
-    timed = analysis.measure_latency([path, ir.load(model)], [feeds, feeds], runs=3, warmup=1, threads=1,
+    feeds = stats.sample_feeds(model)
+    timed = stats.measure_latency([path, ir.load(model)], [feeds, feeds], runs=3, warmup=1, threads=1,
                                      in_turns=False)
     for ms, note in timed:
         assert ms > 0 and "models timed one after the other" in note and "3 rounds x 1 runs" in note
@@ -340,31 +340,31 @@ def test_compare_models_and_label_accuracy():
     logits = runtime.run(runtime.session(model), {"x": x})["y"]
     labels = np.argmax(logits, axis=1)
     labels[:3] = (labels[:3] + 1) % 10  # 3 of 12 wrong
-    same = analysis.compare_models(model, model, data, labels=labels)
+    same = stats.compare_models(model, model, data, labels=labels)
     assert same["samples"] == 12 and same["outputs"]["y"].exact_match
     assert same["label_accuracy"] == {"reference": 0.75, "candidate": 0.75}
-    scaled = analysis.compare_models(model, changed, data)["outputs"]["y"]
+    scaled = stats.compare_models(model, changed, data)["outputs"]["y"]
     assert scaled.cosine == pytest.approx(1.0, abs=1e-6) and scaled.top1 == 1.0
     assert 35 < scaled.sqnr_db < 45  # a 1% scale error is 40 dB
     # The same from outputs computed once (what `edgegraph bench` does for its reference model).
-    reference = analysis.model_outputs(model, data)
-    again = analysis.compare_outputs(reference, analysis.model_outputs(changed, data))
+    reference = stats.model_outputs(model, data)
+    again = stats.compare_outputs(reference, stats.model_outputs(changed, data))
     assert again["outputs"]["y"].sqnr_db == scaled.sqnr_db and "samples" not in again
 
 
 def test_jsonable_makes_strict_json():
     import json
 
-    data = analysis.jsonable({"a": np.float32(1.5), "b": float("inf"), "c": np.arange(3), "d": {1, 2}, "e": None})
+    data = stats.jsonable({"a": np.float32(1.5), "b": float("inf"), "c": np.arange(3), "d": {1, 2}, "e": None})
     assert json.loads(json.dumps(data, allow_nan=False)) == {"a": 1.5, "b": "inf", "c": [0, 1, 2], "d": [1, 2],
                                                             "e": None}
 
 
 def test_human_units():
-    assert analysis.human(None) == "unknown"
-    assert analysis.human(999) == "999"
-    assert analysis.human(6_133_200) == "6.13M"
-    assert analysis.human(40495, "B", binary=True) == "39.55 KiB"
+    assert stats.human(None) == "unknown"
+    assert stats.human(999) == "999"
+    assert stats.human(6_133_200) == "6.13M"
+    assert stats.human(40495, "B", binary=True) == "39.55 KiB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,35 +373,35 @@ def test_human_units():
 
 def test_real_cnn_macs_and_params():
     path = require_shared(MODELS / "cifar10_cnn_pytorch_tutorial" / "ImageClassifier.onnx")
-    stats = analysis.model_stats(path)
+    facts = stats.model_stats(path)
     # conv 3->12 k5 (30x30), 12->12 k5 (28x28), pool, 12->24 k5 (12x12), 24->24 k5 (10x10), fc 2400->10
-    assert stats.macs == 12 * 900 * 75 + 12 * 784 * 300 + 24 * 144 * 300 + 24 * 100 * 600 + 2400 * 10
-    assert stats.params == 50182  # the manifest's count
-    assert stats.size_bytes == path.stat().st_size
+    assert facts.macs == 12 * 900 * 75 + 12 * 784 * 300 + 24 * 144 * 300 + 24 * 100 * 600 + 2400 * 10
+    assert facts.params == 50182  # the manifest's count
+    assert facts.size_bytes == path.stat().st_size
 
 
 def test_real_transformer_macs_with_fixed_sequence_length():
     path = require_shared(MODELS / "minilm_l6_v2_int8" / "model.onnx")
-    assert analysis.model_stats(path).macs is None  # [batch, sequence] inputs: unknown, not guessed
+    assert stats.model_stats(path).macs is None  # [batch, sequence] inputs: unknown, not guessed
     seq = 128
-    stats = analysis.model_stats(path, fix_shapes={n: [1, seq] for n in ("input_ids", "attention_mask",
+    facts = stats.model_stats(path, fix_shapes={n: [1, seq] for n in ("input_ids", "attention_mask",
                                                                          "token_type_ids")})
     layers, hidden, ffn = 6, 384, 1536
     projections = layers * seq * (4 * hidden * hidden + 2 * hidden * ffn)
     attention = layers * seq * seq * 2 * hidden  # Q @ K^T and P @ V over all heads
-    assert stats.macs == projections + attention
+    assert facts.macs == projections + attention
 
 
 def test_real_model_whose_shapes_need_a_run():
     path = require_shared(MODELS / "style_transfer_candy" / "candy.onnx")  # experimental Crop/ImageScaler ops
-    stats = analysis.model_stats(path)
-    assert stats.macs is not None and stats.macs > 10**10
-    assert not stats.unknown_mac_nodes and "observed" in stats.shapes
+    facts = stats.model_stats(path)
+    assert facts.macs is not None and facts.macs > 10**10
+    assert not facts.unknown_mac_nodes and "observed" in facts.shapes
 
 
 def test_sample_feeds_respect_a_fixed_batch_and_the_data():
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [value("x", [4, 3])], [value("y", [4, 3])])
-    assert analysis.sample_feeds(model)["x"].shape == (4, 3)
+    assert stats.sample_feeds(model)["x"].shape == (4, 3)
     data = CalibrationData.from_arrays({"x": np.arange(30, dtype=np.float64).reshape(10, 3)})
-    feeds = analysis.sample_feeds(model, data)
+    feeds = stats.sample_feeds(model, data)
     assert feeds["x"].dtype == np.float32 and feeds["x"].tolist() == np.arange(12).reshape(4, 3).tolist()
