@@ -154,7 +154,7 @@ def from_proto(proto: onnx.ModelProto, *, infer: bool = True) -> Model:
     graph = gs.import_onnx(proto)
     for tensor in _constants_of(graph, attributes=True):
         if type(tensor._values) is SparseValues:
-            tensor._values = _Sparse(tensor._values.tensor)
+            _read_sparse(tensor)
     unwritable = {v.name: v.type for v in _value_infos(proto) if not _gs_can_write(v.type)}
     if unwritable:
         for g in iter_graphs(graph):
@@ -294,9 +294,23 @@ def _inline(tensor: onnx.TensorProto, source: validate.ExternalData) -> None:
 
 class _Sparse(SparseValues):
     """Sparse values that load whatever field holds them (graphsurgeon reads only the typed
-    fields, so raw_data, what numpy_helper writes, came out as zeros)."""
+    fields, so raw_data, what numpy_helper writes, came out as zeros).
+
+    gs replaces a constant's lazy values by the array they load as soon as a pass reads them,
+    and would then write the weight dense. The array loaded is kept (`dense`, read-only, so it
+    cannot change behind our back): while a constant still holds it, `sparse_source` finds the
+    sparse proto and the export writes that instead (`_exportable`).
+    """
+
+    dense: np.ndarray | None = None
 
     def load(self):
+        if self.dense is None:
+            self.dense = self._load()
+            self.dense.flags.writeable = False
+        return self.dense
+
+    def _load(self):
         sparse = self.tensor
         values = onnx.numpy_helper.to_array(sparse.values)
         dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
@@ -307,6 +321,42 @@ class _Sparse(SparseValues):
             else:
                 dense[tuple(indices.T)] = values
         return dense
+
+
+_SPARSE = "_edgegraph_sparse"  # gs constant attribute: the `_Sparse` values it was read with
+
+
+def _read_sparse(constant: gs.Constant) -> None:
+    """Give a sparse initializer the form it takes least room in: dense when that is not larger
+    (a weight half zeros: 4 bytes a value against 4 + 8 for value and index), which also lets
+    onnx's shape inference and checker read it (they do not take sparse inputs); else sparse,
+    and written sparse again as long as no pass changes its values."""
+    sparse = _Sparse(constant._values.tensor)
+    constant._values = sparse
+    dense_bytes = sparse.nbytes  # (gs's size: the dense shape's)
+    if dense_bytes <= stored_nbytes(constant):
+        constant._values = sparse.load()
+    else:
+        setattr(constant, _SPARSE, sparse)
+
+
+def sparse_source(constant: gs.Constant) -> SparseValues | None:
+    """The sparse initializer whose values `constant` still holds (None if it is dense, or a
+    pass gave it other values)."""
+    values = constant._values
+    if isinstance(values, SparseValues):
+        return values
+    source = getattr(constant, _SPARSE, None)
+    return source if source is not None and values is source.dense else None
+
+
+def stored_nbytes(constant: gs.Constant) -> int:
+    """Bytes a constant's values take in the file: a sparse one's non-zero values and indices
+    (what a rewrite that stops reading it frees), a dense one's array."""
+    sparse = sparse_source(constant)
+    if sparse is not None:
+        return sum(validate.tensor_bytes(part) or 0 for part in (sparse.tensor.values, sparse.tensor.indices))
+    return int(constant._values.nbytes)
 
 
 # Types stored packed, several values to a byte, while numpy holds one value per byte.
@@ -343,7 +393,7 @@ def proto_size(model) -> int:
     proto is measured only when the payload leaves room for it to matter.
     """
     if isinstance(model, Model):
-        return sum(_nbytes(c) for c in _constants(model) if not isinstance(c._values, SparseValues))
+        return sum(stored_nbytes(c) for c in _constants(model))
     payload = sum(_payload_bytes(t) for t in validate.tensors(model))
     if payload < PROTO_LIMIT // 8:
         return model.ByteSize()
@@ -395,7 +445,7 @@ def _weights(model: Model) -> list[gs.Constant]:
     for c in constants:
         names[c.name] = names.get(c.name, 0) + 1
     return [c for c in constants if names[c.name] == 1 and _nbytes(c) >= DETACH_BYTES and _detachable(c._values)
-            and _exports_as_stored(c)]
+            and _exports_as_stored(c) and sparse_source(c) is None]
 
 
 def _exports_as_stored(constant: gs.Constant) -> bool:
@@ -433,17 +483,21 @@ def _exportable(model: Model):
 
     * a 4-bit initializer that a pass read is a numpy array of one value per byte, which gs
       would write unpacked (a tensor onnx rejects): it gets its packed proto back (for good);
+    * a sparse initializer that a pass read, but did not change, is written sparse again;
     * tensors of a type gs cannot export (optional, map, sequences of those, opaque) have no
       dtype meanwhile, so gs writes them untyped; the `restore` yielded puts back the type they
       were read with (`from_proto` keeps it), or an optional type made from their dtype.
     """
-    saved, types = [], {}
+    saved, types, dense = [], {}, []
     for graph in iter_graphs(model.graph):
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Constant):
                 values = tensor._values
                 if isinstance(values, np.ndarray) and values.dtype.itemsize == 1 and values.dtype.name in _4BIT_NAMES:
                     tensor._values = LazyValues(onnx.numpy_helper.from_array(values, tensor.name))
+                elif isinstance(values, np.ndarray) and (sparse := sparse_source(tensor)) is not None:
+                    dense.append((tensor, values))
+                    tensor._values = sparse
             elif hasattr(tensor, _KEPT_TYPE) or (tensor.dtype is not None and tensor.type not in _GS_EXPORTS):
                 if hasattr(tensor, _KEPT_TYPE):
                     types[tensor.name] = getattr(tensor, _KEPT_TYPE)
@@ -461,6 +515,8 @@ def _exportable(model: Model):
     finally:
         for tensor, dtype in saved:
             tensor.dtype = dtype
+        for tensor, values in dense:
+            tensor._values = values
 
 
 def _is_detached(constant: gs.Constant) -> bool:
