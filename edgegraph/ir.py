@@ -82,20 +82,22 @@ class Model:
         """
         return self._rebuilt(infer=False, share=False)
 
-    def refresh_shapes(self) -> None:
+    def refresh_shapes(self, *, what: str | None = None) -> None:
         """Re-run shape inference, e.g. after a pass created tensors without shapes.
 
         The graph is rebuilt: gs objects held from before the call belong to the old graph.
+        `what` names a model being loaded: declared output shapes that contradict inference
+        are then refused (see `infer_shapes`).
         """
-        self.graph = self._rebuilt(infer=True, share=True).graph
+        self.graph = self._rebuilt(infer=True, share=True, what=what).graph
 
-    def _rebuilt(self, *, infer: bool, share: bool) -> Model:
+    def _rebuilt(self, *, infer: bool, share: bool, what: str | None = None) -> Model:
         # Export without the weights (cheap even for a multi-GB model), re-import, then hand the
         # weights to the new graph's constants.
         weights = _weights(self)
         with _detached(weights):
             proto = self.to_proto()
-        rebuilt = from_proto(infer_shapes(proto) if infer else proto, infer=False)
+        rebuilt = from_proto(infer_shapes(proto, what=what) if infer else proto, infer=False)
         by_name = {c.name: c for c in weights}
         for tensor in _constants(rebuilt):
             source = by_name.get(tensor.name)
@@ -231,7 +233,7 @@ def load(source, *, infer: bool = True, base_dir: str | os.PathLike[str] | None 
         model = from_proto(proto, infer=False)
         _map_external_data(model, folder, what)
         if infer:
-            model.refresh_shapes()
+            model.refresh_shapes(what=what)
     except UnicodeDecodeError as exc:  # graphsurgeon decodes string attributes (bytes in ONNX) as UTF-8
         raise ModelLoadError(f"{what} has a name or text field that is not valid UTF-8 "
                              f"(byte {exc.object[exc.start:exc.start + 1]!r})") from None
@@ -673,19 +675,24 @@ def _write_proto(proto: onnx.ModelProto, path: Path) -> None:
     path.write_bytes(data)
 
 
-def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+def infer_shapes(proto: onnx.ModelProto, *, what: str | None = None) -> onnx.ModelProto:
     """Shape inference that degrades instead of failing (custom domains, symbolic dims, subgraphs).
 
     Data propagation is tried first because it resolves Shape->Gather->Reshape chains; some
     exporter output makes it throw, in which case plain inference, and then none, is used.
+    With `what` (the model's name, when it is loaded), a graph output (of the main graph or a
+    subgraph) declared with a size that contradicts the computed one is refused
+    (`validate.check_declared_shape`): onnx would only note it, keep the declared size, and
+    the model written would fail the onnx checker.
     """
     if proto_size(proto) > PROTO_LIMIT:  # onnx cannot take it in memory; infer without the weights
         model = from_proto(proto, infer=False)
         if proto_size(model.to_proto(weights=False)) > PROTO_LIMIT:  # weights that cannot be left out
             logger.warning("shape inference skipped: the model is too big for onnx even without its weights")
             return proto
-        model.refresh_shapes()
+        model.refresh_shapes(what=what)
         return model.to_proto()
+    declared = _set_aside_output_shapes(proto)
     lent = _lend_outer_constants(proto)
     try:
         for data_prop in (True, False):
@@ -696,11 +703,67 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
                 logger.debug("shape inference (data_prop=%s) failed: %s", data_prop, exc)
                 continue
             _take_back(inferred, lent)
+            _merge_output_shapes(inferred, declared, what)
             return inferred
     finally:
         _take_back(proto, lent)
+        _merge_output_shapes(proto, declared, None, computed=False)
     logger.warning("shape inference failed; continuing with the shapes stored in the model")
     return proto
+
+
+def _set_aside_output_shapes(proto: onnx.ModelProto) -> list[tuple[int, int, onnx.TensorShapeProto]]:
+    """Take the declared shapes off the graph outputs that no node reads (main graph and
+    subgraphs), so that inference writes there the shapes it computes: where they differ, onnx
+    keeps the declared one and says nothing. Returns (graph, output, shape) indices for
+    `_merge_output_shapes`, graphs in `validate.graphs` order."""
+    saved = []
+    for g, graph in enumerate(validate.graphs(proto)):
+        if not isinstance(graph, onnx.GraphProto):
+            continue  # (a function's outputs have no types)
+        read = {name for node in graph.node for name in node.input}
+        read |= {name for node in graph.node for sub in validate.subgraphs(node) for name in validate.names_read(sub)}
+        for o, output in enumerate(graph.output):
+            tensor_type = output.type.tensor_type if output.type.WhichOneof("value") == "tensor_type" else None
+            if tensor_type is not None and tensor_type.HasField("shape") and output.name not in read:
+                shape = onnx.TensorShapeProto()
+                shape.CopyFrom(tensor_type.shape)
+                tensor_type.ClearField("shape")
+                saved.append((g, o, shape))
+    return saved
+
+
+def _merge_output_shapes(proto: onnx.ModelProto, declared: list, what: str | None, *, computed: bool = True) -> None:
+    """Put the declared output shapes back into `proto`, merged as onnx merges them with the
+    computed ones found there (`computed`): a computed size fills or replaces a symbolic or
+    unknown dim; where the two contradict, the declared shape is kept, or, with `what`,
+    refused by `validate.check_declared_shape`."""
+    graphs = list(validate.graphs(proto)) if declared else []
+    for g, o, shape in declared:
+        output = graphs[g].output[o]
+        found = output.type.tensor_type
+        if computed and found.HasField("shape"):
+            if what is not None:
+                validate.check_declared_shape(output.name, g == 0, shape, found.shape, what)
+            merged = _merged_shape(shape, found.shape)
+            shape = merged if merged is not None else shape
+        found.shape.CopyFrom(shape)
+
+
+def _merged_shape(declared: onnx.TensorShapeProto, computed: onnx.TensorShapeProto) -> onnx.TensorShapeProto | None:
+    """onnx's merge of a computed shape into a declared one; None where they differ."""
+    if len(declared.dim) != len(computed.dim):
+        return None
+    merged = onnx.TensorShapeProto()
+    merged.CopyFrom(declared)
+    for dim, source in zip(merged.dim, computed.dim):
+        if source.HasField("dim_value"):
+            if dim.HasField("dim_value") and dim.dim_value != source.dim_value:
+                return None
+            dim.dim_value = source.dim_value
+        elif not dim.HasField("dim_value") and not dim.HasField("dim_param") and source.HasField("dim_param"):
+            dim.dim_param = source.dim_param
+    return merged
 
 
 # Integer constants up to this many elements (axes, shapes, pads): what shape inference reads.

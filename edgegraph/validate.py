@@ -519,6 +519,27 @@ def names_read(graph: onnx.GraphProto) -> set[str]:
     return reads
 
 
+def check_declared_shape(name: str, main: bool, declared: onnx.TensorShapeProto, computed: onnx.TensorShapeProto,
+                         what: str) -> None:
+    """Refuse a graph output declared with a shape that contradicts the one shape inference
+    computes (`ir.infer_shapes` calls this at load): another rank, or a size >= 0 where the
+    other says another size >= 0. Symbolic, unknown and negative (dynamic) dims agree with anything."""
+    def size(dim):
+        return dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0 else None
+
+    if len(declared.dim) == len(computed.dim) and all(
+            size(a) is None or size(b) is None or size(a) == size(b) for a, b in zip(declared.dim, computed.dim)):
+        return
+    where = "graph output" if main else "subgraph output"
+    raise ModelLoadError(f"{what}: {where} '{_short(name)}' is declared with shape {_shape_text(declared)}, but "
+                         f"its computed shape is {_shape_text(computed)}")
+
+
+def _shape_text(shape: onnx.TensorShapeProto) -> str:
+    dims = [str(d.dim_value) if d.HasField("dim_value") else _short(d.dim_param, 20) or "?" for d in shape.dim[:9]]
+    return "[" + ", ".join(dims) + (", ..." if len(shape.dim) > 9 else "") + "]"
+
+
 # ---------------------------------------------------------------------------------------------
 # Opsets and the onnx checker
 

@@ -227,6 +227,34 @@ def test_every_shared_model_loads_and_checking_is_cheap():
     assert min(checks) < 0.5 * min(loads), (checks, loads)
 
 
+def test_declared_output_shapes_that_agree_with_inference_load(tmp_path):
+    """Only sizes that contradict count (see hostile's *_contradicts): symbolic, unknown and -1
+    dims, outputs without a shape and outputs of custom ops are fine, and keep what they said."""
+    relu = onnx.helper.make_node("Relu", ["x"], ["y"])
+    custom = onnx.helper.make_node("Frob", ["x"], ["z"], domain="com.example")
+    for declared in (["n"], [None], [-1], None, [16]):
+        graph = onnx.helper.make_graph(
+            [relu, custom], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [16])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, declared),
+             onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [3, 5])])
+        proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                             onnx.helper.make_opsetid("com.example", 1)])
+        outputs = {t.name: t.shape for t in ir.load(proto).graph.outputs}
+        # As onnx merges them: a computed size fills a symbolic or unknown dim, not a -1.
+        assert outputs == {"y": [-1] if declared == [-1] else [16], "z": [3, 5]}, declared
+
+
+def test_every_shared_model_loads_with_shape_inference():
+    """The declared-shape check runs in the one inference at load; no real model contradicts."""
+    paths = sorted(MODELS.glob("*/*.onnx")) if MODELS.is_dir() else []
+    if not paths:
+        pytest.skip("no shared models")
+    for path in paths:
+        model = ir.load(path)
+        declared = onnx.load(path, load_external_data=False).graph.output
+        assert [t.name for t in model.graph.outputs] == [o.name for o in declared], path
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Fields that used to crash
 
