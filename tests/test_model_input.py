@@ -309,6 +309,40 @@ def test_optional_types_are_kept(tmp_path):
         assert has
 
 
+def test_an_optional_tensor_input_is_fed_a_tensor(tmp_path, capfd):
+    """optional(tensor) inputs take random tensors for verification and timing (was exit 1:
+    IndexError, from a spec without dtype or shape)."""
+    model = tmp_path / "optional.onnx"
+    model.write_bytes(hostile.optional_io().SerializeToString())
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli(["opt", str(model), "-p", "cleanup", "-o", str(out), "--runs", "1", "--warmup", "0"], capfd)
+    assert code == 0, err
+    assert runtime_specs(out) == [("x", np.dtype(np.float32), (4,))]
+    code, stdout, err = run_cli(["bench", str(model), str(out), "--runs", "1", "--warmup", "0"], capfd)
+    assert code == 0 and "latency at x=4" in stdout, err
+
+
+def runtime_specs(path: Path) -> list[tuple]:
+    from edgegraph import runtime
+
+    model = onnx.load(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert runtime.input_specs(session) == runtime.input_specs(model)  # from the session and from the proto
+    return [(s.name, s.dtype, s.shape) for s in runtime.input_specs(model)]
+
+
+@pytest.mark.parametrize("command", ["opt", "bench"])
+@pytest.mark.parametrize("case, words", [
+    ("sequence_input", "input 's' is of type sequence(tensor(float)): only tensor inputs (plain or optional) can be fed"),
+    ("unranked_input", "cannot make random inputs for input 'x': it is declared without a shape"),
+])
+def test_inputs_that_random_data_cannot_feed_are_refused(root, capfd, case, words, command):
+    model = root / "model" / "model.onnx"
+    model.parent.mkdir()
+    model.write_bytes(getattr(hostile, case)().SerializeToString())
+    assert_refused(COMMANDS[command](model, root), root, capfd, words=[words])
+
+
 def test_weights_that_cannot_be_left_out_do_not_recurse(monkeypatch, caplog):
     """Shape inference of a model past the proto limit leaves the weights out; weights stored
     in typed fields cannot be, which recursed without end (what dims of 10^12 elements did)."""
