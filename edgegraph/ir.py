@@ -335,9 +335,10 @@ def _read_sparse(constant: gs.Constant) -> None:
     and written sparse again as long as no pass changes its values."""
     sparse = _Sparse(constant._values.tensor)
     constant._values = sparse
-    dense_bytes = sparse.nbytes  # (gs's size: the dense shape's)
-    if dense_bytes <= stored_nbytes(constant):
-        constant._values = sparse.load()
+    parts = (sparse.tensor.values, sparse.tensor.indices)
+    # (parts in external data are read only through `_map_external_data`'s rule, later)
+    if not any(map(validate.uses_external_data, parts)) and sparse.nbytes <= stored_nbytes(constant):
+        constant._values = sparse.load()  # (gs's nbytes: the dense shape's)
     else:
         setattr(constant, _SPARSE, sparse)
 
