@@ -121,7 +121,8 @@ def _type_text(type_proto: onnx.TypeProto) -> str:
 def _ort_dtype(type_name: str) -> np.dtype:
     # onnxruntime names types after TensorProto's, e.g. "tensor(float16)" for FLOAT16, and
     # "optional(tensor(float))" for an optional one (fed a tensor).
-    type_name = type_name.removeprefix("optional(").removesuffix(")") if type_name.startswith("optional(") else type_name
+    if type_name.startswith("optional("):
+        type_name = type_name.removeprefix("optional(").removesuffix(")")
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.DataType.Value(type_name[7:-1].upper())))
     except (KeyError, ValueError, TypeError):  # sequences, maps
