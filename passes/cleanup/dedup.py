@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from edgegraph import ir
 from edgegraph.pipeline import PassResult
@@ -104,6 +104,8 @@ def _drop_uncalled_functions(root: gs.Graph) -> int:
 def constant_key(tensor: gs.Constant) -> tuple | None:
     """(dtype, shape, digest of the bytes) of an initializer, without decoding odd dtypes."""
     source = tensor._values
+    if isinstance(source, SparseValues):  # (its proto is a SparseTensorProto): compare the dense values
+        source = source.load()
     if isinstance(source, LazyValues):
         proto = source.tensor
         if proto.data_location == onnx.TensorProto.EXTERNAL:
