@@ -703,6 +703,7 @@ def infer_shapes(proto: onnx.ModelProto, *, what: str | None = None) -> onnx.Mod
         model.refresh_shapes(what=what)
         return model.to_proto()
     declared = _set_aside_output_shapes(proto)
+    hints = _set_aside_computable_types(proto)
     lent = _lend_outer_constants(proto)
     try:
         for data_prop in (True, False):
@@ -714,12 +715,45 @@ def infer_shapes(proto: onnx.ModelProto, *, what: str | None = None) -> onnx.Mod
                 continue
             _take_back(inferred, lent)
             _merge_output_shapes(inferred, declared, what)
+            _restore_types(inferred, hints, only_missing=True)
             return inferred
     finally:
         _take_back(proto, lent)
         _merge_output_shapes(proto, declared, None, computed=False)
+        _restore_types(proto, hints, only_missing=False)
     logger.warning("shape inference failed; continuing with the shapes stored in the model")
     return proto
+
+
+def _set_aside_computable_types(proto: onnx.ModelProto) -> list[tuple[int, onnx.ValueInfoProto]]:
+    """Take out the declared types (value_info) of tensors computed by default-domain ops, which
+    inference computes again: a stale or hostile declaration would otherwise win over the computed
+    type (onnx keeps it and says nothing), and the model written would fail the onnx checker.
+    Those of custom ops' outputs stay: inference cannot compute them, and reads them downstream.
+    Returns (graph, value_info) pairs, graphs in `validate.graphs` order, for `_restore_types`."""
+    saved = []
+    for g, graph in enumerate(validate.graphs(proto)):
+        standard = {name for node in graph.node if node.domain in STANDARD_DOMAINS for name in node.output}
+        kept = []
+        for info in graph.value_info:
+            if info.name in standard:
+                saved.append((g, onnx.ValueInfoProto.FromString(info.SerializeToString())))
+            else:
+                kept.append(info)
+        if len(kept) != len(graph.value_info):
+            del graph.value_info[:]
+            graph.value_info.extend(kept)
+    return saved
+
+
+def _restore_types(proto: onnx.ModelProto, saved: list[tuple[int, onnx.ValueInfoProto]], *, only_missing: bool) -> None:
+    """Put back what `_set_aside_computable_types` took out: all of it, or (`only_missing`, into
+    an inferred model) the declarations of tensors inference found no type for."""
+    graphs = list(validate.graphs(proto)) if saved else []
+    known = [{v.name for v in g.value_info if v.type.WhichOneof("value")} for g in graphs] if only_missing else []
+    for g, info in saved:
+        if not only_missing or info.name not in known[g]:
+            graphs[g].value_info.append(info)
 
 
 def _set_aside_output_shapes(proto: onnx.ModelProto) -> list[tuple[int, int, onnx.TensorShapeProto]]:

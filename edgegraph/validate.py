@@ -325,7 +325,8 @@ def _utf8(*values) -> None:
 
 
 def _check_type(type_proto: onnx.TypeProto, name: str, what: str) -> None:
-    """Declared types: known element types (graphsurgeon fails on others), UTF-8 dim names."""
+    """Declared types: known element types (graphsurgeon fails on others), UTF-8 dim names,
+    sizes >= -1 (-1 is how some exporters, paddle2onnx among them, write a dynamic dim)."""
     kind = type_proto.WhichOneof("value")
     _utf8(type_proto.denotation)
     if kind in ("tensor_type", "sparse_tensor_type"):
@@ -334,6 +335,8 @@ def _check_type(type_proto: onnx.TypeProto, name: str, what: str) -> None:
             raise ModelLoadError(f"{what}: '{_short(name)}' is declared with unknown data type {inner.elem_type}")
         for dim in inner.shape.dim:
             _utf8(dim.dim_param, dim.denotation)
+            if dim.HasField("dim_value") and dim.dim_value < -1:
+                raise ModelLoadError(f"{what}: '{_short(name)}' is declared with a dim of size {dim.dim_value}")
     elif kind in ("sequence_type", "optional_type"):
         _check_type(getattr(type_proto, kind).elem_type, name, what)
     elif kind == "map_type":

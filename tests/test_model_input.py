@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper
 import pytest
 
 import edgegraph
@@ -355,3 +356,22 @@ def test_weights_that_cannot_be_left_out_do_not_recurse(monkeypatch, caplog):
     model = ir.load(proto)
     assert "shape inference skipped" in caplog.text
     np.testing.assert_array_equal(model.graph.tensors()["w"].values, np.ones(4096, np.float32))
+
+
+def test_declared_intermediate_types_give_way_to_computed_ones(tmp_path):
+    """A stale (or hostile) value_info on a tensor a default-domain op computes would win over
+    the computed type and make the written model fail the onnx checker: inference recomputes it."""
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1000, 3])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    source, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, source)
+    assert cli.main(["opt", str(source), "-p", "cleanup", "-o", str(out), "--runs", "0", "--quiet"]) == 0
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in written.graph.value_info}
+    assert shapes.get("h", [1, 16]) == [1, 16]
