@@ -2,74 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, verify
 from edgegraph.context import STAGES, CalibrationData, PassContext
-from edgegraph.errors import (MissingRequirementError, PassFailure, PassOptionError, VerificationDataError,
-                              VerificationError, one_line)
+from edgegraph.errors import (MissingRequirementError, PassFailure, PassOptionError, PreconditionError,
+                              VerificationDataError, VerificationError, one_line)
+from edgegraph.passbase import Pass, PassResult, option
 from edgegraph.runtime import Feeds
+from edgegraph.spec import format_pass
 
 logger = logging.getLogger(__name__)
-
-
-def option(default: Any, doc: str, **kwargs) -> Any:
-    """A documented pass option: `ratio: float = option(0.3, "fraction of channels to remove")`."""
-    if isinstance(default, list | dict | set):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kwargs)
-    return field(default=default, metadata={"doc": doc}, **kwargs)
-
-
-@dataclass
-class PassResult:
-    """What a pass reports: whether it changed the graph, counters for the summary, and details
-    (e.g. a per-layer table) that go to the JSON report."""
-
-    modified: bool
-    stats: dict[str, Any] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Pass:
-    """Base class of every pass. A pass is a dataclass whose fields are its options.
-
-    Subclasses set `name` (kebab-case, what `-p` accepts), `summary` (one line for `edgegraph
-    passes`), `exact` (True when the pass must not change outputs beyond float rounding) and
-    `requires` ({"calibration"} and/or {"target"}), and implement `run`, editing `model.graph`
-    in place. The manager removes dead nodes and re-sorts after a pass that reports a change.
-    """
-
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
-    exact: ClassVar[bool] = True
-    requires: ClassVar[frozenset[str]] = frozenset()
-
-    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        raise NotImplementedError
-
-    def options(self) -> dict[str, Any]:
-        """The options as a plain dict."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def changed_options(self) -> dict[str, Any]:
-        """Options that differ from their defaults (what a spec string needs to say)."""
-        defaults = type(self)()
-        return {k: v for k, v in self.options().items() if getattr(defaults, k) != v}
-
-    @staticmethod
-    def check(condition: bool, message: str) -> None:
-        """Option validation for `__post_init__`: a clear error instead of a bad run."""
-        if not condition:
-            raise PassOptionError(message)
 
 
 @dataclass
@@ -96,7 +46,7 @@ class PipelineReport:
 def check_requirements(passes: Sequence[Pass], ctx: PassContext) -> None:
     """Fail before any work when a pass needs something the context lacks."""
     for p in passes:
-        if "calibration" in p.requires and ctx.calibration is None:
+        if "calibration" in p.context_needs() and ctx.calibration is None:
             raise MissingRequirementError(
                 f"pass '{p.name}' needs calibration data: give --calib DATA.npz (an array per input "
                 "name, N samples stacked on axis 0 or in the model's layout) or a folder of images"
@@ -112,8 +62,6 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext, *,
     When `model` is `unspecialised` with some input shapes fixed (`--fix-shape`), that step is
     verified first, like an exact pass (see `check_specialisation`).
     """
-    from edgegraph.spec import format_pass
-
     check_requirements(passes, ctx)
     model = model.copy()
     report = PipelineReport()

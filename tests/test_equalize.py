@@ -130,7 +130,7 @@ def test_bias_absorption_from_calibration_is_exact_on_that_data():
     proto = fx.mobilenet_block()
     calib = CalibrationData.from_arrays(random_feeds(proto, batch=16, scale=2.0, seed=5))
     spec = "equalize(clip=rescale, absorb_bias=calibration)"
-    assert parse(spec)[0].requires == {"calibration"}
+    assert parse(spec)[0].context_needs() == {"calibration"}
     out, record = equalize(proto, spec, calibration=calib)
     assert record.stats["bias_channels_absorbed"] > 0
     batch = next(calib.batches(16))

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from edgegraph import ir
-from edgegraph.pipeline import Pass, PassResult, option
+from edgegraph.passbase import Pass, PassResult, option
 from edgegraph.registry import register_pass
 
 from .activations import FuseActivations
@@ -38,7 +38,7 @@ SUB_PASSES = (FoldConstants, RemoveIdentity, SimplifyShapes, FoldBatchNorm, Fuse
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class Cleanup(Pass):
     """Run every cleanup sub-pass in rounds until a round changes nothing (or `max_rounds`).
 

@@ -7,6 +7,7 @@ bfloat16/float8 weights numpy cannot hold, custom-domain ops and subgraphs readi
 
 from __future__ import annotations
 
+import copy
 import heapq
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from edgegraph import ir
 from edgegraph.ir import STANDARD_DOMAINS, is_standard  # noqa: F401 - the cleanup passes import it from here
-from edgegraph.pipeline import Pass, PassResult
+from edgegraph.passbase import Pass, PassResult
 
 # Ops whose result differs between two evaluations: never folded, never merged.
 NONDETERMINISTIC = frozenset(
@@ -335,7 +336,7 @@ def remove(graph: gs.Graph, node: gs.Node, keep: int = 0) -> bool:
 # Pass plumbing
 
 
-@dataclass
+@dataclass(frozen=True)
 class GraphPass(Pass):
     """A cleanup pass applied to the main graph, every subgraph and every local function.
 
@@ -347,7 +348,13 @@ class GraphPass(Pass):
         raise NotImplementedError
 
     def run(self, model: ir.Model, ctx=None) -> PassResult:
-        self.names = Names(model)
+        # Rules name new tensors through `self.names`, which belongs to this model: it is set on
+        # a copy made for this run, so the pass object itself stays immutable.
+        run = copy.copy(self)
+        object.__setattr__(run, "names", Names(model))
+        return run._run(model)
+
+    def _run(self, model: ir.Model) -> PassResult:
         total = Counter()
         # Subgraphs are collected after their parent is rewritten: a rewrite may inline one.
         pending = [model.graph] + list(getattr(model.graph, "functions", None) or [])

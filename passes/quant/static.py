@@ -29,7 +29,7 @@ from edgegraph import ir, runtime, verify
 from edgegraph.stats import is_quantized, model_stats
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import CalibrationDataError, EdgegraphError
-from edgegraph.pipeline import Pass, PassResult, option
+from edgegraph.passbase import Pass, PassResult, option
 from edgegraph.registry import register_pass
 from edgegraph.passes.quant import analysis, calibrate, numerics, prepare
 from edgegraph.passes.quant.names import shorten, warn_unmatched
@@ -73,14 +73,14 @@ COSTLIEST_SHOWN = 3  # layers named in that warning
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class StaticQuantize(Pass):
     """Static int8 QDQ quantization calibrated on the calibration data."""
 
     name: ClassVar[str] = "quant"
     summary: ClassVar[str] = "static int8 QDQ quantization (calibrated; per-channel weights; ORT-fusable placement)"
     exact: ClassVar[bool] = False
-    requires: ClassVar[frozenset[str]] = frozenset({"calibration"})
+    needs: ClassVar[frozenset[str]] = frozenset({"calibration"})
 
     method: Literal["auto", "minmax", "percentile", "mse", "entropy"] = option(
         "auto", "how activation ranges come from calibration data: minmax | percentile | mse | entropy (KL) | "
