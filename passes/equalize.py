@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 from edgegraph import ir, runtime
 from edgegraph.context import PassContext
 from edgegraph.errors import MissingRequirementError
-from edgegraph.passbase import Pass, PassResult, option
+from edgegraph.passbase import Pass, PassResult, option, sort_nodes
 from edgegraph.registry import register_pass
 
 CLIP_MODES = ("skip", "rescale")
@@ -221,7 +221,7 @@ class Equalize(Pass):
 
         absorbed = 0
         if self.absorb_bias != "none":
-            graph.toposort()
+            sort_nodes(graph)  # absorption runs the model: the nodes _commit added must be in order
             absorbed = _absorb_biases(model, finder, links, self.absorb_bias, ctx, namer)
             stats["bias_channels_absorbed"] = absorbed
         return PassResult(bool(changed) or absorbed > 0, stats, details)
