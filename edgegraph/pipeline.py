@@ -34,6 +34,8 @@ class PassRecord:
     stats: dict[str, Any]
     details: dict[str, Any]
     metrics: dict[str, verify.OutputMetrics] = field(default_factory=dict)
+    # The pass that asked for this one (`after()`), when the pipeline did not list it itself.
+    wanted_by: str | None = None
 
 
 @dataclass
@@ -126,9 +128,8 @@ def _run_one(p: Pass, position: int, model: ir.Model, ctx: PassContext, checker:
     change = _interface_change(interface, _interface(model))
     if change:  # users and runtimes address a model by these names: no pass may touch them
         raise PassFailure(f"pass '{p.name}' {change}")
-    spec = format_pass(p)
-    record = PassRecord(p.name, spec if wanted_by is None else f"{spec} (for {wanted_by})", result.modified,
-                        time.perf_counter() - start, result.stats, result.details)
+    record = PassRecord(p.name, format_pass(p), result.modified, time.perf_counter() - start, result.stats,
+                        result.details, wanted_by=wanted_by)
     checked = ""
     if checker and result.modified:
         check_start = time.perf_counter()

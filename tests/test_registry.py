@@ -119,7 +119,7 @@ def _quick(cls: type[Pass]) -> Pass:
 
 def _run(cls: type[Pass], proto: onnx.ModelProto) -> tuple[bytes, PassRecord]:
     model, report = run_pipeline(ir.load(proto), [_quick(cls)], _context(proto))
-    record = next(r for r in report.passes if r.name == cls.name and " (for " not in r.spec)
+    record = next(r for r in report.passes if r.name == cls.name and r.wanted_by is None)
     return model.to_proto().SerializeToString(), record
 
 
