@@ -64,8 +64,13 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext, *,
     given, or `VerificationError` names the pass and the output. Lossy passes record metrics.
     When `model` is `unspecialised` with some input shapes fixed (`--fix-shape`), that step is
     verified first, like an exact pass (see `check_specialisation`).
+
+    A pass's prerequisites (`Pass.after()`) run before it unless an equal pass ran since the
+    model last changed; their records carry `wanted_by`. After every pass that changed the
+    model, the manager settles it (`settle`: sorted, dead nodes gone) before verifying.
     """
-    check_requirements(passes, ctx)
+    schedule = _schedule(passes)
+    check_requirements([p for p, _ in schedule], ctx)
     model = model.copy()
     report = PipelineReport()
     checker = None
@@ -75,7 +80,7 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext, *,
         report.verification_data = checker.source
     interface = _interface(model)
     settled: list[Pass] = []  # passes run since the model last changed (their job is done)
-    for p, wanted_by in _schedule(passes):
+    for p, wanted_by in schedule:
         if wanted_by is not None and any(p == done for done in settled):
             continue  # a prerequisite that already ran on this very model
         position = len(report.passes) + 1
