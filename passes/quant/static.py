@@ -76,7 +76,11 @@ COSTLIEST_SHOWN = 3  # layers named in that warning
 @register_pass
 @dataclass(frozen=True)
 class StaticQuantize(Pass):
-    """Static int8 QDQ quantization calibrated on the calibration data."""
+    """Static int8 QDQ quantization calibrated on the calibration data.
+
+    With `prepare` (the default) it wants BatchNorm and constant subgraphs folded first: `after()`
+    asks the manager for `cleanup`. Called directly, outside `run_pipeline`, run `cleanup` first.
+    """
 
     name: ClassVar[str] = "quant"
     summary: ClassVar[str] = "static int8 QDQ quantization (calibrated; per-channel weights; ORT-fusable placement)"
