@@ -4,6 +4,8 @@ exact-only fixed points, one registry entry per class, and like-with-like verifi
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -209,3 +211,15 @@ def test_exact_pass_after_quant_is_verified_unoptimized(monkeypatch):
     after_quant = [flag for ran, flag in seen if ran == "marker(True)"]
     # The changed model and the one it was given, both unoptimized; then the changed one as deployed.
     assert after_quant == [False, None, False]
+
+
+def test_the_contract_sits_below_registry_spec_and_manager():
+    # No import cycle: the registry and the spec parser need the contract, not the manager.
+    code = ("import sys, edgegraph.registry, edgegraph.spec, edgegraph.passbase; "
+            "print('edgegraph.pipeline' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    import edgegraph
+
+    assert edgegraph.Pass is Pass and edgegraph.PassResult is PassResult and edgegraph.option is option
