@@ -336,8 +336,9 @@ def cmd_passes(args) -> int:
     lines = []
     for item in described:
         kind = "exact" if item["exact"] else "lossy"
-        needs = f"; requires {', '.join(item['requires'])}" if item["requires"] else ""
-        lines.append(f"{item['name']}  ({kind}{needs})")
+        needs = f"; needs {', '.join(item['needs'])}" if item["needs"] else ""
+        after = f"; after {', '.join(item['after'])}" if item["after"] else ""
+        lines.append(f"{item['name']}  ({kind}{needs}{after})")
         lines.append(f"    {item['summary']}")
         for opt in item["options"]:
             lines.append(f"    {opt['name']}: {opt['type']} = {opt['default']}")
@@ -350,7 +351,7 @@ def cmd_passes(args) -> int:
 
 
 def describe_pass(cls) -> dict:
-    """Name, summary, exactness, requirements and documented options of a pass class."""
+    """Name, summary, exactness, context needs, prerequisite passes and documented options of a pass class."""
     hints = typing.get_type_hints(cls)
     defaults = cls()
     options = [
@@ -358,8 +359,8 @@ def describe_pass(cls) -> dict:
          "default": spec._format_value(getattr(defaults, f.name)), "doc": f.metadata.get("doc", "")}
         for f in dataclasses.fields(cls)
     ]
-    return {"name": cls.name, "summary": cls.summary, "exact": cls.exact, "requires": sorted(cls.requires),
-            "options": options}
+    return {"name": cls.name, "summary": cls.summary, "exact": cls.exact, "needs": sorted(cls.needs),
+            "after": [spec.format_pass(p) for p in defaults.after()], "options": options}
 
 
 COMMANDS = {"opt": cmd_opt, "info": cmd_info, "bench": cmd_bench, "passes": cmd_passes}

@@ -25,6 +25,10 @@ class MissingRequirementError(EdgegraphError):
     """A pass needs something the context does not provide (calibration data, a target)."""
 
 
+class PreconditionError(EdgegraphError):
+    """The model is not one a pass can work on (its `requires` check failed)."""
+
+
 class CalibrationDataError(EdgegraphError):
     """Calibration data that does not fit the model (missing inputs, wrong shapes, unreadable)."""
 
@@ -57,6 +61,10 @@ class VerificationError(EdgegraphError):
 
 class PassFailure(RuntimeError):
     """An unexpected exception inside a pass, re-raised with the pipeline position (keeps the traceback)."""
+
+
+class PostconditionError(PassFailure):
+    """A pass made a model its own `ensures` check rejects: a defect in the pass (exit 1)."""
 
 
 MAX_LINE = 1000  # characters: an error line holds a whole onnxruntime message (pipeline.ORT_MESSAGE_LIMIT) and advice

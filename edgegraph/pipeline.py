@@ -2,74 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, verify
 from edgegraph.context import STAGES, CalibrationData, PassContext
-from edgegraph.errors import (MissingRequirementError, PassFailure, PassOptionError, VerificationDataError,
-                              VerificationError, one_line)
+from edgegraph.errors import (MissingRequirementError, PassFailure, PassOptionError, PreconditionError,
+                              VerificationDataError, VerificationError, one_line)
+from edgegraph.passbase import Pass, PassGroup, PassResult, option, run_group, settle
 from edgegraph.runtime import Feeds
+from edgegraph.spec import format_pass
 
 logger = logging.getLogger(__name__)
-
-
-def option(default: Any, doc: str, **kwargs) -> Any:
-    """A documented pass option: `ratio: float = option(0.3, "fraction of channels to remove")`."""
-    if isinstance(default, list | dict | set):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kwargs)
-    return field(default=default, metadata={"doc": doc}, **kwargs)
-
-
-@dataclass
-class PassResult:
-    """What a pass reports: whether it changed the graph, counters for the summary, and details
-    (e.g. a per-layer table) that go to the JSON report."""
-
-    modified: bool
-    stats: dict[str, Any] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Pass:
-    """Base class of every pass. A pass is a dataclass whose fields are its options.
-
-    Subclasses set `name` (kebab-case, what `-p` accepts), `summary` (one line for `edgegraph
-    passes`), `exact` (True when the pass must not change outputs beyond float rounding) and
-    `requires` ({"calibration"} and/or {"target"}), and implement `run`, editing `model.graph`
-    in place. The manager removes dead nodes and re-sorts after a pass that reports a change.
-    """
-
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
-    exact: ClassVar[bool] = True
-    requires: ClassVar[frozenset[str]] = frozenset()
-
-    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        raise NotImplementedError
-
-    def options(self) -> dict[str, Any]:
-        """The options as a plain dict."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def changed_options(self) -> dict[str, Any]:
-        """Options that differ from their defaults (what a spec string needs to say)."""
-        defaults = type(self)()
-        return {k: v for k, v in self.options().items() if getattr(defaults, k) != v}
-
-    @staticmethod
-    def check(condition: bool, message: str) -> None:
-        """Option validation for `__post_init__`: a clear error instead of a bad run."""
-        if not condition:
-            raise PassOptionError(message)
 
 
 @dataclass
@@ -83,6 +34,8 @@ class PassRecord:
     stats: dict[str, Any]
     details: dict[str, Any]
     metrics: dict[str, verify.OutputMetrics] = field(default_factory=dict)
+    # The pass that asked for this one (`after()`), when the pipeline did not list it itself.
+    wanted_by: str | None = None
 
 
 @dataclass
@@ -96,7 +49,7 @@ class PipelineReport:
 def check_requirements(passes: Sequence[Pass], ctx: PassContext) -> None:
     """Fail before any work when a pass needs something the context lacks."""
     for p in passes:
-        if "calibration" in p.requires and ctx.calibration is None:
+        if "calibration" in p.context_needs() and ctx.calibration is None:
             raise MissingRequirementError(
                 f"pass '{p.name}' needs calibration data: give --calib DATA.npz (an array per input "
                 "name, N samples stacked on axis 0 or in the model's layout) or a folder of images"
@@ -111,10 +64,13 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext, *,
     given, or `VerificationError` names the pass and the output. Lossy passes record metrics.
     When `model` is `unspecialised` with some input shapes fixed (`--fix-shape`), that step is
     verified first, like an exact pass (see `check_specialisation`).
-    """
-    from edgegraph.spec import format_pass
 
-    check_requirements(passes, ctx)
+    A pass's prerequisites (`Pass.after()`) run before it unless an equal pass ran since the
+    model last changed; their records carry `wanted_by`. After every pass that changed the
+    model, the manager settles it (`settle`: sorted, dead nodes gone) before verifying.
+    """
+    schedule = _schedule(passes)
+    check_requirements([p for p, _ in schedule], ctx)
     model = model.copy()
     report = PipelineReport()
     checker = None
@@ -123,39 +79,72 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext, *,
                    else _Checker(model, ctx))
         report.verification_data = checker.source
     interface = _interface(model)
-    for position, p in enumerate(passes, 1):
-        start = time.perf_counter()
-        try:
-            result = p.run(model, ctx)
-            if result.modified:
-                for graph in ir.iter_graphs(model.graph):
-                    # mode="nodes": sorting the function list recurses forever in onnx-graphsurgeon
-                    # 0.6 when a model has both local functions and If/Loop/Scan subgraphs.
-                    graph.cleanup(remove_unused_graph_inputs=False).toposort(mode="nodes")
-        except (MissingRequirementError, PassOptionError, VerificationError, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            if getattr(exc, "exit_code", None) == 2:  # a user error found while running (e.g. bad data)
-                raise
-            raise PassFailure(f"pass {position} '{p.name}' failed: {type(exc).__name__}: {exc}") from exc
-        change = _interface_change(interface, _interface(model))
-        if change:  # users and runtimes address a model by these names: no pass may touch them
-            raise PassFailure(f"pass '{p.name}' {change}")
-        record = PassRecord(p.name, format_pass(p), result.modified, time.perf_counter() - start,
-                            result.stats, result.details)
-        checked = ""
-        if checker and result.modified:
-            check_start = time.perf_counter()
-            record.metrics = checker.step(model, p.name, exact=p.exact)
-            checked = f", verified in {time.perf_counter() - check_start:.2f}s"
+    settled: list[Pass] = []  # passes run since the model last changed (their job is done)
+    for p, wanted_by in schedule:
+        if wanted_by is not None and any(p == done for done in settled):
+            continue  # a prerequisite that already ran on this very model
+        position = len(report.passes) + 1
+        record = _run_one(p, position, model, ctx, checker, interface, wanted_by)
         report.passes.append(record)
-        logger.info("%s: %s in %.2fs %s", p.name, "changed" if result.modified else "no change",
-                    record.seconds, result.stats or "")
-        STAGES.info("pass %d %s: %s in %.2fs%s", position, p.name, "changed" if result.modified else "no change",
-                    record.seconds, checked)
+        settled = [*settled, p] if not record.modified else [p]
     if checker:
         report.metrics = checker.against_original()
     return model, report
+
+
+def _schedule(passes: Sequence[Pass]) -> list[tuple[Pass, str | None]]:
+    """The passes with each one's prerequisites (`after()`, recursively) before it, as
+    (pass, name of the pass that wants it or None for the user's own)."""
+    order: list[tuple[Pass, str | None]] = []
+
+    def add(p: Pass, wanted_by: str | None, chain: tuple[str, ...]) -> None:
+        if p.name in chain:
+            raise TypeError(f"pass '{p.name}' needs itself first: {' -> '.join((*chain, p.name))}")
+        for before in p.after():
+            add(before, p.name, (*chain, p.name))
+        order.append((p, wanted_by))
+
+    for p in passes:
+        add(p, None, ())
+    return order
+
+
+def _run_one(p: Pass, position: int, model: ir.Model, ctx: PassContext, checker: _Checker | None,
+             interface: tuple[list[str], list[str]], wanted_by: str | None) -> PassRecord:
+    """Run one pass under the manager: pre-condition, run, settle, post-condition, verification."""
+    start = time.perf_counter()
+    # An exact pass is verified unoptimized on both sides (see `_Checker.step`): for a quantized
+    # model that needs the model as it was before the pass.
+    before = model.to_proto() if checker and p.exact and checker.runs_optimized(model) else None
+    try:
+        p.requires(model, ctx)
+        result = p.run(model, ctx)
+        if result.modified:
+            settle(model)
+        p.ensures(model, ctx)
+    except (MissingRequirementError, PassOptionError, PreconditionError, VerificationError, KeyboardInterrupt):
+        raise
+    except PassFailure:  # e.g. PostconditionError: already names the problem
+        raise
+    except Exception as exc:
+        if getattr(exc, "exit_code", None) == 2:  # a user error found while running (e.g. bad data)
+            raise
+        raise PassFailure(f"pass {position} '{p.name}' failed: {type(exc).__name__}: {exc}") from exc
+    change = _interface_change(interface, _interface(model))
+    if change:  # users and runtimes address a model by these names: no pass may touch them
+        raise PassFailure(f"pass '{p.name}' {change}")
+    record = PassRecord(p.name, format_pass(p), result.modified, time.perf_counter() - start, result.stats,
+                        result.details, wanted_by=wanted_by)
+    checked = ""
+    if checker and result.modified:
+        check_start = time.perf_counter()
+        record.metrics = checker.step(model, p.name, exact=p.exact, before=before)
+        checked = f", verified in {time.perf_counter() - check_start:.2f}s"
+    logger.info("%s: %s in %.2fs %s", p.name, "changed" if result.modified else "no change",
+                record.seconds, result.stats or "")
+    STAGES.info("pass %d %s: %s in %.2fs%s", position, p.name, "changed" if result.modified else "no change",
+                record.seconds, checked)
+    return record
 
 
 def _interface(model: ir.Model) -> tuple[list[str], list[str]]:
@@ -245,33 +234,52 @@ class _Checker:
                     time.perf_counter() - start)
         self.previous = self.original
 
-    def _outputs(self, model: ir.Model, *, isolated: bool = False) -> list[Feeds]:
-        # Float models run unoptimized (the purest reference). Quantized ones run as deployed,
-        # with ORT's integer kernels, whose accuracy can differ from the float simulation of Q/DQ.
-        quantized = any(n.op in QUANTIZED_OPS for n in ir.iter_nodes(model.graph))
+    @staticmethod
+    def runs_optimized(model: ir.Model) -> bool:
+        """Whether `model` is run as deployed, with ORT's optimisations (a quantized model: its
+        integer kernels' accuracy can differ from the float simulation of Q/DQ); float models
+        run unoptimized, the purest reference."""
+        return any(n.op in QUANTIZED_OPS for n in ir.iter_nodes(model.graph))
+
+    def _outputs(self, model, *, isolated: bool = False, optimize: bool | None = None) -> list[Feeds]:
+        # `model` is an ir.Model, or the proto of one as a pass was given it (with `optimize`).
+        optimize = self.runs_optimized(model) if optimize is None else optimize
         if isolated:
-            return runtime.outputs_isolated(model, self.batches, threads=self.ctx.threads, optimize=quantized)
-        sess = runtime.session(model, threads=self.ctx.threads, optimize=quantized)
+            return runtime.outputs_isolated(model, self.batches, threads=self.ctx.threads, optimize=optimize)
+        sess = runtime.session(model, threads=self.ctx.threads, optimize=optimize)
         return [runtime.run(sess, feeds) for feeds in self.batches]
 
-    def step(self, model: ir.Model, name: str, *, exact: bool) -> dict[str, verify.OutputMetrics]:
-        """Compare `model`, the result of pass (or step) `name`, with the previous model."""
+    def step(self, model: ir.Model, name: str, *, exact: bool,
+             before: onnx.ModelProto | None = None) -> dict[str, verify.OutputMetrics]:
+        """Compare `model`, the result of pass (or step) `name`, with the previous model.
+
+        An exact pass is judged like with like, both models unoptimized: after `quant`, ORT's
+        optimised runs pick integer kernels by the graph's shape, so an exact rewrite (a
+        removed Identity) can move the outputs of the deployed model by a quantization step
+        without changing what the model computes, and a real bug can hide in the kernels'
+        rounding. `before` is the model the pass was given, needed for that when it ran
+        optimized; the metrics are then of the unoptimized pair.
+        """
         what = name if name == FIX_SHAPE else f"pass '{name}'"
+        unoptimized = exact and before is not None
         try:
-            current = self._outputs(model)
+            current = self._outputs(model, optimize=False if unoptimized else None)
+            deployed = self._outputs(model) if unoptimized else current
+            reference = self._outputs(before, optimize=False) if unoptimized else self.previous
         except Exception as exc:
             raise PassFailure(f"{what} produced a model onnxruntime cannot run: {_ort_text(exc)}") from exc
-        missing = set(self.previous[0]) - set(current[0])
+        missing = set(reference[0]) - set(current[0])
         if missing:
             raise PassFailure(f"{what} removed graph output(s) {', '.join(sorted(missing))}")
-        current = [{name: out[name] for name in prev} for prev, out in zip(self.previous, current)]
-        metrics = verify.compare_all(self.previous, current, scores=self.scores)
+        current = [{name: out[name] for name in prev} for prev, out in zip(reference, current)]
+        deployed = [{name: out[name] for name in prev} for prev, out in zip(reference, deployed)]
+        metrics = verify.compare_all(reference, current, scores=self.scores)
         if exact:
             cfg = self.ctx.verify
             violation = verify.exactness_violation(metrics, cfg.rtol, cfg.atol)
             if violation:
                 raise VerificationError(name, *violation, seed=self.ctx.seed)
-        self.previous = current
+        self.previous = deployed  # later steps and the summary compare models as deployed
         return metrics
 
     def against_original(self) -> dict[str, verify.OutputMetrics]:
@@ -416,4 +424,4 @@ def reference_outputs(model, data: CalibrationData, batch_size: int = 8, threads
     return runtime.outputs(sess, data.batches(batch))
 
 
-__all__ = ["Pass", "PassResult", "PassRecord", "PipelineReport", "option", "run_pipeline"]
+__all__ = ["Pass", "PassGroup", "PassResult", "PassRecord", "PipelineReport", "option", "run_group", "run_pipeline", "settle"]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 
 from edgegraph.errors import UnknownPassError, shown
-from edgegraph.pipeline import Pass
+from edgegraph.passbase import Pass
 
 _PASSES: dict[str, type[Pass]] = {}
 _builtins_loaded = False
@@ -16,8 +17,14 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a pass available to `-p`, recipes and `edgegraph passes`."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} has no `name`")
+    if not callable(cls.requires):  # the pre-contract spelling of `needs`
+        raise TypeError(f"{cls.__name__}: context needs go in `needs`; `requires(model, ctx)` is a precondition")
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+        raise TypeError(f"{cls.__name__}: a pass is a @dataclass(frozen=True) (per-run state lives in the run)")
     existing = _PASSES.get(cls.name)
-    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+    # The class object, not its name: two plugins' `Prune` classes must not replace each other.
+    # Re-registering the very same class (a module imported twice) is fine.
+    if existing is not None and existing is not cls:
         raise ValueError(f"pass name '{cls.name}' is taken by {existing.__module__}.{existing.__qualname__}")
     _PASSES[cls.name] = cls
     return cls

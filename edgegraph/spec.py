@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgegraph.errors import EdgegraphError, PassOptionError, shown
-from edgegraph.pipeline import Pass
+from edgegraph.passbase import Pass
 from edgegraph.registry import get_pass
 
 

@@ -55,7 +55,8 @@ def format_opt_summary(data: dict, before: ModelStats, after: ModelStats, report
     lines = ["", "passes"]
     for i, p in enumerate(report.passes, 1):
         worst = _worst(p.metrics)
-        lines.append(f"  {i}. {p.spec}: {'changed' if p.modified else 'no change'} in {p.seconds:.2f}s"
+        wanted = f" (for {p.wanted_by})" if p.wanted_by else ""
+        lines.append(f"  {i}. {p.spec}{wanted}: {'changed' if p.modified else 'no change'} in {p.seconds:.2f}s"
                      f"{'; outputs ' + worst if worst else ''}")
         if p.stats:
             lines.append("     " + " ".join(f"{k}={_short(v)}" for k, v in p.stats.items()))

@@ -2,10 +2,9 @@
 
 from importlib import import_module
 
-# One module per pass family; add new families here.
-for _module in ("cleanup", "equalize", "quant", "quant.dynamic", "quant.weight_only"):
-    try:
-        import_module(f"edgegraph.passes.{_module}")
-    except ModuleNotFoundError as _exc:  # a family still being written
-        if _exc.name != f"edgegraph.passes.{_module}":
-            raise
+# One module per pass family; add new families here. A missing one is an error, not a skip:
+# a broken install must not quietly lose a pass.
+BUILTIN_MODULES = ("cleanup", "equalize", "quant", "quant.dynamic", "quant.weight_only")
+
+for _module in BUILTIN_MODULES:
+    import_module(f"edgegraph.passes.{_module}")

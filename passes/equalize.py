@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 from edgegraph import ir, runtime
 from edgegraph.context import PassContext
 from edgegraph.errors import MissingRequirementError
-from edgegraph.pipeline import Pass, PassResult, option
+from edgegraph.passbase import Pass, PassResult, option, sort_nodes
 from edgegraph.registry import register_pass
 
 CLIP_MODES = ("skip", "rescale")
@@ -151,7 +151,7 @@ class _Link:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class Equalize(Pass):
     """Cross-layer equalization (+ optional high-bias absorption), keeping outputs unchanged."""
 
@@ -182,9 +182,10 @@ class Equalize(Pass):
         self.check(0 < self.tolerance < 1, f"equalize: tolerance must be in (0, 1), got {self.tolerance}")
         self.check(self.max_scale > 1, f"equalize: max_scale must be > 1, got {self.max_scale}")
         self.check(self.bound_growth >= 1, f"equalize: bound_growth must be >= 1, got {self.bound_growth}")
-        if self.absorb_bias == "calibration":
-            # Only this mode reads data; the class-level `requires` stays empty.
-            self.requires = frozenset({"calibration"})
+
+    def context_needs(self) -> frozenset[str]:
+        # Only this mode reads data; the class-level `needs` stays empty.
+        return frozenset({"calibration"}) if self.absorb_bias == "calibration" else self.needs
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         if self.absorb_bias == "calibration" and ctx.calibration is None:
@@ -220,7 +221,7 @@ class Equalize(Pass):
 
         absorbed = 0
         if self.absorb_bias != "none":
-            graph.toposort()
+            sort_nodes(graph)  # absorption runs the model: the nodes _commit added must be in order
             absorbed = _absorb_biases(model, finder, links, self.absorb_bias, ctx, namer)
             stats["bias_channels_absorbed"] = absorbed
         return PassResult(bool(changed) or absorbed > 0, stats, details)

@@ -37,7 +37,7 @@ def refused(capsys, tmp_path: Path, *args, phrase: str) -> str:
     return err
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Record(Pass):
     """Remembers the context and options it ran with."""
 

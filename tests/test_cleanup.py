@@ -228,7 +228,7 @@ def test_every_cleanup_pass_is_registered_and_exact():
              "dedup-initializers", "cse", "eliminate-dead"}
     for name in names:
         cls = get_pass(name)
-        assert cls.exact and cls.summary and cls.__doc__ and not cls.requires
+        assert cls.exact and cls.summary and cls.__doc__ and not cls.needs
 
 
 # --- real models -------------------------------------------------------------------------------

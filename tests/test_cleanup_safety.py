@@ -106,7 +106,7 @@ def test_outputs_that_are_one_value_keep_both_names():
     assert_same(model, cleaned, {"x": np.array([1.0, -2.0], np.float32)})
 
 
-@dataclass
+@dataclass(frozen=True)
 class RenameInput(Pass):
     name = "test-rename-input"
 
@@ -115,7 +115,7 @@ class RenameInput(Pass):
         return PassResult(modified=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SwapOutputs(Pass):
     name = "test-swap-outputs"
 
@@ -268,7 +268,7 @@ def fp16_scale_model() -> onnx.ModelProto:
                    [("y", onnx.TensorProto.FLOAT16, [4, 64])], {"s": np.array([1.0], np.float16)})
 
 
-@dataclass
+@dataclass(frozen=True)
 class NudgeScale(Pass):
     """Claims to be exact but multiplies the output by 1 + units * eps(float16)."""
 

@@ -55,7 +55,7 @@ def tiny_cnn() -> onnx.ModelProto:
     return model
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DropIdentity(Pass):
     name = "test-drop-identity"
     summary = "Remove Identity nodes (test pass)"
@@ -71,7 +71,7 @@ class DropIdentity(Pass):
         return PassResult(removed > 0, {"removed": removed}, {"per_node": ["identity"] * removed})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Crash(Pass):
     name = "test-crash"
     summary = "Raise an unexpected exception (test pass)"
@@ -80,7 +80,7 @@ class Crash(Pass):
         raise ZeroDivisionError("boom")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Liar(Pass):
     name = "test-liar"
     summary = "Scale the Gemm bias while claiming to be exact (test pass)"
@@ -92,12 +92,12 @@ class Liar(Pass):
         return PassResult(True)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class NeedsData(Pass):
     name = "test-needs-data"
     summary = "Needs calibration data (test pass)"
     exact = False
-    requires = frozenset({"calibration"})
+    needs = frozenset({"calibration"})
     bits: int = option(8, "bit width")
 
     def __post_init__(self):
@@ -108,7 +108,7 @@ class NeedsData(Pass):
         return PassResult(False, {"samples": samples})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Interrupt(Pass):
     name = "test-interrupt"
     summary = "Behave as if Ctrl-C was pressed (test pass)"
@@ -470,7 +470,7 @@ def test_passes_lists_every_pass_with_typed_options(capsys):
     assert code == 0
     for cls in registry.list_passes():
         assert re.search(rf"^{re.escape(cls.name)}  \((exact|lossy)", out, re.M)
-    assert "test-needs-data  (lossy; requires calibration)" in out
+    assert "test-needs-data  (lossy; needs calibration)" in out
     assert "    bits: int = 8\n        bit width" in out
     assert "    keep_outputs: bool = true" in out
     code, out, _ = run_cli(capsys, "passes", "--json")
@@ -491,14 +491,13 @@ def test_help_and_version(capsys):
 
 
 def require_passes(*names):
+    # Built-in passes and the committed default model are part of the product: missing is a failure.
     missing = [n for n in names if not has_pass(n)]
-    if missing:
-        pytest.skip(f"pass(es) {', '.join(missing)} not registered yet")
+    assert not missing, f"built-in pass(es) {', '.join(missing)} not registered"
 
 
 def require_default():
-    if not (DEFAULT / "digits_cnn.onnx").exists():
-        pytest.skip("fixtures/default/digits_cnn.onnx not built yet (tools/train_default.py)")
+    assert (DEFAULT / "digits_cnn.onnx").exists(), "fixtures/default/digits_cnn.onnx is missing (it is committed)"
 
 
 def test_default_model_cleanup_quant(capsys, tmp_path):

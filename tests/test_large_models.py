@@ -15,9 +15,8 @@ import pytest
 from conftest import DEFAULT_DIR
 from edgegraph import ir, runtime
 from edgegraph.context import CalibrationData, PassContext
-from edgegraph.pipeline import Pass, PassResult, run_pipeline
+from edgegraph.pipeline import Pass, run_pipeline
 from edgegraph.registry import get_pass
-from edgegraph.errors import UnknownPassError
 from fixtures import core
 
 DIGITS = DEFAULT_DIR / "digits_cnn.onnx"
@@ -40,21 +39,7 @@ def assert_same_outputs(expected, got):
 
 
 def cleanup_passes() -> list[Pass]:
-    """The real cleanup pass when it is registered, else an exact pass that edits the graph."""
-    try:
-        return [get_pass("cleanup")()]
-    except UnknownPassError:
-        return [_RemoveIdentities()]
-
-
-class _RemoveIdentities(Pass):
-    name = "test-remove-identities"
-
-    def run(self, model, ctx):
-        found = [n for n in model.graph.nodes if n.op == "Identity"]
-        for node in found:
-            ir.bypass(model.graph, node)
-        return PassResult(modified=bool(found))
+    return [get_pass("cleanup")()]
 
 
 EVAL = {"input": np.load(DEFAULT_DIR / "digits_eval.npz")["input"][:16]}

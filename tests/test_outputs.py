@@ -380,7 +380,7 @@ def noop_pass():
     from edgegraph import registry
     from edgegraph.pipeline import Pass, PassResult
 
-    @dataclasses.dataclass
+    @dataclasses.dataclass(frozen=True)
     class Noop(Pass):
         name = "test-noop"
         summary = "Change nothing (test pass)"

@@ -37,7 +37,7 @@ def rewrite_output(model: ir.Model, op: str, value: float) -> None:
                                      outputs=[out]))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShiftOutput(Pass):
     """Claims to be exact but adds `amount` to the output."""
 
@@ -51,7 +51,7 @@ class ShiftOutput(Pass):
         return PassResult(modified=True, stats={"shifted": 1})
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScaleOutput(Pass):
     """A lossy pass: multiplies the output by `factor`."""
 
@@ -65,7 +65,7 @@ class ScaleOutput(Pass):
         return PassResult(modified=True, details={"layers": [{"name": "logits", "factor": self.factor}]})
 
 
-@dataclass
+@dataclass(frozen=True)
 class AddIdentity(Pass):
     """An exact pass that changes the graph but not the outputs."""
 
@@ -77,7 +77,7 @@ class AddIdentity(Pass):
         return PassResult(modified=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Crash(Pass):
     name = "test-crash"
 
@@ -86,7 +86,7 @@ class Crash(Pass):
         raise ValueError("index 7 out of range")
 
 
-@dataclass
+@dataclass(frozen=True)
 class UserMistake(Pass):
     """Finds a problem in the user's data while running: that is a user error, not a crash."""
 
@@ -97,7 +97,7 @@ class UserMistake(Pass):
         raise CalibrationDataError("samples of input 'input' have 3 channels, the model wants 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DropOutput(Pass):
     name = "test-drop-output"
 
@@ -108,7 +108,7 @@ class DropOutput(Pass):
         return PassResult(modified=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class UnreportedEdit(Pass):
     """Leaves a dead node behind and says it changed nothing: the manager must not touch the graph."""
 
@@ -121,10 +121,10 @@ class UnreportedEdit(Pass):
         return PassResult(modified=False)
 
 
-@dataclass
+@dataclass(frozen=True)
 class NeedsCalibration(Pass):
     name = "test-needs-calibration"
-    requires = frozenset({"calibration"})
+    needs = frozenset({"calibration"})
 
     def run(self, model, ctx):
         RAN.append(self.name)
@@ -217,7 +217,7 @@ def test_no_calibration_verifies_on_seeded_random_inputs():
 
 
 def test_option_errors_are_raised_as_they_are():
-    @dataclass
+    @dataclass(frozen=True)
     class Picky(Pass):
         name = "test-picky"
 

@@ -38,7 +38,7 @@ import edgegraph
 from edgegraph.pipeline import Pass, PassResult, option
 
 @edgegraph.register_pass
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Wait(Pass):
     name = "test-wait"
     summary = "Write `marker`, then wait (test pass)"

@@ -15,7 +15,7 @@ from edgegraph.registry import get_pass, list_passes, register_pass
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class SpecProbe(Pass):
     """A pass with one option of every kind the spec syntax supports."""
 
@@ -156,14 +156,14 @@ def test_registry():
     assert [p.name for p in list_passes()] == sorted(p.name for p in list_passes())
     register_pass(SpecProbe)  # registering the same class again is harmless (module reloads)
 
-    @dataclass
+    @dataclass(frozen=True)
     class Impostor(Pass):
         name = "spec-probe"
 
     with pytest.raises(ValueError, match="pass name 'spec-probe' is taken"):
         register_pass(Impostor)
 
-    @dataclass
+    @dataclass(frozen=True)
     class Nameless(Pass):
         pass
 

@@ -15,16 +15,15 @@ Each sub-pass is also a pass of its own (`edgegraph opt m.onnx -p fold-constants
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 from edgegraph import ir
-from edgegraph.pipeline import Pass, PassResult, option
+from edgegraph.passbase import Pass, PassGroup, PassResult, option
 from edgegraph.registry import register_pass
 
 from .activations import FuseActivations
 from .batchnorm import FoldBatchNorm
-from .common import graphs, reinfer_shapes, tidy
+from .common import graphs, reinfer_shapes
 from .dedup import CommonSubexpressions, DedupInitializers, EliminateDead
 from .fold import FoldConstants
 from .fuse import FuseLinear
@@ -38,12 +37,13 @@ SUB_PASSES = (FoldConstants, RemoveIdentity, SimplifyShapes, FoldBatchNorm, Fuse
 
 
 @register_pass
-@dataclass
-class Cleanup(Pass):
+@dataclass(frozen=True)
+class Cleanup(PassGroup):
     """Run every cleanup sub-pass in rounds until a round changes nothing (or `max_rounds`).
 
-    Shapes are re-inferred (in place) between rounds so rules that need them see the tensors
-    earlier rewrites created.
+    The rounds are the manager's fixed-point loop (`run_group`), which settles the model after
+    each sub-pass that changed it. Shapes are re-inferred (in place) between rounds so rules
+    that need them see the tensors earlier rewrites created.
     Stats count what each sub-pass did; details break the counts down by rewrite.
     """
 
@@ -65,7 +65,7 @@ class Cleanup(Pass):
         unknown = [s for s in self.skip if s not in known]
         self.check(not unknown, f"cleanup: cannot skip {', '.join(unknown)} (sub-passes: {', '.join(sorted(known))})")
 
-    def sub_passes(self) -> list[Pass]:
+    def passes(self) -> list[Pass]:
         passes = []
         for cls in SUB_PASSES:
             if cls.name in self.skip:
@@ -76,30 +76,15 @@ class Cleanup(Pass):
                 passes.append(cls())
         return passes
 
+    def between_rounds(self, model: ir.Model) -> None:
+        reinfer_shapes(model)  # rewrites left new tensors without shapes; some rules need them
+
     def run(self, model: ir.Model, ctx=None) -> PassResult:
         before = _node_count(model)
-        counts: Counter = Counter()
-        details: dict[str, Counter] = {}
-        passes = self.sub_passes()
-        rounds = 0
-        for rounds in range(1, self.max_rounds + 1):
-            if rounds > 1:  # rewrites left new tensors without shapes; some rules need them
-                reinfer_shapes(model)
-            changed = False
-            for p in passes:
-                result = p.run(model, ctx)
-                if result.modified:
-                    changed = True
-                    tidy(model)
-                    counts[p.name] += sum(v for v in result.stats.values() if isinstance(v, int))
-                    details.setdefault(p.name, Counter()).update(result.stats)
-            if not changed:
-                break
-        after = _node_count(model)
-        stats = {name: counts[name] for name in (p.name for p in passes) if counts[name]}
-        stats.update(nodes_before=before, nodes_after=after, rounds=rounds)
-        return PassResult(modified=bool(counts), stats=stats,
-                          details={name: dict(sorted(c.items())) for name, c in details.items()})
+        result = super().run(model, ctx)
+        rounds = result.stats.pop("rounds")
+        result.stats.update(nodes_before=before, nodes_after=_node_count(model), rounds=rounds)
+        return result
 
 
 def _node_count(model: ir.Model) -> int:

@@ -18,7 +18,7 @@ from .common import (
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseActivations(GraphPass):
     """Rewrite hard-sigmoid / hard-swish written as elementwise ops (PaddlePaddle, TF and Keras
     exports) into HardSigmoid / HardSwish:

@@ -19,7 +19,7 @@ from .common import (
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FoldBatchNorm(GraphPass):
     """Fold inference-mode BatchNormalization into a preceding Conv, ConvTranspose (grouped
     layouts included), Gemm (transB respected) or 2-D MatMul (+ constant Add).

@@ -7,7 +7,7 @@ bfloat16/float8 weights numpy cannot hold, custom-domain ops and subgraphs readi
 
 from __future__ import annotations
 
-import heapq
+import copy
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from edgegraph import ir
 from edgegraph.ir import STANDARD_DOMAINS, is_standard  # noqa: F401 - the cleanup passes import it from here
-from edgegraph.pipeline import Pass, PassResult
+from edgegraph.passbase import Pass, PassResult, drop_dead_nodes, sort_nodes
 
 # Ops whose result differs between two evaluations: never folded, never merged.
 NONDETERMINISTIC = frozenset(
@@ -335,7 +335,7 @@ def remove(graph: gs.Graph, node: gs.Node, keep: int = 0) -> bool:
 # Pass plumbing
 
 
-@dataclass
+@dataclass(frozen=True)
 class GraphPass(Pass):
     """A cleanup pass applied to the main graph, every subgraph and every local function.
 
@@ -347,7 +347,13 @@ class GraphPass(Pass):
         raise NotImplementedError
 
     def run(self, model: ir.Model, ctx=None) -> PassResult:
-        self.names = Names(model)
+        # Rules name new tensors through `self.names`, which belongs to this model: it is set on
+        # a copy made for this run, so the pass object itself stays immutable.
+        run = copy.copy(self)
+        object.__setattr__(run, "names", Names(model))
+        return run._run(model)
+
+    def _run(self, model: ir.Model) -> PassResult:
         total = Counter()
         # Subgraphs are collected after their parent is rewritten: a rewrite may inline one.
         pending = [model.graph] + list(getattr(model.graph, "functions", None) or [])
@@ -390,66 +396,10 @@ class Names:
         return ir.const(self(prefix), np.asarray(array))
 
 
-def tidy(model: ir.Model) -> None:
-    """Re-sort every graph and drop its dead nodes (what the pipeline does between passes,
-    without graphsurgeon's much slower toposort)."""
-    for graph in graphs(model.graph):
-        toposort(graph)
-        prune(graph)
-
-
-def _reads(node: gs.Node) -> list[gs.Tensor]:
-    """Tensors a node reads: its inputs plus what its subgraphs take from enclosing graphs."""
-    tensors = list(node.inputs)
-    for sub in node_subgraphs(node):
-        tensors.extend(sub._foreign_tensors().values())
-    return tensors
-
-
-def toposort(graph: gs.Graph) -> None:
-    """Stable topological sort of `graph.nodes` (original order wherever dependencies allow)."""
-    nodes = list(graph.nodes)
-    index = {id(n): i for i, n in enumerate(nodes)}
-    users: list[list[int]] = [[] for _ in nodes]
-    pending = [0] * len(nodes)
-    for i, node in enumerate(nodes):
-        producers = {index[id(t.inputs[0])] for t in _reads(node) if t.inputs and id(t.inputs[0]) in index}
-        producers.discard(i)
-        pending[i] = len(producers)
-        for p in producers:
-            users[p].append(i)
-    ready = [i for i, count in enumerate(pending) if count == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for user in users[i]:
-            pending[user] -= 1
-            if pending[user] == 0:
-                heapq.heappush(ready, user)
-    if len(order) != len(nodes):  # a cycle (invalid model): keep the rest as it was
-        placed = set(order)
-        order.extend(i for i in range(len(nodes)) if i not in placed)
-    if order != list(range(len(nodes))):
-        graph.nodes = [nodes[i] for i in order]
-
-
-def prune(graph: gs.Graph) -> int:
-    """Drop nodes no graph output depends on (graph must be sorted); returns how many."""
-    live = {id(t) for t in graph.outputs}
-    keep = []
-    for node in reversed(graph.nodes):
-        if any(id(o) in live for o in node.outputs):
-            keep.append(node)
-            live.update(id(t) for t in _reads(node))
-        else:
-            node.inputs.clear()
-            node.outputs.clear()
-    removed = len(graph.nodes) - len(keep)
-    if removed:
-        graph.nodes = keep[::-1]
-    return removed
+# Settling a changed model is the manager's (`settle`); these are its two steps, which some
+# rewrites need on one graph mid-pass (e.g. eliminate-dead).
+toposort = sort_nodes
+prune = drop_dead_nodes
 
 
 def infer_forward(graph: gs.Graph, changed: Sequence[gs.Tensor], opsets: Sequence) -> None:

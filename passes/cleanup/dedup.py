@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from edgegraph import ir
-from edgegraph.pipeline import PassResult
+from edgegraph.passbase import PassResult
 from edgegraph.registry import register_pass
 
 from .common import (
@@ -30,7 +30,7 @@ OPTIONAL_OUTPUTS = {
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class EliminateDead(GraphPass):
     """Remove nodes no graph output depends on, initializers nothing reads, unused optional
     outputs (Dropout mask, MaxPool indices, LayerNormalization statistics ...) and local
@@ -124,7 +124,7 @@ def constant_key(tensor: gs.Constant) -> tuple | None:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class DedupInitializers(GraphPass):
     """Make nodes share one initializer where several hold identical values (same dtype, shape and
     bytes), anywhere in the main graph and its subgraphs (a constant several graphs read is stored
@@ -178,7 +178,7 @@ def _cheap_key(tensor: gs.Constant) -> tuple:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class CommonSubexpressions(GraphPass):
     """Compute once what several nodes compute identically: same op, domain, attributes and inputs
     (identical constants count as the same input). Random ops, Dropout, custom-domain ops and

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from edgegraph import ir
-from edgegraph.pipeline import option
+from edgegraph.passbase import option
 from edgegraph.registry import register_pass
 
 from .common import (
@@ -40,7 +40,7 @@ NON_TENSOR_OUTPUTS = frozenset({
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FoldConstants(GraphPass):
     """Replace nodes whose inputs are all constants by their precomputed outputs.
 

@@ -23,7 +23,7 @@ ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div"})
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseLinear(GraphPass):
     """Fold constant per-channel Add/Sub/Mul/Div after Conv/ConvTranspose into weights and bias,
     zero Pad before Conv into the Conv's pads, MatMul(2-D x, W) + b into Gemm, a constant Add

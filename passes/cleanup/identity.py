@@ -20,7 +20,7 @@ INT_MAX_LIKE = 2**31 - 1  # exporters write INT32/INT64 max for "to the end"
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class RemoveIdentity(GraphPass):
     """Remove Identity, inference-mode Dropout, and ops that are no-ops for their arguments.
 

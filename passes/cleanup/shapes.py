@@ -38,7 +38,7 @@ LOSSLESS_CASTS = {
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class SimplifyShapes(GraphPass):
     """Merge and cancel layout ops and resolve shape arithmetic.
 

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from edgegraph import ir
 from edgegraph.context import PassContext
-from edgegraph.pipeline import Pass, PassResult, option
+from edgegraph.passbase import Pass, PassResult, option
 from edgegraph.registry import register_pass
 from edgegraph.passes.quant import numerics as nq
 from edgegraph.passes.quant.names import warn_unmatched
@@ -39,7 +39,7 @@ REDUCED_MAX = 63
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class QuantDynamic(Pass):
     """Dynamic int8 quantization of MatMul / Gemm layers and embedding tables."""
 

@@ -1,4 +1,5 @@
-"""Getting a model ready for Q/DQ: float32 compute, a recent enough opset, no BatchNorm in the way."""
+"""Getting a model ready for Q/DQ: float32 compute and a recent enough opset (BatchNorm is folded by
+the `cleanup` pass the manager runs first: `StaticQuantize.after`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from edgegraph import ir
-from edgegraph.context import PassContext
-from edgegraph.errors import UnknownPassError
 
 logger = logging.getLogger(__name__)
 
@@ -112,24 +111,4 @@ def _keep_upsample_semantics(model: onnx.ModelProto) -> None:
             node.attribute.append(onnx.helper.make_attribute("nearest_mode", "floor"))
 
 
-def run_cleanup(model: ir.Model, ctx: PassContext) -> list[str]:
-    """Run the exact `cleanup` pass (constant folding, BatchNorm folding, ...) when it is available.
-
-    Returns the names of what ran. A missing cleanup pass is not an error: the quantized model
-    is then just less fused, and users can still run `-p cleanup,quant`.
-    """
-    from edgegraph.registry import get_pass
-
-    try:
-        cleanup = get_pass("cleanup")()
-    except UnknownPassError:
-        logger.info("quant: no 'cleanup' pass registered; BatchNorm / constant subgraphs stay as they are")
-        return []
-    result = cleanup.run(model, ctx)
-    if result.modified:
-        for graph in ir.iter_graphs(model.graph):
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return ["cleanup"] if result.modified else []
-
-
-__all__ = ["compute_in_float32", "upgrade_opset", "run_cleanup"]
+__all__ = ["compute_in_float32", "upgrade_opset"]

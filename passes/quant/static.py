@@ -1,7 +1,7 @@
 """`quant`: static post-training quantization to QDQ, calibrated on data, placed for ORT's int8 kernels.
 
 Steps (each in its own module):
-  prepare    cleanup (BatchNorm / constant folding), float16 -> float32 compute, opset >= 13
+  prepare    float16 -> float32 compute, opset >= 13 (the manager runs `cleanup` first: BatchNorm folding)
   placement  which nodes run on integers, where Q/DQ go, which tensors share a scale
   calibrate  streaming min/max + histograms of those tensors -> ranges (minmax/percentile/mse/entropy)
   qdq        integer weights (per channel), int32 biases, Q/DQ pairs on activations
@@ -29,8 +29,9 @@ from edgegraph import ir, runtime, verify
 from edgegraph.stats import is_quantized, model_stats
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import CalibrationDataError, EdgegraphError
-from edgegraph.pipeline import Pass, PassResult, option
+from edgegraph.passbase import Pass, PassResult, option
 from edgegraph.registry import register_pass
+from edgegraph.passes.cleanup import Cleanup
 from edgegraph.passes.quant import analysis, calibrate, numerics, prepare
 from edgegraph.passes.quant.names import shorten, warn_unmatched
 from edgegraph.passes.quant.numerics import QType
@@ -73,14 +74,18 @@ COSTLIEST_SHOWN = 3  # layers named in that warning
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class StaticQuantize(Pass):
-    """Static int8 QDQ quantization calibrated on the calibration data."""
+    """Static int8 QDQ quantization calibrated on the calibration data.
+
+    With `prepare` (the default) it wants BatchNorm and constant subgraphs folded first: `after()`
+    asks the manager for `cleanup`. Called directly, outside `run_pipeline`, run `cleanup` first.
+    """
 
     name: ClassVar[str] = "quant"
     summary: ClassVar[str] = "static int8 QDQ quantization (calibrated; per-channel weights; ORT-fusable placement)"
     exact: ClassVar[bool] = False
-    requires: ClassVar[frozenset[str]] = frozenset({"calibration"})
+    needs: ClassVar[frozenset[str]] = frozenset({"calibration"})
 
     method: Literal["auto", "minmax", "percentile", "mse", "entropy"] = option(
         "auto", "how activation ranges come from calibration data: minmax | percentile | mse | entropy (KL) | "
@@ -124,7 +129,8 @@ class StaticQuantize(Pass):
     analysis_samples: int = option(
         0, "samples used for bias correction, tuning, the per-layer table and sensitivity (0 = 8, or fewer, "
            "down to 2, for models above 10 GMACs a sample: 80 GMACs of forward passes in all)")
-    prepare: bool = option(True, "run the exact `cleanup` pass first (folds BatchNorm and constants)")
+    prepare: bool = option(True, "have the exact `cleanup` pass run first, unless it just ran (folds BatchNorm and "
+                                 "constants)")
     check_speed: bool = option(True, "time the result against the float model in ORT and warn if it is not faster "
                                      "(not with --runs 0)")
 
@@ -137,6 +143,10 @@ class StaticQuantize(Pass):
         self.check(self.min_sqnr is None or np.isfinite(self.min_sqnr), "quant: min_sqnr must be a finite number")
         for kind, values in (("exclude_ops", self.exclude_ops), ("exclude_nodes", self.exclude_nodes)):
             self.check(all(isinstance(v, str) and v for v in values), f"quant: {kind} must be a list of names")
+
+    def after(self) -> tuple[Pass, ...]:
+        # Placement wants BatchNorm folded into its Conv and constant subgraphs folded.
+        return (Cleanup(),) if self.prepare else ()
 
     @property
     def activation_qtype(self) -> QType:
@@ -205,8 +215,6 @@ class _Quantizer:
     # -- preparation ---------------------------------------------------------------------------
 
     def _prepare(self, model: ir.Model) -> None:
-        if self.o.prepare:
-            prepare.run_cleanup(model, self.ctx)
         if prepare.compute_in_float32(model):
             self.notes.append("float16 model: quantized from float32 compute, float16 interface kept")
         needed = INT16_OPSET if self._may_use_int16 else (PER_CHANNEL_OPSET if self.o.per_channel else 10)

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from edgegraph import ir
 from edgegraph.context import PassContext
 from edgegraph.errors import PassFailure
-from edgegraph.pipeline import Pass, PassResult, option
+from edgegraph.passbase import Pass, PassResult, option
 from edgegraph.registry import register_pass
 from edgegraph.passes.quant import numerics as nq
 from edgegraph.passes.quant.names import warn_unmatched
@@ -36,7 +36,7 @@ MS_DOMAIN = "com.microsoft"
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class QuantInt4(Pass):
     """Blocked weight-only int4 for MatMul / Gemm."""
 
