@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
@@ -238,6 +239,8 @@ def load(source, *, infer: bool = True, base_dir: str | os.PathLike[str] | None 
         validate.check(_validated(proto, what), what, folder, raw)
         model = from_proto(proto, infer=False)
         _map_external_data(model, folder, what)
+        for graph in iter_graphs(model.graph):  # (inference walks the nodes in order: unsorted, it
+            sort_nodes(graph)                   # misses shapes, and contradictions with them)
         if infer:
             model.refresh_shapes(what=what)
     except UnicodeDecodeError as exc:  # graphsurgeon decodes string attributes (bytes in ONNX) as UTF-8
@@ -1015,6 +1018,47 @@ class Namer:
         self._counters[prefix] = count + 1
         self._taken.add(name)
         return name
+
+
+def node_reads(node: gs.Node) -> list[gs.Tensor]:
+    """Tensors a node reads: its inputs plus what its subgraphs take from enclosing graphs."""
+    tensors = list(node.inputs)
+    for sub in subgraphs(node):
+        tensors.extend(sub._foreign_tensors().values())
+    return tensors
+
+
+def sort_nodes(graph: gs.Graph) -> None:
+    """Stable topological sort of `graph.nodes` (original order wherever dependencies allow).
+
+    Not graphsurgeon's toposort: it is much slower, reorders sorted graphs, and recurses forever
+    in onnx-graphsurgeon 0.6 when a model has both local functions and If/Loop/Scan subgraphs.
+    """
+    nodes = list(graph.nodes)
+    index = {id(n): i for i, n in enumerate(nodes)}
+    users: list[list[int]] = [[] for _ in nodes]
+    pending = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        producers = {index[id(t.inputs[0])] for t in node_reads(node) if t.inputs and id(t.inputs[0]) in index}
+        producers.discard(i)
+        pending[i] = len(producers)
+        for p in producers:
+            users[p].append(i)
+    ready = [i for i, count in enumerate(pending) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for user in users[i]:
+            pending[user] -= 1
+            if pending[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) != len(nodes):  # a cycle (invalid model): keep the rest as it was
+        placed = set(order)
+        order.extend(i for i in range(len(nodes)) if i not in placed)
+    if order != list(range(len(nodes))):
+        graph.nodes = [nodes[i] for i in order]
 
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})

@@ -6,7 +6,6 @@ Below the registry, the spec parser and the manager, which all import it (and it
 from __future__ import annotations
 
 import dataclasses
-import heapq
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -148,49 +147,8 @@ def settle(model: ir.Model) -> None:
     """Re-sort every graph of `model` (subgraphs and functions too) and drop its dead nodes: what
     the manager does after every pass that changed the model, and the only place that does it."""
     for graph in list(ir.iter_graphs(model.graph)):
-        sort_nodes(graph)
+        ir.sort_nodes(graph)
         drop_dead_nodes(graph)
-
-
-def _reads(node: gs.Node) -> list[gs.Tensor]:
-    """Tensors a node reads: its inputs plus what its subgraphs take from enclosing graphs."""
-    tensors = list(node.inputs)
-    for sub in ir.subgraphs(node):
-        tensors.extend(sub._foreign_tensors().values())
-    return tensors
-
-
-def sort_nodes(graph: gs.Graph) -> None:
-    """Stable topological sort of `graph.nodes` (original order wherever dependencies allow).
-
-    Not graphsurgeon's toposort: it is much slower, reorders sorted graphs, and recurses forever
-    in onnx-graphsurgeon 0.6 when a model has both local functions and If/Loop/Scan subgraphs.
-    """
-    nodes = list(graph.nodes)
-    index = {id(n): i for i, n in enumerate(nodes)}
-    users: list[list[int]] = [[] for _ in nodes]
-    pending = [0] * len(nodes)
-    for i, node in enumerate(nodes):
-        producers = {index[id(t.inputs[0])] for t in _reads(node) if t.inputs and id(t.inputs[0]) in index}
-        producers.discard(i)
-        pending[i] = len(producers)
-        for p in producers:
-            users[p].append(i)
-    ready = [i for i, count in enumerate(pending) if count == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for user in users[i]:
-            pending[user] -= 1
-            if pending[user] == 0:
-                heapq.heappush(ready, user)
-    if len(order) != len(nodes):  # a cycle (invalid model): keep the rest as it was
-        placed = set(order)
-        order.extend(i for i in range(len(nodes)) if i not in placed)
-    if order != list(range(len(nodes))):
-        graph.nodes = [nodes[i] for i in order]
 
 
 def drop_dead_nodes(graph: gs.Graph) -> int:
@@ -200,7 +158,7 @@ def drop_dead_nodes(graph: gs.Graph) -> int:
     for node in reversed(graph.nodes):
         if any(id(o) in live for o in node.outputs):
             keep.append(node)
-            live.update(id(t) for t in _reads(node))
+            live.update(id(t) for t in ir.node_reads(node))
         else:
             node.inputs.clear()
             node.outputs.clear()

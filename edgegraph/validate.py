@@ -288,6 +288,13 @@ def _check_tensor(tensor: TensorProto, folder: Path | None, what: str, raw_lengt
     if held != expected:
         raise ModelLoadError(f"{what}: tensor {name} holds {held} values, but its dims "
                              f"{_short(str(list(tensor.dims)))} need {expected}")
+    if tensor.data_type == TensorProto.STRING:  # onnx (and so every reader here) decodes them as UTF-8
+        try:
+            for value in tensor.string_data:
+                value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ModelLoadError(f"{what}: string tensor {name} holds bytes that are not UTF-8 "
+                                 f"(byte {exc.start} of a value)") from None
 
 
 def _check_sparse(sparse: onnx.SparseTensorProto, what: str) -> None:

@@ -40,7 +40,8 @@ import onnx_graphsurgeon as gs
 from edgegraph import ir, runtime
 from edgegraph.context import PassContext
 from edgegraph.errors import MissingRequirementError
-from edgegraph.passbase import Pass, PassResult, option, sort_nodes
+from edgegraph.ir import sort_nodes
+from edgegraph.passbase import Pass, PassResult, option
 from edgegraph.registry import register_pass
 
 CLIP_MODES = ("skip", "rescale")

@@ -375,3 +375,19 @@ def test_declared_intermediate_types_give_way_to_computed_ones(tmp_path):
     onnx.checker.check_model(written, full_check=True)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in written.graph.value_info}
     assert shapes.get("h", [1, 16]) == [1, 16]
+
+
+def test_an_unsorted_graph_is_sorted_before_inference(capfd, tmp_path):
+    """Shape inference walks nodes in order: on an unsorted graph it found no shape for `y`, so a
+    declared [1, 2] that contradicts the computed [1, 1] went unnoticed until cleanup sorted it."""
+    nodes = [helper.make_node("Add", ["s", "x"], ["y"], name="late"),
+             helper.make_node("ReduceSum", ["x"], ["s"], keepdims=1, name="early")]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    source = tmp_path / "m.onnx"
+    onnx.save(model, source)
+    code, _, err = run_cli(["info", str(source)], capfd)
+    assert code == 2 and err.count("\n") == 1
+    assert "'y' is declared with shape [1, 2], but its computed shape is [1, 1]" in err

@@ -20,7 +20,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from edgegraph import ir
 from edgegraph.ir import STANDARD_DOMAINS, is_standard  # noqa: F401 - the cleanup passes import it from here
-from edgegraph.passbase import Pass, PassResult, drop_dead_nodes, sort_nodes
+from edgegraph.ir import sort_nodes
+from edgegraph.passbase import Pass, PassResult, drop_dead_nodes
 
 # Ops whose result differs between two evaluations: never folded, never merged.
 NONDETERMINISTIC = frozenset(
