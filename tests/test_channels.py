@@ -49,7 +49,7 @@ def _cut(group: channels.Group, rng: np.random.Generator) -> list[int]:
     return sorted(rng.choice(group.channels, size=count, replace=False).tolist())
 
 
-def assert_exact(model: ir.Model, cuts, feeds, *, rtol=1e-4) -> None:
+def assert_exact(model: ir.Model, cuts, feeds) -> None:
     """Zero the cut channels, remove them, and compare the two models' outputs."""
     zeroed = model.copy()
     channels.zero_channels(zeroed.graph, cuts)
@@ -58,6 +58,8 @@ def assert_exact(model: ir.Model, cuts, feeds, *, rtol=1e-4) -> None:
     assert _params(pruned) < _params(zeroed)
     want, got = _run(zeroed, feeds), _run(pruned, feeds)
     for name, expected in want.items():
+        # Removing zero terms only changes the order of float sums: a few ulps of the output dtype.
+        rtol = 1e-4 if expected.dtype != np.float16 else 4e-3
         expected = expected.astype(np.float64)
         assert np.all(np.isfinite(expected)), name
         actual = got[name].astype(np.float64)

@@ -164,7 +164,11 @@ class _Builder:
         if (node.domain or "") not in ir.STANDARD_DOMAINS or ir.subgraphs(node):
             return self.unknown(node)
         if all(self.is_const(t) for t in node.inputs if t is not None and t.name):
-            return None  # constant arithmetic: folded, not a channel path
+            # Constant arithmetic. Its result is a weight only if layout.sources can see through it.
+            for t in node.outputs:
+                if not self.is_const(t):
+                    self.block_tensor(t, f"computed from constants by {op} (fold constants first)")
+            return None
         handler = _HANDLERS.get(op) or (_Builder.broadcast if op in BROADCAST else None)
         handler = handler or (_Builder.pool if op in POOLS else None)
         handler = handler or (_Builder.reduce if op in REDUCE else None)
@@ -815,6 +819,12 @@ def remove_channels(graph: gs.Graph, cuts: Iterable[tuple[Group, Sequence[int]]]
     are updated. Indices refer to the graph the groups were computed on."""
     spaces, weights = _merged(cuts)
     holders = _constant_holders(graph)
+    # Reshapes inside weight chains (a bias reshaped to (1, C, 1, 1)) get their target from the cut
+    # constant: layout.sources only sees through ones that add or drop unit axes.
+    cut = {name for name, _ in weights}
+    reshaped = [(node, list(holders[node.inputs[0].name].values.shape), list(node.outputs[0].shape))
+                for node in graph.nodes
+                if node.op == "Reshape" and node.inputs[0].name in cut and node.outputs[0].shape is not None]
     by_constant: dict[str, list[tuple[int, set[int]]]] = defaultdict(list)
     for (name, axis), indices in weights.items():
         by_constant[name].append((axis, indices))
@@ -823,7 +833,12 @@ def remove_channels(graph: gs.Graph, cuts: Iterable[tuple[Group, Sequence[int]]]
         for axis, indices in sorted(cuts_, reverse=True):
             values = np.delete(values, sorted(indices), axis=axis)
         holders[name].values = np.ascontiguousarray(values)
-    tensors = graph.tensors()
+    namer = ir.Namer(graph)
+    for node, before, after in reshaped:
+        new = list(holders[node.inputs[0].name].values.shape)
+        target = np.array(after, np.int64)
+        target[[b for b, d in enumerate(after) if d != 1]] = [new[a] for a, d in enumerate(before) if d != 1]
+        node.inputs[1] = ir.const(namer(f"{node.name}_shape"), target)
     for node in list(graph.nodes):
         removed = {(i, key[1]): spaces[key] for i, t in enumerate(node.inputs) if t is not None
                    for key in [(t.name, a) for a in range(len(_shape(t) or ()))] if spaces.get(key)}
@@ -831,12 +846,7 @@ def remove_channels(graph: gs.Graph, cuts: Iterable[tuple[Group, Sequence[int]]]
                 for key in [(t.name, a) for a in range(len(_shape(t) or ()))] if spaces.get(key)}
         if removed or outs:
             _adjust(graph, node, removed, outs)
-    for key in spaces:  # sizes changed: let the runtime infer them again
-        tensor = tensors.get(key[0])
-        if isinstance(tensor, gs.Variable) and tensor.shape is not None:
-            shape = list(tensor.shape)
-            shape[key[1]] = shape[key[1]] - len(spaces[key]) if _known(shape[key[1]]) else shape[key[1]]
-            tensor.shape = shape
+    ir.forget_intermediate_types(graph, dtypes=False)  # sizes changed: the runtime infers them again
 
 
 def _adjust(graph: gs.Graph, node: gs.Node, removed: dict, outs: dict) -> None:

@@ -174,6 +174,18 @@ def sources(tensor: gs.Tensor, depth: int = 8) -> list[Source] | None:
                     a if a is not None and s.constant.values.shape[a] != 1 else None for a in s.axes)
                 found.append(Source(s.constant, axes))
         return found
+    if node.op in ("Reshape", "Unsqueeze", "Squeeze"):  # only adding or dropping unit axes (a bias made (1, C, 1, 1))
+        found = sources(node.inputs[0], depth - 1)
+        before, after = node.inputs[0].shape, tensor.shape
+        if found is None or before is None or after is None:
+            return None
+        kept_before = [a for a, d in enumerate(before) if d != 1]
+        kept_after = [a for a, d in enumerate(after) if d != 1]
+        if [before[a] for a in kept_before] != [after[a] for a in kept_after]:
+            return None
+        where = dict(zip(kept_after, kept_before))
+        return [Source(s.constant, tuple(s.axes[where[a]] if a in where else None for a in range(len(after))))
+                for s in found]
     if node.op == "Transpose":
         found = sources(node.inputs[0], depth - 1)
         if found is None:
