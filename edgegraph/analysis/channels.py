@@ -198,8 +198,8 @@ class _Builder:
                 return self.unknown(node)
             for b in range(rank):
                 a = b - (rank - len(tshape))
-                if a < 0 or tshape[a] == 1:
-                    continue
+                if a < 0 or tshape[a] == 1 != shape[b]:
+                    continue  # broadcast along the axis
                 if _known(shape[b]) and tshape[a] == shape[b]:
                     self.operand(node, index, a, ("t", out.name, b), _ident(shape[b]))
                 elif _known(shape[b]) or _known(tshape[a]):
@@ -509,6 +509,15 @@ class _Builder:
             self.block_tensor(x, f"{node.op} between shapes that cannot be matched")
             return self.block_tensor(y, f"{node.op} between shapes that cannot be matched")
         for ins, outs in blocks:
+            if len(ins) == 1 and len(outs) == 1:
+                self.link(("t", x.name, ins[0]), ("t", y.name, outs[0]), _ident(xshape[ins[0]]))
+                continue
+            for a in ins:
+                if xshape[a] == 1:
+                    self.block(("t", x.name, a), f"{node.op} drops a unit axis")
+            for b in outs:
+                if yshape[b] == 1:
+                    self.block(("t", y.name, b), f"{node.op} adds a unit axis")
             ins = [a for a in ins if xshape[a] != 1]
             outs = [b for b in outs if yshape[b] != 1]
             if not ins and not outs:
