@@ -445,7 +445,7 @@ def _per_channel(value: np.ndarray, channels: int, rank: int | None) -> np.ndarr
     value = np.asarray(value)
     if value.size == 1:
         return np.full(channels, float(value.reshape(())))
-    return ir.channel_vector(value, value.ndim if rank is None else rank, channels, channels_last=rank is None)
+    return layout.channel_vector(value, value.ndim if rank is None else rank, channels, channels_last=rank is None)
 
 
 def _channel_shape(link: _Link, original: np.ndarray) -> tuple[int, ...]:

@@ -76,6 +76,25 @@ class Layout:
         return self.out_major(weight)[None, :, :, None]
 
 
+def activation_axis(shape) -> int:
+    """The channel axis of an activation of `shape` (batch first) when nothing else says: 1 for
+    NCHW (rank 4), else the last (tokens, features)."""
+    return 1 if len(shape) == 4 else len(shape) - 1
+
+
+def channel_vector(value: np.ndarray, rank: int, channels: int, *, channels_last: bool = False) -> np.ndarray | None:
+    """`value` as a (channels,) float64 vector when, broadcast against an activation of `rank`
+    dims (N, C, ... or, channels last, N, ..., C), it varies along the channel axis only; else None."""
+    value = np.asarray(value)
+    if value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + value.shape
+    axis = rank - 1 if channels_last else 1
+    if shape[axis] not in (1, channels) or any(d != 1 for i, d in enumerate(shape) if i != axis):
+        return None
+    return np.broadcast_to(value.astype(np.float64).reshape(-1), (channels,)).copy()
+
+
 def of(node: gs.Node, ndim: int, index: int = 1) -> Layout | None:
     """The layout of input `index` (of rank `ndim`) of `node`, or None when it has no channel layout."""
     op = node.op

@@ -78,7 +78,7 @@ class FuseLinear(GraphPass):
         if lay is None:
             return None
         channels = lay.output_channels(weight.shape)
-        per_channel = ir.channel_vector(const, weight.ndim, channels)
+        per_channel = layout.channel_vector(const, weight.ndim, channels)
         if per_channel is None:
             return None
         w64 = weight.astype(np.float64)
