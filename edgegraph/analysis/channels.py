@@ -418,13 +418,16 @@ class _Builder:
         xshape, yshape = _shape(x), _shape(y)
         if xshape is None or yshape is None:
             return self.unknown(node)
-        sizes = node.inputs[3] if node.op == "Resize" and len(node.inputs) > 3 else None
+        sizes = node.inputs[3] if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name else None
+        if sizes is not None and ir.constant_value(sizes) is None:
+            self.block_tensor(x, f"{node.op} with computed output sizes")
+            return self.block_tensor(y, f"{node.op} with computed output sizes")
         for b in range(len(yshape)):
-            if _known(yshape[b]) and xshape[b] == yshape[b] and (sizes is None or not sizes.name):
+            if _known(yshape[b]) and xshape[b] == yshape[b]:
                 self.link(("t", x.name, b), ("t", y.name, b), _ident(yshape[b]))
             else:
-                self.block(("t", x.name, b), f"{node.op} resizes the axis or has fixed output sizes")
-                self.block(("t", y.name, b), f"{node.op} resizes the axis or has fixed output sizes")
+                self.block(("t", x.name, b), f"{node.op} resizes the axis")
+                self.block(("t", y.name, b), f"{node.op} resizes the axis")
 
     def pad(self, node: gs.Node) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -895,6 +898,11 @@ def _adjust(graph: gs.Graph, node: gs.Node, removed: dict, outs: dict) -> None:
             else:
                 _set_inputs(node, [node.inputs[0]] + [ir.const(namer(f"{node.name}_{what}"), np.array(v, np.int64))
                                                       for what, v in (("starts", starts), ("ends", ends), ("axes", axes))])
+    elif node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name:  # constant output sizes
+        sizes = np.array(ir.constant_value(node.inputs[3])).reshape(-1).copy()
+        for (_, axis), gone in outs.items():
+            sizes[axis] -= len(gone)
+        node.inputs[3] = ir.const(namer(f"{node.name}_sizes"), sizes.astype(np.int64))
     elif node.op == "Reshape":
         target = np.array(ir.constant_value(node.inputs[1])).reshape(-1).copy()
         for (_, axis), gone in outs.items():
