@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 from edgegraph import ir, runtime
