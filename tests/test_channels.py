@@ -134,6 +134,8 @@ def test_shared_model_groups_cut_exactly(path):
     start = time.perf_counter()
     found = channels.groups(model.graph)
     assert time.perf_counter() - start < 20
+    ends = {t.name for t in [*model.graph.inputs, *model.graph.outputs]}
+    assert not any(g.prunable and {name for name, _ in g.members} & ends for g in found)
     groups = [g for g in found if g.prunable and g.channels > 1]
     if not groups:
         pytest.skip(f"{path.name}: no prunable group ({'; '.join(sorted({r for g in found for r in g.reasons})[:3])})")
