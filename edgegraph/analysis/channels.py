@@ -724,6 +724,7 @@ def groups(graph: gs.Graph) -> list[Group]:
         todo.append(key)
         return True
 
+    # Follow the links from every layer's output channels, joining the channels they pair.
     for key in _seeds(graph, builder):
         activate(key)
     unsized: dict[Key, str] = {}
@@ -748,7 +749,7 @@ def groups(graph: gs.Graph) -> list[Group]:
         if out in offsets and sum(k in offsets for k in ins) != 1:
             blocks[out].append("Reshape merges axes that are not one channel axis")
 
-    # components -> groups of components touching the same spaces
+    # Each component is one removable channel; components touching the same spaces form a group.
     components: dict[int, dict[Key, list[int]]] = defaultdict(lambda: defaultdict(list))
     for key, start in offsets.items():
         for i in range(sizes[key]):
