@@ -177,25 +177,29 @@ class _Builder:
             return self.unknown(node)
         return handler(self, node)
 
-    def unknown(self, node: gs.Node) -> None:
+    def unknown(self, node: gs.Node, odd: bool = False) -> None:
+        """Block every tensor the node touches. `odd`: the op has a rule, but not for this node
+        (unknown shapes, an unusual rank, a second output in use)."""
         for t in node.inputs:
             if t is not None and t.name and not self.is_const(t):
-                self.block_tensor(t, f"read by an op with no rule: {node.op}")
+                self.block_tensor(t, f"{node.op} with unknown shapes or a form no rule covers" if odd
+                                  else f"read by an op with no rule: {node.op}")
         for t in node.outputs:
-            self.block_tensor(t, f"computed by an op with no rule: {node.op}")
+            self.block_tensor(t, f"{node.op} with unknown shapes or a form no rule covers" if odd
+                              else f"computed by an op with no rule: {node.op}")
 
     def broadcast(self, node: gs.Node) -> None:
         out = node.outputs[0]
         shape = _shape(out)
         if shape is None:
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         rank = len(shape)
         for index, tensor in enumerate(node.inputs):
             if tensor is None or not tensor.name:
                 continue
             tshape = _shape(tensor)
             if tshape is None:
-                return self.unknown(node)
+                return self.unknown(node, odd=True)
             for b in range(rank):
                 a = b - (rank - len(tshape))
                 if a < 0 or tshape[a] == 1 != shape[b]:
@@ -212,7 +216,7 @@ class _Builder:
         x, y = node.inputs[0], node.outputs[0]
         shape = _shape(y)
         if shape is None or any(o.outputs for o in node.outputs[1:]):
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         for b in range(len(shape)):
             if _known(shape[b]):
                 self.link(("t", x.name, b), ("t", y.name, b), _ident(shape[b]))
@@ -227,7 +231,7 @@ class _Builder:
         x, y = node.inputs[0], node.outputs[0]
         shape = _shape(y)
         if shape is None:
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         mixed = {a % len(shape) for a in axes}
         for b in range(len(shape)):
             if b in mixed:
@@ -286,7 +290,7 @@ class _Builder:
         a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
         ashape, bshape, yshape = _shape(a), _shape(b), _shape(y)
         if ashape is None or bshape is None or yshape is None or len(ashape) != 2 or len(bshape) != 2:
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         ta, tb = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
         k = ashape[0 if ta else 1]
         if _known(k):
@@ -307,7 +311,7 @@ class _Builder:
         a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
         ashape, bshape, yshape = _shape(a), _shape(b), _shape(y)
         if ashape is None or bshape is None or yshape is None or len(ashape) < 2 or len(bshape) < 2:
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         ra, rb, ry = len(ashape), len(bshape), len(yshape)
         k = ashape[-1]
         if _known(k):  # the contraction: A's columns go with B's rows
@@ -327,7 +331,7 @@ class _Builder:
         x, y = node.inputs[0], node.outputs[0]
         shape = _shape(y)
         if shape is None:
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         axis = int(node.attrs.get("axis", 1)) % max(len(shape), 1)
         for b in range(len(shape)):
             if _known(shape[b]):
@@ -342,13 +346,13 @@ class _Builder:
         y = node.outputs[0]
         shape = _shape(y)
         if shape is None or any(_shape(t) is None for t in node.inputs):
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         axis = int(node.attrs["axis"]) % len(shape)
         offset = 0
         for index, t in enumerate(node.inputs):
             n = _shape(t)[axis]
             if not _known(n):
-                return self.unknown(node)
+                return self.unknown(node, odd=True)
             for b in range(len(shape)):
                 if b == axis:
                     self.operand(node, index, b, ("t", y.name, b), lambda n=n, o=offset: (np.arange(n), o + np.arange(n)))
@@ -361,7 +365,7 @@ class _Builder:
         shape = _shape(x)
         sizes = _split_sizes(node, shape)
         if shape is None or sizes is None:
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         axis = int(node.attrs.get("axis", 0)) % len(shape)
         offset = 0
         for out, n in zip(node.outputs, sizes):
@@ -395,7 +399,7 @@ class _Builder:
         x, y = node.inputs[0], node.outputs[0]
         shape = _shape(y)
         if shape is None:
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         perm = node.attrs.get("perm") or list(range(len(shape)))[::-1]
         for b, a in enumerate(perm):
             if _known(shape[b]):
@@ -405,7 +409,7 @@ class _Builder:
         x, y = node.inputs[0], node.outputs[0]
         shape = _shape(y)
         if shape is None or any(o.outputs for o in node.outputs[1:]):
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         for b in range(len(shape)):
             if b < 2 and _known(shape[b]):
                 self.link(("t", x.name, b), ("t", y.name, b), _ident(shape[b]))
@@ -417,7 +421,7 @@ class _Builder:
         x, y = node.inputs[0], node.outputs[0]
         xshape, yshape = _shape(x), _shape(y)
         if xshape is None or yshape is None:
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         sizes = node.inputs[3] if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name else None
         if sizes is not None and ir.constant_value(sizes) is None:
             self.block_tensor(x, f"{node.op} with computed output sizes")
@@ -452,7 +456,7 @@ class _Builder:
         x, y = node.inputs[0], node.outputs[0]
         xshape = _shape(x)
         if xshape is None:
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         rank = len(xshape)
         axes = node.attrs.get("axes")
         if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
@@ -477,7 +481,7 @@ class _Builder:
         x, y = node.inputs[0], node.outputs[0]
         xshape, ishape = _shape(x), _shape(node.inputs[1])
         if xshape is None or ishape is None or self.is_const(x):
-            return self.unknown(node)
+            return self.unknown(node, odd=True)
         axis = int(node.attrs.get("axis", 0)) % len(xshape)
         for a in range(len(xshape)):
             if a == axis:
