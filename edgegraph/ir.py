@@ -990,19 +990,6 @@ def bypass(graph: gs.Graph, node: gs.Node, keep: int = 0) -> None:
     replace_all_uses(graph, result, source)
 
 
-def channel_vector(value: np.ndarray, rank: int, channels: int, *, channels_last: bool = False) -> np.ndarray | None:
-    """`value` as a (channels,) float64 vector when, broadcast against an activation of `rank`
-    dims (N, C, ... or, channels last, N, ..., C), it varies along the channel axis only; else None."""
-    value = np.asarray(value)
-    if value.ndim > rank:
-        return None
-    shape = (1,) * (rank - value.ndim) + value.shape
-    axis = rank - 1 if channels_last else 1
-    if shape[axis] not in (1, channels) or any(d != 1 for i, d in enumerate(shape) if i != axis):
-        return None
-    return np.broadcast_to(value.astype(np.float64).reshape(-1), (channels,)).copy()
-
-
 class Namer:
     """Fresh, deterministic tensor and node names that never collide with existing ones."""
 

@@ -38,6 +38,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime
+from edgegraph.analysis import layout
 from edgegraph.context import PassContext
 from edgegraph.errors import MissingRequirementError
 from edgegraph.ir import sort_nodes
@@ -75,19 +76,15 @@ class _Layer:
         return self.node.op
 
     @property
+    def lay(self) -> layout.Layout:
+        return layout.of(self.node, self.weight.ndim)
+
+    @property
     def out_major(self) -> np.ndarray:
-        if self.op == "Conv":
-            return self.weight.reshape(self.weight.shape[0], -1)
-        if self.op == "MatMul" or not self.node.attrs.get("transB", 0):
-            return self.weight.T  # (K, N) stored: output channel n is column n
-        return self.weight
+        return self.lay.out_major(self.weight)
 
     def _in_view(self) -> np.ndarray:
-        if self.op == "Conv":
-            groups = int(self.node.attrs.get("group", 1))
-            out, per_group = self.weight.shape[:2]
-            return self.weight.reshape(groups, out // groups, per_group, -1)
-        return self.out_major[None, :, :, None]
+        return self.lay.in_view(self.weight)
 
     @property
     def out_channels(self) -> int:
@@ -296,7 +293,7 @@ class _LinkFinder:
         bias = None
         if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
             bias = ir.folded_value(node.inputs[2], self.opset)
-            out = weight.shape[0] if node.op == "Conv" else weight.shape[0 if node.attrs.get("transB", 0) else 1]
+            out = layout.of(node, weight.ndim).output_channels(weight.shape)
             if bias is None or bias.size not in (1, out) or bias.size == 1 and out != 1 and node.op == "Conv":
                 return None
             if node.op == "Gemm" and (bias.ndim > 2 or bias.ndim == 2 and bias.shape[0] != 1):
@@ -450,7 +447,7 @@ def _per_channel(value: np.ndarray, channels: int, rank: int | None) -> np.ndarr
     value = np.asarray(value)
     if value.size == 1:
         return np.full(channels, float(value.reshape(())))
-    return ir.channel_vector(value, value.ndim if rank is None else rank, channels, channels_last=rank is None)
+    return layout.channel_vector(value, value.ndim if rank is None else rank, channels, channels_last=rank is None)
 
 
 def _channel_shape(link: _Link, original: np.ndarray) -> tuple[int, ...]:

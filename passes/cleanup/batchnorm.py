@@ -9,6 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir
+from edgegraph.analysis import layout
 from edgegraph.registry import register_pass
 
 from .common import (
@@ -59,17 +60,10 @@ class FoldBatchNorm(GraphPass):
         weight, bias, dtype = _weights(node)
         if weight is None or weight.ndim < 3:
             return False
-        transpose = node.op == "ConvTranspose"
-        group = int(node.attrs.get("group", 1))
-        channels = weight.shape[1] * group if transpose else weight.shape[0]
-        if scale.size != channels:
+        lay = layout.of(node, weight.ndim)
+        if lay is None or scale.size != lay.output_channels(weight.shape):
             return False
-        if transpose:  # W is (C_in, C_out / group, k...): output channel g*(C_out/g) + j
-            grouped = weight.reshape(group, weight.shape[0] // group, weight.shape[1], *weight.shape[2:])
-            new_w = grouped * scale.reshape(group, 1, weight.shape[1], *[1] * (weight.ndim - 2))
-            new_w = new_w.reshape(weight.shape)
-        else:
-            new_w = weight * scale.reshape(-1, *[1] * (weight.ndim - 1))
+        new_w = lay.scale_outputs(weight, scale)
         new_b = (bias if bias is not None else 0.0) * scale + shift
         new_w, new_b = new_w.astype(dtype), np.asarray(new_b, dtype=np.float64).astype(dtype)
         if not affordable(graph, node.inputs[1:] + bn.inputs[1:], [node, bn], [new_w, new_b]):
@@ -81,8 +75,8 @@ class FoldBatchNorm(GraphPass):
         weight = value(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None or weight.dtype not in WIDE_FLOATS or weight.ndim != 2:
             return False
-        trans_b = int(node.attrs.get("transB", 0))
-        columns = weight.shape[0] if trans_b else weight.shape[1]
+        lay = layout.of(node, weight.ndim)
+        columns = lay.output_channels(weight.shape)
         if scale.size != columns:
             return False
         beta = float(node.attrs.get("beta", 1.0))
@@ -91,7 +85,7 @@ class FoldBatchNorm(GraphPass):
         # C must be a scalar or a row (N,) / (1, N); a per-row C would not stay a bias.
         if c is None or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1) or c.size not in (1, columns):
             return False
-        new_w = weight.astype(np.float64) * (scale[:, None] if trans_b else scale[None, :])
+        new_w = lay.scale_outputs(weight.astype(np.float64), scale)
         new_c = beta * c.astype(np.float64).reshape(-1) * scale + shift
         new_w, new_c = new_w.astype(weight.dtype), new_c.astype(weight.dtype)
         if not affordable(graph, node.inputs[1:] + bn.inputs[1:], [node, bn], [new_w, new_c]):

@@ -10,6 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir
+from edgegraph.analysis import layout
 from edgegraph.registry import register_pass
 
 from .common import (
@@ -73,10 +74,11 @@ class FuseLinear(GraphPass):
         bias = value(bias_t) if bias_t is not None else None
         if bias_t is not None and (bias is None or bias.dtype != weight.dtype):
             return None
-        group = int(conv.attrs.get("group", 1))
-        transpose = conv.op == "ConvTranspose"
-        channels = weight.shape[1] * group if transpose else weight.shape[0]
-        per_channel = ir.channel_vector(const, weight.ndim, channels)
+        lay = layout.of(conv, weight.ndim)
+        if lay is None:
+            return None
+        channels = lay.output_channels(weight.shape)
+        per_channel = layout.channel_vector(const, weight.ndim, channels)
         if per_channel is None:
             return None
         w64 = weight.astype(np.float64)
@@ -85,7 +87,7 @@ class FuseLinear(GraphPass):
             new_w, new_b = None, b64 + per_channel if node.op == "Add" else b64 - per_channel
         else:
             factor = per_channel if node.op == "Mul" else 1.0 / per_channel
-            new_w, new_b = _scale_output_channels(w64, factor, group, transpose), b64 * factor
+            new_w, new_b = lay.scale_outputs(w64, factor), b64 * factor
         new_w = None if new_w is None else new_w.astype(weight.dtype)
         new_b = new_b.astype(weight.dtype)
         replaced = [bias_t, node.inputs[1 - side]] + ([] if new_w is None else [conv.inputs[1]])
@@ -207,16 +209,6 @@ def _variable_side(node: gs.Node) -> int | None:
     if consts == [True, False]:
         return 1
     return None
-
-
-def _scale_output_channels(weight: np.ndarray, factor: np.ndarray, group: int, transpose: bool) -> np.ndarray:
-    if not transpose:  # (C_out, C_in / group, k...)
-        return weight * factor.reshape(-1, *[1] * (weight.ndim - 1))
-    # ConvTranspose: (C_in, C_out / group, k...); output channel g * (C_out / group) + j
-    per_group = weight.shape[1]
-    grouped = weight.reshape(group, weight.shape[0] // group, per_group, *weight.shape[2:])
-    scaled = grouped * factor.reshape(group, 1, per_group, *[1] * (weight.ndim - 2))
-    return scaled.reshape(weight.shape)
 
 
 def _pad_params(pad: gs.Node) -> tuple[list[int] | None, float | None, str]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgegraph.analysis import layout
 from edgegraph.passes.quant.numerics import QType, scale_zero_point
 
 BINS = 2048  # per side of zero
@@ -128,7 +129,7 @@ class ChannelMoments:
     @staticmethod
     def channel_axis(shape: Sequence[int]) -> int:
         """The channel axis of a tensor of `shape` (batch first): 1 for an NCHW activation, else the last."""
-        return 1 if len(shape) == 4 else len(shape) - 1
+        return layout.activation_axis(shape)
 
     @staticmethod
     def channel_ids(shape: Sequence[int], positions: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir
+from edgegraph.analysis import layout
 
 ANCHORS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 FLOAT_OUTPUT_OK = frozenset({"Gemm", "MatMul"})  # ORT fuses these without a Q on the output
@@ -96,28 +97,19 @@ def is_float(tensor: gs.Tensor) -> bool:
 
 def weight_axis(node: gs.Node, weight: np.ndarray) -> int | None:
     """The output-channel axis of a weight, where per-channel scales go (None: per tensor only)."""
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":  # (C_in, C_out / group, k...): per channel only without groups
-        return 1 if node.attrs.get("group", 1) == 1 else None
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    if node.op == "MatMul":
-        return weight.ndim - 1 if weight.ndim == 2 else None
-    return None
+    if node.op == "MatMul" and weight.ndim != 2:
+        return None
+    lay = layout.of(node, weight.ndim) if node.op in _LINEAR else None
+    return lay.out_axis if lay is not None and lay.per_axis else None
 
 
 def output_channels(node: gs.Node, weight: np.ndarray) -> int | None:
     """Number of output channels of a Conv / ConvTranspose / Gemm with this constant weight."""
-    if weight.ndim < 2:
-        return None
-    if node.op == "Conv":
-        return weight.shape[0]
-    if node.op == "ConvTranspose":
-        return weight.shape[1] * int(node.attrs.get("group", 1))
-    if node.op == "Gemm":
-        return weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1]
-    return None
+    lay = layout.of(node, weight.ndim) if node.op in _LINEAR and node.op != "MatMul" else None
+    return None if lay is None else lay.output_channels(weight.shape)
+
+
+_LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def constant_input(node: gs.Node, index: int) -> np.ndarray | None:
