@@ -751,12 +751,21 @@ def _set_aside_computable_types(proto: onnx.ModelProto) -> list[tuple[int, onnx.
 
 def _restore_types(proto: onnx.ModelProto, saved: list[tuple[int, onnx.ValueInfoProto]], *, only_missing: bool) -> None:
     """Put back what `_set_aside_computable_types` took out: all of it, or (`only_missing`, into
-    an inferred model) the declarations of tensors inference found no type for."""
+    an inferred model) the declarations of tensors inference found no shape for."""
     graphs = list(validate.graphs(proto)) if saved else []
-    known = [{v.name for v in g.value_info if v.type.WhichOneof("value")} for g in graphs] if only_missing else []
+    found = [{v.name: v for v in g.value_info} for g in graphs] if only_missing else []
     for g, info in saved:
-        if not only_missing or info.name not in known[g]:
+        inferred = found[g].get(info.name) if only_missing else None
+        if inferred is None:
             graphs[g].value_info.append(info)
+        elif not _has_shape(inferred.type):  # (onnx found the element type only)
+            inferred.CopyFrom(info)
+
+
+def _has_shape(type_proto: onnx.TypeProto) -> bool:
+    """A type that says more than an element type (a tensor's shape, or a non-tensor type)."""
+    kind = type_proto.WhichOneof("value")
+    return kind is not None and (kind != "tensor_type" or type_proto.tensor_type.HasField("shape"))
 
 
 def _set_aside_output_shapes(proto: onnx.ModelProto) -> list[tuple[int, int, onnx.TensorShapeProto]]:
@@ -861,9 +870,11 @@ def _defined_names(graph: onnx.GraphProto) -> Iterator[str]:
 def fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> None:
     """Make the named graph inputs static (`--fix-shape`) and re-infer shapes downstream.
 
-    A symbolic dim names one size wherever it appears, so fixing `input [batch, 32]` to 1x32
-    also fixes `state [2, batch, 16]` to 2x1x16 (giving that symbol two sizes is an error).
-    Check the result in onnxruntime with `pipeline.check_specialisation`.
+    A symbolic dim names one size in all inputs, so fixing `input [batch, 32]` to 1x32 also
+    fixes `state [2, batch, 16]` to 2x1x16 (giving that symbol two sizes in two inputs is an
+    error). Within one input a repeated name is no constraint (paddle2onnx writes `?` for both H
+    and W of `x [-1, 3, ?, ?]`), and names exporters write for "unknown" (`?`, `unk__N`) tie
+    nothing. Check the result in onnxruntime with `pipeline.check_specialisation`.
     """
     inputs = {t.name: t for t in model.graph.inputs}
     symbols: dict[str, tuple[int, str]] = {}  # symbol -> (size, the input that fixed it)
@@ -876,19 +887,24 @@ def fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> None:
         for axis, (was, now) in enumerate(zip(old or [], shape)):
             if isinstance(was, int) and was > 0 and was != now:
                 raise EdgegraphError(f"--fix-shape: input '{name}' axis {axis} is fixed to {was}, got {now}")
-            if isinstance(was, str) and was:
+            if _shared_symbol(was):
                 size, by = symbols.setdefault(was, (int(now), name))
-                if size != now:
+                if size != now and by != name:
                     raise EdgegraphError(f"--fix-shape: dim '{was}' of inputs '{by}' and '{name}' must be the same "
                                          f"size, got {size} and {now}")
         inputs[name].shape = [int(d) for d in shape]
     for tensor in model.graph.inputs:
         if tensor.name not in shapes and tensor.shape is not None:
-            tensor.shape = [symbols[d][0] if isinstance(d, str) and d in symbols else d for d in tensor.shape]
+            tensor.shape = [symbols[d][0] if _shared_symbol(d) and d in symbols else d for d in tensor.shape]
     # Shapes inferred before (value_info, in subgraphs too) may carry the old symbolic or stale
     # sizes, which onnxruntime then checks outputs against: forget them so inference is fresh.
     forget_intermediate_types(model.graph, dtypes=False)
     model.refresh_shapes()
+
+
+def _shared_symbol(dim) -> bool:
+    """A dim name that stands for one size wherever it appears (not an exporter's "unknown")."""
+    return isinstance(dim, str) and dim not in ("", "?", "None") and not dim.startswith("unk__")
 
 
 def forget_intermediate_types(graph: gs.Graph, *, dtypes: bool) -> None:
