@@ -4,6 +4,8 @@ memory that does not grow with the number of samples."""
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -240,6 +242,32 @@ def test_memory_stays_bounded_on_deeplab():
     assert dense > 40 * many, (dense, many)
     assert grams[layers[0]].rows == 32 * 33 * 33  # 1x1 Conv at output stride 8
     assert grams[layers[0]].xtx.shape == (512, 512) and grams[layers[2]].xtx.shape == (480, 9, 9)
+
+
+RSS_SCRIPT = """
+import resource, sys
+import numpy as np, onnx
+from edgegraph.analysis import capture
+proto = onnx.load(sys.argv[1])
+layers = sys.argv[2].split(",")
+rng = np.random.default_rng(0)
+for samples in (4, 32):
+    batches = ({"sub_7": (rng.standard_normal((1, 257, 257, 3)) * 0.5).astype(np.float32)} for _ in range(samples))
+    capture.grams(proto, layers, batches)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_process_peak_memory_does_not_grow_with_samples_on_deeplab():
+    """The whole process (onnxruntime's arena included): the peak after 4 samples and after 32 more
+    is the same, about 215 MB measured, where the dense design matrices of 32 samples are 1.4 GB."""
+    proto = onnx.load(require_shared(DEEPLAB))
+    layers = _deeplab_layers(proto)
+    run = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(DEEPLAB), ",".join(layers)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    few, many = (int(line) * 1024 for line in run.stdout.split())
+    assert many - few < 4 * 2**20, (few, many)
+    assert many < 260 * 2**20, many
 
 
 def test_gram_on_deeplab_equals_dense():

@@ -215,13 +215,12 @@ class Probe:
         if layer.op_type in ("Gemm", "MatMul"):
             shape = self._weight_shape(layer)
             if layer.op_type == "Gemm":
-                x = layer.input[0]
-                if attrs.get("transA", 0):
-                    x = self._node("Transpose", [x], perm=[1, 0])
                 width, outputs = shape[::-1] if attrs.get("transB", 0) else shape
+                if attrs.get("transA", 0):  # A is [K, M]: features first already
+                    return self._reshape(layer.input[0], [1, 1, width, -1]), 1, outputs
             else:
-                x, (width, outputs) = layer.input[0], shape[-2:]
-            return self._rows_to_features(x, width), 1, outputs
+                width, outputs = shape[-2:]
+            return self._rows_to_features(layer.input[0], width), 1, outputs
         if layer.op_type != "Conv":
             raise ValueError(f"capture: no Gram matrix for {layer.op_type} node {layer.name!r} (Gemm, MatMul, Conv)")
         shape = self._weight_shape(layer)  # [O, C/G, k...]
