@@ -261,9 +261,12 @@ class CalibrationData:
         count = -(-count // group) * group
 
         def shape_of(spec: InputSpec) -> tuple[int, ...]:
-            dims = list(spec.shape or ())
-            if axes[spec.name] is not None and spec.shape:  # the batch axis, which `batches` adds
-                del dims[axes[spec.name]]  # (an input of unknown shape gets a vector: samples are scalars)
+            if spec.shape is None:
+                raise CalibrationDataError(f"cannot make random inputs for input '{spec.name[:80]}': it is declared "
+                                           "without a shape (give data with --calib, or --fix-shape)")
+            dims = list(spec.shape)
+            if axes[spec.name] is not None:  # the batch axis, which `batches` adds
+                del dims[axes[spec.name]]
             # (0 too is a fixed size: an empty dim)
             return tuple(d if isinstance(d, int) and d >= 0 else dynamic_dim for d in dims)
 

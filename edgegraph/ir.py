@@ -86,20 +86,22 @@ class Model:
         """
         return self._rebuilt(infer=False, share=False)
 
-    def refresh_shapes(self) -> None:
+    def refresh_shapes(self, *, what: str | None = None) -> None:
         """Re-run shape inference, e.g. after a pass created tensors without shapes.
 
         The graph is rebuilt: gs objects held from before the call belong to the old graph.
+        `what` names a model being loaded: declared output shapes that contradict inference
+        are then refused (see `infer_shapes`).
         """
-        self.graph = self._rebuilt(infer=True, share=True).graph
+        self.graph = self._rebuilt(infer=True, share=True, what=what).graph
 
-    def _rebuilt(self, *, infer: bool, share: bool) -> Model:
+    def _rebuilt(self, *, infer: bool, share: bool, what: str | None = None) -> Model:
         # Export without the weights (cheap even for a multi-GB model), re-import, then hand the
         # weights to the new graph's constants.
         weights = _weights(self)
         with _detached(weights):
             proto = self.to_proto()
-        rebuilt = from_proto(infer_shapes(proto) if infer else proto, infer=False)
+        rebuilt = from_proto(infer_shapes(proto, what=what) if infer else proto, infer=False)
         rebuilt.value_info = self.value_info
         by_name = {c.name: c for c in weights}
         for tensor in _constants(rebuilt):
@@ -159,7 +161,7 @@ def from_proto(proto: onnx.ModelProto, *, infer: bool = True) -> Model:
     graph = gs.import_onnx(proto)
     for tensor in _constants_of(graph, attributes=True):
         if type(tensor._values) is SparseValues:
-            tensor._values = _Sparse(tensor._values.tensor)
+            _read_sparse(tensor)
     unwritable = {v.name: v.type for v in _value_infos(proto) if not _gs_can_write(v.type)}
     if unwritable:
         for g in iter_graphs(graph):
@@ -237,7 +239,7 @@ def load(source, *, infer: bool = True, base_dir: str | os.PathLike[str] | None 
         model = from_proto(proto, infer=False)
         _map_external_data(model, folder, what)
         if infer:
-            model.refresh_shapes()
+            model.refresh_shapes(what=what)
     except UnicodeDecodeError as exc:  # graphsurgeon decodes string attributes (bytes in ONNX) as UTF-8
         raise ModelLoadError(f"{what} has a name or text field that is not valid UTF-8 "
                              f"(byte {exc.object[exc.start:exc.start + 1]!r})") from None
@@ -300,9 +302,23 @@ def _inline(tensor: onnx.TensorProto, source: validate.ExternalData) -> None:
 
 class _Sparse(SparseValues):
     """Sparse values that load whatever field holds them (graphsurgeon reads only the typed
-    fields, so raw_data, what numpy_helper writes, came out as zeros)."""
+    fields, so raw_data, what numpy_helper writes, came out as zeros).
+
+    gs replaces a constant's lazy values by the array they load as soon as a pass reads them,
+    and would then write the weight dense. The array loaded is kept (`dense`, read-only, so it
+    cannot change behind our back): while a constant still holds it, `sparse_source` finds the
+    sparse proto and the export writes that instead (`_exportable`).
+    """
+
+    dense: np.ndarray | None = None
 
     def load(self):
+        if self.dense is None:
+            self.dense = self._load()
+            self.dense.flags.writeable = False
+        return self.dense
+
+    def _load(self):
         sparse = self.tensor
         values = onnx.numpy_helper.to_array(sparse.values)
         dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
@@ -313,6 +329,43 @@ class _Sparse(SparseValues):
             else:
                 dense[tuple(indices.T)] = values
         return dense
+
+
+_SPARSE = "_edgegraph_sparse"  # gs constant attribute: the `_Sparse` values it was read with
+
+
+def _read_sparse(constant: gs.Constant) -> None:
+    """Give a sparse initializer the form it takes least room in: dense when that is not larger
+    (a weight half zeros: 4 bytes a value against 4 + 8 for value and index), which also lets
+    onnx's shape inference and checker read it (they do not take sparse inputs); else sparse,
+    and written sparse again as long as no pass changes its values."""
+    sparse = _Sparse(constant._values.tensor)
+    constant._values = sparse
+    parts = (sparse.tensor.values, sparse.tensor.indices)
+    # (parts in external data are read only through `_map_external_data`'s rule, later)
+    if not any(map(validate.uses_external_data, parts)) and sparse.nbytes <= stored_nbytes(constant):
+        constant._values = sparse.load()  # (gs's nbytes: the dense shape's)
+    else:
+        setattr(constant, _SPARSE, sparse)
+
+
+def sparse_source(constant: gs.Constant) -> SparseValues | None:
+    """The sparse initializer whose values `constant` still holds (None if it is dense, or a
+    pass gave it other values)."""
+    values = constant._values
+    if isinstance(values, SparseValues):
+        return values
+    source = getattr(constant, _SPARSE, None)
+    return source if source is not None and values is source.dense else None
+
+
+def stored_nbytes(constant: gs.Constant) -> int:
+    """Bytes a constant's values take in the file: a sparse one's non-zero values and indices
+    (what a rewrite that stops reading it frees), a dense one's array."""
+    sparse = sparse_source(constant)
+    if sparse is not None:
+        return sum(validate.tensor_bytes(part) or 0 for part in (sparse.tensor.values, sparse.tensor.indices))
+    return int(constant._values.nbytes)
 
 
 # Types stored packed, several values to a byte, while numpy holds one value per byte.
@@ -349,7 +402,7 @@ def proto_size(model) -> int:
     proto is measured only when the payload leaves room for it to matter.
     """
     if isinstance(model, Model):
-        return sum(_nbytes(c) for c in _constants(model) if not isinstance(c._values, SparseValues))
+        return sum(stored_nbytes(c) for c in _constants(model))
     payload = sum(_payload_bytes(t) for t in validate.tensors(model))
     if payload < PROTO_LIMIT // 8:
         return model.ByteSize()
@@ -401,7 +454,7 @@ def _weights(model: Model) -> list[gs.Constant]:
     for c in constants:
         names[c.name] = names.get(c.name, 0) + 1
     return [c for c in constants if names[c.name] == 1 and _nbytes(c) >= DETACH_BYTES and _detachable(c._values)
-            and _exports_as_stored(c)]
+            and _exports_as_stored(c) and sparse_source(c) is None]
 
 
 def _exports_as_stored(constant: gs.Constant) -> bool:
@@ -439,17 +492,21 @@ def _exportable(model: Model):
 
     * a 4-bit initializer that a pass read is a numpy array of one value per byte, which gs
       would write unpacked (a tensor onnx rejects): it gets its packed proto back (for good);
+    * a sparse initializer that a pass read, but did not change, is written sparse again;
     * tensors of a type gs cannot export (optional, map, sequences of those, opaque) have no
       dtype meanwhile, so gs writes them untyped; the `restore` yielded puts back the type they
       were read with (`from_proto` keeps it), or an optional type made from their dtype.
     """
-    saved, types = [], {}
+    saved, types, dense = [], {}, []
     for graph in iter_graphs(model.graph):
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Constant):
                 values = tensor._values
                 if isinstance(values, np.ndarray) and values.dtype.itemsize == 1 and values.dtype.name in _4BIT_NAMES:
                     tensor._values = LazyValues(onnx.numpy_helper.from_array(values, tensor.name))
+                elif isinstance(values, np.ndarray) and (sparse := sparse_source(tensor)) is not None:
+                    dense.append((tensor, values))
+                    tensor._values = sparse
             elif hasattr(tensor, _KEPT_TYPE) or (tensor.dtype is not None and tensor.type not in _GS_EXPORTS):
                 if hasattr(tensor, _KEPT_TYPE):
                     types[tensor.name] = getattr(tensor, _KEPT_TYPE)
@@ -467,6 +524,8 @@ def _exportable(model: Model):
     finally:
         for tensor, dtype in saved:
             tensor.dtype = dtype
+        for tensor, values in dense:
+            tensor._values = values
 
 
 def _is_detached(constant: gs.Constant) -> bool:
@@ -626,19 +685,24 @@ def _write_proto(proto: onnx.ModelProto, path: Path) -> None:
     path.write_bytes(data)
 
 
-def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+def infer_shapes(proto: onnx.ModelProto, *, what: str | None = None) -> onnx.ModelProto:
     """Shape inference that degrades instead of failing (custom domains, symbolic dims, subgraphs).
 
     Data propagation is tried first because it resolves Shape->Gather->Reshape chains; some
     exporter output makes it throw, in which case plain inference, and then none, is used.
+    With `what` (the model's name, when it is loaded), a graph output (of the main graph or a
+    subgraph) declared with a size that contradicts the computed one is refused
+    (`validate.check_declared_shape`): onnx would only note it, keep the declared size, and
+    the model written would fail the onnx checker.
     """
     if proto_size(proto) > PROTO_LIMIT:  # onnx cannot take it in memory; infer without the weights
         model = from_proto(proto, infer=False)
         if proto_size(model.to_proto(weights=False)) > PROTO_LIMIT:  # weights that cannot be left out
             logger.warning("shape inference skipped: the model is too big for onnx even without its weights")
             return proto
-        model.refresh_shapes()
+        model.refresh_shapes(what=what)
         return model.to_proto()
+    declared = _set_aside_output_shapes(proto)
     lent = _lend_outer_constants(proto)
     try:
         for data_prop in (True, False):
@@ -649,11 +713,67 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
                 logger.debug("shape inference (data_prop=%s) failed: %s", data_prop, exc)
                 continue
             _take_back(inferred, lent)
+            _merge_output_shapes(inferred, declared, what)
             return inferred
     finally:
         _take_back(proto, lent)
+        _merge_output_shapes(proto, declared, None, computed=False)
     logger.warning("shape inference failed; continuing with the shapes stored in the model")
     return proto
+
+
+def _set_aside_output_shapes(proto: onnx.ModelProto) -> list[tuple[int, int, onnx.TensorShapeProto]]:
+    """Take the declared shapes off the graph outputs that no node reads (main graph and
+    subgraphs), so that inference writes there the shapes it computes: where they differ, onnx
+    keeps the declared one and says nothing. Returns (graph, output, shape) indices for
+    `_merge_output_shapes`, graphs in `validate.graphs` order."""
+    saved = []
+    for g, graph in enumerate(validate.graphs(proto)):
+        if not isinstance(graph, onnx.GraphProto):
+            continue  # (a function's outputs have no types)
+        read = {name for node in graph.node for name in node.input}
+        read |= {name for node in graph.node for sub in validate.subgraphs(node) for name in validate.names_read(sub)}
+        for o, output in enumerate(graph.output):
+            tensor_type = output.type.tensor_type if output.type.WhichOneof("value") == "tensor_type" else None
+            if tensor_type is not None and tensor_type.HasField("shape") and output.name not in read:
+                shape = onnx.TensorShapeProto()
+                shape.CopyFrom(tensor_type.shape)
+                tensor_type.ClearField("shape")
+                saved.append((g, o, shape))
+    return saved
+
+
+def _merge_output_shapes(proto: onnx.ModelProto, declared: list, what: str | None, *, computed: bool = True) -> None:
+    """Put the declared output shapes back into `proto`, merged as onnx merges them with the
+    computed ones found there (`computed`): a computed size fills or replaces a symbolic or
+    unknown dim; where the two contradict, the declared shape is kept, or, with `what`,
+    refused by `validate.check_declared_shape`."""
+    graphs = list(validate.graphs(proto)) if declared else []
+    for g, o, shape in declared:
+        output = graphs[g].output[o]
+        found = output.type.tensor_type
+        if computed and found.HasField("shape"):
+            if what is not None:
+                validate.check_declared_shape(output.name, g == 0, shape, found.shape, what)
+            merged = _merged_shape(shape, found.shape)
+            shape = merged if merged is not None else shape
+        found.shape.CopyFrom(shape)
+
+
+def _merged_shape(declared: onnx.TensorShapeProto, computed: onnx.TensorShapeProto) -> onnx.TensorShapeProto | None:
+    """onnx's merge of a computed shape into a declared one; None where they differ."""
+    if len(declared.dim) != len(computed.dim):
+        return None
+    merged = onnx.TensorShapeProto()
+    merged.CopyFrom(declared)
+    for dim, source in zip(merged.dim, computed.dim):
+        if source.HasField("dim_value"):
+            if dim.HasField("dim_value") and dim.dim_value != source.dim_value:
+                return None
+            dim.dim_value = source.dim_value
+        elif not dim.HasField("dim_value") and not dim.HasField("dim_param") and source.HasField("dim_param"):
+            dim.dim_param = source.dim_param
+    return merged
 
 
 # Integer constants up to this many elements (axes, shapes, pads): what shape inference reads.

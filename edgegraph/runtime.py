@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from edgegraph import ir
-from edgegraph.errors import CalibrationDataError, shown
+from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def input_specs(proto: onnx.ModelProto | ir.Model | ort.InferenceSession) -> lis
 
     From a session no model is exported or read again; an input declared without a shape then
     reads as a scalar's `()` rather than None.
+    An input of type optional(tensor) is fed a tensor (its spec is the tensor's); inputs that
+    hold no tensor (sequences, maps) cannot be fed: EdgegraphError.
     """
     if isinstance(proto, ort.InferenceSession):
         return [InputSpec(i.name, _ort_dtype(i.type), tuple(i.shape)) for i in proto.get_inputs()]
@@ -85,7 +87,14 @@ def input_specs(proto: onnx.ModelProto | ir.Model | ort.InferenceSession) -> lis
     for value in proto.graph.input:
         if value.name in initializers:
             continue
-        tensor_type = value.type.tensor_type
+        type_proto = value.type
+        if type_proto.WhichOneof("value") == "optional_type":
+            type_proto = type_proto.optional_type.elem_type
+        kind = type_proto.WhichOneof("value")
+        if kind not in ("tensor_type", None):  # (None: a type left empty, read as a float tensor)
+            raise EdgegraphError(f"input '{value.name[:80]}' is of type {_type_text(value.type)}: only tensor "
+                                 "inputs (plain or optional) can be fed, others are not supported")
+        tensor_type = type_proto.tensor_type
         shape = None
         if tensor_type.HasField("shape"):
             shape = tuple(
@@ -96,11 +105,26 @@ def input_specs(proto: onnx.ModelProto | ir.Model | ort.InferenceSession) -> lis
     return specs
 
 
+def _type_text(type_proto: onnx.TypeProto) -> str:
+    """onnxruntime's name of a type, e.g. optional(tensor(float)) or sequence(tensor(int64))."""
+    kind = type_proto.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        elem = getattr(type_proto, kind).elem_type
+        name = onnx.TensorProto.DataType.Name(elem).lower() if elem in onnx.TensorProto.DataType.values() else str(elem)
+        return f"{kind.removesuffix('_type')}({name})"
+    if kind in ("optional_type", "sequence_type"):
+        return f"{kind.removesuffix('_type')}({_type_text(getattr(type_proto, kind).elem_type)})"
+    return kind.removesuffix("_type") if kind else "unknown"
+
+
 def _ort_dtype(type_name: str) -> np.dtype:
-    # onnxruntime names types after TensorProto's, e.g. "tensor(float16)" for FLOAT16.
+    # onnxruntime names types after TensorProto's, e.g. "tensor(float16)" for FLOAT16, and
+    # "optional(tensor(float))" for an optional one (fed a tensor).
+    if type_name.startswith("optional("):
+        type_name = type_name.removeprefix("optional(").removesuffix(")")
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.DataType.Value(type_name[7:-1].upper())))
-    except (KeyError, ValueError, TypeError):  # sequences, maps, optional types
+    except (KeyError, ValueError, TypeError):  # sequences, maps
         return np.dtype(np.float32)
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from edgegraph import ir, runtime, validate, verify
 from edgegraph.analysis import capture
@@ -241,9 +240,8 @@ def count_params(graph: gs.Graph) -> tuple[int, int]:
             count = math.prod(value_shape)
             nbits = next((u for u, slots in uses if u.op == "MatMulNBits" and 1 in slots), None)
             elements += nbits.attrs["K"] * nbits.attrs["N"] if nbits is not None else count
-            values = tensor._values if isinstance(tensor, gs.Constant) else None
-            if isinstance(values, SparseValues):  # bytes as stored: the non-zero values and their indices
-                nbytes += sum(validate.tensor_bytes(t) or 0 for t in (values.tensor.values, values.tensor.indices))
+            if isinstance(tensor, gs.Constant) and ir.sparse_source(tensor) is not None:
+                nbytes += ir.stored_nbytes(tensor)  # bytes as stored: the non-zero values and their indices
             else:
                 nbytes += count * dtype.itemsize
     return elements, nbytes

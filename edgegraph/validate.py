@@ -252,6 +252,10 @@ def _initializer_raw_lengths(raw: bytes) -> list[int | None]:
     return lengths
 
 
+# The typed value fields of a TensorProto (raw_data and external data are the other two places).
+_VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
 def _check_tensor(tensor: TensorProto, folder: Path | None, what: str, raw_length: int | None = None) -> None:
     name = f"'{_short(tensor.name)}'"
     if tensor.data_type not in _KNOWN_TYPES:
@@ -260,6 +264,14 @@ def _check_tensor(tensor: TensorProto, folder: Path | None, what: str, raw_lengt
         raise ModelLoadError(f"{what}: tensor {name} has negative dims {_short(str(list(tensor.dims)))}")
     if tensor.HasField("segment"):
         raise ModelLoadError(f"{what}: tensor {name} is a segment of a larger tensor (not supported)")
+    fields = [f for f in _VALUE_FIELDS if len(getattr(tensor, f))]  # (repeated fields: no copy)
+    if tensor.HasField("raw_data") and (len(tensor.raw_data) if raw_length is None else raw_length):
+        fields.append("raw_data")
+    if uses_external_data(tensor):
+        fields.append("external data")
+    if len(fields) > 1:  # which one holds the values? Readers differ (the onnx checker refuses it)
+        raise ModelLoadError(f"{what}: tensor {name} has its values in more than one field "
+                             f"({', '.join(fields)}); ONNX allows one")
     if uses_external_data(tensor):
         external_data(tensor, folder, what)
         return
@@ -505,6 +517,27 @@ def names_read(graph: onnx.GraphProto) -> set[str]:
         for sub in subgraphs(node):
             reads |= names_read(sub)
     return reads
+
+
+def check_declared_shape(name: str, main: bool, declared: onnx.TensorShapeProto, computed: onnx.TensorShapeProto,
+                         what: str) -> None:
+    """Refuse a graph output declared with a shape that contradicts the one shape inference
+    computes (`ir.infer_shapes` calls this at load): another rank, or a size >= 0 where the
+    other says another size >= 0. Symbolic, unknown and negative (dynamic) dims agree with anything."""
+    def size(dim):
+        return dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0 else None
+
+    if len(declared.dim) == len(computed.dim) and all(
+            size(a) is None or size(b) is None or size(a) == size(b) for a, b in zip(declared.dim, computed.dim)):
+        return
+    where = "graph output" if main else "subgraph output"
+    raise ModelLoadError(f"{what}: {where} '{_short(name)}' is declared with shape {_shape_text(declared)}, but "
+                         f"its computed shape is {_shape_text(computed)}")
+
+
+def _shape_text(shape: onnx.TensorShapeProto) -> str:
+    dims = [str(d.dim_value) if d.HasField("dim_value") else _short(d.dim_param, 20) or "?" for d in shape.dim[:9]]
+    return "[" + ", ".join(dims) + (", ..." if len(shape.dim) > 9 else "") + "]"
 
 
 # ---------------------------------------------------------------------------------------------

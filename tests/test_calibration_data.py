@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from PIL import Image
 
 from edgegraph import context, errors, registry, runtime, verify
 from edgegraph.cli import main
 from edgegraph.context import CalibrationData
 from edgegraph.runtime import InputSpec
-from fixtures.recurrent import CHUNK, FEATURES, HIDDEN, RATES, vad_model, vad_stream
+from fixtures.recurrent import RATES, vad_flat_model, vad_model, vad_stream
 
 
 def save_model(path: Path, shape=("batch", 3), op: str = "Relu") -> Path:
@@ -407,53 +407,6 @@ def test_quant_runs_on_the_vad_model(capsys, tmp_path):
     code = main([str(a) for a in opt(tmp_path, model, "-p", "cleanup,quant", "--calib", data)])
     err = capsys.readouterr().err
     assert code == 0 or code == 2 and "nothing" in err, err  # never an internal error
-
-
-def vad_flat_model(seed: int = 0) -> onnx.ModelProto:
-    """`vad_model` without the If: the rate picks a projection through Where, so quant has
-    MatMuls to quantize around a state [2, batch, 16] and a scalar sr."""
-    rng = np.random.default_rng(seed)
-
-    def weight(name, *shape):
-        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
-
-    nodes = [
-        helper.make_node("Equal", ["sr", "rate16k"], ["is16k"]),
-        helper.make_node("MatMul", ["input", "Wproj16"], ["f16"]),
-        helper.make_node("MatMul", ["input", "Wproj8"], ["f8"]),
-        helper.make_node("Where", ["is16k", "f16", "f8"], ["feat"]),
-        helper.make_node("Unsqueeze", ["feat", "axis0"], ["x_seq"]),
-        helper.make_node("Gather", ["state", "zero"], ["h"], axis=0),
-        helper.make_node("Gather", ["state", "one"], ["c"], axis=0),
-        helper.make_node("Unsqueeze", ["h", "axis0"], ["h0"]),
-        helper.make_node("Unsqueeze", ["c", "axis0"], ["c0"]),
-        helper.make_node("LSTM", ["x_seq", "W", "R", "B", "", "h0", "c0"], ["Y", "Y_h", "Y_c"], hidden_size=HIDDEN),
-        helper.make_node("Squeeze", ["Y_h", "axis0"], ["h_new"]),
-        helper.make_node("MatMul", ["h_new", "Wout"], ["logit"]),
-        helper.make_node("Sigmoid", ["logit"], ["output"]),
-        helper.make_node("Concat", ["Y_h", "Y_c"], ["stateN"], axis=0),
-    ]
-    initializers = [
-        weight("Wproj16", CHUNK, FEATURES), weight("Wproj8", CHUNK, FEATURES), weight("W", 1, 4 * HIDDEN, FEATURES),
-        weight("R", 1, 4 * HIDDEN, HIDDEN), weight("B", 1, 8 * HIDDEN), weight("Wout", HIDDEN, 1),
-        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
-        numpy_helper.from_array(np.array(0, np.int64), "zero"),
-        numpy_helper.from_array(np.array(1, np.int64), "one"),
-        numpy_helper.from_array(np.array(RATES[0], np.int64), "rate16k"),
-    ]
-    graph = helper.make_graph(
-        nodes, "vad_flat",
-        [helper.make_tensor_value_info("sr", TensorProto.INT64, []),  # a scalar first: no len() of it
-         helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", CHUNK]),
-         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", HIDDEN])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
-         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", HIDDEN])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def test_quant_calibrates_a_stateful_model_and_holds_up_on_held_out_frames(capsys, tmp_path):

@@ -180,6 +180,57 @@ def test_batchnorms_after_convs_sharing_a_weight_do_not_copy_it():
     assert "BatchNormalization" not in {n.op_type for n in folded.graph.node}
 
 
+def sparse_weights_model() -> tuple[onnx.ModelProto, dict]:
+    """Convs with sparse-initializer weights: W1 a tenth non-zero (sparse is the smaller form),
+    W1b a copy of it, W2 half non-zero (dense is smaller: 4 bytes a value against 4 + 8)."""
+    rng = np.random.default_rng(0)
+
+    def weight(shape, density):
+        return rng.standard_normal(shape).astype(np.float32) * (rng.random(shape) < density)
+
+    def sparse(name, array):
+        flat = array.reshape(-1)
+        indices = np.flatnonzero(flat).astype(np.int64)
+        return helper.make_sparse_tensor(numpy_helper.from_array(flat[indices], name),
+                                         numpy_helper.from_array(indices, ""), list(array.shape))
+
+    w1 = weight((32, 16, 3, 3), 0.1)
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c1", "b1"], ["a1"]),  # fuse-linear reads W1 and keeps it
+        helper.make_node("Conv", ["x", "W1b"], ["c2"], pads=[1, 1, 1, 1]),  # dedup: W1b is W1
+        helper.make_node("Add", ["a1", "c2"], ["s"]),
+        helper.make_node("Conv", ["s", "W2"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "sparse_weights", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((1, 32, 1, 1)).astype(np.float32), "b1")],
+        sparse_initializer=[sparse("W1", w1), sparse("W1b", w1.copy()), sparse("W2", weight((16, 32, 3, 3), 0.5))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model, {"x": rng.standard_normal((1, 16, 8, 8)).astype(np.float32)}
+
+
+def test_sparse_weights_go_through_cleanup_in_their_smaller_form(tmp_path):
+    model, feeds = sparse_weights_model()
+    onnx.save(model, tmp_path / "sparse.onnx")
+    # Was exit 1: "pass 1 'cleanup' failed: AttributeError: data_location" (dedup read the
+    # sparse proto as a dense one).
+    assert main(["opt", str(tmp_path / "sparse.onnx"), "-p", "cleanup", "-o", str(tmp_path / "out.onnx"),
+                 "--runs", "0", "--quiet"]) == 0
+    cleaned = onnx.load(tmp_path / "out.onnx")
+    assert_same(model, cleaned, feeds)
+    # W1 stays sparse although fuse-linear read it; its copy W1b is gone; W2 is written dense.
+    assert [s.values.name for s in cleaned.graph.sparse_initializer] == ["W1"]
+    assert cleaned.graph.sparse_initializer[0] == model.graph.sparse_initializer[0]  # (field by field)
+    assert {"W2"} <= {t.name for t in cleaned.graph.initializer} and "W1b" not in str(cleaned.graph)
+    saved = stored_bytes(model) - stored_bytes(cleaned)
+    assert 14_000 < saved < 16_000, saved  # W1b (~7.3 KB) and W2 as dense (~6.9 KB less)
+    assert (tmp_path / "out.onnx").stat().st_size < (tmp_path / "sparse.onnx").stat().st_size
+
+
 SHARED = shared_model_paths()
 
 

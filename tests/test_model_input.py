@@ -227,6 +227,34 @@ def test_every_shared_model_loads_and_checking_is_cheap():
     assert min(checks) < 0.5 * min(loads), (checks, loads)
 
 
+def test_declared_output_shapes_that_agree_with_inference_load(tmp_path):
+    """Only sizes that contradict count (see hostile's *_contradicts): symbolic, unknown and -1
+    dims, outputs without a shape and outputs of custom ops are fine, and keep what they said."""
+    relu = onnx.helper.make_node("Relu", ["x"], ["y"])
+    custom = onnx.helper.make_node("Frob", ["x"], ["z"], domain="com.example")
+    for declared in (["n"], [None], [-1], None, [16]):
+        graph = onnx.helper.make_graph(
+            [relu, custom], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [16])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, declared),
+             onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [3, 5])])
+        proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                             onnx.helper.make_opsetid("com.example", 1)])
+        outputs = {t.name: t.shape for t in ir.load(proto).graph.outputs}
+        # As onnx merges them: a computed size fills a symbolic or unknown dim, not a -1.
+        assert outputs == {"y": [-1] if declared == [-1] else [16], "z": [3, 5]}, declared
+
+
+def test_every_shared_model_loads_with_shape_inference():
+    """The declared-shape check runs in the one inference at load; no real model contradicts."""
+    paths = sorted(MODELS.glob("*/*.onnx")) if MODELS.is_dir() else []
+    if not paths:
+        pytest.skip("no shared models")
+    for path in paths:
+        model = ir.load(path)
+        declared = onnx.load(path, load_external_data=False).graph.output
+        assert [t.name for t in model.graph.outputs] == [o.name for o in declared], path
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Fields that used to crash
 
@@ -279,6 +307,40 @@ def test_optional_types_are_kept(tmp_path):
         y, has = sess.run(None, {"x": x})
         np.testing.assert_array_equal(y, x)
         assert has
+
+
+def test_an_optional_tensor_input_is_fed_a_tensor(tmp_path, capfd):
+    """optional(tensor) inputs take random tensors for verification and timing (was exit 1:
+    IndexError, from a spec without dtype or shape)."""
+    model = tmp_path / "optional.onnx"
+    model.write_bytes(hostile.optional_io().SerializeToString())
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli(["opt", str(model), "-p", "cleanup", "-o", str(out), "--runs", "1", "--warmup", "0"], capfd)
+    assert code == 0, err
+    assert runtime_specs(out) == [("x", np.dtype(np.float32), (4,))]
+    code, stdout, err = run_cli(["bench", str(model), str(out), "--runs", "1", "--warmup", "0"], capfd)
+    assert code == 0 and "latency at x=4" in stdout, err
+
+
+def runtime_specs(path: Path) -> list[tuple]:
+    from edgegraph import runtime
+
+    model = onnx.load(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert runtime.input_specs(session) == runtime.input_specs(model)  # from the session and from the proto
+    return [(s.name, s.dtype, s.shape) for s in runtime.input_specs(model)]
+
+
+@pytest.mark.parametrize("command", ["opt", "bench"])
+@pytest.mark.parametrize("case, words", [
+    ("sequence_input", "input 's' is of type sequence(tensor(float)): only tensor inputs (plain or optional)"),
+    ("unranked_input", "cannot make random inputs for input 'x': it is declared without a shape"),
+])
+def test_inputs_that_random_data_cannot_feed_are_refused(root, capfd, case, words, command):
+    model = root / "model" / "model.onnx"
+    model.parent.mkdir()
+    model.write_bytes(getattr(hostile, case)().SerializeToString())
+    assert_refused(COMMANDS[command](model, root), root, capfd, words=[words])
 
 
 def test_weights_that_cannot_be_left_out_do_not_recurse(monkeypatch, caplog):

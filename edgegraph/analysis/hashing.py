@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from edgegraph import ir
 
@@ -34,6 +34,8 @@ def constant_key(tensor: gs.Constant) -> tuple | None:
     """(dtype, shape, export dtype, digest of the bytes) of an initializer, without decoding odd
     dtypes; None when its bytes are not in memory (external data) or not numeric."""
     source = tensor._values
+    if isinstance(source, SparseValues):  # (its proto is a SparseTensorProto): compare the dense values
+        source = source.load()
     if isinstance(source, LazyValues):
         proto = source.tensor
         if proto.data_location == onnx.TensorProto.EXTERNAL:

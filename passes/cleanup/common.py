@@ -114,9 +114,9 @@ def value(tensor: gs.Tensor | None) -> np.ndarray | None:
 
 
 def nbytes(tensor: gs.Tensor) -> int:
-    """Bytes of a constant's values (initializer or Constant node output); 0 for computed tensors."""
+    """Bytes a constant (initializer or Constant node output) takes in the file; 0 for computed tensors."""
     if isinstance(tensor, gs.Constant):
-        return int(getattr(tensor._values, "nbytes", 0))
+        return ir.stored_nbytes(tensor)
     array = value(tensor)
     return 0 if array is None else array.nbytes
 
