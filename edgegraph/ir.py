@@ -1113,8 +1113,9 @@ def to_networkx(graph: gs.Graph) -> nx.DiGraph:
     return dag
 
 
-# Ops whose output is not a function of their inputs: never evaluate them offline.
-_NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+# Ops whose output is not a function of their inputs: never evaluated offline, never merged.
+NONDETERMINISTIC = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"})
 
 
 def folded_value(tensor: gs.Tensor, opset: int, max_nodes: int = 16) -> np.ndarray | None:
@@ -1140,7 +1141,7 @@ def folded_value(tensor: gs.Tensor, opset: int, max_nodes: int = 16) -> np.ndarr
             leaves[current.name] = value
             continue
         node = producer(current)
-        if (node is None or not is_standard(node) or node.op in _NONDETERMINISTIC
+        if (node is None or not is_standard(node) or node.op in NONDETERMINISTIC
                 or subgraphs(node)):
             return None
         if id(node) not in nodes:

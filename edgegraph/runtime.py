@@ -1,4 +1,5 @@
-"""onnxruntime sessions, feeds, activation capture and latency: the one place that runs models."""
+"""onnxruntime sessions, feeds and latency: the one place that runs models (statistics of
+intermediate tensors are captured by edgegraph.analysis.capture on top of it)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from edgegraph import ir
@@ -219,37 +218,6 @@ def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
             exposed.graph.output.append(onnx.ValueInfoProto(name=name))
             present.add(name)
     return exposed
-
-
-@contextmanager
-def _exposing(graph: gs.Graph, names: Iterable[str]):
-    """While active, `graph` also returns the named tensors (`with_outputs` for a gs graph)."""
-    present = {t.name for t in graph.outputs}
-    tensors = graph.tensors()
-    # An unknown name still becomes an output, so that ORT reports it as with_outputs would.
-    added = [tensors[name] if name in tensors else gs.Variable(name) for name in dict.fromkeys(names)
-             if name not in present]
-    graph.outputs.extend(added)
-    try:
-        yield
-    finally:
-        del graph.outputs[len(graph.outputs) - len(added):]
-
-
-def capture(model, tensors: Sequence[str], batches: Iterable[Feeds], *, threads: int = 0) -> Iterator[Feeds]:
-    """Stream the values of intermediate `tensors` over calibration batches, one batch at a time.
-
-    The caller reduces each batch (histograms, Gram matrices, ...) so memory stays bounded by one
-    batch of activations rather than the whole calibration set.
-    """
-    if isinstance(model, ir.Model):
-        with _exposing(model.graph, tensors):  # no copy of the model: a big one reaches ORT as a file
-            sess = session(model, threads=threads)
-    else:
-        sess = session(with_outputs(model, tensors), threads=threads)
-    specs = input_specs(sess)
-    for batch in batches:
-        yield run(sess, adapt_feeds(specs, batch), tensors)
 
 
 def latency_ms(model, feeds: Feeds, *, runs: int = 20, warmup: int = 3, threads: int = 1) -> float:

@@ -23,6 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, validate, verify
+from edgegraph.analysis import capture
 from edgegraph.context import CalibrationData
 from edgegraph.errors import CalibrationDataError, EdgegraphError
 
@@ -201,7 +202,7 @@ def observed_shapes(model: ir.Model, feeds: runtime.Feeds) -> dict[str, tuple[in
     if not names:
         return {}
     try:
-        values = next(runtime.capture(model, names, [feeds], threads=1))
+        values = next(capture.stream(model, names, [feeds], threads=1))
     except Exception as exc:  # noqa: BLE001 - ORT errors: the shapes stay unknown
         logger.debug("could not observe shapes: %s", exc)
         return {}

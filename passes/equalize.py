@@ -38,7 +38,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime
-from edgegraph.analysis import layout
+from edgegraph.analysis import capture, layout
 from edgegraph.context import PassContext
 from edgegraph.errors import MissingRequirementError
 from edgegraph.ir import sort_nodes
@@ -670,7 +670,7 @@ def _calibrated_minimums(model: ir.Model, tensors: list[gs.Tensor], ctx: PassCon
     lows: dict[str, np.ndarray] = {}
     data = ctx.calibration
     batches = ctx.progress_bar(data.batches(batch), total=-(-len(data) // batch), desc="equalize: bias ranges")
-    for values in runtime.capture(model, names, batches, threads=ctx.threads):
+    for values in capture.stream(model, names, batches, threads=ctx.threads):
         for name, array in values.items():
             axis = 1 if array.ndim >= 3 else array.ndim - 1
             low = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1).min(axis=1).astype(np.float64)

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import DATA, MODELS, require_shared
 from edgegraph import ir, runtime
+from edgegraph.analysis import capture
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.errors import MissingRequirementError, PassOptionError
 from edgegraph.passes.quant import calibrate, numerics
@@ -97,7 +98,7 @@ def test_bias_quantization_uses_product_of_scales():
 def test_streaming_histogram_equals_direct_histogram():
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal(5000) * s for s in (0.5, 2.0, 9.0)]  # the range grows twice
-    stats = calibrate.RangeStats()
+    stats = capture.RangeStats()
     for b in batches:
         stats.update(b)
     everything = np.concatenate(batches).astype(np.float32)
@@ -111,7 +112,7 @@ def test_streaming_histogram_equals_direct_histogram():
 def test_range_methods_clip_outliers_but_minmax_does_not():
     rng = np.random.default_rng(1)
     values = np.concatenate([rng.standard_normal(200_000), [40.0, -35.0]]).astype(np.float32)
-    stats = calibrate.RangeStats()
+    stats = capture.RangeStats()
     stats.update(values)
     qt = numerics.qtype("uint8")
     assert calibrate.activation_range(stats, "minmax", qt, False) == (-35.0, 40.0)
@@ -128,7 +129,7 @@ def test_range_methods_clip_outliers_but_minmax_does_not():
 
 def test_mse_range_through_silu_clips_the_flat_negative_side():
     rng = np.random.default_rng(2)
-    stats = calibrate.RangeStats()
+    stats = capture.RangeStats()
     stats.update(np.concatenate([rng.standard_normal(100_000) * 3, rng.uniform(-60, -20, 2000)]).astype(np.float32))
     qt = numerics.qtype("uint8")
     plain = calibrate.activation_range(stats, "mse", qt, False)
@@ -399,14 +400,14 @@ def test_channel_moments_measure_how_much_variation_a_step_drowns():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.standard_normal(1000) * 10, 3 + rng.standard_normal(1000) * 0.01,
                              np.full(1000, 7.0)])  # a wide channel, a nearly constant one, a dead one
-    moments = calibrate.ChannelMoments(3)
+    moments = capture.ChannelMoments(3)
     moments.update(values, np.repeat(np.arange(3), 1000))
     assert moments.coarse_fraction(0.001) < 0.01  # fine steps: nothing drowns
     assert moments.coarse_fraction(1.0) == pytest.approx(0.5, abs=0.01)  # the narrow channel drowns, the dead one is ignored
     shape = (2, 3, 4, 5)
-    assert np.array_equal(calibrate.ChannelMoments.channel_ids(shape, np.arange(120)),
+    assert np.array_equal(capture.ChannelMoments.channel_ids(shape, np.arange(120)),
                           np.broadcast_to(np.arange(3)[None, :, None], (2, 3, 20)).ravel())
-    assert np.array_equal(calibrate.ChannelMoments.channel_ids((7, 5), np.arange(10)), np.arange(10) % 5)
+    assert np.array_equal(capture.ChannelMoments.channel_ids((7, 5), np.arange(10)), np.arange(10) % 5)
 
 
 def test_coarse_tensors_stay_float_when_that_pays():

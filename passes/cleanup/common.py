@@ -19,14 +19,10 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from edgegraph import ir
-from edgegraph.ir import STANDARD_DOMAINS, is_standard  # noqa: F401 - the cleanup passes import it from here
+from edgegraph.ir import NONDETERMINISTIC, STANDARD_DOMAINS, is_standard  # noqa: F401 - the cleanup passes import them from here
 from edgegraph.ir import sort_nodes
 from edgegraph.passbase import Pass, PassResult, drop_dead_nodes
 
-# Ops whose result differs between two evaluations: never folded, never merged.
-NONDETERMINISTIC = frozenset(
-    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
-)
 # Quantization boundaries are kept: runtimes pattern-match DequantizeLinear -> op -> QuantizeLinear.
 KEEP_UNFOLDED = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 # numpy dtypes whose arithmetic we trust for rewriting weights (fp16 rounding would exceed tolerances).

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from edgegraph import ir
+from edgegraph.analysis.hashing import Hasher, constant_key
 from edgegraph.passbase import PassResult
 from edgegraph.registry import register_pass
 
@@ -101,28 +98,6 @@ def _drop_uncalled_functions(root: gs.Graph) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def constant_key(tensor: gs.Constant) -> tuple | None:
-    """(dtype, shape, digest of the bytes) of an initializer, without decoding odd dtypes."""
-    source = tensor._values
-    if isinstance(source, SparseValues):  # (its proto is a SparseTensorProto): compare the dense values
-        source = source.load()
-    if isinstance(source, LazyValues):
-        proto = source.tensor
-        if proto.data_location == onnx.TensorProto.EXTERNAL:
-            return None
-        data = proto.raw_data if proto.HasField("raw_data") else onnx.numpy_helper.to_array(proto).tobytes()
-        dtype = ("onnx", int(proto.data_type))
-        shape = tuple(int(d) for d in proto.dims)
-    else:
-        array = np.asarray(source, order="C")
-        if array.dtype.kind not in "biufc":
-            return None
-        data, shape = array.tobytes(), array.shape
-        dtype = ("onnx", int(onnx.helper.np_dtype_to_tensor_dtype(array.dtype)))
-    export = getattr(tensor, "_export_dtype", None)
-    return dtype, shape, repr(export), hashlib.blake2b(data, digest_size=16).digest()
-
-
 @register_pass
 @dataclass(frozen=True)
 class DedupInitializers(GraphPass):
@@ -190,13 +165,16 @@ class CommonSubexpressions(GraphPass):
 
     def rewrite(self, graph: gs.Graph, model: ir.Model) -> Counter:
         toposort(graph)
-        const_keys: dict[int, tuple | None] = {}
-        seen: dict[tuple, gs.Node] = {}
+        # Small constants compare by value; large ones by identity (dedup-initializers, which runs
+        # first in `cleanup`, already made equal weights one tensor). What is never merged never
+        # compares equal, so neither does anything computed from it.
+        hasher = Hasher(graph, opaque=lambda n: not self._mergeable(n), max_value_bytes=CSE_VALUE_BYTES)
+        seen: dict[bytes, gs.Node] = {}
         merged = Counter()
         for node in list(graph.nodes):
-            key = self._key(node, const_keys)
-            if key is None:
+            if not self._mergeable(node):
                 continue
+            key = hasher.node(node)
             first = seen.setdefault(key, node)
             if first is node:
                 continue
@@ -207,28 +185,9 @@ class CommonSubexpressions(GraphPass):
         return merged
 
     @staticmethod
-    def _key(node: gs.Node, const_keys: dict) -> tuple | None:
-        if (not is_standard(node) or node.op in NONDETERMINISTIC or node.op == "Dropout" or has_subgraph(node)
-                or not node.outputs):
-            return None
-        inputs = []
-        for t in node.inputs:
-            if is_empty(t):
-                inputs.append(None)
-            elif isinstance(t, gs.Constant):
-                # Small constants compare by value; large ones by identity (dedup-initializers,
-                # which runs first in `cleanup`, already made equal weights one tensor).
-                if id(t) not in const_keys:
-                    small = getattr(t._values, "nbytes", CSE_VALUE_BYTES + 1) <= CSE_VALUE_BYTES
-                    const_keys[id(t)] = constant_key(t) if small else None
-                ck = const_keys[id(t)]
-                inputs.append(("const", ck) if ck is not None else ("id", id(t)))
-            else:
-                inputs.append(("id", id(t)))
-        attrs = _attrs_key(node.attrs, const_keys)
-        if attrs is None:
-            return None
-        return node.op, node.domain or "", attrs, tuple(inputs), len(node.outputs)
+    def _mergeable(node: gs.Node) -> bool:
+        return (is_standard(node) and node.op not in NONDETERMINISTIC and node.op != "Dropout"
+                and not has_subgraph(node) and bool(node.outputs))
 
     @staticmethod
     def _merge(graph: gs.Graph, keep: gs.Node, drop: gs.Node) -> bool:
@@ -241,29 +200,3 @@ class CommonSubexpressions(GraphPass):
         drop.inputs.clear()
         drop.outputs.clear()
         return True
-
-
-def _attrs_key(attrs: dict, const_keys: dict) -> tuple | None:
-    items = []
-    for name in sorted(attrs):
-        v = attrs[name]
-        if isinstance(v, gs.Constant):
-            if id(v) not in const_keys:
-                const_keys[id(v)] = constant_key(v)
-            if const_keys[id(v)] is None:
-                return None
-            v = ("tensor", const_keys[id(v)])
-        elif isinstance(v, gs.Graph):
-            return None
-        elif isinstance(v, gs.Node.AttributeRef):
-            v = ("ref", v.name, repr(v.type))
-        elif isinstance(v, np.ndarray):
-            v = ("array", v.dtype.str, v.shape, v.tobytes())
-        elif isinstance(v, list | tuple):
-            if any(isinstance(x, gs.Graph | gs.Constant) for x in v):
-                return None
-            v = ("list", repr(list(v)))
-        else:
-            v = (type(v).__name__, repr(v))
-        items.append((name, v))
-    return tuple(items)

@@ -1,9 +1,8 @@
 """Measurements on calibration data that steer quantization.
 
-Reading whole intermediate tensors out of onnxruntime costs more than computing them, so every
-measurement here is a `Probe`: a copy of the model with extra reduction nodes (min / max, a
-strided sample, per-channel means, energies) whose small outputs are read batch by batch.
-Memory does not grow with the number of samples, and the model runs at its normal speed.
+Every measurement here is an `edgegraph.analysis.capture.Probe`: a copy of the model with extra
+reduction nodes whose small outputs are read batch by batch, so memory does not grow with the
+number of samples.
 
   calibration      min, max and a sample of each tensor (histograms are built from the sample)
   paired errors    the float and the quantized model in one graph: signal and noise energy per
@@ -19,131 +18,16 @@ from __future__ import annotations
 import collections
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from edgegraph import runtime, verify
+from edgegraph import verify
+from edgegraph.analysis.capture import Probe
 from edgegraph.runtime import Feeds
-
-INT64_MAX = np.iinfo(np.int64).max
-
-
-class Probe:
-    """A copy of `proto` to which reductions of its tensors are added as extra outputs."""
-
-    def __init__(self, proto: onnx.ModelProto):
-        self.model = onnx.ModelProto()
-        self.model.CopyFrom(proto)
-        self.graph = self.model.graph
-        self.opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 13)
-        self.inputs = {i.name for i in self.graph.input}
-        self._count = 0
-        self._flat: dict[str, str] = {}
-        self.outputs: list[str] = []
-
-    def _fresh(self, stem: str) -> str:
-        self._count += 1
-        return f"__probe{self._count}_{stem}"
-
-    def _const(self, values: np.ndarray) -> str:
-        name = self._fresh("const")
-        self.graph.initializer.append(numpy_helper.from_array(np.asarray(values), name))
-        return name
-
-    def _node(self, op: str, inputs: Sequence[str], **attrs) -> str:
-        out = self._fresh(op)
-        self.graph.node.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
-        return out
-
-    def _reduce(self, op: str, tensor: str, axes: Sequence[int] | None = None) -> str:
-        if axes is None:
-            return self._node(op, [tensor], keepdims=0)
-        if self.opset >= 18 or (op == "ReduceSum" and self.opset >= 13):  # axes became an input
-            return self._node(op, [tensor, self._const(np.array(axes, dtype=np.int64))], keepdims=0)
-        return self._node(op, [tensor], axes=list(axes), keepdims=0)
-
-    def _flatten(self, tensor: str) -> str:
-        if tensor not in self._flat:
-            self._flat[tensor] = self._node("Reshape", [tensor, self._const(np.array([-1], dtype=np.int64))])
-        return self._flat[tensor]
-
-    def output(self, name: str) -> str:
-        self.graph.output.append(onnx.ValueInfoProto(name=name))  # ORT infers the type
-        self.outputs.append(name)
-        return name
-
-    # -- reductions ----------------------------------------------------------------------------
-
-    def minimum(self, tensor: str) -> str:
-        return self.output(self._reduce("ReduceMin", self._flatten(tensor)))
-
-    def maximum(self, tensor: str) -> str:
-        return self.output(self._reduce("ReduceMax", self._flatten(tensor)))
-
-    def sample(self, tensor: str, step: int) -> str:
-        """Every `step`-th element of the flattened tensor."""
-        if step <= 1:
-            return self.output(self._flatten(tensor))
-        starts, ends = self._const(np.array([0], np.int64)), self._const(np.array([INT64_MAX], np.int64))
-        axes, steps = self._const(np.array([0], np.int64)), self._const(np.array([step], np.int64))
-        return self.output(self._node("Slice", [self._flatten(tensor), starts, ends, axes, steps]))
-
-    def energy(self, tensor: str, minus: str | None = None) -> str:
-        """Sum of squares of `tensor` (or of tensor - minus)."""
-        x = tensor if minus is None else self._node("Sub", [tensor, minus])
-        return self.output(self._reduce("ReduceSumSquare", self._flatten(x)))
-
-    def activation(self, tensor: str, kind: tuple[str, float, float] | None) -> str:
-        """`tensor` passed through an activation (name, alpha, beta) as placement.reader_activation
-        names it; the tensor itself for None."""
-        if kind is None:
-            return tensor
-        name, alpha, beta = kind
-        if name in ("sigmoid", "tanh", "relu"):
-            return self._node(name.capitalize(), [tensor])
-        if name == "hardsigmoid":
-            return self._node("HardSigmoid", [tensor], alpha=alpha, beta=beta)
-        gate = self._node("Sigmoid", [tensor]) if name == "silu" else self._node(
-            "HardSigmoid", [tensor], alpha=alpha, beta=beta)
-        return self._node("Mul", [tensor, gate])
-
-    def channel_sum(self, tensor: str, minus: str, rank: int, axis: int = 1) -> str:
-        """Per-channel sum over every other axis of tensor - minus."""
-        diff = self._node("Sub", [tensor, minus])
-        return self.output(self._reduce("ReduceSum", diff, [a for a in range(rank) if a != axis % rank]))
-
-    # -- running -------------------------------------------------------------------------------
-
-    def run(self, batches: Iterable[Feeds], threads: int = 0, optimize: bool | str = True) -> Iterator[Feeds]:
-        """The probe outputs for each batch. With all ORT optimizations (measured fastest: ORT keeps
-        probed tensors intact; a quantized model runs its integer kernels, as deployed)."""
-        for _, outputs in self.run_with_feeds(batches, threads, optimize):
-            yield outputs
-
-    def run_with_feeds(self, batches: Iterable[Feeds], threads: int = 0,
-                       optimize: bool | str = True) -> Iterator[tuple[Feeds, Feeds]]:
-        """(feeds, probe outputs) per batch, reading each batch once."""
-        sess = runtime.session(self.model, threads=threads, optimize=optimize)
-        specs = runtime.input_specs(self.model)
-        for batch in batches:
-            feeds = runtime.adapt_feeds(specs, batch)
-            yield feeds, runtime.run(sess, feeds, self.outputs)
-
-
-def sample_step(elements_per_sample: int, target: int = 8192) -> int:
-    """A prime stride that keeps about `target` elements per sample (primes avoid sampling one
-    column of an image over and over)."""
-    step = max(1, elements_per_sample // target)
-    if step <= 2:
-        return step
-    while any(step % p == 0 for p in range(2, int(step**0.5) + 1)):
-        step += 1
-    return step
-
 
 # ---------------------------------------------------------------------------------------------
 # Paired float / quantized errors
@@ -308,5 +192,5 @@ def optimized_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in optimized.graph.node))
 
 
-__all__ = ["ErrorSums", "Probe", "add_float_twins", "mean_layer_errors", "optimized_op_counts", "output_agreement",
-           "paired_errors", "paired_model", "sample_step"]
+__all__ = ["ErrorSums", "add_float_twins", "mean_layer_errors", "optimized_op_counts", "output_agreement",
+           "paired_errors", "paired_model"]

@@ -1,9 +1,5 @@
-"""Activation statistics over calibration batches, and the ways to turn them into ranges.
-
-`RangeStats` keeps, per tensor, the exact min / max and a histogram whose memory does not depend
-on how many batches are seen: it covers [-R, R] with 2 * BINS equal bins (0 is always a bin edge)
-and, when a batch exceeds R, doubles R by merging neighbouring bins, which is exact because the
-edges line up. Large tensors are subsampled (deterministically) for the histogram only.
+"""The ways to turn activation statistics (`edgegraph.analysis.capture.RangeStats`: exact min / max
+and a fixed-size histogram per tensor) into quantization ranges.
 
 Range methods (`activation_range`):
   minmax      observed min / max
@@ -16,163 +12,16 @@ Range methods (`activation_range`):
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from edgegraph.analysis import layout
+from edgegraph.analysis.capture import BINS, RangeStats
 from edgegraph.passes.quant.numerics import QType, scale_zero_point
 
-BINS = 2048  # per side of zero
-HIST_SAMPLES = 1 << 18  # histogram elements taken from one tensor of one batch
 METHODS = ("minmax", "percentile", "mse", "entropy")
 AUTO_METHODS = ("mse", "entropy", "percentile")  # tried in this order by method=auto; ties keep the first
-
-
-class RangeStats:
-    """Streaming min / max / histogram of one tensor."""
-
-    def __init__(self) -> None:
-        self.min = math.inf
-        self.max = -math.inf
-        self.count = 0
-        self.limit = 0.0  # R: the histogram covers [-R, R]
-        self.hist = np.zeros(2 * BINS, dtype=np.int64)
-
-    def update(self, values: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
-        """Add a batch of values. `lo` / `hi` are the batch's exact extremes when `values` is only
-        a sample of it (the histogram is built from the sample, the range from the extremes)."""
-        x = np.asarray(values).ravel()
-        if x.dtype != np.float32:
-            x = x.astype(np.float32)
-        if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-            x = x[np.isfinite(x)]  # inf / nan never set a range
-            lo = hi = None
-        if lo is None or hi is None:
-            if x.size == 0:
-                return
-            lo, hi = float(x.min()), float(x.max())
-        lo, hi = float(lo), float(hi)
-        self.min, self.max = min(self.min, lo), max(self.max, hi)
-        if x.size > HIST_SAMPLES:
-            x = x[:: -(-x.size // HIST_SAMPLES)]
-        self._grow(max(-lo, hi))
-        if self.limit == 0.0:  # all zeros so far
-            self.hist[BINS] += x.size
-        else:
-            # Non-finite values (only possible without lo / hi) were dropped above; others lie in range.
-            index = ((x + np.float32(self.limit)) * np.float32(BINS / self.limit)).astype(np.int64)
-            np.minimum(index, 2 * BINS - 1, out=index)
-            np.maximum(index, 0, out=index)
-            self.hist += np.bincount(index, minlength=2 * BINS)
-        self.count += x.size
-
-    def _grow(self, absmax: float) -> None:
-        if absmax <= self.limit:
-            return
-        if self.limit == 0.0:
-            zeros = self.hist.sum()
-            self.hist[:] = 0
-            self.limit = absmax
-            self.hist[BINS] = zeros  # the exact zeros seen so far go to the bin just above 0
-            return
-        factor = 1 << math.ceil(math.log2(absmax / self.limit))
-        if factor >= 2 * BINS:
-            negative, positive = self.hist[:BINS].sum(), self.hist[BINS:].sum()
-            self.hist[:] = 0
-            self.hist[BINS - 1], self.hist[BINS] = negative, positive
-        else:
-            merged = self.hist.reshape(-1, factor).sum(axis=1)
-            self.hist[:] = 0
-            offset = BINS - merged.size // 2
-            self.hist[offset:offset + merged.size] = merged
-        self.limit *= factor
-
-    @property
-    def empty(self) -> bool:
-        return self.count == 0 and self.min > self.max
-
-    def merge_from(self, other: RangeStats) -> None:
-        """Add another tensor's statistics (tensors that share one scale)."""
-        if other.empty:
-            return
-        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
-        self._grow(other.limit)
-        hist = other.hist
-        if other.limit and other.limit < self.limit:
-            hist = _rebin(other.hist, other.limit, self.limit)
-        self.hist += hist
-        self.count += other.count
-
-    def fraction_above(self, value: float) -> float:
-        """Fraction of the histogram above `value` (bin resolution)."""
-        if self.empty or self.limit == 0.0:
-            return 0.0 if value >= 0 else 1.0
-        index = int(np.clip(np.floor((value + self.limit) / (self.limit / BINS)), 0, 2 * BINS))
-        return float(self.hist[index:].sum() / max(self.hist.sum(), 1))
-
-    def edges(self) -> np.ndarray:
-        return np.linspace(-self.limit, self.limit, 2 * BINS + 1)
-
-
-class ChannelMoments:
-    """Streaming per-channel mean and variance of one tensor, from (a sample of) its values and
-    the channel each value belongs to."""
-
-    def __init__(self, channels: int):
-        self.count = np.zeros(channels)
-        self.sum = np.zeros(channels)
-        self.sum_sq = np.zeros(channels)
-
-    @staticmethod
-    def channel_axis(shape: Sequence[int]) -> int:
-        """The channel axis of a tensor of `shape` (batch first): 1 for an NCHW activation, else the last."""
-        return layout.activation_axis(shape)
-
-    @staticmethod
-    def channel_ids(shape: Sequence[int], positions: np.ndarray) -> np.ndarray:
-        """The channel of each flat position of a tensor of `shape`."""
-        axis = ChannelMoments.channel_axis(shape)
-        return (positions // int(np.prod(shape[axis + 1:], dtype=np.int64))) % shape[axis]
-
-    def update(self, values: np.ndarray, channel_ids: np.ndarray, counts: np.ndarray | None = None) -> None:
-        """Add values; `counts` (the bincount of `channel_ids`) may be passed when ids repeat."""
-        x = np.asarray(values, dtype=np.float64).ravel()
-        size = self.count.size
-        self.count += np.bincount(channel_ids, minlength=size) if counts is None else counts
-        self.sum += np.bincount(channel_ids, weights=x, minlength=size)
-        self.sum_sq += np.bincount(channel_ids, weights=x * x, minlength=size)
-
-    def coarse_fraction(self, scale: float) -> float:
-        """How much of a typical channel's variation a uniform step `scale` drowns: the mean over
-        live channels of min(1, (scale^2 / 12) / variance). Near 0 when every channel varies over
-        many steps; near 1 when most vary within one step (their information is rounded away)."""
-        seen = self.count > 1
-        if not seen.any():
-            return 0.0
-        mean = self.sum[seen] / self.count[seen]
-        variance = np.maximum(self.sum_sq[seen] / self.count[seen] - mean**2, 0.0)
-        live = variance > 1e-6 * max(float(np.median(variance)), 1e-30)  # dead (constant) channels lose nothing
-        if not live.any():
-            return 0.0
-        return float(np.minimum(scale**2 / 12.0 / variance[live], 1.0).mean())
-
-
-def _rebin(hist: np.ndarray, limit: float, new_limit: float) -> np.ndarray:
-    """A histogram over [-limit, limit] re-expressed over [-new_limit, new_limit] (new_limit >= limit)."""
-    factor = new_limit / limit
-    power = round(math.log2(factor))
-    if math.isclose(2.0**power, factor, rel_tol=1e-9) and (1 << power) < 2 * BINS:
-        merged = hist.reshape(-1, 1 << power).sum(axis=1)
-        out = np.zeros_like(hist)
-        offset = BINS - merged.size // 2
-        out[offset:offset + merged.size] = merged
-        return out
-    centers = (np.arange(2 * BINS) + 0.5) * (2 * limit / (2 * BINS)) - limit
-    index = np.clip(np.floor((centers + new_limit) / (new_limit / BINS)).astype(np.int64), 0, 2 * BINS - 1)
-    return np.bincount(index, weights=hist, minlength=2 * BINS).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,4 +237,4 @@ def _kl_threshold(hist: np.ndarray, levels: int) -> float:
     return float(t[int(np.argmin(p_log_p - p_log_q))])
 
 
-__all__ = ["AUTO_METHODS", "BINS", "ChannelMoments", "METHODS", "RangeStats", "Transfer", "activation_range", "quantization_mse", "sigmoid", "transfer"]
+__all__ = ["AUTO_METHODS", "METHODS", "Transfer", "activation_range", "quantization_mse", "sigmoid", "transfer"]

@@ -26,6 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, verify
+from edgegraph.analysis import capture
 from edgegraph.stats import is_quantized, model_stats
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import CalibrationDataError, EdgegraphError
@@ -60,7 +61,7 @@ SPEED_CHECK_SECONDS = 1.0
 # Calibration samples that per-channel variances are estimated from.
 MOMENT_SAMPLES = 8
 # `keep_coarse`: a tensor is coarse when its step drowns this share of a typical channel's
-# variation (calibrate.ChannelMoments.coarse_fraction), and kept out of 8 bits when that raises the
+# variation (capture.ChannelMoments.coarse_fraction), and kept out of 8 bits when that raises the
 # output SQNR by at least FLOAT_GAIN_DB (float or 16-bit layers cost speed).
 COARSE_FRACTION = 0.05
 FLOAT_GAIN_DB = 1.0
@@ -172,7 +173,7 @@ class _Quantizer:
         self.method = options.method  # "auto" is resolved by _tuned_build
         self.correct = options.bias_correction is True
         self.tuning: dict[str, float] = {}  # output SQNR (dB) of each setting tried
-        self.moments: dict[str, calibrate.ChannelMoments] = {}  # per-channel statistics of quantized tensors
+        self.moments: dict[str, capture.ChannelMoments] = {}  # per-channel statistics of quantized tensors
         self.coarse: dict[str, float] = {}  # coarse tensors kept out of 8 bits -> their coarse fraction
         self._held_out: list | None = None  # batches `_score` runs on, and the float model's outputs
         self._reference: list | None = None
@@ -291,9 +292,9 @@ class _Quantizer:
 
     # -- calibration ---------------------------------------------------------------------------
 
-    def _collect(self, plan: Plan, names: list[str], desc: str, timing: str) -> dict[str, calibrate.RangeStats]:
+    def _collect(self, plan: Plan, names: list[str], desc: str, timing: str) -> dict[str, capture.RangeStats]:
         """The exact extremes and a strided sample of each tensor, streamed out of the float model
-        (analysis.Probe).
+        (capture.Probe).
 
         Tensors whose statistics follow from another probed tensor are not read out of ORT: the
         output of a data-movement op in its input's scale group (`_within_group`; it gets no
@@ -308,16 +309,16 @@ class _Quantizer:
             producer = ir.producer(tensors[name]) if name in tensors else None
             if producer is not None and producer.op == "Sigmoid" and producer.inputs[0].name in wanted:
                 derived[name] = producer.inputs[0].name
-        probe = analysis.Probe(self.float_proto)
+        probe = capture.Probe(self.float_proto)
         reads, steps = {}, {}
         for name in wanted - inputs - set(derived):
             shape = tensors[name].shape if name in tensors else None
             size = int(np.prod([d for d in (shape or [])[1:] if isinstance(d, int) and d > 0], dtype=np.int64))
-            steps[name] = analysis.sample_step(size) if shape else 1
-            reads[name] = (probe.sample(name, steps[name]), probe.minimum(name), probe.maximum(name))
+            steps[name] = capture.sample_step(size) if shape else 1
+            reads[name] = probe.range_sample(name, steps[name])
 
         # Skipped tensors get no entry: a later plan that splits their group measures them then.
-        stats = {name: calibrate.RangeStats() for name in names if name in wanted}
+        stats = {name: capture.RangeStats() for name in names if name in wanted}
         stream = probe.run_with_feeds(self._batches(self.calib), self.ctx.threads)
         channel_ids = {}  # (tensor, sample length) -> channel of each sampled value
         seen = 0
@@ -356,13 +357,13 @@ class _Quantizer:
         shape = self.float_tensors[name].shape if name in self.float_tensors else None
         if not shape or len(shape) < 2 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
             return
-        channels = shape[calibrate.ChannelMoments.channel_axis(shape)]
+        channels = shape[capture.ChannelMoments.channel_axis(shape)]
         key = (name, values.size)
         if key not in channel_ids:
-            ids = calibrate.ChannelMoments.channel_ids(shape, np.arange(values.size, dtype=np.int64) * step)
+            ids = capture.ChannelMoments.channel_ids(shape, np.arange(values.size, dtype=np.int64) * step)
             channel_ids[key] = (ids, np.bincount(ids, minlength=channels))
         if name not in self.moments:
-            self.moments[name] = calibrate.ChannelMoments(channels)
+            self.moments[name] = capture.ChannelMoments(channels)
         self.moments[name].update(values, *channel_ids[key])
 
     def _affordable_samples(self) -> int:
@@ -392,10 +393,10 @@ class _Quantizer:
         """QParams per point: one per shared-scale group, fitted inside folded Relu/Clip ranges;
         int16 for groups holding a `wide` tensor."""
         params: dict[str, QParams] = {}
-        self.group_stats: dict[str, calibrate.RangeStats] = {}
+        self.group_stats: dict[str, capture.RangeStats] = {}
         for members in plan.group_members().values():
             qt = numerics.qtype("int16") if wide.intersection(members) else self.o.activation_qtype
-            merged = calibrate.RangeStats()
+            merged = capture.RangeStats()
             for name in members:
                 if name in self.stats:
                     merged.merge_from(self.stats[name])
@@ -484,7 +485,7 @@ class _Quantizer:
 
     def _coarse_tensors(self, plan: Plan, params: dict[str, QParams]) -> dict[str, float]:
         """Quantized tensors whose step drowns over COARSE_FRACTION of a typical channel's
-        variation, with that fraction (see calibrate.ChannelMoments.coarse_fraction)."""
+        variation, with that fraction (see capture.ChannelMoments.coarse_fraction)."""
         coarse = {}
         for point in plan.points:
             moments, qparams = self.moments.get(point.name), params.get(point.name)
