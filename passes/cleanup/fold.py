@@ -23,6 +23,7 @@ import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from edgegraph import ir
+from edgegraph.analysis import encoding
 from edgegraph.passbase import option
 from edgegraph.registry import register_pass
 
@@ -110,6 +111,9 @@ class FoldConstants(GraphPass):
             not is_standard(node)
             or node.op in NONDETERMINISTIC or node.op in KEEP_UNFOLDED or node.op in NON_TENSOR_OUTPUTS
             or node.op == "Constant" or has_subgraph(node)
+            # A stored weight's decode chain (codebook Gather, Cast(int8) * scale, 4-bit unpacking):
+            # folding it writes the weight back dense, several times larger.
+            or encoding.decodes(node)
             or any(isinstance(a, gs.Node.AttributeRef) for a in node.attrs.values())
         ):
             return False
