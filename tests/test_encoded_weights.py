@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from clihelp import run_cli
-from conftest import MODELS, require_shared
+from conftest import MODELS, REPO, require_shared
 
 from edgegraph import ir, stats
 from edgegraph.analysis import encoding
@@ -184,3 +184,22 @@ def test_cleanup_growth_allowance_does_not_cover_copies_of_a_payload():
         return affordable(graph, [weight], [reader], [np.ones((8, 8), dtype)])
 
     assert case(np.float32) and not case(np.int8)
+
+
+def test_quant_on_a_quantized_model_changes_no_weight(capsys, tmp_path):
+    # quant's own output (Q/DQ on activations and weights) through quant,cleanup again.
+    digits = REPO / "fixtures" / "default"
+    calib = digits / "digits_calib.npz"
+    once, twice = tmp_path / "int8.onnx", tmp_path / "int8-again.onnx"
+    assert run_cli(capsys, "opt", digits / "digits_cnn.onnx", "-p", "cleanup,quant", "--calib", calib, "-o", once)[0] == 0
+    code, _, err = run_cli(capsys, "opt", once, "-p", "quant,cleanup", "--calib", calib, "-o", twice)
+    assert code == 0, err
+    assert twice.stat().st_size <= once.stat().st_size
+    weights = _weights(once)
+    assert len(weights) >= 4 and {w[1] for w in weights} == {"qdq"} and _weights(twice) == weights
+    inputs = np.load(calib)["input"][:8, None]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    outputs = [[ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+                for x in inputs] for p in (once, twice)]
+    np.testing.assert_array_equal(np.concatenate(outputs[1]), np.concatenate(outputs[0]))

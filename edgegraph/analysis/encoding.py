@@ -48,10 +48,6 @@ class Encoded:
     constants: tuple[gs.Constant, ...]  # every stored constant it is decoded from (payload included)
     nodes: tuple[gs.Node, ...]  # the decode steps, producers first
 
-    @property
-    def stored_bytes(self) -> int:
-        return sum(ir.stored_nbytes(c) for c in self.constants)
-
 
 def stored(tensor: gs.Tensor) -> gs.Constant | None:
     """The stored constant behind an initializer or a Constant node's output."""
