@@ -368,6 +368,9 @@ def stored_nbytes(constant: gs.Constant) -> int:
     sparse = sparse_source(constant)
     if sparse is not None:
         return sum(validate.tensor_bytes(part) or 0 for part in (sparse.tensor.values, sparse.tensor.indices))
+    proto = getattr(constant._values, "tensor", None)  # a LazyValues: 4-bit types are stored packed
+    if proto is not None and proto.data_type in _PACKED_TYPES:
+        return validate.tensor_bytes(proto) or 0
     return int(constant._values.nbytes)
 
 

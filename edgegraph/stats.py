@@ -23,7 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, validate, verify
-from edgegraph.analysis import capture
+from edgegraph.analysis import capture, encoding
 from edgegraph.context import CalibrationData
 from edgegraph.errors import CalibrationDataError, EdgegraphError
 
@@ -224,12 +224,26 @@ def count_params(graph: gs.Graph) -> tuple[int, int]:
     """(elements, bytes) of the weights: constants (initializers and Constant nodes, subgraphs
     included, each counted once) except int64/bool tensors and constants used only as shapes,
     axes, indices, bounds or quantization scales/zero points. Packed 4-bit MatMulNBits weights
-    count their logical K*N elements; sparse initializers their dense elements and stored bytes."""
+    count their logical K*N elements; sparse initializers their dense elements and stored bytes.
+    A weight stored encoded (`analysis.encoding`: Q/DQ, codebook, packed 4-bit, Cast * scale)
+    counts its decoded elements once, with the bytes of every constant it is decoded from."""
     elements = nbytes = 0
     seen: set[int] = set()
     for g in ir.iter_graphs(graph):
+        for tensor, code in encoding.decoded_weights(g):
+            count = encoding.elements(tensor)
+            if count is None:
+                continue  # shape unknown: its constants are counted one by one below
+            elements += count
+            for constant in code.constants:
+                if id(constant) not in seen:
+                    seen.add(id(constant))
+                    dtype = ir.numpy_dtype(constant.dtype)
+                    if dtype is None or (dtype.kind != "b" and dtype != np.int64):  # not shapes
+                        nbytes += ir.stored_nbytes(constant)
+    for g in ir.iter_graphs(graph):
         for tensor, value_shape, dtype in _constants(g):
-            if id(tensor) in seen:
+            if id(tensor) in seen or id(encoding.stored(tensor)) in seen:
                 continue
             seen.add(id(tensor))
             uses = [(user, [i for i, t in enumerate(user.inputs) if t is tensor]) for user in tensor.outputs]

@@ -19,6 +19,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from edgegraph import ir
+from edgegraph.analysis import encoding
 from edgegraph.ir import NONDETERMINISTIC, STANDARD_DOMAINS, is_standard  # noqa: F401 - the cleanup passes import them from here
 from edgegraph.ir import sort_nodes
 from edgegraph.passbase import Pass, PassResult, drop_dead_nodes
@@ -154,9 +155,11 @@ def growth_ok(added: int, freed: int, limit: int = GROWTH_LIMIT) -> bool:
 def affordable(graph: gs.Graph, replaced: Sequence[gs.Tensor | None], readers: Sequence[gs.Node],
                new: Sequence[np.ndarray]) -> bool:
     """Whether a rewrite in which `readers` stop reading the constants `replaced` and the `new`
-    arrays become constants keeps the model small (see `growth_ok`)."""
-    return growth_ok(sum(np.asarray(a).nbytes for a in new),
-                     freed_bytes(graph, [t for t in replaced if t is not None], readers))
+    arrays become constants keeps the model small (see `growth_ok`). A rewrite that rewrites a
+    stored weight's low-bit payload gets no growth allowance: it would decode the weight."""
+    replaced = [t for t in replaced if t is not None]
+    limit = 0 if any(isinstance(t, gs.Constant) and encoding.is_payload(t) for t in replaced) else GROWTH_LIMIT
+    return growth_ok(sum(np.asarray(a).nbytes for a in new), freed_bytes(graph, replaced, readers), limit)
 
 
 def int_list(tensor: gs.Tensor | None) -> list[int] | None:

@@ -6,8 +6,10 @@ results are filled in from inferred shapes. Unlike graphsurgeon's `fold_constant
 respects `Shape(start, end)`, never folds custom-domain, random or (De)QuantizeLinear ops, has no
 "cast elision" (which turns float constants of shape arithmetic into truncated ints), keeps
 scalars scalar, and refuses folds that would bloat the model: a result larger than the constants
-it makes unused (a Cast of int8 weights to float, Expand, Tile, ConstantOfShape, a copy of a weight
-that other nodes, in this graph or another, still read ...) is only materialised while it stays small.
+it makes unused (Expand, Tile, ConstantOfShape, a copy of a weight that other nodes, in this graph
+or another, still read ...) is only materialised while it stays small, and a weight stored encoded
+(`edgegraph.analysis.encoding`: Q/DQ, codebook Gather, packed 4-bit, Cast(int8) * scale) is never
+decoded, however small.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from edgegraph import ir
+from edgegraph.analysis import encoding
 from edgegraph.passbase import option
 from edgegraph.registry import register_pass
 
@@ -118,6 +121,8 @@ class FoldConstants(GraphPass):
             return False
         if not all(id(t) in known for t in inputs):
             return False
+        if encoding.decodes(node):
+            return False  # a stored weight's decode chain: folded, the weight would be stored dense
         # Skip the evaluation altogether when inference already says the result would be refused.
         sizes = [_static_nbytes(o) for o in node.outputs]
         if None in sizes:

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgegraph import ir
-from edgegraph.analysis import layout
+from edgegraph.analysis import encoding, layout
 
 ANCHORS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 FLOAT_OUTPUT_OK = frozenset({"Gemm", "MatMul"})  # ORT fuses these without a Q on the output
@@ -210,6 +210,9 @@ class Planner:
         for i in indices:
             if not is_float(node.inputs[i]):
                 return "input is not float32"
+            code = encoding.encoded(node.inputs[i])
+            if code is not None:  # a second Q/DQ would only add error; quantizing it anew would decode it
+                return f"weight already stored encoded ({code.kind})"
         if all(ir.constant_value(node.inputs[i]) is not None for i in indices):
             return "all inputs constant (a constant subgraph: `cleanup` folds it)"
         if node.op == "MaxPool" and len(node.outputs) > 1 and ir.consumers(node.outputs[1]):
