@@ -116,6 +116,12 @@ def _eval_sqnr(path) -> tuple[float, float]:
     return m.sqnr_db, m.top1
 
 
+def test_quant_is_the_pass_with_a_knob():
+    registry._load_builtins()
+    assert {cls.name for cls in registry.list_passes() if cls.knob} == {"quant"}
+    assert all(not cls.exact for cls in registry.list_passes() if cls.knob)
+
+
 def test_cli_min_sqnr_held(tmp_path, capsys):
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     code = main(["opt", str(MODEL), "-p", "quant", "--calib", str(CALIB), "--min-sqnr", "36", "-o", str(out),

@@ -88,6 +88,7 @@ class StaticQuantize(Pass):
     summary: ClassVar[str] = "static int8 QDQ quantization (calibrated; per-channel weights; ORT-fusable placement)"
     exact: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"calibration"})
+    knob: ClassVar[str] = "layers kept out of 8 bits"
 
     method: Literal["auto", "minmax", "percentile", "mse", "entropy"] = option(
         "auto", "how activation ranges come from calibration data: minmax | percentile | mse | entropy (KL) | "
@@ -652,7 +653,7 @@ class _Quantizer:
 
         # Settings: how many of the ranked tensors are kept out of 8 bits, strongest (none) first.
         found = floor.search(range(len(ranking) + 1), measure, budget, progress=self.ctx.progress_bar,
-                             desc="quant: floor search (layers kept out of 8 bits)")
+                             desc=f"quant: floor search ({self.o.knob})")
         self.timings["fallback"] = time.perf_counter() - start
         first = found.steps[0].measured
         self.budget = {"agreement": first["agreement"], "output_sqnr_db": first["sqnr_db"],
