@@ -147,11 +147,13 @@ def parse_passes(passes: str | os.PathLike | Sequence[str | Mapping | Pass] | Ma
 def make_context(model: Model, *, calib=None, target: str | Target = "cpu", seed: int = 0, verify: bool = True,
                  progress: bool = False, threads: int = 0, timing: bool = True,
                  preprocess: ImagePreprocess | Mapping | None = None,
-                 fix_shapes: Mapping[str, Sequence[int]] | None = None) -> PassContext:
+                 fix_shapes: Mapping[str, Sequence[int]] | None = None, min_agreement: float | None = None,
+                 min_sqnr: float | None = None) -> PassContext:
     """The PassContext for running passes on `model` (calibration data checked against it).
 
     `timing=False` tells passes to take no latency measurements of their own (`--runs 0`);
-    `fix_shapes`: the input shapes already fixed in `model`, for advice in error messages.
+    `fix_shapes`: the input shapes already fixed in `model`, for advice in error messages;
+    `min_agreement` / `min_sqnr`: the accuracy floors of lossy passes (`VerifyConfig`).
     """
     seed, threads = whole_number(seed, "seed"), whole_number(threads, "threads")
     verify, progress, timing = flag(verify, "verify"), flag(progress, "progress"), flag(timing, "timing")
@@ -160,19 +162,24 @@ def make_context(model: Model, *, calib=None, target: str | Target = "cpu", seed
                              f"got {type(preprocess).__name__}")
     return PassContext(calibration=as_calibration(calib, model, preprocess),
                        target=target if isinstance(target, Target) else load_target(target), seed=seed,
-                       verify=VerifyConfig(enabled=verify), progress=progress, threads=threads, timing=timing,
+                       verify=VerifyConfig(enabled=verify, min_agreement=min_agreement, min_sqnr_db=min_sqnr),
+                       progress=progress, threads=threads, timing=timing,
                        fixed_shapes=dict(fix_shapes or {}))
 
 
 def optimize(model, passes: str | os.PathLike | Sequence[str | Mapping | Pass] | Mapping[str, Mapping | None], *,
              calib=None, target: str | Target = "cpu", seed: int = 0, verify: bool = True, progress: bool = False,
              threads: int = 0, timing: bool = True, fix_shapes: Mapping[str, Sequence[int]] | None = None,
-             preprocess: ImagePreprocess | Mapping | None = None) -> onnx.ModelProto:
+             preprocess: ImagePreprocess | Mapping | None = None, min_agreement: float | None = None,
+             min_sqnr: float | None = None) -> onnx.ModelProto:
     """Run a pass pipeline on `model` (path, bytes, ModelProto or Model) and return the new ModelProto.
 
     `passes` is a spec string (`"cleanup,quant(method=entropy)"`), a recipe file, a list of
     names/{name: options}/Pass objects, or a mapping {name: options}. `fix_shapes` ({input:
-    dims}) makes dynamic inputs static first. This is what `edgegraph opt` runs. The input is
+    dims}) makes dynamic inputs static first. `min_agreement` (top-1 agreement) and `min_sqnr`
+    (worst-output dB) are floors for the lossy passes (`--min-agreement`, `--min-sqnr`): passes
+    with a strength knob take the strongest setting that holds them (FloorNotHeld when none
+    does), and a lossy pass that ends below one raises FloorViolation. This is what `edgegraph opt` runs. The input is
     never modified. Arguments of the wrong type or value raise EdgegraphError.
     """
     from edgegraph.pipeline import specialise
@@ -185,6 +192,7 @@ def optimize(model, passes: str | os.PathLike | Sequence[str | Mapping | Pass] |
     loaded = load(model)
     fixed = specialise(loaded, shapes)
     ctx = make_context(fixed, calib=calib, target=target, seed=seed, verify=verify, progress=progress,
-                       threads=threads, timing=timing, preprocess=preprocess, fix_shapes=shapes)
+                       threads=threads, timing=timing, preprocess=preprocess, fix_shapes=shapes,
+                       min_agreement=min_agreement, min_sqnr=min_sqnr)
     result, _ = run_pipeline(fixed, pipeline, ctx, unspecialised=loaded if shapes else None)
     return result.to_proto()

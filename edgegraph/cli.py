@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -138,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--report", metavar="R.json", help="write the full report (stats, passes, metrics) as JSON")
     opt.add_argument("--seed", type=_non_negative, default=0, help="seed for random verification inputs and sampling")
     opt.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    floors = opt.add_argument_group("accuracy floors for lossy passes (each vs the model the pass was given)")
+    floors.add_argument("--min-agreement", type=_fraction, metavar="A",
+                        help="top-1 agreement to hold, e.g. 0.98: passes with a strength knob (quant: layers kept "
+                             "in float) take the strongest setting that holds it; exit 2 when none does")
+    floors.add_argument("--min-sqnr", type=_finite, metavar="DB", help="worst-output SQNR (dB) to hold, likewise")
     images = opt.add_argument_group("image-folder calibration (defaults follow the model's input shape)")
     images.add_argument("--image-size", type=_dims, metavar="H[xW]", help="model input size")
     images.add_argument("--resize", type=_non_negative, metavar="N",
@@ -199,6 +205,23 @@ def _non_negative(text: str) -> int:
     if not _is_number(text):
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text[:80]}'")
     return int(text)
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text[:80]}'")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got '{text[:80]}'")
+    return value
 
 
 def _is_number(text: str) -> bool:

@@ -128,7 +128,8 @@ def cmd_opt(args) -> int:
     model = specialise(loaded, _shapes(args))
     ctx = edgegraph.make_context(model, calib=args.calib, target=args.target, seed=args.seed,
                                  verify=not args.no_verify, progress=not args.quiet, threads=args.threads,
-                                 timing=args.runs > 0, preprocess=_preprocess(args), fix_shapes=_shapes(args))
+                                 timing=args.runs > 0, preprocess=_preprocess(args), fix_shapes=_shapes(args),
+                                 min_agreement=args.min_agreement, min_sqnr=args.min_sqnr)
     eval_data = edgegraph.as_calibration(args.eval, model) if args.eval else None
 
     start = time.perf_counter()

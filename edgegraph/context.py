@@ -20,6 +20,7 @@ import numpy as np
 
 from edgegraph.checks import MAX_INPUT_ELEMENTS
 from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
+from edgegraph.floor import Floor
 from edgegraph.runtime import Feeds, InputSpec, batch_axes, batch_size_for
 from edgegraph.targets import Target, load_target
 
@@ -457,6 +458,18 @@ class VerifyConfig:
     # For float32 outputs; other float dtypes scale them with their precision (verify.tolerance).
     rtol: float = 1e-4  # relative to the largest |reference| value of the output
     atol: float = 1e-5
+    # Floors for lossy passes (`--min-agreement`, `--min-sqnr`), each vs the model the pass was
+    # given: passes with a strength knob search for the strongest setting that holds them, and a
+    # lossy pass that ends below one stops the pipeline. None: no floor.
+    min_agreement: float | None = None  # top-1 agreement, a fraction
+    min_sqnr_db: float | None = None  # worst output
+    min_cosine: float | None = None  # worst output
+
+    def __post_init__(self) -> None:
+        self.floor()  # checks the floors' values
+
+    def floor(self) -> Floor:
+        return Floor(self.min_agreement, self.min_sqnr_db, self.min_cosine)
 
 
 @dataclass(frozen=True)
@@ -508,6 +521,11 @@ class _StageLine:
 
     def set_postfix(self, *args, **kwargs) -> None:
         pass
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        """A step worth its own line (the floor loop's measurements): a `STAGES` line now."""
+        if self.desc:
+            STAGES.info("%s: %s", self.desc, text)
 
     def close(self) -> None:
         if self.desc and not self.done:

@@ -59,6 +59,18 @@ class VerificationError(EdgegraphError):
         )
 
 
+class FloorViolation(EdgegraphError):
+    """A lossy pass ended below a floor the user asked for (`VerifyConfig.min_*`): exit 1, as the
+    pass was to hold it (passes with a strength knob search for a setting that does)."""
+
+    exit_code = 1
+
+    def __init__(self, pass_name: str, metric: str, value: float, bound: float):
+        self.pass_name, self.metric, self.value, self.bound = pass_name, metric, value, bound
+        super().__init__(f"pass '{pass_name}' ended below the floor: {metric} {value:.4g} < {bound:g} on the "
+                         "verification samples; no output written")
+
+
 class PassFailure(RuntimeError):
     """An unexpected exception inside a pass, re-raised with the pipeline position (keeps the traceback)."""
 

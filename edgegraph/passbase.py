@@ -43,7 +43,9 @@ class Pass:
 
     Subclasses set `name` (kebab-case, what `-p` accepts), `summary` (one line for `edgegraph
     passes`), `exact` (True when the pass must not change outputs beyond float rounding) and
-    `needs` (what the context must hold: {"calibration"} and/or {"target"}), and implement
+    `needs` (what the context must hold: {"calibration"} and/or {"target"}), `knob` for a lossy
+    pass with a strength knob (what it turns: the user's floors, `ctx.verify.floor()`, are then its
+    budget, searched with `edgegraph.floor.search`), and implement
     `run`, editing `model.graph` in place. A pass object is immutable, so that one object can
     run on many models (and twice in a pipeline): what a run computes lives in that run.
 
@@ -58,6 +60,7 @@ class Pass:
     summary: ClassVar[str] = ""
     exact: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset()
+    knob: ClassVar[str] = ""
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         raise NotImplementedError

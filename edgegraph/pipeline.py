@@ -14,8 +14,9 @@ import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, verify
 from edgegraph.context import STAGES, CalibrationData, PassContext
-from edgegraph.errors import (MissingRequirementError, PassFailure, PassOptionError, PreconditionError,
+from edgegraph.errors import (FloorViolation, MissingRequirementError, PassFailure, PassOptionError, PreconditionError,
                               VerificationDataError, VerificationError, one_line)
+from edgegraph.floor import measure
 from edgegraph.passbase import Pass, PassGroup, PassResult, option, run_group, settle
 from edgegraph.runtime import Feeds
 from edgegraph.spec import format_pass
@@ -122,7 +123,8 @@ def _run_one(p: Pass, position: int, model: ir.Model, ctx: PassContext, checker:
         if result.modified:
             settle(model)
         p.ensures(model, ctx)
-    except (MissingRequirementError, PassOptionError, PreconditionError, VerificationError, KeyboardInterrupt):
+    except (MissingRequirementError, PassOptionError, PreconditionError, VerificationError, FloorViolation,
+            KeyboardInterrupt):
         raise
     except PassFailure:  # e.g. PostconditionError: already names the problem
         raise
@@ -274,6 +276,11 @@ class _Checker:
         current = [{name: out[name] for name in prev} for prev, out in zip(reference, current)]
         deployed = [{name: out[name] for name in prev} for prev, out in zip(reference, deployed)]
         metrics = verify.compare_all(reference, current, scores=self.scores)
+        floor = self.ctx.verify.floor()
+        if not exact and floor:  # what the user asked a lossy pass to hold, measured as the search does
+            shortfall = floor.shortfall(measure(reference, current))
+            if shortfall:
+                raise FloorViolation(name, *shortfall)
         if exact:
             cfg = self.ctx.verify
             violation = verify.exactness_violation(metrics, cfg.rtol, cfg.atol)

@@ -153,29 +153,6 @@ def mean_layer_errors(proto: onnx.ModelProto, layers: Sequence[tuple[str, Mappin
 # Outputs
 
 
-def output_agreement(reference: Sequence[Feeds], candidate: Sequence[Feeds]) -> tuple[float, float]:
-    """(argmax agreement, worst SQNR in dB) of a candidate's outputs vs the reference's.
-
-    Agreement is top-1 for (batch, classes) outputs and the per-position argmax over the last
-    axis otherwise (pixels of a segmentation map, anchors of a detector), averaged over float
-    outputs with more than one entry on that axis; 1.0 when no output has such an axis.
-    """
-    metrics = verify.compare_all(reference, candidate)
-    agreements, sqnrs = [], []
-    for name, m in metrics.items():
-        sqnrs.append(m.sqnr_db)
-        if m.top1 is not None:
-            agreements.append(m.top1)
-            continue
-        ref = [r[name] for r in reference]
-        if isinstance(ref[0], np.ndarray) and ref[0].dtype.kind == "f" and ref[0].ndim and ref[0].shape[-1] > 1:
-            ref_rows = np.concatenate([r.reshape(-1, r.shape[-1]) for r in ref])
-            cand_rows = np.concatenate([c[name].reshape(-1, c[name].shape[-1]) for c in candidate])
-            agreements.append(verify.argmax_agreement(ref_rows, cand_rows))
-    agreement = float(np.mean(agreements)) if agreements else 1.0
-    return agreement, float(min(sqnrs)) if sqnrs else float("inf")
-
-
 def optimized_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
     """Op histogram of the graph onnxruntime actually runs (after its QDQ fusions, before layout
     changes), e.g. to check that Q/DQ pairs were fused into QLinearConv rather than left standing."""
@@ -192,5 +169,5 @@ def optimized_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in optimized.graph.node))
 
 
-__all__ = ["ErrorSums", "add_float_twins", "mean_layer_errors", "optimized_op_counts", "output_agreement",
+__all__ = ["ErrorSums", "add_float_twins", "mean_layer_errors", "optimized_op_counts",
            "paired_errors", "paired_model"]

@@ -25,11 +25,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from edgegraph import ir, runtime, verify
+from edgegraph import floor, ir, runtime, verify
 from edgegraph.analysis import capture
 from edgegraph.stats import is_quantized, model_stats
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import CalibrationDataError, EdgegraphError
+from edgegraph.floor import Floor
 from edgegraph.passbase import Pass, PassResult, option
 from edgegraph.registry import register_pass
 from edgegraph.passes.cleanup import Cleanup
@@ -87,6 +88,7 @@ class StaticQuantize(Pass):
     summary: ClassVar[str] = "static int8 QDQ quantization (calibrated; per-channel weights; ORT-fusable placement)"
     exact: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"calibration"})
+    knob: ClassVar[str] = "layers kept out of 8 bits"
 
     method: Literal["auto", "minmax", "percentile", "mse", "entropy"] = option(
         "auto", "how activation ranges come from calibration data: minmax | percentile | mse | entropy (KL) | "
@@ -204,8 +206,9 @@ class _Quantizer:
         quant, built, plan = self._tuned_build(plan)
         errors = self._errors(quant, built)
         fallback: list[str] = []
-        if self.o.max_drop is not None or self.o.min_sqnr is not None:
-            quant, built, plan, errors, fallback = self._fallback(quant, built, plan, errors)
+        budget = self._floor()
+        if budget:
+            quant, built, plan, errors, fallback = self._fallback(quant, built, plan, errors, budget)
         model.graph = quant.graph
         if all(ir.is_standard(node) for node in ir.iter_nodes(model.graph)):
             # What onnx can infer again (every op is standard) needs no value_info: it was 2-6%
@@ -622,56 +625,61 @@ class _Quantizer:
 
     # -- sensitivity fallback ------------------------------------------------------------------
 
-    def _fallback(self, quant, built, plan, errors):
+    def _floor(self) -> Floor:
+        """The budget: the pass's own max_drop / min_sqnr and the user's floors (ctx.verify), the
+        stricter of each."""
+        own = Floor(None if self.o.max_drop is None else 1.0 - self.o.max_drop, self.o.min_sqnr)
+        return own.stricter(self.ctx.verify.floor())
+
+    def _fallback(self, quant, built, plan, errors, budget: Floor):
         """Keep the tensors whose quantization adds most noise out of 8 bits (see `_build_protected`)
-        until the output budget holds on the calibration data; binary search on how many."""
+        until `budget` holds on the calibration data: the floor loop (`edgegraph.floor.search`)
+        over how many of them, most sensitive first."""
         start = time.perf_counter()
         data = self.calib.take(max(self.analysis_count, min(len(self.calib), 64)))
         reference = runtime.outputs(self.float_proto, self._batches(data), threads=self.ctx.threads)
-
-        def check(candidate: ir.Model) -> tuple[bool, float, float]:
-            outputs = runtime.outputs(candidate.to_proto(), self._batches(data), threads=self.ctx.threads)
-            agreement, sqnr = analysis.output_agreement(reference, outputs)
-            ok = (self.o.max_drop is None or agreement >= 1.0 - self.o.max_drop - 1e-12) and (
-                self.o.min_sqnr is None or sqnr >= self.o.min_sqnr)
-            return ok, agreement, sqnr
-
-        ok, agreement, sqnr = check(quant)
-        self.budget = {"agreement": agreement, "output_sqnr_db": sqnr, "met": ok, "attempts": 1}
-        if ok:
-            return quant, built, plan, errors, []
         adopted = set(self.coarse)  # already out of 8 bits
         ranking = [t for t in _sensitivity_ranking(plan, errors) if t not in adopted]
-        best, low, high = None, 1, len(ranking)
-        closest, all_float = sqnr, False  # the best output SQNR of a model that still quantizes something
-        while low <= high:
-            k = (low + high) // 2
-            trial, trial_built, trial_plan = self._build_protected(adopted | set(ranking[:k]))
-            if not any(is_quantized(n) for n in ir.iter_nodes(trial.graph)):  # a float copy meets any budget
-                all_float, high = True, k - 1
-                continue
-            ok, agreement, sqnr = check(trial)
-            self.budget["attempts"] += 1
-            if ok:
-                best = (k, trial, trial_built, trial_plan, agreement, sqnr)
-                high = k - 1
+
+        def measure(k: int):
+            if k == 0:
+                trial = (quant, built, plan)
             else:
-                closest = max(closest, sqnr)
-                low = k + 1
+                trial = self._build_protected(adopted | set(ranking[:k]))
+                if not any(is_quantized(n) for n in ir.iter_nodes(trial[0].graph)):
+                    return None, None  # a float copy meets any budget, and is no result
+            outputs = runtime.outputs(trial[0].to_proto(), self._batches(data), threads=self.ctx.threads)
+            return floor.measure(reference, outputs), trial
+
+        # Settings: how many of the ranked tensors are kept out of 8 bits, strongest (none) first.
+        found = floor.search(range(len(ranking) + 1), measure, budget, progress=self.ctx.progress_bar,
+                             desc=f"quant: floor search ({self.o.knob})")
         self.timings["fallback"] = time.perf_counter() - start
-        if best is None and all_float:
+        first = found.steps[0].measured
+        self.budget = {"agreement": first["agreement"], "output_sqnr_db": first["sqnr_db"],
+                       "met": found.best is not None and found.best.index == 0,
+                       "attempts": sum(s.usable for s in found.steps), "steps": found.as_dict()["steps"]}
+        if found.best is not None and found.best.index == 0:
+            return quant, built, plan, errors, []
+        user_floor = bool(self.ctx.verify.floor())
+        if found.best is None and user_floor:
+            raise floor.not_held("quant", found)
+        if found.best is None and any(not s.usable for s in found.steps):
             wanted = " and ".join(([f"min_sqnr={self.o.min_sqnr:g} dB"] if self.o.min_sqnr is not None else [])
                                   + ([f"max_drop={self.o.max_drop:g}"] if self.o.max_drop is not None else []))
+            closest = max(s.measured["sqnr_db"] for s in found.steps if s.usable)
             raise EdgegraphError(
                 f"quant: nothing was quantized: {wanted} is met only with every layer in float (the best model "
                 f"that keeps some layers quantized reaches {closest:.1f} dB output SQNR); lower the floor, or try "
                 "sensitive_type=int16")
-        if best is None:
+        if found.best is None:
             logger.warning("quant: the budget (max_drop=%s, min_sqnr=%s) is not met even with every ranked "
                            "tensor kept out of 8 bits; keeping the quantized model", self.o.max_drop, self.o.min_sqnr)
             return quant, built, plan, errors, []
-        k, quant, built, trial_plan, agreement, sqnr = best
-        self.budget.update(agreement=agreement, output_sqnr_db=sqnr, met=True)
+        k = found.best.index
+        quant, built, trial_plan = found.artefact
+        self.budget.update(agreement=found.best.measured["agreement"], output_sqnr_db=found.best.measured["sqnr_db"],
+                           met=True)
         if self.o.sensitive_type == "int16":
             kept = sorted(ranking[:k])  # the tensors given 16 bits
         else:
