@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import networkx as nx
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -1101,19 +1100,6 @@ def iter_nodes(graph: gs.Graph) -> Iterator[gs.Node]:
     """Every node of the graph, its subgraphs and its functions."""
     for g in iter_graphs(graph):
         yield from g.nodes
-
-
-def to_networkx(graph: gs.Graph) -> nx.DiGraph:
-    """Node-level dataflow graph of the top-level graph (nodes are indices into graph.nodes)."""
-    index = {id(n): i for i, n in enumerate(graph.nodes)}
-    dag = nx.DiGraph()
-    dag.add_nodes_from(range(len(graph.nodes)))
-    for i, node in enumerate(graph.nodes):
-        for out in node.outputs:
-            for user in out.outputs:
-                if id(user) in index:
-                    dag.add_edge(i, index[id(user)], tensor=out.name)
-    return dag
 
 
 # Ops whose output is not a function of their inputs: never evaluated offline, never merged.

@@ -19,9 +19,6 @@ class Target:
     ops: frozenset[str]  # supported default-domain op types; empty means "everything ONNX Runtime runs"
     quantized_ops: frozenset[str]  # ops with fast int8 kernels (what Q/DQ placement aims at)
 
-    def supports(self, op_type: str) -> bool:
-        return not self.ops or op_type in self.ops
-
 
 def available_targets() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))

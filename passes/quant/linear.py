@@ -110,7 +110,3 @@ def detach(node: gs.Node) -> gs.Tensor:
     node.inputs.clear()
     node.outputs.clear()
     return output
-
-
-def weight_bytes(arrays: Iterable[np.ndarray]) -> int:
-    return int(sum(np.asarray(a).nbytes for a in arrays))
