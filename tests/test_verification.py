@@ -517,3 +517,13 @@ def test_verification_data_of_a_calibrated_run_is_its_first_samples(tmp_path):
     data = verification_data(ir.load(small_classifier_path(tmp_path)), PassContext(calibration=calib, progress=False))
     assert len(data) == 4 and data.source == "arrays"
     assert [float(b["x"][0, 0, 0]) for b in [data.sample(i) for i in range(4)]] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_dim_name_repeated_within_one_input_ties_no_sizes():
+    """paddle2onnx writes `x [-1, 3, ?, ?]` (PP-OCR cls): fixing it to 1x3x48x192 must not read
+    as '?' being both 48 and 192; across inputs a real symbol still ties sizes (see above)."""
+    model = ir.load(helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "t", [helper.make_tensor_value_info("x", FLOAT, [-1, 3, "?", "?"])],
+        [helper.make_tensor_value_info("y", FLOAT, [-1, 3, "?", "?"])]), opset_imports=[helper.make_opsetid("", 17)]))
+    ir.fix_input_shapes(model, {"x": [1, 3, 48, 192]})
+    assert model.graph.inputs[0].shape == [1, 3, 48, 192]
