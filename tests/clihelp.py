@@ -14,6 +14,7 @@ import os
 import resource
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -29,6 +30,22 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+def assert_refused(capsys, folder: Path, argv, phrase: str, *, inputs=(), stdout_empty: bool = False) -> str:
+    """Run `edgegraph ARGV` in this process and check the promise for bad input: exit 2, one
+    `edgegraph: error:` line containing `phrase` and no traceback, nothing written or changed
+    under `folder`, the `inputs` (files elsewhere) unchanged, and, with `stdout_empty`, nothing
+    on stdout. Returns the error line."""
+    before, digests = snapshot(folder), {Path(p): digest(p) for p in inputs}
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2, err[:3000]
+    assert err.count("\n") == 1 and err.startswith("edgegraph: error: ") and "Traceback" not in err, err[:3000]
+    assert phrase in err, err
+    assert not (stdout_empty and out), out[:3000]
+    assert snapshot(folder) == before  # no output, no stray file, inputs unchanged
+    assert {p: digest(p) for p in digests} == digests
+    return err
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -36,7 +53,8 @@ def digest(path: Path) -> str:
 def snapshot(folder: Path, *, inodes: bool = False) -> dict[str, str]:
     """Every entry under `folder` (hidden ones too, symlinks not followed): relative path ->
     sha256 of a file (with its inode number, if `inodes`: a file replaced by an identical copy
-    differs then), 'dir', or '-> target' of a symlink. Equal snapshots: nothing was written."""
+    differs then), 'dir', '-> target' of a symlink, or the kind of a FIFO or device. Equal
+    snapshots: nothing was written."""
     folder = Path(folder)
     found = {}
     for root, dirs, files in os.walk(folder):
@@ -47,6 +65,8 @@ def snapshot(folder: Path, *, inodes: bool = False) -> dict[str, str]:
                 found[key] = f"-> {os.readlink(path)}"
             elif path.is_dir():
                 found[key] = "dir"
+            elif not path.is_file():  # a FIFO or device: reading it would block or never end
+                found[key] = f"special {stat.filemode(path.lstat().st_mode)}"
             else:
                 found[key] = f"{digest(path)} inode {path.stat().st_ino}" if inodes else digest(path)
     return found

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clihelp import digest
+from clihelp import assert_refused
 from conftest import DEFAULT_DIR
 
 import edgegraph
@@ -24,17 +24,8 @@ CALIB = DEFAULT_DIR / "digits_calib.npz"
 
 
 def refused(capsys, tmp_path: Path, *args, phrase: str) -> str:
-    """Run the command line; assert exit 2, one line containing `phrase`, nothing written."""
-    before = {p: digest(p) for p in (DIGITS, CALIB)}
-    listing = sorted(tmp_path.rglob("*"))
-    code = main([str(a) for a in args])
-    _, err = capsys.readouterr()
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("edgegraph: error: ") and "Traceback" not in err, err
-    assert phrase in err, err
-    assert sorted(tmp_path.rglob("*")) == listing
-    assert {p: digest(p) for p in before} == before
-    return err
+    """`clihelp.assert_refused` on `args`, the bundled model and data unchanged too."""
+    return assert_refused(capsys, tmp_path, args, phrase, inputs=(DIGITS, CALIB))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import clihelp
-from clihelp import run_cli
+from clihelp import assert_refused, run_cli
 from conftest import DEFAULT_DIR
 
 from edgegraph import files, ir
@@ -24,16 +24,6 @@ DIGITS = DEFAULT_DIR / "digits_cnn.onnx"
 
 def snapshot(root: Path) -> dict[str, str]:
     return clihelp.snapshot(root, inodes=True)  # a replaced file keeps neither its bytes nor its inode
-
-
-def assert_refused(capsys, tmp_path: Path, argv: list, phrase: str) -> str:
-    before = snapshot(tmp_path)
-    code, _, err = run_cli(capsys, *argv)
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("edgegraph: error: ") and "Traceback" not in err, err
-    assert phrase in err, err
-    assert snapshot(tmp_path) == before  # nothing written, no input changed, no stray file
-    return err
 
 
 def external_model(path: Path, data_name: str | None = None) -> Path:
