@@ -8,7 +8,7 @@ from __future__ import annotations
 import reprlib
 from collections.abc import Mapping
 
-from edgegraph.errors import EdgegraphError
+from edgegraph.errors import NAME_LIMIT, EdgegraphError, shown
 
 # The most elements a fixed input shape may have (`--fix-shape`, `fix_shapes`, `--image-size`):
 # 2**31 float32 values are 8 GiB per sample already, and far larger shapes only make every
@@ -40,7 +40,7 @@ def dims(value, what: str) -> list[int]:
     for d in sizes:
         elements *= d
     if elements > MAX_INPUT_ELEMENTS:
-        raise EdgegraphError(f"{what}: {'x'.join(map(str, sizes))[:80]} is {elements:.3g} elements, "
+        raise EdgegraphError(f"{what}: {shown('x'.join(map(str, sizes)), NAME_LIMIT)} is {elements:.3g} elements, "
                              f"more than the {MAX_INPUT_ELEMENTS} an input may have")
     return sizes
 
@@ -53,5 +53,5 @@ def input_shapes(value, what: str = "fix_shapes") -> dict[str, list[int]]:
     for name, shape in value.items():
         if not isinstance(name, str):
             raise EdgegraphError(f"{what}: input names must be strings, got {reprlib.repr(name)}")
-        shapes[name] = dims(shape, f"{what}['{name[:80]}']")
+        shapes[name] = dims(shape, f"{what}['{shown(name, NAME_LIMIT)}']")
     return shapes

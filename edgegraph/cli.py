@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import edgegraph
 from edgegraph import checks, files
-from edgegraph.errors import EdgegraphError, PassFailure, one_line
+from edgegraph.errors import NAME_LIMIT, EdgegraphError, PassFailure, one_line, shown
 from edgegraph.targets import available_targets
 
 logger = logging.getLogger("edgegraph")
@@ -180,14 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _fix_shape(text: str) -> tuple[str, list[int]]:
     name, eq, dims = text.rpartition("=")
     if not eq or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIMS like input=1x3x224x224, got '{text[:80]}'")
+        raise argparse.ArgumentTypeError(f"expected NAME=DIMS like input=1x3x224x224, got '{shown(text, NAME_LIMIT)}'")
     return name, _dims(dims)
 
 
 def _dims(text: str) -> list[int]:
     sizes = text.replace(",", "x").split("x")
     if not all(_is_number(d) for d in sizes) or not all(int(d) > 0 for d in sizes):
-        raise argparse.ArgumentTypeError(f"expected positive sizes separated by 'x' like 1x3x224x224, got '{text[:80]}'")
+        raise argparse.ArgumentTypeError(f"expected positive sizes separated by 'x' like 1x3x224x224, got '{shown(text, NAME_LIMIT)}'")
     try:
         return checks.dims([int(d) for d in sizes], "shape")
     except EdgegraphError as exc:
@@ -203,7 +203,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _non_negative(text: str) -> int:
     if not _is_number(text):
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text[:80]}'")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{shown(text, NAME_LIMIT)}'")
     return int(text)
 
 
@@ -213,14 +213,14 @@ def _finite(text: str) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text[:80]}'")
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{shown(text, NAME_LIMIT)}'")
     return value
 
 
 def _fraction(text: str) -> float:
     value = _finite(text)
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got '{text[:80]}'")
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got '{shown(text, NAME_LIMIT)}'")
     return value
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 
 from edgegraph.checks import MAX_INPUT_ELEMENTS
-from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
+from edgegraph.errors import NAME_LIMIT, CalibrationDataError, EdgegraphError, shown
 from edgegraph.floor import Floor
 from edgegraph.runtime import Feeds, InputSpec, batch_axes, batch_size_for
 from edgegraph.targets import Target, load_target
@@ -263,7 +263,7 @@ class CalibrationData:
 
         def shape_of(spec: InputSpec) -> tuple[int, ...]:
             if spec.shape is None:
-                raise CalibrationDataError(f"cannot make random inputs for input '{spec.name[:80]}': it is declared "
+                raise CalibrationDataError(f"cannot make random inputs for input '{shown(spec.name, NAME_LIMIT)}': it is declared "
                                            "without a shape (give data with --calib, or --fix-shape)")
             dims = list(spec.shape)
             if axes[spec.name] is not None:  # the batch axis, which `batches` adds

@@ -82,6 +82,9 @@ class PostconditionError(PassFailure):
 MAX_LINE = 1000  # characters: an error line holds a whole onnxruntime message (pipeline.ORT_MESSAGE_LIMIT) and advice
 
 
+NAME_LIMIT = 80  # characters of a user-chosen name or path inside a longer message
+
+
 def shown(value, limit: int = 200) -> str:
     """`value` for an error message: its repr (str as it is), cut to about `limit` characters,
     so that a hostile name, key or recipe cannot make a megabyte error line."""

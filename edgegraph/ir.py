@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from edgegraph import files, validate
-from edgegraph.errors import EdgegraphError, ModelLoadError
+from edgegraph.errors import NAME_LIMIT, EdgegraphError, ModelLoadError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -637,8 +637,8 @@ def _check_self_contained(proto: onnx.ModelProto, written: set[tuple], path: Pat
     for tensor in validate.tensors(proto):
         if validate.uses_external_data(tensor) and _external_reference(tensor) not in written:
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            raise EdgegraphError(f"cannot save {path}: tensor '{tensor.name[:80]}' refers to external data in "
-                                 f"'{location[:80]}', which is not saved with it")
+            raise EdgegraphError(f"cannot save {path}: tensor '{shown(tensor.name, NAME_LIMIT)}' refers to external data in "
+                                 f"'{shown(location, NAME_LIMIT)}', which is not saved with it")
 
 
 def sidecar_path(path: Path) -> Path:

@@ -14,8 +14,8 @@ import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, verify
 from edgegraph.context import STAGES, CalibrationData, PassContext
-from edgegraph.errors import (FloorViolation, MissingRequirementError, PassFailure, PassOptionError, PreconditionError,
-                              VerificationDataError, VerificationError, one_line)
+from edgegraph.errors import (NAME_LIMIT, FloorViolation, MissingRequirementError, PassFailure, PassOptionError,
+                              PreconditionError, VerificationDataError, VerificationError, one_line, shown)
 from edgegraph.floor import measure
 from edgegraph.passbase import Pass, PassGroup, PassResult, option, run_group, settle
 from edgegraph.runtime import Feeds
@@ -156,8 +156,8 @@ def _interface(model: ir.Model) -> tuple[list[str], list[str]]:
 def _interface_change(before: tuple[list[str], list[str]], after: tuple[list[str], list[str]]) -> str | None:
     """What a pass did to the graph's input and output names (and order), in a few words; None if nothing."""
     def names(items: list[str]) -> str:
-        shown = ", ".join(name[:80] for name in items[:3])
-        return shown + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+        listed = ", ".join(shown(name, NAME_LIMIT) for name in items[:3])
+        return listed + (f" and {len(items) - 3} more" if len(items) > 3 else "")
 
     for kind, old, new in zip(("input", "output"), before, after):
         if old == new:

@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from edgegraph import ir
-from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
+from edgegraph.errors import NAME_LIMIT, CalibrationDataError, EdgegraphError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def input_specs(proto: onnx.ModelProto | ir.Model | ort.InferenceSession) -> lis
             type_proto = type_proto.optional_type.elem_type
         kind = type_proto.WhichOneof("value")
         if kind not in ("tensor_type", None):  # (None: a type left empty, read as a float tensor)
-            raise EdgegraphError(f"input '{value.name[:80]}' is of type {_type_text(value.type)}: only tensor "
+            raise EdgegraphError(f"input '{shown(value.name, NAME_LIMIT)}' is of type {_type_text(value.type)}: only tensor "
                                  "inputs (plain or optional) can be fed, others are not supported")
         tensor_type = type_proto.tensor_type
         shape = None

@@ -32,7 +32,7 @@ import onnx
 from google.protobuf.message import Message
 from onnx import TensorProto
 
-from edgegraph.errors import ModelLoadError
+from edgegraph.errors import NAME_LIMIT, ModelLoadError, shown
 
 _GraphLike = onnx.GraphProto | onnx.FunctionProto
 
@@ -114,15 +114,15 @@ def uses_external_data(tensor: TensorProto) -> bool:
 
 def external_data(tensor: TensorProto, folder: Path | None, what: str) -> ExternalData:
     """Check a tensor's external-data reference against the rule above (see the module doc)."""
-    name = f"'{_short(tensor.name)}'"
+    name = f"'{shown(tensor.name, NAME_LIMIT)}'"
     info: dict[str, str] = {}
     for entry in tensor.external_data:
         if entry.key in info:
-            raise ModelLoadError(f"{what}: external data of tensor {name} gives '{_short(entry.key)}' twice")
+            raise ModelLoadError(f"{what}: external data of tensor {name} gives '{shown(entry.key, NAME_LIMIT)}' twice")
         info[entry.key] = entry.value
     location = info.get("location", "")
     if folder is None:
-        raise ModelLoadError(f"{what}: tensor {name} keeps its data in an external file ('{_short(location)}'), "
+        raise ModelLoadError(f"{what}: tensor {name} keeps its data in an external file ('{shown(location, NAME_LIMIT)}'), "
                              "which needs the model's folder: load the model from its file")
     folder = folder.resolve()
     # One reading of the path on every platform: `/` separates folders, and a backslash (a
@@ -130,7 +130,7 @@ def external_data(tensor: TensorProto, folder: Path | None, what: str) -> Extern
     parts = PurePosixPath(location).parts
     if (not location or "\0" in location or "\\" in location or PurePosixPath(location).is_absolute()
             or PureWindowsPath(location).drive or ".." in parts):
-        raise ModelLoadError(f"{what}: external data file '{_short(location)}' of tensor {name} is missing or "
+        raise ModelLoadError(f"{what}: external data file '{shown(location, NAME_LIMIT)}' of tensor {name} is missing or "
                              "outside the model's folder (it must be a relative path with '/', without '..')")
     try:
         file = folder.joinpath(*parts).resolve()
@@ -139,10 +139,10 @@ def external_data(tensor: TensorProto, folder: Path | None, what: str) -> Extern
     except (OSError, RuntimeError):  # RuntimeError: a symlink loop
         inside, mode = False, 0
     if not inside:
-        raise ModelLoadError(f"{what}: external data file '{_short(location)}' of tensor {name} is missing or "
+        raise ModelLoadError(f"{what}: external data file '{shown(location, NAME_LIMIT)}' of tensor {name} is missing or "
                              "outside the model's folder")
     if not stat.S_ISREG(mode):
-        raise ModelLoadError(f"{what}: external data file '{_short(location)}' of tensor {name} is not a regular file")
+        raise ModelLoadError(f"{what}: external data file '{shown(location, NAME_LIMIT)}' of tensor {name} is not a regular file")
     offset = _whole_number(info.get("offset", "0"), "offset", name, what)
     expected = tensor_bytes(tensor)
     if expected is None:
@@ -159,7 +159,7 @@ def external_data(tensor: TensorProto, folder: Path | None, what: str) -> Extern
 
 def _whole_number(text: str, key: str, name: str, what: str) -> int:
     if not re.fullmatch(r"[0-9]{1,20}", text):
-        raise ModelLoadError(f"{what}: external data {key} '{_short(text)}' of tensor {name} is not a whole "
+        raise ModelLoadError(f"{what}: external data {key} '{shown(text, NAME_LIMIT)}' of tensor {name} is not a whole "
                              "number >= 0")
     return int(text)
 
@@ -257,11 +257,11 @@ _VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "doubl
 
 
 def _check_tensor(tensor: TensorProto, folder: Path | None, what: str, raw_length: int | None = None) -> None:
-    name = f"'{_short(tensor.name)}'"
+    name = f"'{shown(tensor.name, NAME_LIMIT)}'"
     if tensor.data_type not in _KNOWN_TYPES:
         raise ModelLoadError(f"{what}: tensor {name} has unknown data type {tensor.data_type}")
     if any(d < 0 for d in tensor.dims):
-        raise ModelLoadError(f"{what}: tensor {name} has negative dims {_short(str(list(tensor.dims)))}")
+        raise ModelLoadError(f"{what}: tensor {name} has negative dims {shown(str(list(tensor.dims)), NAME_LIMIT)}")
     if tensor.HasField("segment"):
         raise ModelLoadError(f"{what}: tensor {name} is a segment of a larger tensor (not supported)")
     fields = [f for f in _VALUE_FIELDS if len(getattr(tensor, f))]  # (repeated fields: no copy)
@@ -280,14 +280,14 @@ def _check_tensor(tensor: TensorProto, folder: Path | None, what: str, raw_lengt
         held = len(tensor.raw_data) if raw_length is None else raw_length
         if expected is not None and held != expected:
             raise ModelLoadError(f"{what}: tensor {name} holds {held} bytes, but its dims "
-                                 f"{_short(str(list(tensor.dims)))} and type {_type_name(tensor.data_type)} "
+                                 f"{shown(str(list(tensor.dims)), NAME_LIMIT)} and type {_type_name(tensor.data_type)} "
                                  f"need {expected}")
         return
     field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
     held, expected = len(getattr(tensor, field)), _typed_count(tensor)
     if held != expected:
         raise ModelLoadError(f"{what}: tensor {name} holds {held} values, but its dims "
-                             f"{_short(str(list(tensor.dims)))} need {expected}")
+                             f"{shown(str(list(tensor.dims)), NAME_LIMIT)} need {expected}")
     if tensor.data_type == TensorProto.STRING:  # onnx (and so every reader here) decodes them as UTF-8
         try:
             for value in tensor.string_data:
@@ -298,9 +298,9 @@ def _check_tensor(tensor: TensorProto, folder: Path | None, what: str, raw_lengt
 
 
 def _check_sparse(sparse: onnx.SparseTensorProto, what: str) -> None:
-    name = f"'{_short(sparse.values.name)}'"
+    name = f"'{shown(sparse.values.name, NAME_LIMIT)}'"
     if any(d < 0 for d in sparse.dims):
-        raise ModelLoadError(f"{what}: sparse tensor {name} has negative dims {_short(str(list(sparse.dims)))}")
+        raise ModelLoadError(f"{what}: sparse tensor {name} has negative dims {shown(str(list(sparse.dims)), NAME_LIMIT)}")
     nnz = elements(sparse.values)
     shape = list(sparse.indices.dims)
     if (len(sparse.values.dims) != 1 or sparse.indices.data_type != TensorProto.INT64
@@ -313,7 +313,7 @@ def _check_sparse(sparse: onnx.SparseTensorProto, what: str) -> None:
         bounds = [math.prod(sparse.dims)] if len(shape) == 1 else list(sparse.dims)
         if (indices < 0).any() or any((indices[:, i] >= bound).any() for i, bound in enumerate(bounds)):
             raise ModelLoadError(f"{what}: sparse tensor {name} has indices outside its dims "
-                                 f"{_short(str(list(sparse.dims)))}")
+                                 f"{shown(str(list(sparse.dims)), NAME_LIMIT)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,16 +339,16 @@ def _check_type(type_proto: onnx.TypeProto, name: str, what: str) -> None:
     if kind in ("tensor_type", "sparse_tensor_type"):
         inner = getattr(type_proto, kind)
         if inner.elem_type not in _DECLARABLE_TYPES:
-            raise ModelLoadError(f"{what}: '{_short(name)}' is declared with unknown data type {inner.elem_type}")
+            raise ModelLoadError(f"{what}: '{shown(name, NAME_LIMIT)}' is declared with unknown data type {inner.elem_type}")
         for dim in inner.shape.dim:
             _utf8(dim.dim_param, dim.denotation)
             if dim.HasField("dim_value") and dim.dim_value < -1:
-                raise ModelLoadError(f"{what}: '{_short(name)}' is declared with a dim of size {dim.dim_value}")
+                raise ModelLoadError(f"{what}: '{shown(name, NAME_LIMIT)}' is declared with a dim of size {dim.dim_value}")
     elif kind in ("sequence_type", "optional_type"):
         _check_type(getattr(type_proto, kind).elem_type, name, what)
     elif kind == "map_type":
         if type_proto.map_type.key_type not in _DECLARABLE_TYPES:
-            raise ModelLoadError(f"{what}: '{_short(name)}' is declared with unknown map key type "
+            raise ModelLoadError(f"{what}: '{shown(name, NAME_LIMIT)}' is declared with unknown map key type "
                                  f"{type_proto.map_type.key_type}")
         _check_type(type_proto.map_type.value_type, name, what)
 
@@ -378,7 +378,7 @@ def _check_texts(proto: onnx.ModelProto, what: str) -> None:
 
 
 def _not_utf8(exc: _NotUtf8, what: str) -> ModelLoadError:
-    return ModelLoadError(f"{what} has a name or text field that is not valid UTF-8 ({_short(repr(exc.args[0]), 40)})")
+    return ModelLoadError(f"{what} has a name or text field that is not valid UTF-8 ({shown(repr(exc.args[0]), 40)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def _not_utf8(exc: _NotUtf8, what: str) -> ModelLoadError:
 
 
 def _node_label(node: onnx.NodeProto) -> str:
-    return f"node '{_short(node.name)}' ({_short(node.op_type)})" if node.name else f"a {_short(node.op_type)} node"
+    return f"node '{shown(node.name, NAME_LIMIT)}' ({shown(node.op_type, NAME_LIMIT)})" if node.name else f"a {shown(node.op_type, NAME_LIMIT)} node"
 
 
 # Attribute types onnx-graphsurgeon carries through (type protos since edgegraph.ir teaches it
@@ -402,7 +402,7 @@ def _check_attributes(node: onnx.NodeProto, what: str) -> None:
         if attribute.type not in _KEPT_ATTRIBUTES and not attribute.ref_attr_name:
             kind = onnx.AttributeProto.AttributeType.Name(attribute.type) if attribute.type in \
                 onnx.AttributeProto.AttributeType.values() else str(attribute.type)
-            raise ModelLoadError(f"{what}: {_node_label(node)} has attribute '{_short(attribute.name)}' of "
+            raise ModelLoadError(f"{what}: {_node_label(node)} has attribute '{shown(attribute.name, NAME_LIMIT)}' of "
                                  f"type {kind}, which edgegraph cannot keep (not supported yet)")
 
 
@@ -426,7 +426,7 @@ def _check_graph(graph: _GraphLike, outer: frozenset[str], what: str, unsorted: 
         seen: set[str] = set()
         for name in names:
             if name in seen:
-                raise ModelLoadError(f"{what}: {kind} {role} '{_short(name)}' is declared twice")
+                raise ModelLoadError(f"{what}: {kind} {role} '{shown(name, NAME_LIMIT)}' is declared twice")
             seen.add(name)
     local |= set(inputs)
     producer: dict[str, int] = {}
@@ -442,10 +442,10 @@ def _check_graph(graph: _GraphLike, outer: frozenset[str], what: str, unsorted: 
             if not name:
                 continue
             if name in producer:
-                raise ModelLoadError(f"{what}: tensor '{_short(name)}' is written by two nodes, "
+                raise ModelLoadError(f"{what}: tensor '{shown(name, NAME_LIMIT)}' is written by two nodes, "
                                      f"{_node_label(graph.node[producer[name]])} and {_node_label(node)}")
             if name in local:
-                raise ModelLoadError(f"{what}: {_node_label(node)} writes '{_short(name)}', which is already a "
+                raise ModelLoadError(f"{what}: {_node_label(node)} writes '{shown(name, NAME_LIMIT)}', which is already a "
                                      f"{kind} input or initializer")
             producer[name] = index
     visible = outer | local | producer.keys()
@@ -457,13 +457,13 @@ def _check_graph(graph: _GraphLike, outer: frozenset[str], what: str, unsorted: 
             reads |= _check_graph(sub, frozenset(visible), what, unsorted)
         for name in reads:
             if name not in visible:
-                raise ModelLoadError(f"{what}: {_node_label(node)} reads '{_short(name)}', which no node, "
+                raise ModelLoadError(f"{what}: {_node_label(node)} reads '{shown(name, NAME_LIMIT)}', which no node, "
                                      f"{kind} input or initializer defines")
         free |= {name for name in reads if name not in local and name not in producer}
         needs.append({producer[name] for name in reads if name in producer})
     for name in outputs:
         if name not in visible:
-            raise ModelLoadError(f"{what}: {kind} output '{_short(name)}' is not computed by any node")
+            raise ModelLoadError(f"{what}: {kind} output '{shown(name, NAME_LIMIT)}' is not computed by any node")
         if name not in local and name not in producer:
             free.add(name)
     if any(j >= i for i, deps in enumerate(needs) for j in deps):
@@ -541,12 +541,12 @@ def check_declared_shape(name: str, main: bool, declared: onnx.TensorShapeProto,
             size(a) is None or size(b) is None or size(a) == size(b) for a, b in zip(declared.dim, computed.dim)):
         return
     where = "graph output" if main else "subgraph output"
-    raise ModelLoadError(f"{what}: {where} '{_short(name)}' is declared with shape {_shape_text(declared)}, but "
+    raise ModelLoadError(f"{what}: {where} '{shown(name, NAME_LIMIT)}' is declared with shape {_shape_text(declared)}, but "
                          f"its computed shape is {_shape_text(computed)}")
 
 
 def _shape_text(shape: onnx.TensorShapeProto) -> str:
-    dims = [str(d.dim_value) if d.HasField("dim_value") else _short(d.dim_param, 20) or "?" for d in shape.dim[:9]]
+    dims = [str(d.dim_value) if d.HasField("dim_value") else shown(d.dim_param, 20) or "?" for d in shape.dim[:9]]
     return "[" + ", ".join(dims) + (", ..." if len(shape.dim) > 9 else "") + "]"
 
 
@@ -566,7 +566,7 @@ def _check_opsets(proto: onnx.ModelProto, what: str) -> None:
     for opset in proto.opset_import:
         domain = "" if opset.domain == "ai.onnx" else opset.domain
         if domain in seen:
-            raise ModelLoadError(f"{what}: the opset of domain '{_short(opset.domain)}' is imported twice")
+            raise ModelLoadError(f"{what}: the opset of domain '{shown(opset.domain, NAME_LIMIT)}' is imported twice")
         seen.add(domain)
         if domain in known:
             low, high = known[domain]
@@ -649,7 +649,7 @@ def _checker_message(text: str) -> str:
     context = next((line for line in lines[1:] if line.startswith("==> Context:")), "")
     if context:
         message += f" ({context.removeprefix('==> Context:').strip()})"
-    return _short(message, 300)
+    return shown(message, 300)
 
 
 def check(proto: onnx.ModelProto, what: str, folder: Path | None, raw: bytes | None = None) -> None:
@@ -693,7 +693,7 @@ def _require_no_recursion(proto: onnx.ModelProto, what: str) -> None:
         state[key] = 1
         for callee in calls[key]:
             if state.get(callee) == 1:
-                cycle = " -> ".join(_short(name) for name in [*path, key[1], callee[1]][-4:])
+                cycle = " -> ".join(shown(name, NAME_LIMIT) for name in [*path, key[1], callee[1]][-4:])
                 raise ModelLoadError(f"{what}: local functions call each other in a cycle ({cycle}); "
                                      "ONNX functions cannot be recursive")
             if callee not in state:
@@ -713,8 +713,3 @@ def _function_graphs(function: onnx.FunctionProto) -> Iterator[_GraphLike]:
         yield graph
         for node in graph.node:
             stack.extend(subgraphs(node))
-
-
-def _short(text: str, limit: int = 80) -> str:
-    """User-chosen text (names, paths) cut to a length that keeps an error line readable."""
-    return text if len(text) <= limit else text[:limit - 3] + "..."

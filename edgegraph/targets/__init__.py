@@ -7,7 +7,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgegraph.errors import EdgegraphError, UnknownTargetError
+from edgegraph.errors import NAME_LIMIT, EdgegraphError, UnknownTargetError, shown
 
 PROFILE_DIR = Path(__file__).parent
 
@@ -31,8 +31,8 @@ _KEYS = {"description": (str, None), "ops": (list, str), "quantized_ops": (list,
 def load_target(name: str) -> Target:
     """The profile `name` from this folder; only these names, never a path to another file."""
     if not isinstance(name, str) or name not in available_targets():
-        shown = reprlib.repr(name) if isinstance(name, str) else type(name).__name__
-        raise UnknownTargetError(f"unknown target {shown} (available: {', '.join(available_targets())})")
+        given = reprlib.repr(name) if isinstance(name, str) else type(name).__name__
+        raise UnknownTargetError(f"unknown target {given} (available: {', '.join(available_targets())})")
     path = PROFILE_DIR / f"{name}.toml"
     try:
         with path.open("rb") as handle:
@@ -41,7 +41,7 @@ def load_target(name: str) -> Target:
         raise EdgegraphError(f"target profile {path}: {exc}") from None
     for key, value in profile.items():
         if key not in _KEYS:
-            raise EdgegraphError(f"target profile {path}: {key[:80]}: unknown key (keys: {', '.join(_KEYS)})")
+            raise EdgegraphError(f"target profile {path}: {shown(key, NAME_LIMIT)}: unknown key (keys: {', '.join(_KEYS)})")
         kind, item = _KEYS[key]
         if not isinstance(value, kind) or (item and not all(isinstance(v, item) for v in value)):
             wanted = f"a list of {item.__name__}" if item else kind.__name__
