@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from edgegraph import files, validate
@@ -378,15 +379,40 @@ _PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4
                  if hasattr(onnx.TensorProto, n)}
 
 
-def numpy_dtype(dtype) -> np.dtype | None:
+def numpy_dtype(dtype, *, exact: bool = False) -> np.dtype | None:
     """A gs tensor's dtype (numpy type or onnx data type number) as a numpy dtype; None when it
-    has none (unknown, or the element type of an optional / map value)."""
+    has none (unknown, or the element type of an optional / map value).
+
+    With `exact`, also None for the types numpy holds but does not compute with exactly
+    (ml_dtypes' bfloat16, float8, int4; strings): what a rewrite that evaluates values in numpy
+    must leave alone.
+    """
     try:
         if isinstance(dtype, int):  # an onnx TensorProto data type
+            if exact:  # (gs keeps onnx enums only for the types numpy lacks)
+                return None
             return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
-        return np.dtype(dtype) if dtype is not None else None
+        dtype = np.dtype(dtype) if dtype is not None else None
     except (TypeError, KeyError, ValueError):
         return None
+    return None if exact and dtype is not None and dtype.name not in _EXACT_DTYPES else dtype
+
+
+_EXACT_DTYPES = {
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64",
+}
+
+
+def onnx_dtype(dtype) -> int:
+    """The onnx TensorProto data type of a numpy dtype."""
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def is_opaque(constant: gs.Constant) -> bool:
+    """True for initializers whose values numpy would silently change (bfloat16, float8, int4, strings)."""
+    source = constant._values
+    dtype = source.dtype if isinstance(source, LazyValues) else getattr(source, "dtype", None)
+    return numpy_dtype(dtype, exact=True) is None
 
 
 def _storage_dtype(data_type: int) -> np.dtype | None:
@@ -937,14 +963,26 @@ def consumers(tensor: gs.Tensor) -> list[gs.Node]:
     return list(tensor.outputs)
 
 
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of an initializer or of a Constant node's output; None when computed at run time."""
+def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output; None when computed at run time.
+
+    Never loads types numpy cannot represent exactly (`is_opaque`): reading those through gs
+    would change their dtype, so they count as unknown.
+    """
+    if tensor is None:
+        return None
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return None if is_opaque(tensor) else np.asarray(tensor.values)
     node = producer(tensor)
-    if node is not None and node.op == "Constant" and node.attrs.get("value") is not None:
-        value = node.attrs["value"]
-        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+    if node is None or node.op != "Constant" or not is_standard(node):
+        return None
+    attr = node.attrs.get("value")
+    if isinstance(attr, gs.Constant):
+        return None if is_opaque(attr) else np.asarray(attr.values)
+    for name, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
+                        ("value_ints", np.int64)):
+        if name in node.attrs:
+            return np.array(node.attrs[name], dtype=dtype)
     return None
 
 
@@ -973,6 +1011,13 @@ def substitute(items: list, old, new) -> None:
     for index, item in enumerate(items):
         if item is old:
             items[index] = new
+
+
+def set_inputs(node: gs.Node, tensors: Iterable[gs.Tensor]) -> None:
+    """Replace all inputs of `node` (gs lists cannot be slice-assigned; see `substitute`)."""
+    tensors = list(tensors)  # (may be computed from node.inputs itself)
+    node.inputs.clear()
+    node.inputs.extend(tensors)
 
 
 def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
@@ -1112,7 +1157,7 @@ def folded_value(tensor: gs.Tensor, opset: int, max_nodes: int = 16) -> np.ndarr
 
     Covers what exporters leave in front of weights and biases, e.g. `Cast(int8 weight) * scale`
     (weight-only quantized models) or `Reshape(bias, shape)` (paddle2onnx); the few nodes are
-    evaluated with onnx's reference implementation. Gives up (None) beyond `max_nodes` nodes,
+    evaluated in onnxruntime (`evaluate`). Gives up (None) beyond `max_nodes` nodes,
     on custom domains, subgraphs and random ops.
     """
     value = constant_value(tensor)
@@ -1154,19 +1199,61 @@ def folded_value(tensor: gs.Tensor, opset: int, max_nodes: int = 16) -> np.ndarr
 
     for node in nodes.values():
         place(node)
-    from onnx.reference import ReferenceEvaluator
+    return evaluate(ordered, [onnx.helper.make_opsetid("", opset)], leaves).get(tensor.name)
 
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs], **n.attrs)
-         for n in ordered],
-        "folded",
-        [],
-        [onnx.helper.make_value_info(tensor.name, onnx.TypeProto())],
-        [onnx.numpy_helper.from_array(np.asarray(v), name) for name, v in leaves.items()],
-    )
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+
+def evaluate(nodes: list[gs.Node], opsets: Sequence[onnx.OperatorSetIdProto],
+             known: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Run `nodes` (topologically sorted, reading only constants and the `known` values by name)
+    in onnxruntime; returns every output it could compute by name. A failing batch is retried
+    node by node.
+
+    The one constant evaluator: onnxruntime's numerics, so a folded value is bit-identical to
+    what the model computed at run time (onnx's reference evaluator differs in the last bits).
+    """
     try:
-        return np.asarray(ReferenceEvaluator(proto).run([tensor.name], {})[0])
-    except Exception as exc:  # noqa: BLE001 - the reference evaluator raises many types
-        logger.debug("cannot fold %s: %s", tensor.name, exc)
-        return None
+        return _evaluate(nodes, opsets, known)
+    except Exception as exc:  # noqa: BLE001 - ORT raises assorted types for unsupported ops
+        logger.debug("batched constant evaluation failed (%s); evaluating node by node", exc)
+    known = known or {}
+    values: dict[str, np.ndarray] = {}
+    for node in nodes:
+        extra = {t.name: v for t in node.inputs if (v := values.get(t.name, known.get(t.name))) is not None}
+        try:
+            values.update(_evaluate([node], opsets, extra))
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("cannot evaluate %s (%s): %s", node.name, node.op, exc)
+    return values
+
+
+def _evaluate(nodes: list[gs.Node], opsets, extra: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    import onnxruntime as ort  # (here: importing edgegraph.ir stays light for the CLI)
+
+    extra = extra or {}
+    produced = {o.name for n in nodes for o in n.outputs}
+    initializers, seen = [], set()
+    for node in nodes:
+        for t in node.inputs:
+            if not t.name or t.name in produced or t.name in seen:
+                continue
+            seen.add(t.name)
+            if t.name in extra:
+                initializers.append(onnx.numpy_helper.from_array(np.asarray(extra[t.name]), t.name))
+            elif isinstance(t, gs.Constant):
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(OnnxExporter.export_tensor_proto(t))
+                tensor.name = t.name
+                initializers.append(tensor)
+            else:
+                initializers.append(onnx.numpy_helper.from_array(constant_value(t), t.name))
+    outputs = [onnx.ValueInfoProto(name=name) for name in dict.fromkeys(o.name for n in nodes for o in n.outputs)]
+    graph = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "fold", [], outputs, initializers)
+    model = onnx.helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = max(7, onnx.helper.find_min_ir_version_for(list(opsets), ignore_unknown=True))
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {})))
