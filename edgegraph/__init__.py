@@ -18,7 +18,7 @@ _EXPORTS = {
     "CalibrationData": "edgegraph.context", "ImagePreprocess": "edgegraph.context",
     "PassContext": "edgegraph.context", "VerifyConfig": "edgegraph.context",
     "EdgegraphError": "edgegraph.errors",
-    "Model": "edgegraph.ir", "load": "edgegraph.ir", "save": "edgegraph.ir",
+    "Model": "edgegraph.ir", "load": "edgegraph.modelio", "save": "edgegraph.modelio",
     "Pass": "edgegraph.passbase", "PassResult": "edgegraph.passbase", "PipelineReport": "edgegraph.pipeline",
     "option": "edgegraph.passbase", "run_pipeline": "edgegraph.pipeline",
     "get_pass": "edgegraph.registry", "list_passes": "edgegraph.registry", "register_pass": "edgegraph.registry",

@@ -14,7 +14,8 @@ import onnx
 from edgegraph.checks import flag, input_shapes, whole_number
 from edgegraph.context import CalibrationData, ImagePreprocess, PassContext, VerifyConfig
 from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
-from edgegraph.ir import Model, load
+from edgegraph.ir import Model
+from edgegraph.modelio import load
 from edgegraph.pipeline import Pass, run_pipeline
 from edgegraph.targets import Target, load_target
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 
 import edgegraph
-from edgegraph import files, ir, spec, stats, verify
+from edgegraph import files, ir, modelio, spec, stats, verify
 from edgegraph.stats import ModelStats
 from edgegraph.context import STAGES, PassContext, is_terminal
 from edgegraph.errors import EdgegraphError, ModelLoadError, one_line
@@ -100,7 +100,7 @@ def _preprocess(args) -> dict:
 def _load(path: str) -> ir.Model:
     start = time.perf_counter()
     try:
-        model = ir.load(path)
+        model = modelio.load(path)
     except OSError as exc:  # permissions, a vanished file: the user's to fix
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
     STAGES.info("loaded %s in %.2fs", path, time.perf_counter() - start)
@@ -165,7 +165,7 @@ def cmd_opt(args) -> int:
         }
         # The model, its external data and the report are one outcome: staged, then moved
         # into place together (or not at all).
-        moves = ir.staged_moves(staged, output)
+        moves = modelio.staged_moves(staged, output)
         if report_path:
             staged_report = stack.enter_context(files.staging(report_path)) / report_path.name
             _write(lambda: staged_report.write_text(json.dumps(stats.jsonable(data), indent=2) + "\n"),
@@ -194,7 +194,7 @@ def _check_outputs(args, source: Path, output: Path, report: Path | None) -> Non
     external data, calibration and eval data, the recipe. `-o` may name the input model, and
     its external data then be replaced by the new one: everything the new model holds is in its
     own, new files before anything is moved, and the old files stay readable until then."""
-    sidecar = ir.sidecar_path(output)
+    sidecar = modelio.sidecar_path(output)
     outputs = {"-o": output, f"the external data file of -o ({sidecar.name})": sidecar}
     if report:
         outputs["--report"] = report
@@ -204,7 +204,7 @@ def _check_outputs(args, source: Path, output: Path, report: Path | None) -> Non
         # External data lives in the model's folder; the model is read again for its list only
         # when an output is one of the other files there (never for weights inside the model).
         others = {files.identity(f) for f in files.files_in(source.parent)} - {files.identity(source)}
-        external = ir.external_data_files(source) if existing & others else []
+        external = modelio.external_data_files(source) if existing & others else []
         inputs = {"the input model": [source], "the input's external data": external,
                   "the --calib data": files.files_in(Path(args.calib)) if args.calib else [],
                   "the --eval data": [Path(args.eval)] if args.eval else [],
@@ -224,7 +224,7 @@ def _write(save, path: Path):
 def _save(model: ir.Model, path: Path, output: Path) -> Path:
     """Save `model` alone in a new folder at `path` (external data beside it when it needs some)."""
     path.parent.mkdir()
-    return _write(lambda: ir.save(model, path), output)
+    return _write(lambda: modelio.save(model, path), output)
 
 
 def _measured_stats(models: Sequence[ir.Model], files: Sequence[Path], data, args, *,

@@ -1,11 +1,12 @@
-"""Model I/O and a thin layer over onnx-graphsurgeon: the one place that turns protobuf into graphs."""
+"""The in-memory model and a thin layer over onnx-graphsurgeon: protobuf <-> graphs (`Model`,
+`from_proto`), shape inference, and the graph helpers passes use. Reading and writing model
+files (validation, external data, atomic saves) is `edgegraph.modelio`."""
 
 from __future__ import annotations
 
 import heapq
 import logging
 import math
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from edgegraph import files, validate
-from edgegraph.errors import NAME_LIMIT, EdgegraphError, ModelLoadError, shown
+from edgegraph import validate
+from edgegraph.errors import EdgegraphError
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Model:
         references to nothing): a small proto for looking at the graph or inferring shapes.
         """
         if not weights:
-            with _detached(_weights(self)):
+            with detached(detachable_weights(self)):
                 return self.to_proto()
         with _exportable(self) as restore:
             proto = gs.export_onnx(self.graph, do_type_check=False)
@@ -99,13 +99,13 @@ class Model:
     def _rebuilt(self, *, infer: bool, share: bool, what: str | None = None) -> Model:
         # Export without the weights (cheap even for a multi-GB model), re-import, then hand the
         # weights to the new graph's constants.
-        weights = _weights(self)
-        with _detached(weights):
+        weights = detachable_weights(self)
+        with detached(weights):
             proto = self.to_proto()
         rebuilt = from_proto(infer_shapes(proto, what=what) if infer else proto, infer=False)
         rebuilt.value_info = self.value_info
         by_name = {c.name: c for c in weights}
-        for tensor in _constants(rebuilt):
+        for tensor in all_constants(rebuilt):
             source = by_name.get(tensor.name)
             if source is not None and _is_detached(tensor):
                 tensor._values = source._values if share else _private_copy(source._values)
@@ -201,106 +201,6 @@ def _gs_can_write(type_proto: onnx.TypeProto) -> bool:
     if kind == "sequence_type":
         return type_proto.sequence_type.elem_type.WhichOneof("value") == "tensor_type"
     return kind in ("tensor_type", "sparse_tensor_type")  # not None: an empty type reads as an opaque one
-
-
-def load(source, *, infer: bool = True, base_dir: str | os.PathLike[str] | None = None) -> Model:
-    """Load a model from a path, bytes, a ModelProto or a Model (copied; the source is never changed).
-
-    Every model is checked first (`edgegraph.validate`): invalid ONNX, and external data that is
-    not a regular file inside the model's folder, raise `ModelLoadError` with one clear sentence,
-    as do a missing file, a file that is not ONNX and a truncated one. External data of a path
-    is looked for beside it; bytes and ModelProtos have no folder, so their external data is
-    refused unless `base_dir` names one. External data is memory-mapped read-only (see
-    `_map_external_data`): passes replace constant values, they never write into them.
-    """
-    if isinstance(source, Model):
-        return source.copy()
-    folder = Path(base_dir) if base_dir is not None else None
-    raw = None
-    if isinstance(source, onnx.ModelProto):
-        what = "the given ModelProto"
-        proto = onnx.ModelProto()
-        proto.CopyFrom(source)
-    elif isinstance(source, bytes | bytearray):
-        what, raw = "the given bytes", bytes(source)
-        proto = _parse(raw, what)
-    else:
-        path = Path(source)
-        what = str(path)
-        if not path.exists():
-            raise ModelLoadError(f"no such file: {path}")
-        if not path.is_file():
-            kind = "a directory" if path.is_dir() else "not a regular file"
-            raise ModelLoadError(f"{path} is {kind}, not an ONNX model file")
-        raw = path.read_bytes()
-        proto = _parse(raw, what)
-        folder = path.parent
-    try:
-        validate.check(_validated(proto, what), what, folder, raw)
-        model = from_proto(proto, infer=False)
-        _map_external_data(model, folder, what)
-        for graph in iter_graphs(model.graph):  # (inference walks the nodes in order: unsorted, it
-            sort_nodes(graph)                   # misses shapes, and contradictions with them)
-        if infer:
-            model.refresh_shapes(what=what)
-    except UnicodeDecodeError as exc:  # graphsurgeon decodes string attributes (bytes in ONNX) as UTF-8
-        raise ModelLoadError(f"{what} has a name or text field that is not valid UTF-8 "
-                             f"(byte {exc.object[exc.start:exc.start + 1]!r})") from None
-    return model
-
-
-def _parse(data: bytes, what: str) -> onnx.ModelProto:
-    proto = onnx.ModelProto()
-    try:
-        proto.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as exc:
-        raise ModelLoadError(f"{what} is not a valid ONNX model (truncated or corrupt: {exc})") from None
-    return proto
-
-
-def _validated(proto: onnx.ModelProto, what: str) -> onnx.ModelProto:
-    # protobuf parses many non-ONNX byte strings without complaint; an ONNX model always has an
-    # IR version, an opset and a graph, so that is the cheap test that catches them.
-    if proto.ir_version <= 0 or not proto.opset_import or not proto.HasField("graph"):
-        raise ModelLoadError(f"{what} is not an ONNX model (no IR version, opset or graph)")
-    if not proto.graph.output:
-        raise ModelLoadError(f"{what} has no graph outputs")
-    return proto
-
-
-def _map_external_data(model: Model, folder: Path | None, what: str) -> None:
-    """Point every constant whose data lives in a file at that data, through the one rule
-    (`validate.external_data`); graphsurgeon would read it relative to the working directory.
-
-    Plain numeric tensors become read-only memory maps: nothing is read until a pass uses the
-    values, and only the pages it touches. Others (4-bit types) are read into memory, as are
-    the parts of sparse tensors. Constants of node attributes (Constant nodes, in subgraphs and
-    functions too) are included.
-    """
-    for tensor in _constants(model, attributes=True):
-        values = tensor._values
-        if isinstance(values, SparseValues):
-            for part in (values.tensor.values, values.tensor.indices):
-                if validate.uses_external_data(part):
-                    _inline(part, validate.external_data(part, folder, what))
-            continue
-        if not isinstance(values, LazyValues) or not validate.uses_external_data(values.tensor):
-            continue
-        source = validate.external_data(values.tensor, folder, what)
-        dtype = _storage_dtype(values.tensor.data_type)
-        count = int(np.prod(values.tensor.dims, dtype=np.int64))
-        if dtype is not None and dtype.itemsize * count == source.length:
-            tensor.values = np.memmap(source.path, dtype=dtype, mode="r", offset=source.offset,
-                                      shape=tuple(values.tensor.dims)) if count else np.zeros(values.shape, dtype)
-        else:
-            _inline(values.tensor, source)
-        tensor.data_location = None  # the values are in memory now, as far as export is concerned
-
-
-def _inline(tensor: onnx.TensorProto, source: validate.ExternalData) -> None:
-    tensor.raw_data = source.read()
-    tensor.data_location = onnx.TensorProto.DEFAULT
-    del tensor.external_data[:]
 
 
 class _Sparse(SparseValues):
@@ -415,7 +315,7 @@ def is_opaque(constant: gs.Constant) -> bool:
     return numpy_dtype(dtype, exact=True) is None
 
 
-def _storage_dtype(data_type: int) -> np.dtype | None:
+def storage_dtype(data_type: int) -> np.dtype | None:
     """The numpy dtype whose bytes are the tensor's raw bytes, if there is one."""
     if data_type in _PACKED_TYPES or data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return None
@@ -433,7 +333,7 @@ def proto_size(model) -> int:
     proto is measured only when the payload leaves room for it to matter.
     """
     if isinstance(model, Model):
-        return sum(stored_nbytes(c) for c in _constants(model))
+        return sum(stored_nbytes(c) for c in all_constants(model))
     payload = sum(_payload_bytes(t) for t in validate.tensors(model))
     if payload < PROTO_LIMIT // 8:
         return model.ByteSize()
@@ -445,7 +345,7 @@ def _payload_bytes(tensor: onnx.TensorProto) -> int:
         return 0
     if tensor.data_type == onnx.TensorProto.STRING:
         return sum(len(s) for s in tensor.string_data)
-    dtype = _storage_dtype(tensor.data_type)
+    dtype = storage_dtype(tensor.data_type)
     return int(np.prod(tensor.dims, dtype=np.int64)) * (dtype.itemsize if dtype else 8)
 
 
@@ -453,7 +353,7 @@ def _payload_bytes(tensor: onnx.TensorProto) -> int:
 # Weights outside protobuf: how big models are copied, inferred and saved without extra copies.
 
 
-def _constants(model: Model, *, attributes: bool = False) -> list[gs.Constant]:
+def all_constants(model: Model, *, attributes: bool = False) -> list[gs.Constant]:
     """Every initializer of the model (subgraphs included), once each; with `attributes`, the
     tensors of node attributes (Constant nodes' values) too."""
     return _constants_of(model.graph, attributes=attributes)
@@ -477,11 +377,11 @@ def _nbytes(constant: gs.Constant) -> int:
     return int(constant._values.nbytes)
 
 
-def _weights(model: Model) -> list[gs.Constant]:
-    """The initializers that `_detached` can move out: DETACH_BYTES or more, uniquely named,
+def detachable_weights(model: Model) -> list[gs.Constant]:
+    """The initializers that `detached` can move out: DETACH_BYTES or more, uniquely named,
     with bytes that export unchanged."""
     names: dict[str, int] = {}
-    constants = _constants(model)
+    constants = all_constants(model)
     for c in constants:
         names[c.name] = names.get(c.name, 0) + 1
     return [c for c in constants if names[c.name] == 1 and _nbytes(c) >= DETACH_BYTES and _detachable(c._values)
@@ -573,7 +473,7 @@ def _private_copy(values):
 
 
 @contextmanager
-def _detached(weights: Iterable[gs.Constant], data_file: Path | None = None):
+def detached(weights: Iterable[gs.Constant], data_file: Path | None = None):
     """While active, `weights` export as external-data references instead of their values.
 
     With `data_file`, the values are written there (each at a 4 KiB-aligned offset, so runtimes
@@ -610,110 +510,6 @@ def _detached(weights: Iterable[gs.Constant], data_file: Path | None = None):
             handle.close()
         for constant, values, location in saved:
             constant._values, constant.data_location = values, location
-
-
-def save(model, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
-    """Write a model atomically: staged in a hidden folder beside `path`, then moved into place.
-
-    `external_data=None` chooses external data only when the model would pass protobuf's 2 GiB
-    limit; the tensors then go to `sidecar_path(path)` (`<name>.data`) beside the model, which
-    may only replace a file of that name that the model now at `path` uses (see
-    `staged_moves`). On any error nothing is left at `path` and its sidecar (existing files
-    there stay as they were).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise EdgegraphError(f"output path {path} is a directory")
-    if not path.parent.exists():
-        raise EdgegraphError(f"output folder {path.parent} does not exist")
-    if external_data is None:
-        external_data = proto_size(model) > PROTO_LIMIT
-    if external_data and not isinstance(model, Model):
-        model = from_proto(model, infer=False)  # the weights are written from the proto, not copied
-    with files.staging(path) as staging:
-        staged = staging / path.name
-        if external_data:
-            data_file = sidecar_path(staged)
-            weights = _weights(model)
-            with _detached(weights, data_file):
-                proto = model.to_proto()
-                written = {_external_reference(c._values.tensor) for c in weights}
-            if not weights:
-                data_file.unlink()
-        else:
-            proto, written = model.to_proto() if isinstance(model, Model) else model, set()
-        if isinstance(model, Model) and not model.value_info:  # (`proto` is then ours to change)
-            for graph in validate.graphs(proto):
-                del graph.value_info[:]
-        _check_self_contained(proto, written, path)
-        _write_proto(proto, staged)
-        files.publish(staged_moves(staged, path))
-    return path
-
-
-def _external_reference(tensor: onnx.TensorProto) -> tuple:
-    return (tensor.name, *((e.key, e.value) for e in tensor.external_data))
-
-
-def _check_self_contained(proto: onnx.ModelProto, written: set[tuple], path: Path) -> None:
-    """Refuse to write a model with tensors that refer to external data other than what this
-    save wrote (`written`): such data belongs to another model, in a file this save may even
-    replace (the sidecar of a model saved over itself), so the written model would be
-    incomplete or silently wrong."""
-    for tensor in validate.tensors(proto):
-        if validate.uses_external_data(tensor) and _external_reference(tensor) not in written:
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            raise EdgegraphError(f"cannot save {path}: tensor '{shown(tensor.name, NAME_LIMIT)}' refers to external data in "
-                                 f"'{shown(location, NAME_LIMIT)}', which is not saved with it")
-
-
-def sidecar_path(path: Path) -> Path:
-    """Where `save` puts the external data of a model saved at `path`."""
-    return path.with_name(f"{path.name}.data")
-
-
-def staged_moves(staged: Path, path: Path) -> list[tuple[Path, Path]]:
-    """The (file, destination) moves for `files.publish` that put the model `save`d at `staged`
-    at `path`: its sidecar, if it has one, then the model.
-
-    The sidecar may replace an existing file only if the model now at `path` (the one being
-    replaced, e.g. by a re-run) keeps its external data there; any other file of that name
-    belongs to someone else and is refused (EdgegraphError).
-    """
-    moves = [(staged, path)]
-    data, destination = sidecar_path(staged), sidecar_path(path)
-    if data.exists():
-        if os.path.lexists(destination) and destination.name not in _external_locations(path):
-            raise EdgegraphError(f"{destination} exists and is not the external data of {path}: "
-                                 "it would be overwritten; move it away or choose another output name")
-        moves.insert(0, (data, destination))
-    return moves
-
-
-def _external_locations(path: Path) -> set[str]:
-    """The external-data locations the model file at `path` names (none if it is not a model)."""
-    try:
-        proto = _parse(path.read_bytes(), str(path))
-    except (OSError, ModelLoadError):
-        return set()
-    return {entry.value for tensor in validate.tensors(proto) if validate.uses_external_data(tensor)
-            for entry in tensor.external_data if entry.key == "location"}
-
-
-def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The files beside the model at `path` that hold its external data (those that exist)."""
-    path = Path(path)
-    found = [path.parent / location for location in sorted(_external_locations(path))]
-    return [f for f in found if f.is_file()]
-
-
-def _write_proto(proto: onnx.ModelProto, path: Path) -> None:
-    try:
-        data = proto.SerializeToString()
-    except Exception as exc:  # noqa: BLE001 - protobuf's EncodeError or ValueError past 2 GiB
-        raise EdgegraphError(f"cannot write {path.name}: the model is too big for one file ({exc}); "
-                             "save it with external data") from None
-    path.write_bytes(data)
 
 
 def infer_shapes(proto: onnx.ModelProto, *, what: str | None = None) -> onnx.ModelProto:

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import DEFAULT_DIR
-from edgegraph import ir, registry, runtime
+from edgegraph import modelio, registry, runtime
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.passbase import Pass
 from edgegraph.pipeline import PassRecord, run_pipeline
@@ -118,7 +118,7 @@ def _quick(cls: type[Pass]) -> Pass:
 
 
 def _run(cls: type[Pass], proto: onnx.ModelProto) -> tuple[bytes, PassRecord]:
-    model, report = run_pipeline(ir.load(proto), [_quick(cls)], _context(proto))
+    model, report = run_pipeline(modelio.load(proto), [_quick(cls)], _context(proto))
     record = next(r for r in report.passes if r.name == cls.name and r.wanted_by is None)
     return model.to_proto().SerializeToString(), record
 
@@ -132,7 +132,7 @@ def test_pass_is_deterministic(cls):
             continue
         second, _ = _run(cls, proto)
         assert first == second, f"{cls.name} on {name}: two runs gave different bytes"
-        assert first != ir.load(proto).to_proto().SerializeToString()
+        assert first != modelio.load(proto).to_proto().SerializeToString()
         return
     pytest.fail(f"{cls.name} changed none of {', '.join(CANDIDATES)}: give it a fixture")
 
@@ -140,7 +140,7 @@ def test_pass_is_deterministic(cls):
 @pytest.mark.parametrize("cls", BUILTINS, ids=NAMES)
 def test_pass_with_nothing_to_do_says_so_and_changes_nothing(cls):
     proto = _nothing_to_do()
-    model = ir.load(proto)
+    model = modelio.load(proto)
     before = model.to_proto().SerializeToString()
     p = _quick(cls)
     result = p.run(model, _context(proto))  # the pass itself, without the manager's tidying
