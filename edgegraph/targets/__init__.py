@@ -18,7 +18,8 @@ A profile's keys:
   (attributes that must not be set), `static` (needs static shapes even where the profile does
   not), `note` (a documented caveat that is not checked, shown by `check`).
 * Profile-wide: `opset = [lo, hi]` (default domain), `max_rank`, `static_shapes` (every input of
-  a supported node must have a fixed shape, as NNAPI needs), `dtypes` (what any input may be).
+  a supported node must have a fixed shape, as NNAPI needs), `dtypes` (what a node's first,
+  data input may be, unless its rule says otherwise; shape and index inputs are not checked).
 * `[quant]`: the preferred quantization scheme (see `QuantScheme`), and for `cpu` the lists
   quant's placement plans with (`[quant.placement]`).
 * `channel_alignment`: the channel multiple pruning should keep (SIMD / tensor-core width).
@@ -168,11 +169,10 @@ class Profile:
             rank = ctx.rank(present[0])
             if rank is not None and rank not in rule.ranks:
                 return "rank", f"rank-{rank} input (supports {', '.join(map(str, sorted(rule.ranks)))})"
-        for name in present:
-            dtype = ctx.dtype(name)
-            allowed = rule.dtypes if rule.dtypes is not None and name == present[0] else self.dtypes
-            if dtype is not None and allowed is not None and dtype not in allowed:
-                return "dtype", f"input {shown(name, NAME_LIMIT)} is {dtype} (supports {', '.join(sorted(allowed))})"
+        allowed = rule.dtypes if rule.dtypes is not None else self.dtypes
+        dtype = ctx.dtype(present[0]) if present else None
+        if dtype is not None and allowed is not None and dtype not in allowed:  # the data input's type
+            return "dtype", f"input {shown(present[0], NAME_LIMIT)} is {dtype} (supports {', '.join(sorted(allowed))})"
         for index in rule.constant:
             if index < len(view.inputs) and view.inputs[index] and not ctx.is_constant(view.inputs[index]):
                 return "constant", f"input {index} ({shown(view.inputs[index], NAME_LIMIT)}) is not constant"
