@@ -131,6 +131,8 @@ class Profile:
     def supports_op(self, op: str, domain: str = "", opset: int | None = None) -> bool:
         """Whether the op type is in the profile (no look at shapes or attributes)."""
         key = op_key(op, domain)
+        if key == "Constant":  # data, not computation: every converter turns it into a weight
+            return True
         if self.ops_from == "onnxruntime-cpu":
             return _ort_cpu_has(op, domain, opset)
         return self.ops is None or key in self.ops
