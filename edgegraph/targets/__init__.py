@@ -463,8 +463,6 @@ class ModelContext:
 
     @classmethod
     def _of_proto(cls, proto) -> ModelContext:
-        import onnx
-
         opsets = {(i.domain or ""): int(i.version) for i in proto.opset_import}
         opsets[""] = opsets.get("ai.onnx", opsets.get("", 0))
         shapes, dtypes, constants = {}, {}, set()
@@ -472,8 +470,7 @@ class ModelContext:
         for init in graph.initializer:
             constants.add(init.name)
             shapes[init.name] = tuple(int(d) for d in init.dims)
-            dtypes[init.name] = _dtype_name(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)) \
-                if init.data_type in onnx.mapping.TENSOR_TYPE_MAP else str(init.data_type)
+            dtypes[init.name] = _dtype_name(init.data_type)
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", DEFAULT_DOMAIN):
                 constants.update(node.output)
@@ -484,8 +481,8 @@ class ModelContext:
             if tensor_type.HasField("shape"):
                 shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                                           for d in tensor_type.shape.dim)
-            if tensor_type.elem_type in onnx.mapping.TENSOR_TYPE_MAP:
-                dtypes[info.name] = _dtype_name(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+            if tensor_type.elem_type:
+                dtypes[info.name] = _dtype_name(tensor_type.elem_type)
         return cls(opsets, shapes, dtypes, constants)
 
     def opset(self, domain: str = "") -> int | None:

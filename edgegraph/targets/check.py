@@ -187,13 +187,14 @@ def _reads(node) -> list[str]:
 
 
 def check(model: ir.Model, target: str | Profile, *, optimize: bool | None = None, rules: bool = True,
-          macs: bool = True, rewrites: Collection[str] | None = None) -> CheckResult:
+          macs: bool | tuple = True, rewrites: Collection[str] | None = None) -> CheckResult:
     """Which nodes of `model`'s main graph `target` runs, the partitions, and why the rest not.
 
     `optimize` (default: when the target is an onnxruntime execution provider) checks the graph
     onnxruntime's basic optimisations make. `rules=False` checks only what onnxruntime's
     usability checker does (the op type, dynamic shapes where the target needs static ones, the
-    target's maximum rank), for comparing with it. `macs=False` skips counting MACs.
+    target's maximum rank), for comparing with it. `macs=False` skips counting MACs (or is
+    `node_macs(model)`, already counted).
     """
     profile = target if isinstance(target, Profile) else load(target)
     graph_note = "as given"
@@ -208,18 +209,10 @@ def check(model: ir.Model, target: str | Profile, *, optimize: bool | None = Non
     ctx = ModelContext.of(model)
     nodes = list(model.graph.nodes)
     rewrites = rewrite_names() if rewrites is None else rewrites
-    mac_of: dict[str, int | None] = {}
-    total_macs: int | None = 0
-    if macs and nodes:
-        from edgegraph import stats
-
-        try:
-            facts = stats.model_stats(model)
-            mac_of = {c.name: c.macs for c in facts.node_macs}
-            total_macs = facts.macs
-        except EdgegraphError as exc:  # e.g. shapes that cannot be made static to count with
-            logger.info("MACs not counted: %s", exc)
-            total_macs = None
+    if isinstance(macs, tuple):
+        mac_of, total_macs = macs
+    else:
+        mac_of, total_macs = node_macs(model) if macs and nodes else ({}, 0)
     verdicts, found, seen_ops = [], [], set()
     for node in nodes:
         view = NodeView.of(node)
@@ -245,6 +238,19 @@ def check(model: ir.Model, target: str | Profile, *, optimize: bool | None = Non
     )
 
 
+def node_macs(model: ir.Model) -> tuple[dict[str, int | None], int | None]:
+    """{node label: MACs or None} and the total (None when some are unknown), as `info` counts
+    them (a model whose shapes inference cannot resolve is run once in onnxruntime)."""
+    from edgegraph import stats
+
+    try:
+        facts = stats.model_stats(model)
+    except EdgegraphError as exc:  # e.g. shapes that cannot be made static to count with
+        logger.info("MACs not counted: %s", exc)
+        return {}, None
+    return {c.name: c.macs for c in facts.node_macs}, facts.macs
+
+
 def _checker_why(profile: Profile, view: NodeView, ctx: ModelContext) -> tuple[str, str] | None:
     """What onnxruntime's usability checker looks at: op type, dynamic inputs, max rank."""
     if not profile.supports_op(view.op, view.domain, ctx.opset(view.domain)):
@@ -259,20 +265,26 @@ def _checker_why(profile: Profile, view: NodeView, ctx: ModelContext) -> tuple[s
     return None
 
 
-def check_all(model: ir.Model, *, optimize: bool | None = None, rules: bool = True) -> list[CheckResult]:
-    """`check` for every profile (the ORT-optimised graph is made once and shared)."""
+def check_all(model: ir.Model, *, optimize: bool | None = None, rules: bool = True,
+              macs: bool = True) -> list[CheckResult]:
+    """`check` for every profile; the onnxruntime-optimised graph and each graph's MACs are made
+    once and shared."""
+    graphs: dict[bool, tuple[ir.Model, str, tuple]] = {}
+
+    def graph(optimized: bool) -> tuple[ir.Model, str, tuple]:
+        if optimized not in graphs:
+            made = ort_basic_optimized(model) if optimized else None
+            chosen, note = (made, "after onnxruntime basic optimisations") if made is not None else \
+                (model, "as given (onnxruntime cannot load it)" if optimized else "as given")
+            graphs[optimized] = chosen, note, node_macs(chosen) if macs and chosen.graph.nodes else ({}, 0)
+        return graphs[optimized]
+
     results = []
-    optimized = None
     for name in names():
         profile = load(name)
-        wants = profile.ort_provider is not None if optimize is None else optimize
-        if wants and optimized is None:
-            optimized = ort_basic_optimized(model) or False
-        if wants and optimized:
-            result = check(optimized, profile, optimize=False, rules=rules)
-            result.graph = "after onnxruntime basic optimisations"
-        else:
-            result = check(model, profile, optimize=False, rules=rules)
+        chosen, note, counted = graph(profile.ort_provider is not None if optimize is None else optimize)
+        result = check(chosen, profile, optimize=False, rules=rules, macs=counted if macs else False)
+        result.graph = note
         results.append(result)
     return results
 
