@@ -57,6 +57,11 @@ def test_the_schemes_follow_each_runtime():
     assert quant["tflite"].activations == "s8" and quant["tflite"].symmetric_weights and quant["tflite"].per_channel
     assert not quant["coreml"].qdq and quant["coreml"].weight_only  # CoreML takes no Q/DQ nodes
     assert quant["qnn"].a16w8 and quant["tensorrt"].symmetric_activations
+    # what Q/DQ placement aims at: the placeable ops a QDQ-consuming runtime has; none for CoreML
+    nnapi = targets.load("nnapi")
+    assert {"Conv", "Gemm", "MaxPool"} <= nnapi.quantized_ops <= nnapi.ops and "HardSigmoid" not in nnapi.quantized_ops
+    assert not targets.load("coreml").quantized_ops
+    assert targets.load("cpu").quantized_ops >= {"Conv", "MatMul", "Where", "ArgMax"}  # written out in cpu.toml
 
 
 def test_quant_placement_reads_its_op_lists_from_the_cpu_profile():

@@ -22,6 +22,8 @@ A profile's keys:
   data input may be, unless its rule says otherwise; shape and index inputs are not checked).
 * `[quant]`: the preferred quantization scheme (see `QuantScheme`), and for `cpu` the lists
   quant's placement plans with (`[quant.placement]`).
+* `quantized_ops`: the ops Q/DQ placement quantizes; by default, for a runtime that takes QDQ,
+  those of its `ops` that placement can place (for `cpu`: written out, what ORT fuses).
 * `channel_alignment`: the channel multiple pruning should keep (SIMD / tensor-core width).
 * `ort_provider`: the onnxruntime execution provider name when the target is one: such a
   provider sees the graph after onnxruntime's basic optimisations (which `check` applies first).
@@ -299,6 +301,13 @@ def _profile(name: str, data: Mapping[str, Any], path: Path) -> Profile:
         raise EdgegraphError(f"{where}channel_alignment: must be at least 1, got {alignment}")
     if "max_rank" in data and data["max_rank"] < 0:
         raise EdgegraphError(f"{where}max_rank: must be at least 0, got {data['max_rank']}")
+    quantized = frozenset(data.get("quantized_ops", []))
+    if "quantized_ops" not in data and ops is not None and quant.get("qdq", True) and not quant.get("weight_only"):
+        # A runtime that takes QDQ node units runs in integers the ops it has of those quant's
+        # placement knows how to place (the cpu profile's [quant.placement] lists).
+        placement = load("cpu").quant.placement
+        placeable = frozenset().union(*(placement.get(k, ()) for k in ("anchors", "compute", "shared")))
+        quantized = ops & placeable
     return Profile(
         name=name,
         description=data.get("description", ""),
@@ -306,7 +315,7 @@ def _profile(name: str, data: Mapping[str, Any], path: Path) -> Profile:
         ops=ops,
         rules=rules,
         quant=QuantScheme(**quant, placement={k: frozenset(v) for k, v in placement.items()}),
-        quantized_ops=frozenset(data.get("quantized_ops", [])),
+        quantized_ops=quantized,
         opset=_span(data["opset"], f"{where}opset") if "opset" in data else None,
         max_rank=data.get("max_rank"),
         static_shapes=data.get("static_shapes", False),
@@ -442,8 +451,9 @@ class ModelContext:
         from edgegraph import ir
 
         opsets = {"": int(graph.opset)}
-        opsets.update({d or "": int(v) for d, v in (graph.import_domains and
-                       [(i.domain, i.version) for i in graph.import_domains] or [])})
+        for imported in graph.import_domains or []:
+            domain = "" if imported.domain in ("", DEFAULT_DOMAIN) else imported.domain
+            opsets[domain] = int(imported.version)
         shapes, dtypes, constants = {}, {}, set()
         for name, tensor in graph.tensors().items():
             if isinstance(tensor, gs.Constant):
