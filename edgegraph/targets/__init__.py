@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+# (numpy, onnx and onnxruntime are imported where used: the command line imports this module
+# before it can turn a signal into a clean exit, so it must stay quick to import.)
 from edgegraph.errors import NAME_LIMIT, EdgegraphError, UnknownTargetError, shown
 
 PROFILE_DIR = Path(__file__).parent
@@ -399,7 +399,7 @@ def _plain(value):
         return value.decode("utf-8", "replace")
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
+    if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0:  # a numpy scalar
         return value.item()
     return value
 
@@ -446,6 +446,7 @@ class ModelContext:
 
     @classmethod
     def _of_graph(cls, graph) -> ModelContext:
+        import numpy as np
         import onnx_graphsurgeon as gs
 
         from edgegraph import ir
@@ -466,7 +467,7 @@ class ModelContext:
             if producer is not None and producer.op == "Constant":
                 constants.add(name)
             if tensor.shape is not None:
-                shapes[name] = tuple(d if isinstance(d, int | np.integer) and d >= 0 else None for d in tensor.shape)
+                shapes[name] = tuple(int(d) if isinstance(d, int | np.integer) and d >= 0 else None for d in tensor.shape)
             if tensor.dtype is not None:
                 dtypes[name] = _dtype_name(tensor.dtype)
         return cls(opsets, shapes, dtypes, constants)
@@ -524,6 +525,8 @@ class ModelContext:
 
 
 def _dtype_name(dtype) -> str:
+    import numpy as np
+
     from edgegraph import ir
 
     numpy = ir.numpy_dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
