@@ -37,6 +37,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 # (numpy, onnx and onnxruntime are imported where used: the command line imports this module
@@ -220,6 +221,16 @@ def load(name: str) -> Profile:
         raise UnknownTargetError(f"unknown target {given} (available: {', '.join(names())})")
     path = PROFILE_DIR / f"{name}.toml"
     try:
+        stat = path.stat()
+    except OSError as exc:
+        raise EdgegraphError(f"target profile {path}: {exc}") from None
+    return _read(name, path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _read(name: str, path: Path, mtime_ns: int, size: int) -> Profile:
+    """The parsed profile, once per file version (checks call `load` for every node test)."""
+    try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -313,8 +324,8 @@ def _profile(name: str, data: Mapping[str, Any], path: Path) -> Profile:
         description=data.get("description", ""),
         source=tuple(data.get("source", ())),
         ops=ops,
-        rules=rules,
-        quant=QuantScheme(**quant, placement={k: frozenset(v) for k, v in placement.items()}),
+        rules=MappingProxyType(rules),
+        quant=QuantScheme(**quant, placement=MappingProxyType({k: frozenset(v) for k, v in placement.items()})),
         quantized_ops=quantized,
         opset=_span(data["opset"], f"{where}opset") if "opset" in data else None,
         max_rank=data.get("max_rank"),

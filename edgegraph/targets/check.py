@@ -21,6 +21,7 @@ names) when that module exists.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -79,6 +80,7 @@ class CheckResult:
         return data
 
 
+@functools.cache
 def rewrite_names() -> frozenset[str]:
     """Op names `legalize` has a rewrite for (empty until that pass exists)."""
     try:
