@@ -24,7 +24,7 @@ _EXPORTS = {
     "get_pass": "edgegraph.registry", "list_passes": "edgegraph.registry", "register_pass": "edgegraph.registry",
     "load_target": "edgegraph.targets",
     "as_calibration": "edgegraph.api", "check_samples": "edgegraph.api", "image_preprocess_for": "edgegraph.api",
-    "make_context": "edgegraph.api", "optimize": "edgegraph.api", "parse_passes": "edgegraph.api",
+    "make_context": "edgegraph.api", "optimize": "edgegraph.api", "check": "edgegraph.api", "parse_passes": "edgegraph.api",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -197,3 +197,22 @@ def optimize(model, passes: str | os.PathLike | Sequence[str | Mapping | Pass] |
                        min_agreement=min_agreement, min_sqnr=min_sqnr)
     result, _ = run_pipeline(fixed, pipeline, ctx, unspecialised=loaded if shapes else None)
     return result.to_proto()
+
+
+def check(model, target: str | Target = "all", *, fix_shapes: Mapping[str, Sequence[int]] | None = None,
+          optimize: bool | None = None, rules: bool = True):
+    """Which nodes of `model` (a path or a Model) each target runs: a list of
+    `edgegraph.targets.check.CheckResult`, one per target ("all": every profile).
+
+    `fix_shapes` makes dynamic inputs static first (`--fix-shape`); `optimize`: check the graph
+    onnxruntime's basic optimisations make (default: for onnxruntime execution providers, which
+    are given that graph); `rules=False` checks only what onnxruntime's usability checker does.
+    """
+    from edgegraph.pipeline import specialise
+    from edgegraph.targets import check as target_check
+
+    loaded = model if isinstance(model, Model) else load(model)
+    loaded = specialise(loaded, dict(fix_shapes)) if fix_shapes else loaded
+    if isinstance(target, str) and target == "all":
+        return target_check.check_all(loaded, optimize=optimize, rules=rules)
+    return [target_check.check(loaded, target, optimize=optimize, rules=rules)]

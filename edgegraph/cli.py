@@ -1,4 +1,4 @@
-"""The `edgegraph` command: `opt`, `info`, `bench`, `passes`.
+"""The `edgegraph` command: `opt`, `info`, `bench`, `check`, `passes`.
 
 Exit codes: 0 success; 2 a user error (bad file, pass, option or data: one line on stderr);
 1 an internal error (a pass crashed or broke the model: one line, `--debug` shows the
@@ -25,6 +25,9 @@ from edgegraph.errors import NAME_LIMIT, EdgegraphError, PassFailure, one_line, 
 from edgegraph.targets import available_targets
 
 logger = logging.getLogger("edgegraph")
+
+
+STRICT_EXIT = 3  # `check --strict`: some target does not run the whole model in one partition
 
 
 class UsageError(EdgegraphError):
@@ -170,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=_non_negative, default=0, help="seed for random inputs")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.set_defaults(command_name="bench")
+
+    check = commands.add_parser("check", parents=[common, shapes], help="which nodes a target runs, and why not",
+                                description="Unsupported nodes per target with the reason and the rewrite that "
+                                            "fixes each, the share of nodes and MACs supported, the partitions.")
+    check.add_argument("model", metavar="IN.onnx")
+    check.add_argument("--target", default="all", help=f"a profile ({', '.join(available_targets())}) or 'all' (default)")
+    check.add_argument("--json", action="store_true", help="print JSON instead of text")
+    check.add_argument("--strict", action="store_true",
+                       help=f"exit {STRICT_EXIT} unless every target checked runs the whole model in one partition")
+    check.add_argument("--as-given", action="store_true",
+                       help="check the graph as given, not after onnxruntime's basic optimisations "
+                            "(what onnxruntime's execution providers see)")
+    check.set_defaults(command_name="check")
 
     passes = commands.add_parser("passes", parents=[common], help="list the available passes and their options")
     passes.add_argument("--json", action="store_true", help="print JSON instead of text")

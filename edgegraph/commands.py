@@ -364,4 +364,23 @@ def describe_pass(cls) -> dict:
             "after": [spec.format_pass(p) for p in defaults.after()], "options": options}
 
 
-COMMANDS = {"opt": cmd_opt, "info": cmd_info, "bench": cmd_bench, "passes": cmd_passes}
+def cmd_check(args) -> int:
+    from edgegraph.cli import STRICT_EXIT
+    from edgegraph.targets import check as target_check
+
+    model = _load(args.model)
+    if args.target != "all":
+        edgegraph.load_target(args.target)  # an unknown name is exit 2 before any work
+    if args.fix_shape and not args.no_verify:  # like `info`: the verdicts are only as good as the shapes
+        ctx = PassContext(progress=False, fixed_shapes=_shapes(args), data_option="")
+        check_specialisation(model, specialise(model, _shapes(args)), ctx)
+    results = edgegraph.check(model, args.target, fix_shapes=_shapes(args) or None,
+                              optimize=False if args.as_given else None)
+    if args.json:
+        print(json.dumps(stats.jsonable({"model": args.model, "targets": [r.as_dict() for r in results]}), indent=2))
+    else:
+        print(target_check.format_check(args.model, results))
+    return STRICT_EXIT if args.strict and not all(r.fully_supported for r in results) else 0
+
+
+COMMANDS = {"opt": cmd_opt, "info": cmd_info, "bench": cmd_bench, "check": cmd_check, "passes": cmd_passes}
