@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from clihelp import assert_refused, run_cli
 from conftest import DEFAULT_DIR, MODELS, model_id, require_shared, shared_model_paths
-from edgegraph import ir, targets
+from edgegraph import ir, modelio, targets
 from edgegraph.cli import STRICT_EXIT
 from edgegraph.errors import EdgegraphError
 from edgegraph.targets import ModelContext, check
@@ -261,7 +261,7 @@ def test_check_never_crashes_where_onnxruntimes_checker_does():
 
     with pytest.raises(ValueError, match="infer_shapes"):  # ImageScaler/Crop/Affine leave no shape info
         uc.check_nnapi_partitions(onnx.load(path), True)
-    results = {r.target: r for r in check.check_all(ir.load(path), macs=False)}
+    results = {r.target: r for r in check.check_all(modelio.load(path), macs=False)}
     assert set(results) == set(ALL) and results["cpu"].fully_supported
     assert {u.op for u in results["coreml"].unsupported} >= {"ImageScaler", "Crop", "Affine"}
     assert results["openvino"].fully_supported  # OpenVINO's ONNX frontend still reads them
@@ -271,7 +271,7 @@ def test_float16_models_are_checked_without_the_casts_of_onnxruntimes_cpu_sessio
     # onnxruntime's CPU provider wraps float16 ops in InsertedPrecisionFreeCast_* casts; an NNAPI or
     # CoreML session never has them (onnxruntime's checker counts them: 119 nodes, all "supported").
     path = require_shared(MODELS / "squeezenet1.0_imagenet_fp16" / "SqueezeNet_fp16.onnx")
-    results = {r.target: r for r in check.check_all(ir.load(path), macs=False, profiles=["nnapi", "coreml"])}
+    results = {r.target: r for r in check.check_all(modelio.load(path), macs=False, profiles=["nnapi", "coreml"])}
     assert results["coreml"].fully_supported and results["coreml"].nodes == 65
     assert results["nnapi"].supported == 0 and {u.kind for u in results["nnapi"].unsupported} == {"dtype"}
 

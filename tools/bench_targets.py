@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edgegraph import ir, targets  # noqa: E402
+from edgegraph import ir, modelio, targets  # noqa: E402
 from edgegraph.errors import EdgegraphError  # noqa: E402
 from edgegraph.targets import check  # noqa: E402
 
@@ -61,7 +61,7 @@ def node_test_models(limit: int | None = None) -> list[tuple[str, ir.Model]]:
 
 
 def real_models() -> list[tuple[str, ir.Model]]:
-    return [(f"{p.parent.name}/{p.name}", ir.load(p)) for p in sorted(MODELS.glob("*/*.onnx"))]
+    return [(f"{p.parent.name}/{p.name}", modelio.load(p)) for p in sorted(MODELS.glob("*/*.onnx"))]
 
 
 def support_rows(models: Sequence[tuple[str, ir.Model]], target_names: Sequence[str], *,

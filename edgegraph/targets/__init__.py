@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import reprlib
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType

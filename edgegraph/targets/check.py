@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import import_module
 from pathlib import Path
 
-from edgegraph import ir
+from edgegraph import ir, modelio
 from edgegraph.errors import EdgegraphError, one_line
 from edgegraph.targets import ModelContext, NodeView, Profile, load, names, op_key
 
@@ -109,7 +109,7 @@ def ort_basic_optimized(model: ir.Model) -> ir.Model | None:
 
     folder = Path(tempfile.mkdtemp(prefix="edgegraph-check-"))
     try:
-        source = ir.save(model, folder / "in.onnx")
+        source = modelio.save(model, folder / "in.onnx")
         options = ort.SessionOptions()
         options.log_severity_level = 4
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -122,7 +122,7 @@ def ort_basic_optimized(model: ir.Model) -> ir.Model | None:
         import onnx
 
         # onnxruntime's own output (e.g. IR 3 with initializers that are not inputs) need not pass
-        # the onnx checker that `ir.load` applies to user files; it is only looked at.
+        # the onnx checker that `modelio.load` applies to user files; it is only looked at.
         return ir.from_proto(_without_inserted_casts(onnx.load(folder / "basic.onnx")))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
