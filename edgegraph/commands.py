@@ -1,4 +1,4 @@
-"""The work behind each command of `edgegraph`: `opt`, `info`, `bench`, `passes`.
+"""The work behind each command of `edgegraph`: `opt`, `info`, `bench`, `merge`, `passes`.
 
 `cli` parses the arguments and maps errors to exit codes; this module (and what it imports:
 onnx, onnxruntime) is only loaded once the arguments are known.
@@ -25,9 +25,9 @@ import edgegraph
 from edgegraph import files, ir, spec, stats, verify
 from edgegraph.stats import ModelStats
 from edgegraph.context import STAGES, PassContext, is_terminal
-from edgegraph.errors import EdgegraphError, ModelLoadError, one_line
+from edgegraph.errors import NAME_LIMIT, EdgegraphError, ModelLoadError, one_line, shown
 from edgegraph.pipeline import check_specialisation, run_pipeline, specialise, verification_data
-from edgegraph.tables import format_bench, format_info, format_opt_header, format_opt_summary
+from edgegraph.tables import format_bench, format_info, format_merge, format_opt_header, format_opt_summary
 
 logger = logging.getLogger("edgegraph")
 
@@ -329,6 +329,62 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from edgegraph import merge
+
+    output = Path(args.output)
+    report_path = Path(args.report) if args.report else None
+    _check_writable(output, "output")
+    if report_path:
+        _check_writable(report_path, "--report")
+    sources = [Path(m) for m in args.models]
+    names = [merge.task_name(m, i) for i, m in enumerate(args.models)]
+    for key, name in args.name:  # FILE=NAME: by the path as given, else by the file's stem
+        hits = [i for i, m in enumerate(args.models) if key == m] or [i for i, m in enumerate(sources) if key in (m.name, m.stem)]
+        if len(hits) != 1:
+            raise merge.MergeError(f"--name {shown(key, NAME_LIMIT)}=...: {'no' if not hits else 'more than one'} "
+                                   "model given is that file")
+        names[hits[0]] = name
+    outputs = {"-o": output, f"the external data file of -o ({ir.sidecar_path(output).name})": ir.sidecar_path(output)}
+    if report_path:
+        outputs["--report"] = report_path
+    inputs = {f"input model {m}": [m] for m in sources if m.is_file()}
+    inputs |= {f"the external data of {m}": ir.external_data_files(m) for m in sources if m.is_file()}
+    if args.calib:
+        inputs["the --calib data"] = files.files_in(Path(args.calib))
+    files.refuse_overwriting(outputs, inputs)
+    if not args.quiet:
+        print(f"merge {', '.join(f'{m} as {n}' for m, n in zip(args.models, names))} -> {output}", flush=True)
+    result = merge.merge(args.models, names=names, input_map=merge.parse_input_map(args.input_map),
+                         tolerance=args.tolerance, average=args.average, calib=args.calib,
+                         min_sqnr=merge.DEFAULT_MIN_SQNR_DB if args.min_sqnr is None else args.min_sqnr,
+                         seed=args.seed, threads=args.threads or 1)
+    report = {"edgegraph": edgegraph.__version__, "models": args.models, "output": str(output)} | result.report
+    data = edgegraph.as_calibration(args.calib, result.model) if args.calib else None
+    with contextlib.ExitStack() as stack:
+        staging = stack.enter_context(files.staging(output))
+        staged = _save(result.model, staging / "result" / output.name, output)
+        if args.runs:
+            sizes = [stats.disk_size(m) for m in sources]
+            merged_size = sum(f.stat().st_size for f in staged.parent.iterdir())
+            report["measured"] = merge.measure(result, args.models, staged, data, sizes=sizes,
+                                               merged_size=merged_size, seed=args.seed, runs=args.runs,
+                                               threads=args.threads)
+        moves = ir.staged_moves(staged, output)
+        if report_path:
+            staged_report = stack.enter_context(files.staging(report_path)) / report_path.name
+            _write(lambda: staged_report.write_text(json.dumps(stats.jsonable(report), indent=2) + "\n"),
+                   report_path)
+            moves.append((staged_report, report_path))
+        try:
+            files.publish(moves, outcome=True)
+        except OSError as exc:
+            raise EdgegraphError(f"cannot write {exc.filename}: {exc.strerror or exc}; nothing was written") from None
+    if not args.quiet:
+        print(format_merge(report))
+    return 0
+
+
 def cmd_passes(args) -> int:
     described = [describe_pass(cls) for cls in edgegraph.list_passes()]
     if args.json:
@@ -364,4 +420,4 @@ def describe_pass(cls) -> dict:
             "after": [spec.format_pass(p) for p in defaults.after()], "options": options}
 
 
-COMMANDS = {"opt": cmd_opt, "info": cmd_info, "bench": cmd_bench, "passes": cmd_passes}
+COMMANDS = {"opt": cmd_opt, "info": cmd_info, "bench": cmd_bench, "merge": cmd_merge, "passes": cmd_passes}
