@@ -71,14 +71,15 @@ def task_name(source, index: int) -> str:
 def merge(models: Sequence, *, names: Sequence[str] | None = None,
           input_map: Mapping[tuple[str, str], tuple[str, str]] | None = None, tolerance: float = 0.0,
           average: bool = False, calib=None, min_sqnr: float = DEFAULT_MIN_SQNR_DB, seed: int = 0,
-          threads: int = 1) -> MergeResult:
+          threads: int = 1, check_samples: int = CHECK_SAMPLES) -> MergeResult:
     """Merge `models` (paths, bytes, ModelProtos or ir.Models) into one ir.Model and a report.
 
     `names`: the task names (default: the file stems), used as output prefixes. `input_map`:
     {(task, input): (task, input)} feeds the first from the second. `tolerance`: weights within
     it, relative to their largest magnitude, count as equal (the first model's values are kept,
     or with `average` both take the mean). `calib`: data for the merged model's inputs (an .npz or
-    image folder, see `as_calibration`), else seeded random inputs, to check the tasks on.
+    image folder, see `as_calibration`), else seeded random inputs, to check the tasks on
+    (`check_samples` of them; 0 skips the check, and the report says so).
     """
     from edgegraph.api import as_calibration
 
@@ -102,10 +103,13 @@ def merge(models: Sequence, *, names: Sequence[str] | None = None,
     STAGES.info("merged %d models in %.2fs", len(tasks), time.perf_counter() - start)
 
     data = as_calibration(calib, model) if calib is not None else None
-    deviation = _check_tasks(model, tasks, data, exact=tolerance == 0, min_sqnr=min_sqnr, seed=seed,
-                             threads=threads)
+    deviation = (_check_tasks(model, tasks, data, exact=tolerance == 0, min_sqnr=min_sqnr, seed=seed,
+                              threads=threads, samples=check_samples) if check_samples else
+                 {t.name: {"bitwise": None, "note": "not checked (check_samples=0)"} for t in tasks})
+    sharing, shared_weights = _sharing(model, tasks)
     report = {
-        "tasks": _sharing(model, tasks),
+        "tasks": sharing,
+        "weights_shared": shared_weights,
         "inputs": merged_inputs,
         "opset": int(model.graph.opset),
         "conversions": conversions,
@@ -185,6 +189,9 @@ def _common_opset(protos: list[onnx.ModelProto], sources: list[str], *, seed: in
             converted.append(proto)
             continue
         try:
+            # (An edgegraph export lists no initializer among the inputs, which IR 3 requires: the
+            # converter reads it as IR 4, which changed nothing else.)
+            proto.ir_version = max(proto.ir_version, 4)
             new = version_converter.convert_version(proto, target)
             new.ir_version = max(new.ir_version, proto.ir_version)
             onnx.checker.check_model(new)
@@ -391,16 +398,14 @@ def _task_feeds(task: Task, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nda
 
 
 def _check_tasks(model: ir.Model, tasks: list[Task], data: CalibrationData | None, *, exact: bool,
-                 min_sqnr: float, seed: int, threads: int) -> dict:
+                 min_sqnr: float, seed: int, threads: int, samples: int) -> dict:
     """Each task's outputs of the merged model against its own model, on the same inputs (run
     unoptimized): bitwise in exact mode, else measured and held to `min_sqnr`."""
     from edgegraph.pipeline import random_inputs
 
-    if data is None:
-        data = random_inputs(model, CHECK_SAMPLES, seed=seed)
+    data = random_inputs(model, samples, seed=seed) if data is None else data.take(min(len(data), samples))
     specs = runtime.input_specs(model)
-    batch = runtime.batch_size_for(specs, CHECK_SAMPLES)
-    batches = [runtime.adapt_feeds(specs, b) for b in data.take(min(len(data), 16)).batches(batch)]
+    batches = [runtime.adapt_feeds(specs, b) for b in data.batches(runtime.batch_size_for(specs, samples))]
     merged_sess = runtime.session(model, threads=threads)
     merged = [runtime.run(merged_sess, feeds) for feeds in batches]
     result = {}
@@ -413,7 +418,7 @@ def _check_tasks(model: ir.Model, tasks: list[Task], data: CalibrationData | Non
         worst = verify.worst_sqnr_db(own, mine)
         result[task.name] = {"bitwise": bitwise, "worst_sqnr_db": worst,
                              "max_abs": max((m.max_abs for m in metrics.values()), default=0.0),
-                             "samples": len(data.take(min(len(data), 16)))}
+                             "samples": len(data), "data": data.source}
         if exact and not bitwise:
             raise PassFailure(f"merge changed the outputs of task {task.name} (worst SQNR {worst:.1f} dB); "
                               "please report this")
@@ -423,8 +428,9 @@ def _check_tasks(model: ir.Model, tasks: list[Task], data: CalibrationData | Non
     return result
 
 
-def _sharing(model: ir.Model, tasks: list[Task]) -> dict[str, dict]:
-    """Per task: the merged graph's nodes it needs, how many of them another task needs too."""
+def _sharing(model: ir.Model, tasks: list[Task]) -> tuple[dict[str, dict], int]:
+    """Per task: the merged graph's nodes it needs, how many of them another task needs too (and
+    likewise weights); and how many weights two or more tasks read."""
     graph = model.graph
     producers = {id(o): n for n in graph.nodes for o in n.outputs}
     users: dict[int, set[str]] = {}
@@ -457,16 +463,22 @@ def _sharing(model: ir.Model, tasks: list[Task]) -> dict[str, dict]:
             "nodes": len(mine), "nodes_shared": shared, "nodes_own": len(mine) - shared,
             "weights_shared": sum(task.name in u and len(u) > 1 for u in weights.values()),
         }
-    return report
+    return report, sum(len(u) > 1 for u in weights.values())
 
 
 def _why_nothing_shared(tasks: list[Task], merged_inputs: Mapping[str, dict], report: dict) -> str:
     if all(len(info["from"]) == 1 for info in merged_inputs.values()):
-        shared_weights = sum(t["weights_shared"] for t in report["tasks"].values())
-        weights = (f"; {shared_weights} task weight(s) are stored once (equal values), but each task computes "
-                   "from its own input" if shared_weights else "")
-        return ("nothing is shared: no input is common to two tasks (inputs unify by name, dtype and shape, "
-                f"or --input-map){weights}; the models sit side by side in one graph")
+        shared_weights = report["weights_shared"]
+        weights = (f"; {shared_weights} weight(s) are stored once for several tasks (equal values), but each "
+                   "task computes from its own input" if shared_weights else "")
+        by_name: dict[str, list[str]] = {}
+        for merged, info in merged_inputs.items():
+            by_name.setdefault(info["from"][0].partition("/")[2], []).append(
+                f"{info['dtype']} [{'x'.join(str(d) for d in info['shape'] or ())}]")
+        differ = "".join(f" (input '{name}' is {' vs '.join(kinds)})" for name, kinds in by_name.items()
+                         if len(kinds) > 1)
+        return (f"nothing is shared: no input is common to two tasks{differ}; inputs unify by name, dtype and "
+                f"shape, or --input-map{weights}; the models sit side by side in one graph")
     return "nothing is shared: the tasks compute nothing identically from their common inputs; one graph, side by side"
 
 
