@@ -1,0 +1,244 @@
+"""Benchmark: `edgegraph merge` and the `frame-cache` pass on a real trained detector.
+
+    /work/venvs/<you>/bin/python tools/bench_reuse.py [--runs 30] [--frames 150] [--json out.json]
+
+Merge: three tasks on the trained lightweight person detector (YOLOX architecture, 192x192,
+../shared/models/lightweight_person_detector): `det` the detector itself, `cls` its backbone up to
+the last stage (input.359, 256x6x6) with a new linear head, `seg` up to stage 3 (input.175,
+64x24x24) with a new 1x1-conv head; each exported with its own node/tensor names and initializer
+order. Measured (onnxruntime CPU, full optimizations, 1 thread, medians of runs interleaved
+model by model over rounds):
+
+  merged latency   vs the sum of the three separate models, and vs backbone + heads (the detector
+                   plus the two new heads timed alone on their features: the least one graph
+                   computing all three can cost). Goals: <= 0.5 x sum, <= 1.1 x (backbone + heads)
+  size             merged file vs the sum of the files, and vs the bytes of the distinct weights
+                   (goal <= 1.02 x)
+  tool time        wall time of `edgegraph.merge.merge` (join, collapse, the bitwise check of every
+                   task on 4 inputs), and without the check. Goal < 2 s
+
+Frame-cache: the detector made stateful (`frame-cache(at=auto, threshold=T)`), run as an
+application runs it (state fed back) on a synthetic video: ImageNet sample images from
+../shared/data, a 192x192 window drifting by up to 1 px a frame (camera shake), Gaussian sensor noise
+(sigma 2 of 255), a scene cut (another image) every ~30 frames. Per threshold: per-frame latency
+(median, mean) vs the original model on the same frames (interleaved frame by frame), the reuse
+rate, and agreement with recomputing every frame: detection F1 (boxes score >= 0.3, NMS, matched by
+IoU >= 0.5) and the worst output SQNR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import utils as onnx_utils
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import edgegraph  # noqa: E402
+from edgegraph import ir, runtime, verify  # noqa: E402
+from edgegraph.analysis.hashing import constant_key  # noqa: E402
+from edgegraph.merge import merge  # noqa: E402
+from fixtures import quant as data_fixtures  # noqa: E402
+from fixtures.reuse import cut, rename  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+DETECTOR = SHARED / "models" / "lightweight_person_detector" / "model.onnx"
+DATA = SHARED / "data"
+SIZE = 192
+
+
+def timed_in_turns(sessions: dict[str, object], feeds: dict[str, dict], runs: int, rounds: int = 5) -> dict[str, float]:
+    """Median latency (ms) per session, the sessions taking turns run by run over `rounds` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for name, sess in sessions.items():  # warm-up
+        for _ in range(3):
+            sess.run(None, feeds[name])
+    for _ in range(rounds):
+        for _ in range(max(1, runs // rounds)):
+            for name, sess in sessions.items():
+                start = time.perf_counter()
+                sess.run(None, feeds[name])
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def build_tasks(folder: Path) -> dict[str, Path]:
+    detector = onnx.load(DETECTOR)
+    models = {
+        "det": rename(detector, "export1_"),
+        "cls": cut(detector, "input.359", head="linear", classes=80, seed=1, renamed="export2_", shuffle=2),
+        "seg": cut(detector, "input.175", head="conv", classes=4, seed=3, renamed="export3_", shuffle=4),
+    }
+    paths = {}
+    for name, model in models.items():
+        paths[name] = folder / f"{name}.onnx"
+        onnx.save(model, paths[name])
+    return paths
+
+
+# The two new heads, by task and the detector tensor they start from (renamed in each export).
+HEADS = {"cls head": ("cls", "input.359", "export2_"), "seg head": ("seg", "input.175", "export3_")}
+
+
+def head_alone(path: Path, at: str, folder: Path) -> onnx.ModelProto:
+    """The new head of a task, from its features on: what the task adds to the detector."""
+    onnx_utils.extract_model(str(path), str(folder / "head.onnx"), [at], ["scores"])
+    return onnx.load(folder / "head.onnx")
+
+
+def bench_merge(runs: int, folder: Path) -> dict:
+    paths = build_tasks(folder)
+    start = time.perf_counter()
+    result = merge(list(paths.values()))
+    tool_s = time.perf_counter() - start
+    start = time.perf_counter()
+    merge(list(paths.values()), check_samples=0)
+    tool_unchecked_s = time.perf_counter() - start
+    merged_path = folder / "merged.onnx"
+    ir.save(result.model, merged_path)
+    assert all(d["bitwise"] for d in result.report["deviation"].values())
+
+    distinct = {}
+    for path in paths.values():
+        for tensor in ir.load(path).graph.tensors().values():
+            if isinstance(tensor, ir.gs.Constant):
+                key = constant_key(tensor)
+                distinct[key] = tensor.values.nbytes
+    image = data_fixtures.yolox_inputs(DATA, 0, 1, size=SIZE)
+    x = {"images": image}
+    features = runtime.run(runtime.session(runtime.with_outputs(
+        onnx.load(paths["det"]), [f"export1_{at}" for _, at, _ in HEADS.values()])), x)
+    sessions = {name: runtime.session(path, threads=1, optimize=True) for name, path in paths.items()}
+    sessions["merged"] = runtime.session(merged_path, threads=1, optimize=True)
+    feeds = {name: x for name in sessions}
+    for name, (task, at, prefix) in HEADS.items():
+        sessions[name] = runtime.session(head_alone(paths[task], prefix + at, folder), threads=1, optimize=True)
+        feeds[name] = {prefix + at: features[f"export1_{at}"]}
+    ms = timed_in_turns(sessions, feeds, runs)
+    separate = ms["det"] + ms["cls"] + ms["seg"]
+    ideal = ms["det"] + ms["cls head"] + ms["seg head"]
+    sizes = {name: path.stat().st_size for name, path in paths.items()}
+    merged_size = merged_path.stat().st_size
+    unique = sum(distinct.values())
+    return {
+        "tasks": {name: {"size_bytes": sizes[name], "latency_ms": ms[name],
+                         "nodes_shared": result.report["tasks"][name]["nodes_shared"],
+                         "nodes_own": result.report["tasks"][name]["nodes_own"]} for name in paths},
+        "latency_ms": {"merged": ms["merged"], "sum_separate": separate, "backbone_plus_heads": ideal,
+                       "heads_alone": {k: ms[k] for k in HEADS}},
+        "merged_vs_sum": ms["merged"] / separate, "merged_vs_backbone_plus_heads": ms["merged"] / ideal,
+        "size_bytes": {"merged": merged_size, "sum": sum(sizes.values()), "distinct_weights": unique},
+        "size_vs_distinct_weights": merged_size / unique,
+        "tool_s": tool_s, "tool_unchecked_s": tool_unchecked_s,
+    }
+
+
+def video(frames: int, seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
+    """Frames (1x3x192x192 BGR 0-255) and the index of the scene each shows."""
+    rng = np.random.default_rng(seed)
+    scenes = data_fixtures.yolox_inputs(DATA, 0, 8, size=SIZE + 16)
+    out, which = [], []
+    scene, dy, dx = 0, 8.0, 8.0
+    for i in range(frames):
+        if i and rng.random() < 1 / 30:
+            scene = (scene + 1) % len(scenes)
+            dy, dx = 8.0, 8.0
+        dy = float(np.clip(dy + rng.uniform(-1, 1), 0, 16))
+        dx = float(np.clip(dx + rng.uniform(-1, 1), 0, 16))
+        y, x = round(dy), round(dx)
+        frame = scenes[scene][:, y:y + SIZE, x:x + SIZE] + rng.normal(0, 2, (3, SIZE, SIZE))
+        out.append(np.clip(frame, 0, 255).astype(np.float32)[None])
+        which.append(scene)
+    return out, which
+
+
+def f1(ref: np.ndarray, cand: np.ndarray) -> tuple[int, int]:
+    m, nr, nc = data_fixtures.detection_agreement(data_fixtures.yolox_detections(ref[0], size=SIZE),
+                                                  data_fixtures.yolox_detections(cand[0], size=SIZE))
+    return 2 * m, nr + nc
+
+
+def bench_framecache(frame_count: int, thresholds: list[float]) -> dict:
+    frames, scenes = video(frame_count)
+    original = runtime.session(DETECTOR, threads=1, optimize=True)
+    reference = [original.run(None, {"images": f})[0] for f in frames]
+    results = {"frames": frame_count, "scene_cuts": sum(a != b for a, b in zip(scenes, scenes[1:])), "thresholds": {}}
+    for threshold in thresholds:
+        proto = edgegraph.optimize(DETECTOR, f"frame-cache(threshold={threshold})")
+        cached = runtime.session(proto, threads=1, optimize=True)
+        state_dims = {i.name: [d.dim_value or 1 for d in i.type.tensor_type.shape.dim[1:]] for i in proto.graph.input}
+        state = {n: np.zeros([0, *state_dims[n]], np.float32) for n in ("cached_features", "cached_summary")}
+        t_orig, t_cached, reused, matches, total, outs = [], [], 0, 0, 0, []
+        for i, frame in enumerate(frames):
+            # Interleaved frame by frame, the order alternating, so a slow spell hits both.
+            for which in ((0, 1) if i % 2 else (1, 0)):
+                start = time.perf_counter()
+                if which == 0:
+                    original.run(None, {"images": frame})
+                    t_orig.append((time.perf_counter() - start) * 1e3)
+                else:
+                    out, features, summary, flag = cached.run(None, {"images": frame, **state})
+                    t_cached.append((time.perf_counter() - start) * 1e3)
+            state = {"cached_features": features, "cached_summary": summary}
+            reused += bool(flag)
+            m, n = f1(reference[i], out)
+            matches, total = matches + m, total + n
+            outs.append({"output": out})
+        sqnr = verify.worst_sqnr_db([{"output": r} for r in reference], outs)
+        results["thresholds"][str(threshold)] = {
+            "reuse_rate": reused / frame_count,
+            "latency_ms": {"original_median": statistics.median(t_orig), "cached_median": statistics.median(t_cached),
+                           "original_mean": statistics.mean(t_orig), "cached_mean": statistics.mean(t_cached)},
+            "detection_f1_vs_recompute": matches / total if total else 1.0,
+            "worst_sqnr_db_vs_recompute": sqnr,
+        }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per model (merge)")
+    parser.add_argument("--frames", type=int, default=150, help="video length (frame-cache)")
+    parser.add_argument("--thresholds", default="1,3,8", help="frame-cache thresholds, input units (0-255)")
+    parser.add_argument("--json", help="write the numbers here")
+    args = parser.parse_args()
+    if not DETECTOR.is_file():
+        raise SystemExit(f"{DETECTOR} not found: the real models live in ../shared next to the repo")
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = bench_merge(args.runs, Path(tmp))
+    lat = merged["latency_ms"]
+    print("merge: three tasks on the person detector (ORT CPU, 1 thread, medians interleaved)")
+    for name, task in merged["tasks"].items():
+        print(f"  {name:4s} {task['size_bytes'] / 1e6:6.2f} MB  {task['latency_ms']:7.2f} ms  "
+              f"nodes shared {task['nodes_shared']:4d}  own {task['nodes_own']:3d}")
+    print(f"  merged {lat['merged']:.2f} ms; sum of separate {lat['sum_separate']:.2f} ms "
+          f"(x{merged['merged_vs_sum']:.3f}, goal <= 0.5); backbone+heads {lat['backbone_plus_heads']:.2f} ms "
+          f"(x{merged['merged_vs_backbone_plus_heads']:.3f}, goal <= 1.1)")
+    size = merged["size_bytes"]
+    print(f"  size merged {size['merged'] / 1e6:.3f} MB; sum {size['sum'] / 1e6:.3f} MB; distinct weights "
+          f"{size['distinct_weights'] / 1e6:.3f} MB (x{merged['size_vs_distinct_weights']:.4f}, goal <= 1.02)")
+    print(f"  merge tool {merged['tool_s']:.2f} s with the bitwise check of every task, "
+          f"{merged['tool_unchecked_s']:.2f} s without (goal < 2 s)")
+    cache = bench_framecache(args.frames, [float(t) for t in args.thresholds.split(",")])
+    print(f"frame-cache(at=auto) on the person detector: {cache['frames']} frames, {cache['scene_cuts']} scene cuts")
+    print("  threshold  reuse  orig ms (median/mean)  cached ms (median/mean)  det F1 vs recompute  worst SQNR dB")
+    for threshold, row in cache["thresholds"].items():
+        t = row["latency_ms"]
+        print(f"  {threshold:>9s}  {row['reuse_rate']:5.1%}  {t['original_median']:8.2f} / {t['original_mean']:6.2f}"
+              f"        {t['cached_median']:8.2f} / {t['cached_mean']:6.2f}         {row['detection_f1_vs_recompute']:.3f}"
+              f"          {row['worst_sqnr_db_vs_recompute']:.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"merge": merged, "frame_cache": cache}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
