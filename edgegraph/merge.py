@@ -96,7 +96,10 @@ def merge(models: Sequence, *, names: Sequence[str] | None = None,
     tasks = [Task(n, s, p) for n, s, p in zip(names, sources, protos)]
     merged_inputs = _unify_inputs(tasks, dict(input_map or {}))
     joined = _join(tasks, merged_inputs)
-    model = ir.load(joined)
+    # (Built here from models already validated: no second validation. CSE and dedup work on the
+    # structure; cleanup infers shapes between its rounds for the rules that want them.)
+    model = ir.from_proto(joined, infer=False)
+    model.value_info = False  # (intermediate types any runtime infers again: not written, ~2% of a file)
     before_nodes = len(model.graph.nodes)
     near = _apply_tolerance(model, tasks, tolerance, average) if tolerance > 0 else []
     collapse(model)
@@ -294,7 +297,6 @@ def _join(tasks: list[Task], merged_inputs: Mapping[str, dict]) -> onnx.ModelPro
         graph.node.extend(g.node)
         graph.initializer.extend(g.initializer)
         graph.sparse_initializer.extend(g.sparse_initializer)
-        graph.value_info.extend(g.value_info)
         for value in g.input:
             if value.name in added_inputs:
                 continue

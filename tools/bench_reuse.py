@@ -71,12 +71,19 @@ def timed_in_turns(sessions: dict[str, object], feeds: dict[str, dict], runs: in
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def build_tasks(folder: Path) -> dict[str, Path]:
+# Where the cls and seg tasks leave the detector: "mixed" cuts the backbone at its last stage and at
+# stage 3 (the tasks share part of the detector's work), "neck" after the neck (P5 out, and the
+# 24x24 head stem): each task then holds nearly the whole detector, the case merging is for.
+CUTS = {"mixed": {"cls": "input.359", "seg": "input.175"}, "neck": {"cls": "input.591", "seg": "input.599"}}
+PREFIX = {"det": "export1_", "cls": "export2_", "seg": "export3_"}
+
+
+def build_tasks(folder: Path, cuts: dict[str, str]) -> dict[str, Path]:
     detector = onnx.load(DETECTOR)
     models = {
-        "det": rename(detector, "export1_"),
-        "cls": cut(detector, "input.359", head="linear", classes=80, seed=1, renamed="export2_", shuffle=2),
-        "seg": cut(detector, "input.175", head="conv", classes=4, seed=3, renamed="export3_", shuffle=4),
+        "det": rename(detector, PREFIX["det"]),
+        "cls": cut(detector, cuts["cls"], head="linear", classes=80, seed=1, renamed=PREFIX["cls"], shuffle=2),
+        "seg": cut(detector, cuts["seg"], head="conv", classes=4, seed=3, renamed=PREFIX["seg"], shuffle=4),
     }
     paths = {}
     for name, model in models.items():
@@ -85,18 +92,15 @@ def build_tasks(folder: Path) -> dict[str, Path]:
     return paths
 
 
-# The two new heads, by task and the detector tensor they start from (renamed in each export).
-HEADS = {"cls head": ("cls", "input.359", "export2_"), "seg head": ("seg", "input.175", "export3_")}
-
-
 def head_alone(path: Path, at: str, folder: Path) -> onnx.ModelProto:
     """The new head of a task, from its features on: what the task adds to the detector."""
     onnx_utils.extract_model(str(path), str(folder / "head.onnx"), [at], ["scores"])
     return onnx.load(folder / "head.onnx")
 
 
-def bench_merge(runs: int, folder: Path) -> dict:
-    paths = build_tasks(folder)
+def bench_merge(runs: int, folder: Path, cuts: dict[str, str]) -> dict:
+    paths = build_tasks(folder, cuts)
+    heads = {f"{task} head": (task, at) for task, at in cuts.items()}
     start = time.perf_counter()
     result = merge(list(paths.values()))
     tool_s = time.perf_counter() - start
@@ -116,13 +120,13 @@ def bench_merge(runs: int, folder: Path) -> dict:
     image = data_fixtures.yolox_inputs(DATA, 0, 1, size=SIZE)
     x = {"images": image}
     features = runtime.run(runtime.session(runtime.with_outputs(
-        onnx.load(paths["det"]), [f"export1_{at}" for _, at, _ in HEADS.values()])), x)
+        onnx.load(paths["det"]), [PREFIX["det"] + at for _, at in heads.values()])), x)
     sessions = {name: runtime.session(path, threads=1, optimize=True) for name, path in paths.items()}
     sessions["merged"] = runtime.session(merged_path, threads=1, optimize=True)
     feeds = {name: x for name in sessions}
-    for name, (task, at, prefix) in HEADS.items():
-        sessions[name] = runtime.session(head_alone(paths[task], prefix + at, folder), threads=1, optimize=True)
-        feeds[name] = {prefix + at: features[f"export1_{at}"]}
+    for name, (task, at) in heads.items():
+        sessions[name] = runtime.session(head_alone(paths[task], PREFIX[task] + at, folder), threads=1, optimize=True)
+        feeds[name] = {PREFIX[task] + at: features[PREFIX["det"] + at]}
     ms = timed_in_turns(sessions, feeds, runs)
     separate = ms["det"] + ms["cls"] + ms["seg"]
     ideal = ms["det"] + ms["cls head"] + ms["seg head"]
@@ -134,7 +138,7 @@ def bench_merge(runs: int, folder: Path) -> dict:
                          "nodes_shared": result.report["tasks"][name]["nodes_shared"],
                          "nodes_own": result.report["tasks"][name]["nodes_own"]} for name in paths},
         "latency_ms": {"merged": ms["merged"], "sum_separate": separate, "backbone_plus_heads": ideal,
-                       "heads_alone": {k: ms[k] for k in HEADS}},
+                       "heads_alone": {k: ms[k] for k in heads}},
         "merged_vs_sum": ms["merged"] / separate, "merged_vs_backbone_plus_heads": ms["merged"] / ideal,
         "size_bytes": {"merged": merged_size, "sum": sum(sizes.values()), "distinct_weights": unique},
         "size_vs_distinct_weights": merged_size / unique,
@@ -167,7 +171,7 @@ def f1(ref: np.ndarray, cand: np.ndarray) -> tuple[int, int]:
     return 2 * m, nr + nc
 
 
-def bench_framecache(frame_count: int, thresholds: list[float]) -> dict:
+def bench_framecache(frame_count: int, thresholds: list[float], repeat: int = 3) -> dict:
     frames, scenes = video(frame_count)
     original = runtime.session(DETECTOR, threads=1, optimize=True)
     reference = [original.run(None, {"images": f})[0] for f in frames]
@@ -179,15 +183,19 @@ def bench_framecache(frame_count: int, thresholds: list[float]) -> dict:
         state = {n: np.zeros([0, *state_dims[n]], np.float32) for n in ("cached_features", "cached_summary")}
         t_orig, t_cached, reused, matches, total, outs = [], [], 0, 0, 0, []
         for i, frame in enumerate(frames):
-            # Interleaved frame by frame, the order alternating, so a slow spell hits both.
-            for which in ((0, 1) if i % 2 else (1, 0)):
-                start = time.perf_counter()
-                if which == 0:
-                    original.run(None, {"images": frame})
-                    t_orig.append((time.perf_counter() - start) * 1e3)
-                else:
-                    out, features, summary, flag = cached.run(None, {"images": frame, **state})
-                    t_cached.append((time.perf_counter() - start) * 1e3)
+            # Interleaved frame by frame, the order alternating, so a slow spell hits both; each
+            # frame's time is the median of `repeat` runs on the same feeds (the same branch).
+            times = {0: [], 1: []}
+            for _ in range(repeat):
+                for which in ((0, 1) if i % 2 else (1, 0)):
+                    start = time.perf_counter()
+                    if which == 0:
+                        original.run(None, {"images": frame})
+                    else:
+                        out, features, summary, flag = cached.run(None, {"images": frame, **state})
+                    times[which].append((time.perf_counter() - start) * 1e3)
+            t_orig.append(statistics.median(times[0]))
+            t_cached.append(statistics.median(times[1]))
             state = {"cached_features": features, "cached_summary": summary}
             reused += bool(flag)
             m, n = f1(reference[i], out)
@@ -209,14 +217,33 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30, help="timed runs per model (merge)")
     parser.add_argument("--frames", type=int, default=150, help="video length (frame-cache)")
     parser.add_argument("--thresholds", default="1,3,8", help="frame-cache thresholds, input units (0-255)")
+    parser.add_argument("--tasks", default="mixed,neck", help="task sets to merge: mixed, neck (see CUTS)")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
     if not DETECTOR.is_file():
         raise SystemExit(f"{DETECTOR} not found: the real models live in ../shared next to the repo")
-    with tempfile.TemporaryDirectory() as tmp:
-        merged = bench_merge(args.runs, Path(tmp))
+    report = {}
+    for kind in args.tasks.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            report[kind] = merged = bench_merge(args.runs, Path(tmp), CUTS[kind])
+        print_merge(kind, merged)
+    cache = bench_framecache(args.frames, [float(t) for t in args.thresholds.split(",")])
+    report["frame_cache"] = cache
+    print(f"frame-cache(at=auto) on the person detector: {cache['frames']} frames, {cache['scene_cuts']} scene cuts; "
+          "per-frame ms = median of 3 runs of that frame")
+    print("  threshold  reuse  orig ms (median/mean)  cached ms (median/mean)  det F1 vs recompute  worst SQNR dB")
+    for threshold, row in cache["thresholds"].items():
+        t = row["latency_ms"]
+        print(f"  {threshold:>9s}  {row['reuse_rate']:5.1%}  {t['original_median']:8.2f} / {t['original_mean']:6.2f}"
+              f"        {t['cached_median']:8.2f} / {t['cached_mean']:6.2f}         {row['detection_f1_vs_recompute']:.3f}"
+              f"          {row['worst_sqnr_db_vs_recompute']:.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def print_merge(kind: str, merged: dict) -> None:
     lat = merged["latency_ms"]
-    print("merge: three tasks on the person detector (ORT CPU, 1 thread, medians interleaved)")
+    print(f"merge, {kind} cuts: three tasks on the person detector (ORT CPU, 1 thread, medians interleaved)")
     for name, task in merged["tasks"].items():
         print(f"  {name:4s} {task['size_bytes'] / 1e6:6.2f} MB  {task['latency_ms']:7.2f} ms  "
               f"nodes shared {task['nodes_shared']:4d}  own {task['nodes_own']:3d}")
@@ -228,16 +255,6 @@ def main() -> None:
           f"{size['distinct_weights'] / 1e6:.3f} MB (x{merged['size_vs_distinct_weights']:.4f}, goal <= 1.02)")
     print(f"  merge tool {merged['tool_s']:.2f} s with the bitwise check of every task, "
           f"{merged['tool_unchecked_s']:.2f} s without (goal < 2 s)")
-    cache = bench_framecache(args.frames, [float(t) for t in args.thresholds.split(",")])
-    print(f"frame-cache(at=auto) on the person detector: {cache['frames']} frames, {cache['scene_cuts']} scene cuts")
-    print("  threshold  reuse  orig ms (median/mean)  cached ms (median/mean)  det F1 vs recompute  worst SQNR dB")
-    for threshold, row in cache["thresholds"].items():
-        t = row["latency_ms"]
-        print(f"  {threshold:>9s}  {row['reuse_rate']:5.1%}  {t['original_median']:8.2f} / {t['original_mean']:6.2f}"
-              f"        {t['cached_median']:8.2f} / {t['cached_mean']:6.2f}         {row['detection_f1_vs_recompute']:.3f}"
-              f"          {row['worst_sqnr_db_vs_recompute']:.1f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"merge": merged, "frame_cache": cache}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
