@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--min-sqnr", type=_finite, metavar="DB",
                        help="with --tolerance: refuse when a task's worst output SQNR vs its own model falls below "
                             "DB (default 40)")
-    merge.add_argument("--calib", metavar="DATA.npz|IMAGE_DIR",
-                       help="inputs of the merged model to check the tasks on and time (default: seeded random)")
+    merge.add_argument("--calib", metavar="[TASK=]DATA", action="append", default=[],
+                       help="inputs of the merged model (.npz or image folder) to check the tasks on and time, or "
+                            "TASK=DATA per task for its own inputs (repeatable; default: seeded random)")
     merge.add_argument("--seed", type=_non_negative, default=0, help="seed for random inputs")
     merge.add_argument("--quiet", action="store_true", help="print nothing but errors")
     merge.set_defaults(command_name="merge")

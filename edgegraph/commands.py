@@ -47,7 +47,7 @@ def run(args, *, debug: bool = False) -> int:
     # One line per stage on stdout, between the header and the summary, where no progress bar
     # can show that work is going on (stderr is not a terminal: CI logs, pipes).
     stages = None
-    if args.command_name == "opt" and not args.quiet and not is_terminal(sys.stderr):
+    if args.command_name in ("opt", "merge") and not args.quiet and not is_terminal(sys.stderr):
         stages = _StageHandler(sys.stdout)
         stages.setFormatter(logging.Formatter("  %(message)s"))
         STAGES.addHandler(stages)
@@ -350,24 +350,24 @@ def cmd_merge(args) -> int:
         outputs["--report"] = report_path
     inputs = {f"input model {m}": [m] for m in sources if m.is_file()}
     inputs |= {f"the external data of {m}": ir.external_data_files(m) for m in sources if m.is_file()}
-    if args.calib:
-        inputs["the --calib data"] = files.files_in(Path(args.calib))
+    for given in args.calib:
+        inputs[f"the --calib data {given}"] = files.files_in(Path(given.partition("=")[2] or given))
     files.refuse_overwriting(outputs, inputs)
     if not args.quiet:
         print(f"merge {', '.join(f'{m} as {n}' for m, n in zip(args.models, names))} -> {output}", flush=True)
+    calib = _merge_calibration(args.calib, names)
     result = merge.merge(args.models, names=names, input_map=merge.parse_input_map(args.input_map),
-                         tolerance=args.tolerance, average=args.average, calib=args.calib,
+                         tolerance=args.tolerance, average=args.average, calib=calib,
                          min_sqnr=merge.DEFAULT_MIN_SQNR_DB if args.min_sqnr is None else args.min_sqnr,
                          seed=args.seed, threads=args.threads or 1)
     report = {"edgegraph": edgegraph.__version__, "models": args.models, "output": str(output)} | result.report
-    data = edgegraph.as_calibration(args.calib, result.model) if args.calib else None
     with contextlib.ExitStack() as stack:
         staging = stack.enter_context(files.staging(output))
         staged = _save(result.model, staging / "result" / output.name, output)
         if args.runs:
             sizes = [stats.disk_size(m) for m in sources]
             merged_size = sum(f.stat().st_size for f in staged.parent.iterdir())
-            report["measured"] = merge.measure(result, args.models, staged, data, sizes=sizes,
+            report["measured"] = merge.measure(result, args.models, staged, result.data, sizes=sizes,
                                                merged_size=merged_size, seed=args.seed, runs=args.runs,
                                                threads=args.threads)
         moves = ir.staged_moves(staged, output)
@@ -383,6 +383,23 @@ def cmd_merge(args) -> int:
     if not args.quiet:
         print(format_merge(report))
     return 0
+
+
+def _merge_calibration(given: list[str], names: list[str]):
+    """`--calib DATA` (the merged model's inputs) or `--calib TASK=DATA ...` (each task's own)."""
+    if not given:
+        return None
+    per_task = {}
+    for item in given:
+        task, eq, path = item.partition("=")
+        if eq and task in names:
+            per_task[task] = path
+        elif len(given) > 1:
+            raise EdgegraphError(f"--calib {shown(item, NAME_LIMIT)}: several --calib must each be TASK=DATA "
+                                 f"(tasks: {', '.join(names)})")
+        else:
+            return item
+    return per_task
 
 
 def cmd_passes(args) -> int:

@@ -62,6 +62,7 @@ class MergeResult:
     model: ir.Model
     report: dict
     tasks: list[Task]
+    data: CalibrationData | None = None  # what `calib` gave, for the merged model's inputs
 
 
 def task_name(source, index: int) -> str:
@@ -78,8 +79,9 @@ def merge(models: Sequence, *, names: Sequence[str] | None = None,
     {(task, input): (task, input)} feeds the first from the second. `tolerance`: weights within
     it, relative to their largest magnitude, count as equal (the first model's values are kept,
     or with `average` both take the mean). `calib`: data for the merged model's inputs (an .npz or
-    image folder, see `as_calibration`), else seeded random inputs, to check the tasks on
-    (`check_samples` of them; 0 skips the check, and the report says so).
+    image folder, see `as_calibration`), or {task: data for that task's own inputs}, else seeded
+    random inputs, to check the tasks on (`check_samples` of them; 0 skips the check, and the
+    report says so).
     """
     from edgegraph.api import as_calibration
 
@@ -92,7 +94,10 @@ def merge(models: Sequence, *, names: Sequence[str] | None = None,
     names = list(names) if names else [task_name(m, i) for i, m in enumerate(models)]
     _check_names(names, models)
     sources = [str(m) if isinstance(m, str | Path) else f"model {i + 1}" for i, m in enumerate(models)]
+    STAGES.info("loaded %d models in %.2fs", len(loaded), time.perf_counter() - start)
     protos, conversions = _common_opset([m.to_proto() for m in loaded], sources, seed=seed, threads=threads)
+    for c in conversions:
+        STAGES.info("converted %s from opset %d to %d (checked)", c["model"], c["from"], c["to"])
     tasks = [Task(n, s, p) for n, s, p in zip(names, sources, protos)]
     merged_inputs = _unify_inputs(tasks, dict(input_map or {}))
     joined = _join(tasks, merged_inputs)
@@ -105,10 +110,14 @@ def merge(models: Sequence, *, names: Sequence[str] | None = None,
     collapse(model)
     STAGES.info("merged %d models in %.2fs", len(tasks), time.perf_counter() - start)
 
-    data = as_calibration(calib, model) if calib is not None else None
+    data = (per_task_calibration(calib, model, tasks) if isinstance(calib, Mapping) else
+            as_calibration(calib, model) if calib is not None else None)
+    checking = time.perf_counter()
     deviation = (_check_tasks(model, tasks, data, exact=tolerance == 0, min_sqnr=min_sqnr, seed=seed,
                               threads=threads, samples=check_samples) if check_samples else
                  {t.name: {"bitwise": None, "note": "not checked (check_samples=0)"} for t in tasks})
+    if check_samples:
+        STAGES.info("checked every task's outputs in %.2fs", time.perf_counter() - checking)
     sharing, shared_weights = _sharing(model, tasks)
     report = {
         "tasks": sharing,
@@ -127,7 +136,7 @@ def merge(models: Sequence, *, names: Sequence[str] | None = None,
     report["shared_nothing"] = shared == 0
     if shared == 0:
         report["note"] = _why_nothing_shared(tasks, merged_inputs, report)
-    return MergeResult(model, report, tasks)
+    return MergeResult(model, report, tasks, data)
 
 
 def collapse(model: ir.Model) -> None:
@@ -395,6 +404,34 @@ def _apply_tolerance(model: ir.Model, tasks: list[Task], tolerance: float, avera
 # checks and the report
 
 
+def per_task_calibration(calib: Mapping[str, object], model: ir.Model, tasks: list[Task]) -> CalibrationData:
+    """Samples of the merged model's inputs from each task's own data ({task: data}, read against
+    that task's model): sample i holds sample i of every task's data (as many as the shortest
+    has); an input two tasks share takes the first one's. Every merged input must be fed."""
+    from edgegraph.api import as_calibration
+
+    by_name = {t.name: t for t in tasks}
+    unknown = [name for name in calib if name not in by_name]
+    if unknown:
+        raise MergeError(f"--calib for task '{shown(unknown[0], NAME_LIMIT)}': the tasks are {', '.join(by_name)}")
+    sources = {name: as_calibration(data, ir.load(by_name[name].proto, infer=False)) for name, data in calib.items()}
+    fed = {by_name[name].inputs[i] for name in sources for i in by_name[name].inputs}
+    missing = [s.name for s in runtime.input_specs(model) if s.name not in fed]
+    if missing:
+        raise MergeError(f"--calib: no data feeds merged input '{shown(missing[0], NAME_LIMIT)}' (give its task's data)")
+
+    def fetch(index: int) -> dict[str, np.ndarray]:
+        sample: dict[str, np.ndarray] = {}
+        for name, data in sources.items():
+            for own, value in data.sample(index).items():
+                sample.setdefault(by_name[name].inputs[own], value)
+        return sample
+
+    return CalibrationData(min(len(d) for d in sources.values()), fetch,
+                           source=", ".join(f"{n}={d.source}" for n, d in sources.items()),
+                           batch_axes=runtime.batch_axes(runtime.input_specs(model)))
+
+
 def _task_feeds(task: Task, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: feeds[merged] for name, merged in task.inputs.items()}
 
@@ -509,4 +546,5 @@ def measure(result: MergeResult, originals: Sequence, merged_file, data: Calibra
     }
 
 
-__all__ = ["MergeError", "MergeResult", "Task", "collapse", "measure", "merge", "parse_input_map", "task_name"]
+__all__ = ["MergeError", "MergeResult", "Task", "collapse", "measure", "merge", "parse_input_map", "per_task_calibration",
+           "task_name"]

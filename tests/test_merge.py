@@ -95,6 +95,12 @@ def test_three_heads_on_one_backbone_share_it_bitwise(tasks, capsys):
     assert [i.name for i in merged.graph.input] == ["modelInput"]
 
 
+def test_the_same_models_give_the_same_bytes(tasks):
+    folder, paths, x = tasks
+    first = merge(list(paths.values()), check_samples=0).model.to_proto().SerializeToString()
+    assert merge(list(paths.values()), check_samples=0).model.to_proto().SerializeToString() == first
+
+
 def test_names_input_map_and_the_library_call(tasks, tmp_path):
     folder, paths, x = tasks
     # Another export of the seg task whose input is called `images`: not unified by name...
@@ -133,12 +139,15 @@ def test_a_pair_sharing_nothing_sits_side_by_side(tasks, capsys):
     folder, paths, x = tasks
     mnist = require_shared(MODELS / "mnist_cntk" / "mnist.onnx")  # opset 7: converted to 10 first
     out, report_path = folder / "side.onnx", folder / "side.json"
+    digits_npz = folder / "digits.npz"  # each task checked on its own data: --calib TASK=DATA
+    np.savez(digits_npz, Input3=np.random.default_rng(1).uniform(0, 255, (3, 1, 28, 28)).astype(np.float32))
     code, stdout, err = run_cli(capsys, "merge", paths["cls"], mnist, "-o", out, "--report", report_path,
-                                "--runs", "0")
+                                "--runs", "0", "--calib", f"cls={folder / 'calib.npz'}", "--calib", f"mnist={digits_npz}")
     assert code == 0, err
     report = json.loads(report_path.read_text())
     assert report["shared_nothing"] and "nothing is shared" in stdout
     assert report["conversions"] == [{"model": str(mnist), "from": 7, "to": 10}]
+    assert report["deviation"]["mnist"]["samples"] == 3 and "digits.npz" in report["deviation"]["mnist"]["data"]
     digits = np.random.default_rng(0).uniform(0, 255, (1, 1, 28, 28)).astype(np.float32)
     _assert_tasks_bitwise(onnx.load(out), {"cls": paths["cls"], "mnist": mnist},
                           lambda task: {"Input3": digits} if task == "mnist" else
@@ -221,6 +230,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tasks, tmp_path, capsys):
         (["merge", paths["cls"], paths["seg"], "-o", out, "--tolerance", "-1"], "tolerance must be in [0, 1)"),
         (["merge", paths["cls"], paths["seg"], "-o", out, "--name", "nothere.onnx=x"], "no model given is that file"),
         (["merge", paths["cls"], tmp_path / "missing.onnx", "-o", out], "no such file"),
+        (["merge", paths["cls"], paths["seg"], "-o", out, "--calib", f"cls={folder / 'calib.npz'}", "--calib", "x.npz"],
+         "several --calib must each be TASK=DATA"),
     ]
     for argv, phrase in cases:
         assert_refused(capsys, tmp_path, argv, phrase, inputs=list(paths.values()))
