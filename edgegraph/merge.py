@@ -243,15 +243,22 @@ def _unify_inputs(tasks: list[Task], input_map: dict[tuple[str, str], tuple[str,
     [task/input, ...], "dtype", "shape"}}. Inputs with the same name, dtype and shape are one;
     `input_map` ties others (their dtype and shape must agree)."""
     specs = {t.name: {s.name: s for s in runtime.input_specs(t.proto)} for t in tasks}
+    by_name = {t.name: t for t in tasks}
+    internal: dict[tuple[str, str], runtime.InputSpec] = {}  # sources of input_map that are tensors inside a task
     for (task, name), (other, other_name) in input_map.items():
-        for t, n in ((task, name), (other, other_name)):
+        for t in (task, other):
             if t not in specs:
                 raise MergeError(f"--input-map names task '{shown(t, NAME_LIMIT)}', not one of {', '.join(specs)}")
-            if n not in specs[t]:
-                raise MergeError(f"--input-map: task {t} has no input '{shown(n, NAME_LIMIT)}' "
-                                 f"(inputs: {', '.join(specs[t])})")
-        a, b = specs[task][name], specs[other][other_name]
-        if _spec_key(a) != _spec_key(b):
+        if name not in specs[task]:
+            raise MergeError(f"--input-map: task {task} has no input '{shown(name, NAME_LIMIT)}' "
+                             f"(inputs: {', '.join(specs[task])})")
+        b = specs[other].get(other_name) or _tensor_spec(by_name[other], other_name)
+        if b is None:
+            raise MergeError(f"--input-map: task {other} has no input or tensor '{shown(other_name, NAME_LIMIT)}'")
+        if other_name not in specs[other]:
+            internal[(other, other_name)] = b
+        a = specs[task][name]
+        if not _compatible(a, b):
             raise MergeError(f"--input-map {task}:{name}={other}:{other_name}: {_describe(a)} cannot be fed "
                              f"{_describe(b)}")
     order = {t.name: i for i, t in enumerate(tasks)}
@@ -263,6 +270,10 @@ def _unify_inputs(tasks: list[Task], input_map: dict[tuple[str, str], tuple[str,
             if target is not None and order[target[0]] >= order[task.name]:
                 raise MergeError(f"--input-map {task.name}:{spec.name}={target[0]}:{target[1]}: map a later "
                                  "model's input to an earlier one's")
+            if target in internal:
+                # Fed by what an earlier task computes (its preprocessing): not an input any more.
+                task.inputs[spec.name] = f"{target[0]}/{target[1]}"
+                continue
             if target is not None:
                 name = owner[target]
             else:
@@ -278,6 +289,30 @@ def _unify_inputs(tasks: list[Task], input_map: dict[tuple[str, str], tuple[str,
     for info in merged.values():
         del info["key"]
     return merged
+
+
+def _tensor_spec(task: Task, name: str) -> runtime.InputSpec | None:
+    """dtype and shape of a tensor a node of `task` computes (shape inference), or None."""
+    graph = onnx.shape_inference.infer_shapes(task.proto).graph
+    if not any(name in n.output for n in graph.node):
+        return None
+    value = next((v for v in (*graph.value_info, *graph.output) if v.name == name), None)
+    if value is None or not value.type.tensor_type.elem_type:
+        return runtime.InputSpec(name, np.dtype(np.float32), None)
+    tensor = value.type.tensor_type
+    shape = (tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+             if tensor.HasField("shape") else None)
+    return runtime.InputSpec(name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)), shape)
+
+
+def _compatible(a: runtime.InputSpec, b: runtime.InputSpec) -> bool:
+    """Whether `b`'s values can feed input `a`: one dtype, the same rank, fixed sizes agreeing."""
+    (dtype_a, shape_a), (dtype_b, shape_b) = _spec_key(a), _spec_key(b)
+    if dtype_a != dtype_b:
+        return False
+    if shape_a is None or shape_b is None:
+        return True
+    return len(shape_a) == len(shape_b) and all(x is None or y is None or x == y for x, y in zip(shape_a, shape_b))
 
 
 def _describe(spec: runtime.InputSpec) -> str:
@@ -307,8 +342,8 @@ def _join(tasks: list[Task], merged_inputs: Mapping[str, dict]) -> onnx.ModelPro
         graph.initializer.extend(g.initializer)
         graph.sparse_initializer.extend(g.sparse_initializer)
         for value in g.input:
-            if value.name in added_inputs:
-                continue
+            if value.name in added_inputs or (value.name not in merged_inputs and value.name in task.inputs.values()):
+                continue  # (one already there, or an input fed by another task's tensor)
             if any(value.name == f"{task.name}/{i}" for i in initializers):  # an overridable default
                 graph.input.append(value)
                 continue
@@ -433,7 +468,21 @@ def per_task_calibration(calib: Mapping[str, object], model: ir.Model, tasks: li
 
 
 def _task_feeds(task: Task, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What `task`'s own model is fed: its inputs' values in `feeds` (the merged model's inputs,
+    and the tensors of other tasks that feed some of its inputs, see `_exposed`)."""
     return {name: feeds[merged] for name, merged in task.inputs.items()}
+
+
+def _exposed(model: ir.Model, tasks: list[Task], merged_inputs) -> onnx.ModelProto:
+    """The merged model, also returning the tensors that feed a task's input in place of an input
+    (`--input-map b:x=a:normalized`), so that the task's own model can be fed the same values."""
+    names = {m for t in tasks for m in t.inputs.values() if m not in merged_inputs}
+    proto = model.to_proto()
+    made = {o for n in proto.graph.node for o in n.output}
+    lost = sorted(names - made)
+    if lost:
+        raise PassFailure(f"merge lost tensor {lost[0]}, which feeds a task; please report this")
+    return runtime.with_outputs(proto, sorted(names))
 
 
 def _check_tasks(model: ir.Model, tasks: list[Task], data: CalibrationData | None, *, exact: bool,
@@ -445,12 +494,12 @@ def _check_tasks(model: ir.Model, tasks: list[Task], data: CalibrationData | Non
     data = random_inputs(model, samples, seed=seed) if data is None else data.take(min(len(data), samples))
     specs = runtime.input_specs(model)
     batches = [runtime.adapt_feeds(specs, b) for b in data.batches(runtime.batch_size_for(specs, samples))]
-    merged_sess = runtime.session(model, threads=threads)
+    merged_sess = runtime.session(_exposed(model, tasks, {s.name for s in specs}), threads=threads)
     merged = [runtime.run(merged_sess, feeds) for feeds in batches]
     result = {}
     for task in tasks:
         sess = runtime.session(task.proto, threads=threads)
-        own = [runtime.run(sess, _task_feeds(task, feeds)) for feeds in batches]
+        own = [runtime.run(sess, _task_feeds(task, feeds | out)) for feeds, out in zip(batches, merged)]
         mine = [{name: out[task.outputs[name]] for name in ref} for ref, out in zip(own, merged)]
         bitwise = all(np.array_equal(r[n], m[n], equal_nan=True) for r, m in zip(own, mine) for n in r)
         metrics = verify.compare_all(own, mine)
@@ -526,7 +575,9 @@ def measure(result: MergeResult, originals: Sequence, merged_file, data: Calibra
     """MACs, parameters, file size and latency: the sum of the separate models (`originals`, as
     given: paths or protos) against the merged one, all timed in turns on the same inputs."""
     merged_feeds = stats.sample_feeds(result.model, data, seed=seed)
-    feeds = [_task_feeds(t, merged_feeds) for t in result.tasks]
+    specs = {s.name for s in runtime.input_specs(result.model)}
+    computed = runtime.run(runtime.session(_exposed(result.model, result.tasks, specs), threads=threads), merged_feeds)
+    feeds = [_task_feeds(t, merged_feeds | computed) for t in result.tasks]
     facts = [stats.model_stats(t.proto, size_bytes=s, feeds=f) for t, s, f in zip(result.tasks, sizes, feeds)]
     after = stats.model_stats(result.model, size_bytes=merged_size, feeds=merged_feeds)
     latencies = stats.measure_latency([*originals, merged_file], [*feeds, merged_feeds], runs=runs, threads=threads)

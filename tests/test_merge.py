@@ -122,6 +122,32 @@ def test_names_input_map_and_the_library_call(tasks, tmp_path):
                           lambda task: {"images" if task == "seg" else "modelInput": x})
 
 
+def test_a_model_normalising_inside_merges_from_the_first_common_node(tasks, tmp_path):
+    """cls takes raw 0-255 pixels and normalises them in the graph; seg takes normalised ones.
+    `--input-map seg:modelInput=raw:modelInput` feeds seg from raw's normalised tensor."""
+    folder, paths, x = tasks
+    raw = onnx.load(paths["cls"])
+    raw.graph.input[0].name = "image"
+    raw.graph.node.insert(0, onnx.helper.make_node("Sub", ["scaled", "one"], ["modelInput"], name="norm_sub"))
+    raw.graph.node.insert(0, onnx.helper.make_node("Div", ["image", "half_range"], ["scaled"], name="norm_div"))
+    raw.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(127.5, np.float32), "half_range"),
+                                  onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    onnx.save(raw, tmp_path / "raw.onnx")
+    proto, report = edgegraph.merge_models([tmp_path / "raw.onnx", paths["seg"]],
+                                           input_map={"seg:modelInput": "raw:modelInput"})
+    assert [i.name for i in proto.graph.input] == ["image"]
+    # seg shares conv1..conv2 + pool, and now the normalisation (Div, Sub) too
+    assert report["tasks"]["seg"]["nodes_shared"] == 7 and report["tasks"]["seg"]["inputs"] == {
+        "modelInput": "raw/modelInput"}
+    pixels = ((x + 1.0) * 127.5).astype(np.float32)
+    got = _outputs(proto, {"image": pixels})
+    np.testing.assert_array_equal(got["raw/scores"], _outputs(tmp_path / "raw.onnx", {"image": pixels})["scores"])
+    normalised = pixels / np.float32(127.5) - np.float32(1.0)
+    np.testing.assert_array_equal(got["seg/scores"], _outputs(paths["seg"], {"modelInput": normalised})["scores"])
+    with pytest.raises(edgegraph.EdgegraphError, match="task raw has no input or tensor 'nothing'"):
+        edgegraph.merge_models([tmp_path / "raw.onnx", paths["seg"]], input_map={"seg:modelInput": "raw:nothing"})
+
+
 def test_a_pair_sharing_only_the_input(tasks, tmp_path):
     folder, paths, x = tasks
     other = perturb(onnx.load(paths["cls"]), 0.1, seed=4)  # same architecture, other weights
