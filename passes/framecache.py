@@ -64,6 +64,9 @@ class FrameCache(Pass):
         graph = model.graph
         frame = self._frame(graph)
         if frame is None:
+            if self.at != "auto":
+                raise PreconditionError("frame-cache: the model has no 4-D float input with static channels and size "
+                                        "to measure the change on (fix its shape with --fix-shape)")
             return PassResult(modified=False, stats={"skipped": "no 4-D float frame input with a static size"})
         ir.sort_nodes(graph)
         # MACs as `edgegraph info` counts them (a dynamic batch taken as 1), by node.

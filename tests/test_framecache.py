@@ -11,6 +11,9 @@ import pytest
 
 import edgegraph
 from clihelp import assert_refused
+from edgegraph.errors import PassFailure
+from edgegraph.passbase import PassResult
+from edgegraph.pipeline import run_pipeline
 from conftest import DATA, DEFAULT_DIR, MODELS, require_shared
 from edgegraph import runtime
 from edgegraph.passes.framecache import FrameCache
@@ -140,3 +143,24 @@ def test_a_cut_the_head_reaches_past_is_refused(tmp_path, capsys):
 def test_it_is_deterministic(threshold):
     spec = f"frame-cache(threshold={threshold})"
     assert edgegraph.optimize(DIGITS, spec).SerializeToString() == edgegraph.optimize(DIGITS, spec).SerializeToString()
+
+
+def test_a_pass_that_extends_the_interface_may_only_add_to_it():
+    """The contract frame-cache relies on: `extends_interface` lets a pass add inputs and outputs
+    after the existing ones, nothing else."""
+
+    class Renames(FrameCache):  # (a FrameCache subclass only to inherit the declaration)
+        name = "test-renames-input"
+
+        def run(self, model, ctx=None):
+            model.graph.inputs[0].name = "renamed"
+            return PassResult(modified=True)
+
+    from edgegraph.context import PassContext, VerifyConfig
+
+    ctx = PassContext(progress=False, verify=VerifyConfig(enabled=False))
+    with pytest.raises(PassFailure, match="removed graph input"):
+        run_pipeline(edgegraph.load(DIGITS), [Renames()], ctx)
+    model, report = run_pipeline(edgegraph.load(DIGITS), [FrameCache()], ctx)
+    assert [t.name for t in model.graph.inputs] == ["input", "cached_features", "cached_summary"]
+    assert [t.name for t in model.graph.outputs] == ["logits", "next_features", "next_summary", "reused"]

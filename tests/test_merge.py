@@ -236,6 +236,9 @@ def test_tolerance_merges_a_slightly_finetuned_backbone_and_refuses_a_far_one(ta
     assert all(w["layers"] for w in differed)
     assert report["deviation"]["cls"]["bitwise"]  # it kept its own weights
     assert 60 < report["deviation"]["near"]["worst_sqnr_db"] < 120  # measured 83.5 dB on these images
+    averaged = merge([paths["cls"], near], tolerance=1e-3, average=True, calib=calib)
+    assert not averaged.report["deviation"]["cls"]["bitwise"]  # both tasks moved halfway
+    assert all(d["worst_sqnr_db"] > 60 for d in averaged.report["deviation"].values())
     assert_refused(capsys, tmp_path, ["merge", paths["cls"], far, "-o", tmp_path / "m2.onnx", "--tolerance", "0.2",
                                       "--calib", calib, "--runs", "0"], "task far would degrade too far")
 
