@@ -68,7 +68,7 @@ class FrameCache(Pass):
                 raise PreconditionError("frame-cache: the model has no 4-D float input with static channels and size "
                                         "to measure the change on (fix its shape with --fix-shape)")
             return PassResult(modified=False, stats={"skipped": "no 4-D float frame input with a static size"})
-        ir.sort_nodes(graph)
+        # (The graph is in topological order: ir.load and the manager's settling keep it so.)
         # MACs as `edgegraph info` counts them (a dynamic batch taken as 1), by node.
         counted = {c.name: c.macs or 0 for c in stats.model_stats(model).node_macs}
         macs = {id(n): counted.get(n.name or n.outputs[0].name, 0) for n in graph.nodes if n.outputs}
@@ -108,7 +108,6 @@ class FrameCache(Pass):
 def _best_cut(graph: gs.Graph, macs: dict[int, int]) -> gs.Variable | None:
     """The tensor after which, in node order, only it is still needed, with the most MACs before
     it and some after it (the head)."""
-    position = {id(n): i for i, n in enumerate(graph.nodes)}
     last_use: dict[int, int] = {}  # tensor id -> index of the last node reading it
     for i, node in enumerate(graph.nodes):
         for t in ir.node_reads(node):
@@ -131,7 +130,7 @@ def _best_cut(graph: gs.Graph, macs: dict[int, int]) -> gs.Variable | None:
         open_tensors = {k for k in open_tensors if k in outputs or last_use.get(k, -1) > i}
         if len(open_tensors) == 1:
             (key,) = open_tensors
-            if key not in outputs and 0 < done < total and done >= best_macs and position[id(node)] < len(graph.nodes) - 1:
+            if key not in outputs and 0 < done < total and done >= best_macs:
                 best, best_macs = tensors[key], done
     return best
 
