@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inputs of the merged model (.npz or image folder) to check the tasks on and time, or "
                             "TASK=DATA per task for its own inputs (repeatable; default: seeded random)")
     merge.add_argument("--seed", type=_non_negative, default=0, help="seed for random inputs")
+    merge.add_argument("--no-verify", action="store_true",
+                       help="do not check each task's outputs against its own model in onnxruntime")
     merge.add_argument("--quiet", action="store_true", help="print nothing but errors")
     merge.set_defaults(command_name="merge")
 

@@ -359,7 +359,8 @@ def cmd_merge(args) -> int:
     result = merge.merge(args.models, names=names, input_map=merge.parse_input_map(args.input_map),
                          tolerance=args.tolerance, average=args.average, calib=calib,
                          min_sqnr=merge.DEFAULT_MIN_SQNR_DB if args.min_sqnr is None else args.min_sqnr,
-                         seed=args.seed, threads=args.threads or 1)
+                         seed=args.seed, threads=args.threads or 1,
+                         check_samples=0 if args.no_verify else merge.CHECK_SAMPLES)
     report = {"edgegraph": edgegraph.__version__, "models": args.models, "output": str(output)} | result.report
     with contextlib.ExitStack() as stack:
         staging = stack.enter_context(files.staging(output))

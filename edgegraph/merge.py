@@ -494,12 +494,27 @@ def _check_tasks(model: ir.Model, tasks: list[Task], data: CalibrationData | Non
     data = random_inputs(model, samples, seed=seed) if data is None else data.take(min(len(data), samples))
     specs = runtime.input_specs(model)
     batches = [runtime.adapt_feeds(specs, b) for b in data.batches(runtime.batch_size_for(specs, samples))]
-    merged_sess = runtime.session(_exposed(model, tasks, {s.name for s in specs}), threads=threads)
-    merged = [runtime.run(merged_sess, feeds) for feeds in batches]
     result = {}
+    sessions = {}
+    for task in tasks:  # the user's models first: one that does not run is theirs to fix
+        try:
+            sess = runtime.session(task.proto, threads=threads)
+            sessions[task.name] = sess
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise MergeError(f"{task.source} does not run in onnxruntime ({one_line(exc)[:300]}); merge it with "
+                             "--no-verify to skip checking the tasks") from None
+    try:
+        merged_sess = runtime.session(_exposed(model, tasks, {s.name for s in specs}), threads=threads)
+        merged = [runtime.run(merged_sess, feeds) for feeds in batches]
+    except Exception as exc:  # noqa: BLE001
+        raise PassFailure(f"the merged model does not run in onnxruntime: {one_line(exc)[:300]}") from exc
     for task in tasks:
-        sess = runtime.session(task.proto, threads=threads)
-        own = [runtime.run(sess, _task_feeds(task, feeds | out)) for feeds, out in zip(batches, merged)]
+        sess = sessions[task.name]
+        try:
+            own = [runtime.run(sess, _task_feeds(task, feeds | out)) for feeds, out in zip(batches, merged)]
+        except Exception as exc:  # noqa: BLE001
+            raise MergeError(f"{task.source} does not run in onnxruntime on {data.source} ({one_line(exc)[:300]}); "
+                             "merge it with --no-verify to skip checking the tasks") from None
         mine = [{name: out[task.outputs[name]] for name in ref} for ref, out in zip(own, merged)]
         bitwise = all(np.array_equal(r[n], m[n], equal_nan=True) for r, m in zip(own, mine) for n in r)
         metrics = verify.compare_all(own, mine)

@@ -195,7 +195,8 @@ def format_merge(report: dict) -> str:
     rows = [["task", "nodes", "shared", "own", "weights shared", "check"]]
     for name, task in report["tasks"].items():
         check = report["deviation"][name]
-        text = "bitwise" if check["bitwise"] else f"SQNR {_number(check['worst_sqnr_db'], 3)} dB"
+        text = ("not checked" if check["bitwise"] is None else "bitwise" if check["bitwise"] else
+                f"SQNR {_number(check['worst_sqnr_db'], 3)} dB")
         rows.append([name, str(task["nodes"]), str(task["nodes_shared"]), str(task["nodes_own"]),
                      str(task["weights_shared"]), text])
     lines = columns(rows, "<>>>><")

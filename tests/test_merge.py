@@ -248,7 +248,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tasks, tmp_path, capsys):
     (tmp_path / "other").mkdir()
     onnx.save(onnx.load(paths["cls"]), tmp_path / "other" / "cls.onnx")
     out = tmp_path / "m.onnx"
+    custom = onnx.helper.make_model(
+        onnx.helper.make_graph([onnx.helper.make_node("Foo", ["modelInput"], ["y"], domain="my.ops")], "custom",
+                               [onnx.helper.make_tensor_value_info("modelInput", onnx.TensorProto.FLOAT, [1, 3, 32, 32])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 32, 32])]),
+        opset_imports=[onnx.helper.make_opsetid("", 10), onnx.helper.make_opsetid("my.ops", 1)])
+    onnx.save(custom, tmp_path / "custom.onnx")
     cases = [
+        (["merge", paths["cls"], tmp_path / "custom.onnx", "-o", out], "custom.onnx does not run in onnxruntime"),
         (["merge", paths["cls"], "-o", out], "at least two models"),
         (["merge", paths["cls"], tmp_path / "other" / "cls.onnx", "-o", out], "two models have the task name 'cls'"),
         (["merge", paths["cls"], paths["seg"], "-o", out, "--input-map", "seg-images"], "expected TASK:INPUT=TASK:INPUT"),
