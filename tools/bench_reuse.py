@@ -6,8 +6,8 @@ Merge: three tasks on the trained lightweight person detector (YOLOX architectur
 ../shared/models/lightweight_person_detector): `det` the detector itself, `cls` its backbone up to
 the last stage (input.359, 256x6x6) with a new linear head, `seg` up to stage 3 (input.175,
 64x24x24) with a new 1x1-conv head; each exported with its own node/tensor names and initializer
-order. Measured (onnxruntime CPU, full optimizations, 1 thread, medians of runs interleaved
-model by model over rounds):
+order. Measured (onnxruntime CPU, full optimizations, 1 thread; `stats.measure_latency`: the
+models timed in turns over 5 rounds, the median of the round medians):
 
   merged latency   vs the sum of the three separate models, and vs backbone + heads (the detector
                    plus the two new heads timed alone on their features: the least one graph
@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import edgegraph  # noqa: E402
-from edgegraph import ir, runtime, verify  # noqa: E402
+from edgegraph import ir, runtime, stats, verify  # noqa: E402
 from edgegraph.analysis.hashing import constant_key  # noqa: E402
 from edgegraph.merge import merge  # noqa: E402
 from fixtures import quant as data_fixtures  # noqa: E402
@@ -54,21 +54,6 @@ SHARED = REPO.parent / "shared"
 DETECTOR = SHARED / "models" / "lightweight_person_detector" / "model.onnx"
 DATA = SHARED / "data"
 SIZE = 192
-
-
-def timed_in_turns(sessions: dict[str, object], feeds: dict[str, dict], runs: int, rounds: int = 5) -> dict[str, float]:
-    """Median latency (ms) per session, the sessions taking turns run by run over `rounds` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for name, sess in sessions.items():  # warm-up
-        for _ in range(3):
-            sess.run(None, feeds[name])
-    for _ in range(rounds):
-        for _ in range(max(1, runs // rounds)):
-            for name, sess in sessions.items():
-                start = time.perf_counter()
-                sess.run(None, feeds[name])
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 # Where the cls and seg tasks leave the detector: "mixed" cuts the backbone at its last stage and at
@@ -94,8 +79,8 @@ def build_tasks(folder: Path, cuts: dict[str, str]) -> dict[str, Path]:
 
 def head_alone(path: Path, at: str, folder: Path) -> onnx.ModelProto:
     """The new head of a task, from its features on: what the task adds to the detector."""
-    onnx_utils.extract_model(str(path), str(folder / "head.onnx"), [at], ["scores"])
-    return onnx.load(folder / "head.onnx")
+    onnx_utils.extract_model(str(path), str(folder / f"head_{at}.onnx"), [at], ["scores"])
+    return onnx.load(folder / f"head_{at}.onnx")
 
 
 def bench_merge(runs: int, folder: Path, cuts: dict[str, str]) -> dict:
@@ -121,13 +106,15 @@ def bench_merge(runs: int, folder: Path, cuts: dict[str, str]) -> dict:
     x = {"images": image}
     features = runtime.run(runtime.session(runtime.with_outputs(
         onnx.load(paths["det"]), [PREFIX["det"] + at for _, at in heads.values()])), x)
-    sessions = {name: runtime.session(path, threads=1, optimize=True) for name, path in paths.items()}
-    sessions["merged"] = runtime.session(merged_path, threads=1, optimize=True)
-    feeds = {name: x for name in sessions}
+    models = {**paths, "merged": merged_path}
+    feeds = {name: x for name in models}
     for name, (task, at) in heads.items():
-        sessions[name] = runtime.session(head_alone(paths[task], PREFIX[task] + at, folder), threads=1, optimize=True)
+        models[name] = head_alone(paths[task], PREFIX[task] + at, folder)
         feeds[name] = {PREFIX[task] + at: features[PREFIX["det"] + at]}
-    ms = timed_in_turns(sessions, feeds, runs)
+    # Timed in turns over rounds (the median of the round medians), as `edgegraph bench` does.
+    timed = stats.measure_latency(list(models.values()), [feeds[n] for n in models], runs=runs, threads=1,
+                                  rounds=5, budget_s=30.0)
+    ms = {name: t for name, (t, _) in zip(models, timed)}
     separate = ms["det"] + ms["cls"] + ms["seg"]
     ideal = ms["det"] + ms["cls head"] + ms["seg head"]
     sizes = {name: path.stat().st_size for name, path in paths.items()}
