@@ -370,7 +370,7 @@ def cmd_merge(args) -> int:
             merged_size = sum(f.stat().st_size for f in staged.parent.iterdir())
             report["measured"] = merge.measure(result, args.models, staged, result.data, sizes=sizes,
                                                merged_size=merged_size, seed=args.seed, runs=args.runs,
-                                               threads=args.threads)
+                                               warmup=args.warmup, threads=args.threads)
         moves = ir.staged_moves(staged, output)
         if report_path:
             staged_report = stack.enter_context(files.staging(report_path)) / report_path.name

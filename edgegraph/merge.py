@@ -586,7 +586,8 @@ def _why_nothing_shared(tasks: list[Task], merged_inputs: Mapping[str, dict], re
 
 
 def measure(result: MergeResult, originals: Sequence, merged_file, data: CalibrationData | None, *,
-            sizes: Sequence[int], merged_size: int, seed: int = 0, runs: int = 20, threads: int = 1) -> dict:
+            sizes: Sequence[int], merged_size: int, seed: int = 0, runs: int = 20, warmup: int = 3,
+            threads: int = 1) -> dict:
     """MACs, parameters, file size and latency: the sum of the separate models (`originals`, as
     given: paths or protos) against the merged one, all timed in turns on the same inputs."""
     merged_feeds = stats.sample_feeds(result.model, data, seed=seed)
@@ -595,7 +596,8 @@ def measure(result: MergeResult, originals: Sequence, merged_file, data: Calibra
     feeds = [_task_feeds(t, merged_feeds | computed) for t in result.tasks]
     facts = [stats.model_stats(t.proto, size_bytes=s, feeds=f) for t, s, f in zip(result.tasks, sizes, feeds)]
     after = stats.model_stats(result.model, size_bytes=merged_size, feeds=merged_feeds)
-    latencies = stats.measure_latency([*originals, merged_file], [*feeds, merged_feeds], runs=runs, threads=threads)
+    latencies = stats.measure_latency([*originals, merged_file], [*feeds, merged_feeds], runs=runs, warmup=warmup,
+                                      threads=threads)
 
     def total(values):
         return None if any(v is None for v in values) else sum(values)
