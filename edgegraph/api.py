@@ -216,3 +216,29 @@ def check(model, target: str | Target = "all", *, fix_shapes: Mapping[str, Seque
     if isinstance(target, str) and target == "all":
         return target_check.check_all(loaded, optimize=optimize, rules=rules)
     return [target_check.check(loaded, target, optimize=optimize, rules=rules)]
+
+
+def merge_models(models: Sequence, *, names: Sequence[str] | None = None,
+                 input_map: Mapping[str, str] | None = None, tolerance: float = 0.0, average: bool = False,
+                 calib=None, min_sqnr: float | None = None, seed: int = 0,
+                 threads: int = 1) -> tuple[onnx.ModelProto, dict]:
+    """Merge task models that share a backbone into one ModelProto computing it once, and a report
+    (what each task shares and owns, the check of each task's outputs). What `edgegraph merge` runs.
+
+    `models`: paths, bytes, ModelProtos or Models; `names`: task names (default the file stems),
+    the prefix of each task's outputs (`det/boxes`); `input_map`: {"b:images": "a:data"} feeds
+    task b's input `images` from task a's `data` (inputs with equal name, dtype and shape are one
+    anyway); `tolerance`: weights within it (relative) count as equal, the first model's kept or,
+    with `average`, their mean; each task's outputs must then keep `min_sqnr` dB (default 40)
+    against its own model on `calib` (data for the merged inputs) or seeded random inputs.
+    Raises EdgegraphError (MergeError) for models that cannot be merged as asked.
+    """
+    from edgegraph.merge import DEFAULT_MIN_SQNR_DB, merge, parse_input_map
+
+    if not isinstance(models, Sequence) or isinstance(models, str | bytes):
+        raise EdgegraphError(f"models must be a list of models, got {type(models).__name__}")
+    result = merge(list(models), names=names, input_map=parse_input_map(input_map or {}), tolerance=tolerance,
+                   average=flag(average, "average"), calib=calib,
+                   min_sqnr=DEFAULT_MIN_SQNR_DB if min_sqnr is None else min_sqnr,
+                   seed=whole_number(seed, "seed"), threads=whole_number(threads, "threads"))
+    return result.model.to_proto(), result.report

@@ -1,4 +1,4 @@
-"""The work behind each command of `edgegraph`: `opt`, `info`, `bench`, `passes`.
+"""The work behind each command of `edgegraph`: `opt`, `info`, `bench`, `check`, `merge`, `passes`.
 
 `cli` parses the arguments and maps errors to exit codes; this module (and what it imports:
 onnx, onnxruntime) is only loaded once the arguments are known.
@@ -25,9 +25,9 @@ import edgegraph
 from edgegraph import files, ir, modelio, spec, stats, verify
 from edgegraph.stats import ModelStats
 from edgegraph.context import STAGES, PassContext, is_terminal
-from edgegraph.errors import EdgegraphError, ModelLoadError, one_line
+from edgegraph.errors import NAME_LIMIT, EdgegraphError, ModelLoadError, one_line, shown
 from edgegraph.pipeline import check_specialisation, run_pipeline, specialise, verification_data
-from edgegraph.tables import format_bench, format_info, format_opt_header, format_opt_summary
+from edgegraph.tables import format_bench, format_info, format_merge, format_opt_header, format_opt_summary
 
 logger = logging.getLogger("edgegraph")
 
@@ -47,7 +47,7 @@ def run(args, *, debug: bool = False) -> int:
     # One line per stage on stdout, between the header and the summary, where no progress bar
     # can show that work is going on (stderr is not a terminal: CI logs, pipes).
     stages = None
-    if args.command_name == "opt" and not args.quiet and not is_terminal(sys.stderr):
+    if args.command_name in ("opt", "merge") and not args.quiet and not is_terminal(sys.stderr):
         stages = _StageHandler(sys.stdout)
         stages.setFormatter(logging.Formatter("  %(message)s"))
         STAGES.addHandler(stages)
@@ -329,6 +329,80 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from edgegraph import merge
+
+    output = Path(args.output)
+    report_path = Path(args.report) if args.report else None
+    _check_writable(output, "output")
+    if report_path:
+        _check_writable(report_path, "--report")
+    sources = [Path(m) for m in args.models]
+    names = [merge.task_name(m, i) for i, m in enumerate(args.models)]
+    for key, name in args.name:  # FILE=NAME: by the path as given, else by the file's stem
+        hits = [i for i, m in enumerate(args.models) if key == m] or [i for i, m in enumerate(sources) if key in (m.name, m.stem)]
+        if len(hits) != 1:
+            raise merge.MergeError(f"--name {shown(key, NAME_LIMIT)}=...: {'no' if not hits else 'more than one'} "
+                                   "model given is that file")
+        names[hits[0]] = name
+    outputs = {"-o": output, f"the external data file of -o ({modelio.sidecar_path(output).name})": modelio.sidecar_path(output)}
+    if report_path:
+        outputs["--report"] = report_path
+    inputs = {f"input model {m}": [m] for m in sources if m.is_file()}
+    inputs |= {f"the external data of {m}": modelio.external_data_files(m) for m in sources if m.is_file()}
+    for given in args.calib:
+        inputs[f"the --calib data {given}"] = files.files_in(Path(given.partition("=")[2] or given))
+    files.refuse_overwriting(outputs, inputs)
+    if not args.quiet:
+        print(f"merge {', '.join(f'{m} as {n}' for m, n in zip(args.models, names))} -> {output}", flush=True)
+    calib = _merge_calibration(args.calib, names)
+    result = merge.merge(args.models, names=names, input_map=merge.parse_input_map(args.input_map),
+                         tolerance=args.tolerance, average=args.average, calib=calib,
+                         min_sqnr=merge.DEFAULT_MIN_SQNR_DB if args.min_sqnr is None else args.min_sqnr,
+                         seed=args.seed, threads=args.threads or 1,
+                         check_samples=0 if args.no_verify else merge.CHECK_SAMPLES)
+    report = {"edgegraph": edgegraph.__version__, "models": args.models, "output": str(output)} | result.report
+    with contextlib.ExitStack() as stack:
+        staging = stack.enter_context(files.staging(output))
+        staged = _save(result.model, staging / "result" / output.name, output)
+        if args.runs:
+            sizes = [stats.disk_size(m) for m in sources]
+            merged_size = sum(f.stat().st_size for f in staged.parent.iterdir())
+            report["measured"] = merge.measure(result, args.models, staged, result.data, sizes=sizes,
+                                               merged_size=merged_size, seed=args.seed, runs=args.runs,
+                                               warmup=args.warmup, threads=args.threads)
+        moves = modelio.staged_moves(staged, output)
+        if report_path:
+            staged_report = stack.enter_context(files.staging(report_path)) / report_path.name
+            _write(lambda: staged_report.write_text(json.dumps(stats.jsonable(report), indent=2) + "\n"),
+                   report_path)
+            moves.append((staged_report, report_path))
+        try:
+            files.publish(moves, outcome=True)
+        except OSError as exc:
+            raise EdgegraphError(f"cannot write {exc.filename}: {exc.strerror or exc}; nothing was written") from None
+    if not args.quiet:
+        print(format_merge(report))
+    return 0
+
+
+def _merge_calibration(given: list[str], names: list[str]):
+    """`--calib DATA` (the merged model's inputs) or `--calib TASK=DATA ...` (each task's own)."""
+    if not given:
+        return None
+    per_task = {}
+    for item in given:
+        task, eq, path = item.partition("=")
+        if eq and task in names:
+            per_task[task] = path
+        elif len(given) > 1:
+            raise EdgegraphError(f"--calib {shown(item, NAME_LIMIT)}: several --calib must each be TASK=DATA "
+                                 f"(tasks: {', '.join(names)})")
+        else:
+            return item
+    return per_task
+
+
 def cmd_passes(args) -> int:
     described = [describe_pass(cls) for cls in edgegraph.list_passes()]
     if args.json:
@@ -383,4 +457,5 @@ def cmd_check(args) -> int:
     return STRICT_EXIT if args.strict and not all(r.fully_supported for r in results) else 0
 
 
-COMMANDS = {"opt": cmd_opt, "info": cmd_info, "bench": cmd_bench, "check": cmd_check, "passes": cmd_passes}
+COMMANDS = {"opt": cmd_opt, "info": cmd_info, "bench": cmd_bench, "check": cmd_check, "merge": cmd_merge,
+            "passes": cmd_passes}
