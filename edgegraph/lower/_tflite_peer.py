@@ -1,0 +1,133 @@
+"""Runs in the TFLite peer environment (onnx2tf, TensorFlow, LiteRT; never edgegraph itself):
+`python -I -B _tflite_peer.py WORK OPTIONS_JSON`.
+
+Converts WORK/model/model.onnx (a private copy) with onnx2tf into WORK/tf, then runs the
+.tflite in the LiteRT interpreter on WORK/inputs.npz and writes WORK/outputs.npz and
+WORK/result.json. Before anything is imported, an audit hook confines the process: no network
+(socket connects and name look-ups), no child processes (onnx2tf would run `onnxsim` from PATH),
+and no file written, renamed or removed outside WORK. (Native code that writes files without
+Python's I/O is not seen by the hook; TensorFlow's caches are pointed into WORK through HOME and
+TMPDIR by the parent.) onnx2tf's calibration image sample, which it downloads for 3-channel
+image models, is a seeded random file the parent leaves in WORK, the folder it looks in first.
+"""
+
+import json
+import os
+import sys
+
+WORK = os.path.realpath(sys.argv[1])
+OPTIONS = json.loads(sys.argv[2])
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+_PATH_EVENTS = {"os.remove", "os.rename", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.truncate", "os.chmod",
+                "os.chown", "os.symlink", "os.link", "os.utime", "shutil.copyfile", "shutil.copytree",
+                "shutil.move", "os.replace"}
+_PROCESS_EVENTS = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.startfile",
+                   "pty.spawn"}
+_NETWORK_EVENTS = {"socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
+                   "socket.sendto", "urllib.Request"}
+
+
+def _inside(path) -> bool:
+    if isinstance(path, int):  # a file descriptor: opened (and so checked) before
+        return True
+    try:
+        real = os.path.realpath(os.fsdecode(path))
+    except (TypeError, ValueError):
+        return False
+    return real == WORK or real.startswith(WORK + os.sep) or real == os.devnull
+
+
+def _guard(event, args):
+    if event == "open":
+        path, mode, flags = (list(args) + [None, None, 0])[:3]
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _WRITE_FLAGS)
+        if writing and path is not None and not _inside(path):
+            raise PermissionError(f"edgegraph's TFLite sandbox: no writing outside the work folder ({path})")
+    elif event in _PATH_EVENTS:
+        for value in args:
+            if isinstance(value, str | bytes | os.PathLike) and not _inside(value):
+                raise PermissionError(f"edgegraph's TFLite sandbox: {event} outside the work folder ({value})")
+    elif event in _PROCESS_EVENTS:
+        raise PermissionError(f"edgegraph's TFLite sandbox: no child processes ({event} {args[:2]})")
+    elif event in _NETWORK_EVENTS:
+        raise PermissionError(f"edgegraph's TFLite sandbox: no network ({event})")
+
+
+sys.addaudithook(_guard)
+
+import numpy as np  # noqa: E402 - after the hook, on purpose
+
+
+def _convert() -> str:
+    import onnx2tf
+
+    onnx2tf.convert(
+        input_onnx_file_path=os.path.join(WORK, "model", "model.onnx"),
+        output_folder_path=os.path.join(WORK, "tf"),
+        copy_onnx_input_output_names_to_tflite=True,
+        not_use_onnxsim=True,  # it would run `onnxsim` from PATH in a child process
+        non_verbose=True,
+    )
+    return os.path.join(WORK, "tf", "model_float32.tflite")
+
+
+def _interpreter(path: str):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        from tensorflow.lite.python.interpreter import Interpreter
+    return Interpreter(model_path=path, num_threads=OPTIONS.get("threads") or None)
+
+
+def _channels_last(shape):
+    return (0, *range(2, len(shape)), 1) if len(shape) >= 3 else None
+
+
+def _run(path: str) -> dict:
+    interpreter = _interpreter(path)
+    ops = sorted({d.get("op_name", "?") for d in interpreter._get_ops_details()})
+    interpreter.allocate_tensors()
+    ins, outs = interpreter.get_input_details(), interpreter.get_output_details()
+    with np.load(os.path.join(WORK, "inputs.npz")) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    count = OPTIONS["batches"]
+    results, layouts = {}, {}
+    for index in range(count):
+        for position, detail in enumerate(ins):
+            name = OPTIONS["inputs"][position] if detail["name"] not in OPTIONS["inputs"] else detail["name"]
+            array = arrays[f"{index}/{name}"]
+            want = tuple(detail["shape"])
+            if array.shape != want:
+                perm = _channels_last(array.shape)
+                if perm is None or tuple(array.shape[p] for p in perm) != want:
+                    raise ValueError(f"input {name}: data {array.shape}, the TFLite model wants {want}")
+                array = array.transpose(perm)
+                layouts[name] = list(perm)
+            interpreter.set_tensor(detail["index"], np.ascontiguousarray(array.astype(detail["dtype"])))
+        interpreter.invoke()
+        for position, detail in enumerate(outs):
+            results[f"{index}/{detail['name']}"] = interpreter.get_tensor(detail["index"])
+    np.savez(os.path.join(WORK, "outputs.npz"), **results)
+    return {"ops": ops, "inputs": [d["name"] for d in ins], "outputs": [d["name"] for d in outs],
+            "input_layouts": layouts}
+
+
+def main() -> int:
+    result = {}
+    try:
+        path = _convert()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which says it in one line
+        result = {"stage": "convert", "error": f"{type(exc).__name__}: {exc}"}
+    else:
+        try:
+            result = {"stage": "done", "tflite": path} | _run(path)
+        except BaseException as exc:  # noqa: BLE001
+            result = {"stage": "run", "tflite": path, "error": f"{type(exc).__name__}: {exc}"}
+    with open(os.path.join(WORK, "result.json"), "w") as handle:
+        json.dump(result, handle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
