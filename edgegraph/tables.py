@@ -187,3 +187,16 @@ def format_bench(rows: list[dict]) -> str:
     if compared:
         lines.append(f"(agreement over {rows[0]['samples']} samples, worst output shown)")
     return "\n".join(lines)
+
+
+def format_lower(result) -> str:
+    """The files a lowering wrote, and how its runtime's outputs agree with onnxruntime's."""
+    rows = [["output", "cosine", "SQNR dB", "max |error|", "of max |ref|"]]
+    for m in result.metrics.values():
+        rows.append([m.name, _cosine(m.cosine), _number(m.sqnr_db, 4), f"{m.max_abs:.3g}", f"{m.ref_max_abs:.3g}"])
+    lines = [f"wrote {', '.join(map(str, result.outputs))} in {result.seconds:.1f}s"]
+    lines += columns(rows, "<>>>>")
+    lines.append(f"({result.target} vs onnxruntime on {result.samples} sample(s) of {result.data}; "
+                 f"accepted from {result.min_sqnr_db:g} dB)")
+    lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines)

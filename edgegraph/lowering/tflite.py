@@ -34,7 +34,7 @@ import numpy as np
 from edgegraph import ir
 from edgegraph.context import STAGES
 from edgegraph.errors import EdgegraphError, shown
-from edgegraph.lower import Artifact, LoweringError, Target
+from edgegraph.lowering import Artifact, LoweringError, Target
 from edgegraph.passes.quant import numerics
 
 ONNX2TF = "onnx2tf==1.29.24"  # the last release for Python 3.11 (pins tensorflow 2.19, ai-edge-litert 2.1)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgegraph import runtime
 from edgegraph.errors import EdgegraphError, one_line
-from edgegraph.lower import Artifact, LoweringError, Target
+from edgegraph.lowering import Artifact, LoweringError, Target
 
 STYLES = ("runtime", "fixed")
 

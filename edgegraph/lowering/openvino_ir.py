@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgegraph.errors import EdgegraphError, one_line
-from edgegraph.lower import Artifact, LoweringError, Target
+from edgegraph.lowering import Artifact, LoweringError, Target
 
 PRECISIONS = ("f32", "f16", "bf16")
 

@@ -99,7 +99,7 @@ class LowerResult:
 
 def targets() -> dict[str, Target]:
     """The lowerings by name (imported here: each module imports its runtime only when run)."""
-    from edgegraph.lower import openvino_ir, ort_format, tflite
+    from edgegraph.lowering import openvino_ir, ort_format, tflite
 
     return {t.name: t for t in (ort_format.TARGET, openvino_ir.TARGET, tflite.TARGET)}
 
