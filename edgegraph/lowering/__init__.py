@@ -48,9 +48,14 @@ SAMPLES = 4  # verification samples (the first of --calib, else seeded random in
 
 
 class LoweringError(EdgegraphError):
-    """The lowered model does not run in its runtime, or computes something else (exit 1)."""
+    """The converter failed, or the lowered model does not run in its runtime or computes
+    something else (exit 1). `stage`: "convert", "run" or "match"."""
 
     exit_code = 1
+
+    def __init__(self, message: str, stage: str = "convert"):
+        super().__init__(message)
+        self.stage = stage
 
 
 class UnsupportedModelError(EdgegraphError):
@@ -203,7 +208,7 @@ def lower(model, target: str, output: str | os.PathLike, *, calib=None, fix_shap
         if artifact.unsupported_after:
             listed = "; ".join(artifact.unsupported_after[:5])
             raise LoweringError(f"{target}: the converted model needs what the target lacks ({listed}); "
-                                "nothing was written")
+                                "nothing was written", "run")
         outputs = artifact.outputs
         if spec.relayout is not None:
             outputs = [spec.relayout(ref, out) for ref, out in zip(reference, outputs)]
@@ -282,9 +287,9 @@ def _check_match(metrics: Mapping[str, verify.OutputMetrics], floor: float, targ
         if m.dtype not in ("float32", "float16", "float64", "bfloat16"):
             if not m.exact_match:
                 raise LoweringError(f"{target}: output '{shown(m.name, 80)}' ({m.dtype}) differs from onnxruntime's; "
-                                    "nothing was written")
+                                    "nothing was written", "match")
             continue
         if not m.sqnr_db >= floor:
             raise LoweringError(f"{target}: output '{shown(m.name, 80)}' does not match onnxruntime: SQNR "
                                 f"{m.sqnr_db:.1f} dB < {floor:g} dB (cosine {m.cosine:.4f}, max |error| "
-                                f"{m.max_abs:.3g} of {m.ref_max_abs:.3g}); nothing was written")
+                                f"{m.max_abs:.3g} of {m.ref_max_abs:.3g}); nothing was written", "match")

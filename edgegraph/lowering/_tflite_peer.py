@@ -113,7 +113,37 @@ def _run(path: str) -> dict:
             "input_layouts": layouts}
 
 
+def _selftest() -> dict:
+    """What the sandbox refuses (for edgegraph's tests): a connection, a write outside WORK, a
+    child process; and that a write inside WORK works."""
+    import socket
+    import subprocess
+
+    attempts = {
+        "network": lambda: socket.create_connection(("127.0.0.1", 9), timeout=1),
+        "write outside": lambda: open(OPTIONS["outside"], "w"),
+        "rename outside": lambda: os.rename(os.path.join(WORK, "inside.txt"), OPTIONS["outside"]),
+        "child process": lambda: subprocess.run(["true"], check=False),
+    }
+    with open(os.path.join(WORK, "inside.txt"), "w") as handle:
+        handle.write("ok")
+    refused = {}
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+            refused[what] = False
+        except PermissionError:
+            refused[what] = True
+        except OSError:  # e.g. nothing listening: the attempt got through the sandbox
+            refused[what] = False
+    return {"stage": "selftest", "refused": refused}
+
+
 def main() -> int:
+    if OPTIONS.get("selftest"):
+        with open(os.path.join(WORK, "result.json"), "w") as handle:
+            json.dump(_selftest(), handle)
+        return 0
     result = {}
     try:
         path = _convert()

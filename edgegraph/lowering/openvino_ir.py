@@ -67,7 +67,7 @@ def convert(model_path: Path, work: Path, batches, options: dict, *, threads: in
             outputs.append({name: np.array(result[port]) for name, port in zip(names, compiled.outputs)})
     except Exception as exc:  # noqa: BLE001
         raise LoweringError(f"openvino: the IR does not run in OpenVINO's CPU runtime: {one_line(exc)}; "
-                            "nothing was written") from None
+                            "nothing was written", "run") from None
     return Artifact(files={"model": xml, "weights": xml.with_suffix(".bin")}, outputs=outputs,
                     notes=[f"OpenVINO {ov.get_version().split('-')[0]}, precision {precision}: compile with "
                            f"{{'INFERENCE_PRECISION_HINT': '{precision}'}} (the CPU default here may be bf16)"])

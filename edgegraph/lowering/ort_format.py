@@ -59,7 +59,7 @@ def convert(model_path: Path, work: Path, batches, options: dict, *, threads: in
         outputs = [runtime.run(session, feeds) for feeds in batches]
     except Exception as exc:  # noqa: BLE001
         raise LoweringError(f"ort-mobile: the ORT-format model does not run in onnxruntime: {one_line(exc)}; "
-                            "nothing was written") from None
+                            "nothing was written", "run") from None
     ops = sum(1 for line in config.read_text().splitlines() if line and not line.startswith("#"))
     return Artifact(files={"model": model, "config": config}, outputs=outputs,
                     notes=[f"style {style}; the config lists {ops} op domain/opset line(s)"])

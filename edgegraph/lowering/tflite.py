@@ -131,30 +131,13 @@ def convert(model_path: Path, work: Path, batches, options: dict, *, threads: in
     np.savez(work / "inputs.npz", **{f"{i}/{name}": np.asarray(v) for i, b in enumerate(batches) for name, v in b.items()})
     rng = np.random.default_rng(0)  # what onnx2tf probes 3-channel image models with, instead of its download
     np.save(work / CALIBRATION_SAMPLE, rng.random((20, 128, 128, 3), dtype=np.float32))
-    for folder in ("home", "tmp"):
-        (work / folder).mkdir()
-    env = {"PATH": os.defpath, "HOME": str(work / "home"), "TMPDIR": str(work / "tmp"),
-           "XDG_CACHE_HOME": str(work / "home"), "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
-           "LANG": "C.UTF-8", "OMP_NUM_THREADS": str(threads or os.cpu_count() or 1)}
-    peer_options = {"inputs": names, "batches": len(batches), "threads": threads}
-    command = [str(peer_python()), "-I", "-B", str(PEER_SCRIPT), str(work), json.dumps(peer_options)]
     STAGES.info("tflite: converting with onnx2tf in %s", venv())
-    try:
-        done = subprocess.run(command, cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=TIMEOUT, check=False)
-    except subprocess.TimeoutExpired:
-        raise LoweringError(f"tflite: onnx2tf did not finish in {TIMEOUT}s; nothing was written") from None
-    result_file = work / "result.json"
-    if not result_file.is_file():
-        tail = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise LoweringError(f"tflite: the onnx2tf process ended with status {done.returncode} "
-                            f"({shown(' | '.join(tail), 600)}); nothing was written")
-    result = json.loads(result_file.read_text())
+    done, result = run_peer(work, {"inputs": names, "batches": len(batches), "threads": threads}, threads=threads)
     if result.get("error"):
         what = "onnx2tf cannot convert the model" if result["stage"] == "convert" else \
             "the .tflite does not run in the LiteRT interpreter"
         raise LoweringError(f"tflite: {what}: {shown(_why(result['error'], done.stdout + done.stderr), 600)}; "
-                            "nothing was written")
+                            "nothing was written", result["stage"])
     flex = [op for op in result["ops"] if op.startswith("Flex") or op in ("CUSTOM", "DELEGATE")]
     outputs = _outputs(work / "outputs.npz", result["outputs"], len(batches))
     notes = [f"TFLite ops: {', '.join(result['ops'])}"]
@@ -165,6 +148,28 @@ def convert(model_path: Path, work: Path, batches, options: dict, *, threads: in
                                                              for k, v in result["input_layouts"].items()))
     return Artifact(files={"model": Path(result["tflite"])}, outputs=outputs, notes=notes,
                     unsupported_after=[f"{op} (not a builtin TFLite op)" for op in flex])
+
+
+def run_peer(work: Path, options: dict, *, threads: int = 0) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run the peer script on the work folder `work` (its cwd, HOME and TMPDIR: TensorFlow's
+    caches land there) with a minimal environment; (the process, its result.json)."""
+    for folder in ("home", "tmp"):
+        (work / folder).mkdir(exist_ok=True)
+    env = {"PATH": os.defpath, "HOME": str(work / "home"), "TMPDIR": str(work / "tmp"),
+           "XDG_CACHE_HOME": str(work / "home"), "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
+           "LANG": "C.UTF-8", "OMP_NUM_THREADS": str(threads or os.cpu_count() or 1)}
+    command = [str(peer_python()), "-I", "-B", str(PEER_SCRIPT), str(work), json.dumps(options)]
+    try:
+        done = subprocess.run(command, cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise LoweringError(f"tflite: onnx2tf did not finish in {TIMEOUT}s; nothing was written") from None
+    result_file = work / "result.json"
+    if not result_file.is_file():
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        raise LoweringError(f"tflite: the onnx2tf process ended with status {done.returncode} "
+                            f"({shown(' | '.join(tail), 600)}); nothing was written")
+    return done, json.loads(result_file.read_text())
 
 
 def _has_qdq(path: Path) -> bool:
