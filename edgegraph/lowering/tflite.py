@@ -79,6 +79,8 @@ def prepare(model: ir.Model) -> tuple[ir.Model, list[str]]:
     are valid TensorFlow scopes (`/head/conv/Conv`, `Softmax@0` are not; onnx2tf names its ops
     after them and stops)."""
     folded, notes = fold_constant_dequantize(model)
+    folded, simplified = simplify(folded)
+    notes += simplified
     renamed = 0
     taken = {n.name for g in ir.iter_graphs(folded.graph) for n in g.nodes}
     for graph in ir.iter_graphs(folded.graph):
@@ -93,6 +95,22 @@ def prepare(model: ir.Model) -> tuple[ir.Model, list[str]]:
             node.name = name
             renamed += 1
     return folded, notes + ([f"renamed {renamed} node(s) to valid TensorFlow scope names"] if renamed else [])
+
+
+# Instead of onnxsim (which onnx2tf would run from PATH): edgegraph's exact passes, verified.
+# onnx2tf needs constant subgraphs folded (MNIST's Reshape of a weight is otherwise a constant
+# it cannot make a layer output of).
+SIMPLIFY = "cleanup"
+
+
+def simplify(model: ir.Model) -> tuple[ir.Model, list[str]]:
+    from edgegraph.context import PassContext
+    from edgegraph.pipeline import run_pipeline
+    from edgegraph.spec import parse
+
+    result, report = run_pipeline(model, parse(SIMPLIFY), PassContext(progress=False))
+    changed = [r.name for r in report.passes if r.modified]
+    return result, ([f"simplified for onnx2tf: {', '.join(changed)}"] if changed else [])
 
 
 _TF_SCOPE = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*")
