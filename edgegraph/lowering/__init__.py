@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -35,7 +34,6 @@ from edgegraph import files, ir, runtime, verify
 from edgegraph.context import STAGES, CalibrationData, PassContext
 from edgegraph.errors import EdgegraphError, VerificationDataError, one_line, shown
 
-logger = logging.getLogger("edgegraph")
 
 # Default agreement a lowered model must reach with onnxruntime, as the worst output's SQNR (dB).
 # A float model converted faithfully agrees to float rounding (measured >= 60 dB on the shared
@@ -177,7 +175,7 @@ def lower(model, target: str, output: str | os.PathLike, *, calib=None, fix_shap
         check_specialisation(loaded, model_, ctx)
     samples = data.take(SAMPLES) if data is not None else random_inputs(model_, SAMPLES, seed=seed)
     if spec.static_shapes:  # converters that want static shapes get the data's
-        model_ = _static_for(model_, samples, ctx, loaded)
+        model_ = _static_for(model_, samples, ctx)
     specs = runtime.input_specs(model_)
     batch = spec.batch_size or runtime.batch_size_for(specs, len(samples))
     batches = [runtime.adapt_feeds(specs, b) for b in samples.batches(batch)]
@@ -260,19 +258,14 @@ def _is_quantized(model: ir.Model) -> bool:
     return any(n.op in QUANTIZED_OPS for n in ir.iter_nodes(model.graph))
 
 
-def _static_for(model: ir.Model, samples: CalibrationData, ctx: PassContext, loaded: ir.Model) -> ir.Model:
+def _static_for(model: ir.Model, samples: CalibrationData, ctx: PassContext) -> ir.Model:
     """`model` with its dynamic input dims fixed to the first sample's shapes (batch 1), checked
     like `--fix-shape`; `model` itself when its inputs are static."""
     from edgegraph.pipeline import check_specialisation, specialise
 
-    specs = runtime.input_specs(model)
-    axes = runtime.batch_axes(specs)
-    first = next(samples.batches(1))
-    shapes = {}
-    for s in specs:
-        if s.shape is None or all(isinstance(d, int) and d > 0 for d in s.shape):
-            continue
-        shapes[s.name] = list(np.shape(first[s.name])) if axes[s.name] is not None or np.ndim(first[s.name]) else []
+    first = next(samples.batches(1))  # one sample, on each input's batch axis
+    shapes = {s.name: list(np.shape(first[s.name])) for s in runtime.input_specs(model)
+              if s.shape is None or not all(isinstance(d, int) and d > 0 for d in s.shape)}
     if not shapes:
         return model
     fixed = specialise(model, shapes)

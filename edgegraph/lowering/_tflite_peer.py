@@ -85,32 +85,46 @@ def _channels_last(shape):
 
 
 def _run(path: str) -> dict:
+    """Run the .tflite on every batch of inputs.npz, through its signature (named like the
+    ONNX model's inputs and outputs) when it has one, else its tensors in order."""
     interpreter = _interpreter(path)
     ops = sorted({d.get("op_name", "?") for d in interpreter._get_ops_details()})
-    interpreter.allocate_tensors()
-    ins, outs = interpreter.get_input_details(), interpreter.get_output_details()
+    signatures = interpreter.get_signature_list()
+    runner = interpreter.get_signature_runner() if signatures else None
+    if runner is not None:
+        ins = runner.get_input_details()  # name -> detail
+        out_names = list(runner.get_output_details())
+    else:
+        interpreter.allocate_tensors()
+        ins = {d["name"]: d for d in interpreter.get_input_details()}
+        out_names = [d["name"] for d in interpreter.get_output_details()]
     with np.load(os.path.join(WORK, "inputs.npz")) as archive:
         arrays = {key: archive[key] for key in archive.files}
-    count = OPTIONS["batches"]
     results, layouts = {}, {}
-    for index in range(count):
-        for position, detail in enumerate(ins):
-            name = OPTIONS["inputs"][position] if detail["name"] not in OPTIONS["inputs"] else detail["name"]
-            array = arrays[f"{index}/{name}"]
+    for index in range(OPTIONS["batches"]):
+        feeds = {}
+        for position, (name, detail) in enumerate(ins.items()):
+            onnx_name = name if name in OPTIONS["inputs"] else OPTIONS["inputs"][position]
+            array = arrays[f"{index}/{onnx_name}"]
             want = tuple(detail["shape"])
             if array.shape != want:
                 perm = _channels_last(array.shape)
                 if perm is None or tuple(array.shape[p] for p in perm) != want:
-                    raise ValueError(f"input {name}: data {array.shape}, the TFLite model wants {want}")
+                    raise ValueError(f"input {onnx_name}: data {array.shape}, the TFLite model wants {want}")
                 array = array.transpose(perm)
-                layouts[name] = list(perm)
-            interpreter.set_tensor(detail["index"], np.ascontiguousarray(array.astype(detail["dtype"])))
-        interpreter.invoke()
-        for position, detail in enumerate(outs):
-            results[f"{index}/{detail['name']}"] = interpreter.get_tensor(detail["index"])
+                layouts[onnx_name] = list(perm)
+            feeds[name] = np.ascontiguousarray(array.astype(detail["dtype"]))
+        if runner is not None:
+            got = runner(**feeds)
+        else:
+            for name, value in feeds.items():
+                interpreter.set_tensor(ins[name]["index"], value)
+            interpreter.invoke()
+            got = {d["name"]: interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()}
+        for name in out_names:
+            results[f"{index}/{name}"] = got[name]
     np.savez(os.path.join(WORK, "outputs.npz"), **results)
-    return {"ops": ops, "inputs": [d["name"] for d in ins], "outputs": [d["name"] for d in outs],
-            "input_layouts": layouts}
+    return {"ops": ops, "inputs": list(ins), "outputs": out_names, "input_layouts": layouts}
 
 
 def _selftest() -> dict:

@@ -213,22 +213,29 @@ def _outputs(path: Path, names: list[str], count: int) -> list[dict[str, np.ndar
 
 
 def to_onnx_layout(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`outputs` of the TFLite model under the ONNX output names, channels-first again where the
-    TFLite output is the channels-last form of the ONNX one (same order when names differ)."""
-    by_name = dict(outputs)
-    mapped = {}
-    for position, (name, ref) in enumerate(reference.items()):
-        value = by_name.get(name)
-        if value is None:
-            value = list(outputs.values())[position] if position < len(outputs) else np.empty(0)
+    """`outputs` of the TFLite model under the ONNX output names (by name; else the one output
+    left whose shape fits), channels-first again where the TFLite output is the channels-last
+    form of the ONNX one."""
+    def fitted(ref: np.ndarray, value: np.ndarray) -> np.ndarray | None:
         ref_shape, shape = np.shape(ref), np.shape(value)
-        if shape != ref_shape and len(shape) >= 3:
+        if shape == ref_shape:
+            return value
+        if len(shape) >= 3:
             perm = (0, len(shape) - 1, *range(1, len(shape) - 1))  # NHWC -> NCHW
             if tuple(shape[p] for p in perm) == ref_shape:
-                value = np.transpose(value, perm)
-        if np.shape(value) != ref_shape and np.size(value) == np.size(ref):
-            value = np.reshape(value, ref_shape)  # a squeezed or flattened singleton dim
-        mapped[name] = value
+                return np.transpose(value, perm)
+        return None
+
+    left = {k: v for k, v in outputs.items() if k not in reference}
+    mapped = {}
+    for name, ref in reference.items():
+        if name in outputs:
+            value = outputs[name]
+        else:
+            fits = [k for k, v in left.items() if fitted(ref, v) is not None]
+            value = left.pop(fits[0]) if len(fits) == 1 else np.empty(0)
+        fit = fitted(ref, value)
+        mapped[name] = fit if fit is not None else value  # a mismatched shape fails the comparison
     return mapped
 
 
