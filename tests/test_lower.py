@@ -212,3 +212,35 @@ def test_tflite_runs_in_litert_and_matches(folder, int8_model, which):
         assert "folded 14 weight/bias DequantizeLinear" in notes
     # Only the .tflite is new: onnx2tf rewrote nothing beside the model (it worked on a copy).
     assert {k: v for k, v in snapshot(folder).items() if k != "m.tflite"} == before
+
+
+def _lower_in_a_new_process(*args) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "edgegraph", "lower", *map(str, args), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_same_input_gives_the_same_openvino_ir(tmp_path):
+    # (Within one process OpenVINO numbers its nodes on from the last model: the CLI's runs agree.)
+    _needs(openvino_ir.available())
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        _lower_in_a_new_process(MODEL, "--target", "openvino", "-o", tmp_path / run / "m.xml", "--calib", CALIB)
+    assert all(digest(tmp_path / "a" / f) == digest(tmp_path / "b" / f) for f in ("m.xml", "m.bin"))
+
+
+def test_ort_format_differs_only_in_serialisation_order(tmp_path):
+    # onnxruntime's ORT-format writer orders some tables differently from run to run: the config
+    # is identical, the models compute the same.
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        _lower_in_a_new_process(MODEL, "--target", "ort-mobile", "-o", tmp_path / run / "m.ort")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert digest(a / "m.required_operators.config") == digest(b / "m.required_operators.config")
+    assert (a / "m.ort").stat().st_size == (b / "m.ort").stat().st_size
+    feeds = eval_inputs()
+    first, second = ort_format_outputs(a / "m.ort", feeds), ort_format_outputs(b / "m.ort", feeds)
+    assert all(np.array_equal(first[k], second[k]) for k in first)
