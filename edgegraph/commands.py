@@ -47,7 +47,9 @@ def run(args, *, debug: bool = False) -> int:
     # One line per stage on stdout, between the header and the summary, where no progress bar
     # can show that work is going on (stderr is not a terminal: CI logs, pipes).
     stages = None
-    if args.command_name in ("opt", "lower") and not args.quiet and not is_terminal(sys.stderr):
+    # `lower` has no progress bars: its stage lines show on a terminal too (a conversion takes minutes).
+    if args.command_name in ("opt", "lower") and not args.quiet and \
+            (args.command_name == "lower" or not is_terminal(sys.stderr)):
         stages = _StageHandler(sys.stdout)
         stages.setFormatter(logging.Formatter("  %(message)s"))
         STAGES.addHandler(stages)
