@@ -153,6 +153,15 @@ def _selftest() -> dict:
     return {"stage": "selftest", "refused": refused}
 
 
+def _described(exc: BaseException) -> str:
+    """The exception and where onnx2tf raised it (which op's converter: the file says)."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "onnx2tf" in f.filename]
+    where = f" (in {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
 def main() -> int:
     if OPTIONS.get("selftest"):
         with open(os.path.join(WORK, "result.json"), "w") as handle:
@@ -162,12 +171,12 @@ def main() -> int:
     try:
         path = _convert()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which says it in one line
-        result = {"stage": "convert", "error": f"{type(exc).__name__}: {exc}"}
+        result = {"stage": "convert", "error": _described(exc)}
     else:
         try:
             result = {"stage": "done", "tflite": path} | _run(path)
         except BaseException as exc:  # noqa: BLE001
-            result = {"stage": "run", "tflite": path, "error": f"{type(exc).__name__}: {exc}"}
+            result = {"stage": "run", "tflite": path, "error": _described(exc)}
     with open(os.path.join(WORK, "result.json"), "w") as handle:
         json.dump(result, handle)
     return 0
