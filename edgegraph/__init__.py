@@ -25,7 +25,7 @@ _EXPORTS = {
     "load_target": "edgegraph.targets",
     "as_calibration": "edgegraph.api", "check_samples": "edgegraph.api", "image_preprocess_for": "edgegraph.api",
     "make_context": "edgegraph.api", "optimize": "edgegraph.api", "check": "edgegraph.api", "parse_passes": "edgegraph.api",
-    "merge_models": "edgegraph.api",
+    "merge_models": "edgegraph.api", "lower": "edgegraph.api",
 }
 
 __all__ = sorted(_EXPORTS)

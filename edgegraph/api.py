@@ -1,4 +1,4 @@
-"""The library calls behind `edgegraph opt`: calibration data, pass lists, contexts, `optimize`."""
+"""The library calls behind `edgegraph opt` and `lower`: calibration data, pass lists, contexts, `optimize`, `lower`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import onnx
 from edgegraph.checks import flag, input_shapes, whole_number
 from edgegraph.context import CalibrationData, ImagePreprocess, PassContext, VerifyConfig
 from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
+from edgegraph.files import files_in as files_of
 from edgegraph.ir import Model
 from edgegraph.modelio import load
 from edgegraph.pipeline import Pass, run_pipeline
@@ -242,3 +243,26 @@ def merge_models(models: Sequence, *, names: Sequence[str] | None = None,
                    min_sqnr=DEFAULT_MIN_SQNR_DB if min_sqnr is None else min_sqnr,
                    seed=whole_number(seed, "seed"), threads=whole_number(threads, "threads"))
     return result.model.to_proto(), result.report
+
+
+def lower(model: str | os.PathLike, target: str, output: str | os.PathLike, *, calib=None,
+          fix_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0, threads: int = 0,
+          min_sqnr: float | None = None, options: Mapping | None = None,
+          preprocess: ImagePreprocess | Mapping | None = None):
+    """Lower the model file `model` for `target` ("ort-mobile", "openvino", "tflite") into
+    `output` (and its companions: the ORT config, the OpenVINO .bin), after checking that the
+    result runs in the target's runtime and matches onnxruntime on `calib` (or seeded random
+    inputs) to `min_sqnr` dB (default 40, 20 for Q/DQ models). `options`: {"style": "runtime" |
+    "fixed"} for ort-mobile, {"precision": "f32" | "f16" | "bf16"} for openvino. Returns a
+    LowerResult (files, per-output metrics, notes); raises EdgegraphError for bad input or nodes
+    the target cannot run (exit 2), LoweringError (exit 1) when the result does not run or
+    match. Nothing is written on failure. What `edgegraph lower` runs."""
+    from edgegraph.lowering import lower as run_lowering
+
+    if not isinstance(model, str | os.PathLike):
+        raise EdgegraphError(f"model must be a path, got {type(model).__name__}")
+    shapes = input_shapes(fix_shapes) if fix_shapes is not None else {}
+    seed, threads = whole_number(seed, "seed"), whole_number(threads, "threads")
+    protect = files_of(Path(calib)) if isinstance(calib, str | os.PathLike) else []
+    return run_lowering(model, target, output, calib=calib, fix_shapes=shapes, seed=seed, threads=threads,
+                        min_sqnr=min_sqnr, options=options, preprocess=preprocess, inputs_to_protect=protect)

@@ -1,4 +1,4 @@
-"""The `edgegraph` command: `opt`, `info`, `bench`, `check`, `merge`, `passes`.
+"""The `edgegraph` command: `opt`, `info`, `bench`, `check`, `merge`, `lower`, `passes`.
 
 Exit codes: 0 success; 2 a user error (bad file, pass, option or data: one line on stderr);
 1 an internal error (a pass crashed or broke the model: one line, `--debug` shows the
@@ -212,6 +212,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not check each task's outputs against its own model in onnxruntime")
     merge.add_argument("--quiet", action="store_true", help="print nothing but errors")
     merge.set_defaults(command_name="merge")
+
+
+    lower = commands.add_parser("lower", parents=[common], help="convert a model for a device runtime, checked in it",
+                                description="Lower an ONNX model to a device runtime's format (ort-mobile: ORT "
+                                            "format + reduced-operator config; openvino: OpenVINO IR; tflite: "
+                                            "TFLite), run it in that runtime and compare its outputs with "
+                                            "onnxruntime's; nothing is written unless they match.")
+    lower.add_argument("model", metavar="IN.onnx", nargs="?")
+    lower.add_argument("--target", metavar="T", help="ort-mobile, openvino or tflite")
+    lower.add_argument("-o", "--output", metavar="OUT", help="OUT.ort, OUT.xml (+ OUT.bin) or OUT.tflite")
+    lower.add_argument("--calib", metavar="DATA.npz|IMAGE_DIR", help="real inputs to compare on (default: seeded random)")
+    lower.add_argument("--fix-shape", metavar="NAME=DIMS", action="append", type=_fix_shape, default=[],
+                       help="make a dynamic input static first (repeatable)")
+    lower.add_argument("--min-sqnr", type=_finite, metavar="DB",
+                       help="worst-output SQNR vs onnxruntime to accept (default 40 dB, 20 for Q/DQ models)")
+    lower.add_argument("--precision", choices=["f32", "f16", "bf16"], default="f32", help="openvino: (default f32)")
+    lower.add_argument("--style", choices=["runtime", "fixed"], default="runtime",
+                       help="ort-mobile: optimisations saved for runtime (NNAPI/CoreML; default) or baked in")
+    lower.add_argument("--setup", choices=["tflite"],
+                       help="make the peer environment a target's converter runs in, and stop")
+    lower.add_argument("--seed", type=_non_negative, default=0, help="seed for random inputs")
+    lower.add_argument("--threads", type=_non_negative, default=0, help="runtime threads (0 = all cores)")
+    lower.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    lower.set_defaults(command_name="lower")
 
     passes = commands.add_parser("passes", parents=[common], help="list the available passes and their options")
     passes.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -1,4 +1,4 @@
-"""The work behind each command of `edgegraph`: `opt`, `info`, `bench`, `check`, `merge`, `passes`.
+"""The work behind each command of `edgegraph`: `opt`, `info`, `bench`, `check`, `merge`, `lower`, `passes`.
 
 `cli` parses the arguments and maps errors to exit codes; this module (and what it imports:
 onnx, onnxruntime) is only loaded once the arguments are known.
@@ -27,7 +27,9 @@ from edgegraph.stats import ModelStats
 from edgegraph.context import STAGES, PassContext, is_terminal
 from edgegraph.errors import NAME_LIMIT, EdgegraphError, ModelLoadError, one_line, shown
 from edgegraph.pipeline import check_specialisation, run_pipeline, specialise, verification_data
-from edgegraph.tables import format_bench, format_info, format_merge, format_opt_header, format_opt_summary
+from edgegraph.tables import (
+    format_bench, format_info, format_lower, format_merge, format_opt_header, format_opt_summary,
+)
 
 logger = logging.getLogger("edgegraph")
 
@@ -47,7 +49,9 @@ def run(args, *, debug: bool = False) -> int:
     # One line per stage on stdout, between the header and the summary, where no progress bar
     # can show that work is going on (stderr is not a terminal: CI logs, pipes).
     stages = None
-    if args.command_name in ("opt", "merge") and not args.quiet and not is_terminal(sys.stderr):
+    # `lower` has no progress bars: its stage lines show on a terminal too (a conversion takes minutes).
+    if args.command_name in ("opt", "merge", "lower") and not args.quiet and \
+            (args.command_name == "lower" or not is_terminal(sys.stderr)):
         stages = _StageHandler(sys.stdout)
         stages.setFormatter(logging.Formatter("  %(message)s"))
         STAGES.addHandler(stages)
@@ -403,6 +407,29 @@ def _merge_calibration(given: list[str], names: list[str]):
     return per_task
 
 
+
+
+def cmd_lower(args) -> int:
+    """`edgegraph lower IN.onnx --target T -o OUT` (or `--setup tflite`)."""
+    from edgegraph.lowering import tflite
+
+    if args.setup:
+        tflite.setup(log=(lambda line: None) if args.quiet else print)
+        return 0
+    missing = [flag for flag, value in (("IN.onnx", args.model), ("--target", args.target), ("-o", args.output))
+               if not value]
+    if missing:
+        raise EdgegraphError(f"lower needs {', '.join(missing)} (see 'edgegraph lower --help')")
+    if not args.quiet:
+        print(f"{args.model} -> {args.output} (lowering for {args.target})", flush=True)
+    result = edgegraph.lower(args.model, args.target, args.output, calib=args.calib, fix_shapes=_shapes(args),
+                             seed=args.seed, threads=args.threads, min_sqnr=args.min_sqnr,
+                             options={"precision": args.precision, "style": args.style})
+    if not args.quiet:
+        print(format_lower(result))
+    return 0
+
+
 def cmd_passes(args) -> int:
     described = [describe_pass(cls) for cls in edgegraph.list_passes()]
     if args.json:
@@ -458,4 +485,4 @@ def cmd_check(args) -> int:
 
 
 COMMANDS = {"opt": cmd_opt, "info": cmd_info, "bench": cmd_bench, "check": cmd_check, "merge": cmd_merge,
-            "passes": cmd_passes}
+            "lower": cmd_lower, "passes": cmd_passes}

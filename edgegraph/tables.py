@@ -216,4 +216,16 @@ def format_merge(report: dict) -> str:
             table.append([label, "-" if before[key] is None else show(before[key]),
                           "-" if after[key] is None else show(after[key]), _change(before[key], after[key])])
         lines += ["", *columns(table, "<>>>"), f"latency: {measured['latency_note']}"]
+
+
+def format_lower(result) -> str:
+    """The files a lowering wrote, and how its runtime's outputs agree with onnxruntime's."""
+    rows = [["output", "cosine", "SQNR dB", "max |error|", "of max |ref|"]]
+    for m in result.metrics.values():
+        rows.append([m.name, _cosine(m.cosine), _number(m.sqnr_db, 4), f"{m.max_abs:.3g}", f"{m.ref_max_abs:.3g}"])
+    lines = [f"wrote {', '.join(map(str, result.outputs))} in {result.seconds:.1f}s"]
+    lines += columns(rows, "<>>>>")
+    lines.append(f"({result.target} vs onnxruntime on {result.samples} sample(s) of {result.data}; "
+                 f"accepted from {result.min_sqnr_db:g} dB)")
+    lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)

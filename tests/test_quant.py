@@ -258,10 +258,12 @@ def test_convnet_has_per_channel_weights_int32_bias_and_no_dq_q_chains(convnet_r
         assert inits[bias_dq.input[0]].dtype == np.int32
         input_scale = inits[producers[conv.input[0]].input[1]]
         np.testing.assert_allclose(inits[bias_dq.input[1]], input_scale * inits[weight_dq.input[1]], rtol=1e-6)
-        # Zero points of 0 are left out where ORT's fusion allows it (the fusion test above)...
-        assert len(weight_dq.input) == len(bias_dq.input) == 2
+        # Every DQ names its zero point, all zeros here (ORT-format conversion needs it there)...
+        assert len(weight_dq.input) == len(bias_dq.input) == 3
+        assert not inits[weight_dq.input[2]].any() and not inits[bias_dq.input[2]].any()
+        assert inits[bias_dq.input[2]].dtype == np.int32
     gemm = next(n for n in graph.node if n.op_type == "Gemm")
-    assert len(producers[gemm.input[1]].input) == 3  # ... QGemm wants its weight's zero point
+    assert len(producers[gemm.input[1]].input) == 3  # ... QGemm's weight too
     # ... and shapes onnx can infer again are not stored.
     assert not graph.value_info
     for node in graph.node:

@@ -56,9 +56,11 @@ class QdqWriter:
     """Inserts Q/DQ nodes into `graph` following a plan; keeps graph output names.
 
     What it adds is named by a number per quantized tensor (`q7` codes, `s7` scale, `z7` zero
-    point, `dq7` dequantized; nodes `Q7` / `DQ7`) rather than after the tensor, and zero points
-    that are all 0 (ONNX's default) are omitted where runtimes allow it: with exporters' long
-    tensor names this bookkeeping was up to 8% of the fp32 file size (PP-OCR, DeepLab).
+    point, `dq7` dequantized; nodes `Q7` / `DQ7`) rather than after the tensor: with exporters'
+    long tensor names this bookkeeping was up to 8% of the fp32 file size (PP-OCR, DeepLab).
+    Every Q/DQ carries its zero point, even an all-zero one (ONNX's default): onnxruntime's
+    ORT-format conversion (the NNAPI/CoreML route) rejects a DequantizeLinear without it
+    ("sum of input arg count is not equal to size of input defs").
     """
 
     def __init__(self, graph: gs.Graph, wide_domain: str = ""):
@@ -76,15 +78,12 @@ class QdqWriter:
     def _number(self, tensor_name: str) -> int:
         return self._numbers.setdefault(tensor_name, len(self._numbers))
 
-    def params_inputs(self, params: QParams, number: int, zero_optional: bool = False) -> list[gs.Constant]:
-        """[scale] or [scale, zero point]: one set of initializers per QParams object, shared by its Q
-        and DQ. A zero point of all zeros is left out (ONNX's default) where `zero_optional`."""
+    def params_inputs(self, params: QParams, number: int) -> list[gs.Constant]:
+        """[scale, zero point]: one set of initializers per QParams object, shared by its Q and DQ."""
         key = id(params)  # the cache also holds `params`, so the id cannot be reused meanwhile
         if key not in self._param_consts:
-            consts = [ir.const(self.namer(f"s{number}"), np.asarray(params.scale, dtype=np.float32))]
-            zero = np.asarray(params.zero_point).astype(params.qtype.dtype)
-            if not (zero_optional and not zero.any() and self._domain(params) == ""):
-                consts.append(ir.const(self.namer(f"z{number}"), zero))
+            consts = [ir.const(self.namer(f"s{number}"), np.asarray(params.scale, dtype=np.float32)),
+                      ir.const(self.namer(f"z{number}"), np.asarray(params.zero_point).astype(params.qtype.dtype))]
             self._param_consts[key] = (params, consts)
         return self._param_consts[key][1]
 
@@ -135,10 +134,7 @@ class QdqWriter:
             codes = numerics.quantize(values, params.scale, params.zero_point, params.qtype, params.axis)
         q = ir.const(self.namer(f"q{number}"), codes)
         out = gs.Variable(self.namer(f"dq{number}"), np.float32)
-        # Zero points stay wherever they are needed: an omitted one means uint8 for a Q, and ORT's
-        # QGemm fusion wants its weight's; int32 biases and Conv's int8 weights do without.
-        zero_optional = params.qtype.name == "int32" or (node.op == "Conv" and params.qtype.name == "int8")
-        inputs = [q, *self.params_inputs(params, number, zero_optional)]
+        inputs = [q, *self.params_inputs(params, number)]
         self.node("DequantizeLinear", f"DQ{number}", inputs, out, params)
         while len(node.inputs) <= index:
             node.inputs.append(gs.Variable.empty())

@@ -1,0 +1,173 @@
+"""Benchmark (the lowering half of #13's bench_targets): every lowering on the shared models.
+
+    python tools/bench_lower.py [--targets ort-mobile,openvino,tflite] [--models mnist,...] [--json out.json]
+
+For each of the 15 models in ../shared/models, plus edgegraph's int8 (`cleanup,quant`, 64
+calibration inputs) versions of three of them (cifar10, mnist, ppocr_cls), and each target:
+`edgegraph.lower` on 4 real inputs (preprocessed per ../shared/models/MANIFEST.md; the reference
+input where the manifest stores one), and where it stops:
+
+  converts   the converter made the artifact
+  runs       it runs in the target's runtime (onnxruntime / OpenVINO CPU / LiteRT interpreter)
+  matches    its outputs match onnxruntime's on the ONNX model: worst-output SQNR >= 40 dB for
+             float models, >= 20 dB for Q/DQ models (`edgegraph lower`'s defaults)
+
+Columns: the result per target (`ok` with the worst SQNR, or the stage that failed and why) and the
+seconds the lowering took. Models whose failure needs a `legalize` rewrite are named in the
+summary (see the report). Nothing here is timed for speed, so a loaded machine only slows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import edgegraph  # noqa: E402
+from edgegraph.errors import EdgegraphError, one_line  # noqa: E402
+from edgegraph.lowering import LoweringError, SAMPLES  # noqa: E402
+from fixtures import quant as data_fixtures  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+MODELS, DATA = SHARED / "models", SHARED / "data"
+IMAGES = DATA / "misc_images"
+TARGETS = ("ort-mobile", "openvino", "tflite")
+QUANTIZED = ("cifar10", "mnist", "ppocr_cls")  # edgegraph's int8 versions of these are benchmarked too
+CALIB = 64
+
+
+def _reference(path: str) -> dict:
+    with np.load(MODELS / path) as archive:
+        return {k.removeprefix("input__"): archive[k] for k in archive.files if k.startswith("input__")}
+
+
+# name -> (model path, how to get its inputs: () -> {input: N x ... array} | (image folder, preprocess))
+CASES = {
+    "squeezenet_fp16": ("squeezenet1.0_imagenet_fp16/SqueezeNet_fp16.onnx",
+                        lambda n: {"data_0": data_fixtures.squeezenet_inputs(DATA, 0, n)}),
+    "mnist": ("mnist_cntk/mnist.onnx", lambda n: {"Input3": data_fixtures.mnist(DATA, n)[0]}),
+    "cifar10": ("cifar10_cnn_pytorch_tutorial/ImageClassifier.onnx",
+                lambda n: {"modelInput": data_fixtures.cifar10(DATA)[0][:n]}),
+    "candy": ("style_transfer_candy/candy.onnx",
+              (IMAGES, {"size": (720, 720), "resize": None, "scale": 1.0, "mean": (0.0,) * 3, "std": (1.0,) * 3})),
+    "yolox_nano": ("yolox_nano_coco/yolox_nano.onnx", lambda n: {"images": data_fixtures.yolox_inputs(DATA, 0, n)}),
+    "person_detector": ("lightweight_person_detector/model.onnx",
+                        lambda n: _reference("lightweight_person_detector/model.reference_io.npz")),
+    "yunet": ("yunet_face_detection/face_detection_yunet_120x160.onnx",
+              lambda n: _reference("yunet_face_detection/face_detection_yunet_120x160.reference_io.npz")),
+    "deeplab": ("deeplabv3_mobilenetv2_tf2onnx/deeplab_v3_1_default_1.onnx",
+                lambda n: {"sub_7": data_fixtures.deeplab_inputs(DATA, 0, n)}),
+    "road_segmentation": ("road_segmentation_adas_0001_tf2onnx/model_float32.onnx",
+                          (IMAGES, {"size": (512, 896), "resize": None, "layout": "NHWC", "channels": "BGR",
+                                    "scale": 1.0, "mean": (0.0,) * 3, "std": (1.0,) * 3})),
+    "agllnet_256": ("agllnet_lowlight_tf2onnx/model_float32_256x256.onnx",
+                    (IMAGES, {"resize": None, "scale": 1 / 255, "mean": (0.0,) * 3, "std": (1.0,) * 3})),
+    "agllnet_384x512": ("agllnet_lowlight_tf2onnx/model_float32_384x512.onnx",
+                        (IMAGES, {"resize": None, "scale": 1 / 255, "mean": (0.0,) * 3, "std": (1.0,) * 3})),
+    "ppocr_det": ("ppocr_v4_paddle2onnx/ch_PP-OCRv4_det_infer.onnx",
+                  lambda n: _reference("ppocr_v4_paddle2onnx/ch_PP-OCRv4_det_infer.reference_io.npz")),
+    "ppocr_rec": ("ppocr_v4_paddle2onnx/ch_PP-OCRv4_rec_infer.onnx",
+                  lambda n: _reference("ppocr_v4_paddle2onnx/ch_PP-OCRv4_rec_infer.reference_io.npz")),
+    "ppocr_cls": ("ppocr_v4_paddle2onnx/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                  lambda n: {"x": data_fixtures.text_line_inputs(DATA, n)[0]}),
+    "minilm": ("minilm_l6_v2_int8/model.onnx",
+               lambda n: _reference("minilm_l6_v2_int8/model.reference_io.npz")),
+}
+
+
+def inputs(name: str, folder: Path, count: int) -> tuple[str, dict | None]:
+    """(what `lower`'s calib is: an .npz path or an image folder, the image preprocessing)."""
+    source = CASES[name][1]
+    if isinstance(source, tuple):
+        return str(source[0]), source[1]
+    path = folder / f"{name}_inputs.npz"
+    np.savez(path, **source(count))
+    return str(path), None
+
+
+def quantized(name: str, folder: Path) -> Path:
+    """edgegraph's int8 model (`cleanup,quant` on CALIB real inputs), made once."""
+    path = folder / f"{name}_int8.onnx"
+    calib = CASES[name][1](CALIB + SAMPLES)
+    train = {k: v[:CALIB] for k, v in calib.items()}
+    proto = edgegraph.optimize(str(MODELS / CASES[name][0]), "cleanup,quant", calib=train, timing=False)
+    import onnx
+
+    onnx.save(proto, str(path))
+    np.savez(folder / f"{name}_int8_inputs.npz", **{k: v[CALIB:] for k, v in calib.items()})
+    return path
+
+
+def lower_one(model: Path, target: str, calib: str, preprocess, folder: Path) -> dict:
+    suffix = {"ort-mobile": ".ort", "openvino": ".xml", "tflite": ".tflite"}[target]
+    out = folder / f"{model.stem}.{target}{suffix}"
+    start = time.perf_counter()
+    try:
+        result = edgegraph.lower(str(model), target, out, calib=calib, preprocess=preprocess)
+    except LoweringError as exc:
+        return {"stage": exc.stage, "why": one_line(exc), "seconds": time.perf_counter() - start}
+    except EdgegraphError as exc:
+        return {"stage": "refused", "why": one_line(exc), "seconds": time.perf_counter() - start}
+    worst = min(m.sqnr_db for m in result.metrics.values())
+    return {"stage": "ok", "sqnr_db": worst, "seconds": time.perf_counter() - start, "notes": result.notes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--models", default=",".join([*CASES, *(f"{q}_int8" for q in QUANTIZED)]))
+    parser.add_argument("--json", help="write the rows as JSON")
+    args = parser.parse_args()
+    if not MODELS.is_dir():
+        raise SystemExit(f"{MODELS} not found: the real models live in ../shared next to the repo")
+    targets = args.targets.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-lower-") as tmp:
+        folder = Path(tmp)
+        for name in args.models.split(","):
+            base = name.removesuffix("_int8")
+            if name.endswith("_int8"):
+                model = quantized(base, folder)
+                calib, preprocess = str(folder / f"{base}_int8_inputs.npz"), None
+            else:
+                model = MODELS / CASES[name][0]
+                calib, preprocess = inputs(name, folder, SAMPLES)
+            row = {"model": name}
+            for target in targets:
+                row[target] = lower_one(model, target, calib, preprocess, folder)
+                cell = row[target]
+                print(f"{name:18} {target:10} {cell['stage']:8} {cell.get('sqnr_db', float('nan')):7.1f} dB "
+                      f"{cell['seconds']:6.1f}s {cell.get('why', '')[:400]}", flush=True)
+            rows.append(row)
+    print()
+    summary(rows, targets)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=str) + "\n")
+
+
+def summary(rows: list[dict], targets: list[str]) -> None:
+    for group, label in ((lambda r: not r["model"].endswith("_int8"), "float"),
+                         (lambda r: r["model"].endswith("_int8"), "edgegraph int8")):
+        chosen = [r for r in rows if group(r)]
+        if not chosen:
+            continue
+        for target in targets:
+            cells = [r[target] for r in chosen]
+            converts = sum(c["stage"] in ("run", "match", "ok") for c in cells)
+            runs = sum(c["stage"] in ("match", "ok") for c in cells)
+            matches = sum(c["stage"] == "ok" for c in cells)
+            failed = [f"{r['model']} ({r[target]['stage']})" for r in chosen if r[target]["stage"] != "ok"]
+            print(f"{label:15} {target:10} converts {converts}/{len(cells)}  runs {runs}/{len(cells)}  "
+                  f"matches {matches}/{len(cells)}" + (f"   not: {', '.join(failed)}" if failed else ""))
+
+
+if __name__ == "__main__":
+    main()
