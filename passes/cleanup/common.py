@@ -364,20 +364,36 @@ class GraphPass(Pass):
         return PassResult(modified=sum(total.values()) > 0, stats=dict(sorted(total.items())))
 
 
-def apply_first_rule(rules, owner: GraphPass, graph: gs.Graph, node: gs.Node, opset: int) -> str | None:
-    """Apply the first of `rules` that rewrites `node`; returns its counter key, or None.
+@dataclass(frozen=True)
+class NoMatch:
+    """Why a rule left a node alone (a rule's "no" with its reason). Falsy, so that a driver's
+    `if applied:` reads the same for a rule that says why and one that just returns None."""
 
-    A rule returns a key when it changed the graph. Exporters produce attribute forms a rule
-    may not expect; the exceptions that raises count as "no match" rather than a failed pass.
+    reason: str
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def apply_first_rule(rules, owner: GraphPass, graph: gs.Graph, node: gs.Node, opset: int) -> str | NoMatch:
+    """Apply the first of `rules` that rewrites `node`: returns its counter key, else a NoMatch
+    giving each rule's reason.
+
+    A rule returns a key when it changed the graph, and a NoMatch (or None, "pattern not
+    found") when it did not. A rule checks the forms it handles and says no to the others;
+    an exception it raises is a bug and propagates (it is not a "no match").
     """
+    reasons = []
     for rule in rules:
-        try:
-            applied = rule(owner, graph, node, opset)
-        except (TypeError, ValueError, IndexError, KeyError):
-            applied = None
+        applied = rule(owner, graph, node, opset)
         if applied:
             return applied
-    return None
+        why = applied.reason if isinstance(applied, NoMatch) else "pattern not found"
+        reasons.append(f"{getattr(rule, '__name__', 'rule')}: {why}")
+    return NoMatch("; ".join(reasons) if reasons else f"no rule for {node.op}")
 
 
 class Names:
