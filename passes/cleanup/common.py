@@ -351,6 +351,7 @@ class GraphPass(Pass):
         # a copy made for this run, so the pass object itself stays immutable.
         run = copy.copy(self)
         object.__setattr__(run, "names", Names(model))
+        object.__setattr__(run, "target", getattr(ctx, "target", None))  # (None: run outside a pipeline)
         return run._run(model)
 
     def _run(self, model: ir.Model) -> PassResult:
@@ -394,6 +395,37 @@ def apply_first_rule(rules, owner: GraphPass, graph: gs.Graph, node: gs.Node, op
         why = applied.reason if isinstance(applied, NoMatch) else "pattern not found"
         reasons.append(f"{getattr(rule, '__name__', 'rule')}: {why}")
     return NoMatch("; ".join(reasons) if reasons else f"no rule for {node.op}")
+
+
+def target_lacks(target, node: gs.Node, model: ir.Model) -> str | None:
+    """Why `target` (a profile, or None for "no target") cannot run `node`, else None.
+
+    A profile that judges nodes (`unsupported(node, model)`: opset, dtype, rank, attribute
+    limits) is asked; a plain op list (`ops`, empty meaning "everything") is read otherwise.
+    """
+    if target is None:
+        return None
+    judge = getattr(target, "unsupported", None)
+    if callable(judge):
+        return judge(node, model)
+    ops = getattr(target, "ops", None)
+    if ops and node.op not in ops:
+        return f"{node.op} is not among {getattr(target, 'name', 'the target')}'s ops"
+    return None
+
+
+def target_lacks_op(target, op: str, attrs: dict, inputs: Sequence[gs.Tensor], model: ir.Model) -> str | None:
+    """`target_lacks` for a node not yet made (would a fusion into `op` run on the target?).
+    The probe node is unlinked from `inputs` again before returning."""
+    if target is None:
+        return None
+    probe = gs.Node(op, name=f"{op}_probe", attrs=dict(attrs), inputs=list(inputs),
+                    outputs=[gs.Variable(f"{op}_probe_out", dtype=inputs[0].dtype, shape=inputs[0].shape)])
+    try:
+        return target_lacks(target, probe, model)
+    finally:
+        probe.inputs.clear()
+        probe.outputs.clear()
 
 
 class Names:

@@ -1,0 +1,114 @@
+"""legalize: rewrite the ops a deployment target lacks into ops it runs.
+
+Each rewrite is a small rule registered by the op it replaces (`rules.REWRITES`; the modules
+below register them on import). The pass asks, for every node, whether it must go: listed in
+the `ops` option, or (with `--target`) not run by the target's profile. It then runs the rules
+for that op through cleanup's rule driver, which returns either what was done or why no rule
+applies; what could not be rewritten is reported (stats, details, one warning), never hidden.
+
+Rewrites are exact up to float rounding (Erf: a rational approximation within a few float32
+units), so the manager verifies the result like any exact pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from edgegraph import ir
+from edgegraph.errors import PassOptionError
+from edgegraph.passbase import Pass, PassResult, option, settle
+from edgegraph.registry import register_pass
+
+from ..cleanup.common import Names, NoMatch, apply_first_rule, graphs, is_standard, live_nodes, reinfer_shapes, target_lacks
+from ..quant.prepare import upgrade_opset
+from . import activations, legacy, norms, shapes  # noqa: F401 - importing registers the rewrites
+from .rules import REWRITES
+
+logger = logging.getLogger(__name__)
+
+# A rewrite may produce an op the target lacks too (Gelu -> Erf): a few rounds rewrite those.
+ROUNDS = 4
+SHOWN = 5  # nodes named in the "could not rewrite" warning
+
+
+@register_pass
+@dataclass(frozen=True)
+class Legalize(Pass):
+    """Rewrite the nodes the target cannot run (with `--target`), or those of the op types in
+    `ops`, into equivalent ops: HardSigmoid/HardSwish -> Mul/Add/Clip, Gelu/Erf/Mish/Softplus/
+    Swish -> elementwise ops, Layer/Group/InstanceNormalization -> ReduceMean/Sub/Div, Einsum ->
+    Transpose/Reshape/MatMul, Space/DepthToSpace -> Reshape/Transpose, Upsample -> Resize
+    (asymmetric), opset < 13 Softmax on N-D -> Flatten/Softmax/Reshape, ImageScaler/Crop/Affine
+    -> Mul/Add/Slice, Gather with constant negative indices -> positive ones.
+
+    `opset` converts the model first (onnx's version converter, through quant's
+    `upgrade_opset`, which keeps Upsample's coordinates). Nodes that must go but that no rule
+    can rewrite are listed in the details (`not_rewritten`, with the reason) and in a warning.
+    """
+
+    name = "legalize"
+    summary = "Rewrite ops the target lacks (or those listed in ops) into ops it runs; optional opset conversion."
+    exact = True
+
+    ops: list[str] = option([], "op types to rewrite whatever the target runs, e.g. [HardSigmoid, Erf]")
+    opset: int = option(0, "convert the model to this ai.onnx opset first (up or down); 0 keeps its opset")
+
+    def __post_init__(self):
+        self.check(self.opset == 0 or 7 <= self.opset, "legalize: opset must be 0 (keep) or at least 7")
+        unknown = sorted(set(self.ops) - set(REWRITES))
+        self.check(not unknown, f"legalize: no rewrite for {', '.join(unknown)} (rewrites: {', '.join(sorted(REWRITES))})")
+
+    def run(self, model: ir.Model, ctx=None) -> PassResult:
+        stats: Counter = Counter()
+        if self.opset and self.opset != model.opset:
+            before = model.opset
+            converted = upgrade_opset(model, self.opset, down=True)
+            if converted is None:
+                raise PassOptionError(f"legalize: onnx cannot convert this model from opset {before} to {self.opset}")
+            model.graph = converted.graph
+            stats[f"opset {before}->{self.opset}"] = 1
+        run = copy.copy(self)  # what a run makes lives on this copy: the pass object stays immutable
+        object.__setattr__(run, "names", Names(model))
+        object.__setattr__(run, "created", set())  # ids of nodes rewrites made (not rewritten again)
+        target = getattr(ctx, "target", None)
+        left: dict[int, dict] = {}
+        for _ in range(ROUNDS):
+            changed = False
+            left = {}
+            for graph in graphs(model.graph):
+                opset = int(graph.opset or model.opset)
+                for node in live_nodes(graph):
+                    why = run._must_go(node, model, target)
+                    if why is None:
+                        continue
+                    applied = (apply_first_rule(REWRITES.get(node.op, ()), run, graph, node, opset)
+                               if is_standard(node) else NoMatch(f"custom domain {node.domain}"))
+                    if applied:
+                        stats[applied] += 1
+                        changed = True
+                    else:
+                        left[id(node)] = {"node": node.name, "op": node.op, "why": why, "not_rewritten": applied.reason}
+            if not changed:
+                break
+            settle(model)
+            reinfer_shapes(model)  # later rules need the ranks and dtypes of the tensors made here
+        not_rewritten = sorted(left.values(), key=lambda d: (d["op"], d["node"]))
+        if not_rewritten:
+            shown = ", ".join(f"{d['node'] or '?'} ({d['op']}: {d['not_rewritten']})" for d in not_rewritten[:SHOWN])
+            more = f" and {len(not_rewritten) - SHOWN} more" if len(not_rewritten) > SHOWN else ""
+            logger.warning("legalize: %d node(s) could not be rewritten: %s%s", len(not_rewritten), shown, more)
+            stats["not_rewritten"] = len(not_rewritten)
+        modified = any(k != "not_rewritten" for k in stats)
+        return PassResult(modified=modified, stats=dict(sorted(stats.items())),
+                          details={"not_rewritten": not_rewritten} if not_rewritten else {})
+
+    def _must_go(self, node, model: ir.Model, target) -> str | None:
+        """Why `node` has to be rewritten, or None to keep it."""
+        if node.op in self.ops:  # (not one a rewrite of this very op made: Softmax-7 -> Flatten/Softmax/Reshape)
+            return None if id(node) in self.created else f"{node.op} is listed in ops"
+        return target_lacks(target, node, model)
+
+__all__ = ["Legalize", "REWRITES"]
