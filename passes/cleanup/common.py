@@ -379,22 +379,28 @@ class NoMatch:
         return self.reason
 
 
+class Legal(NoMatch):
+    """A NoMatch meaning the node already has the form the rule would make (an opset-13
+    Softmax for the opset-7 Softmax rewrite): nothing is wrong with it."""
+
+
 def apply_first_rule(rules, owner: GraphPass, graph: gs.Graph, node: gs.Node, opset: int) -> str | NoMatch:
     """Apply the first of `rules` that rewrites `node`: returns its counter key, else a NoMatch
     giving each rule's reason.
 
     A rule returns a key when it changed the graph, and a NoMatch (or None, "pattern not
-    found") when it did not. A rule checks the forms it handles and says no to the others;
+    found") when it did not; when every rule says Legal, so does the result. A rule checks the forms it handles and says no to the others;
     an exception it raises is a bug and propagates (it is not a "no match").
     """
-    reasons = []
+    reasons, legal = [], bool(rules)
     for rule in rules:
         applied = rule(owner, graph, node, opset)
         if applied:
             return applied
         why = applied.reason if isinstance(applied, NoMatch) else "pattern not found"
+        legal &= isinstance(applied, Legal)
         reasons.append(f"{getattr(rule, '__name__', 'rule')}: {why}")
-    return NoMatch("; ".join(reasons) if reasons else f"no rule for {node.op}")
+    return (Legal if legal else NoMatch)("; ".join(reasons) if reasons else f"no rule for {node.op}")
 
 
 def target_lacks(target, node: gs.Node, model: ir.Model) -> str | None:

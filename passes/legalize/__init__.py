@@ -22,15 +22,17 @@ from edgegraph.errors import PassOptionError
 from edgegraph.passbase import Pass, PassResult, option, settle
 from edgegraph.registry import register_pass
 
-from ..cleanup.common import Names, NoMatch, apply_first_rule, graphs, is_standard, live_nodes, reinfer_shapes, target_lacks
+from ..cleanup.common import Legal, Names, NoMatch, apply_first_rule, graphs, is_standard, live_nodes, reinfer_shapes, target_lacks
 from ..quant.prepare import upgrade_opset
 from . import activations, legacy, norms, shapes  # noqa: F401 - importing registers the rewrites
 from .rules import REWRITES
 
 logger = logging.getLogger(__name__)
 
-# A rewrite may produce an op the target lacks too (Gelu -> Erf): a few rounds rewrite those.
-ROUNDS = 4
+# Rounds run until one changes nothing: a rewrite may produce an op the target lacks too (Gelu ->
+# Erf), and one of an op onnx cannot infer shapes through (Crop, ImageScaler) gives the nodes
+# after it the ranks and dtypes their rules need (candy: a round per Crop).
+ROUNDS = 32
 SHOWN = 5  # nodes named in the "could not rewrite" warning
 
 
@@ -89,10 +91,13 @@ class Legalize(Pass):
                     if applied:
                         stats[applied] += 1
                         changed = True
-                    else:
+                    elif not isinstance(applied, Legal):
                         left[id(node)] = {"node": node.name, "op": node.op, "why": why, "not_rewritten": applied.reason}
             if not changed:
                 break
+            # Rewrites add initializers that no graph input lists; before IR 4 (opset 7-8 exports:
+            # candy, SqueezeNet) every initializer had to be an input, or inference ignores it.
+            model.graph.ir_version = max(int(getattr(model.graph, "ir_version", None) or 0), 4)
             settle(model)
             reinfer_shapes(model)  # later rules need the ranks and dtypes of the tensors made here
         not_rewritten = sorted(left.values(), key=lambda d: (d["op"], d["node"]))

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..cleanup.common import value
-from .rules import Emit, NoMatch, float_input, rank_of, rewrites, static_shape
+from ..cleanup.common import shape_of, value
+from .rules import Emit, NoMatch, float_input, rank_of, rewrites
 
 _MAX_INT = np.iinfo(np.int64).max
 
 
 @rewrites("Upsample")
 def upsample(owner, graph, node, opset):
-    """Upsample maps output x to input x / scale (asymmetric), nearest rounding down.
+    """Upsample (opsets 7-9; deprecated from 10, where Resize replaces it) as onnxruntime
+    computes it: output o of a scaled axis reads input position p = min(o / scale, n - 1)
+    (asymmetric), nearest takes floor(p), linear mixes floor(p) and the next (clamped) by the
+    fraction of p. Each scaled axis (static size, constant scales) is a Gather at constant
+    positions (linear: two, mixed by constant weights).
 
-    Opset >= 11: Resize with coordinate_transformation_mode=asymmetric (and nearest_mode=floor),
-    which Resize's default half_pixel is not. Opset 10: Resize-10, asymmetric by definition.
-    Before opset 10 there is no Resize: nearest upsampling by whole factors of a static shape is
-    spelled Reshape/Tile/Reshape; anything else needs the opset raised first (legalize(opset=13)).
+    Upsample -> Resize is the opset conversion (`legalize(opset=11)`: onnx's converter plus
+    quant's fix that keeps the asymmetric coordinates Resize does not default to).
     """
     mode = node.attrs.get("mode", "nearest")
     if isinstance(mode, bytes):
@@ -27,43 +29,49 @@ def upsample(owner, graph, node, opset):
         return NoMatch(f"mode {mode!r}")
     mode = "linear" if mode == "bilinear" else mode
     scales = node.attrs.get("scales")
-    scales_tensor = node.inputs[1] if len(node.inputs) > 1 else None
-    if scales is None and scales_tensor is not None:
-        constant = value(scales_tensor)
+    if scales is None and len(node.inputs) > 1:
+        constant = value(node.inputs[1])
         scales = None if constant is None else [float(s) for s in constant.reshape(-1)]
-    if scales is None and scales_tensor is None:
-        return NoMatch("no scales")
-    if opset < 10:
-        return _upsample_by_tiling(owner, graph, node, opset, mode, scales)
-    e = Emit(owner, graph, node, None, opset)
-    x = e.take()[0]
-    scales_in = e.const(np.asarray(scales, np.float32)) if scales_tensor is None else scales_tensor
-    if opset == 10:
-        e("Resize", x, scales_in, mode=mode, out=e.outputs[0])
-    else:
-        roi = None if opset >= 13 else e.const(np.zeros(0, np.float32))
-        extra = {"nearest_mode": "floor"} if mode == "nearest" else {}
-        e("Resize", x, roi, scales_in, mode=mode, coordinate_transformation_mode="asymmetric", **extra,
-          out=e.outputs[0])
-    return f"Upsample({mode})->Resize"
+    return _upsample_by_gathering(owner, graph, node, opset, mode, scales)
 
 
-def _upsample_by_tiling(owner, graph, node, opset, mode, scales):
-    if mode != "nearest":
-        return NoMatch(f"{mode} Upsample before opset 10 (no Resize): raise the opset first, e.g. legalize(opset=13)")
-    shape = static_shape(node.inputs[0])
+def _upsample_by_gathering(owner, graph, node, opset, mode, scales):
+    """Upsample as onnxruntime computes it, one scaled axis at a time, with constant indices:
+    input position p = min(o / scale, n - 1) of output o; nearest takes floor(p), linear
+    mixes floor(p) and the next (clamped) by the fraction of p."""
+    shape = shape_of(node.inputs[0])
     if scales is None or shape is None or len(scales) != len(shape):
-        return NoMatch("before opset 10 this needs constant scales and a static input shape")
-    factors = [int(s) for s in scales]
-    if any(f != s or f < 1 for f, s in zip(factors, scales)):
-        return NoMatch(f"scales {scales} are not whole numbers (before opset 10 there is no Resize)")
-    e = Emit(owner, graph, node, None, opset)
-    x = e.take()[0]
-    # (d0, d1, ...) -> (d0, 1, d1, 1, ...) -> tiled (d0, f0, d1, f1, ...) -> (d0 f0, d1 f1, ...)
-    spread = e("Reshape", x, e.ints([v for d in shape for v in (d, 1)]))
-    tiled = e("Tile", spread, e.ints([v for f in factors for v in (1, f)]))
-    e("Reshape", tiled, e.ints([d * f for d, f in zip(shape, factors)]), out=e.outputs[0])
-    return "Upsample(nearest)->Reshape/Tile"
+        return NoMatch("needs constant scales and a known rank")
+    axes = [axis for axis, s in enumerate(scales) if s != 1.0]
+    if any(not isinstance(shape[axis], int) for axis in axes):
+        return NoMatch("the size of a scaled axis is not static")
+    if any(scales[axis] < 1.0 for axis in axes):
+        return NoMatch(f"scales {scales} shrink an axis")
+    dtype = None
+    if mode == "linear":
+        dtype = float_input(node)
+        if isinstance(dtype, NoMatch):
+            return dtype
+    e = Emit(owner, graph, node, dtype, opset)
+    y = e.take()[0]
+    for count, axis in enumerate(axes, 1):
+        size = shape[axis]
+        wanted = int(np.floor(size * scales[axis]))
+        position = np.minimum(np.arange(wanted, dtype=np.float32) / np.float32(scales[axis]), np.float32(size - 1))
+        low = position.astype(np.int64)
+        out = e.outputs[0] if count == len(axes) else None
+        if mode == "nearest":
+            y = e("Gather", y, e.ints(low), axis=axis, out=out)
+            continue
+        high = np.minimum(low + 1, size - 1)
+        # weights shaped to broadcast along `axis` (rank - axis - 1 trailing ones)
+        fraction = (position - low).astype(dtype).reshape([-1] + [1] * (len(shape) - axis - 1))
+        below = e("Mul", e("Gather", y, e.ints(low), axis=axis), e.const((1 - fraction).astype(dtype)))
+        above = e("Mul", e("Gather", y, e.ints(high), axis=axis), e.const(fraction))
+        y = e("Add", below, above, out=out)
+    if not axes:
+        e("Identity", y, out=e.outputs[0])
+    return f"Upsample({mode})->Gather" + ("/Mul/Add" if mode == "linear" else "")
 
 
 @rewrites("ImageScaler")
@@ -102,7 +110,7 @@ def crop(owner, graph, node, opset):
     if len(border) != 4 or min(border) < 0:
         return NoMatch(f"border {border} is not 4 non-negative values")
     rank = rank_of(node.inputs[0])
-    if rank != 4:
+    if rank not in (None, 4):  # (Crop is defined on NCHW; onnx infers no shapes through it)
         return NoMatch("needs a 4-D (NCHW) input")
     left, top, right, bottom = border
     scale = [int(s) for s in node.attrs.get("scale", [])]

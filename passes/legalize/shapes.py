@@ -8,6 +8,7 @@ import re
 import numpy as np
 
 from ..cleanup.common import dtype_of, shape_of, value
+from ..cleanup.common import Legal
 from .rules import Emit, NoMatch, rank_of, rewrites, static_shape
 
 
@@ -192,14 +193,14 @@ def coerced_softmax(owner, graph, node, opset):
     SqueezeNet: [1, 1000, 1, 1] over 1000 values; a runtime applying the opset-13 meaning works
     over the last axis, of size 1). Spelled out: Flatten(axis), op(axis=1), Reshape back."""
     if opset >= 13:
-        return NoMatch("opset >= 13: the op already works on one axis")
+        return Legal("opset >= 13: the op already works on one axis")
     rank = rank_of(node.inputs[0])
     if rank is None:
         return NoMatch("the input's rank is unknown")
     axis = int(node.attrs.get("axis", 1))
     axis = axis + rank if axis < 0 else axis
     if rank <= 2 or axis == rank - 1:
-        return NoMatch("2-D, or over the last axis: the same in every opset")
+        return Legal("2-D, or over the last axis: the same in every opset")
     e = Emit(owner, graph, node, None, opset)
     x = e.take()[0]
     flat = e(node.op, e("Flatten", x, axis=axis), axis=1)
@@ -216,7 +217,7 @@ def gather_negative_indices(owner, graph, node, opset):
     if indices is None:
         return NoMatch("indices are computed at run time")
     if not (indices < 0).any():
-        return NoMatch("no negative index")
+        return Legal("no negative index")
     shape = shape_of(node.inputs[0])
     axis = int(node.attrs.get("axis", 0))
     if shape is None or not isinstance(shape[axis], int):

@@ -1,0 +1,274 @@
+"""legalize: every rewrite proven on the ONNX backend node tests of the op it replaces and on the
+real models where the op appears; the rule driver's reasons; target-driven rewriting; opset
+conversion; fuse-activations leaving HardSigmoid/HardSwish out for a target that lacks them."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgegraph
+from edgegraph import ir, runtime
+from edgegraph.context import PassContext
+from edgegraph.errors import PassOptionError
+from edgegraph.passbase import settle
+from edgegraph.passes.cleanup import FuseActivations
+from edgegraph.passes.cleanup.common import Legal, NoMatch, apply_first_rule
+from edgegraph.passes.legalize import REWRITES, Legalize
+from edgegraph.targets import Target
+
+from clihelp import run_cli
+from fixtures.legalize import hard_sigmoid_then_sigmoid
+from conftest import MODELS, REPO, require_shared
+from test_fuse_activations import hard_swish
+
+sys.path.insert(0, str(REPO / "tools"))
+import bench_legalize  # noqa: E402
+
+# The rewrites the backend node tests can prove (each must match on at least one case).
+PROVEN_ON_NODE_TESTS = {
+    "DepthToSpace", "Einsum", "Erf", "Gather", "Gelu", "GroupNormalization", "HardSigmoid", "HardSwish",
+    "InstanceNormalization", "LayerNormalization", "Mish", "Softplus", "SpaceToDepth", "Swish",
+}
+# Cases a rule declines, and why (anything else declined is a regression).
+DECLINED = {
+    ("Einsum", "repeated index"),  # test_einsum_batch_diagonal: '...ii->...i' is no MatMul
+    ("Upsample", "needs constant scales"),  # test_upsample_nearest feeds scales as an input (opset 9)
+    ("Gather", "indices are computed at run time"),  # cannot know whether they are negative
+}
+
+
+def _run(proto, feeds):
+    return runtime.run(runtime.session(proto, threads=1, optimize=False), feeds)
+
+
+def _legalize(proto, ops, *, target=None, opset=0):
+    model = ir.load(proto)
+    ctx = PassContext(progress=False, target=target) if target is not None else None
+    result = Legalize(ops=ops, opset=opset).run(model, ctx)
+    if result.modified:
+        settle(model)
+    return model.to_proto(), result
+
+
+def _ops(proto) -> Counter:
+    return Counter(n.op_type for n in proto.graph.node)
+
+
+# --- the backend node tests --------------------------------------------------------------------
+
+def test_every_rewrite_matches_the_backend_node_tests_of_its_op(backend_node_cases):
+    results = bench_legalize.node_case_results(backend_node_cases)
+    broken = [f"{r.name} ({r.op}): {r.detail}" for r in results if r.status in ("differs", "broken")]
+    assert not broken, "\n".join(broken)
+    matched = Counter(r.op for r in results if r.status == "matches")
+    assert PROVEN_ON_NODE_TESTS <= set(matched), PROVEN_ON_NODE_TESTS - set(matched)
+    assert sum(matched.values()) >= 52  # measured: 52 cases rewritten, all matching
+    unexpected = [f"{r.name} ({r.op}): {r.detail}" for r in results if r.status == "declined"
+                  and not any(op == r.op and phrase in r.detail for op, phrase in DECLINED)]
+    assert not unexpected, "\n".join(unexpected)
+    # opset-13 Softmax/LogSoftmax/Hardmax are already in the form the opset-7 rewrite makes
+    assert all(r.status == "legal" for r in results if r.op in ("Softmax", "LogSoftmax", "Hardmax")
+               and r.status != "skipped")
+
+
+def test_upsample_node_test_with_constant_scales_matches(backend_node_cases):
+    """test_upsample_nearest (opset 9, no Resize yet) with its scales given as an initializer."""
+    case = next(c for c in backend_node_cases if c.name == "test_upsample_nearest")
+    (x, scales), (expected,) = case.data_sets[0]
+    proto = onnx.ModelProto()
+    proto.CopyFrom(case.model)
+    del proto.graph.input[1]
+    proto.graph.initializer.append(numpy_helper.from_array(scales, proto.graph.node[0].input[1]))
+    rewritten, result = _legalize(proto, ["Upsample"])
+    assert result.stats == {"Upsample(nearest)->Gather": 1}
+    assert "Upsample" not in _ops(rewritten)
+    np.testing.assert_array_equal(_run(rewritten, {"X": x})["Y"], expected)
+
+
+def _upsample_model(opset: int, mode: str, scales) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    if opset < 9:  # scales were an attribute before opset 9
+        graph = helper.make_graph([helper.make_node("Upsample", ["x"], ["y"], mode=mode, scales=list(map(float, scales)))],
+                                  "up", [x], [y])
+    else:
+        scale = numpy_helper.from_array(np.asarray(scales, np.float32), "scales")
+        graph = helper.make_graph([helper.make_node("Upsample", ["x", "scales"], ["y"], mode=mode)], "up", [x], [y],
+                                  [scale])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return model
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("scales", [[1, 1, 2.5, 2], [1, 1, 1, 3]])
+def test_upsample_becomes_gathers_with_the_same_outputs(opset, mode, scales):
+    """Upsample is asymmetric (nearest rounds down), as onnxruntime runs it; whole or fractional scales."""
+    proto = _upsample_model(opset, mode, scales)
+    rewritten, result = _legalize(proto, ["Upsample"])
+    assert result.modified and "Upsample" not in _ops(rewritten) and "Gather" in _ops(rewritten)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 2, 3, 5)).astype(np.float32)}
+    np.testing.assert_allclose(_run(rewritten, feeds)["y"], _run(proto, feeds)["y"], rtol=1e-6, atol=1e-6)
+
+
+def _coerced_softmax(op: str, opset: int, axis: int) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 5])
+    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"], axis=axis)], "sm", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return model
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax", "Hardmax"])
+@pytest.mark.parametrize(("opset", "axis"), [(7, 1), (11, 2), (11, -3), (12, 0)])
+def test_opset_7_softmax_on_4d_becomes_flatten_softmax_reshape(op, opset, axis):
+    proto = _coerced_softmax(op, opset, axis)
+    rewritten, result = _legalize(proto, [op])
+    assert result.stats == {f"{op}-{opset}->Flatten/{op}/Reshape": 1}
+    assert _ops(rewritten)["Flatten"] == 1 and _ops(rewritten)[op] == 1
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 4, 5)).astype(np.float32)}
+    np.testing.assert_allclose(_run(rewritten, feeds)["y"], _run(proto, feeds)["y"], rtol=1e-6, atol=1e-7)
+    again, second = _legalize(rewritten, [op])  # the Softmax it made is legal: nothing reported
+    assert not second.modified and not second.details
+
+
+# --- the real models ---------------------------------------------------------------------------
+
+REAL = [
+    ("ppocr_v4_paddle2onnx/ch_ppocr_mobile_v2.0_cls_infer.onnx", ["HardSigmoid"], 0),
+    ("minilm_l6_v2_int8/model.onnx", ["Erf", "LayerNormalization"], 0),
+    ("style_transfer_candy/candy.onnx", ["ImageScaler", "Crop", "Affine", "InstanceNormalization"], 0),
+    ("deeplabv3_mobilenetv2_tf2onnx/deeplab_v3_1_default_1.onnx", ["Upsample"], 0),
+    ("deeplabv3_mobilenetv2_tf2onnx/deeplab_v3_1_default_1.onnx", ["Upsample"], 11),
+    ("squeezenet1.0_imagenet_fp16/SqueezeNet_fp16.onnx", ["Softmax"], 0),
+]
+
+
+@pytest.mark.parametrize(("name", "ops", "opset"), REAL, ids=[f"{n.split('/')[0]}-{o}" for n, _, o in REAL])
+def test_real_models_lose_the_ops_and_keep_their_outputs(name, ops, opset):
+    path = require_shared(MODELS / name)
+    row = bench_legalize.model_result(path, ops, opset=opset)
+    assert row["within_tolerance"], row["max_abs_diff"]
+    assert not row["not_rewritten"], row["not_rewritten"]
+    for op, (before, after) in row["op_nodes"].items():
+        assert before > 0
+        # (the opset-7 Softmax rewrite makes an opset-7 Softmax of a 2-D tensor)
+        assert after == (before if op == "Softmax" else 0), (op, before, after)
+    assert row["rewrites"]
+
+
+# --- the rule driver -------------------------------------------------------------------------
+
+def test_rule_driver_returns_each_rules_reason_and_lets_errors_through():
+    def never(owner, graph, node, opset):
+        return NoMatch("wrong phase of the moon")
+
+    def silent(owner, graph, node, opset):
+        return None
+
+    def fine(owner, graph, node, opset):
+        return Legal("already fine")
+
+    def buggy(owner, graph, node, opset):
+        return node.attrs["missing"]  # a bug, not a "no match"
+
+    node = ir.load(_coerced_softmax("Softmax", 13, -1)).graph.nodes[0]
+    result = apply_first_rule([never, silent], None, None, node, 13)
+    assert not result and isinstance(result, NoMatch) and not isinstance(result, Legal)
+    assert result.reason == "never: wrong phase of the moon; silent: pattern not found"
+    assert isinstance(apply_first_rule([fine], None, None, node, 13), Legal)
+    with pytest.raises(KeyError):
+        apply_first_rule([never, buggy], None, None, node, 13)
+
+
+def test_what_cannot_be_rewritten_is_reported(caplog):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])
+    graph = helper.make_graph([helper.make_node("Einsum", ["x"], ["y"], name="diag", equation="...ii->...i")],
+                              "g", [x], [y])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    _, result = _legalize(proto, ["Einsum"])
+    assert not result.modified and result.stats == {"not_rewritten": 1}
+    (left,) = result.details["not_rewritten"]
+    assert left["node"] == "diag" and "repeated index" in left["not_rewritten"]
+    assert "could not be rewritten: diag (Einsum" in caplog.text
+
+
+def test_unknown_op_is_refused_in_one_line(capsys, tmp_path):
+    assert REWRITES and "Conv" not in REWRITES
+    with pytest.raises(PassOptionError, match="no rewrite for Conv"):
+        Legalize(ops=["Conv"])
+    path = tmp_path / "m.onnx"
+    onnx.save(_coerced_softmax("Softmax", 13, -1), path)
+    code, out, err = run_cli(capsys, "opt", str(path), "-p", "legalize(ops=[Conv])", "-o", str(tmp_path / "o.onnx"))
+    assert code == 2 and "no rewrite for Conv" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+# --- targets ----------------------------------------------------------------------------------
+
+class _LacksHardSigmoid:
+    """A stand-in of a target profile (`Profile.unsupported(node, model_context)`)."""
+
+    name = "stand-in"
+
+    def unsupported(self, node, model):
+        return "no HardSigmoid here" if node.op == "HardSigmoid" else None
+
+
+@pytest.mark.parametrize("target", [_LacksHardSigmoid(), Target("list", "", frozenset({"Sigmoid", "Mul", "Add", "Clip"}),
+                                                                  frozenset())])
+def test_with_a_target_only_what_it_lacks_is_rewritten(target):
+    proto = hard_sigmoid_then_sigmoid()
+    rewritten, result = _legalize(proto, [], target=target)
+    assert result.stats == {"HardSigmoid->Mul/Add/Clip": 1}
+    assert _ops(rewritten) == Counter({"Mul": 1, "Add": 1, "Clip": 1, "Sigmoid": 1})
+    feeds = {"x": np.linspace(-5, 5, 16, dtype=np.float32).reshape(2, 8)}
+    np.testing.assert_allclose(_run(rewritten, feeds)["y"], _run(proto, feeds)["y"], rtol=1e-6)
+    # the default target (cpu: every op) keeps everything
+    assert not _legalize(proto, [], target=edgegraph.api.load_target("cpu"))[1].modified
+
+
+def test_opset_conversion_down_and_up_keeps_outputs():
+    proto = _coerced_softmax("Softmax", 13, -1)
+    down, result = _legalize(proto, [], opset=11)
+    assert result.stats == {"opset 13->11": 1} and down.opset_import[0].version == 11
+    up, result = _legalize(down, [], opset=17)
+    assert up.opset_import[0].version == 17
+    feeds = {"x": np.random.default_rng(2).standard_normal((2, 3, 4, 5)).astype(np.float32)}
+    for other in (down, up):
+        np.testing.assert_allclose(_run(other, feeds)["y"], _run(proto, feeds)["y"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("lacks", "expected"), [
+    (set(), {"HardSwish"}), ({"HardSwish"}, {"HardSigmoid", "Mul"}), ({"HardSwish", "HardSigmoid"}, {"Clip"})])
+def test_fuse_activations_fuses_only_into_ops_the_target_runs(lacks, expected):
+    class Lacks:
+        name = "stand-in"
+
+        def unsupported(self, node, model):
+            return "lacks it" if node.op in lacks else None
+
+    proto = hard_swish(17)
+    model = ir.load(proto)
+    result = FuseActivations().run(model, PassContext(progress=False, target=Lacks()))
+    assert result.modified == (lacks != {"HardSwish", "HardSigmoid"})
+    settle(model)
+    assert expected <= set(_ops(model.to_proto())) and not (lacks & set(_ops(model.to_proto())))
+    feeds = {"x": np.linspace(-6, 6, 16, dtype=np.float32).reshape(2, 8)}
+    np.testing.assert_allclose(_run(model.to_proto(), feeds)["y"], _run(proto, feeds)["y"], rtol=1e-6, atol=1e-7)
+
+
+def test_legalize_runs_in_the_pipeline_with_verification(tmp_path):
+    """`edgegraph opt -p legalize(...)`: the manager verifies it as an exact pass."""
+    proto = _coerced_softmax("Softmax", 7, 1)
+    out = edgegraph.optimize(proto, "legalize(ops=[Softmax])", verify=True, timing=False)
+    assert _ops(out)["Flatten"] == 1
