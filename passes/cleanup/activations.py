@@ -13,7 +13,7 @@ from edgegraph.registry import register_pass
 
 from .common import (
     WIDE_FLOATS, GraphPass, can_remove, dtype_of, is_read, is_standard, live_nodes, only_consumer, optional_input,
-    remove, set_inputs, target_lacks_op, value,
+    remove, set_inputs, target_context, target_lacks_op, value,
 )
 
 
@@ -39,18 +39,26 @@ class FuseActivations(GraphPass):
     def rewrite(self, graph: gs.Graph, model: ir.Model) -> Counter:
         done = Counter()
         opset = int(graph.opset or model.opset)
+        taken = []
+
+        def context():  # what the target is asked about the model: taken once, when a pattern is found
+            if not taken:
+                taken.append(target_context(getattr(self, "target", None), model))
+            return taken[0]
+
         for node in live_nodes(graph):
             if node.op in ("Div", "Mul") and is_standard(node) and is_read(graph, node.outputs[0]):
-                applied = self._hard(graph, node, opset, model)
+                applied = self._hard(graph, node, opset, context)
                 if applied:
                     done[applied] += 1
         return done
 
-    def _runs(self, op: str, attrs: dict, x: gs.Tensor, model: ir.Model) -> bool:
-        """Whether the target (when there is one) runs `op` on `x`."""
-        return target_lacks_op(getattr(self, "target", None), op, attrs, [x], model) is None
+    def _runs(self, op: str, attrs: dict, x: gs.Tensor, context) -> bool:
+        """Whether the target (when there is one: `GraphPass.run` sets it) runs `op` on `x`."""
+        target = getattr(self, "target", None)
+        return target is None or target_lacks_op(target, op, attrs, [x], context()) is None
 
-    def _hard(self, graph: gs.Graph, node: gs.Node, opset: int, model: ir.Model) -> str | None:
+    def _hard(self, graph: gs.Graph, node: gs.Node, opset: int, context) -> str | None:
         """`node` divides by 6 (or multiplies by 1/6) what is either relu6(x + 3) or x * relu6(x + 3)."""
         source = _scaled_by_sixth(node)
         if source is None or not only_consumer(source, node, graph) or not can_remove(graph, node, 0):
@@ -60,7 +68,7 @@ class FuseActivations(GraphPass):
             return None
         x = _relu6_of_x_plus_3(producer, graph)
         if x is not None:  # Clip(x + 3, 0, 6) / 6
-            if not self._runs("HardSigmoid", _SIXTH, x, model):
+            if not self._runs("HardSigmoid", _SIXTH, x, context):
                 return None
             return self._replace_with(graph, node, "HardSigmoid", x, dict(_SIXTH))
         if producer.op != "Mul" or len(producer.inputs) != 2:
@@ -72,9 +80,9 @@ class FuseActivations(GraphPass):
                 break
         else:
             return None
-        if opset >= 14 and self._runs("HardSwish", {}, x, model):
+        if opset >= 14 and self._runs("HardSwish", {}, x, context):
             return self._replace_with(graph, node, "HardSwish", x, {})
-        if not self._runs("HardSigmoid", _SIXTH, x, model):
+        if not self._runs("HardSigmoid", _SIXTH, x, context):
             return None
         # x * HardSigmoid(x): the Mul stays, Clip/Add/Div go.
         sigmoid = gs.Variable(self.names(f"{node.outputs[0].name}_hardsigmoid"), dtype=x.dtype, shape=x.shape)

@@ -403,24 +403,36 @@ def apply_first_rule(rules, owner: GraphPass, graph: gs.Graph, node: gs.Node, op
     return (Legal if legal else NoMatch)("; ".join(reasons) if reasons else f"no rule for {node.op}")
 
 
-def target_lacks(target, node: gs.Node, model: ir.Model) -> str | None:
-    """Why `target` (a profile, or None for "no target") cannot run `node`, else None.
+def target_context(target, model: ir.Model):
+    """What a profile's `unsupported(node, model_context)` reads about `model` (shapes, dtypes,
+    constants, opsets): a `targets.ModelContext` snapshot where profiles have one, else the
+    model itself. Take a new one after rewriting the graph."""
+    try:
+        from edgegraph.targets import ModelContext
+    except ImportError:  # profiles without rules: they judge by op type alone
+        return model
+    return ModelContext.of(model)
 
-    A profile that judges nodes (`unsupported(node, model)`: opset, dtype, rank, attribute
-    limits) is asked; a plain op list (`ops`, empty meaning "everything") is read otherwise.
+
+def target_lacks(target, node: gs.Node, context) -> str | None:
+    """Why `target` (a profile, or None for "no target") cannot run `node`, else None.
+    `context` is `target_context(target, model)`.
+
+    A profile that judges nodes (`unsupported`: opset, dtype, rank, attribute limits) is
+    asked; a plain op list (`ops`, empty meaning "everything") is read otherwise.
     """
     if target is None:
         return None
     judge = getattr(target, "unsupported", None)
     if callable(judge):
-        return judge(node, model)
+        return judge(node, context)
     ops = getattr(target, "ops", None)
     if ops and node.op not in ops:
         return f"{node.op} is not among {getattr(target, 'name', 'the target')}'s ops"
     return None
 
 
-def target_lacks_op(target, op: str, attrs: dict, inputs: Sequence[gs.Tensor], model: ir.Model) -> str | None:
+def target_lacks_op(target, op: str, attrs: dict, inputs: Sequence[gs.Tensor], context) -> str | None:
     """`target_lacks` for a node not yet made (would a fusion into `op` run on the target?).
     The probe node is unlinked from `inputs` again before returning."""
     if target is None:
@@ -428,7 +440,7 @@ def target_lacks_op(target, op: str, attrs: dict, inputs: Sequence[gs.Tensor], m
     probe = gs.Node(op, name=f"{op}_probe", attrs=dict(attrs), inputs=list(inputs),
                     outputs=[gs.Variable(f"{op}_probe_out", dtype=inputs[0].dtype, shape=inputs[0].shape)])
     try:
-        return target_lacks(target, probe, model)
+        return target_lacks(target, probe, context)
     finally:
         probe.inputs.clear()
         probe.outputs.clear()

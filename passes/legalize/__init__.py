@@ -22,7 +22,9 @@ from edgegraph.errors import PassOptionError
 from edgegraph.passbase import Pass, PassResult, option, settle
 from edgegraph.registry import register_pass
 
-from ..cleanup.common import Legal, Names, NoMatch, apply_first_rule, graphs, is_standard, live_nodes, reinfer_shapes, target_lacks
+from ..cleanup.common import (
+    Legal, Names, NoMatch, apply_first_rule, graphs, is_standard, live_nodes, reinfer_shapes, target_context, target_lacks,
+)
 from ..quant.prepare import upgrade_opset
 from . import activations, legacy, norms, shapes  # noqa: F401 - importing registers the rewrites
 from .rules import REWRITES
@@ -80,10 +82,11 @@ class Legalize(Pass):
         for _ in range(ROUNDS):
             changed = False
             left = {}
+            context = target_context(target, model) if target is not None else None  # (a snapshot per round)
             for graph in graphs(model.graph):
                 opset = int(graph.opset or model.opset)
                 for node in live_nodes(graph):
-                    why = run._must_go(node, model, target)
+                    why = run._must_go(node, target, context)
                     if why is None:
                         continue
                     applied = (apply_first_rule(REWRITES.get(node.op, ()), run, graph, node, opset)
@@ -110,10 +113,10 @@ class Legalize(Pass):
         return PassResult(modified=modified, stats=dict(sorted(stats.items())),
                           details={"not_rewritten": not_rewritten} if not_rewritten else {})
 
-    def _must_go(self, node, model: ir.Model, target) -> str | None:
+    def _must_go(self, node, target, context) -> str | None:
         """Why `node` has to be rewritten, or None to keep it."""
         if node.op in self.ops:  # (not one a rewrite of this very op made: Softmax-7 -> Flatten/Softmax/Reshape)
             return None if id(node) in self.created else f"{node.op} is listed in ops"
-        return target_lacks(target, node, model)
+        return target_lacks(target, node, context)
 
 __all__ = ["Legalize", "REWRITES"]
