@@ -26,8 +26,8 @@ from ..cleanup.common import (
     Legal, Names, NoMatch, apply_first_rule, graphs, is_standard, live_nodes, reinfer_shapes, target_context, target_lacks,
 )
 from ..quant.prepare import upgrade_opset
-from . import activations, legacy, norms, shapes  # noqa: F401 - importing registers the rewrites
-from .rules import REWRITES
+from . import activations, convs, legacy, norms, shapes  # noqa: F401 - importing registers the rewrites
+from .rules import REPLACED, REWRITES
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 # Erf), and one of an op onnx cannot infer shapes through (Crop, ImageScaler) gives the nodes
 # after it the ranks and dtypes their rules need (candy: a round per Crop).
 ROUNDS = 32
-SHOWN = 5  # nodes named in the "could not rewrite" warning
+SHOWN = 5  # op types named in the "could not rewrite" warning
 
 
 @register_pass
@@ -74,22 +74,25 @@ class Legalize(Pass):
                 raise PassOptionError(f"legalize: onnx cannot convert this model from opset {before} to {self.opset}")
             model.graph = converted.graph
             stats[f"opset {before}->{self.opset}"] = 1
+        target = getattr(ctx, "target", None)
         run = copy.copy(self)  # what a run makes lives on this copy: the pass object stays immutable
         object.__setattr__(run, "names", Names(model))
-        object.__setattr__(run, "created", set())  # ids of nodes rewrites made (not rewritten again)
-        target = getattr(ctx, "target", None)
+        object.__setattr__(run, "made", [])  # nodes rewrites made, in order (not rewritten again, see _must_go)
+        object.__setattr__(run, "target", target)
         left: dict[int, dict] = {}
         for _ in range(ROUNDS):
             changed = False
             left = {}
             context = target_context(target, model) if target is not None else None  # (a snapshot per round)
+            made = {id(n) for n in run.made}
             for graph in graphs(model.graph):
                 opset = int(graph.opset or model.opset)
                 for node in live_nodes(graph):
-                    why = run._must_go(node, target, context)
+                    why = run._must_go(node, target, context, made)
                     if why is None:
                         continue
-                    applied = (apply_first_rule(REWRITES.get(node.op, ()), run, graph, node, opset)
+                    rules = [_checked(rule) for rule in REWRITES.get(node.op, ())]
+                    applied = (apply_first_rule(rules, run, graph, node, opset)
                                if is_standard(node) else NoMatch(f"custom domain {node.domain}"))
                     if applied:
                         stats[applied] += 1
@@ -105,18 +108,63 @@ class Legalize(Pass):
             reinfer_shapes(model)  # later rules need the ranks and dtypes of the tensors made here
         not_rewritten = sorted(left.values(), key=lambda d: (d["op"], d["node"]))
         if not_rewritten:
-            shown = ", ".join(f"{d['node'] or '?'} ({d['op']}: {d['not_rewritten']})" for d in not_rewritten[:SHOWN])
-            more = f" and {len(not_rewritten) - SHOWN} more" if len(not_rewritten) > SHOWN else ""
+            by_op: dict[str, list[dict]] = {}
+            for d in not_rewritten:
+                by_op.setdefault(d["op"], []).append(d)
+            # One entry per op type, biggest first: its count, the first node's reason and why no rule helped.
+            ranked = sorted(by_op.items(), key=lambda item: (-len(item[1]), item[0]))
+            shown = "; ".join(f"{op} x{len(ds)} ({ds[0]['why']}: {ds[0]['not_rewritten']})" for op, ds in ranked[:SHOWN])
+            more = f"; and {len(ranked) - SHOWN} more op types" if len(ranked) > SHOWN else ""
             logger.warning("legalize: %d node(s) could not be rewritten: %s%s", len(not_rewritten), shown, more)
             stats["not_rewritten"] = len(not_rewritten)
         modified = any(k != "not_rewritten" for k in stats)
         return PassResult(modified=modified, stats=dict(sorted(stats.items())),
                           details={"not_rewritten": not_rewritten} if not_rewritten else {})
 
-    def _must_go(self, node, target, context) -> str | None:
+    def _must_go(self, node, target, context, made: set[int]) -> str | None:
         """Why `node` has to be rewritten, or None to keep it."""
         if node.op in self.ops:  # (not one a rewrite of this very op made: Softmax-7 -> Flatten/Softmax/Reshape)
-            return None if id(node) in self.created else f"{node.op} is listed in ops"
+            return None if id(node) in made else f"{node.op} is listed in ops"
         return target_lacks(target, node, context)
+
+    def runs_op(self, node, opset: int) -> bool:
+        """Whether the target has `node`'s op type (shapes aside: new tensors have none yet), or
+        a rewrite exists for it (the next round tries it: Gelu -> Erf -> polynomial)."""
+        if self.target is None or node.op in REPLACED:
+            return True
+        has = getattr(self.target, "supports_op", None)
+        if callable(has):
+            return has(node.op, node.domain or "", opset)
+        ops = getattr(self.target, "ops", None)
+        return not ops or node.op in ops
+
+
+def _checked(rule):
+    """`rule`, undone when what it made has an op type the target lacks (CoreML has Resize but no
+    Gather: Upsample as Gathers would not help it): the next rule is tried, else the reason kept."""
+
+    def checked(owner, graph, node, opset):
+        inputs, outputs, mark = list(node.inputs), list(node.outputs), len(owner.made)
+        applied = rule(owner, graph, node, opset)
+        if not applied:
+            return applied
+        made = owner.made[mark:]
+        lacking = sorted({n.op for n in made if not owner.runs_op(n, opset)})
+        if not lacking:
+            return applied
+        for new in made:  # undo: unlink what the rule made and give the node its tensors back
+            new.inputs.clear()
+            new.outputs.clear()
+        gone = {id(n) for n in made}
+        graph.nodes = [n for n in graph.nodes if id(n) not in gone]
+        del owner.made[mark:]
+        node.inputs.clear()
+        node.outputs.clear()
+        node.inputs.extend(inputs)
+        node.outputs.extend(outputs)
+        return NoMatch(f"it would make {', '.join(lacking)}, which {getattr(owner.target, 'name', 'the target')} lacks too")
+
+    checked.__name__ = rule.__name__
+    return checked
 
 __all__ = ["Legalize", "REWRITES"]

@@ -19,16 +19,23 @@ from edgegraph import ir
 from ..cleanup.common import NoMatch, dtype_of, optional_input, shape_of
 
 REWRITES: dict[str, list[Callable]] = {}
+# Ops some rule replaces by other ops (not just rewrites into another form of the same op, as the
+# opset-7 Softmax and negative-index Gather rules do): a rewrite may make them, the next round
+# replaces them.
+REPLACED: set[str] = set()
 
 FLOATS = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
 
 
-def rewrites(*ops: str):
-    """Register the decorated rule as a rewrite of the op types `ops` (tried in registration order)."""
+def rewrites(*ops: str, removes: bool = True):
+    """Register the decorated rule as a rewrite of the op types `ops` (tried in registration
+    order); `removes=False` for a rule that makes another form of the same op."""
 
     def register(rule):
         for op in ops:
             REWRITES.setdefault(op, []).append(rule)
+            if removes:
+                REPLACED.add(op)
         return rule
 
     return register
@@ -70,7 +77,7 @@ class Emit:
         self.names, self.graph, self.node, self.dtype, self.opset = owner.names, graph, node, dtype, opset
         self.base = node.name or node.op
         self.outputs: list[gs.Tensor] = []
-        self.created = getattr(owner, "created", None)
+        self.made = getattr(owner, "made", None)  # the run's list of nodes rewrites made
 
     def take(self) -> list[gs.Tensor | None]:
         """Detach the node being replaced; its inputs (None for omitted ones), its outputs in `outputs`."""
@@ -102,8 +109,8 @@ class Emit:
             out = gs.Variable(self.names(f"{self.base}_{op.lower()}"), dtype=dtype)
         node = gs.Node(op, name=self.names(f"{self.base}/{op}"), attrs=attrs, inputs=tensors, outputs=[out])
         self.graph.nodes.append(node)
-        if self.created is not None:
-            self.created.add(id(node))
+        if self.made is not None:
+            self.made.append(node)
         return out
 
     # --- forms that changed between opsets -------------------------------------------------
@@ -131,4 +138,4 @@ class Emit:
         return self("Slice", x, starts=list(starts), ends=list(ends), axes=list(axes), out=out)
 
 
-__all__ = ["REWRITES", "Emit", "NoMatch", "float_input", "rank_of", "rewrites", "static_shape"]
+__all__ = ["REPLACED", "REWRITES", "Emit", "NoMatch", "float_input", "rank_of", "rewrites", "static_shape"]

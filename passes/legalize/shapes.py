@@ -187,7 +187,7 @@ def space_to_depth(owner, graph, node, opset):
 
 # --- Softmax before opset 13 ------------------------------------------------------------------
 
-@rewrites("Softmax", "LogSoftmax", "Hardmax")
+@rewrites("Softmax", "LogSoftmax", "Hardmax", removes=False)
 def coerced_softmax(owner, graph, node, opset):
     """Before opset 13 these normalize over all axes from `axis` on, flattened to 2-D (opset 7
     SqueezeNet: [1, 1000, 1, 1] over 1000 values; a runtime applying the opset-13 meaning works
@@ -210,7 +210,7 @@ def coerced_softmax(owner, graph, node, opset):
 
 # --- Gather with negative indices -------------------------------------------------------------
 
-@rewrites("Gather")
+@rewrites("Gather", removes=False)
 def gather_negative_indices(owner, graph, node, opset):
     """Constant negative indices made positive (index + size of the gathered axis)."""
     indices = value(node.inputs[1])
