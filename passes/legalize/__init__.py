@@ -7,7 +7,9 @@ for that op through cleanup's rule driver, which returns either what was done or
 applies; what could not be rewritten is reported (stats, details, one warning), never hidden.
 
 Rewrites are exact up to float rounding (Erf: a rational approximation within a few float32
-units), so the manager verifies the result like any exact pass.
+units), so the manager verifies the result like any exact pass. Each is proven on the ONNX
+backend node tests of its op and on the shared real models (tests/test_legalize.py,
+tools/bench_legalize.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..cleanup.common import (
     Legal, Names, NoMatch, apply_first_rule, graphs, is_standard, live_nodes, reinfer_shapes, target_context, target_lacks,
 )
 from ..quant.prepare import upgrade_opset
-from . import activations, convs, legacy, norms, shapes  # noqa: F401 - importing registers the rewrites
+from . import activations, attention, convs, legacy, norms, shapes  # noqa: F401 - importing registers the rewrites
 from .rules import REPLACED, REWRITES
 
 logger = logging.getLogger(__name__)
@@ -44,13 +46,17 @@ class Legalize(Pass):
     """Rewrite the nodes the target cannot run (with `--target`), or those of the op types in
     `ops`, into equivalent ops: HardSigmoid/HardSwish -> Mul/Add/Clip, Gelu/Erf/Mish/Softplus/
     Swish -> elementwise ops, Layer/Group/InstanceNormalization -> ReduceMean/Sub/Div, Einsum ->
-    Transpose/Reshape/MatMul, Space/DepthToSpace -> Reshape/Transpose, Upsample -> Resize
-    (asymmetric), opset < 13 Softmax on N-D -> Flatten/Softmax/Reshape, ImageScaler/Crop/Affine
-    -> Mul/Add/Slice, Gather with constant negative indices -> positive ones.
+    Transpose/Reshape/MatMul, Attention -> MatMul/Softmax/MatMul, ConvTranspose -> Conv/
+    DepthToSpace/Slice, Space/DepthToSpace -> Reshape/Transpose, Upsample -> Gathers
+    (asymmetric, as onnxruntime runs it), opset < 13 Softmax on N-D -> Flatten/Softmax/Reshape,
+    ImageScaler/Crop/Affine -> Mul/Add/Slice, Gather with constant negative indices -> positive.
+    With a target, a rewrite that would make an op the target lacks (and no rule replaces) is
+    undone and the next rule tried.
 
     `opset` converts the model first (onnx's version converter, through quant's
-    `upgrade_opset`, which keeps Upsample's coordinates). Nodes that must go but that no rule
-    can rewrite are listed in the details (`not_rewritten`, with the reason) and in a warning.
+    `upgrade_opset`, which keeps Upsample's coordinates when it becomes Resize). Nodes that
+    must go but that no rule can rewrite are listed in the details (`not_rewritten`, with the
+    reason) and in a warning.
     """
 
     name = "legalize"
