@@ -317,4 +317,44 @@ def test_a_rewrite_into_ops_the_target_lacks_is_undone():
     rewritten, result = _legalize(proto, [], target=target)
     assert not result.modified and _ops(rewritten) == Counter({"Upsample": 1})
     (left,) = result.details["not_rewritten"]
-    assert left["not_rewritten"] == "upsample: it would make Gather, which no-gather lacks too"
+    assert left["not_rewritten"] == "upsample: it would make Gather, which no-gather cannot run either"
+
+
+def test_a_rewrite_above_the_targets_max_rank_is_undone():
+    """SpaceToDepth as Reshape/Transpose works in rank 6: not for a rank-4 target."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 2, 3])
+    proto = helper.make_model(helper.make_graph([helper.make_node("SpaceToDepth", ["x"], ["y"], blocksize=2)], "s2d",
+                                                [x], [y]), opset_imports=[helper.make_opsetid("", 13)])
+
+    class RankFour:
+        name, max_rank = "rank-4", 4
+
+        def unsupported(self, node, model):
+            return "no SpaceToDepth" if node.op == "SpaceToDepth" else None
+
+        def supports_op(self, op, domain, opset):
+            return op != "SpaceToDepth"
+
+    _, result = _legalize(proto, [], target=RankFour())
+    assert not result.modified
+    assert "it would make Reshape, Transpose, which rank-4 cannot run either" in result.details["not_rewritten"][0]["not_rewritten"]
+    rewritten, result = _legalize(proto, ["SpaceToDepth"])  # without the target's limit it is rewritten
+    assert result.modified and "SpaceToDepth" not in _ops(rewritten)
+
+
+@pytest.mark.parametrize("crop", [{"border": [1, 2, 0, 1]}, {"border": [2, 1, 3, 3], "scale": [3, 2]}])
+def test_experimental_ops_become_mul_add_slice(crop):
+    """ImageScaler -> Crop -> Affine (opset 7, as candy.onnx has them), against onnxruntime's own kernels."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 9])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("ImageScaler", ["x"], ["s"], bias=[1.0, -2.0, 0.5], scale=0.25),
+             helper.make_node("Crop", ["s"], ["c"], **crop),
+             helper.make_node("Affine", ["c"], ["y"], alpha=3.0, beta=-1.0)]
+    proto = helper.make_model(helper.make_graph(nodes, "exp", [x], [y]), opset_imports=[helper.make_opsetid("", 7)])
+    proto.ir_version = 3
+    rewritten, result = _legalize(proto, ["ImageScaler", "Crop", "Affine"])
+    assert result.stats == {"Affine->Mul/Add": 1, "Crop->Slice": 1, "ImageScaler->Mul/Add": 1}
+    assert set(_ops(rewritten)) == {"Mul", "Add", "Slice"}
+    feeds = {"x": np.random.default_rng(5).standard_normal((1, 3, 8, 9)).astype(np.float32)}
+    np.testing.assert_allclose(_run(rewritten, feeds)["y"], _run(proto, feeds)["y"], rtol=1e-6, atol=1e-6)

@@ -15,8 +15,8 @@ Two tables:
                after, and max |difference| of the outputs against the original model in
                onnxruntime (optimisations off) on its reference input, else seeded random data.
 
-`node_case_results` and `model_result` are what tests/test_legalize.py and tools/bench_targets.py
-import.
+`node_case_results` and `model_result` are what tests/test_legalize.py imports, `legalize_stage`
+the "after legalize" stage of tools/bench_targets.py.
 """
 
 from __future__ import annotations
@@ -184,6 +184,19 @@ def node_case_results(cases, ops=None) -> list[CaseResult]:
     finally:
         logging.disable(logging.NOTSET)
     return results
+
+
+def legalize_stage(model, target_name: str):
+    """The "after legalize" stage of tools/bench_targets.py's `support_rows(..., stages=...)`: a
+    copy of the ir.Model `model` legalized for the profile `target_name`."""
+    from edgegraph.context import PassContext
+    from edgegraph.targets import load_target
+
+    legal = model.copy()
+    result = Legalize().run(legal, PassContext(progress=False, target=load_target(target_name)))
+    if result.modified:
+        settle(legal)
+    return legal
 
 
 # --- shared models -------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from edgegraph.passbase import Pass, PassResult, option, settle
 from edgegraph.registry import register_pass
 
 from ..cleanup.common import (
-    Legal, Names, NoMatch, apply_first_rule, graphs, is_standard, live_nodes, reinfer_shapes, target_context, target_lacks,
+    Legal, Names, NoMatch, apply_first_rule, graphs, int_list, is_standard, live_nodes, reinfer_shapes, target_context,
+    target_lacks,
 )
 from ..quant.prepare import upgrade_opset
 from . import activations, attention, convs, legacy, norms, shapes  # noqa: F401 - importing registers the rewrites
@@ -138,11 +139,25 @@ class Legalize(Pass):
         a rewrite exists for it (the next round tries it: Gelu -> Erf -> polynomial)."""
         if self.target is None or node.op in REPLACED:
             return True
+        limit = getattr(self.target, "max_rank", None)
+        if limit is not None and (_made_rank(node) or 0) > limit:  # (rank-6 Reshape/Transpose of SpaceToDepth)
+            return False
         has = getattr(self.target, "supports_op", None)
         if callable(has):
             return has(node.op, node.domain or "", opset)
         ops = getattr(self.target, "ops", None)
         return not ops or node.op in ops
+
+
+def _made_rank(node) -> int | None:
+    """The rank a new Reshape/Transpose works in, read from its constants (new tensors have no
+    shapes yet)."""
+    if node.op == "Transpose" and "perm" in node.attrs:
+        return len(node.attrs["perm"])
+    if node.op == "Reshape" and len(node.inputs) > 1:
+        shape = int_list(node.inputs[1])
+        return None if shape is None else len(shape)
+    return None
 
 
 def _checked(rule):
@@ -168,7 +183,7 @@ def _checked(rule):
         node.outputs.clear()
         node.inputs.extend(inputs)
         node.outputs.extend(outputs)
-        return NoMatch(f"it would make {', '.join(lacking)}, which {getattr(owner.target, 'name', 'the target')} lacks too")
+        return NoMatch(f"it would make {', '.join(lacking)}, which {getattr(owner.target, 'name', 'the target')} cannot run either")
 
     checked.__name__ = rule.__name__
     return checked
