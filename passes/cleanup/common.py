@@ -432,6 +432,17 @@ def target_lacks(target, node: gs.Node, context) -> str | None:
     return None
 
 
+def target_verdict(target, node: gs.Node, context) -> tuple[str, str] | None:
+    """(kind, reason) when `target` cannot run `node`, else None. Profiles that classify their
+    reasons (`why`: "op", "opset", "dynamic", "rank", "dtype", "attr", "constant") say which;
+    otherwise every reason counts as "op"."""
+    classify = getattr(target, "why", None)
+    if target is not None and callable(classify):
+        return classify(node, context)
+    reason = target_lacks(target, node, context)
+    return None if reason is None else ("op", reason)
+
+
 def target_lacks_op(target, op: str, attrs: dict, inputs: Sequence[gs.Tensor], context) -> str | None:
     """`target_lacks` for a node not yet made (would a fusion into `op` run on the target?).
     The probe node is unlinked from `inputs` again before returning."""

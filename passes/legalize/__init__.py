@@ -26,7 +26,7 @@ from edgegraph.registry import register_pass
 
 from ..cleanup.common import (
     Legal, Names, NoMatch, apply_first_rule, graphs, int_list, is_standard, live_nodes, reinfer_shapes, target_context,
-    target_lacks,
+    target_verdict,
 )
 from ..quant.prepare import upgrade_opset
 from . import activations, attention, convs, legacy, norms, shapes  # noqa: F401 - importing registers the rewrites
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 # Erf), and one of an op onnx cannot infer shapes through (Crop, ImageScaler) gives the nodes
 # after it the ranks and dtypes their rules need (candy: a round per Crop).
 ROUNDS = 32
+# What to do instead, for ops whose rewrite may not suit a target.
+HINTS = {"Upsample": "legalize(opset=11) makes it a Resize instead"}
 SHOWN = 5  # op types named in the "could not rewrite" warning
 
 
@@ -95,17 +97,23 @@ class Legalize(Pass):
             for graph in graphs(model.graph):
                 opset = int(graph.opset or model.opset)
                 for node in live_nodes(graph):
-                    why = run._must_go(node, target, context, made)
-                    if why is None:
+                    verdict = run._must_go(node, target, context, made)
+                    if verdict is None:
                         continue
+                    kind, why = verdict
                     rules = [_checked(rule) for rule in REWRITES.get(node.op, ())]
-                    applied = (apply_first_rule(rules, run, graph, node, opset)
-                               if is_standard(node) else NoMatch(f"custom domain {node.domain}"))
+                    if kind == "dynamic":  # the ops a rewrite makes would read the same dynamic tensors
+                        applied = NoMatch("no rewrite makes a shape static: --fix-shape does")
+                    elif not is_standard(node):
+                        applied = NoMatch(f"custom domain {node.domain}")
+                    else:
+                        applied = apply_first_rule(rules, run, graph, node, opset)
                     if applied:
                         stats[applied] += 1
                         changed = True
                     elif not isinstance(applied, Legal):
-                        left[id(node)] = {"node": node.name, "op": node.op, "why": why, "not_rewritten": applied.reason}
+                        reason = applied.reason + (f" ({HINTS[node.op]})" if node.op in HINTS else "")
+                        left[id(node)] = {"node": node.name, "op": node.op, "why": why, "not_rewritten": reason}
             if not changed:
                 break
             # Rewrites add initializers that no graph input lists; before IR 4 (opset 7-8 exports:
@@ -128,11 +136,11 @@ class Legalize(Pass):
         return PassResult(modified=modified, stats=dict(sorted(stats.items())),
                           details={"not_rewritten": not_rewritten} if not_rewritten else {})
 
-    def _must_go(self, node, target, context, made: set[int]) -> str | None:
-        """Why `node` has to be rewritten, or None to keep it."""
+    def _must_go(self, node, target, context, made: set[int]) -> tuple[str, str] | None:
+        """(kind, reason) why `node` has to be rewritten (kinds as `target_verdict`), or None."""
         if node.op in self.ops:  # (not one a rewrite of this very op made: Softmax-7 -> Flatten/Softmax/Reshape)
-            return None if id(node) in made else f"{node.op} is listed in ops"
-        return target_lacks(target, node, context)
+            return None if id(node) in made else ("op", f"{node.op} is listed in ops")
+        return target_verdict(target, node, context)
 
     def runs_op(self, node, opset: int) -> bool:
         """Whether the target has `node`'s op type (shapes aside: new tensors have none yet), or

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..cleanup.common import value
 from .rules import Emit, NoMatch, float_input, rank_of, rewrites
 
 
@@ -106,3 +107,37 @@ def group_normalization(owner, graph, node, opset):
         per_channel = e.ints([-1] + [1] * (rank - 2))
         e("Add", e("Mul", back, e("Reshape", scale, per_channel)), e("Reshape", bias, per_channel), out=e.outputs[0])
     return "GroupNormalization->Reshape/ReduceMean/Sub/Div"
+
+
+@rewrites("BatchNormalization")
+def batch_normalization(owner, graph, node, opset):
+    """Inference BatchNormalization (one output; what `cleanup` could not fold into a Conv) =
+    x * a + b per channel (axis 1), a = scale / sqrt(var + eps), b = B - mean * a: constants
+    when the statistics are, else computed by the same ops."""
+    dtype = float_input(node)
+    if isinstance(dtype, NoMatch):
+        return dtype
+    if int(node.attrs.get("training_mode", 0)) or any(o.name for o in node.outputs[1:]):
+        return NoMatch("training mode (running statistics as outputs)")
+    rank = rank_of(node.inputs[0])
+    if rank is None or rank < 2:
+        return NoMatch("the input's rank is unknown" if rank is None else "rank below 2")
+    if opset < 9 and int(node.attrs.get("spatial", 1)) != 1:
+        return NoMatch("spatial=0 (statistics per element)")
+    epsilon = float(node.attrs.get("epsilon", 1e-5))
+    params = [value(t) for t in node.inputs[1:5]]
+    e = Emit(owner, graph, node, dtype, opset)
+    x, scale, bias, mean, var = e.take()[:5]
+    per_channel = [-1] + [1] * (rank - 2)
+    if all(p is not None for p in params):  # fold the statistics in float64, store in the dtype
+        s64, b64, m64, v64 = (p.astype(np.float64).reshape(-1) for p in params)
+        a = s64 / np.sqrt(v64 + epsilon)
+        factor = e.const(a.reshape(per_channel).astype(dtype))
+        offset = e.const((b64 - m64 * a).reshape(per_channel).astype(dtype))
+    else:
+        shape = e.ints(per_channel)
+        a = e("Div", scale, e("Sqrt", e("Add", var, epsilon)))
+        factor = e("Reshape", a, shape)
+        offset = e("Reshape", e("Sub", bias, e("Mul", mean, a)), shape)
+    e("Add", e("Mul", x, factor), offset, out=e.outputs[0])
+    return "BatchNormalization->Mul/Add"
