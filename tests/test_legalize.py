@@ -379,3 +379,24 @@ def test_a_node_refused_for_dynamic_shapes_is_not_rewritten():
     assert not result.modified
     (left,) = result.details["not_rewritten"]
     assert left["why"] == "input x has a dynamic shape" and "--fix-shape" in left["not_rewritten"]
+
+
+def test_a_static_shape_target_leaves_nodes_on_dynamic_tensors_alone():
+    """An op the target lacks, on a dynamic tensor of a target that needs static shapes (NNAPI):
+    its replacement would be refused as well, so it stays (MiniLM's LayerNormalization)."""
+
+    class StaticOnly:
+        name, static_shapes = "static-only", True
+
+        def unsupported(self, node, context):
+            return "no HardSigmoid" if node.op == "HardSigmoid" else None
+
+        def is_static(self, name):  # (the ModelContext part this target reads)
+            return name != "x"
+
+    from edgegraph.passes.legalize import _dynamic_for
+
+    target = StaticOnly()
+    node = ir.load(hard_sigmoid_then_sigmoid()).graph.nodes[0]  # HardSigmoid(x)
+    assert _dynamic_for(target, node, target)  # (the stand-in is its own context: x is dynamic)
+    assert not _dynamic_for(_LacksHardSigmoid(), node, target)  # a target without static_shapes

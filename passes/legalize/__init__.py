@@ -102,7 +102,8 @@ class Legalize(Pass):
                         continue
                     kind, why = verdict
                     rules = [_checked(rule) for rule in REWRITES.get(node.op, ())]
-                    if kind == "dynamic":  # the ops a rewrite makes would read the same dynamic tensors
+                    if kind == "dynamic" or _dynamic_for(target, node, context):
+                        # the ops a rewrite makes would read the same dynamic tensors
                         applied = NoMatch("no rewrite makes a shape static: --fix-shape does")
                     elif not is_standard(node):
                         applied = NoMatch(f"custom domain {node.domain}")
@@ -155,6 +156,14 @@ class Legalize(Pass):
             return has(node.op, node.domain or "", opset)
         ops = getattr(self.target, "ops", None)
         return not ops or node.op in ops
+
+
+def _dynamic_for(target, node, context) -> bool:
+    """Whether `target` needs static shapes (NNAPI) and `node` reads a dynamic one: whatever
+    replaced the node would be refused too (MiniLM's LayerNormalization, refused as an op)."""
+    if not getattr(target, "static_shapes", False) or not hasattr(context, "is_static"):
+        return False
+    return any(t.name and not context.is_static(t.name) for t in node.inputs)
 
 
 def _made_rank(node) -> int | None:
