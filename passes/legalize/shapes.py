@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from ..cleanup.common import dtype_of, shape_of, value
+from ..cleanup.common import dtype_of, int_list, shape_of, value
 from ..cleanup.common import Legal
 from .rules import Emit, NoMatch, rank_of, rewrites, static_shape
 
@@ -228,3 +228,55 @@ def gather_negative_indices(owner, graph, node, opset):
     fixed = np.where(indices < 0, indices + size, indices).astype(indices.dtype)
     e("Gather", data, e.const(fixed), axis=axis, out=e.outputs[0])
     return "Gather(negative indices)->Gather"
+
+
+# --- Pad modes other than constant ---------------------------------------------------------------
+
+@rewrites("Pad", removes=False)
+def reflect_or_edge_pad(owner, graph, node, opset):
+    """Pad mode reflect / edge (NNAPI and CoreML run only constant mode) as one Gather per padded
+    axis, at constant positions: reflect [b..1, 0..n-1, n-2..n-1-e], edge [0]*b, 0..n-1, [n-1]*e."""
+    mode = node.attrs.get("mode", "constant")
+    if isinstance(mode, bytes):
+        mode = mode.decode()
+    if mode == "constant":
+        return Legal("constant mode: nothing to rewrite")
+    if mode not in ("reflect", "edge"):
+        return NoMatch(f"mode {mode}")
+    shape = shape_of(node.inputs[0])
+    if shape is None:
+        return NoMatch("the input's rank is unknown")
+    rank = len(shape)
+    if opset < 11:
+        pads = [int(p) for p in node.attrs.get("pads", [])]
+    else:
+        pads = int_list(node.inputs[1]) if len(node.inputs) > 1 else None
+        if pads is None:
+            return NoMatch("pads are not constant")
+    axes = list(range(rank))
+    if opset >= 18 and len(node.inputs) > 3 and node.inputs[3].name:
+        axes = int_list(node.inputs[3])
+        if axes is None:
+            return NoMatch("axes are not constant")
+        axes = [a + rank if a < 0 else a for a in axes]
+    if len(pads) != 2 * len(axes) or min(pads, default=0) < 0:
+        return NoMatch(f"pads {pads} (negative pads crop)")
+    padded = [(axis, pads[i], pads[i + len(axes)]) for i, axis in enumerate(axes) if pads[i] or pads[i + len(axes)]]
+    for axis, begin, end in padded:
+        n = shape[axis]
+        if not isinstance(n, int):
+            return NoMatch(f"the size of padded axis {axis} is not static")
+        if mode == "reflect" and max(begin, end) > n - 1:
+            return NoMatch(f"reflect pads {begin}, {end} exceed axis {axis} of size {n}")
+    e = Emit(owner, graph, node, None, opset)
+    y = e.take()[0]
+    for count, (axis, begin, end) in enumerate(padded, 1):
+        n = shape[axis]
+        if mode == "reflect":
+            index = list(range(begin, 0, -1)) + list(range(n)) + list(range(n - 2, n - 2 - end, -1))
+        else:
+            index = [0] * begin + list(range(n)) + [n - 1] * end
+        y = e("Gather", y, e.ints(index), axis=axis, out=e.outputs[0] if count == len(padded) else None)
+    if not padded:
+        e("Identity", y, out=e.outputs[0])
+    return f"Pad({mode})->Gather"
