@@ -18,13 +18,14 @@ _EXPORTS = {
     "CalibrationData": "edgegraph.context", "ImagePreprocess": "edgegraph.context",
     "PassContext": "edgegraph.context", "VerifyConfig": "edgegraph.context",
     "EdgegraphError": "edgegraph.errors",
-    "Model": "edgegraph.ir", "load": "edgegraph.ir", "save": "edgegraph.ir",
+    "Model": "edgegraph.ir", "load": "edgegraph.modelio", "save": "edgegraph.modelio",
     "Pass": "edgegraph.passbase", "PassResult": "edgegraph.passbase", "PipelineReport": "edgegraph.pipeline",
     "option": "edgegraph.passbase", "run_pipeline": "edgegraph.pipeline",
     "get_pass": "edgegraph.registry", "list_passes": "edgegraph.registry", "register_pass": "edgegraph.registry",
     "load_target": "edgegraph.targets",
     "as_calibration": "edgegraph.api", "check_samples": "edgegraph.api", "image_preprocess_for": "edgegraph.api",
-    "make_context": "edgegraph.api", "optimize": "edgegraph.api", "parse_passes": "edgegraph.api",
+    "make_context": "edgegraph.api", "optimize": "edgegraph.api", "check": "edgegraph.api", "parse_passes": "edgegraph.api",
+    "merge_models": "edgegraph.api",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,7 +14,8 @@ import onnx
 from edgegraph.checks import flag, input_shapes, whole_number
 from edgegraph.context import CalibrationData, ImagePreprocess, PassContext, VerifyConfig
 from edgegraph.errors import CalibrationDataError, EdgegraphError, shown
-from edgegraph.ir import Model, load
+from edgegraph.ir import Model
+from edgegraph.modelio import load
 from edgegraph.pipeline import Pass, run_pipeline
 from edgegraph.targets import Target, load_target
 
@@ -196,3 +197,48 @@ def optimize(model, passes: str | os.PathLike | Sequence[str | Mapping | Pass] |
                        min_agreement=min_agreement, min_sqnr=min_sqnr)
     result, _ = run_pipeline(fixed, pipeline, ctx, unspecialised=loaded if shapes else None)
     return result.to_proto()
+
+
+def check(model, target: str | Target = "all", *, fix_shapes: Mapping[str, Sequence[int]] | None = None,
+          optimize: bool | None = None, rules: bool = True):
+    """Which nodes of `model` (a path or a Model) each target runs: a list of
+    `edgegraph.targets.check.CheckResult`, one per target ("all": every profile).
+
+    `fix_shapes` makes dynamic inputs static first (`--fix-shape`); `optimize`: check the graph
+    onnxruntime's basic optimisations make (default: for onnxruntime execution providers, which
+    are given that graph); `rules=False` checks only what onnxruntime's usability checker does.
+    """
+    from edgegraph.pipeline import specialise
+    from edgegraph.targets import check as target_check
+
+    loaded = model if isinstance(model, Model) else load(model)
+    loaded = specialise(loaded, dict(fix_shapes)) if fix_shapes else loaded
+    if isinstance(target, str) and target == "all":
+        return target_check.check_all(loaded, optimize=optimize, rules=rules)
+    return [target_check.check(loaded, target, optimize=optimize, rules=rules)]
+
+
+def merge_models(models: Sequence, *, names: Sequence[str] | None = None,
+                 input_map: Mapping[str, str] | None = None, tolerance: float = 0.0, average: bool = False,
+                 calib=None, min_sqnr: float | None = None, seed: int = 0,
+                 threads: int = 1) -> tuple[onnx.ModelProto, dict]:
+    """Merge task models that share a backbone into one ModelProto computing it once, and a report
+    (what each task shares and owns, the check of each task's outputs). What `edgegraph merge` runs.
+
+    `models`: paths, bytes, ModelProtos or Models; `names`: task names (default the file stems),
+    the prefix of each task's outputs (`det/boxes`); `input_map`: {"b:images": "a:data"} feeds
+    task b's input `images` from task a's `data` (inputs with equal name, dtype and shape are one
+    anyway); `tolerance`: weights within it (relative) count as equal, the first model's kept or,
+    with `average`, their mean; each task's outputs must then keep `min_sqnr` dB (default 40)
+    against its own model on `calib` (data for the merged inputs) or seeded random inputs.
+    Raises EdgegraphError (MergeError) for models that cannot be merged as asked.
+    """
+    from edgegraph.merge import DEFAULT_MIN_SQNR_DB, merge, parse_input_map
+
+    if not isinstance(models, Sequence) or isinstance(models, str | bytes):
+        raise EdgegraphError(f"models must be a list of models, got {type(models).__name__}")
+    result = merge(list(models), names=names, input_map=parse_input_map(input_map or {}), tolerance=tolerance,
+                   average=flag(average, "average"), calib=calib,
+                   min_sqnr=DEFAULT_MIN_SQNR_DB if min_sqnr is None else min_sqnr,
+                   seed=whole_number(seed, "seed"), threads=whole_number(threads, "threads"))
+    return result.model.to_proto(), result.report

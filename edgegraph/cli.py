@@ -1,4 +1,4 @@
-"""The `edgegraph` command: `opt`, `info`, `bench`, `passes`.
+"""The `edgegraph` command: `opt`, `info`, `bench`, `check`, `merge`, `passes`.
 
 Exit codes: 0 success; 2 a user error (bad file, pass, option or data: one line on stderr);
 1 an internal error (a pass crashed or broke the model: one line, `--debug` shows the
@@ -25,6 +25,9 @@ from edgegraph.errors import NAME_LIMIT, EdgegraphError, PassFailure, one_line, 
 from edgegraph.targets import available_targets
 
 logger = logging.getLogger("edgegraph")
+
+
+STRICT_EXIT = 3  # `check --strict`: some target does not run the whole model in one partition
 
 
 class UsageError(EdgegraphError):
@@ -171,6 +174,45 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.set_defaults(command_name="bench")
 
+    check = commands.add_parser("check", parents=[common, shapes], help="which nodes a target runs, and why not",
+                                description="Unsupported nodes per target with the reason and the rewrite that "
+                                            "fixes each, the share of nodes and MACs supported, the partitions.")
+    check.add_argument("model", metavar="IN.onnx")
+    check.add_argument("--target", default="all", help=f"a profile ({', '.join(available_targets())}) or 'all' (default)")
+    check.add_argument("--json", action="store_true", help="print JSON instead of text")
+    check.add_argument("--strict", action="store_true",
+                       help=f"exit {STRICT_EXIT} unless every target checked runs the whole model in one partition")
+    check.add_argument("--as-given", action="store_true",
+                       help="check the graph as given, not after onnxruntime's basic optimisations "
+                            "(what onnxruntime's execution providers see)")
+    check.set_defaults(command_name="check")
+
+    merge = commands.add_parser("merge", parents=[common, timing], help="merge task models sharing a backbone",
+                                description="Join models into one graph that computes what they share once "
+                                            "(outputs TASK/OUTPUT); check every task's outputs.")
+    merge.add_argument("models", metavar="IN.onnx", nargs="+")
+    merge.add_argument("-o", "--output", metavar="OUT.onnx", required=True, help="where to write the merged model")
+    merge.add_argument("--report", metavar="R.json", help="write the report (sharing, stats, checks) as JSON")
+    merge.add_argument("--name", metavar="FILE=TASK", action="append", default=[], type=_pair,
+                       help="task name of a model (default its file stem), the prefix of its outputs (repeatable)")
+    merge.add_argument("--input-map", metavar="TASK:IN=TASK:IN", action="append", default=[],
+                       help="feed one task's input from an earlier task's, e.g. b:images=a:data (repeatable)")
+    merge.add_argument("--tolerance", type=_finite, default=0.0, metavar="T",
+                       help="weights within T (relative to their largest magnitude) count as equal (default 0: exact)")
+    merge.add_argument("--average", action="store_true",
+                       help="with --tolerance: near-equal weights take their mean (default: the first model's)")
+    merge.add_argument("--min-sqnr", type=_finite, metavar="DB",
+                       help="with --tolerance: refuse when a task's worst output SQNR vs its own model falls below "
+                            "DB (default 40)")
+    merge.add_argument("--calib", metavar="[TASK=]DATA", action="append", default=[],
+                       help="inputs of the merged model (.npz or image folder) to check the tasks on and time, or "
+                            "TASK=DATA per task for its own inputs (repeatable; default: seeded random)")
+    merge.add_argument("--seed", type=_non_negative, default=0, help="seed for random inputs")
+    merge.add_argument("--no-verify", action="store_true",
+                       help="do not check each task's outputs against its own model in onnxruntime")
+    merge.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    merge.set_defaults(command_name="merge")
+
     passes = commands.add_parser("passes", parents=[common], help="list the available passes and their options")
     passes.add_argument("--json", action="store_true", help="print JSON instead of text")
     passes.set_defaults(command_name="passes")
@@ -182,6 +224,13 @@ def _fix_shape(text: str) -> tuple[str, list[int]]:
     if not eq or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=DIMS like input=1x3x224x224, got '{shown(text, NAME_LIMIT)}'")
     return name, _dims(dims)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq or not key or not value:
+        raise argparse.ArgumentTypeError(f"expected FILE=NAME like a.onnx=det, got '{shown(text, NAME_LIMIT)}'")
+    return key, value
 
 
 def _dims(text: str) -> list[int]:

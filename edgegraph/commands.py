@@ -1,4 +1,4 @@
-"""The work behind each command of `edgegraph`: `opt`, `info`, `bench`, `passes`.
+"""The work behind each command of `edgegraph`: `opt`, `info`, `bench`, `check`, `merge`, `passes`.
 
 `cli` parses the arguments and maps errors to exit codes; this module (and what it imports:
 onnx, onnxruntime) is only loaded once the arguments are known.
@@ -22,12 +22,12 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 
 import edgegraph
-from edgegraph import files, ir, spec, stats, verify
+from edgegraph import files, ir, modelio, spec, stats, verify
 from edgegraph.stats import ModelStats
 from edgegraph.context import STAGES, PassContext, is_terminal
-from edgegraph.errors import EdgegraphError, ModelLoadError, one_line
+from edgegraph.errors import NAME_LIMIT, EdgegraphError, ModelLoadError, one_line, shown
 from edgegraph.pipeline import check_specialisation, run_pipeline, specialise, verification_data
-from edgegraph.tables import format_bench, format_info, format_opt_header, format_opt_summary
+from edgegraph.tables import format_bench, format_info, format_merge, format_opt_header, format_opt_summary
 
 logger = logging.getLogger("edgegraph")
 
@@ -47,7 +47,7 @@ def run(args, *, debug: bool = False) -> int:
     # One line per stage on stdout, between the header and the summary, where no progress bar
     # can show that work is going on (stderr is not a terminal: CI logs, pipes).
     stages = None
-    if args.command_name == "opt" and not args.quiet and not is_terminal(sys.stderr):
+    if args.command_name in ("opt", "merge") and not args.quiet and not is_terminal(sys.stderr):
         stages = _StageHandler(sys.stdout)
         stages.setFormatter(logging.Formatter("  %(message)s"))
         STAGES.addHandler(stages)
@@ -100,7 +100,7 @@ def _preprocess(args) -> dict:
 def _load(path: str) -> ir.Model:
     start = time.perf_counter()
     try:
-        model = ir.load(path)
+        model = modelio.load(path)
     except OSError as exc:  # permissions, a vanished file: the user's to fix
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
     STAGES.info("loaded %s in %.2fs", path, time.perf_counter() - start)
@@ -165,7 +165,7 @@ def cmd_opt(args) -> int:
         }
         # The model, its external data and the report are one outcome: staged, then moved
         # into place together (or not at all).
-        moves = ir.staged_moves(staged, output)
+        moves = modelio.staged_moves(staged, output)
         if report_path:
             staged_report = stack.enter_context(files.staging(report_path)) / report_path.name
             _write(lambda: staged_report.write_text(json.dumps(stats.jsonable(data), indent=2) + "\n"),
@@ -194,7 +194,7 @@ def _check_outputs(args, source: Path, output: Path, report: Path | None) -> Non
     external data, calibration and eval data, the recipe. `-o` may name the input model, and
     its external data then be replaced by the new one: everything the new model holds is in its
     own, new files before anything is moved, and the old files stay readable until then."""
-    sidecar = ir.sidecar_path(output)
+    sidecar = modelio.sidecar_path(output)
     outputs = {"-o": output, f"the external data file of -o ({sidecar.name})": sidecar}
     if report:
         outputs["--report"] = report
@@ -204,7 +204,7 @@ def _check_outputs(args, source: Path, output: Path, report: Path | None) -> Non
         # External data lives in the model's folder; the model is read again for its list only
         # when an output is one of the other files there (never for weights inside the model).
         others = {files.identity(f) for f in files.files_in(source.parent)} - {files.identity(source)}
-        external = ir.external_data_files(source) if existing & others else []
+        external = modelio.external_data_files(source) if existing & others else []
         inputs = {"the input model": [source], "the input's external data": external,
                   "the --calib data": files.files_in(Path(args.calib)) if args.calib else [],
                   "the --eval data": [Path(args.eval)] if args.eval else [],
@@ -224,7 +224,7 @@ def _write(save, path: Path):
 def _save(model: ir.Model, path: Path, output: Path) -> Path:
     """Save `model` alone in a new folder at `path` (external data beside it when it needs some)."""
     path.parent.mkdir()
-    return _write(lambda: ir.save(model, path), output)
+    return _write(lambda: modelio.save(model, path), output)
 
 
 def _measured_stats(models: Sequence[ir.Model], files: Sequence[Path], data, args, *,
@@ -329,6 +329,80 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from edgegraph import merge
+
+    output = Path(args.output)
+    report_path = Path(args.report) if args.report else None
+    _check_writable(output, "output")
+    if report_path:
+        _check_writable(report_path, "--report")
+    sources = [Path(m) for m in args.models]
+    names = [merge.task_name(m, i) for i, m in enumerate(args.models)]
+    for key, name in args.name:  # FILE=NAME: by the path as given, else by the file's stem
+        hits = [i for i, m in enumerate(args.models) if key == m] or [i for i, m in enumerate(sources) if key in (m.name, m.stem)]
+        if len(hits) != 1:
+            raise merge.MergeError(f"--name {shown(key, NAME_LIMIT)}=...: {'no' if not hits else 'more than one'} "
+                                   "model given is that file")
+        names[hits[0]] = name
+    outputs = {"-o": output, f"the external data file of -o ({modelio.sidecar_path(output).name})": modelio.sidecar_path(output)}
+    if report_path:
+        outputs["--report"] = report_path
+    inputs = {f"input model {m}": [m] for m in sources if m.is_file()}
+    inputs |= {f"the external data of {m}": modelio.external_data_files(m) for m in sources if m.is_file()}
+    for given in args.calib:
+        inputs[f"the --calib data {given}"] = files.files_in(Path(given.partition("=")[2] or given))
+    files.refuse_overwriting(outputs, inputs)
+    if not args.quiet:
+        print(f"merge {', '.join(f'{m} as {n}' for m, n in zip(args.models, names))} -> {output}", flush=True)
+    calib = _merge_calibration(args.calib, names)
+    result = merge.merge(args.models, names=names, input_map=merge.parse_input_map(args.input_map),
+                         tolerance=args.tolerance, average=args.average, calib=calib,
+                         min_sqnr=merge.DEFAULT_MIN_SQNR_DB if args.min_sqnr is None else args.min_sqnr,
+                         seed=args.seed, threads=args.threads or 1,
+                         check_samples=0 if args.no_verify else merge.CHECK_SAMPLES)
+    report = {"edgegraph": edgegraph.__version__, "models": args.models, "output": str(output)} | result.report
+    with contextlib.ExitStack() as stack:
+        staging = stack.enter_context(files.staging(output))
+        staged = _save(result.model, staging / "result" / output.name, output)
+        if args.runs:
+            sizes = [stats.disk_size(m) for m in sources]
+            merged_size = sum(f.stat().st_size for f in staged.parent.iterdir())
+            report["measured"] = merge.measure(result, args.models, staged, result.data, sizes=sizes,
+                                               merged_size=merged_size, seed=args.seed, runs=args.runs,
+                                               warmup=args.warmup, threads=args.threads)
+        moves = modelio.staged_moves(staged, output)
+        if report_path:
+            staged_report = stack.enter_context(files.staging(report_path)) / report_path.name
+            _write(lambda: staged_report.write_text(json.dumps(stats.jsonable(report), indent=2) + "\n"),
+                   report_path)
+            moves.append((staged_report, report_path))
+        try:
+            files.publish(moves, outcome=True)
+        except OSError as exc:
+            raise EdgegraphError(f"cannot write {exc.filename}: {exc.strerror or exc}; nothing was written") from None
+    if not args.quiet:
+        print(format_merge(report))
+    return 0
+
+
+def _merge_calibration(given: list[str], names: list[str]):
+    """`--calib DATA` (the merged model's inputs) or `--calib TASK=DATA ...` (each task's own)."""
+    if not given:
+        return None
+    per_task = {}
+    for item in given:
+        task, eq, path = item.partition("=")
+        if eq and task in names:
+            per_task[task] = path
+        elif len(given) > 1:
+            raise EdgegraphError(f"--calib {shown(item, NAME_LIMIT)}: several --calib must each be TASK=DATA "
+                                 f"(tasks: {', '.join(names)})")
+        else:
+            return item
+    return per_task
+
+
 def cmd_passes(args) -> int:
     described = [describe_pass(cls) for cls in edgegraph.list_passes()]
     if args.json:
@@ -364,4 +438,24 @@ def describe_pass(cls) -> dict:
             "after": [spec.format_pass(p) for p in defaults.after()], "options": options}
 
 
-COMMANDS = {"opt": cmd_opt, "info": cmd_info, "bench": cmd_bench, "passes": cmd_passes}
+def cmd_check(args) -> int:
+    from edgegraph.cli import STRICT_EXIT
+    from edgegraph.targets import check as target_check
+
+    model = _load(args.model)
+    if args.target != "all":
+        edgegraph.load_target(args.target)  # an unknown name is exit 2 before any work
+    if args.fix_shape and not args.no_verify:  # like `info`: the verdicts are only as good as the shapes
+        ctx = PassContext(progress=False, fixed_shapes=_shapes(args), data_option="")
+        check_specialisation(model, specialise(model, _shapes(args)), ctx)
+    results = edgegraph.check(model, args.target, fix_shapes=_shapes(args) or None,
+                              optimize=False if args.as_given else None)
+    if args.json:
+        print(json.dumps(stats.jsonable({"model": args.model, "targets": [r.as_dict() for r in results]}), indent=2))
+    else:
+        print(target_check.format_check(args.model, results))
+    return STRICT_EXIT if args.strict and not all(r.fully_supported for r in results) else 0
+
+
+COMMANDS = {"opt": cmd_opt, "info": cmd_info, "bench": cmd_bench, "check": cmd_check, "merge": cmd_merge,
+            "passes": cmd_passes}

@@ -1,11 +1,12 @@
-"""Model I/O and a thin layer over onnx-graphsurgeon: the one place that turns protobuf into graphs."""
+"""The in-memory model and a thin layer over onnx-graphsurgeon: protobuf <-> graphs (`Model`,
+`from_proto`), shape inference, and the graph helpers passes use. Reading and writing model
+files (validation, external data, atomic saves) is `edgegraph.modelio`."""
 
 from __future__ import annotations
 
 import heapq
 import logging
 import math
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from edgegraph import files, validate
-from edgegraph.errors import NAME_LIMIT, EdgegraphError, ModelLoadError, shown
+from edgegraph import validate
+from edgegraph.errors import EdgegraphError
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Model:
         references to nothing): a small proto for looking at the graph or inferring shapes.
         """
         if not weights:
-            with _detached(_weights(self)):
+            with detached(detachable_weights(self)):
                 return self.to_proto()
         with _exportable(self) as restore:
             proto = gs.export_onnx(self.graph, do_type_check=False)
@@ -98,13 +99,13 @@ class Model:
     def _rebuilt(self, *, infer: bool, share: bool, what: str | None = None) -> Model:
         # Export without the weights (cheap even for a multi-GB model), re-import, then hand the
         # weights to the new graph's constants.
-        weights = _weights(self)
-        with _detached(weights):
+        weights = detachable_weights(self)
+        with detached(weights):
             proto = self.to_proto()
         rebuilt = from_proto(infer_shapes(proto, what=what) if infer else proto, infer=False)
         rebuilt.value_info = self.value_info
         by_name = {c.name: c for c in weights}
-        for tensor in _constants(rebuilt):
+        for tensor in all_constants(rebuilt):
             source = by_name.get(tensor.name)
             if source is not None and _is_detached(tensor):
                 tensor._values = source._values if share else _private_copy(source._values)
@@ -202,106 +203,6 @@ def _gs_can_write(type_proto: onnx.TypeProto) -> bool:
     return kind in ("tensor_type", "sparse_tensor_type")  # not None: an empty type reads as an opaque one
 
 
-def load(source, *, infer: bool = True, base_dir: str | os.PathLike[str] | None = None) -> Model:
-    """Load a model from a path, bytes, a ModelProto or a Model (copied; the source is never changed).
-
-    Every model is checked first (`edgegraph.validate`): invalid ONNX, and external data that is
-    not a regular file inside the model's folder, raise `ModelLoadError` with one clear sentence,
-    as do a missing file, a file that is not ONNX and a truncated one. External data of a path
-    is looked for beside it; bytes and ModelProtos have no folder, so their external data is
-    refused unless `base_dir` names one. External data is memory-mapped read-only (see
-    `_map_external_data`): passes replace constant values, they never write into them.
-    """
-    if isinstance(source, Model):
-        return source.copy()
-    folder = Path(base_dir) if base_dir is not None else None
-    raw = None
-    if isinstance(source, onnx.ModelProto):
-        what = "the given ModelProto"
-        proto = onnx.ModelProto()
-        proto.CopyFrom(source)
-    elif isinstance(source, bytes | bytearray):
-        what, raw = "the given bytes", bytes(source)
-        proto = _parse(raw, what)
-    else:
-        path = Path(source)
-        what = str(path)
-        if not path.exists():
-            raise ModelLoadError(f"no such file: {path}")
-        if not path.is_file():
-            kind = "a directory" if path.is_dir() else "not a regular file"
-            raise ModelLoadError(f"{path} is {kind}, not an ONNX model file")
-        raw = path.read_bytes()
-        proto = _parse(raw, what)
-        folder = path.parent
-    try:
-        validate.check(_validated(proto, what), what, folder, raw)
-        model = from_proto(proto, infer=False)
-        _map_external_data(model, folder, what)
-        for graph in iter_graphs(model.graph):  # (inference walks the nodes in order: unsorted, it
-            sort_nodes(graph)                   # misses shapes, and contradictions with them)
-        if infer:
-            model.refresh_shapes(what=what)
-    except UnicodeDecodeError as exc:  # graphsurgeon decodes string attributes (bytes in ONNX) as UTF-8
-        raise ModelLoadError(f"{what} has a name or text field that is not valid UTF-8 "
-                             f"(byte {exc.object[exc.start:exc.start + 1]!r})") from None
-    return model
-
-
-def _parse(data: bytes, what: str) -> onnx.ModelProto:
-    proto = onnx.ModelProto()
-    try:
-        proto.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as exc:
-        raise ModelLoadError(f"{what} is not a valid ONNX model (truncated or corrupt: {exc})") from None
-    return proto
-
-
-def _validated(proto: onnx.ModelProto, what: str) -> onnx.ModelProto:
-    # protobuf parses many non-ONNX byte strings without complaint; an ONNX model always has an
-    # IR version, an opset and a graph, so that is the cheap test that catches them.
-    if proto.ir_version <= 0 or not proto.opset_import or not proto.HasField("graph"):
-        raise ModelLoadError(f"{what} is not an ONNX model (no IR version, opset or graph)")
-    if not proto.graph.output:
-        raise ModelLoadError(f"{what} has no graph outputs")
-    return proto
-
-
-def _map_external_data(model: Model, folder: Path | None, what: str) -> None:
-    """Point every constant whose data lives in a file at that data, through the one rule
-    (`validate.external_data`); graphsurgeon would read it relative to the working directory.
-
-    Plain numeric tensors become read-only memory maps: nothing is read until a pass uses the
-    values, and only the pages it touches. Others (4-bit types) are read into memory, as are
-    the parts of sparse tensors. Constants of node attributes (Constant nodes, in subgraphs and
-    functions too) are included.
-    """
-    for tensor in _constants(model, attributes=True):
-        values = tensor._values
-        if isinstance(values, SparseValues):
-            for part in (values.tensor.values, values.tensor.indices):
-                if validate.uses_external_data(part):
-                    _inline(part, validate.external_data(part, folder, what))
-            continue
-        if not isinstance(values, LazyValues) or not validate.uses_external_data(values.tensor):
-            continue
-        source = validate.external_data(values.tensor, folder, what)
-        dtype = _storage_dtype(values.tensor.data_type)
-        count = int(np.prod(values.tensor.dims, dtype=np.int64))
-        if dtype is not None and dtype.itemsize * count == source.length:
-            tensor.values = np.memmap(source.path, dtype=dtype, mode="r", offset=source.offset,
-                                      shape=tuple(values.tensor.dims)) if count else np.zeros(values.shape, dtype)
-        else:
-            _inline(values.tensor, source)
-        tensor.data_location = None  # the values are in memory now, as far as export is concerned
-
-
-def _inline(tensor: onnx.TensorProto, source: validate.ExternalData) -> None:
-    tensor.raw_data = source.read()
-    tensor.data_location = onnx.TensorProto.DEFAULT
-    del tensor.external_data[:]
-
-
 class _Sparse(SparseValues):
     """Sparse values that load whatever field holds them (graphsurgeon reads only the typed
     fields, so raw_data, what numpy_helper writes, came out as zeros).
@@ -378,18 +279,43 @@ _PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4
                  if hasattr(onnx.TensorProto, n)}
 
 
-def numpy_dtype(dtype) -> np.dtype | None:
+def numpy_dtype(dtype, *, exact: bool = False) -> np.dtype | None:
     """A gs tensor's dtype (numpy type or onnx data type number) as a numpy dtype; None when it
-    has none (unknown, or the element type of an optional / map value)."""
+    has none (unknown, or the element type of an optional / map value).
+
+    With `exact`, also None for the types numpy holds but does not compute with exactly
+    (ml_dtypes' bfloat16, float8, int4; strings): what a rewrite that evaluates values in numpy
+    must leave alone.
+    """
     try:
         if isinstance(dtype, int):  # an onnx TensorProto data type
+            if exact:  # (gs keeps onnx enums only for the types numpy lacks)
+                return None
             return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
-        return np.dtype(dtype) if dtype is not None else None
+        dtype = np.dtype(dtype) if dtype is not None else None
     except (TypeError, KeyError, ValueError):
         return None
+    return None if exact and dtype is not None and dtype.name not in _EXACT_DTYPES else dtype
 
 
-def _storage_dtype(data_type: int) -> np.dtype | None:
+_EXACT_DTYPES = {
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64",
+}
+
+
+def onnx_dtype(dtype) -> int:
+    """The onnx TensorProto data type of a numpy dtype."""
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def is_opaque(constant: gs.Constant) -> bool:
+    """True for initializers whose values numpy would silently change (bfloat16, float8, int4, strings)."""
+    source = constant._values
+    dtype = source.dtype if isinstance(source, LazyValues) else getattr(source, "dtype", None)
+    return numpy_dtype(dtype, exact=True) is None
+
+
+def storage_dtype(data_type: int) -> np.dtype | None:
     """The numpy dtype whose bytes are the tensor's raw bytes, if there is one."""
     if data_type in _PACKED_TYPES or data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return None
@@ -407,7 +333,7 @@ def proto_size(model) -> int:
     proto is measured only when the payload leaves room for it to matter.
     """
     if isinstance(model, Model):
-        return sum(stored_nbytes(c) for c in _constants(model))
+        return sum(stored_nbytes(c) for c in all_constants(model))
     payload = sum(_payload_bytes(t) for t in validate.tensors(model))
     if payload < PROTO_LIMIT // 8:
         return model.ByteSize()
@@ -419,7 +345,7 @@ def _payload_bytes(tensor: onnx.TensorProto) -> int:
         return 0
     if tensor.data_type == onnx.TensorProto.STRING:
         return sum(len(s) for s in tensor.string_data)
-    dtype = _storage_dtype(tensor.data_type)
+    dtype = storage_dtype(tensor.data_type)
     return int(np.prod(tensor.dims, dtype=np.int64)) * (dtype.itemsize if dtype else 8)
 
 
@@ -427,7 +353,7 @@ def _payload_bytes(tensor: onnx.TensorProto) -> int:
 # Weights outside protobuf: how big models are copied, inferred and saved without extra copies.
 
 
-def _constants(model: Model, *, attributes: bool = False) -> list[gs.Constant]:
+def all_constants(model: Model, *, attributes: bool = False) -> list[gs.Constant]:
     """Every initializer of the model (subgraphs included), once each; with `attributes`, the
     tensors of node attributes (Constant nodes' values) too."""
     return _constants_of(model.graph, attributes=attributes)
@@ -451,11 +377,11 @@ def _nbytes(constant: gs.Constant) -> int:
     return int(constant._values.nbytes)
 
 
-def _weights(model: Model) -> list[gs.Constant]:
-    """The initializers that `_detached` can move out: DETACH_BYTES or more, uniquely named,
+def detachable_weights(model: Model) -> list[gs.Constant]:
+    """The initializers that `detached` can move out: DETACH_BYTES or more, uniquely named,
     with bytes that export unchanged."""
     names: dict[str, int] = {}
-    constants = _constants(model)
+    constants = all_constants(model)
     for c in constants:
         names[c.name] = names.get(c.name, 0) + 1
     return [c for c in constants if names[c.name] == 1 and _nbytes(c) >= DETACH_BYTES and _detachable(c._values)
@@ -547,7 +473,7 @@ def _private_copy(values):
 
 
 @contextmanager
-def _detached(weights: Iterable[gs.Constant], data_file: Path | None = None):
+def detached(weights: Iterable[gs.Constant], data_file: Path | None = None):
     """While active, `weights` export as external-data references instead of their values.
 
     With `data_file`, the values are written there (each at a 4 KiB-aligned offset, so runtimes
@@ -584,110 +510,6 @@ def _detached(weights: Iterable[gs.Constant], data_file: Path | None = None):
             handle.close()
         for constant, values, location in saved:
             constant._values, constant.data_location = values, location
-
-
-def save(model, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
-    """Write a model atomically: staged in a hidden folder beside `path`, then moved into place.
-
-    `external_data=None` chooses external data only when the model would pass protobuf's 2 GiB
-    limit; the tensors then go to `sidecar_path(path)` (`<name>.data`) beside the model, which
-    may only replace a file of that name that the model now at `path` uses (see
-    `staged_moves`). On any error nothing is left at `path` and its sidecar (existing files
-    there stay as they were).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise EdgegraphError(f"output path {path} is a directory")
-    if not path.parent.exists():
-        raise EdgegraphError(f"output folder {path.parent} does not exist")
-    if external_data is None:
-        external_data = proto_size(model) > PROTO_LIMIT
-    if external_data and not isinstance(model, Model):
-        model = from_proto(model, infer=False)  # the weights are written from the proto, not copied
-    with files.staging(path) as staging:
-        staged = staging / path.name
-        if external_data:
-            data_file = sidecar_path(staged)
-            weights = _weights(model)
-            with _detached(weights, data_file):
-                proto = model.to_proto()
-                written = {_external_reference(c._values.tensor) for c in weights}
-            if not weights:
-                data_file.unlink()
-        else:
-            proto, written = model.to_proto() if isinstance(model, Model) else model, set()
-        if isinstance(model, Model) and not model.value_info:  # (`proto` is then ours to change)
-            for graph in validate.graphs(proto):
-                del graph.value_info[:]
-        _check_self_contained(proto, written, path)
-        _write_proto(proto, staged)
-        files.publish(staged_moves(staged, path))
-    return path
-
-
-def _external_reference(tensor: onnx.TensorProto) -> tuple:
-    return (tensor.name, *((e.key, e.value) for e in tensor.external_data))
-
-
-def _check_self_contained(proto: onnx.ModelProto, written: set[tuple], path: Path) -> None:
-    """Refuse to write a model with tensors that refer to external data other than what this
-    save wrote (`written`): such data belongs to another model, in a file this save may even
-    replace (the sidecar of a model saved over itself), so the written model would be
-    incomplete or silently wrong."""
-    for tensor in validate.tensors(proto):
-        if validate.uses_external_data(tensor) and _external_reference(tensor) not in written:
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            raise EdgegraphError(f"cannot save {path}: tensor '{shown(tensor.name, NAME_LIMIT)}' refers to external data in "
-                                 f"'{shown(location, NAME_LIMIT)}', which is not saved with it")
-
-
-def sidecar_path(path: Path) -> Path:
-    """Where `save` puts the external data of a model saved at `path`."""
-    return path.with_name(f"{path.name}.data")
-
-
-def staged_moves(staged: Path, path: Path) -> list[tuple[Path, Path]]:
-    """The (file, destination) moves for `files.publish` that put the model `save`d at `staged`
-    at `path`: its sidecar, if it has one, then the model.
-
-    The sidecar may replace an existing file only if the model now at `path` (the one being
-    replaced, e.g. by a re-run) keeps its external data there; any other file of that name
-    belongs to someone else and is refused (EdgegraphError).
-    """
-    moves = [(staged, path)]
-    data, destination = sidecar_path(staged), sidecar_path(path)
-    if data.exists():
-        if os.path.lexists(destination) and destination.name not in _external_locations(path):
-            raise EdgegraphError(f"{destination} exists and is not the external data of {path}: "
-                                 "it would be overwritten; move it away or choose another output name")
-        moves.insert(0, (data, destination))
-    return moves
-
-
-def _external_locations(path: Path) -> set[str]:
-    """The external-data locations the model file at `path` names (none if it is not a model)."""
-    try:
-        proto = _parse(path.read_bytes(), str(path))
-    except (OSError, ModelLoadError):
-        return set()
-    return {entry.value for tensor in validate.tensors(proto) if validate.uses_external_data(tensor)
-            for entry in tensor.external_data if entry.key == "location"}
-
-
-def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The files beside the model at `path` that hold its external data (those that exist)."""
-    path = Path(path)
-    found = [path.parent / location for location in sorted(_external_locations(path))]
-    return [f for f in found if f.is_file()]
-
-
-def _write_proto(proto: onnx.ModelProto, path: Path) -> None:
-    try:
-        data = proto.SerializeToString()
-    except Exception as exc:  # noqa: BLE001 - protobuf's EncodeError or ValueError past 2 GiB
-        raise EdgegraphError(f"cannot write {path.name}: the model is too big for one file ({exc}); "
-                             "save it with external data") from None
-    path.write_bytes(data)
 
 
 def infer_shapes(proto: onnx.ModelProto, *, what: str | None = None) -> onnx.ModelProto:
@@ -937,14 +759,26 @@ def consumers(tensor: gs.Tensor) -> list[gs.Node]:
     return list(tensor.outputs)
 
 
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of an initializer or of a Constant node's output; None when computed at run time."""
+def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output; None when computed at run time.
+
+    Never loads types numpy cannot represent exactly (`is_opaque`): reading those through gs
+    would change their dtype, so they count as unknown.
+    """
+    if tensor is None:
+        return None
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return None if is_opaque(tensor) else np.asarray(tensor.values)
     node = producer(tensor)
-    if node is not None and node.op == "Constant" and node.attrs.get("value") is not None:
-        value = node.attrs["value"]
-        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+    if node is None or node.op != "Constant" or not is_standard(node):
+        return None
+    attr = node.attrs.get("value")
+    if isinstance(attr, gs.Constant):
+        return None if is_opaque(attr) else np.asarray(attr.values)
+    for name, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
+                        ("value_ints", np.int64)):
+        if name in node.attrs:
+            return np.array(node.attrs[name], dtype=dtype)
     return None
 
 
@@ -973,6 +807,13 @@ def substitute(items: list, old, new) -> None:
     for index, item in enumerate(items):
         if item is old:
             items[index] = new
+
+
+def set_inputs(node: gs.Node, tensors: Iterable[gs.Tensor]) -> None:
+    """Replace all inputs of `node` (gs lists cannot be slice-assigned; see `substitute`)."""
+    tensors = list(tensors)  # (may be computed from node.inputs itself)
+    node.inputs.clear()
+    node.inputs.extend(tensors)
 
 
 def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
@@ -1112,7 +953,7 @@ def folded_value(tensor: gs.Tensor, opset: int, max_nodes: int = 16) -> np.ndarr
 
     Covers what exporters leave in front of weights and biases, e.g. `Cast(int8 weight) * scale`
     (weight-only quantized models) or `Reshape(bias, shape)` (paddle2onnx); the few nodes are
-    evaluated with onnx's reference implementation. Gives up (None) beyond `max_nodes` nodes,
+    evaluated in onnxruntime (`evaluate`). Gives up (None) beyond `max_nodes` nodes,
     on custom domains, subgraphs and random ops.
     """
     value = constant_value(tensor)
@@ -1154,19 +995,61 @@ def folded_value(tensor: gs.Tensor, opset: int, max_nodes: int = 16) -> np.ndarr
 
     for node in nodes.values():
         place(node)
-    from onnx.reference import ReferenceEvaluator
+    return evaluate(ordered, [onnx.helper.make_opsetid("", opset)], leaves).get(tensor.name)
 
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs], **n.attrs)
-         for n in ordered],
-        "folded",
-        [],
-        [onnx.helper.make_value_info(tensor.name, onnx.TypeProto())],
-        [onnx.numpy_helper.from_array(np.asarray(v), name) for name, v in leaves.items()],
-    )
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+
+def evaluate(nodes: list[gs.Node], opsets: Sequence[onnx.OperatorSetIdProto],
+             known: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Run `nodes` (topologically sorted, reading only constants and the `known` values by name)
+    in onnxruntime; returns every output it could compute by name. A failing batch is retried
+    node by node.
+
+    The one constant evaluator: onnxruntime's numerics, so a folded value is bit-identical to
+    what the model computed at run time (onnx's reference evaluator differs in the last bits).
+    """
     try:
-        return np.asarray(ReferenceEvaluator(proto).run([tensor.name], {})[0])
-    except Exception as exc:  # noqa: BLE001 - the reference evaluator raises many types
-        logger.debug("cannot fold %s: %s", tensor.name, exc)
-        return None
+        return _evaluate(nodes, opsets, known)
+    except Exception as exc:  # noqa: BLE001 - ORT raises assorted types for unsupported ops
+        logger.debug("batched constant evaluation failed (%s); evaluating node by node", exc)
+    known = known or {}
+    values: dict[str, np.ndarray] = {}
+    for node in nodes:
+        extra = {t.name: v for t in node.inputs if (v := values.get(t.name, known.get(t.name))) is not None}
+        try:
+            values.update(_evaluate([node], opsets, extra))
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("cannot evaluate %s (%s): %s", node.name, node.op, exc)
+    return values
+
+
+def _evaluate(nodes: list[gs.Node], opsets, extra: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    import onnxruntime as ort  # (here: importing edgegraph.ir stays light for the CLI)
+
+    extra = extra or {}
+    produced = {o.name for n in nodes for o in n.outputs}
+    initializers, seen = [], set()
+    for node in nodes:
+        for t in node.inputs:
+            if not t.name or t.name in produced or t.name in seen:
+                continue
+            seen.add(t.name)
+            if t.name in extra:
+                initializers.append(onnx.numpy_helper.from_array(np.asarray(extra[t.name]), t.name))
+            elif isinstance(t, gs.Constant):
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(OnnxExporter.export_tensor_proto(t))
+                tensor.name = t.name
+                initializers.append(tensor)
+            else:
+                initializers.append(onnx.numpy_helper.from_array(constant_value(t), t.name))
+    outputs = [onnx.ValueInfoProto(name=name) for name in dict.fromkeys(o.name for n in nodes for o in n.outputs)]
+    graph = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "fold", [], outputs, initializers)
+    model = onnx.helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = max(7, onnx.helper.find_min_ir_version_for(list(opsets), ignore_unknown=True))
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {})))

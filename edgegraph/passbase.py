@@ -35,6 +35,9 @@ class PassResult:
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    # Only for a pass that `extends_interface`: a value for each graph input it added under which
+    # the model computes what it did before (a stateful model's initial state).
+    new_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,12 @@ class Pass:
     `ensures(model, ctx)` are optional pre- and post-conditions that raise PreconditionError /
     PostconditionError. The manager removes dead nodes and re-sorts after a pass that reports a
     change.
+
+    No pass may change the graph's inputs and outputs (users and runtimes address the model by
+    them), except one that sets `extends_interface`: it may add inputs and outputs after the
+    existing ones (a state the application feeds back, `frame-cache`), and returns in
+    `PassResult.new_inputs` the values of its new inputs under which the model computes what it
+    did; the manager feeds them when it verifies this pass and the later ones.
     """
 
     name: ClassVar[str] = ""
@@ -61,6 +70,7 @@ class Pass:
     exact: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset()
     knob: ClassVar[str] = ""
+    extends_interface: ClassVar[bool] = False
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         raise NotImplementedError

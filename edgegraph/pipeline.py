@@ -86,6 +86,7 @@ def run_pipeline(model: ir.Model, passes: Sequence[Pass], ctx: PassContext, *,
             continue  # a prerequisite that already ran on this very model
         position = len(report.passes) + 1
         record = _run_one(p, position, model, ctx, checker, interface, wanted_by)
+        interface = _interface(model)  # (grown by a pass that `extends_interface`)
         report.passes.append(record)
         settled = [*settled, p] if not record.modified else [p]
     if checker:
@@ -132,9 +133,11 @@ def _run_one(p: Pass, position: int, model: ir.Model, ctx: PassContext, checker:
         if getattr(exc, "exit_code", None) == 2:  # a user error found while running (e.g. bad data)
             raise
         raise PassFailure(f"pass {position} '{p.name}' failed: {type(exc).__name__}: {exc}") from exc
-    change = _interface_change(interface, _interface(model))
+    change = _interface_change(interface, _interface(model), extends=p.extends_interface)
     if change:  # users and runtimes address a model by these names: no pass may touch them
         raise PassFailure(f"pass '{p.name}' {change}")
+    if result.new_inputs and checker:
+        checker.feed(result.new_inputs)
     record = PassRecord(p.name, format_pass(p), result.modified, time.perf_counter() - start, result.stats,
                         result.details, wanted_by=wanted_by)
     checked = ""
@@ -153,14 +156,16 @@ def _interface(model: ir.Model) -> tuple[list[str], list[str]]:
     return [t.name for t in model.graph.inputs], [t.name for t in model.graph.outputs]
 
 
-def _interface_change(before: tuple[list[str], list[str]], after: tuple[list[str], list[str]]) -> str | None:
-    """What a pass did to the graph's input and output names (and order), in a few words; None if nothing."""
+def _interface_change(before: tuple[list[str], list[str]], after: tuple[list[str], list[str]], *,
+                      extends: bool = False) -> str | None:
+    """What a pass did to the graph's input and output names (and order), in a few words; None if
+    nothing, or (`extends`) if it only added names after the existing ones."""
     def names(items: list[str]) -> str:
         listed = ", ".join(shown(name, NAME_LIMIT) for name in items[:3])
         return listed + (f" and {len(items) - 3} more" if len(items) > 3 else "")
 
     for kind, old, new in zip(("input", "output"), before, after):
-        if old == new:
+        if old == new or (extends and new[:len(old)] == old):
             continue
         removed, added = [n for n in old if n not in new], [n for n in new if n not in old]
         if removed:
@@ -249,7 +254,9 @@ class _Checker:
         if isolated:
             return runtime.outputs_isolated(model, self.batches, threads=self.ctx.threads, optimize=optimize)
         sess = runtime.session(model, threads=self.ctx.threads, optimize=optimize)
-        return [runtime.run(sess, feeds) for feeds in self.batches]
+        # (A model from before a pass that added inputs, `feed`, is not fed them.)
+        taken = {i.name for i in sess.get_inputs()}
+        return [runtime.run(sess, {k: v for k, v in feeds.items() if k in taken}) for feeds in self.batches]
 
     def step(self, model: ir.Model, name: str, *, exact: bool,
              before: onnx.ModelProto | None = None) -> dict[str, verify.OutputMetrics]:
@@ -288,6 +295,10 @@ class _Checker:
                 raise VerificationError(name, *violation, seed=self.ctx.seed)
         self.previous = deployed  # later steps and the summary compare models as deployed
         return metrics
+
+    def feed(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """From now on also feed `inputs` (the initial state a pass that extends the interface added)."""
+        self.batches = [batch | dict(inputs) for batch in self.batches]
 
     def against_original(self) -> dict[str, verify.OutputMetrics]:
         return verify.compare_all(self.original, self.previous, scores=self.scores)

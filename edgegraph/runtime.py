@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from edgegraph import ir
+from edgegraph import ir, modelio
 from edgegraph.errors import NAME_LIMIT, CalibrationDataError, EdgegraphError, shown
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def session(model, *, threads: int = 1, optimize: bool | str = False) -> ort.Inf
         return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
     folder = Path(tempfile.mkdtemp(prefix="edgegraph-ort-"))
     try:
-        path = ir.save(model, folder / "model.onnx", external_data=True)
+        path = modelio.save(model, folder / "model.onnx", external_data=True)
         sess = ort.InferenceSession(str(path), options, providers=providers)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from edgegraph import ir, runtime, validate, verify
+from edgegraph import ir, modelio, runtime, validate, verify
 from edgegraph.analysis import capture, encoding
 from edgegraph.context import CalibrationData
 from edgegraph.errors import CalibrationDataError, EdgegraphError
@@ -129,7 +129,7 @@ def model_stats(model, *, fix_shapes: Mapping[str, Sequence[int]] | None = None,
             size_bytes = ir.proto_size(model)
         elif isinstance(model, bytes | bytearray):
             size_bytes = len(model)
-    loaded = model if isinstance(model, ir.Model) else ir.load(model)
+    loaded = model if isinstance(model, ir.Model) else modelio.load(model)
     proto = loaded.to_proto(weights=False)
     if size_bytes is None:
         size_bytes = serialized_size(loaded, proto)
@@ -212,7 +212,7 @@ def observed_shapes(model: ir.Model, feeds: runtime.Feeds) -> dict[str, tuple[in
 def disk_size(path: str | Path) -> int:
     """Bytes of a model file plus the external data files it references (each counted once).
 
-    Meant for a model `ir.load` accepted: its external data then passes `validate.external_data`."""
+    Meant for a model `modelio.load` accepted: its external data then passes `validate.external_data`."""
     path = Path(path)
     proto = onnx.load_model(str(path), load_external_data=False)
     files = {validate.external_data(t, path.parent, str(path)).path

@@ -187,3 +187,33 @@ def format_bench(rows: list[dict]) -> str:
     if compared:
         lines.append(f"(agreement over {rows[0]['samples']} samples, worst output shown)")
     return "\n".join(lines)
+
+
+def format_merge(report: dict) -> str:
+    """`edgegraph merge`'s summary: what each task shares and owns, its check, the sum of the
+    separate models against the merged one."""
+    rows = [["task", "nodes", "shared", "own", "weights shared", "check"]]
+    for name, task in report["tasks"].items():
+        check = report["deviation"][name]
+        text = ("not checked" if check["bitwise"] is None else "bitwise" if check["bitwise"] else
+                f"SQNR {_number(check['worst_sqnr_db'], 3)} dB")
+        rows.append([name, str(task["nodes"]), str(task["nodes_shared"]), str(task["nodes_own"]),
+                     str(task["weights_shared"]), text])
+    lines = columns(rows, "<>>>><")
+    if report.get("note"):
+        lines.append(report["note"])
+    if report.get("near_equal_weights"):
+        worst = max(w["relative_difference"] for w in report["near_equal_weights"])
+        lines.append(f"{len(report['near_equal_weights'])} weight(s) within --tolerance taken as equal "
+                     f"(largest relative difference {worst:.3g}; the report lists them)")
+    measured = report.get("measured")
+    if measured:
+        before, after = measured["before_sum"], measured["after"]
+        table = [["", "separate (sum)", "merged", "change"]]
+        for key, label, show in (("size_bytes", "size", lambda v: human(v, "B", binary=True)),
+                                 ("params", "params", human), ("macs", "MACs", human),
+                                 ("nodes", "nodes", str), ("latency_ms", "latency ms", _ms)):
+            table.append([label, "-" if before[key] is None else show(before[key]),
+                          "-" if after[key] is None else show(after[key]), _change(before[key], after[key])])
+        lines += ["", *columns(table, "<>>>"), f"latency: {measured['latency_note']}"]
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Is this a model we accept? The checks `ir.load` runs once on every model it reads.
+"""Is this a model we accept? The checks `modelio.load` runs once on every model it reads.
 
 A model file is hostile input: its external-data references are paths chosen by whoever wrote
 it, and its graph may be anything protobuf can parse. Three rules live here:
@@ -10,7 +10,7 @@ it, and its graph may be anything protobuf can parse. Three rules live here:
   model's own folder (after resolving symlinks), no absolute path, no `..`, offset and length
   decimal whole numbers, the bytes within the file and as many as dims x dtype need. Nothing
   else in edgegraph opens a tensor's data file. A model given as bytes or a ModelProto has no
-  folder: its external data is refused unless the caller names one (`ir.load(..., base_dir=)`).
+  folder: its external data is refused unless the caller names one (`modelio.load(..., base_dir=)`).
 - `check(proto, ...)` refuses models that are not valid ONNX: the onnx checker, plus what it
   misses (opsets that do not exist, data longer than the dims, repeated graph outputs) and
   clearer words for what it reports as "not topologically sorted" (undefined tensors, cycles).

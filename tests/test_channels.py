@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgegraph import ir, runtime
+from edgegraph import ir, modelio, runtime
 from edgegraph.analysis import channels
 from fixtures import channels as fx
 
@@ -130,7 +130,7 @@ def test_unprunable_group_refuses_surgery():
 @pytest.mark.skipif(not SHARED, reason=f"no shared models in {MODELS}")
 @pytest.mark.parametrize("path", SHARED, ids=[p.parent.name + "/" + p.stem for p in SHARED])
 def test_shared_model_groups_cut_exactly(path):
-    model = ir.load(path)
+    model = modelio.load(path)
     start = time.perf_counter()
     found = channels.groups(model.graph)
     assert time.perf_counter() - start < 20

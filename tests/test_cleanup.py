@@ -10,7 +10,7 @@ import pytest
 from conftest import model_id, shared_model_paths
 
 import edgegraph
-from edgegraph import ir, runtime
+from edgegraph import modelio, runtime
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.errors import PassOptionError
 from edgegraph.registry import get_pass
@@ -51,7 +51,7 @@ def apply(model: onnx.ModelProto, spec: str) -> onnx.ModelProto:
 def run_pass(model: onnx.ModelProto, spec: str):
     """The PassResult of running `spec` (one pass) directly on `model`."""
     (p,) = parse(spec)
-    return p.run(ir.load(model), PassContext(progress=False))
+    return p.run(modelio.load(model), PassContext(progress=False))
 
 
 # spec, fixture, op types after (sorted)
@@ -252,7 +252,7 @@ def test_cleanup_on_real_model(path):
         else:
             feeds = feeds_for(model, batch=1)
         (p,) = parse("cleanup")
-        loaded = ir.load(model)
+        loaded = modelio.load(model)
         before = sum(len(g.nodes) for g in [loaded.graph])
         cleaned = edgegraph.optimize(model, [p], verify=False)
     finally:

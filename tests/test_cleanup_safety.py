@@ -17,7 +17,7 @@ from conftest import MODELS, model_id, require_shared, shared_model_paths
 from onnx import helper, numpy_helper
 
 import edgegraph
-from edgegraph import ir, runtime, verify
+from edgegraph import ir, modelio, runtime, verify
 from edgegraph.cli import main
 from edgegraph.context import PassContext, VerifyConfig
 from edgegraph.errors import PassFailure, VerificationError
@@ -127,11 +127,11 @@ class SwapOutputs(Pass):
 def test_manager_refuses_a_pass_that_touches_graph_io():
     off = PassContext(progress=False, verify=VerifyConfig(enabled=False))
     with pytest.raises(PassFailure, match=r"^pass 'test-rename-input' removed graph input\(s\) X \(now X_1\)$"):
-        run_pipeline(ir.load(fx.nested_constant_ifs()), [RenameInput()], off)
+        run_pipeline(modelio.load(fx.nested_constant_ifs()), [RenameInput()], off)
     two = fx.make([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["x"], ["b"])],
                   [("x", fx.F, [2])], [("a", fx.F, [2]), ("b", fx.F, [2])])
     with pytest.raises(PassFailure, match=r"^pass 'test-swap-outputs' reordered the graph outputs$"):
-        run_pipeline(ir.load(two), [SwapOutputs()], off)
+        run_pipeline(modelio.load(two), [SwapOutputs()], off)
 
 
 # --- exact passes do not grow the file ---------------------------------------------------------
@@ -139,7 +139,7 @@ def test_manager_refuses_a_pass_that_touches_graph_io():
 
 def test_a_weight_several_graphs_read_is_stored_once():
     model = vad_model()
-    written = ir.load(model).to_proto()  # no pass: only what loading and writing do
+    written = modelio.load(model).to_proto()  # no pass: only what loading and writing do
     assert weight_bytes(written) == weight_bytes(model)  # was 1.7x: the LSTM weights once per branch
     assert {"W2d", "R2d", "B1d", "Wout"} <= {t.name for t in written.graph.initializer}
     branches = [a.g for n in written.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
@@ -284,12 +284,12 @@ class NudgeScale(Pass):
 def test_float16_outputs_get_float16_tolerance():
     ctx = PassContext(progress=False, verify=VerifyConfig(samples=4))
     # One unit of float16 rounding (relative to the max) is what float16 can hold: accepted.
-    _, report = run_pipeline(ir.load(fp16_scale_model()), [NudgeScale(units=1)], ctx)
+    _, report = run_pipeline(modelio.load(fp16_scale_model()), [NudgeScale(units=1)], ctx)
     metrics = report.passes[0].metrics["y"]
     assert metrics.dtype == "float16" and 0 < metrics.max_abs < 2 * 2.0**-10 * metrics.ref_max_abs
     # Ten units is a real error: caught, against float16's threshold.
     with pytest.raises(VerificationError) as caught:
-        run_pipeline(ir.load(fp16_scale_model()), [NudgeScale(units=10)], ctx)
+        run_pipeline(modelio.load(fp16_scale_model()), [NudgeScale(units=10)], ctx)
     error = caught.value
     assert error.value > 5 * 2.0**-10 * metrics.ref_max_abs
     assert error.threshold == pytest.approx(1e-5 + verify.ROUNDING_UNITS * 2.0**-10 * metrics.ref_max_abs)

@@ -14,7 +14,7 @@ import pytest
 from clihelp import run_cli
 from conftest import MODELS, REPO, require_shared
 
-from edgegraph import ir, stats
+from edgegraph import ir, modelio, stats
 from edgegraph.analysis import encoding
 from fixtures import encoded as fx
 
@@ -52,7 +52,7 @@ def _outputs(path, inputs) -> np.ndarray:
 
 def _weights(path) -> list[tuple[str, str, tuple, tuple]]:
     """(reader op, encoding kind, decode ops, payload (name, dtype, bytes)) of every encoded weight."""
-    graph = ir.load(path).graph
+    graph = modelio.load(path).graph
     found = []
     for tensor, code in encoding.decoded_weights(graph):
         payload = tuple((c.name, np.dtype(c._values.dtype).name, ir.stored_nbytes(c)) for c in code.payload)
@@ -144,7 +144,7 @@ def test_predicate_sees_encodings_and_nothing_else():
 
 def _minilm_weights(path) -> list[tuple[str, str, tuple]]:
     return sorted((code.kind, tensor.outputs[0].op, tuple((c.name, np.dtype(c._values.dtype).name) for c in code.payload))
-                  for tensor, code in encoding.decoded_weights(ir.load(path).graph) if code.kind == "scaled")
+                  for tensor, code in encoding.decoded_weights(modelio.load(path).graph) if code.kind == "scaled")
 
 
 @pytest.mark.parametrize("pipeline", ["cleanup", "quant,cleanup"])
@@ -160,7 +160,7 @@ def test_minilm_keeps_its_int8_weights(capsys, tmp_path, pipeline):
     assert target.stat().st_size <= source.stat().st_size  # 22928619 -> 22921148 (cleanup), 22925703 (quant)
     weights = _minilm_weights(source)
     assert len(weights) == 38 and _minilm_weights(target) == weights
-    graph = ir.load(target).graph
+    graph = modelio.load(target).graph
     assert not any(encoding.encoded(n.inputs[0]) for n in graph.nodes if n.op == "QuantizeLinear")
     before, after = stats.model_stats(source), stats.model_stats(target)
     assert before.params == 22565382 and after.params == before.params  # (22617152 counting the scales as weights)

@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import DATA, MODELS, require_shared
 
-from edgegraph import ir, runtime
+from edgegraph import ir, modelio, runtime
 from edgegraph.context import CalibrationData, ImagePreprocess, PassContext, VerifyConfig
 from edgegraph.errors import MissingRequirementError, PassOptionError
 from edgegraph.passes.quant import numerics as nq
@@ -21,7 +21,7 @@ TIGHT = VerifyConfig(samples=8, rtol=1e-5, atol=1e-5)
 
 def equalize(model, spec="equalize", calibration=None, verify=TIGHT):
     ctx = PassContext(calibration=calibration, progress=False, verify=verify)
-    out, report = run_pipeline(ir.load(model), parse(spec), ctx)
+    out, report = run_pipeline(modelio.load(model), parse(spec), ctx)
     return out, report.passes[0]
 
 
@@ -113,7 +113,7 @@ def test_unsafe_pairs_are_left_alone():
     proto = fx.not_equalizable()
     out, record = equalize(proto, "equalize(clip=rescale)")
     assert not record.modified and record.stats["pairs"] == 0
-    before = {t.name: t.values for t in ir.load(proto).graph.tensors().values() if isinstance(t, gs.Constant)}
+    before = {t.name: t.values for t in modelio.load(proto).graph.tensors().values() if isinstance(t, gs.Constant)}
     after = {t.name: t.values for t in out.graph.tensors().values() if isinstance(t, gs.Constant)}
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
 
@@ -197,7 +197,7 @@ def test_real_models_keep_their_outputs(path):
         return
     assert record.modified and record.stats["range_ratio_after"] < record.stats["range_ratio_before"]
     feeds = {k: v for k, v in next(calib.batches(16)).items()}
-    assert_same_outputs(ir.load(model_path), out, feeds, rtol=1e-4)
+    assert_same_outputs(modelio.load(model_path), out, feeds, rtol=1e-4)
 
 
 def fake_quantize_weights(model: ir.Model, qt: str) -> ir.Model:
@@ -215,7 +215,7 @@ def test_cifar_per_tensor_int4_weights_agree_more_after_equalization():
     path = require_shared(MODELS / "cifar10_cnn_pytorch_tutorial/ImageClassifier.onnx")
     images = np.load(require_shared(DATA / "cifar10_test_subset/cifar10_test_500.npz"))["images"]
     feeds = {"modelInput": (images.astype(np.float32) / 127.5 - 1).transpose(0, 3, 1, 2)}
-    original = ir.load(path)
+    original = modelio.load(path)
     equalized, _ = equalize(path)
     reference = outputs(original, feeds)["modelOutput"].argmax(1)
 
@@ -232,7 +232,7 @@ def test_deeplab_per_tensor_int8_segmentation_improves_with_relu6_rescaling():
     preprocess = ImagePreprocess(size=(257, 257), resize=None, mean=(1.0,) * 3, std=(1.0,) * 3, scale=1 / 127.5,
                                  layout="NHWC")
     data = CalibrationData.from_images(folder, "sub_7", preprocess).take(4, start=40)
-    original = ir.load(path)
+    original = modelio.load(path)
     equalized, record = equalize(path, "equalize(clip=rescale)", calibration=data,
                                  verify=VerifyConfig(samples=2, rtol=1e-4, atol=1e-5))
     assert record.stats["pairs"] >= 30 and record.stats["clips_rescaled"] >= 20
@@ -260,7 +260,7 @@ def test_deeplab_static_per_tensor_quantization_improves():
                                  layout="NHWC")
     data = CalibrationData.from_images(folder, "sub_7", preprocess)
     calibration, evaluation = data.take(8), data.take(4, start=200)
-    original = ir.load(path)
+    original = modelio.load(path)
     samples = [evaluation.sample(i)["sub_7"][None] for i in range(len(evaluation))]
     ref = [outputs(original, {"sub_7": s})["ResizeBilinear_3"] for s in samples]
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import DEFAULT_DIR
-from edgegraph import floor, ir, registry, runtime, verify
+from edgegraph import floor, ir, modelio, registry, runtime, verify
 from edgegraph.cli import main
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.errors import EdgegraphError, FloorViolation
@@ -218,10 +218,10 @@ def test_verify_config_floor_names_pass_and_metric(noisy_pass):
     data = CalibrationData.from_arrays(dict(np.load(CALIB)))
     ctx = PassContext(calibration=data, progress=False, verify=VerifyConfig(min_cosine=0.9999))
     with pytest.raises(FloorViolation) as caught:
-        run_pipeline(ir.load(str(MODEL)), parse("test-noisy"), ctx)
+        run_pipeline(modelio.load(str(MODEL)), parse("test-noisy"), ctx)
     assert caught.value.exit_code == 1
     assert (caught.value.pass_name, caught.value.metric, caught.value.bound) == ("test-noisy", "cosine", 0.9999)
     assert 0.98 < caught.value.value < 0.9999
     # No floor: the same pass is only reported.
-    _, report = run_pipeline(ir.load(str(MODEL)), parse("test-noisy"), PassContext(calibration=data, progress=False))
+    _, report = run_pipeline(modelio.load(str(MODEL)), parse("test-noisy"), PassContext(calibration=data, progress=False))
     assert report.passes[-1].metrics["logits"].cosine == pytest.approx(caught.value.value, abs=1e-6)

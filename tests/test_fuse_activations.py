@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgegraph import ir, runtime
+from edgegraph import modelio, runtime
 from edgegraph.context import PassContext
 from edgegraph.passbase import settle
 from edgegraph.passes.cleanup import FuseActivations
@@ -35,7 +35,7 @@ def hard_swish(opset: int = 17, sigmoid_only: bool = False) -> onnx.ModelProto:
     (17, False, ["HardSwish"]), (13, False, ["HardSigmoid", "Mul"]), (17, True, ["HardSigmoid"])])
 def test_hard_activations_become_one_op_with_the_same_outputs(opset, sigmoid_only, ops):
     proto = hard_swish(opset, sigmoid_only)
-    model = ir.load(proto)
+    model = modelio.load(proto)
     result = FuseActivations().run(model, PassContext(progress=False))
     assert result.modified
     assert sum(result.stats.values()) == 1

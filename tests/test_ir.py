@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import DEFAULT_DIR
-from edgegraph import ir, runtime
+from edgegraph import ir, modelio, runtime
 from edgegraph.context import CalibrationData
 from edgegraph.errors import EdgegraphError, ModelLoadError
 from fixtures import core
@@ -48,8 +48,8 @@ def file_state(folder):
 def test_load_from_path_bytes_proto_and_model_agree():
     proto = onnx.load(DIGITS)
     feeds = {"input": np.load(DEFAULT_DIR / "digits_eval.npz")["input"][:8]}
-    for source in (DIGITS, str(DIGITS), DIGITS.read_bytes(), proto, ir.load(DIGITS)):
-        model = ir.load(source)
+    for source in (DIGITS, str(DIGITS), DIGITS.read_bytes(), proto, modelio.load(DIGITS)):
+        model = modelio.load(source)
         assert isinstance(model, ir.Model)
         assert [t.name for t in model.graph.inputs] == ["input"]
         assert model.graph.outputs[0].shape == ["batch", 10]
@@ -59,9 +59,9 @@ def test_load_from_path_bytes_proto_and_model_agree():
 def test_load_never_changes_its_source():
     proto = onnx.load(DIGITS)
     before = proto.SerializeToString()
-    model = ir.load(proto)
+    model = modelio.load(proto)
     model.graph.nodes.clear()
-    ir.load(model).graph.outputs.clear()
+    modelio.load(model).graph.outputs.clear()
     assert proto.SerializeToString() == before
     assert len(model.graph.outputs) == 1
 
@@ -79,7 +79,7 @@ def test_load_never_changes_its_source():
 def test_load_errors_say_what_is_wrong(tmp_path, make, message):
     path = make(tmp_path)
     with pytest.raises(ModelLoadError, match=message) as caught:
-        ir.load(path)
+        modelio.load(path)
     assert str(path) in str(caught.value)
     assert "\n" not in str(caught.value)
 
@@ -91,21 +91,21 @@ def _write(path, data: bytes):
 
 def test_load_errors_for_bytes_and_protos():
     with pytest.raises(ModelLoadError, match="the given bytes is not a valid ONNX model"):
-        ir.load(DIGITS.read_bytes()[:20000])
+        modelio.load(DIGITS.read_bytes()[:20000])
     with pytest.raises(ModelLoadError, match="the given ModelProto is not an ONNX model"):
-        ir.load(onnx.ModelProto())
+        modelio.load(onnx.ModelProto())
     no_outputs = onnx.load(DIGITS)
     del no_outputs.graph.output[:]
     with pytest.raises(ModelLoadError, match="has no graph outputs"):
-        ir.load(no_outputs)
+        modelio.load(no_outputs)
 
 
 def test_load_error_for_missing_or_escaping_external_data(tmp_path):
-    path = ir.save(ir.load(DIGITS), tmp_path / "model.onnx", external_data=True)
+    path = modelio.save(modelio.load(DIGITS), tmp_path / "model.onnx", external_data=True)
     data = tmp_path / "model.onnx.data"
     data.rename(tmp_path / "elsewhere.data")
     with pytest.raises(ModelLoadError, match="external data file 'model.onnx.data' .* missing"):
-        ir.load(path)
+        modelio.load(path)
     proto = onnx.load(path, load_external_data=False)
     for tensor in proto.graph.initializer:
         for entry in tensor.external_data:
@@ -114,7 +114,7 @@ def test_load_error_for_missing_or_escaping_external_data(tmp_path):
     (tmp_path / "sub").mkdir()
     onnx.save(proto, tmp_path / "sub" / "model.onnx")
     with pytest.raises(ModelLoadError, match="outside the model's folder"):
-        ir.load(tmp_path / "sub" / "model.onnx")
+        modelio.load(tmp_path / "sub" / "model.onnx")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def test_save_round_trip_keeps_model_fields(tmp_path):
     proto.producer_name, proto.producer_version = "some-exporter", "4.2"
     proto.domain, proto.model_version = "com.example", 12
     helper.set_model_props(proto, {"author": "me", "labels": "a,b,c"})
-    saved = onnx.load(ir.save(ir.load(proto), tmp_path / "out.onnx"))
+    saved = onnx.load(modelio.save(modelio.load(proto), tmp_path / "out.onnx"))
     assert saved.ir_version == 7
     assert {o.domain: o.version for o in saved.opset_import} == {"": 13, "com.microsoft": 1}
     assert saved.doc_string == "a doc string"
@@ -141,7 +141,7 @@ def test_save_round_trip_keeps_model_fields(tmp_path):
 @pytest.mark.parametrize("name", sorted(core.all_models()))
 def test_save_round_trip_of_core_models(tmp_path, name):
     proto = core.all_models()[name]
-    saved = onnx.load(ir.save(ir.load(proto), tmp_path / "out.onnx"))
+    saved = onnx.load(modelio.save(modelio.load(proto), tmp_path / "out.onnx"))
     onnx.checker.check_model(saved)
     assert saved.ir_version == proto.ir_version
     assert len(saved.functions) == len(proto.functions)
@@ -153,25 +153,25 @@ def test_save_does_not_touch_the_input_file(tmp_path):
     source.parent.mkdir()
     source.write_bytes(DIGITS.read_bytes())
     before = file_state(source.parent)
-    model = ir.load(source)
-    ir.save(model, tmp_path / "out.onnx")
-    ir.save(model, tmp_path / "out_ext.onnx", external_data=True)
+    model = modelio.load(source)
+    modelio.save(model, tmp_path / "out.onnx")
+    modelio.save(model, tmp_path / "out_ext.onnx", external_data=True)
     assert file_state(source.parent) == before
 
 
 def test_save_over_the_input_file(tmp_path):
     path = tmp_path / "model.onnx"
-    ir.save(ir.load(DIGITS), path, external_data=True)
-    model = ir.load(path)  # weights are mapped from model.onnx.data
-    ir.save(model, path, external_data=True)
-    ir.save(model, path, external_data=True)
+    modelio.save(modelio.load(DIGITS), path, external_data=True)
+    model = modelio.load(path)  # weights are mapped from model.onnx.data
+    modelio.save(model, path, external_data=True)
+    modelio.save(model, path, external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert_same_outputs(DIGITS, path, random_feeds(DIGITS))
 
 
 @pytest.mark.parametrize("external_data", [False, True])
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, external_data):
-    model = ir.load(DIGITS)
+    model = modelio.load(DIGITS)
     old = tmp_path / "kept.onnx"
     old.write_bytes(b"previous contents")
 
@@ -179,26 +179,26 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, external_data)
         path.write_bytes(proto.SerializeToString()[:100])  # half-written, then the disk is full
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ir, "_write_proto", failing_write)
+    monkeypatch.setattr(modelio, "_write_proto", failing_write)
     for target in (tmp_path / "new.onnx", old):
         with pytest.raises(OSError, match="No space left"):
-            ir.save(model, target, external_data=external_data)
+            modelio.save(model, target, external_data=external_data)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.onnx"]
     assert old.read_bytes() == b"previous contents"
 
 
 def test_save_errors(tmp_path):
-    model = ir.load(DIGITS)
+    model = modelio.load(DIGITS)
     with pytest.raises(EdgegraphError, match="is a directory"):
-        ir.save(model, tmp_path)
+        modelio.save(model, tmp_path)
     with pytest.raises(EdgegraphError, match="does not exist"):
-        ir.save(model, tmp_path / "missing" / "out.onnx")
+        modelio.save(model, tmp_path / "missing" / "out.onnx")
 
 
 def test_save_of_a_model_proto_with_external_data_leaves_the_proto_alone(tmp_path):
     proto = onnx.load(DIGITS)
     before = proto.SerializeToString()
-    ir.save(proto, tmp_path / "out.onnx", external_data=True)
+    modelio.save(proto, tmp_path / "out.onnx", external_data=True)
     assert proto.SerializeToString() == before
     assert (tmp_path / "out.onnx.data").stat().st_size > 0
     assert_same_outputs(proto, tmp_path / "out.onnx", random_feeds(proto))
@@ -224,14 +224,14 @@ EXPECTED_SHAPES = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SHAPES))
 def test_shape_inference_on_exporter_shapes(name):
-    model = ir.load(core.all_models()[name])
+    model = modelio.load(core.all_models()[name])
     tensors = model.graph.tensors()
     for tensor, shape in EXPECTED_SHAPES[name].items():
         assert tensors[tensor].shape == shape, tensor
 
 
 def test_shape_inference_leaves_unknown_domains_alone():
-    model = ir.load(core.unknown_op_model())
+    model = modelio.load(core.unknown_op_model())
     tensors = model.graph.tensors()
     assert tensors["r"].shape == ["batch", 3, 8, 8]
     assert tensors["w"].shape is None
@@ -251,7 +251,7 @@ def test_shape_inference_degrades_when_onnx_fails(monkeypatch, caplog):
         return real(model, check_type=check_type, strict_mode=strict_mode, data_prop=False)
 
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes", without_data_propagation)
-    assert ir.load(proto).graph.tensors()["h"].shape == ["batch", "seq", 8]
+    assert modelio.load(proto).graph.tensors()["h"].shape == ["batch", "seq", 8]
 
     def always_fails(*args, **kwargs):
         raise RuntimeError("inference crashed")
@@ -259,14 +259,14 @@ def test_shape_inference_degrades_when_onnx_fails(monkeypatch, caplog):
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes", always_fails)
     with caplog.at_level(logging.WARNING, logger="edgegraph.ir"):
         assert ir.infer_shapes(proto) is proto
-        model = ir.load(proto)
+        model = modelio.load(proto)
     assert "shape inference failed" in caplog.text
     assert model.graph.tensors()["h"].shape is None
     assert_same_outputs(proto, model, random_feeds(proto))
 
 
 def test_fix_input_shapes():
-    model = ir.load(core.symbolic_dim_model())
+    model = modelio.load(core.symbolic_dim_model())
     ir.fix_input_shapes(model, {"x": [2, 5, 8]})
     tensors = model.graph.tensors()
     assert tensors["x"].shape == [2, 5, 8]
@@ -282,7 +282,7 @@ def test_fix_input_shapes():
 ])
 def test_fix_input_shapes_errors(shapes, message):
     with pytest.raises(EdgegraphError, match=message):
-        ir.fix_input_shapes(ir.load(core.symbolic_dim_model()), shapes)
+        ir.fix_input_shapes(modelio.load(core.symbolic_dim_model()), shapes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def test_fix_input_shapes_errors(shapes, message):
 
 
 def test_copy_shares_nothing_mutable():
-    model = ir.load(DIGITS)
+    model = modelio.load(DIGITS)
     original = outputs(model, random_feeds(model))
     clone = model.copy()
     weight = clone.graph.tensors()["stem.conv.weight"]
@@ -302,7 +302,7 @@ def test_copy_shares_nothing_mutable():
 
 
 def test_to_proto_without_weights_is_small_and_complete():
-    model = ir.load(DIGITS)
+    model = modelio.load(DIGITS)
     full, light = model.to_proto(), model.to_proto(weights=False)
     assert len(light.SerializeToString()) < len(full.SerializeToString()) / 4
     assert [t.name for t in light.graph.initializer] == [t.name for t in full.graph.initializer]
@@ -313,8 +313,8 @@ def test_to_proto_without_weights_is_small_and_complete():
 def test_proto_size_matches_serialized_size():
     proto = onnx.load(DIGITS)
     assert ir.proto_size(proto) == len(proto.SerializeToString())
-    weights = sum(t.values.nbytes for t in ir.load(proto).graph.tensors().values() if isinstance(t, gs.Constant))
-    assert ir.proto_size(ir.load(proto)) == weights
+    weights = sum(t.values.nbytes for t in modelio.load(proto).graph.tensors().values() if isinstance(t, gs.Constant))
+    assert ir.proto_size(modelio.load(proto)) == weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +332,7 @@ def _chain(*ops: str) -> onnx.ModelProto:
 
 def test_bypass_keeps_the_graph_output_name():
     proto = _chain("Relu", "Identity")
-    model = ir.load(proto)
+    model = modelio.load(proto)
     identity = next(n for n in model.graph.nodes if n.op == "Identity")
     ir.bypass(model.graph, identity)
     model.graph.cleanup().toposort()
@@ -345,7 +345,7 @@ def test_bypass_keeps_the_graph_output_name():
 def test_replace_all_uses_inserts_identity_when_the_producer_cannot_rename():
     # y = Identity(x): after bypassing, the output is the graph input itself.
     proto = _chain("Identity")
-    model = ir.load(proto)
+    model = modelio.load(proto)
     ir.bypass(model.graph, model.graph.nodes[0])
     model.graph.cleanup().toposort()
     assert [t.name for t in model.graph.outputs] == ["y"]
@@ -354,7 +354,7 @@ def test_replace_all_uses_inserts_identity_when_the_producer_cannot_rename():
 
     # The new tensor has another reader: it keeps its name, the output gets an Identity.
     proto = _chain("Relu", "Neg")
-    model = ir.load(proto)
+    model = modelio.load(proto)
     graph = model.graph
     relu_out, y = graph.tensors()["t0"], graph.tensors()["y"]
     graph.nodes.append(gs.Node("Abs", inputs=[relu_out], outputs=[gs.Variable("extra", np.float32, [2, 3])]))
@@ -370,7 +370,7 @@ def test_replace_all_uses_inserts_identity_when_the_producer_cannot_rename():
 
 
 def test_namer_avoids_taken_names_and_is_deterministic():
-    model = ir.load(_chain("Relu", "Neg"))
+    model = modelio.load(_chain("Relu", "Neg"))
     namer = ir.Namer(model.graph)
     assert namer("x") == "x_1"  # tensor name taken
     assert namer("n0") == "n0_1"  # node name taken
@@ -382,18 +382,18 @@ def test_namer_avoids_taken_names_and_is_deterministic():
 
 
 def test_iteration_covers_subgraphs_and_functions():
-    loops = ir.load(core.if_loop_model())
+    loops = modelio.load(core.if_loop_model())
     graphs = list(ir.iter_graphs(loops.graph))
     assert len(graphs) == 4  # main, then, else, body
     assert sorted(n.op for n in ir.iter_nodes(loops.graph)) == sorted(
         ["ReduceSum", "Greater", "If", "Loop", "MatMul", "MatMul", "Mul", "Add", "Identity"])
-    functions = ir.load(core.local_function_model())
+    functions = modelio.load(core.local_function_model())
     assert len(list(ir.iter_graphs(functions.graph))) == 2  # main and the function, once
     assert "Sigmoid" in {n.op for n in ir.iter_nodes(functions.graph)}
 
 
 def test_constant_value_and_helpers():
-    model = ir.load(core.opset_model(13))
+    model = modelio.load(core.opset_model(13))
     tensors = model.graph.tensors()
     np.testing.assert_array_equal(ir.constant_value(tensors["sq_axes"]), [2, 3])
     assert ir.constant_value(tensors["x"]) is None

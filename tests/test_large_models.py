@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from conftest import DEFAULT_DIR
-from edgegraph import ir, runtime
+from edgegraph import ir, modelio, runtime
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.pipeline import Pass, run_pipeline
 from edgegraph.registry import get_pass
@@ -48,29 +48,29 @@ EVAL = {"input": np.load(DEFAULT_DIR / "digits_eval.npz")["input"][:16]}
 def test_external_data_round_trip_through_passes(tmp_path):
     source = tmp_path / "in" / "digits.onnx"
     source.parent.mkdir()
-    ir.save(ir.load(DIGITS), source, external_data=True)
+    modelio.save(modelio.load(DIGITS), source, external_data=True)
     assert (source.parent / "digits.onnx.data").stat().st_size > 0
     assert source.stat().st_size < 10_000  # the weights are in the data file
     before = file_state(source.parent)
     expected = outputs(DIGITS, EVAL)
 
-    model = ir.load(source)
+    model = modelio.load(source)
     ctx = PassContext(calibration=CalibrationData.from_npz(DEFAULT_DIR / "digits_calib.npz"), progress=False)
     result, _ = run_pipeline(model, cleanup_passes(), ctx)
     optimized = outputs(result, EVAL)
     np.testing.assert_allclose(optimized["logits"], expected["logits"], rtol=1e-4, atol=1e-4)  # folding rounds
     (tmp_path / "out").mkdir()
     for name, external in (("auto.onnx", None), ("ext.onnx", True), ("inline.onnx", False)):
-        path = ir.save(result, tmp_path / "out" / name, external_data=external)
+        path = modelio.save(result, tmp_path / "out" / name, external_data=external)
         assert (path.parent / f"{name}.data").exists() == bool(external)
         assert_same_outputs(optimized, outputs(path, EVAL))
-        assert_same_outputs(optimized, outputs(ir.load(path), EVAL))
+        assert_same_outputs(optimized, outputs(modelio.load(path), EVAL))
     assert file_state(source.parent) == before
 
 
 def test_external_weights_are_mapped_not_read(tmp_path):
-    path = ir.save(ir.load(DIGITS), tmp_path / "digits.onnx", external_data=True)
-    model = ir.load(path)
+    path = modelio.save(modelio.load(DIGITS), tmp_path / "digits.onnx", external_data=True)
+    model = modelio.load(path)
     weight = model.graph.tensors()["branch3.conv.weight"]
     assert isinstance(weight.values, np.memmap) and not weight.values.flags.writeable
     # Copies share the read-only map; a pass replaces values, it cannot scribble on the file.
@@ -98,13 +98,13 @@ def test_models_past_the_proto_limit_take_the_external_data_path(tmp_path, monke
 
     monkeypatch.setattr(onnx.ModelProto, "SerializeToString", refuse_big)
     assert ir.proto_size(proto) > ir.PROTO_LIMIT
-    model = ir.load(proto)  # shape inference without serializing the weights
+    model = modelio.load(proto)  # shape inference without serializing the weights
     assert model.graph.outputs[0].shape == ["batch", 10]
     assert_same_outputs(expected, outputs(model, EVAL))  # session through a temporary folder
     assert_same_outputs(expected, outputs(proto, EVAL))
     result, report = run_pipeline(model, cleanup_passes(), PassContext(progress=False))
     assert report.metrics["logits"].max_abs < 1e-4
-    path = ir.save(result, tmp_path / "big.onnx")  # external data chosen automatically
+    path = modelio.save(result, tmp_path / "big.onnx")  # external data chosen automatically
     assert (tmp_path / "big.onnx.data").exists()
     assert_same_outputs(outputs(result, EVAL), outputs(path, EVAL))
     inferred = ir.infer_shapes(proto)
@@ -116,7 +116,7 @@ def test_models_past_the_proto_limit_take_the_external_data_path(tmp_path, monke
 
 def test_session_folder_is_removed_with_the_session(monkeypatch):
     monkeypatch.setattr(ir, "PROTO_LIMIT", 10_000)
-    sess = runtime.session(ir.load(DIGITS))
+    sess = runtime.session(modelio.load(DIGITS))
     folder = sess._edgegraph_cleanup.folder
     assert (folder / "model.onnx").exists()
     runtime.run(sess, EVAL)
@@ -133,7 +133,7 @@ def test_model_over_2gb(tmp_path):
     expected = outputs(source, feeds)
     before = {p.name: p.stat().st_mtime_ns for p in source.parent.iterdir()}
 
-    model = ir.load(source)
+    model = modelio.load(source)
     assert ir.proto_size(model) > 2**31
     assert model.graph.tensors()["y"].shape == ["batch", "tokens"]
     result, report = run_pipeline(model, cleanup_passes(), PassContext(progress=False))
@@ -141,7 +141,7 @@ def test_model_over_2gb(tmp_path):
     assert "Identity" not in {n.op for n in result.graph.nodes}
     del model
     (tmp_path / "out").mkdir()
-    path = ir.save(result, tmp_path / "out" / "large.onnx")
+    path = modelio.save(result, tmp_path / "out" / "large.onnx")
     del result
     gc.collect()
     assert (path.parent / "large.onnx.data").stat().st_size > 2**31
@@ -176,7 +176,7 @@ def test_external_data_of_every_storage_kind(tmp_path):
     onnx.save_model(proto, source, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
     assert len(list(tmp_path.iterdir())) == 7  # one data file per tensor (the scalar too), as some exporters write
 
-    model = ir.load(source)
+    model = modelio.load(source)
     values = {n: model.graph.tensors()[n].values for n in arrays}
     assert all(isinstance(values[n], np.memmap) for n in arrays)
     for name, array in arrays.items():
@@ -184,5 +184,5 @@ def test_external_data_of_every_storage_kind(tmp_path):
     np.testing.assert_array_equal(expected["w_i4_out"], int4)
     assert_same_outputs(expected, outputs(model, {}))
     (tmp_path / "out").mkdir()
-    out = ir.save(model.copy(), tmp_path / "out" / "kinds.onnx", external_data=True)
+    out = modelio.save(model.copy(), tmp_path / "out" / "kinds.onnx", external_data=True)
     assert_same_outputs(expected, outputs(out, {}))

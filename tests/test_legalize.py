@@ -13,14 +13,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgegraph
-from edgegraph import ir, runtime
+from edgegraph import runtime
 from edgegraph.context import PassContext
 from edgegraph.errors import PassOptionError
 from edgegraph.passbase import settle
 from edgegraph.passes.cleanup import FuseActivations
 from edgegraph.passes.cleanup.common import Legal, NoMatch, apply_first_rule
 from edgegraph.passes.legalize import REWRITES, Legalize
-from edgegraph.targets import Target
+from edgegraph.targets import Profile, QuantScheme
 
 from clihelp import run_cli
 from fixtures.legalize import hard_sigmoid_then_sigmoid
@@ -55,7 +55,7 @@ def _run(proto, feeds):
 
 
 def _legalize(proto, ops, *, target=None, opset=0):
-    model = ir.load(proto)
+    model = edgegraph.load(proto)
     ctx = PassContext(progress=False, target=target) if target is not None else None
     result = Legalize(ops=ops, opset=opset).run(model, ctx)
     if result.modified:
@@ -189,7 +189,7 @@ def test_rule_driver_returns_each_rules_reason_and_lets_errors_through():
     def buggy(owner, graph, node, opset):
         return node.attrs["missing"]  # a bug, not a "no match"
 
-    node = ir.load(_coerced_softmax("Softmax", 13, -1)).graph.nodes[0]
+    node = edgegraph.load(_coerced_softmax("Softmax", 13, -1)).graph.nodes[0]
     result = apply_first_rule([never, silent], None, None, node, 13)
     assert not result and isinstance(result, NoMatch) and not isinstance(result, Legal)
     assert result.reason == "never: wrong phase of the moon; silent: pattern not found"
@@ -233,8 +233,12 @@ class _LacksHardSigmoid:
         return "no HardSigmoid here" if node.op == "HardSigmoid" else None
 
 
-@pytest.mark.parametrize("target", [_LacksHardSigmoid(), Target("list", "", frozenset({"Sigmoid", "Mul", "Add", "Clip"}),
-                                                                  frozenset())])
+def _profile(name: str, ops) -> Profile:
+    """A target profile that runs exactly `ops` (no other constraint)."""
+    return Profile(name=name, description="", source=(), ops=frozenset(ops), rules={}, quant=QuantScheme())
+
+
+@pytest.mark.parametrize("target", [_LacksHardSigmoid(), _profile("list", {"Sigmoid", "Mul", "Add", "Clip"})])
 def test_with_a_target_only_what_it_lacks_is_rewritten(target):
     proto = hard_sigmoid_then_sigmoid()
     rewritten, result = _legalize(proto, [], target=target)
@@ -267,7 +271,7 @@ def test_fuse_activations_fuses_only_into_ops_the_target_runs(lacks, expected):
             return "lacks it" if node.op in lacks else None
 
     proto = hard_swish(17)
-    model = ir.load(proto)
+    model = edgegraph.load(proto)
     result = FuseActivations().run(model, PassContext(progress=False, target=Lacks()))
     assert result.modified == (lacks != {"HardSwish", "HardSigmoid"})
     settle(model)
@@ -314,7 +318,7 @@ def test_conv_transpose_becomes_conv_and_depth_to_space(strides, pads, output_pa
 
 def test_a_rewrite_into_ops_the_target_lacks_is_undone():
     """A CoreML-like target with Resize but no Gather: Upsample as Gathers would not help it."""
-    target = Target("no-gather", "", frozenset({"Resize", "Mul", "Add", "Relu"}), frozenset())
+    target = _profile("no-gather", {"Resize", "Mul", "Add", "Relu"})
     proto = _upsample_model(9, "linear", [1, 1, 2, 2])
     rewritten, result = _legalize(proto, [], target=target)
     assert not result.modified and _ops(rewritten) == Counter({"Upsample": 1})
@@ -398,6 +402,6 @@ def test_a_static_shape_target_leaves_nodes_on_dynamic_tensors_alone():
     from edgegraph.passes.legalize import _dynamic_for
 
     target = StaticOnly()
-    node = ir.load(hard_sigmoid_then_sigmoid()).graph.nodes[0]  # HardSigmoid(x)
+    node = edgegraph.load(hard_sigmoid_then_sigmoid()).graph.nodes[0]  # HardSigmoid(x)
     assert _dynamic_for(target, node, target)  # (the stand-in is its own context: x is dynamic)
     assert not _dynamic_for(_LacksHardSigmoid(), node, target)  # a target without static_shapes

@@ -25,7 +25,7 @@ import pytest
 
 import edgegraph
 from conftest import MODELS, require_shared
-from edgegraph import cli, ir, validate
+from edgegraph import cli, ir, modelio, validate
 from edgegraph.errors import ModelLoadError
 from fixtures import hostile
 
@@ -116,7 +116,7 @@ def test_external_data_inside_the_folder_is_read_through_the_rule(root, capfd):
     """Initializers (at an offset, in a subfolder), a Constant node's value and a branch's
     initializer, all in the folder: loaded, run, optimized, with the working directory elsewhere."""
     model = hostile.external_inside(root / "model")
-    loaded = ir.load(model)
+    loaded = modelio.load(model)
     branch = next(n for n in loaded.graph.nodes if n.op == "If").attrs["then_branch"]
     constant = next(n for n in branch.nodes if n.op == "Constant").attrs["value"]
     np.testing.assert_array_equal(constant.values, hostile.CONSTANT)
@@ -133,7 +133,7 @@ def test_external_data_inside_the_folder_is_read_through_the_rule(root, capfd):
         np.testing.assert_allclose(out.run(None, {"cond": np.array(cond), "x": x})[0], expected)
     assert not any(Path(p).resolve() == (root / hostile.SECRET_NAME).resolve() for p in _opened)
     # Nothing is left for graphsurgeon to read later (it would look relative to the working directory).
-    left = [t.name for t in ir._constants(loaded, attributes=True)
+    left = [t.name for t in ir.all_constants(loaded, attributes=True)
             if hasattr(t._values, "tensor") and validate.uses_external_data(t._values.tensor)]
     assert left == []
 
@@ -144,13 +144,13 @@ def test_bytes_and_protos_with_external_data_need_a_folder(root):
     for source in (proto, model.read_bytes()):
         with pytest.raises(ModelLoadError, match="tensor 'w' keeps its data in an external file .* load the model "
                                                  "from its file"):
-            ir.load(source)
-    loaded = ir.load(proto, base_dir=model.parent)
+            modelio.load(source)
+    loaded = modelio.load(proto, base_dir=model.parent)
     branch = next(n for n in loaded.graph.nodes if n.op == "If").attrs["then_branch"]
     np.testing.assert_array_equal(branch.tensors()["w"].values, hostile.WEIGHT)
     escaping = onnx.load(hostile.dotdot(root / "other"), load_external_data=False)
     with pytest.raises(ModelLoadError, match="outside the model's folder"):
-        ir.load(escaping, base_dir=root / "other")
+        modelio.load(escaping, base_dir=root / "other")
 
 
 def test_one_walk_finds_every_tensor(root):
@@ -188,7 +188,7 @@ def test_unusual_valid_models_still_load(tmp_path, case):
     path = tmp_path / "model.onnx"
     path.write_bytes(proto.SerializeToString())
     for source in (path, proto, proto.SerializeToString()):
-        model = ir.load(source)
+        model = modelio.load(source)
         assert len(model.graph.nodes) == len(proto.graph.node)
     if case == "experimental_op":  # the onnx checker warns about these on stdout (C++, flushed at exit)
         done = subprocess.run([sys.executable, "-m", "edgegraph", "info", "--json", str(path)], capture_output=True,
@@ -196,7 +196,7 @@ def test_unusual_valid_models_still_load(tmp_path, case):
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["ops"] == {"ImageScaler": 1}
     x = np.linspace(-1, 1, 16, dtype=np.float32)
-    saved = ir.save(ir.load(path), tmp_path / "out.onnx")
+    saved = modelio.save(modelio.load(path), tmp_path / "out.onnx")
     if case == "unsorted":
         got = ort.InferenceSession(saved.read_bytes(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         np.testing.assert_array_equal(got, -np.maximum(x, 0))
@@ -211,7 +211,7 @@ def test_every_shared_model_loads_and_checking_is_cheap():
     if not paths:
         pytest.skip("no shared models")
     for path in paths:
-        ir.load(path, infer=False)
+        modelio.load(path, infer=False)
     minilm = require_shared(MODELS / "minilm_l6_v2_int8" / "model.onnx")
     raw = minilm.read_bytes()
     checks, loads = [], []
@@ -222,7 +222,7 @@ def test_every_shared_model_loads_and_checking_is_cheap():
         validate.check(proto, str(minilm), minilm.parent, raw)
         checks.append(time.perf_counter() - start)
         start = time.perf_counter()
-        ir.load(minilm)
+        modelio.load(minilm)
         loads.append(time.perf_counter() - start)
     # Measured: ~9 ms of a ~31 ms load on an idle machine (the check never copies the 22 MB of weights).
     assert min(checks) < 0.5 * min(loads), (checks, loads)
@@ -240,7 +240,7 @@ def test_declared_output_shapes_that_agree_with_inference_load(tmp_path):
              onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [3, 5])])
         proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
                                                              onnx.helper.make_opsetid("com.example", 1)])
-        outputs = {t.name: t.shape for t in ir.load(proto).graph.outputs}
+        outputs = {t.name: t.shape for t in modelio.load(proto).graph.outputs}
         # As onnx merges them: a computed size fills a symbolic or unknown dim, not a -1.
         assert outputs == {"y": [-1] if declared == [-1] else [16], "z": [3, 5]}, declared
 
@@ -251,7 +251,7 @@ def test_every_shared_model_loads_with_shape_inference():
     if not paths:
         pytest.skip("no shared models")
     for path in paths:
-        model = ir.load(path)
+        model = modelio.load(path)
         declared = onnx.load(path, load_external_data=False).graph.output
         assert [t.name for t in model.graph.outputs] == [o.name for o in declared], path
 
@@ -275,7 +275,7 @@ def test_sparse_initializer_works_in_opt_info_and_bench(tmp_path, capfd):
     dense = np.zeros(12, np.float32)
     dense[[0, 5, 11]] = [1.5, -2.0, 3.0]
     # graphsurgeon alone reads values kept in raw_data as zeros (and as float64).
-    values = ir.load(model).graph.tensors()["w"].values
+    values = modelio.load(model).graph.tensors()["w"].values
     assert values.dtype == np.float32
     np.testing.assert_array_equal(values, dense.reshape(3, 4))
 
@@ -297,8 +297,8 @@ def test_optional_types_are_kept(tmp_path):
     """Graph inputs/outputs of optional type (graphsurgeon's exporter failed on them, so such
     models did not load) keep their types through load, cleanup and save."""
     proto = hostile.optional_io()
-    model = ir.load(proto)
-    out = ir.save(edgegraph.optimize(model, "cleanup", verify=False), tmp_path / "out.onnx")
+    model = modelio.load(proto)
+    out = modelio.save(edgegraph.optimize(model, "cleanup", verify=False), tmp_path / "out.onnx")
     saved = onnx.load(out)
     assert saved.graph.input[0].type == proto.graph.input[0].type
     assert saved.graph.output[0].type == proto.graph.output[0].type
@@ -353,7 +353,7 @@ def test_weights_that_cannot_be_left_out_do_not_recurse(monkeypatch, caplog):
     graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [weight])
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     monkeypatch.setattr(ir, "PROTO_LIMIT", 8000)
-    model = ir.load(proto)
+    model = modelio.load(proto)
     assert "shape inference skipped" in caplog.text
     np.testing.assert_array_equal(model.graph.tensors()["w"].values, np.ones(4096, np.float32))
 

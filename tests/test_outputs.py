@@ -15,7 +15,7 @@ import clihelp
 from clihelp import assert_refused, run_cli
 from conftest import DEFAULT_DIR
 
-from edgegraph import files, ir
+from edgegraph import files, ir, modelio
 from edgegraph.cli import main
 from edgegraph.errors import EdgegraphError
 
@@ -28,14 +28,14 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def external_model(path: Path, data_name: str | None = None) -> Path:
     """The digits CNN at `path` with its weights in an external-data file (`data_name`)."""
-    ir.save(ir.load(DIGITS), path, external_data=True)
+    modelio.save(modelio.load(DIGITS), path, external_data=True)
     if data_name:
         proto = onnx.load(path, load_external_data=False)
         for tensor in proto.graph.initializer:
             for entry in tensor.external_data:
                 if entry.key == "location":
                     entry.value = data_name
-        ir.sidecar_path(path).rename(path.with_name(data_name))
+        modelio.sidecar_path(path).rename(path.with_name(data_name))
         onnx.save(proto, path)
     return path
 
@@ -119,7 +119,7 @@ def test_outputs_must_be_different_files(capsys, tmp_path, inputs):
     out = tmp_path / "out" / "o.onnx"
     assert_refused(capsys, tmp_path, [*opt_argv(inputs, "model"), "-o", out, "--report", out],
                    "--report must not name the same file as -o")
-    assert_refused(capsys, tmp_path, [*opt_argv(inputs, "model"), "-o", out, "--report", ir.sidecar_path(out)],
+    assert_refused(capsys, tmp_path, [*opt_argv(inputs, "model"), "-o", out, "--report", modelio.sidecar_path(out)],
                    "--report must not name the same file as the external data file of -o")
 
 
@@ -128,7 +128,7 @@ def test_in_place_replaces_the_input_model_and_its_own_external_data(capsys, tmp
     does not need: its weights are in the new file); a report may not replace the old data."""
     source = external_model(tmp_path / "m.onnx")
     assert_refused(capsys, tmp_path, ["opt", source, "-p", "cleanup", "-o", source, "--runs", "0",
-                                      "--report", ir.sidecar_path(source)], "--report must not name the input")
+                                      "--report", modelio.sidecar_path(source)], "--report must not name the input")
     expected = onnx.load(DIGITS)
     monkeypatch.setattr(ir, "PROTO_LIMIT", 20_000)  # the output needs external data too
     code, _, err = run_cli(capsys, "opt", source, "-p", "cleanup", "-o", source, "--runs", "0")
@@ -149,30 +149,30 @@ def test_in_place_replaces_the_input_model_and_its_own_external_data(capsys, tmp
 
 
 def test_save_refuses_a_sidecar_that_belongs_to_someone_else(tmp_path):
-    model = ir.load(DIGITS)
+    model = modelio.load(DIGITS)
     out = tmp_path / "out.onnx"
-    foreign = ir.sidecar_path(out)
+    foreign = modelio.sidecar_path(out)
     foreign.write_bytes(b"someone else's file")
     with pytest.raises(EdgegraphError, match="out.onnx.data exists and is not the external data of"):
-        ir.save(model, out, external_data=True)
+        modelio.save(model, out, external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx.data"]
-    ir.save(model, out)  # without external data the file is no one's concern
+    modelio.save(model, out)  # without external data the file is no one's concern
     out_bytes = out.read_bytes()
     with pytest.raises(EdgegraphError, match="is not the external data of"):  # out.onnx does not use it
-        ir.save(model, out, external_data=True)
+        modelio.save(model, out, external_data=True)
     assert foreign.read_bytes() == b"someone else's file" and out.read_bytes() == out_bytes
     # A model that keeps its data elsewhere does not own out.onnx.data either.
     external_model(tmp_path / "other.onnx", "elsewhere.data").replace(out)
     with pytest.raises(EdgegraphError, match="is not the external data of"):
-        ir.save(model, out, external_data=True)
+        modelio.save(model, out, external_data=True)
     assert foreign.read_bytes() == b"someone else's file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.data", "out.onnx", "out.onnx.data"]
 
 
 def test_save_replaces_the_sidecar_of_the_model_it_replaces(tmp_path):
     out = tmp_path / "out.onnx"
-    ir.save(ir.load(DIGITS), out, external_data=True)
-    ir.save(ir.load(DIGITS), out, external_data=True)  # a re-run
+    modelio.save(modelio.load(DIGITS), out, external_data=True)
+    modelio.save(modelio.load(DIGITS), out, external_data=True)  # a re-run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
     np.testing.assert_array_equal(
         onnx.numpy_helper.to_array(onnx.load(out).graph.initializer[0]),
@@ -182,16 +182,16 @@ def test_save_replaces_the_sidecar_of_the_model_it_replaces(tmp_path):
 def test_opt_refuses_a_foreign_sidecar_when_it_needs_one(capsys, tmp_path, monkeypatch):
     out = tmp_path / "out" / "o.onnx"
     out.parent.mkdir()
-    ir.sidecar_path(out).write_bytes(b"not ours")
+    modelio.sidecar_path(out).write_bytes(b"not ours")
     code, _, err = run_cli(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--runs", "0")
     assert (code, err) == (0, "")  # no external data needed: the file is left alone
-    assert ir.sidecar_path(out).read_bytes() == b"not ours"
+    assert modelio.sidecar_path(out).read_bytes() == b"not ours"
     out.unlink()
     monkeypatch.setattr(ir, "PROTO_LIMIT", 20_000)
     assert_refused(capsys, tmp_path, ["opt", DIGITS, "-p", "cleanup", "-o", out, "--runs", "0"],
                    "o.onnx.data exists and is not the external data of")
     # A re-run over its own output replaces its own sidecar.
-    ir.sidecar_path(out).unlink()
+    modelio.sidecar_path(out).unlink()
     for _ in range(2):
         code, _, err = run_cli(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--runs", "0")
         assert (code, err) == (0, "")
@@ -253,7 +253,7 @@ def test_a_signal_while_files_move_into_place_undoes_the_moves(capsys, tmp_path,
     monkeypatch.setattr(os, "replace", signalled)
     code, _, err = run_cli(capsys, "opt", DIGITS, "-p", "cleanup", "-o", out, "--report", report, "--runs", "0")
     assert (code, err) == (143, "edgegraph: error: interrupted (SIGTERM); nothing was written\n")
-    assert moves[:3] == [ir.sidecar_path(out), out, report]  # all three moved, then put back
+    assert moves[:3] == [modelio.sidecar_path(out), out, report]  # all three moved, then put back
     assert snapshot(tmp_path) == before
 
 
@@ -317,7 +317,7 @@ def test_in_place_on_a_self_contained_model_does_not_read_it_again(capsys, tmp_p
     def unexpected(path):
         raise AssertionError("read the input again")
 
-    monkeypatch.setattr(ir, "external_data_files", unexpected)
+    monkeypatch.setattr(modelio, "external_data_files", unexpected)
     code, _, err = run_cli(capsys, "opt", source, "-p", "cleanup", "-o", source, "--runs", "0", "--report",
                     tmp_path / "r.json")
     assert (code, err) == (0, "")
@@ -359,7 +359,7 @@ def test_save_refuses_a_model_that_refers_to_data_it_does_not_write(tmp_path):
     for external_data in (False, True):
         for target in (tmp_path / "elsewhere.onnx", tmp_path / "m.onnx"):
             with pytest.raises(EdgegraphError, match="tensor 'c' refers to external data in 'm.onnx.data'"):
-                ir.save(model, target, external_data=external_data)
+                modelio.save(model, target, external_data=external_data)
     assert snapshot(tmp_path) == before
 
 
@@ -411,6 +411,6 @@ def test_an_unwritable_report_folder_is_refused_before_the_run(capsys, tmp_path,
     (tmp_path / "locked").mkdir()
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != tmp_path / "locked" and access(path, mode))
-    monkeypatch.setattr(ir, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(modelio, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     assert_refused(capsys, tmp_path, ["opt", DIGITS, "-p", "test-noop", "-o", tmp_path / "o.onnx",
                                       "--report", tmp_path / "locked" / "r.json"], "--report folder")

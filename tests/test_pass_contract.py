@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import DEFAULT_DIR
-from edgegraph import ir, pipeline, registry
+from edgegraph import ir, modelio, pipeline, registry
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import PassFailure, PostconditionError, PreconditionError
 from edgegraph.passbase import Pass, PassGroup, PassResult, option
@@ -24,7 +24,7 @@ RAN: list[str] = []
 
 
 def digits() -> ir.Model:
-    return ir.load(DEFAULT_DIR / "digits_cnn.onnx")
+    return modelio.load(DEFAULT_DIR / "digits_cnn.onnx")
 
 
 def context(**kwargs) -> PassContext:

@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from conftest import DEFAULT_DIR
-from edgegraph import ir
+from edgegraph import ir, modelio
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.errors import (CalibrationDataError, MissingRequirementError, PassFailure, PassOptionError,
                               VerificationError)
@@ -20,7 +20,7 @@ RAN: list[str] = []  # names of the test passes that ran, in order
 
 
 def digits() -> ir.Model:
-    return ir.load(DEFAULT_DIR / "digits_cnn.onnx")
+    return modelio.load(DEFAULT_DIR / "digits_cnn.onnx")
 
 
 def context(**kwargs) -> PassContext:

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import DATA, MODELS, require_shared
-from edgegraph import ir, runtime
+from edgegraph import modelio, runtime
 from edgegraph.analysis import capture
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.errors import MissingRequirementError, PassOptionError
@@ -196,7 +196,7 @@ def test_quantization_mse_matches_the_bin_by_bin_sum(activation):
 def _quantize(model, data, spec="quant(check_speed=false)", **ctx):
     calib = CalibrationData.from_arrays(data)
     context = PassContext(calibration=calib, progress=False, verify=VerifyConfig(enabled=False), **ctx)
-    result, report = run_pipeline(ir.load(model), parse(spec), context)
+    result, report = run_pipeline(modelio.load(model), parse(spec), context)
     return result.to_proto(), report.passes[-1]
 
 
@@ -476,7 +476,7 @@ def test_exporter_shapes_survive(name):
     """If/Loop subgraphs (left float), local functions, custom domains, symbolic dims, opsets 11-21."""
     model = core_fixtures.all_models()[name]
     calib = CalibrationData.random(runtime.input_specs(model), 8, seed=0)
-    result, report = run_pipeline(ir.load(model), parse("quant(check_speed=false)"),
+    result, report = run_pipeline(modelio.load(model), parse("quant(check_speed=false)"),
                                   PassContext(calibration=calib, progress=False))
     proto = result.to_proto()
     onnx.checker.check_model(proto, full_check=True)
@@ -502,7 +502,7 @@ def test_bad_options_are_option_errors(spec):
 
 def test_missing_calibration_is_a_requirement_error():
     with pytest.raises(MissingRequirementError):
-        run_pipeline(ir.load(qfix.small_convnet()), parse("quant"), PassContext(progress=False))
+        run_pipeline(modelio.load(qfix.small_convnet()), parse("quant"), PassContext(progress=False))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from conftest import MODELS, require_shared
 from onnx import TensorProto, helper, numpy_helper
 
-from edgegraph import ir, runtime, verify
+from edgegraph import ir, modelio, runtime, verify
 from edgegraph.context import PassContext, VerifyConfig
 from edgegraph.errors import PassOptionError
 from edgegraph.pipeline import run_pipeline
@@ -22,7 +22,7 @@ MINILM = MODELS / "minilm_l6_v2_int8/model.onnx"
 
 
 def quantize(model, spec="quant-dynamic") -> tuple[ir.Model, dict]:
-    out, report = run_pipeline(ir.load(model), parse(spec), PassContext(progress=False, verify=VerifyConfig(enabled=False)))
+    out, report = run_pipeline(modelio.load(model), parse(spec), PassContext(progress=False, verify=VerifyConfig(enabled=False)))
     onnx.checker.check_model(out.to_proto())
     return out, report.passes[0]
 

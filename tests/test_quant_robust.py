@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 from conftest import DATA, DEFAULT_DIR, MODELS, require_shared
-from edgegraph import stats, ir, runtime, verify
+from edgegraph import modelio, runtime, stats, verify
 from edgegraph.cli import main
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.errors import EdgegraphError
@@ -27,7 +27,7 @@ from fixtures import quant as qfix
 def _run(model, data, spec, **ctx):
     context = PassContext(calibration=CalibrationData.from_arrays(data), progress=False,
                           verify=VerifyConfig(enabled=False), **ctx)
-    result, report = run_pipeline(ir.load(model), parse(spec), context)
+    result, report = run_pipeline(modelio.load(model), parse(spec), context)
     return result.to_proto(), report.passes[-1]
 
 

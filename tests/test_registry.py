@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import DEFAULT_DIR
-from edgegraph import ir, registry, runtime
+from edgegraph import modelio, registry, runtime
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.passbase import Pass
 from edgegraph.pipeline import PassRecord, run_pipeline
@@ -36,7 +36,7 @@ TEST_MODULES = {
     "fuse-activations": "test_fuse_activations.py", "fuse-linear": "test_cleanup.py", "remove-identity": "test_cleanup.py",
     "simplify-shapes": "test_cleanup.py", "equalize": "test_equalize.py", "quant": "test_quant.py",
     "quant-dynamic": "test_quant_dynamic.py", "quant-int4": "test_quant_int4.py",
-    "legalize": "test_legalize.py",
+    "frame-cache": "test_framecache.py", "legalize": "test_legalize.py",
 }
 
 
@@ -123,7 +123,7 @@ def _quick(cls: type[Pass]) -> Pass:
 
 
 def _run(cls: type[Pass], proto: onnx.ModelProto) -> tuple[bytes, PassRecord]:
-    model, report = run_pipeline(ir.load(proto), [_quick(cls)], _context(proto))
+    model, report = run_pipeline(modelio.load(proto), [_quick(cls)], _context(proto))
     record = next(r for r in report.passes if r.name == cls.name and r.wanted_by is None)
     return model.to_proto().SerializeToString(), record
 
@@ -137,7 +137,7 @@ def test_pass_is_deterministic(cls):
             continue
         second, _ = _run(cls, proto)
         assert first == second, f"{cls.name} on {name}: two runs gave different bytes"
-        assert first != ir.load(proto).to_proto().SerializeToString()
+        assert first != modelio.load(proto).to_proto().SerializeToString()
         return
     pytest.fail(f"{cls.name} changed none of {', '.join(CANDIDATES)}: give it a fixture")
 
@@ -145,7 +145,7 @@ def test_pass_is_deterministic(cls):
 @pytest.mark.parametrize("cls", BUILTINS, ids=NAMES)
 def test_pass_with_nothing_to_do_says_so_and_changes_nothing(cls):
     proto = _nothing_to_do()
-    model = ir.load(proto)
+    model = modelio.load(proto)
     before = model.to_proto().SerializeToString()
     p = _quick(cls)
     result = p.run(model, _context(proto))  # the pass itself, without the manager's tidying

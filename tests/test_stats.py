@@ -14,7 +14,7 @@ import pytest
 from conftest import MODELS, require_shared
 from onnx import TensorProto, helper, numpy_helper
 
-from edgegraph import stats, ir, runtime
+from edgegraph import modelio, runtime, stats
 from edgegraph.context import CalibrationData
 
 FLOAT = TensorProto.FLOAT
@@ -216,7 +216,7 @@ def gelu_matmul(batch="batch"):
 
 def test_stats_of_an_ir_model_work_without_copying_its_weights(full_exports):
     proto = gelu_matmul()
-    model = ir.load(proto)
+    model = modelio.load(proto)
     outputs = list(model.graph.outputs)
     facts = stats.model_stats(model)  # a static copy (batch 1) for shapes, one run for the MatMul's
     assert facts.macs == 5 * 6 * 64 and "observed" in facts.shapes
@@ -309,7 +309,7 @@ def test_inputs_outputs_opsets_and_producer():
 
 def test_latency_is_measured_and_failures_are_reported_not_raised():
     model = dynamic_cnn()
-    good = stats.sample_feeds(ir.load(model))
+    good = stats.sample_feeds(modelio.load(model))
     assert good["x"].shape == (1, 3, 32, 32)  # dynamic dims of random inputs
     bad = {"x": np.zeros([1, 5, 8, 8], np.float32)}  # wrong channel count
     (ms, note), (none, reason) = stats.measure_latency([model, model], [good, bad], runs=4, warmup=1, threads=1)
@@ -323,7 +323,7 @@ def test_latency_of_files_and_of_models_too_big_to_hold_together(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save_model(model, path)
     feeds = stats.sample_feeds(model)
-    timed = stats.measure_latency([path, ir.load(model)], [feeds, feeds], runs=3, warmup=1, threads=1,
+    timed = stats.measure_latency([path, modelio.load(model)], [feeds, feeds], runs=3, warmup=1, threads=1,
                                      in_turns=False)
     for ms, note in timed:
         assert ms > 0 and "models timed one after the other" in note and "3 rounds x 1 runs" in note

@@ -27,7 +27,7 @@ from clihelp import run_cli
 from conftest import REPO
 from onnx import TensorProto, helper, numpy_helper
 
-from edgegraph import ir, runtime, verify
+from edgegraph import ir, modelio, runtime, verify
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import EdgegraphError, PassFailure, VerificationDataError
 from edgegraph.pipeline import check_specialisation, integer_input_ranges, random_inputs
@@ -189,14 +189,14 @@ def test_a_specialised_model_that_breaks_is_an_internal_error_and_nothing_is_wri
 def test_fix_input_shapes_forgets_stale_shapes_inside_subgraphs():
     """An exporter that traced at batch 1 leaves [1, 1, 16] on a branch's tensor; fixed at batch 3,
     the branch must not keep claiming 1 (onnxruntime checks branch outputs against it)."""
-    proto = ir.load(vad_model()).to_proto()  # with value_info inside the branches
+    proto = modelio.load(vad_model()).to_proto()  # with value_info inside the branches
     branch = next(n for n in proto.graph.node if n.op_type == "If").attribute[0].g
     stale = next(v for v in branch.value_info if v.name.endswith("_Y_h"))
     for dim in stale.type.tensor_type.shape.dim:
         if dim.dim_param == "batch":
             dim.Clear()
             dim.dim_value = 1
-    model = ir.load(proto)
+    model = modelio.load(proto)
     ir.fix_input_shapes(model, {"input": [3, CHUNK]})
     branch = next(n for n in model.to_proto().graph.node if n.op_type == "If").attribute[0].g
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in branch.value_info}
@@ -217,14 +217,14 @@ def test_info_and_bench_check_the_specialisation(capsys, tmp_path):
 
 
 def test_check_specialisation_is_exact():
-    original = ir.load(vad_model())
+    original = modelio.load(vad_model())
     fixed = original.copy()
     ir.fix_input_shapes(fixed, {"state": [2, 1, HIDDEN]})
     checker = check_specialisation(original, fixed, PassContext(progress=False, fixed_shapes={"state": [2, 1, 16]}))
     assert checker.source == "random(seed=0)" and len(checker.batches) == 4
     assert all(b["state"].shape == (2, 1, HIDDEN) and b["input"].shape == (1, CHUNK) for b in checker.batches)
     # A "specialised" model that computes something else is caught.
-    other = ir.load(vad_model(seed=1))
+    other = modelio.load(vad_model(seed=1))
     ir.fix_input_shapes(other, {"state": [2, 1, HIDDEN]})
     with pytest.raises(EdgegraphError, match="'--fix-shape' changed output"):
         check_specialisation(original, other, PassContext(progress=False))
@@ -239,7 +239,7 @@ def test_check_specialisation_is_exact():
 
 
 def test_random_inputs_feed_a_model_whose_batch_is_not_on_axis_0():
-    data = random_inputs(ir.load(vad_model()), 4, seed=0)
+    data = random_inputs(modelio.load(vad_model()), 4, seed=0)
     feeds = list(data.batches(4))
     assert len(feeds) == 4 and len(data) == 4
     for f in feeds:  # whole feeds: the batch symbol is 1 wherever it appears; sr is a scalar
@@ -337,7 +337,7 @@ def _run_cases_in_a_child(cases) -> tuple[dict[str, str], str | None]:
             for case in cases:
                 pipe.write(f"start {case.name}\n")
                 try:
-                    model = ir.load(case.model)
+                    model = modelio.load(case.model)
                     specs = runtime.input_specs(model)
                     data = random_inputs(model, 2, seed=0)
                     sess = runtime.session(case.model, threads=1)
@@ -496,14 +496,14 @@ def detector(tmp_path: Path) -> Path:
 
 def test_top1_is_shown_only_for_class_scores(capsys, tmp_path):
     source = detector(tmp_path)
-    assert verify.score_outputs(ir.load(source)) == {"scores"}
+    assert verify.score_outputs(modelio.load(source)) == {"scores"}
     code, out, err = run_cli(capsys, "opt", source, "-p", "cleanup", "-o", tmp_path / "o.onnx", "--runs", "0")
     assert (code, err) == (0, "")
     rows = {line.split()[0]: line.split() for line in out.splitlines()[-3:]}
     assert rows["boxes"][3] == "-" and rows["priors"][3] == "-"  # a box, one row per prior: no top-1
     assert rows["scores"][3] == "100.0%"
     # A classifier with a single linear head keeps its top-1.
-    assert verify.score_outputs(ir.load(small_classifier_path(tmp_path))) == {"y"}
+    assert verify.score_outputs(modelio.load(small_classifier_path(tmp_path))) == {"y"}
     # So does any (batch, classes) array compared without a model (the array rule).
     assert verify.compare("y", np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32)).top1 == 1.0
     assert verify.compare("y", np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), scores=False).top1 is None
@@ -514,7 +514,7 @@ def test_verification_data_of_a_calibrated_run_is_its_first_samples(tmp_path):
 
     calib = CalibrationData.from_arrays({"x": np.arange(6, dtype=np.float32)[:, None, None, None]
                                          * np.ones((6, 3, 8, 8), np.float32)}, "arrays")
-    data = verification_data(ir.load(small_classifier_path(tmp_path)), PassContext(calibration=calib, progress=False))
+    data = verification_data(modelio.load(small_classifier_path(tmp_path)), PassContext(calibration=calib, progress=False))
     assert len(data) == 4 and data.source == "arrays"
     assert [float(b["x"][0, 0, 0]) for b in [data.sample(i) for i in range(4)]] == [0.0, 1.0, 2.0, 3.0]
 
@@ -522,7 +522,7 @@ def test_verification_data_of_a_calibrated_run_is_its_first_samples(tmp_path):
 def test_a_dim_name_repeated_within_one_input_ties_no_sizes():
     """paddle2onnx writes `x [-1, 3, ?, ?]` (PP-OCR cls): fixing it to 1x3x48x192 must not read
     as '?' being both 48 and 192; across inputs a real symbol still ties sizes (see above)."""
-    model = ir.load(helper.make_model(helper.make_graph(
+    model = modelio.load(helper.make_model(helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])], "t", [helper.make_tensor_value_info("x", FLOAT, [-1, 3, "?", "?"])],
         [helper.make_tensor_value_info("y", FLOAT, [-1, 3, "?", "?"])]), opset_imports=[helper.make_opsetid("", 17)]))
     ir.fix_input_shapes(model, {"x": [1, 3, 48, 192]})

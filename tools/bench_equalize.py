@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgegraph import ir, runtime
+from edgegraph import ir, modelio, runtime
 from edgegraph.context import CalibrationData, ImagePreprocess, PassContext, VerifyConfig
 from edgegraph.passes.quant import numerics as nq
 from edgegraph.pipeline import run_pipeline
@@ -99,13 +99,13 @@ def main() -> int:
     images = CalibrationData.from_images(SHARED / "data/imagenet_sample_256", "sub_7", preprocess)
     calib, evaluation = images.take(args.calib), images.take(args.images, start=200)
     samples = [{"sub_7": evaluation.sample(i)["sub_7"][None]} for i in range(len(evaluation))]
-    table("DeepLabV3-MobileNetV2 (ImageNet-sample photos, per-pixel argmax)", ir.load(DEEPLAB), calib, samples,
+    table("DeepLabV3-MobileNetV2 (ImageNet-sample photos, per-pixel argmax)", modelio.load(DEEPLAB), calib, samples,
           "ResizeBilinear_3", -1, "int8", static)
 
     data = np.load(SHARED / "data/cifar10_test_subset/cifar10_test_500.npz")["images"]
     x = (data.astype(np.float32) / 127.5 - 1).transpose(0, 3, 1, 2)
     cifar_calib = CalibrationData.from_arrays({"modelInput": x[:100]})
-    table("CIFAR-10 CNN (500 test images, top-1)", ir.load(CIFAR), cifar_calib, [{"modelInput": x}],
+    table("CIFAR-10 CNN (500 test images, top-1)", modelio.load(CIFAR), cifar_calib, [{"modelInput": x}],
           "modelOutput", 1, "int4", static)
     return 0
 

@@ -9,7 +9,7 @@ process:
 
     onnx load+save       onnx.load + onnx.save_model with external data (the floor: no optimisation)
     onnxslim             the `onnxslim IN OUT` command
-    edgegraph (library)  ir.load -> run_pipeline(cleanup, verify off) -> ir.save
+    edgegraph (library)  modelio.load -> run_pipeline(cleanup, verify off) -> modelio.save
     edgegraph opt        `edgegraph opt IN -p cleanup -o OUT --runs 0 --no-verify`
     edgegraph opt+verify `edgegraph opt IN -p cleanup -o OUT --runs 0` (each pass checked in onnxruntime)
 
@@ -45,12 +45,12 @@ onnx.save_model(model, sys.argv[2], save_as_external_data=True, all_tensors_to_o
 
 EDGEGRAPH_LIBRARY = """
 import sys
-from edgegraph import ir, spec
+from edgegraph import modelio, spec
 from edgegraph.context import PassContext, VerifyConfig
 from edgegraph.pipeline import run_pipeline
-model = ir.load(sys.argv[1])
+model = modelio.load(sys.argv[1])
 result, _ = run_pipeline(model, spec.parse("cleanup"), PassContext(verify=VerifyConfig(enabled=False), progress=False))
-ir.save(result, sys.argv[2])
+modelio.save(result, sys.argv[2])
 """
 
 # Runs a model in onnxruntime on the saved feeds: writes the reference outputs when there are none

@@ -46,7 +46,7 @@ import onnx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edgegraph import ir, runtime  # noqa: E402
+from edgegraph import modelio, runtime  # noqa: E402
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig  # noqa: E402
 from edgegraph.passes.quant.prepare import upgrade_opset  # noqa: E402
 from edgegraph.pipeline import run_pipeline  # noqa: E402
@@ -127,8 +127,8 @@ def edgegraph_tool(spec: str):
     def quantize(case: Case, out: Path) -> None:
         calib = CalibrationData.from_arrays({case.input: case.calib})
         ctx = PassContext(calibration=calib, verify=VerifyConfig(enabled=False), progress=False)
-        model, report = run_pipeline(ir.load(case.path), parse(spec), ctx)
-        ir.save(model, out)
+        model, report = run_pipeline(modelio.load(case.path), parse(spec), ctx)
+        modelio.save(model, out)
         quantize.report = report
     return quantize
 
@@ -149,9 +149,9 @@ def ort_tool(method: str):
             # ORT writes per-channel DequantizeLinear (opset 13) into older models, which makes them
             # invalid, so it gets an opset-13 model: converted by onnx, with edgegraph's fix for
             # onnx's Upsample -> Resize conversion (without it DeepLab loses ~3% agreement).
-            source = ir.load(case.path)
+            source = modelio.load(case.path)
             upgraded = Path(tmp) / "in.onnx"
-            ir.save(upgrade_opset(source, 13) or source, upgraded)
+            modelio.save(upgrade_opset(source, 13) or source, upgraded)
             pre = Path(tmp) / "pre.onnx"
             quant_pre_process(str(upgraded), str(pre))
             quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -197,7 +197,7 @@ def fp32_size(path: Path) -> int:
     """Bytes of the model with float32 weights (a float16 input model is measured as if float32)."""
     from edgegraph.passes.quant.prepare import compute_in_float32
 
-    model = ir.load(path)
+    model = modelio.load(path)
     if not compute_in_float32(model):
         return path.stat().st_size
     return len(model.to_proto().SerializeToString())

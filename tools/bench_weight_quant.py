@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from edgegraph import ir
+from edgegraph import modelio
 from edgegraph.context import PassContext, VerifyConfig
 from edgegraph.pipeline import run_pipeline
 from edgegraph.spec import parse
@@ -37,7 +37,7 @@ from fixtures.linear import float_weights  # noqa: E402
 
 
 def fold_weights(src: Path, dst: Path) -> None:
-    ir.save(float_weights(src), dst)
+    modelio.save(float_weights(src), dst)
 
 
 def sentences(count: int = 16, seed: int = 0) -> list[np.ndarray]:
@@ -95,8 +95,8 @@ def latencies(paths: dict[str, Path], seq: int, threads: int, rounds: int) -> di
 
 def edgegraph_variant(src: Path, spec: str, dst: Path) -> float:
     start = time.perf_counter()
-    model, _ = run_pipeline(ir.load(src), parse(spec), PassContext(progress=False, verify=VerifyConfig(enabled=False)))
-    ir.save(model, dst)
+    model, _ = run_pipeline(modelio.load(src), parse(spec), PassContext(progress=False, verify=VerifyConfig(enabled=False)))
+    modelio.save(model, dst)
     return time.perf_counter() - start
 
 

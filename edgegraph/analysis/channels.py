@@ -885,7 +885,7 @@ def _adjust(graph: gs.Graph, node: gs.Node, removed: dict, outs: dict) -> None:
                 node.attrs["split"] = new
             else:
                 node.attrs.pop("num_outputs", None)
-                _set_inputs(node, [node.inputs[0], ir.const(namer(f"{node.name}_split"), np.array(new, np.int64))])
+                ir.set_inputs(node, [node.inputs[0], ir.const(namer(f"{node.name}_split"), np.array(new, np.int64))])
     elif node.op == "Slice":
         shape = _shape(node.inputs[0])
         bounds = _slice_bounds(node, shape, int(graph.opset or 13))
@@ -901,7 +901,7 @@ def _adjust(graph: gs.Graph, node: gs.Node, removed: dict, outs: dict) -> None:
             if "starts" in node.attrs:
                 node.attrs.update(starts=starts, ends=ends, axes=axes)
             else:
-                _set_inputs(node, [node.inputs[0]] + [ir.const(namer(f"{node.name}_{what}"), np.array(v, np.int64))
+                ir.set_inputs(node, [node.inputs[0]] + [ir.const(namer(f"{node.name}_{what}"), np.array(v, np.int64))
                                                       for what, v in (("starts", starts), ("ends", ends), ("axes", axes))])
     elif node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name:  # constant output sizes
         sizes = np.array(ir.constant_value(node.inputs[3])).reshape(-1).copy()
@@ -914,8 +914,3 @@ def _adjust(graph: gs.Graph, node: gs.Node, removed: dict, outs: dict) -> None:
             if target[axis] > 0:
                 target[axis] -= len(gone)
         node.inputs[1] = ir.const(namer(f"{node.name}_shape"), target.astype(np.int64))
-
-
-def _set_inputs(node: gs.Node, inputs: list[gs.Tensor]) -> None:
-    node.inputs.clear()  # (graphsurgeon's input list takes no slice assignment)
-    node.inputs.extend(inputs)

@@ -13,7 +13,7 @@ from edgegraph.registry import register_pass
 
 from .common import (
     WIDE_FLOATS, GraphPass, can_remove, dtype_of, is_read, is_standard, live_nodes, only_consumer, optional_input,
-    remove, set_inputs, target_context, target_lacks_op, value,
+    remove, set_inputs, target_context, target_lacks_op,
 )
 
 
@@ -106,7 +106,7 @@ def _scaled_by_sixth(node: gs.Node) -> gs.Tensor | None:
     if len(node.inputs) != 2:
         return None
     for side in (0, 1) if node.op == "Mul" else (0,):
-        const = value(node.inputs[1 - side])
+        const = ir.constant_value(node.inputs[1 - side])
         if const is None or const.size != 1:
             continue
         wanted = 6.0 if node.op == "Div" else 1 / 6
@@ -134,11 +134,11 @@ def _relu6_of_x_plus_3(clip: gs.Node, graph: gs.Graph) -> gs.Tensor | None:
     if not only_consumer(clip.inputs[0], clip, graph):
         return None
     for side in (0, 1):
-        if _scalar(add.inputs[1 - side]) == 3.0 and value(add.inputs[side]) is None:
+        if _scalar(add.inputs[1 - side]) == 3.0 and ir.constant_value(add.inputs[side]) is None:
             return add.inputs[side]
     return None
 
 
 def _scalar(tensor: gs.Tensor) -> float | None:
-    array = value(tensor)
+    array = ir.constant_value(tensor)
     return float(array.reshape(-1)[0]) if array is not None and array.size == 1 else None

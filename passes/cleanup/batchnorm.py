@@ -13,9 +13,8 @@ from edgegraph.analysis import layout
 from edgegraph.registry import register_pass
 
 from .common import (
-    WIDE_FLOATS, GraphPass, affordable, can_remove, is_standard, live_nodes, only_consumer, optional_input, remove,
-    set_inputs,
-    shape_of, value,
+    WIDE_FLOATS, affordable, can_remove, GraphPass, is_standard, live_nodes, only_consumer, optional_input, remove,
+    set_inputs, shape_of,
 )
 
 
@@ -72,7 +71,7 @@ class FoldBatchNorm(GraphPass):
         return True
 
     def _gemm(self, graph, node, bn, scale, shift):
-        weight = value(node.inputs[1]) if len(node.inputs) > 1 else None
+        weight = ir.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None or weight.dtype not in WIDE_FLOATS or weight.ndim != 2:
             return False
         lay = layout.of(node, weight.ndim)
@@ -81,7 +80,7 @@ class FoldBatchNorm(GraphPass):
             return False
         beta = float(node.attrs.get("beta", 1.0))
         c_tensor = optional_input(node, 2)
-        c = value(c_tensor) if c_tensor is not None else np.zeros(1, weight.dtype)
+        c = ir.constant_value(c_tensor) if c_tensor is not None else np.zeros(1, weight.dtype)
         # C must be a scalar or a row (N,) / (1, N); a per-row C would not stay a bias.
         if c is None or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1) or c.size not in (1, columns):
             return False
@@ -99,7 +98,7 @@ class FoldBatchNorm(GraphPass):
 
     def _matmul(self, graph, node, bn, scale, shift):
         """MatMul(x, W) with x 2-D: BN over the columns; the shift becomes an Add (-> Gemm later)."""
-        weight = value(node.inputs[1])
+        weight = ir.constant_value(node.inputs[1])
         rank = shape_of(node.inputs[0])
         if weight is None or weight.dtype not in WIDE_FLOATS or weight.ndim != 2 or rank is None or len(rank) != 2:
             return False
@@ -122,12 +121,12 @@ class FoldBatchNorm(GraphPass):
         """MatMul(x, W) + b followed by BN: scale W and b."""
         if len(node.inputs) != 2:
             return False
-        side = 0 if value(node.inputs[1]) is not None else 1  # the input computed by MatMul
-        producer, bias = ir.producer(node.inputs[side]), value(node.inputs[1 - side])
+        side = 0 if ir.constant_value(node.inputs[1]) is not None else 1  # the input computed by MatMul
+        producer, bias = ir.producer(node.inputs[side]), ir.constant_value(node.inputs[1 - side])
         if (producer is None or producer.op != "MatMul" or not is_standard(producer) or bias is None
                 or not only_consumer(node.inputs[side], node, graph)):
             return False
-        weight = value(producer.inputs[1])
+        weight = ir.constant_value(producer.inputs[1])
         rank = shape_of(producer.inputs[0])
         if weight is None or weight.dtype not in WIDE_FLOATS or weight.ndim != 2 or rank is None or len(rank) != 2:
             return False
@@ -157,7 +156,7 @@ def bn_affine(bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     if any(o.outputs for o in bn.outputs[1:]):
         return None
-    params = [value(t) for t in bn.inputs[1:5]]
+    params = [ir.constant_value(t) for t in bn.inputs[1:5]]
     if any(p is None or p.dtype not in WIDE_FLOATS for p in params):
         return None
     gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
@@ -171,11 +170,11 @@ def bn_affine(bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
 def _weights(node: gs.Node):
     """(weight, bias or None) of a Conv/ConvTranspose as float64, plus their dtype; Nones when
     they are not float32/64 constants."""
-    weight = value(node.inputs[1]) if len(node.inputs) > 1 else None
+    weight = ir.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or weight.dtype not in WIDE_FLOATS:
         return None, None, None
     bias_t = optional_input(node, 2)
-    bias = value(bias_t) if bias_t is not None else None
+    bias = ir.constant_value(bias_t) if bias_t is not None else None
     if bias_t is not None and (bias is None or bias.dtype != weight.dtype):
         return None, None, None
     bias = None if bias is None else bias.astype(np.float64).reshape(-1)

@@ -16,12 +16,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from edgegraph import ir
 from edgegraph.analysis import encoding
 from edgegraph.ir import NONDETERMINISTIC, STANDARD_DOMAINS, is_standard  # noqa: F401 - the cleanup passes import them from here
-from edgegraph.ir import sort_nodes
+from edgegraph.ir import set_inputs, sort_nodes  # noqa: F401 - set_inputs: as for is_standard
 from edgegraph.passbase import Pass, PassResult, drop_dead_nodes
 
 # Quantization boundaries are kept: runtimes pattern-match DequantizeLinear -> op -> QuantizeLinear.
@@ -63,63 +62,11 @@ def _nested(graph: gs.Graph) -> list[gs.Graph]:
 # Constants
 
 
-def numpy_dtype(dtype) -> np.dtype | None:
-    """The numpy dtype of a gs dtype, or None for types numpy cannot hold exactly (bf16, fp8, int4)."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, int):  # gs keeps onnx enums for bfloat16 / float8
-        return None
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError:
-        return None
-    return dtype if dtype.name in _PLAIN_NAMES else None
-
-
-# ml_dtypes' bfloat16/float8/int4 are numpy dtypes too, but not ones numpy computes with exactly.
-_PLAIN_NAMES = {
-    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64",
-}
-
-
-def is_opaque(tensor: gs.Constant) -> bool:
-    """True for initializers whose values numpy would silently change (bfloat16, float8, int4, strings)."""
-    source = tensor._values
-    dtype = source.dtype if isinstance(source, LazyValues) else getattr(source, "dtype", None)
-    return numpy_dtype(dtype) is None
-
-
-def value(tensor: gs.Tensor | None) -> np.ndarray | None:
-    """The value of a constant tensor (initializer or Constant node output), else None.
-
-    Never loads types numpy cannot represent: reading those through gs would change their dtype.
-    """
-    if tensor is None:
-        return None
-    if isinstance(tensor, gs.Constant):
-        return None if is_opaque(tensor) else np.asarray(tensor.values)
-    node = ir.producer(tensor)
-    if node is None or node.op != "Constant" or not is_standard(node):
-        return None
-    attr = node.attrs.get("value")
-    if isinstance(attr, gs.Constant):
-        return None if is_opaque(attr) else np.asarray(attr.values)
-    if "value_float" in node.attrs:
-        return np.array(node.attrs["value_float"], dtype=np.float32)
-    if "value_floats" in node.attrs:
-        return np.array(node.attrs["value_floats"], dtype=np.float32)
-    if "value_int" in node.attrs:
-        return np.array(node.attrs["value_int"], dtype=np.int64)
-    if "value_ints" in node.attrs:
-        return np.array(node.attrs["value_ints"], dtype=np.int64)
-    return None
-
-
 def nbytes(tensor: gs.Tensor) -> int:
     """Bytes a constant (initializer or Constant node output) takes in the file; 0 for computed tensors."""
     if isinstance(tensor, gs.Constant):
         return ir.stored_nbytes(tensor)
-    array = value(tensor)
+    array = ir.constant_value(tensor)
     return 0 if array is None else array.nbytes
 
 
@@ -164,7 +111,7 @@ def affordable(graph: gs.Graph, replaced: Sequence[gs.Tensor | None], readers: S
 
 def int_list(tensor: gs.Tensor | None) -> list[int] | None:
     """A constant 0-d/1-d integer tensor as a list (axes, shapes, pads), else None."""
-    array = value(tensor)
+    array = ir.constant_value(tensor)
     if array is None or array.dtype.kind not in "iu" or array.ndim > 1:
         return None
     return [int(v) for v in array.reshape(-1)]
@@ -234,7 +181,8 @@ def broadcast_keeps_shape(shape: list | None, other: Sequence[int]) -> bool:
 
 
 def dtype_of(tensor: gs.Tensor) -> np.dtype | None:
-    return numpy_dtype(tensor.dtype)
+    """The dtype of `tensor` when numpy computes with it exactly (see `ir.numpy_dtype`)."""
+    return ir.numpy_dtype(tensor.dtype, exact=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +337,9 @@ def apply_first_rule(rules, owner: GraphPass, graph: gs.Graph, node: gs.Node, op
     giving each rule's reason.
 
     A rule returns a key when it changed the graph, and a NoMatch (or None, "pattern not
-    found") when it did not; when every rule says Legal, so does the result. A rule checks the forms it handles and says no to the others;
-    an exception it raises is a bug and propagates (it is not a "no match").
+    found") when it did not; when every rule says Legal, so does the result. A rule checks the
+    forms it handles and says no to the others: an exception it raises is a bug and propagates
+    (it is not a "no match").
     """
     reasons, legal = [], bool(rules)
     for rule in rules:
@@ -514,11 +463,11 @@ def node_inference(node: gs.Node, opsets: Sequence, overrides: dict | None = Non
         if is_empty(t) or t.name in types:
             continue
         dtype, shape = overrides.get(id(t), (t.dtype, shape_of(t)))
-        dtype = numpy_dtype(dtype)
+        dtype = ir.numpy_dtype(dtype, exact=True)
         if dtype is None:
             return None
-        types[t.name] = onnx.helper.make_tensor_type_proto(onnx_dtype(dtype), shape)
-        if isinstance(t, gs.Constant) and not is_opaque(t) and t._values.nbytes <= _INFER_DATA_BYTES:
+        types[t.name] = onnx.helper.make_tensor_type_proto(ir.onnx_dtype(dtype), shape)
+        if isinstance(t, gs.Constant) and not ir.is_opaque(t) and t._values.nbytes <= _INFER_DATA_BYTES:
             data[t.name] = onnx.numpy_helper.from_array(np.asarray(t.values), t.name)
     try:
         proto = OnnxExporter.export_node(node)
@@ -603,12 +552,5 @@ def live_nodes(graph: gs.Graph) -> Iterator[gs.Node]:
             yield node
 
 
-def set_inputs(node: gs.Node, tensors: Sequence[gs.Tensor]) -> None:
-    """Replace all inputs of `node` (gs lists cannot be slice-assigned)."""
-    tensors = list(tensors)
-    node.inputs.clear()
-    node.inputs.extend(tensors)
 
 
-def onnx_dtype(dtype: np.dtype) -> int:
-    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))

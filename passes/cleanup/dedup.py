@@ -13,7 +13,7 @@ from edgegraph.passbase import PassResult
 from edgegraph.registry import register_pass
 
 from .common import (
-    NONDETERMINISTIC, GraphPass, graphs, has_subgraph, is_empty, is_read, is_standard, prune, redirect,
+    NONDETERMINISTIC, GraphPass, graphs, has_subgraph, is_empty, is_read, is_standard, prune,
     toposort,
 )
 
@@ -156,8 +156,9 @@ def _cheap_key(tensor: gs.Constant) -> tuple:
 @dataclass(frozen=True)
 class CommonSubexpressions(GraphPass):
     """Compute once what several nodes compute identically: same op, domain, attributes and inputs
-    (identical constants count as the same input). Random ops, Dropout, custom-domain ops and
-    nodes holding subgraphs are never merged."""
+    (identical constants count as the same input). A merged node that wrote a graph output leaves
+    an Identity keeping that name. Random ops, Dropout, custom-domain ops and nodes holding
+    subgraphs are never merged."""
 
     name = "cse"
     summary = "Merge nodes that compute the same op on the same inputs with the same attributes."
@@ -191,12 +192,14 @@ class CommonSubexpressions(GraphPass):
 
     @staticmethod
     def _merge(graph: gs.Graph, keep: gs.Node, drop: gs.Node) -> bool:
-        pairs = list(zip(drop.outputs, keep.outputs))
-        if any(ir.is_graph_output(graph, old) for old, _ in pairs):
-            return False  # both names are needed
+        pairs = [(old, new) for old, new in zip(drop.outputs, keep.outputs) if not is_empty(old)]
+        if drop.op == "Identity" and all(ir.is_graph_output(graph, old) for old, _ in pairs):
+            return False  # already the cheapest way to give one value a second output name
         for old, new in pairs:
-            if not is_empty(old):
-                redirect(graph, old, new)
+            # A graph output's name is the model's interface: the value is computed once and the
+            # name kept by an Identity (or moved onto `keep`'s output when nothing else reads it).
+            # `edgegraph merge` relies on this: one task's output is another's backbone tensor.
+            ir.replace_all_uses(graph, old, new)
         drop.inputs.clear()
         drop.outputs.clear()
         return True

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from edgegraph import ir
 from edgegraph.analysis import encoding
@@ -30,8 +28,8 @@ from edgegraph.passbase import option
 from edgegraph.registry import register_pass
 
 from .common import (
-    GROWTH_LIMIT, KEEP_UNFOLDED, NONDETERMINISTIC, GraphPass, freed_bytes, growth_ok, has_subgraph, infer_forward,
-    is_empty, is_opaque, is_standard, nbytes, numpy_dtype, shape_of, shape_range, toposort, value,
+    GROWTH_LIMIT, KEEP_UNFOLDED, NONDETERMINISTIC, dtype_of, freed_bytes, GraphPass, growth_ok, has_subgraph,
+    infer_forward, is_empty, is_standard, nbytes, shape_of, shape_range, toposort,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,16 +95,16 @@ class FoldConstants(GraphPass):
         candidates = []
         for node in graph.nodes:
             for t in node.inputs:
-                if isinstance(t, gs.Constant) and id(t) not in known and not is_opaque(t):
+                if isinstance(t, gs.Constant) and id(t) not in known and not ir.is_opaque(t):
                     known.add(id(t))
-            if node.op == "Constant" and node.outputs and value(node.outputs[0]) is not None:
+            if node.op == "Constant" and node.outputs and ir.constant_value(node.outputs[0]) is not None:
                 known.add(id(node.outputs[0]))
             elif self._foldable(node, known):
                 candidates.append(node)
                 known.update(id(o) for o in node.outputs)
         if not candidates:
             return []
-        return self._replace(graph, candidates, evaluate(candidates, opsets))
+        return self._replace(graph, candidates, ir.evaluate(candidates, opsets))
 
     def _foldable(self, node: gs.Node, known: set) -> bool:
         if (
@@ -140,7 +138,7 @@ class FoldConstants(GraphPass):
         folded = []
         for node in candidates:
             inputs = [t for t in node.inputs if not is_empty(t)]
-            if not all(isinstance(t, gs.Constant) or value(t) is not None for t in inputs):
+            if not all(isinstance(t, gs.Constant) or ir.constant_value(t) is not None for t in inputs):
                 continue  # an input was not folded (failed, or refused for size)
             results = [values.get(out.name) for out in node.outputs]
             if any(r is None for r in results):
@@ -161,7 +159,7 @@ class FoldConstants(GraphPass):
 
 def _static_nbytes(tensor: gs.Tensor) -> int | None:
     shape = shape_of(tensor)
-    dtype = numpy_dtype(tensor.dtype)
+    dtype = dtype_of(tensor)
     if shape is None or dtype is None or not all(isinstance(d, int) for d in shape):
         return None
     return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -187,58 +185,6 @@ def _opsets(graph: gs.Graph, model: ir.Model) -> list[onnx.OperatorSetIdProto]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def evaluate(nodes: list[gs.Node], opsets: list[onnx.OperatorSetIdProto]) -> dict[str, np.ndarray]:
-    """Run `nodes` (topologically sorted, reading only constants) in onnxruntime; returns every
-    output it could compute by name. A failing batch is retried node by node."""
-    try:
-        return _run(nodes, opsets)
-    except Exception as exc:  # noqa: BLE001 - ORT raises assorted types for unsupported ops
-        logger.debug("batched constant folding failed (%s); folding node by node", exc)
-    values: dict[str, np.ndarray] = {}
-    for node in nodes:
-        extra = {t.name: v for t in node.inputs if (v := values.get(t.name)) is not None}
-        try:
-            values.update(_run([node], opsets, extra))
-        except Exception as exc:  # noqa: BLE001
-            logger.debug("cannot fold %s (%s): %s", node.name, node.op, exc)
-    return values
-
-
-def _run(nodes: list[gs.Node], opsets, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    extra = extra or {}
-    produced = {o.name for n in nodes for o in n.outputs}
-    initializers, seen = [], set()
-    for node in nodes:
-        for t in node.inputs:
-            if is_empty(t) or t.name in produced or t.name in seen:
-                continue
-            seen.add(t.name)
-            if t.name in extra:
-                initializers.append(onnx.numpy_helper.from_array(np.asarray(extra[t.name]), t.name))
-            elif isinstance(t, gs.Constant):
-                tensor = onnx.TensorProto()
-                tensor.CopyFrom(OnnxExporter.export_tensor_proto(t))
-                tensor.name = t.name
-                initializers.append(tensor)
-            else:
-                initializers.append(onnx.numpy_helper.from_array(value(t), t.name))
-    outputs = [onnx.ValueInfoProto(name=name) for name in dict.fromkeys(o.name for n in nodes for o in n.outputs)]
-    graph = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in nodes], "fold", [], outputs, initializers)
-    model = onnx.helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = max(7, onnx.helper.find_min_ir_version_for(list(opsets), ignore_unknown=True))
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, {})))
-
-
-# ---------------------------------------------------------------------------------------------
 # Constant nodes, static shapes, constant-condition If
 
 
@@ -249,7 +195,7 @@ def lower_constant_nodes(graph: gs.Graph) -> int:
         if node.op != "Constant" or not is_standard(node) or len(node.outputs) != 1:
             continue
         out = node.outputs[0]
-        array = value(out)
+        array = ir.constant_value(out)
         if array is None or ir.is_graph_output(graph, out):
             continue
         out.inputs.clear()
@@ -302,7 +248,7 @@ def _shape_dims(shape_node: gs.Node) -> list | None:
 
 def _gather_dims(node: gs.Node) -> np.ndarray | None:
     dims = _shape_dims(ir.producer(node.inputs[0]))
-    indices = value(node.inputs[1])
+    indices = ir.constant_value(node.inputs[1])
     if dims is None or indices is None or indices.dtype.kind not in "iu" or int(node.attrs.get("axis", 0)) not in (0, -1):
         return None
     flat = [int(i) + len(dims) if int(i) < 0 else int(i) for i in indices.reshape(-1)]
@@ -319,7 +265,7 @@ def _slice_dims(node: gs.Node) -> np.ndarray | None:
     if dims is None:
         return None
     if len(node.inputs) >= 3:  # opset 10+: starts, ends, axes, steps as inputs
-        params = [value(t) if not is_empty(t) else None for t in node.inputs[1:5]]
+        params = [ir.constant_value(t) if not is_empty(t) else None for t in node.inputs[1:5]]
         if params[0] is None or params[1] is None or any(
             p is None for p, t in zip(params[2:], node.inputs[3:5]) if not is_empty(t)
         ):
@@ -350,7 +296,7 @@ def inline_constant_ifs(graph: gs.Graph, namer) -> int:
     for node in list(graph.nodes):
         if node.op != "If" or not is_standard(node) or not node.outputs:
             continue
-        cond = value(node.inputs[0])
+        cond = ir.constant_value(node.inputs[0])
         if cond is None or cond.size != 1:
             continue
         branch = node.attrs["then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"]
@@ -409,6 +355,6 @@ def _same_types(results, inners) -> bool:
     """Branch outputs typed exactly as the If's outputs (dtype and every dim known and equal)."""
     for result, inner in zip(results, inners):
         a, b = shape_of(result), shape_of(inner)
-        if numpy_dtype(result.dtype) != numpy_dtype(inner.dtype) or a is None or a != b or None in a:
+        if dtype_of(result) != dtype_of(inner) or a is None or a != b or None in a:
             return False
     return True

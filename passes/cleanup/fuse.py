@@ -14,10 +14,8 @@ from edgegraph.analysis import layout
 from edgegraph.registry import register_pass
 
 from .common import (
-    apply_first_rule,
-    WIDE_FLOATS, GraphPass, affordable, can_remove, dtype_of, int_list, is_read, is_standard, live_nodes, only_consumer,
-    optional_input,
-    remove, set_inputs, shape_of, value,
+    WIDE_FLOATS, affordable, apply_first_rule, can_remove, dtype_of, GraphPass, int_list, is_read, is_standard,
+    live_nodes, only_consumer, optional_input, remove, set_inputs, shape_of,
 )
 
 ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div"})
@@ -66,12 +64,12 @@ class FuseLinear(GraphPass):
             return None  # c - Conv(x) and c / Conv(x) are not affine in the weights
         if not only_consumer(conv.outputs[0], node, graph) or not can_remove(graph, node, side):
             return None
-        const = value(node.inputs[1 - side])
-        weight = value(conv.inputs[1]) if len(conv.inputs) > 1 else None
+        const = ir.constant_value(node.inputs[1 - side])
+        weight = ir.constant_value(conv.inputs[1]) if len(conv.inputs) > 1 else None
         if const is None or weight is None or weight.dtype not in WIDE_FLOATS or const.dtype != weight.dtype:
             return None
         bias_t = optional_input(conv, 2)
-        bias = value(bias_t) if bias_t is not None else None
+        bias = ir.constant_value(bias_t) if bias_t is not None else None
         if bias_t is not None and (bias is None or bias.dtype != weight.dtype):
             return None
         lay = layout.of(conv, weight.ndim)
@@ -138,7 +136,7 @@ class FuseLinear(GraphPass):
             return None
         if not only_consumer(matmul.outputs[0], node, graph) or not can_remove(graph, node, side):
             return None
-        bias = value(node.inputs[1 - side])
+        bias = ir.constant_value(node.inputs[1 - side])
         out_shape = shape_of(matmul.outputs[0])
         dtype = dtype_of(matmul.outputs[0]) or (bias.dtype if bias is not None else None)
         if bias is None or dtype not in WIDE_FLOATS or bias.dtype != dtype or out_shape is None or len(out_shape) != 2:
@@ -158,7 +156,7 @@ class FuseLinear(GraphPass):
         else:  # Gemm + b: fold into C (beta scales only the old C)
             beta = float(matmul.attrs.get("beta", 1.0))
             c_t = optional_input(matmul, 2)
-            c = value(c_t) if c_t is not None else np.zeros(1, dtype)
+            c = ir.constant_value(c_t) if c_t is not None else np.zeros(1, dtype)
             if c is None or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
                 return None
             new_c = (beta * c.astype(np.float64).reshape(-1) + row.astype(np.float64)).astype(dtype)
@@ -187,7 +185,7 @@ class FuseLinear(GraphPass):
             return None
         if not only_consumer(inner.outputs[0], node, graph):
             return None
-        a, b = value(inner.inputs[1 - inner_side]), value(node.inputs[1 - side])
+        a, b = ir.constant_value(inner.inputs[1 - inner_side]), ir.constant_value(node.inputs[1 - side])
         if a is None or b is None or a.dtype != b.dtype or (a.dtype.kind == "f" and a.dtype not in WIDE_FLOATS):
             return None  # float16 would round differently after merging
         merged = _merge_constants(inner.op, a, node.op, b)
@@ -203,7 +201,7 @@ class FuseLinear(GraphPass):
 
 def _variable_side(node: gs.Node) -> int | None:
     """Index of the single non-constant input of a binary node."""
-    consts = [value(t) is not None for t in node.inputs]
+    consts = [ir.constant_value(t) is not None for t in node.inputs]
     if consts == [False, True]:
         return 0
     if consts == [True, False]:
@@ -220,7 +218,7 @@ def _pad_params(pad: gs.Node) -> tuple[list[int] | None, float | None, str]:
         return None, None, mode
     pads = int_list(optional_input(pad, 1))
     fill_t = optional_input(pad, 2)
-    fill = value(fill_t) if fill_t is not None else np.zeros(1)
+    fill = ir.constant_value(fill_t) if fill_t is not None else np.zeros(1)
     if fill is None or fill.size != 1:
         return pads, None, mode
     return pads, float(fill.reshape(-1)[0]), mode

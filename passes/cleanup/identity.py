@@ -12,8 +12,8 @@ from edgegraph import ir
 from edgegraph.registry import register_pass
 
 from .common import (
-    GraphPass, broadcast_keeps_shape, dtype_of, int_list, is_empty, is_standard, live_nodes, onnx_dtype,
-    optional_input, perm_of, remove, same_dim, shape_of, value,
+    broadcast_keeps_shape, dtype_of, GraphPass, int_list, is_empty, is_standard, live_nodes, optional_input, perm_of,
+    remove, same_dim, shape_of,
 )
 
 INT_MAX_LIKE = 2**31 - 1  # exporters write INT32/INT64 max for "to the end"
@@ -65,7 +65,7 @@ def _dropout(node, opset):
         return None  # before opset 7 Dropout trained unless is_test was set
     training = optional_input(node, 2)
     if training is not None:
-        flag = value(training)
+        flag = ir.constant_value(training)
         if flag is None or bool(flag.reshape(-1)[0]):
             return None
     return 0
@@ -76,7 +76,7 @@ def _cast(node, opset):
     to = node.attrs.get("to")
     if source is None or to is None:
         return None
-    return 0 if onnx_dtype(source) == int(to) else None
+    return 0 if ir.onnx_dtype(source) == int(to) else None
 
 
 def _cast_like(node, opset):
@@ -201,7 +201,7 @@ def _neutral(element: float, commutative: bool):
     def check(node, opset):
         sides = (0, 1) if commutative else (0,)
         for keep in sides:
-            const = value(node.inputs[1 - keep])
+            const = ir.constant_value(node.inputs[1 - keep])
             if const is None or const.size == 0 or not np.all(const == element):
                 continue
             data = node.inputs[keep]

@@ -13,9 +13,8 @@ from edgegraph.registry import register_pass
 
 from .transposes import sink_transpose
 from .common import (
-    apply_first_rule,
-    GraphPass, axes_of, dtype_of, int_list, is_empty, is_read, is_standard, live_nodes, normalize_axes, only_consumer,
-    optional_input, perm_of, remove, same_dim, set_inputs, shape_of, shape_range, value,
+    apply_first_rule, axes_of, dtype_of, GraphPass, int_list, is_empty, is_read, is_standard, live_nodes,
+    normalize_axes, only_consumer, optional_input, perm_of, remove, same_dim, set_inputs, shape_of, shape_range,
 )
 
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
@@ -142,7 +141,7 @@ class SimplifyShapes(GraphPass):
         A piece that is x's own dim at the same position (or a dim with the same symbolic name)
         becomes 0, "copy the input dim"; one unknown piece becomes -1; static dims become numbers.
         """
-        if opset < 5 or len(node.inputs) < 2 or value(node.inputs[1]) is not None:
+        if opset < 5 or len(node.inputs) < 2 or ir.constant_value(node.inputs[1]) is not None:
             return None
         entries = dim_sources(node.inputs[1])
         if entries is None:
@@ -360,7 +359,7 @@ def dim_sources(tensor: gs.Tensor, depth: int = 0) -> list[tuple] | None:
     """What each element of a 1-D int64 shape tensor is: ("const", v), ("dim", t, k, d) (dim k of
     tensor t, whose inferred value is d: int, symbol or None) or ("?",) for a runtime value.
     None when the length is unknown."""
-    array = value(tensor)
+    array = ir.constant_value(tensor)
     if array is not None:
         if array.dtype != np.int64 or array.ndim > 1:
             return None
@@ -407,7 +406,7 @@ def _shape_entries(shape_node: gs.Node) -> list[tuple] | None:
 
 def _pick(node: gs.Node, dims: list[tuple]) -> list[tuple] | None:
     if node.op == "Gather":
-        indices = value(node.inputs[1])
+        indices = ir.constant_value(node.inputs[1])
         if indices is None or indices.ndim > 1 or int(node.attrs.get("axis", 0)) != 0:
             return None
         flat = [int(i) + len(dims) if int(i) < 0 else int(i) for i in indices.reshape(-1)]

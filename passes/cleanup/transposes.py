@@ -13,7 +13,9 @@ import onnx_graphsurgeon as gs
 
 from edgegraph import ir
 
-from .common import affordable, is_empty, is_standard, perm_of, remove, set_inputs, shape_of, value
+from .common import (
+    affordable, is_empty, is_standard, perm_of, remove, set_inputs, shape_of,
+)
 
 UNARY = frozenset({
     "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cast", "Ceil", "Cos", "Cosh", "Elu", "Erf", "Exp",
@@ -42,7 +44,7 @@ def sink_transpose(graph: gs.Graph, first: gs.Node, names) -> bool:
     relaid = {}  # (node id, input index) -> the constant operand in x's layout
     for node in nodes:
         for index, tensor in enumerate(node.inputs):
-            if tensor is not start and not is_empty(tensor) and value(tensor) is not None:
+            if tensor is not start and not is_empty(tensor) and ir.constant_value(tensor) is not None:
                 array = _relayout(node, index, tensor, inverse, rank, perm)
                 if array is not None:
                     relaid[(id(node), index)] = (tensor, array)
@@ -57,7 +59,7 @@ def sink_transpose(graph: gs.Graph, first: gs.Node, names) -> bool:
                 node.inputs[index] = names.const(f"{tensor.name}_untransposed", relaid[(id(node), index)][1])
         if node.op == "Slice" and (len(node.inputs) < 4 or is_empty(node.inputs[3])):
             # No axes: they default to 0..k-1 of the transposed layout; name them explicitly.
-            count = value(node.inputs[1]).size
+            count = ir.constant_value(node.inputs[1]).size
             axes = names.const(f"{node.outputs[0].name}_axes", np.array([perm[a] for a in range(count)], np.int64))
             set_inputs(node, list(node.inputs[:3]) + [axes] + list(node.inputs[4:]))
         for out in node.outputs:
@@ -96,7 +98,7 @@ def _region(graph: gs.Graph, first: gs.Node, perm: list[int], rank: int):
         for tensor in node.inputs:
             if is_empty(tensor) or id(tensor) in inside:
                 continue
-            constant = value(tensor)
+            constant = ir.constant_value(tensor)
             if constant is None or constant.ndim > rank:
                 return None
     return nodes, exits
@@ -116,15 +118,15 @@ def _movable(node: gs.Node, rank: int) -> bool:
     if node.op in UNARY or node.op in BINARY:
         return True
     if node.op == "Clip":
-        return all(is_empty(t) or (value(t) is not None and value(t).size == 1) for t in node.inputs[1:])
+        return all(is_empty(t) or (ir.constant_value(t) is not None and ir.constant_value(t).size == 1) for t in node.inputs[1:])
     if node.op == "Slice" and len(node.inputs) >= 3:  # opset 10+: constant starts/ends/axes/steps
-        return all(value(t) is not None for t in node.inputs[1:] if not is_empty(t))
+        return all(ir.constant_value(t) is not None for t in node.inputs[1:] if not is_empty(t))
     return False
 
 
 def _relayout(node: gs.Node, index: int, tensor: gs.Tensor, inverse: list[int], rank: int, perm: list[int]):
     """The constant input `index` of `node` for the untransposed layout, or None to keep it."""
-    array = value(tensor)
+    array = ir.constant_value(tensor)
     if node.op == "Slice":
         if index != 3:
             return None  # starts/ends/steps are per listed axis, unchanged

@@ -7,7 +7,9 @@ import math
 
 import numpy as np
 
-from ..cleanup.common import optional_input, shape_of, value
+from edgegraph import ir
+
+from ..cleanup.common import optional_input, shape_of
 from .rules import Emit, NoMatch, float_input, rank_of, rewrites
 
 _MAX_INT = np.iinfo(np.int64).max
@@ -27,13 +29,13 @@ def conv_transpose(owner, graph, node, opset):
     dtype = float_input(node)
     if isinstance(dtype, NoMatch):
         return dtype
-    weight = value(node.inputs[1])
+    weight = ir.constant_value(node.inputs[1])
     if weight is None or weight.ndim != 4:
         return NoMatch("needs a constant 4-D weight (2-D ConvTranspose)")
     if rank_of(node.inputs[0]) not in (None, 4):
         return NoMatch("needs a 4-D input")
     bias_t = optional_input(node, 2)
-    bias = None if bias_t is None else value(bias_t)
+    bias = None if bias_t is None else ir.constant_value(bias_t)
     if bias_t is not None and bias is None:
         return NoMatch("the bias is not constant")
     attrs = node.attrs

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..cleanup.common import shape_of, value
+from edgegraph import ir
+
+from ..cleanup.common import shape_of
 from .rules import Emit, NoMatch, float_input, rank_of, rewrites
 
 _MAX_INT = np.iinfo(np.int64).max
@@ -30,7 +32,7 @@ def upsample(owner, graph, node, opset):
     mode = "linear" if mode == "bilinear" else mode
     scales = node.attrs.get("scales")
     if scales is None and len(node.inputs) > 1:
-        constant = value(node.inputs[1])
+        constant = ir.constant_value(node.inputs[1])
         scales = None if constant is None else [float(s) for s in constant.reshape(-1)]
     return _upsample_by_gathering(owner, graph, node, opset, mode, scales)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..cleanup.common import value
+from edgegraph import ir
+
 from .rules import Emit, NoMatch, float_input, rank_of, rewrites
 
 
@@ -125,7 +126,7 @@ def batch_normalization(owner, graph, node, opset):
     if opset < 9 and int(node.attrs.get("spatial", 1)) != 1:
         return NoMatch("spatial=0 (statistics per element)")
     epsilon = float(node.attrs.get("epsilon", 1e-5))
-    params = [value(t) for t in node.inputs[1:5]]
+    params = [ir.constant_value(t) for t in node.inputs[1:5]]
     e = Emit(owner, graph, node, dtype, opset)
     x, scale, bias, mean, var = e.take()[:5]
     per_channel = [-1] + [1] * (rank - 2)

@@ -7,8 +7,9 @@ import re
 
 import numpy as np
 
-from ..cleanup.common import dtype_of, int_list, shape_of, value
-from ..cleanup.common import Legal
+from edgegraph import ir
+
+from ..cleanup.common import Legal, dtype_of, int_list, shape_of
 from .rules import Emit, NoMatch, rank_of, rewrites, static_shape
 
 
@@ -213,7 +214,7 @@ def coerced_softmax(owner, graph, node, opset):
 @rewrites("Gather", removes=False)
 def gather_negative_indices(owner, graph, node, opset):
     """Constant negative indices made positive (index + size of the gathered axis)."""
-    indices = value(node.inputs[1])
+    indices = ir.constant_value(node.inputs[1])
     if indices is None:
         return NoMatch("indices are computed at run time")
     if not (indices < 0).any():

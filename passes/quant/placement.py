@@ -29,19 +29,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgegraph import ir
+from edgegraph import ir, targets
 from edgegraph.analysis import encoding, layout
 
-ANCHORS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-FLOAT_OUTPUT_OK = frozenset({"Gemm", "MatMul"})  # ORT fuses these without a Q on the output
-COMPUTE = frozenset({"Add", "Mul", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax"})
+# What onnxruntime fuses into integer kernels on CPU lives in the `cpu` target profile
+# (edgegraph/targets/cpu.toml, [quant.placement]); the plan is made for it.
+_PLACEMENT = targets.load("cpu").quant.placement
+ANCHORS = _PLACEMENT["anchors"]
+FLOAT_OUTPUT_OK = _PLACEMENT["float_output_ok"]  # ORT fuses these without a Q on the output
+COMPUTE = _PLACEMENT["compute"]
 # Ops whose outputs hold values of their (first) input, so input and outputs can share one scale.
-SHARED = frozenset({
-    "MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Resize", "Split",
-    "DepthToSpace", "SpaceToDepth", "Expand", "Tile", "Concat",
-})
+SHARED = _PLACEMENT["shared"]
 SUPPORTED = ANCHORS | COMPUTE | SHARED
-FOLDABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
+FOLDABLE_ACTIVATIONS = _PLACEMENT["foldable_activations"]
 BIASED = frozenset({"Conv", "ConvTranspose", "Gemm"})  # anchors with an int32 bias input
 
 

@@ -104,7 +104,7 @@ class QdqWriter:
             source = gs.Variable(self.namer(f"{tensor.name}_float"), tensor.dtype, tensor.shape)
             producer.outputs[producer.outputs.index(tensor)] = source
             for user in ir.consumers(tensor):
-                _rewire(user, tensor, source)
+                ir.substitute(user.inputs, tensor, source)
         number = self._number(tensor.name)
         consts = self.params_inputs(params, number)
         q = gs.Variable(self.namer(f"q{number}"), params.qtype.dtype)
@@ -121,7 +121,7 @@ class QdqWriter:
                     shared = dq
             else:
                 dq = shared
-            _rewire(user, source, dq)
+            ir.substitute(user.inputs, source, dq)
             self.dequantized.setdefault(tensor.name, dq)
         if shared is not None:
             self.dequantized.setdefault(tensor.name, shared)
@@ -155,12 +155,6 @@ class QdqWriter:
 
 
 INT32 = QType("int32", -(2**31), 2**31 - 1, np.dtype(np.int32), 6, 10)
-
-
-def _rewire(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
-    for i, tensor in enumerate(node.inputs):
-        if tensor is old:
-            node.inputs[i] = new
 
 
 def weight_params(weight: np.ndarray, slot: WeightSlot, qt: QType, reduce_range: bool, method: str) -> QParams:
