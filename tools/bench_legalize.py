@@ -1,6 +1,6 @@
 """Benchmark and proof harness of `legalize`'s rewrites.
 
-    python tools/bench_legalize.py [--ops HardSigmoid,Erf] [--no-models] [--json out.json]
+    python tools/bench_legalize.py [--ops HardSigmoid,Erf] [--no-models] [--targets nnapi,coreml] [--json out.json]
 
 Two tables:
 
@@ -14,6 +14,9 @@ Two tables:
                `legalize(ops=those)`: nodes of those ops before -> after, total nodes before ->
                after, and max |difference| of the outputs against the original model in
                onnxruntime (optimisations off) on its reference input, else seeded random data.
+
+  targets      (--targets) per profile and model, with the inputs fixed to the reference input's
+               shapes: nodes the profile refuses before -> after `legalize` for that target.
 
 `node_case_results` and `model_result` are what tests/test_legalize.py imports, `legalize_stage`
 the "after legalize" stage of tools/bench_targets.py.
@@ -251,6 +254,32 @@ _COLUMNS = ("cases", "ok", "legal", "rewritten", "match", "declined", "broken")
 _WIDTHS = (6, 8, 7, 10, 7, 9, 7)
 
 
+def target_rows(paths, target_names) -> list[dict]:
+    """For each model (inputs fixed to its reference input's shapes, else dims of 1) and target
+    profile: nodes the profile refuses before -> after `legalize` for that target, by op."""
+    from edgegraph import ir, targets
+
+    rows = []
+    logging.disable(logging.WARNING)
+    try:
+        for path in paths:
+            proto = onnx.load(str(path))
+            shapes = {name: list(array.shape) for name, array in model_inputs(path, proto).items()}
+            for name in target_names:
+                profile = targets.load(name)
+                model = edgegraph.load(proto)
+                ir.fix_input_shapes(model, shapes)
+                model.refresh_shapes()
+                refused = lambda m: Counter(n.op for n in m.graph.nodes  # noqa: E731
+                                            if profile.unsupported(n, targets.ModelContext.of(m)))
+                before, after = refused(model), refused(legalize_stage(model, name))
+                rows.append({"model": f"{path.parent.name}/{path.name}", "target": name, "refused_before": sum(before.values()),
+                             "refused_after": sum(after.values()), "left": dict(sorted(after.items()))})
+    finally:
+        logging.disable(logging.NOTSET)
+    return rows
+
+
 def _node_table(results: list[CaseResult]) -> str:
     lines = [f"{'op':<24}{'cases':>6}{'ORT ok':>8}{'legal':>7}{'rewritten':>10}{'match':>7}{'declined':>9}{'broken':>7}"]
     by_op: dict[str, list[CaseResult]] = {}
@@ -273,6 +302,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", help="comma-separated op types (default: every op with a rewrite)")
     parser.add_argument("--no-models", action="store_true", help="skip the shared models")
     parser.add_argument("--json", help="write every row as JSON here")
+    parser.add_argument("--targets", help="also: nodes these profiles refuse before -> after legalize, e.g. nnapi,coreml,tflite")
     args = parser.parse_args(argv)
     ops = args.ops.split(",") if args.ops else None
     from onnx.backend.test.case.node import collect_testcases
@@ -299,8 +329,16 @@ def main(argv=None) -> int:
                   f"{row['max_abs_diff']:>11.2e}  {'yes' if row['within_tolerance'] else 'NO'}")
             for left in row["not_rewritten"]:
                 print(f"    not rewritten: {left['node']} ({left['op']}): {left['not_rewritten'][:120]}")
+    target_table = []
+    if args.targets and MODELS.is_dir():
+        print("\ntargets (nodes the profile refuses, inputs fixed to the reference shapes: before -> after legalize)")
+        target_table = target_rows(sorted(MODELS.glob("*/*.onnx")), args.targets.split(","))
+        for row in target_table:
+            left = ", ".join(f"{op} {n}" for op, n in row["left"].items())[:100] or "-"
+            print(f"{row['target']:<10}{row['model']:<58}{row['refused_before']:>5} ->{row['refused_after']:>5}  {left}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"node_tests": [r.__dict__ for r in results], "models": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"node_tests": [r.__dict__ for r in results], "models": rows,
+                                               "targets": target_table}, indent=1))
     broken = [r for r in results if r.status in ("differs", "broken")]
     return 1 if broken else 0
 
