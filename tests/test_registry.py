@@ -22,6 +22,7 @@ from edgegraph.pipeline import PassRecord, run_pipeline
 from edgegraph.spec import describe_type
 from fixtures import cleanup as cfx
 from fixtures import equalize as efx
+from fixtures.legalize import hard_sigmoid_then_sigmoid
 from test_fuse_activations import hard_swish
 
 TESTS = Path(__file__).resolve().parent
@@ -35,7 +36,7 @@ TEST_MODULES = {
     "fuse-activations": "test_fuse_activations.py", "fuse-linear": "test_cleanup.py", "remove-identity": "test_cleanup.py",
     "simplify-shapes": "test_cleanup.py", "equalize": "test_equalize.py", "quant": "test_quant.py",
     "quant-dynamic": "test_quant_dynamic.py", "quant-int4": "test_quant_int4.py",
-    "frame-cache": "test_framecache.py",
+    "frame-cache": "test_framecache.py", "legalize": "test_legalize.py",
 }
 
 
@@ -105,6 +106,7 @@ CANDIDATES = {
     "no_ops": cfx.no_ops, "layout_chains": cfx.layout_chains, "linear_fusions": cfx.linear_fusions,
     "duplicates": cfx.duplicates, "subgraph_and_function": cfx.subgraph_and_function,
     "mobilenet_block": efx.mobilenet_block, "mlp": efx.mlp, "hard_swish": hard_swish,
+    "hard_sigmoid": hard_sigmoid_then_sigmoid,
 }
 
 
@@ -115,6 +117,8 @@ def _context(proto: onnx.ModelProto) -> PassContext:
 
 def _quick(cls: type[Pass]) -> Pass:
     # The speed check times the models (only details change); skipping it keeps this quick.
+    if cls.name == "legalize":  # (by default it rewrites only what the target lacks: cpu lacks nothing)
+        return cls(ops=["HardSigmoid"])
     return cls(check_speed=False) if cls.name == "quant" else cls()
 
 

@@ -12,8 +12,8 @@ from edgegraph import ir
 from edgegraph.registry import register_pass
 
 from .common import (
-    WIDE_FLOATS, can_remove, dtype_of, GraphPass, is_read, is_standard, live_nodes, only_consumer, optional_input,
-    remove, set_inputs,
+    WIDE_FLOATS, GraphPass, can_remove, dtype_of, is_read, is_standard, live_nodes, only_consumer, optional_input,
+    remove, set_inputs, target_context, target_lacks_op,
 )
 
 
@@ -27,6 +27,9 @@ class FuseActivations(GraphPass):
         x * Clip(x + 3, 0, 6) / 6      -> HardSwish(x)    (opset >= 14; before: x * HardSigmoid(x))
 
     Only float32/float64 tensors (in float16 the rewritten formula rounds differently).
+    With a target (`--target`), only into ops the target runs: HardSwish falls back to
+    x * HardSigmoid(x) where only that runs, and a target with neither keeps the elementwise
+    form (the mobile runtimes' partitioners split the graph at every HardSigmoid they lack).
     """
 
     name = "fuse-activations"
@@ -36,14 +39,26 @@ class FuseActivations(GraphPass):
     def rewrite(self, graph: gs.Graph, model: ir.Model) -> Counter:
         done = Counter()
         opset = int(graph.opset or model.opset)
+        taken = []
+
+        def context():  # what the target is asked about the model: taken once, when a pattern is found
+            if not taken:
+                taken.append(target_context(getattr(self, "target", None), model))
+            return taken[0]
+
         for node in live_nodes(graph):
             if node.op in ("Div", "Mul") and is_standard(node) and is_read(graph, node.outputs[0]):
-                applied = self._hard(graph, node, opset)
+                applied = self._hard(graph, node, opset, context)
                 if applied:
                     done[applied] += 1
         return done
 
-    def _hard(self, graph: gs.Graph, node: gs.Node, opset: int) -> str | None:
+    def _runs(self, op: str, attrs: dict, x: gs.Tensor, context) -> bool:
+        """Whether the target (when there is one: `GraphPass.run` sets it) runs `op` on `x`."""
+        target = getattr(self, "target", None)
+        return target is None or target_lacks_op(target, op, attrs, [x], context()) is None
+
+    def _hard(self, graph: gs.Graph, node: gs.Node, opset: int, context) -> str | None:
         """`node` divides by 6 (or multiplies by 1/6) what is either relu6(x + 3) or x * relu6(x + 3)."""
         source = _scaled_by_sixth(node)
         if source is None or not only_consumer(source, node, graph) or not can_remove(graph, node, 0):
@@ -53,7 +68,9 @@ class FuseActivations(GraphPass):
             return None
         x = _relu6_of_x_plus_3(producer, graph)
         if x is not None:  # Clip(x + 3, 0, 6) / 6
-            return self._replace_with(graph, node, "HardSigmoid", x, {"alpha": 1 / 6, "beta": 0.5})
+            if not self._runs("HardSigmoid", _SIXTH, x, context):
+                return None
+            return self._replace_with(graph, node, "HardSigmoid", x, dict(_SIXTH))
         if producer.op != "Mul" or len(producer.inputs) != 2:
             return None
         for side in (0, 1):
@@ -63,12 +80,14 @@ class FuseActivations(GraphPass):
                 break
         else:
             return None
-        if opset >= 14:
+        if opset >= 14 and self._runs("HardSwish", {}, x, context):
             return self._replace_with(graph, node, "HardSwish", x, {})
+        if not self._runs("HardSigmoid", _SIXTH, x, context):
+            return None
         # x * HardSigmoid(x): the Mul stays, Clip/Add/Div go.
         sigmoid = gs.Variable(self.names(f"{node.outputs[0].name}_hardsigmoid"), dtype=x.dtype, shape=x.shape)
         graph.nodes.append(gs.Node("HardSigmoid", name=self.names(f"{producer.name or 'hard'}_hardsigmoid"),
-                                   attrs={"alpha": 1 / 6, "beta": 0.5}, inputs=[x], outputs=[sigmoid]))
+                                   attrs=dict(_SIXTH), inputs=[x], outputs=[sigmoid]))
         set_inputs(producer, [x, sigmoid])
         remove(graph, node, 0)
         return "HardSwish"
@@ -77,6 +96,9 @@ class FuseActivations(GraphPass):
         node.op, node.attrs = op, attrs
         set_inputs(node, [x])
         return op
+
+
+_SIXTH = {"alpha": 1 / 6, "beta": 0.5}  # HardSigmoid's attributes for Clip(x + 3, 0, 6) / 6
 
 
 def _scaled_by_sixth(node: gs.Node) -> gs.Tensor | None:

@@ -299,6 +299,7 @@ class GraphPass(Pass):
         # a copy made for this run, so the pass object itself stays immutable.
         run = copy.copy(self)
         object.__setattr__(run, "names", Names(model))
+        object.__setattr__(run, "target", getattr(ctx, "target", None))  # (None: run outside a pipeline)
         return run._run(model)
 
     def _run(self, model: ir.Model) -> PassResult:
@@ -312,20 +313,97 @@ class GraphPass(Pass):
         return PassResult(modified=sum(total.values()) > 0, stats=dict(sorted(total.items())))
 
 
-def apply_first_rule(rules, owner: GraphPass, graph: gs.Graph, node: gs.Node, opset: int) -> str | None:
-    """Apply the first of `rules` that rewrites `node`; returns its counter key, or None.
+@dataclass(frozen=True)
+class NoMatch:
+    """Why a rule left a node alone (a rule's "no" with its reason). Falsy, so that a driver's
+    `if applied:` reads the same for a rule that says why and one that just returns None."""
 
-    A rule returns a key when it changed the graph. Exporters produce attribute forms a rule
-    may not expect; the exceptions that raises count as "no match" rather than a failed pass.
+    reason: str
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class Legal(NoMatch):
+    """A NoMatch meaning the node already has the form the rule would make (an opset-13
+    Softmax for the opset-7 Softmax rewrite): nothing is wrong with it."""
+
+
+def apply_first_rule(rules, owner: GraphPass, graph: gs.Graph, node: gs.Node, opset: int) -> str | NoMatch:
+    """Apply the first of `rules` that rewrites `node`: returns its counter key, else a NoMatch
+    giving each rule's reason.
+
+    A rule returns a key when it changed the graph, and a NoMatch (or None, "pattern not
+    found") when it did not; when every rule says Legal, so does the result. A rule checks the
+    forms it handles and says no to the others: an exception it raises is a bug and propagates
+    (it is not a "no match").
     """
+    reasons, legal = [], bool(rules)
     for rule in rules:
-        try:
-            applied = rule(owner, graph, node, opset)
-        except (TypeError, ValueError, IndexError, KeyError):
-            applied = None
+        applied = rule(owner, graph, node, opset)
         if applied:
             return applied
+        why = applied.reason if isinstance(applied, NoMatch) else "pattern not found"
+        legal &= isinstance(applied, Legal)
+        reasons.append(f"{getattr(rule, '__name__', 'rule')}: {why}")
+    return (Legal if legal else NoMatch)("; ".join(reasons) if reasons else f"no rule for {node.op}")
+
+
+def target_context(target, model: ir.Model):
+    """What a profile's `unsupported(node, model_context)` reads about `model` (shapes, dtypes,
+    constants, opsets): a `targets.ModelContext` snapshot where profiles have one, else the
+    model itself. Take a new one after rewriting the graph."""
+    try:
+        from edgegraph.targets import ModelContext
+    except ImportError:  # profiles without rules: they judge by op type alone
+        return model
+    return ModelContext.of(model)
+
+
+def target_lacks(target, node: gs.Node, context) -> str | None:
+    """Why `target` (a profile, or None for "no target") cannot run `node`, else None.
+    `context` is `target_context(target, model)`.
+
+    A profile that judges nodes (`unsupported`: opset, dtype, rank, attribute limits) is
+    asked; a plain op list (`ops`, empty meaning "everything") is read otherwise.
+    """
+    if target is None:
+        return None
+    judge = getattr(target, "unsupported", None)
+    if callable(judge):
+        return judge(node, context)
+    ops = getattr(target, "ops", None)
+    if ops and node.op not in ops:
+        return f"{node.op} is not among {getattr(target, 'name', 'the target')}'s ops"
     return None
+
+
+def target_verdict(target, node: gs.Node, context) -> tuple[str, str] | None:
+    """(kind, reason) when `target` cannot run `node`, else None. Profiles that classify their
+    reasons (`why`: "op", "opset", "dynamic", "rank", "dtype", "attr", "constant") say which;
+    otherwise every reason counts as "op"."""
+    classify = getattr(target, "why", None)
+    if target is not None and callable(classify):
+        return classify(node, context)
+    reason = target_lacks(target, node, context)
+    return None if reason is None else ("op", reason)
+
+
+def target_lacks_op(target, op: str, attrs: dict, inputs: Sequence[gs.Tensor], context) -> str | None:
+    """`target_lacks` for a node not yet made (would a fusion into `op` run on the target?).
+    The probe node is unlinked from `inputs` again before returning."""
+    if target is None:
+        return None
+    probe = gs.Node(op, name=f"{op}_probe", attrs=dict(attrs), inputs=list(inputs),
+                    outputs=[gs.Variable(f"{op}_probe_out", dtype=inputs[0].dtype, shape=inputs[0].shape)])
+    try:
+        return target_lacks(target, probe, context)
+    finally:
+        probe.inputs.clear()
+        probe.outputs.clear()
 
 
 class Names:

@@ -68,10 +68,12 @@ def compute_in_float32(model: ir.Model) -> bool:
     return True
 
 
-def upgrade_opset(model: ir.Model, opset: int, check: Callable[[onnx.ModelProto], bool] | None = None) -> ir.Model | None:
-    """The model converted to ai.onnx `opset` (when older), or None if onnx cannot convert it or
-    `check` (e.g. "outputs unchanged on a few samples") rejects the result."""
-    if model.opset >= opset:
+def upgrade_opset(model: ir.Model, opset: int, check: Callable[[onnx.ModelProto], bool] | None = None, *,
+                  down: bool = False) -> ir.Model | None:
+    """The model converted to ai.onnx `opset` (when older; also when newer with `down`: legalize),
+    or None if onnx cannot convert it or `check` (e.g. "outputs unchanged on a few samples")
+    rejects the result."""
+    if model.opset == opset or (model.opset > opset and not down):
         return model
     proto = model.to_proto()
     # IR < 4 wants initializers listed as graph inputs, which exported graphs no longer do; the

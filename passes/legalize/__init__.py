@@ -1,0 +1,208 @@
+"""legalize: rewrite the ops a deployment target lacks into ops it runs.
+
+Each rewrite is a small rule registered by the op it replaces (`rules.REWRITES`; the modules
+below register them on import). The pass asks, for every node, whether it must go: listed in
+the `ops` option, or (with `--target`) not run by the target's profile. It then runs the rules
+for that op through cleanup's rule driver, which returns either what was done or why no rule
+applies; what could not be rewritten is reported (stats, details, one warning), never hidden.
+
+Rewrites are exact up to float rounding (Erf: a rational approximation within a few float32
+units), so the manager verifies the result like any exact pass. Each is proven on the ONNX
+backend node tests of its op and on the shared real models (tests/test_legalize.py,
+tools/bench_legalize.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from edgegraph import ir
+from edgegraph.errors import PassOptionError
+from edgegraph.passbase import Pass, PassResult, option, settle
+from edgegraph.registry import register_pass
+
+from ..cleanup.common import (
+    Legal, Names, NoMatch, apply_first_rule, graphs, int_list, is_standard, live_nodes, reinfer_shapes, target_context,
+    target_verdict,
+)
+from ..quant.prepare import upgrade_opset
+from . import activations, attention, convs, legacy, norms, shapes  # noqa: F401 - importing registers the rewrites
+from .rules import REPLACED, REWRITES
+
+logger = logging.getLogger(__name__)
+
+# Rounds run until one changes nothing: a rewrite may produce an op the target lacks too (Gelu ->
+# Erf), and one of an op onnx cannot infer shapes through (Crop, ImageScaler) gives the nodes
+# after it the ranks and dtypes their rules need (candy: a round per Crop).
+ROUNDS = 32
+# What to do instead, for ops whose rewrite may not suit a target.
+HINTS = {"Upsample": "legalize(opset=11) makes it a Resize instead"}
+SHOWN = 5  # op types named in the "could not rewrite" warning
+
+
+@register_pass
+@dataclass(frozen=True)
+class Legalize(Pass):
+    """Rewrite the nodes the target cannot run (with `--target`), or those of the op types in
+    `ops`, into equivalent ops: HardSigmoid/HardSwish -> Mul/Add/Clip, Gelu/Erf/Mish/Softplus/
+    Swish -> elementwise ops, Layer/Group/InstanceNormalization -> ReduceMean/Sub/Div, Einsum ->
+    Transpose/Reshape/MatMul, Attention -> MatMul/Softmax/MatMul, ConvTranspose -> Conv/
+    DepthToSpace/Slice, Space/DepthToSpace -> Reshape/Transpose, Upsample -> Gathers
+    (asymmetric, as onnxruntime runs it), opset < 13 Softmax on N-D -> Flatten/Softmax/Reshape,
+    ImageScaler/Crop/Affine -> Mul/Add/Slice, Gather with constant negative indices -> positive.
+    With a target, a rewrite that would make an op the target lacks (and no rule replaces) is
+    undone and the next rule tried.
+
+    `opset` converts the model first (onnx's version converter, through quant's
+    `upgrade_opset`, which keeps Upsample's coordinates when it becomes Resize). Nodes that
+    must go but that no rule can rewrite are listed in the details (`not_rewritten`, with the
+    reason) and in a warning.
+    """
+
+    name = "legalize"
+    summary = "Rewrite ops the target lacks (or those listed in ops) into ops it runs; optional opset conversion."
+    exact = True
+
+    ops: list[str] = option([], "op types to rewrite whatever the target runs, e.g. [HardSigmoid, Erf]")
+    opset: int = option(0, "convert the model to this ai.onnx opset first (up or down); 0 keeps its opset")
+
+    def __post_init__(self):
+        self.check(self.opset == 0 or 7 <= self.opset, "legalize: opset must be 0 (keep) or at least 7")
+        unknown = sorted(set(self.ops) - set(REWRITES))
+        self.check(not unknown, f"legalize: no rewrite for {', '.join(unknown)} (rewrites: {', '.join(sorted(REWRITES))})")
+
+    def run(self, model: ir.Model, ctx=None) -> PassResult:
+        stats: Counter = Counter()
+        if self.opset and self.opset != model.opset:
+            before = model.opset
+            converted = upgrade_opset(model, self.opset, down=True)
+            if converted is None:
+                raise PassOptionError(f"legalize: onnx cannot convert this model from opset {before} to {self.opset}")
+            model.graph = converted.graph
+            stats[f"opset {before}->{self.opset}"] = 1
+        target = getattr(ctx, "target", None)
+        run = copy.copy(self)  # what a run makes lives on this copy: the pass object stays immutable
+        object.__setattr__(run, "names", Names(model))
+        object.__setattr__(run, "made", [])  # nodes rewrites made, in order (not rewritten again, see _must_go)
+        object.__setattr__(run, "target", target)
+        left: dict[int, dict] = {}
+        for _ in range(ROUNDS):
+            changed = False
+            left = {}
+            context = target_context(target, model) if target is not None else None  # (a snapshot per round)
+            made = {id(n) for n in run.made}
+            for graph in graphs(model.graph):
+                opset = int(graph.opset or model.opset)
+                for node in live_nodes(graph):
+                    verdict = run._must_go(node, target, context, made)
+                    if verdict is None:
+                        continue
+                    kind, why = verdict
+                    rules = [_checked(rule) for rule in REWRITES.get(node.op, ())]
+                    if kind == "dynamic" or _dynamic_for(target, node, context):
+                        # the ops a rewrite makes would read the same dynamic tensors
+                        applied = NoMatch("no rewrite makes a shape static: --fix-shape does")
+                    elif not is_standard(node):
+                        applied = NoMatch(f"custom domain {node.domain}")
+                    else:
+                        applied = apply_first_rule(rules, run, graph, node, opset)
+                    if applied:
+                        stats[applied] += 1
+                        changed = True
+                    elif not isinstance(applied, Legal):
+                        reason = applied.reason + (f" ({HINTS[node.op]})" if node.op in HINTS else "")
+                        left[id(node)] = {"node": node.name, "op": node.op, "why": why, "not_rewritten": reason}
+            if not changed:
+                break
+            # Rewrites add initializers that no graph input lists; before IR 4 (opset 7-8 exports:
+            # candy, SqueezeNet) every initializer had to be an input, or inference ignores it.
+            model.graph.ir_version = max(int(getattr(model.graph, "ir_version", None) or 0), 4)
+            settle(model)
+            reinfer_shapes(model)  # later rules need the ranks and dtypes of the tensors made here
+        not_rewritten = sorted(left.values(), key=lambda d: (d["op"], d["node"]))
+        if not_rewritten:
+            by_op: dict[str, list[dict]] = {}
+            for d in not_rewritten:
+                by_op.setdefault(d["op"], []).append(d)
+            # One entry per op type, biggest first: its count, the first node's reason and why no rule helped.
+            ranked = sorted(by_op.items(), key=lambda item: (-len(item[1]), item[0]))
+            shown = "; ".join(f"{op} x{len(ds)} ({ds[0]['why']}: {ds[0]['not_rewritten']})" for op, ds in ranked[:SHOWN])
+            more = f"; and {len(ranked) - SHOWN} more op types" if len(ranked) > SHOWN else ""
+            logger.warning("legalize: %d node(s) could not be rewritten: %s%s", len(not_rewritten), shown, more)
+            stats["not_rewritten"] = len(not_rewritten)
+        modified = any(k != "not_rewritten" for k in stats)
+        return PassResult(modified=modified, stats=dict(sorted(stats.items())),
+                          details={"not_rewritten": not_rewritten} if not_rewritten else {})
+
+    def _must_go(self, node, target, context, made: set[int]) -> tuple[str, str] | None:
+        """(kind, reason) why `node` has to be rewritten (kinds as `target_verdict`), or None."""
+        if node.op in self.ops:  # (not one a rewrite of this very op made: Softmax-7 -> Flatten/Softmax/Reshape)
+            return None if id(node) in made else ("op", f"{node.op} is listed in ops")
+        return target_verdict(target, node, context)
+
+    def runs_op(self, node, opset: int) -> bool:
+        """Whether the target has `node`'s op type (shapes aside: new tensors have none yet), or
+        a rewrite exists for it (the next round tries it: Gelu -> Erf -> polynomial)."""
+        if self.target is None or node.op in REPLACED:
+            return True
+        limit = getattr(self.target, "max_rank", None)
+        if limit is not None and (_made_rank(node) or 0) > limit:  # (rank-6 Reshape/Transpose of SpaceToDepth)
+            return False
+        has = getattr(self.target, "supports_op", None)
+        if callable(has):
+            return has(node.op, node.domain or "", opset)
+        ops = getattr(self.target, "ops", None)
+        return not ops or node.op in ops
+
+
+def _dynamic_for(target, node, context) -> bool:
+    """Whether `target` needs static shapes (NNAPI) and `node` reads a dynamic one: whatever
+    replaced the node would be refused too (MiniLM's LayerNormalization, refused as an op)."""
+    if not getattr(target, "static_shapes", False) or not hasattr(context, "is_static"):
+        return False
+    return any(t.name and not context.is_static(t.name) for t in node.inputs)
+
+
+def _made_rank(node) -> int | None:
+    """The rank a new Reshape/Transpose works in, read from its constants (new tensors have no
+    shapes yet)."""
+    if node.op == "Transpose" and "perm" in node.attrs:
+        return len(node.attrs["perm"])
+    if node.op == "Reshape" and len(node.inputs) > 1:
+        shape = int_list(node.inputs[1])
+        return None if shape is None else len(shape)
+    return None
+
+
+def _checked(rule):
+    """`rule`, undone when what it made has an op type the target lacks (CoreML has Resize but no
+    Gather: Upsample as Gathers would not help it): the next rule is tried, else the reason kept."""
+
+    def checked(owner, graph, node, opset):
+        inputs, outputs, mark = list(node.inputs), list(node.outputs), len(owner.made)
+        applied = rule(owner, graph, node, opset)
+        if not applied:
+            return applied
+        made = owner.made[mark:]
+        lacking = sorted({n.op for n in made if not owner.runs_op(n, opset)})
+        if not lacking:
+            return applied
+        for new in made:  # undo: unlink what the rule made and give the node its tensors back
+            new.inputs.clear()
+            new.outputs.clear()
+        gone = {id(n) for n in made}
+        graph.nodes = [n for n in graph.nodes if id(n) not in gone]
+        del owner.made[mark:]
+        node.inputs.clear()
+        node.outputs.clear()
+        node.inputs.extend(inputs)
+        node.outputs.extend(outputs)
+        return NoMatch(f"it would make {', '.join(lacking)}, which {getattr(owner.target, 'name', 'the target')} cannot run either")
+
+    checked.__name__ = rule.__name__
+    return checked
+
+__all__ = ["Legalize", "REWRITES"]
