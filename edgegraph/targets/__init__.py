@@ -18,6 +18,7 @@ class Target:
     description: str
     ops: frozenset[str]  # supported default-domain op types; empty means "everything ONNX Runtime runs"
     quantized_ops: frozenset[str]  # ops with fast int8 kernels (what Q/DQ placement aims at)
+    channel_alignment: int = 1  # channel counts the target's kernels like a multiple of (pruned widths)
 
 
 def available_targets() -> list[str]:
@@ -25,7 +26,7 @@ def available_targets() -> list[str]:
 
 
 # key -> (type of its value, type of a list's items or None)
-_KEYS = {"description": (str, None), "ops": (list, str), "quantized_ops": (list, str)}
+_KEYS = {"description": (str, None), "ops": (list, str), "quantized_ops": (list, str), "channel_alignment": (int, None)}
 
 
 def load_target(name: str) -> Target:
@@ -51,4 +52,11 @@ def load_target(name: str) -> Target:
         description=profile.get("description", ""),
         ops=frozenset(profile.get("ops", [])),
         quantized_ops=frozenset(profile.get("quantized_ops", [])),
+        channel_alignment=_alignment(path, profile.get("channel_alignment", 1)),
     )
+
+
+def _alignment(path: Path, value: int) -> int:
+    if isinstance(value, bool) or not 1 <= value <= 1024:
+        raise EdgegraphError(f"target profile {path}: channel_alignment: must be a whole number in 1..1024, got {value!r}")
+    return value
