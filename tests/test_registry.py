@@ -34,7 +34,7 @@ TEST_MODULES = {
     "eliminate-dead": "test_cleanup.py", "fold-batchnorm": "test_cleanup.py", "fold-constants": "test_cleanup.py",
     "fuse-activations": "test_fuse_activations.py", "fuse-linear": "test_cleanup.py", "remove-identity": "test_cleanup.py",
     "simplify-shapes": "test_cleanup.py", "equalize": "test_equalize.py", "quant": "test_quant.py",
-    "quant-dynamic": "test_quant_dynamic.py", "quant-int4": "test_quant_int4.py",
+    "quant-dynamic": "test_quant_dynamic.py", "quant-int4": "test_quant_int4.py", "prune": "test_prune.py",
 }
 
 

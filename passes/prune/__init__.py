@@ -37,6 +37,7 @@ from edgegraph.errors import EdgegraphError
 from edgegraph.floor import Floor
 from edgegraph.passbase import Pass, PassResult, option
 from edgegraph.passes.cleanup import Cleanup
+from edgegraph.passes.quant.prepare import compute_in_float32
 from edgegraph.registry import register_pass
 
 from . import select
@@ -77,10 +78,11 @@ class Prune(Pass):
     recover: bool = option(True, "recover the layers reading removed channels: least squares with calibration "
                                  "data, neuron merging without")
     ridge: float = option(1e-3, "least-squares regularisation, relative to the mean input energy")
-    align: int = option(0, "kept channel counts are multiples of this (halved for groups narrower than twice "
-                           "it); 0: the target's channel_alignment")
+    align: int = option(0, "kept channel counts are multiples of this (halved for groups narrower than four "
+                           "times it); 0: the target's channel_alignment")
     max_layer_cut: float = option(0.75, "at most this fraction of any group's channels is removed")
-    protect_ends: bool = option(True, "never cut the first layer's output or the last layer's input")
+    protect_ends: bool = option(False, "never cut the first layer's output or the last layer's input (off: with "
+                                       "recovery, cutting them measured better than leaving them)")
     protect: list[str] = option([], "node names whose channels are never cut")
     holdout: int = option(16, "calibration samples held out from fitting and used to measure each budget")
     calib_samples: int = option(64, "calibration samples the Gram matrices are fitted on (0 = all not held out)")
@@ -327,7 +329,9 @@ class _Pruner:
             self.features[plan.group.id] = entries
         if not wanted:
             return {}
-        proto = model.to_proto()
+        probed = model.copy()
+        compute_in_float32(probed)  # the probe's im2col and float64 sums need float32 layers
+        proto = probed.to_proto()
         grams = capture.grams(proto, sorted(wanted), self._batches(model, fit), threads=self.ctx.threads,
                               progress=lambda it, **kw: self.ctx.progress_bar(it, desc="prune: capturing XᵀX"))
         found = {}
@@ -416,7 +420,7 @@ class _Pruner:
         if kind == "ratio":
             removed = {}
             for plan in plans:
-                allowed = [k for k in plan.allowed(self.o.max_layer_cut) if k <= round(amount * plan.group.channels)]
+                allowed = [k for k in plan.allowed(self.o.max_layer_cut) if k <= int(amount * plan.group.channels + 1e-9)]
                 removed[plan.group.id] = plan.order[:max(allowed)] if allowed else plan.order[:0]
             return removed
         # The cut shared by cost per MAC saved may land short of the target (a layer between two
@@ -566,9 +570,11 @@ class _Pruner:
 
 
 def _multiple(channels_: int, align: int) -> int:
-    """The width multiple for a group: the alignment, halved while the group is narrower than twice it."""
+    """The width multiple for a group: the alignment, halved while the group is narrower than four
+    times it (a 16-channel layer has no fast blocked kernel to keep, and steps of 16 would leave it
+    all or nothing)."""
     m = max(1, align)
-    while m > 1 and channels_ < 2 * m:
+    while m > 1 and channels_ < 4 * m:
         m //= 2
     return m
 
