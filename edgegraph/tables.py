@@ -187,3 +187,23 @@ def format_bench(rows: list[dict]) -> str:
     if compared:
         lines.append(f"(agreement over {rows[0]['samples']} samples, worst output shown)")
     return "\n".join(lines)
+
+
+def group_row(group) -> dict:
+    """One channel coupling group (analysis.channels.Group) for `info --groups --json`."""
+    return {"group": group.id, "channels": group.channels, "prunable": group.prunable,
+            "tensors": sorted({name for name, _ in group.members}), "weights": [s.constant for s in group.slices],
+            "why_not": group.reasons}
+
+
+def format_groups(groups) -> str:
+    """`info --groups`: one line per coupling group, the unprunable ones with their reasons."""
+    prunable = sum(g.prunable for g in groups)
+    lines = [f"channel groups: {len(groups)} ({prunable} prunable, {sum(g.channels for g in groups if g.prunable)} "
+             "channels `prune` may cut)"]
+    rows = [["group", "channels", "weights cut", "state"]]
+    for g in groups:
+        weights = ", ".join(s.constant for s in g.slices[:3]) + (f", +{len(g.slices) - 3}" if len(g.slices) > 3 else "")
+        rows.append([str(g.id), str(g.channels), weights or "-",
+                     "prunable" if g.prunable else "fixed: " + "; ".join(g.reasons[:2])])
+    return "\n".join(lines + ["  " + line for line in columns(rows, "><<<")])

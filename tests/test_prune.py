@@ -222,3 +222,16 @@ def test_options_are_checked():
         Prune(macs=0.5, ratio=0.2)
     with pytest.raises(EdgegraphError):
         Prune(importance="random")
+
+
+def test_info_groups_lists_groups_and_why_not(capsys, tmp_path):
+    from clihelp import run_cli
+
+    path = tmp_path / "blocked.onnx"
+    onnx.save(cfx.build_blocked(), path)
+    code, out, err = run_cli(capsys, "info", str(path), "--groups")
+    assert code == 0, err
+    assert "channel groups:" in out and "reaches a graph output" in out and "prunable" in out
+    code, out, _ = run_cli(capsys, "info", str(path), "--groups", "--json")
+    rows = __import__("json").loads(out)["groups"]
+    assert any(not r["prunable"] and r["why_not"] for r in rows)
