@@ -58,13 +58,15 @@ FIXTURES = ["build_residual", "build_concat_split", "build_depthwise_grouped", "
 @pytest.mark.parametrize("data", [False, True], ids=["data-free", "calibrated"])
 def test_pruning_zero_channels_is_exact(name, data):
     """The pass (l1 picks the zero channels first) with recovery on: merging / least squares of
-    zero channels moves nothing, and the outputs stay those of the zeroed model."""
+    zero channels moves nothing, and the outputs stay those of the zeroed model. (The refit on
+    pruned inputs is a ridge fit on a few samples, not exact by design: measured below.)"""
     zeroed = _zero_half(ir.from_proto(getattr(cfx, name)()))
     calib = CalibrationData.random(runtime.input_specs(zeroed), 12, seed=1)
     batches = [runtime.adapt_feeds(runtime.input_specs(zeroed), b) for b in calib.batches(4)]
     want = _outputs(zeroed, batches)
     pruned = zeroed.copy()
-    result = Prune(ratio=0.5, importance="l1", align=1, max_layer_cut=0.6).run(pruned, _ctx(calib if data else None))
+    result = Prune(ratio=0.5, importance="l1", align=1, max_layer_cut=0.6, refit=False).run(
+        pruned, _ctx(calib if data else None))
     assert result.modified and result.stats["channels_removed"] > 0
     _assert_close(want, _outputs(pruned, batches))
     onnx.checker.check_model(pruned.to_proto())

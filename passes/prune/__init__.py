@@ -40,7 +40,7 @@ from edgegraph.passes.cleanup import Cleanup
 from edgegraph.passes.quant.prepare import compute_in_float32
 from edgegraph.registry import register_pass
 
-from . import select
+from . import refit, select
 
 logger = logging.getLogger("edgegraph")
 
@@ -51,6 +51,7 @@ CUTS = (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
 DEFAULT_AGREEMENT = 0.97
 DEFAULT_SQNR_DB = 20.0
 _MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+SENSITIVITY_SAMPLES = 8
 
 
 @register_pass
@@ -77,6 +78,11 @@ class Prune(Pass):
                 "auto: reconstruction with calibration data, l2 without")
     recover: bool = option(True, "recover the layers reading removed channels: least squares with calibration "
                                  "data, neuron merging without")
+    refit: bool = option(True, "with calibration data, fit the recovered layers again on the pruned model's own "
+                               "inputs (the errors of the layers before them included), in one more pass")
+    sensitivity: bool = option(False, "with calibration data, measure each group alone (half its channels cut, on "
+                                      "a few fitting samples) and weigh its cost by the output error it causes (off: "
+                                      "measured worse on SqueezeNet, 0.52 vs 0.66 agreement at a 20% cut)")
     ridge: float = option(1e-3, "least-squares regularisation, relative to the mean input energy")
     align: int = option(0, "kept channel counts are multiples of this (halved for groups narrower than four "
                            "times it); 0: the target's channel_alignment")
@@ -183,6 +189,8 @@ class _Pruner:
         for plan in live:
             self._order(plan)
         live = [p for p in live if not p.skipped]
+        if o.sensitivity and data is not None:
+            self._sensitivity(model, live, fit)
         reference = self._reference(given, held)
 
         def build(setting):
@@ -331,8 +339,10 @@ class _Pruner:
             return {}
         probed = model.copy()
         compute_in_float32(probed)  # the probe's im2col and float64 sums need float32 layers
-        proto = probed.to_proto()
-        grams = capture.grams(proto, sorted(wanted), self._batches(model, fit), threads=self.ctx.threads,
+        proto = self.original_fp32 = probed.to_proto()
+        self.fit_batches = self._batches(model, fit)
+        self.work_nodes = {n.name: n for n in model.graph.nodes}
+        grams = capture.grams(proto, sorted(wanted), self.fit_batches, threads=self.ctx.threads,
                               progress=lambda it, **kw: self.ctx.progress_bar(it, desc="prune: capturing XᵀX"))
         found = {}
         for name, gram in grams.items():
@@ -413,6 +423,28 @@ class _Pruner:
                 return np.array([value[i].sum() for i in s.indices])
         return np.zeros(0)
 
+    def _sensitivity(self, model: ir.Model, plans: list[_Plan], fit) -> None:
+        """Scale each group's cost curve so that, at about half its channels cut, it is the output
+        error that cut causes (relative noise energy over every output, 8 fitting samples): local
+        reconstruction error says little about how much of it reaches the outputs."""
+        batches = self._batches(model, fit.take(SENSITIVITY_SAMPLES))
+        proto = model.to_proto()
+        reference = runtime.outputs(proto, batches, threads=self.ctx.threads)
+        bar = self.ctx.progress_bar(total=len(plans), desc="prune: sensitivity of each group")
+        try:
+            for plan in plans:
+                allowed = [k for k in plan.allowed(self.o.max_layer_cut) if k <= len(plan.order)]
+                k = min(allowed, key=lambda a: abs(a - plan.group.channels / 2))
+                candidate = self._build(model, [plan], {plan.group.id: plan.order[:k]}, refit_=False)
+                out = runtime.outputs(candidate.to_proto(), batches, threads=self.ctx.threads)
+                noise = sum(float(np.sum((r[n].astype(np.float64) - c[n]) ** 2)) for r, c in zip(reference, out) for n in r)
+                signal = sum(float(np.sum(r[n].astype(np.float64) ** 2)) for r in reference for n in r)
+                plan.sensitivity = noise / max(signal, 1e-30)
+                plan.cost = plan.cost * (plan.sensitivity / max(float(plan.cost[k - 1]), 1e-12))
+                bar.update(1)
+        finally:
+            bar.close()
+
     # -- budget ------------------------------------------------------------------------------
 
     def _allocate(self, plans: list[_Plan], setting) -> dict[int, np.ndarray]:
@@ -463,7 +495,7 @@ class _Pruner:
 
     # -- surgery -----------------------------------------------------------------------------
 
-    def _build(self, model: ir.Model, plans: list[_Plan], removed: dict[int, np.ndarray]) -> ir.Model:
+    def _build(self, model: ir.Model, plans: list[_Plan], removed: dict[int, np.ndarray], refit_: bool = True) -> ir.Model:
         candidate = model.copy()
         holders = channels._constant_holders(candidate.graph)
         nodes = {n.name: n for n in candidate.graph.nodes}
@@ -474,7 +506,44 @@ class _Pruner:
             else:
                 self._merge(holders, plans, removed)
         channels.remove_channels(candidate.graph, cuts)
+        if refit_ and self.o.recover and self.o.refit and self.consumers and cuts:
+            self._refit(candidate, holders, {n.name: n for n in candidate.graph.nodes}, cuts)
         return candidate
+
+    def _refit(self, candidate: ir.Model, holders, nodes, cuts) -> None:
+        """Fit every recovered layer again on the pruned model's inputs (refit.py)."""
+        spaces, _ = channels._merged(cuts)
+        layers = {}
+        for name in sorted(self.recovered):
+            node = self.work_nodes[name]
+            out = node.outputs[0]
+            rank = len(out.shape or ())
+            axis = 1 if node.op in ("Conv", "Gemm") else rank - 1
+            gone = spaces.get((out.name, axis))
+            kept = None if not gone else np.setdiff1d(np.arange(out.shape[axis]), sorted(gone))
+            layers[name] = (out.name, kept, axis, rank)
+        probed = candidate.copy()
+        compute_in_float32(probed)
+        model = refit.paired(probed.to_proto(), self.original_fp32)
+        found = refit.refit(model, layers, self.fit_batches, threads=self.ctx.threads,
+                            progress=lambda it, **kw: self.ctx.progress_bar(it, desc="prune: refitting"))
+        for name, (xtx, xty, rows) in found.items():
+            node = nodes[name]
+            has_bias = node.op != "MatMul"
+            weight = holders[node.inputs[1].name]
+            stored = np.asarray(weight.values)
+            alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+            beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+            prior = _matrix(node, stored.astype(np.float64)) * alpha
+            prior_bias = (np.asarray(holders[node.inputs[2].name].values, np.float64).reshape(-1) * beta
+                          if has_bias else None)
+            matrix, bias = refit.solve(xtx, xty, rows, self.o.ridge, prior, prior_bias)
+            matrix, bias = matrix / alpha, bias / beta
+            weight.values = _unmatrix(node, matrix, stored.shape).astype(stored.dtype)
+            if has_bias:
+                holder = holders[node.inputs[2].name]
+                value = np.asarray(holder.values)
+                holder.values = bias.reshape(value.shape).astype(value.dtype)
 
     def _least_squares(self, candidate, holders, nodes, plans, removed) -> None:
         gone: dict[str, list[np.ndarray]] = {}
@@ -485,6 +554,7 @@ class _Pruner:
             for name, feats in self.features.get(plan.group.id, ()):
                 if name in self.consumers:
                     gone.setdefault(name, []).extend(feats[c] for c in chosen)
+        self.recovered = set(gone)
         for name, parts in sorted(gone.items()):
             consumer = self.consumers[name]
             matrix, bias = select.compensate(consumer, np.concatenate(parts))
@@ -535,6 +605,8 @@ class _Pruner:
                "decision": "skipped" if plan.skipped else ("cut" if removed_count else "kept")}
         if plan.skipped:
             row["why"] = plan.skipped
+        if getattr(plan, "sensitivity", None) is not None:
+            row["sensitivity"] = round(float(plan.sensitivity), 6)
         if plan.cost is not None and removed_count:
             row["cost"] = round(float(plan.cost[removed_count - 1]), 6)
             row["importance"] = getattr(plan, "method", "")
