@@ -211,7 +211,7 @@ class _Pruner:
 
         user = ctx.verify.floor()
         if o.macs is not None or o.ratio is not None:
-            settings = [("macs", 1 - o.macs) if o.macs is not None else ("ratio", o.ratio)]
+            settings = [("macs", round(1 - o.macs, 6)) if o.macs is not None else ("ratio", o.ratio)]
             budget = user
         else:
             settings = [("macs", cut) for cut in CUTS if cut <= o.max_cut + 1e-9]
