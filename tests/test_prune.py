@@ -156,8 +156,8 @@ def test_cifar10_cut_by_a_fifth_with_recovery_keeps_agreement():
     recovered, record, _ = _agreement(path, "prune(macs=0.8, align=1)", calib, held, "modelInput")
     plain, _, _ = _agreement(path, "prune(macs=0.8, align=1, importance=l1, recover=false)", calib, held, "modelInput")
     assert record.stats["macs_removed"] >= 0.18
-    assert recovered >= 0.80  # measured 0.82 on 256 held-out images (l1 without recovery: 0.59)
-    assert recovered >= plain + 0.15
+    assert recovered >= 0.80  # measured 0.82 on 256 held-out images (l1 without recovery: 0.74)
+    assert recovered >= plain + 0.05
     d = record.details
     assert d["macs"][1] < d["macs"][0] and d["params"][1] < d["params"][0]
     assert any(r["decision"] == "cut" and "cost" in r for r in d["groups"])
@@ -173,8 +173,8 @@ def test_default_search_holds_the_floor_on_held_out_samples():
     assert steps and all("agreement" in s and "macs_removed" in s for s in steps)
     best = record.details["search"]["best"]
     assert best is not None and next(s for s in steps if s["index"] == best)["agreement"] >= 0.9
-    assert record.stats["macs_removed"] >= 0.08  # measured 0.10 (0.20 holds 0.875 on the 16 held out)
-    assert agreement >= 0.97  # measured 0.993 on 300 other digits
+    assert record.stats["macs_removed"] >= 0.30  # measured 0.37
+    assert agreement >= 0.98  # measured 0.993 on 300 other digits
 
 
 def test_a_floor_no_budget_holds_is_refused():
@@ -190,7 +190,7 @@ def test_prune_then_quant_end_to_end():
     agreement, _, model = _agreement(path, "prune(macs=0.8, align=1),quant(check_speed=false)", x[:64], x[64:320],
                                      "modelInput")
     assert any(n.op == "QuantizeLinear" for n in model.graph.nodes)
-    assert agreement >= 0.79  # measured 0.82, as without quant
+    assert agreement >= 0.80  # measured 0.83 (0.82 without quant)
 
 
 # --- without data, options ----------------------------------------------------------------------

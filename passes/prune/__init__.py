@@ -488,7 +488,10 @@ class _Pruner:
         while heap and saved < target:
             _, gid, k, done = heapq.heappop(heap)
             plan = by_id[gid]
-            saved += (k - done) * plan.macs
+            step = (k - done) * plan.macs
+            if saved + step - target > target - saved and saved > 0:
+                break  # an aligned step of a wide layer would overshoot more than stopping short
+            saved += step
             taken[gid] = k
             push(plan, k)
         return {gid: by_id[gid].order[:k] for gid, k in taken.items()}
