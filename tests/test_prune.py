@@ -156,7 +156,7 @@ def test_cifar10_cut_by_a_fifth_with_recovery_keeps_agreement():
     recovered, record, _ = _agreement(path, "prune(macs=0.8, align=1)", calib, held, "modelInput")
     plain, _, _ = _agreement(path, "prune(macs=0.8, align=1, importance=l1, recover=false)", calib, held, "modelInput")
     assert record.stats["macs_removed"] >= 0.18
-    assert recovered >= 0.80  # measured 0.82 on 256 held-out images (l1 without recovery: 0.74)
+    assert recovered >= 0.81  # measured 0.83 on 256 held-out images (l1 without recovery: 0.74)
     assert recovered >= plain + 0.05
     d = record.details
     assert d["macs"][1] < d["macs"][0] and d["params"][1] < d["params"][0]
@@ -190,7 +190,7 @@ def test_prune_then_quant_end_to_end():
     agreement, _, model = _agreement(path, "prune(macs=0.8, align=1),quant(check_speed=false)", x[:64], x[64:320],
                                      "modelInput")
     assert any(n.op == "QuantizeLinear" for n in model.graph.nodes)
-    assert agreement >= 0.80  # measured 0.83 (0.82 without quant)
+    assert agreement >= 0.79  # measured 0.82 (0.83 without quant)
 
 
 # --- without data, options ----------------------------------------------------------------------

@@ -59,8 +59,10 @@ def load(path: Path) -> ir.Model:
     return ir.from_proto(onnx.load(str(path)))
 
 
-def macs(path: Path) -> int:
-    return stats.model_stats(load(path)).macs_known
+def macs(path: Path, case=None) -> int:
+    """MACs at one evaluation input's shape (PP-OCR cls has dynamic height and width)."""
+    shapes = {case.input: [1, *case.eval.shape[1:]]} if case is not None else None
+    return stats.model_stats(load(path), fix_shapes=shapes).macs_known
 
 
 def edgegraph_prune(spec: str):
@@ -78,7 +80,7 @@ def onnxsim_prune(kind: str):
         from onnxsim import pruning
 
         base = onnx.load(str(source))
-        before = macs(source)
+        before = macs(source, case)
         feeds = [{case.input: x[None]} for x in case.calib[:8]]
         low, high, best = 0.0, 0.95, None
         for _ in range(6):  # bisect onnxsim's channel fraction for the MAC cut
@@ -92,7 +94,7 @@ def onnxsim_prune(kind: str):
             except Exception as exc:  # noqa: BLE001 - report what onnxsim says
                 return {"error": f"{type(exc).__name__}: {str(exc)[:80]}"}
             onnx.save(pruned, str(out))
-            reached = 1 - macs(out) / before
+            reached = 1 - macs(out, case) / before
             if best is None or abs(reached - cut) < abs(best[1] - cut):
                 best = (s, reached)
                 onnx.save(pruned, str(out) + ".best")
@@ -124,7 +126,7 @@ def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
         case.calib, case.eval = case.calib.astype(np.float32), case.eval.astype(np.float32)
     reference = bq.outputs(source, case)
     half = len(case.eval) // 2
-    base_macs, base_params = macs(source), stats.model_stats(load(source)).params
+    base_macs, base_params = macs(source, case), stats.model_stats(load(source)).params
     rows, paths = [], []
     for cut in cuts:
         for name, tool in tools.items():
@@ -137,7 +139,7 @@ def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
             row = {"model": case.name, "cut": cut, "tool": name, "seconds": round(time.perf_counter() - start, 1), **extra}
             if "error" not in row and out.exists():
                 got = bq.outputs(out, case)
-                row.update(macs_removed=round(1 - macs(out) / base_macs, 3),
+                row.update(macs_removed=round(1 - macs(out, case) / base_macs, 3),
                            params=round(stats.model_stats(load(out)).params / base_params, 3),
                            agree_a=round(case.metric(reference[:half], got[:half]), 3),
                            agree_b=round(case.metric(reference[half:], got[half:]), 3))
