@@ -87,7 +87,8 @@ def onnxsim_prune(kind: str):
             s = (low + high) / 2
             try:
                 if kind == "l1":
-                    pruned = pruning.apply_structured_pruning(base, sparsity=s, importance_norm="l1", global_sparsity=True)
+                    pruned = pruning.apply_structured_pruning(base, sparsity=s, importance_norm="l1",
+                                                              global_sparsity=True)
                 else:
                     pruned = pruning.apply_structured_wanda_pruning(base, calibration_data=feeds, sparsity=s,
                                                                      global_sparsity=True)
@@ -136,7 +137,8 @@ def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
                 extra = tool(case, source, out, cut)
             except Exception as exc:  # noqa: BLE001 - a tool failing is a result
                 extra = {"error": f"{type(exc).__name__}: {str(exc)[:100]}"}
-            row = {"model": case.name, "cut": cut, "tool": name, "seconds": round(time.perf_counter() - start, 1), **extra}
+            row = {"model": case.name, "cut": cut, "tool": name, "seconds": round(time.perf_counter() - start, 1),
+                   **extra}
             if "error" not in row and out.exists():
                 got = bq.outputs(out, case)
                 row.update(macs_removed=round(1 - macs(out, case) / base_macs, 3),

@@ -65,7 +65,8 @@ class Prune(Pass):
     """
 
     name: ClassVar[str] = "prune"
-    summary: ClassVar[str] = "structured channel pruning: calibrated channel choice, least-squares recovery, aligned widths"
+    summary: ClassVar[str] = ("structured channel pruning: calibrated channel choice, least-squares recovery, "
+                              "aligned widths")
     exact: ClassVar[bool] = False
     knob: ClassVar[str] = "fraction of MACs removed"
 
@@ -438,7 +439,8 @@ class _Pruner:
                 k = min(allowed, key=lambda a: abs(a - plan.group.channels / 2))
                 candidate = self._build(model, [plan], {plan.group.id: plan.order[:k]}, refit_=False)
                 out = runtime.outputs(candidate.to_proto(), batches, threads=self.ctx.threads)
-                noise = sum(float(np.sum((r[n].astype(np.float64) - c[n]) ** 2)) for r, c in zip(reference, out) for n in r)
+                noise = sum(float(np.sum((r[n].astype(np.float64) - c[n]) ** 2))
+                            for r, c in zip(reference, out) for n in r)
                 signal = sum(float(np.sum(r[n].astype(np.float64) ** 2)) for r in reference for n in r)
                 plan.sensitivity = noise / max(signal, 1e-30)
                 plan.cost = plan.cost * (plan.sensitivity / max(float(plan.cost[k - 1]), 1e-12))
@@ -453,7 +455,8 @@ class _Pruner:
         if kind == "ratio":
             removed = {}
             for plan in plans:
-                allowed = [k for k in plan.allowed(self.o.max_layer_cut) if k <= int(amount * plan.group.channels + 1e-9)]
+                most = int(amount * plan.group.channels + 1e-9)
+                allowed = [k for k in plan.allowed(self.o.max_layer_cut) if k <= most]
                 removed[plan.group.id] = plan.order[:max(allowed)] if allowed else plan.order[:0]
             return removed
         # The cut shared by cost per MAC saved may land short of the target (a layer between two
@@ -499,7 +502,8 @@ class _Pruner:
 
     # -- surgery -----------------------------------------------------------------------------
 
-    def _build(self, model: ir.Model, plans: list[_Plan], removed: dict[int, np.ndarray], refit_: bool = True) -> ir.Model:
+    def _build(self, model: ir.Model, plans: list[_Plan], removed: dict[int, np.ndarray],
+               refit_: bool = True) -> ir.Model:
         candidate = model.copy()
         holders = channels._constant_holders(candidate.graph)
         nodes = {n.name: n for n in candidate.graph.nodes}
