@@ -61,8 +61,11 @@ def load(path: Path) -> ir.Model:
 
 def macs(path: Path, case=None) -> int:
     """MACs at one evaluation input's shape (PP-OCR cls has dynamic height and width)."""
-    shapes = {case.input: [1, *case.eval.shape[1:]]} if case is not None else None
-    return stats.model_stats(load(path), fix_shapes=shapes).macs_known
+    model = load(path)
+    found = stats.model_stats(model).macs_known
+    if found or case is None:
+        return found
+    return stats.model_stats(model, fix_shapes={case.input: [1, *case.eval.shape[1:]]}).macs_known
 
 
 def edgegraph_prune(spec: str):
