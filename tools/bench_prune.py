@@ -153,8 +153,8 @@ def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
             print(json.dumps(row), flush=True)
     # Latency: every model of this case timed in turns, 1 thread (interleaved round medians).
     feeds = {case.input: case.eval[:1]}
-    timed = stats.measure_latency([source] + [p for _, p in paths], [feeds] * (len(paths) + 1), runs=20,
-                                  threads=1, rounds=rounds)
+    protos = [onnx.load(str(p)) for p in [source] + [p for _, p in paths]]  # (IR-3 files: see load)
+    timed = stats.measure_latency(protos, [feeds] * len(protos), runs=20, threads=1, rounds=rounds)
     base = timed[0][0]
     for (row, _), (ms, _note) in zip(paths, timed[1:]):
         row["latency"] = round(ms / base, 3) if ms and base else None
