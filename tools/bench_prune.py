@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 import bench_quant as bq  # noqa: E402  (models, data, metrics)
-from edgegraph import ir, stats  # noqa: E402
+from edgegraph import ir, runtime, stats  # noqa: E402
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig  # noqa: E402
 from edgegraph.passes.quant.prepare import compute_in_float32  # noqa: E402
 from edgegraph.pipeline import run_pipeline  # noqa: E402
@@ -84,7 +84,8 @@ def onnxsim_prune(kind: str):
 
         base = onnx.load(str(source))
         before = macs(source, case)
-        feeds = [{case.input: x[None]} for x in case.calib[:8]]
+        dtype = runtime.input_specs(base)[0].dtype
+        feeds = [{case.input: x[None].astype(dtype)} for x in case.calib[:8]]
         low, high, best = 0.0, 0.95, None
         for _ in range(6):  # bisect onnxsim's channel fraction for the MAC cut
             s = (low + high) / 2
@@ -152,7 +153,8 @@ def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     # Latency: every model of this case timed in turns, 1 thread (interleaved round medians).
-    feeds = {case.input: case.eval[:1]}
+    dtype = runtime.input_specs(onnx.load(str(source)))[0].dtype  # (SqueezeNet keeps its float16 interface)
+    feeds = {case.input: case.eval[:1].astype(dtype)}
     protos = [onnx.load(str(p)) for p in [source] + [p for _, p in paths]]  # (IR-3 files: see load)
     timed = stats.measure_latency(protos, [feeds] * len(protos), runs=20, threads=1, rounds=rounds)
     base = timed[0][0]
