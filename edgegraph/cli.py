@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", metavar="IN.onnx")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.add_argument("--top", type=_non_negative, default=10, help="how many of the costliest nodes to list")
+    info.add_argument("--groups", action="store_true",
+                      help="also list the channel coupling groups (what `prune` can cut) and why a group cannot be cut")
     info.set_defaults(command_name="info")
 
     bench = commands.add_parser("bench", parents=[common, shapes, timing], help="time models and compare outputs",

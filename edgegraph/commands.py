@@ -28,7 +28,8 @@ from edgegraph.context import STAGES, PassContext, is_terminal
 from edgegraph.errors import NAME_LIMIT, EdgegraphError, ModelLoadError, one_line, shown
 from edgegraph.pipeline import check_specialisation, run_pipeline, specialise, verification_data
 from edgegraph.tables import (
-    format_bench, format_info, format_lower, format_merge, format_opt_header, format_opt_summary,
+    format_bench, format_groups, format_info, format_lower, format_merge, format_opt_header, format_opt_summary,
+    group_row,
 )
 
 logger = logging.getLogger("edgegraph")
@@ -294,11 +295,22 @@ def cmd_info(args) -> int:
         check_specialisation(model, specialise(model, _shapes(args)), ctx)
     facts = stats.model_stats(model, size_bytes=stats.disk_size(args.model),
                                  fix_shapes=_shapes(args) or None)
+    groups = _channel_groups(model, _shapes(args)) if getattr(args, "groups", False) else None
     if args.json:
-        print(json.dumps(stats.jsonable({"model": args.model} | facts.as_dict()), indent=2))
+        extra = {} if groups is None else {"groups": [group_row(g) for g in groups]}
+        print(json.dumps(stats.jsonable({"model": args.model} | facts.as_dict() | extra), indent=2))
     else:
         print(format_info(args.model, facts, top=args.top))
+        if groups is not None:
+            print(format_groups(groups))
     return 0
+
+
+def _channel_groups(model, shapes):
+    """The channel coupling groups of the model (specialised by --fix-shape), as `prune` sees them."""
+    from edgegraph.analysis import channels
+
+    return channels.groups(specialise(model, shapes).graph)
 
 
 def cmd_bench(args) -> int:

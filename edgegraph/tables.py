@@ -229,3 +229,22 @@ def format_lower(result) -> str:
                  f"accepted from {result.min_sqnr_db:g} dB)")
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
+
+def group_row(group) -> dict:
+    """One channel coupling group (analysis.channels.Group) for `info --groups --json`."""
+    return {"group": group.id, "channels": group.channels, "prunable": group.prunable,
+            "tensors": sorted({name for name, _ in group.members}), "weights": [s.constant for s in group.slices],
+            "why_not": group.reasons}
+
+
+def format_groups(groups) -> str:
+    """`info --groups`: one line per coupling group, the unprunable ones with their reasons."""
+    prunable = sum(g.prunable for g in groups)
+    lines = [f"channel groups: {len(groups)} ({prunable} prunable, {sum(g.channels for g in groups if g.prunable)} "
+             "channels `prune` may cut)"]
+    rows = [["group", "channels", "weights cut", "state"]]
+    for g in groups:
+        weights = ", ".join(s.constant for s in g.slices[:3]) + (f", +{len(g.slices) - 3}" if len(g.slices) > 3 else "")
+        rows.append([str(g.id), str(g.channels), weights or "-",
+                     "prunable" if g.prunable else "fixed: " + "; ".join(g.reasons[:2])])
+    return "\n".join(lines + ["  " + line for line in columns(rows, "><<<")])
