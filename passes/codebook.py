@@ -49,7 +49,7 @@ from edgegraph.registry import register_pass
 logger = logging.getLogger("edgegraph")
 
 OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
-GRANULARITIES = ("auto", "tensor", "channel")
+GRANULARITIES = ("auto", "tensor", "scaled", "channel")
 METHODS = ("auto", "exact", "lloyd")
 STORAGES = ("auto", "uint8", "packed")
 SHARES = ("none", "shape", "op")
@@ -87,6 +87,7 @@ class _Encoding:
     codebook: np.ndarray  # (groups, k) in the stored dtype
     indices: np.ndarray  # local indices, the weight's shape
     channel_axis: int | None  # None: one codebook (groups == 1) or a shared one
+    scale: np.ndarray | None = None  # granularity "scaled": per-channel factors (broadcastable, the weight's dtype)
 
 
 @register_pass
@@ -102,8 +103,10 @@ class Codebook(Pass):
 
     bits: int = option(4, "index bits, 2..8 (2^bits centroids); with a user floor the fewest bits that holds it "
                           "is searched instead")
-    granularity: str = option("auto", "'tensor' (one codebook per weight), 'channel' (one per output channel) or "
-                                      "'auto' (per channel when those codebooks cost <= 12.5% of the indices)")
+    granularity: str = option("auto", "'tensor' (one codebook per weight), 'scaled' (one codebook for the weight's "
+                                      "channels each divided by its RMS, decoded times a per-channel scale), "
+                                      "'channel' (one codebook per output channel) or 'auto' (channel when those "
+                                      "codebooks cost <= 12.5% of the indices, else scaled)")
     method: str = option("auto", "'exact' (1-D k-means by dynamic programming; per channel on a 48-bin histogram, "
                                  "then Lloyd), 'lloyd' (Lloyd from density-matched quantiles) or 'auto' (exact)")
     codebook_dtype: str = option("float16", "codebook entries: 'float16' (half the codebook bytes; fp16 rounding "
@@ -114,7 +117,7 @@ class Codebook(Pass):
                                 "dense weights; the file only shrinks once compressed)")
     share: str = option("none", "one codebook for a group of layers: 'none', 'shape' (weights of one shape) or "
                                 "'op' (one op type and kernel size, e.g. all 3x3 convs); per tensor only")
-    importance: bool = option(True, "with --calib, weight each squared error by E[x^2] of the input channel "
+    importance: bool = option(False, "with --calib, weight each squared error by E[x^2] of the input channel "
                                     "it multiplies (the diagonal of X^T X)")
     ops: list[str] = option(list(OPS), "op types whose weights are encoded (Gather: embedding tables)")
     exclude: list[str] = option([], "node names or op types to leave alone")
@@ -144,10 +147,18 @@ class Codebook(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         warn_unmatched(f"{self.name}: exclude", self.exclude, model.graph, ops=True, nodes=True)
-        weights = self._weights(model)
+        weights = weights_of(model, self.ops, self.exclude, self.min_elements)
         if not weights:
             return PassResult(False, {"layers": 0})
         deflate_before = deflated_size(model)
+        if model.opset < PACK_OPSET and not self.dense and self.storage != "uint8" and (self.bits <= 4 or ctx.verify.floor()):
+            # Packing needs BitShift (opset 11): upgrade like quant does (opset 13); else one byte per index.
+            from edgegraph.passes.quant.prepare import upgrade_opset
+
+            upgraded = upgrade_opset(model, 13)
+            if upgraded is not None:
+                model.graph = upgraded.graph
+                weights = weights_of(model, self.ops, self.exclude, self.min_elements)
         data = ctx.calibration
         fit, held = _split(data)
         if self.importance and fit is not None:
@@ -182,7 +193,7 @@ class Codebook(Pass):
         def measure(bits: int):
             trial = model.copy()
             # The copy has its own tensors: find the same weights in it again (their importance carries over).
-            found = {w.tensor.name: w for w in self._weights(trial)}
+            found = {w.tensor.name: w for w in weights_of(trial, self.ops, self.exclude, self.min_elements)}
             for w in weights:
                 if w.tensor.name in found:
                     found[w.tensor.name].importance = w.importance
@@ -200,60 +211,6 @@ class Codebook(Pass):
         model.graph = trial.graph
         return model, rows, found
 
-    # -- which weights ------------------------------------------------------------------------
-
-    def _weights(self, model: ir.Model) -> list[_Weight]:
-        graph = model.graph
-        found: dict[int, _Weight] = {}
-        skipped: set[int] = set()
-        for node in graph.nodes:
-            if node.op not in self.ops or node.op in self.exclude or node.name in self.exclude:
-                continue
-            if not ir.is_standard(node):
-                continue
-            index = 0 if node.op == "Gather" else 1
-            if len(node.inputs) <= index or node.inputs[index] is None or not node.inputs[index].name:
-                continue
-            tensor = node.inputs[index]
-            if id(tensor) in found:
-                found[id(tensor)].readers.append(node)
-                continue
-            if id(tensor) in skipped:
-                continue
-            weight = self._weight(model, node, index, tensor)
-            if weight is None:
-                skipped.add(id(tensor))
-            else:
-                found[id(tensor)] = weight
-        # Every reader must be one we handle: a weight also read as something else stays as it is.
-        return [w for w in found.values() if len(w.readers) == len(ir.consumers(w.tensor))
-                and not ir.is_graph_output(graph, w.tensor)]
-
-    def _weight(self, model: ir.Model, node: gs.Node, index: int, tensor: gs.Tensor) -> _Weight | None:
-        code = encoding.encoded(tensor)
-        if code is not None and code.kind in ("codebook", "packed-int4"):
-            return None  # a codebook already
-        if not isinstance(tensor, gs.Constant) and code is None and encoding.stored(tensor) is None:
-            return None  # computed at run time
-        value = ir.folded_value(tensor, model.opset)
-        if value is None or value.dtype not in (np.float32, np.float16) or value.size < max(self.min_elements, 2):
-            return None
-        if node.op == "Gather":
-            if int(node.attrs.get("axis", 0)) != 0 or value.ndim < 2:
-                return None
-            w = _Weight(tensor, value, [node], "Gather", value.ndim - 1)
-        else:
-            lay = layout.of(node, value.ndim, index)
-            if lay is None:
-                return None
-            w = _Weight(tensor, value, [node], node.op, lay.out_axis if lay.per_axis else None)
-            if lay.in_axis is not None and lay.groups == 1 and node.inputs[0] is not None and node.inputs[0].name:
-                w.in_axis, w.activation = lay.in_axis, node.inputs[0].name
-                w.activation_axis = lay.x_axis
-        stored = code.constants if code is not None else (encoding.stored(tensor),)
-        w.bytes_before = sum(ir.stored_nbytes(c) for c in stored)
-        return w
-
     # -- encoding -----------------------------------------------------------------------------
 
     def _apply(self, model: ir.Model, weights: list[_Weight], bits: int) -> list[dict]:
@@ -270,16 +227,18 @@ class Codebook(Pass):
             shared = None
             for w, enc in zip(group, encodings):
                 row = {"weight": w.tensor.name, "op": w.op, "shape": list(w.value.shape), "bits": bits,
-                       "granularity": "channel" if enc.channel_axis is not None else
-                       ("shared" if len(group) > 1 else "tensor"), "bytes_before": w.bytes_before}
-                snapped = _decode(enc).astype(w.value.dtype)
+                       "granularity": "channel" if enc.channel_axis is not None else "shared" if len(group) > 1
+                       else "scaled" if enc.scale is not None else "tensor", "bytes_before": w.bytes_before}
+                snapped = _decode(enc, w.value.dtype)
                 if self.dense:
                     decoded = ir.const(namer(f"{w.tensor.name}_snapped"), snapped)
                     after = ir.stored_nbytes(decoded)
                 else:
+                    written = len(graph.nodes)
                     decoded, after, shared = writer.write(w, enc, bits, shared)
-                if after > WORTH * w.bytes_before and not self.dense and len(group) == 1:
-                    continue  # not worth it: leave the weight as it was
+                    if after > WORTH * w.bytes_before and len(group) == 1:
+                        del graph.nodes[written:]  # not worth it: the weight stays as it was
+                        continue
                 ir.replace_all_uses(graph, w.tensor, decoded)
                 row.update(_row_numbers(w, enc, snapped, after))
                 rows.append(row)
@@ -296,11 +255,13 @@ class Codebook(Pass):
         return list(groups.values())
 
     def _granularity(self, w: _Weight, bits: int) -> str:
-        if self.granularity != "auto" or w.out_axis is None:
-            return self.granularity if w.out_axis is not None else "tensor"
+        if w.out_axis is None or w.value.shape[w.out_axis] < 2:
+            return "tensor"
+        if self.granularity != "auto":
+            return self.granularity
         channels = w.value.shape[w.out_axis]
         codebooks = channels * (1 << bits) * (2 if self._codebook_dtype(w) == np.float16 else 4)
-        return "channel" if codebooks <= CHANNEL_OVERHEAD * w.value.size * bits / 8 else "tensor"
+        return "channel" if codebooks <= CHANNEL_OVERHEAD * w.value.size * bits / 8 else "scaled"
 
     def _codebook_dtype(self, w: _Weight) -> np.dtype:
         return np.dtype(np.float16 if self.codebook_dtype == "float16" or w.value.dtype == np.float16 else np.float32)
@@ -310,7 +271,8 @@ class Codebook(Pass):
         value = w.value.astype(np.float64)
         importance = _importance_array(w)
         dtype = self._codebook_dtype(w)
-        if self._granularity(w, bits) == "channel":
+        granularity = self._granularity(w, bits)
+        if granularity == "channel":
             rows = np.moveaxis(value, w.out_axis, 0).reshape(value.shape[w.out_axis], -1)
             hrows = None if importance is None else np.moveaxis(importance, w.out_axis, 0).reshape(rows.shape)
             centroids = self._centroids_rows(rows, hrows, k)
@@ -319,12 +281,18 @@ class Codebook(Pass):
             moved = list(np.moveaxis(value, w.out_axis, 0).shape)
             indices = np.moveaxis(local.reshape(moved), 0, w.out_axis)
             return _Encoding(codebook, indices.astype(np.uint8), w.out_axis)
+        scale = None
+        if granularity == "scaled":  # channels brought to one scale share the codebook well
+            axes = tuple(a for a in range(value.ndim) if a != w.out_axis)
+            rms = np.sqrt((value ** 2).mean(axis=axes, keepdims=True))
+            scale = np.where(rms > 0, rms, 1.0).astype(w.value.dtype)
+            value = value / scale.astype(np.float64)
         flat = value.ravel()
         h = None if importance is None else importance.ravel()
         centroids = self._centroids_flat(flat, h, k)
         codebook = centroids.astype(dtype)[None]
         indices = kmeans1d.assign(flat[None], codebook.astype(np.float64)).reshape(value.shape)
-        return _Encoding(codebook, indices.astype(np.uint8), None)
+        return _Encoding(codebook, indices.astype(np.uint8), None, scale)
 
     def _cluster_shared(self, group: list[_Weight], bits: int) -> list[_Encoding]:
         k = 1 << bits
@@ -370,6 +338,63 @@ class Codebook(Pass):
             values = np.unique(x[g])
             out[g] = np.concatenate([values, np.full(k - values.size, values[-1])])
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Which weights (shared with `sparsify`)
+
+
+def weights_of(model: ir.Model, ops, exclude, min_elements: int) -> list[_Weight]:
+    """The float weights read by `ops` nodes (not in `exclude`, names or op types) with at least
+    `min_elements` elements: stored constants, or computed from constants only through a decode
+    chain (weight-only int8 `Cast * scale`, Q/DQ; their float values are re-encoded). A weight
+    also read by anything else, or already a codebook, is left alone."""
+    graph = model.graph
+    found: dict[int, _Weight] = {}
+    skipped: set[int] = set()
+    for node in graph.nodes:
+        if node.op not in ops or node.op in exclude or node.name in exclude or not ir.is_standard(node):
+            continue
+        index = 0 if node.op == "Gather" else 1
+        if len(node.inputs) <= index or node.inputs[index] is None or not node.inputs[index].name:
+            continue
+        tensor = node.inputs[index]
+        if id(tensor) in found:
+            found[id(tensor)].readers.append(node)
+        elif id(tensor) not in skipped:
+            weight = _weight(model, node, index, tensor, min_elements)
+            if weight is None:
+                skipped.add(id(tensor))
+            else:
+                found[id(tensor)] = weight
+    return [w for w in found.values() if len(w.readers) == len(ir.consumers(w.tensor))
+            and not ir.is_graph_output(graph, w.tensor)]
+
+
+def _weight(model: ir.Model, node: gs.Node, index: int, tensor: gs.Tensor, min_elements: int) -> _Weight | None:
+    code = encoding.encoded(tensor)
+    if code is not None and code.kind in ("codebook", "packed-int4"):
+        return None  # a codebook already
+    if not isinstance(tensor, gs.Constant) and code is None and encoding.stored(tensor) is None:
+        return None  # computed at run time
+    value = ir.folded_value(tensor, model.opset)
+    if value is None or value.dtype not in (np.float32, np.float16) or value.size < max(min_elements, 2):
+        return None
+    if node.op == "Gather":
+        if int(node.attrs.get("axis", 0)) != 0 or value.ndim < 2:
+            return None
+        w = _Weight(tensor, value, [node], "Gather", value.ndim - 1)
+    else:
+        lay = layout.of(node, value.ndim, index)
+        if lay is None:
+            return None
+        w = _Weight(tensor, value, [node], node.op, lay.out_axis if lay.per_axis else None)
+        if lay.in_axis is not None and lay.groups == 1 and node.inputs[0] is not None and node.inputs[0].name:
+            w.in_axis, w.activation = lay.in_axis, node.inputs[0].name
+            w.activation_axis = lay.x_axis
+    stored = code.constants if code is not None else (encoding.stored(tensor),)
+    w.bytes_before = sum(ir.stored_nbytes(c) for c in stored)
+    return w
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +444,10 @@ class _Writer:
         if cb_dtype != w.value.dtype:
             decoded = self._node("Cast", [decoded], f"{base}_decoded_{w.value.dtype.name}", w.value.dtype, shape,
                                  to=int(1 if w.value.dtype == np.float32 else 10))
+        if enc.scale is not None:
+            scale = ir.const(f"{base}_scale", np.ascontiguousarray(enc.scale))
+            stored += ir.stored_nbytes(scale)
+            decoded = self._node("Mul", [decoded, scale], f"{base}_scaled", w.value.dtype, shape)
         return decoded, stored, codebook
 
     def _codes(self, base: str, indices: np.ndarray, code_bits: int, shape: list[int]) -> tuple[gs.Tensor, int]:
@@ -487,15 +516,19 @@ def unpack(packed: np.ndarray, tail: np.ndarray, code_bits: int) -> np.ndarray:
     return np.concatenate([*parts, tail]).astype(np.uint8)
 
 
-def _decode(enc: _Encoding) -> np.ndarray:
-    """codebook[indices] (per channel: each channel's own codebook), in the codebook's dtype."""
+def _decode(enc: _Encoding, dtype) -> np.ndarray:
+    """What the decode subgraph computes: codebook[indices] (per channel: each channel's own
+    codebook) in `dtype`, times the channel scales (granularity scaled)."""
     if enc.channel_axis is None:
-        return enc.codebook[0][enc.indices]
-    k = enc.codebook.shape[1]
-    shape = [1] * enc.indices.ndim
-    shape[enc.channel_axis] = -1
-    offsets = (np.arange(enc.codebook.shape[0]) * k).reshape(shape)
-    return enc.codebook.reshape(-1)[enc.indices.astype(np.int64) + offsets]
+        values = enc.codebook[0][enc.indices]
+    else:
+        k = enc.codebook.shape[1]
+        shape = [1] * enc.indices.ndim
+        shape[enc.channel_axis] = -1
+        offsets = (np.arange(enc.codebook.shape[0]) * k).reshape(shape)
+        values = enc.codebook.reshape(-1)[enc.indices.astype(np.int64) + offsets]
+    values = values.astype(dtype)
+    return values if enc.scale is None else values * enc.scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,4 +616,4 @@ def deflated_size(model: ir.Model) -> int | None:
     return len(zlib.compress(model.to_proto().SerializeToString(), 6))
 
 
-__all__ = ["Codebook", "deflated_size", "entropy_bits", "pack", "unpack"]
+__all__ = ["Codebook", "deflated_size", "entropy_bits", "pack", "unpack", "weights_of"]
