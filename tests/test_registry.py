@@ -35,6 +35,7 @@ TEST_MODULES = {
     "fuse-activations": "test_fuse_activations.py", "fuse-linear": "test_cleanup.py", "remove-identity": "test_cleanup.py",
     "simplify-shapes": "test_cleanup.py", "equalize": "test_equalize.py", "quant": "test_quant.py",
     "quant-dynamic": "test_quant_dynamic.py", "quant-int4": "test_quant_int4.py",
+    "codebook": "test_codebook.py", "sparsify": "test_sparsify.py",
 }
 
 
