@@ -20,9 +20,10 @@ cleanup's folding and quant leave it encoded.
   pruned weights stay zero).
 * Importance (`--calib`): each weight's squared error is weighted by E[x^2] of the input channel
   it multiplies (the diagonal of X^T X), so centroids follow what moves the outputs.
-* Storage of the indices: b <= 4 bits are packed (UINT4 at opset >= 21 / UINT2 at opset >= 25
-  with a Cast; else 8 / b codes per byte unpacked with BitShift, opset >= 11); more bits, or an
-  older opset, one uint8 per index. `dense=true` writes the snapped weights dense instead.
+* Storage of the indices: in b bits each (UINT4 at opset >= 21 / UINT2 at opset >= 25 with a
+  Cast; else bit planes of 4, 2 and 1 bits packed 8 / width codes per byte, unpacked with
+  BitShift and recombined in int32, opset >= 11); 8 bits, or opset < 11 when it cannot be
+  upgraded, one uint8 per index. `dense=true` writes the snapped weights dense instead.
 * Strength knob: `bits`. With a user floor (`--min-agreement`, `--min-sqnr`) the pass searches
   2..8 bits with `edgegraph.floor.search` on held-out calibration samples.
 """
@@ -151,7 +152,7 @@ class Codebook(Pass):
         if not weights:
             return PassResult(False, {"layers": 0})
         deflate_before = deflated_size(model)
-        if model.opset < PACK_OPSET and not self.dense and self.storage != "uint8" and (self.bits <= 4 or ctx.verify.floor()):
+        if model.opset < PACK_OPSET and not self.dense and self.storage != "uint8" and (self.bits < 8 or ctx.verify.floor()):
             # Packing needs BitShift (opset 11): upgrade like quant does (opset 13); else one byte per index.
             from edgegraph.passes.quant.prepare import upgrade_opset
 
@@ -408,11 +409,17 @@ class _Writer:
         self.graph, self.namer, self.opset, self.storage = graph, namer, opset, storage
         self.shifts: dict[int, gs.Constant] = {}  # shared BitShift amounts
 
-    def code_bits(self, bits: int) -> int:
-        """Bits each index is stored in: 2, 4 or 8."""
-        if self.storage == "uint8" or bits > 4 or (self.opset < PACK_OPSET and not self._typed(4 if bits > 2 else 2)):
-            return 8
-        return 2 if bits == 2 else 4
+    def planes(self, bits: int) -> list[int]:
+        """How `bits`-bit indices are stored: [8] one uint8 each, [4] / [2] typed UINT4 / UINT2
+        where the opset has them, else bit planes packed into bytes, low bits first: 3 = 2 + 1,
+        5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1 (each plane unpacked by BitShift, recombined in int32)."""
+        if self.storage == "uint8" or bits == 8:
+            return [8]
+        if bits in (2, 4) and self._typed(bits):
+            return [bits]
+        if self.opset < PACK_OPSET:
+            return [8]
+        return [p for p in (4, 2, 1) if bits & p]
 
     def _typed(self, code_bits: int) -> bool:
         return self.storage == "auto" and code_bits in TYPED and self.opset >= TYPED[code_bits][0]
@@ -427,10 +434,8 @@ class _Writer:
         if codebook is None:
             codebook = ir.const(f"{base}_codebook", np.ascontiguousarray(enc.codebook.reshape(-1)))
             stored += ir.stored_nbytes(codebook)
-        code_bits = self.code_bits(bits)
-        codes, payload = self._codes(base, enc.indices, code_bits, shape)
+        wide, payload = self._indices(base, enc.indices, self.planes(bits), shape)
         stored += payload
-        wide = self._node("Cast", [codes], f"{base}_index", np.int32, shape, to=6)  # TensorProto.INT32
         if enc.channel_axis is not None:
             k = enc.codebook.shape[1]
             offsets_shape = [1] * len(shape)
@@ -450,17 +455,32 @@ class _Writer:
             decoded = self._node("Mul", [decoded, scale], f"{base}_scaled", w.value.dtype, shape)
         return decoded, stored, codebook
 
-    def _codes(self, base: str, indices: np.ndarray, code_bits: int, shape: list[int]) -> tuple[gs.Tensor, int]:
-        """The stored indices and a tensor of them as uint8 of the weight's shape."""
-        if code_bits == 8:
-            c = ir.const(f"{base}_indices", np.ascontiguousarray(indices.astype(np.uint8)))
-            return c, ir.stored_nbytes(c)
-        if self._typed(code_bits):
-            c = ir.const(f"{base}_indices", np.ascontiguousarray(indices.astype(TYPED[code_bits][1])))
-            return c, ir.stored_nbytes(c)
+    def _indices(self, base: str, indices: np.ndarray, planes: list[int], shape: list[int]) -> tuple[gs.Tensor, int]:
+        """The stored indices, and an int32 tensor of them in the weight's shape (what Gather reads)."""
+        if planes == [8] or (len(planes) == 1 and self._typed(planes[0])):
+            dtype = np.uint8 if planes == [8] else TYPED[planes[0]][1]
+            c = ir.const(f"{base}_indices", np.ascontiguousarray(indices.astype(dtype)))
+            return self._node("Cast", [c], f"{base}_index", np.int32, shape, to=6), ir.stored_nbytes(c)  # INT32
         flat = indices.astype(np.uint8).ravel()
+        total, stored, shift = None, 0, 0
+        for width in planes:  # low bits first
+            plane = (flat >> shift) & ((1 << width) - 1)
+            name = base if len(planes) == 1 else f"{base}_plane{shift}"
+            codes, nbytes = self._plane(name, plane, width, shape)
+            stored += nbytes
+            wide = self._node("Cast", [codes], f"{name}_index", np.int32, shape, to=6)
+            if shift:
+                factor = ir.const(f"{name}_factor", np.array(1 << shift, np.int32))
+                stored += ir.stored_nbytes(factor)
+                wide = self._node("Mul", [wide, factor], f"{name}_shifted", np.int32, shape)
+            total = wide if total is None else self._node("Add", [total, wide], f"{name}_sum", np.int32, shape)
+            shift += width
+        return total, stored
+
+    def _plane(self, base: str, codes: np.ndarray, code_bits: int, shape: list[int]) -> tuple[gs.Tensor, int]:
+        """`code_bits`-bit codes packed into bytes and the uint8 subgraph unpacking them (weight's shape)."""
         per_byte = 8 // code_bits
-        packed, tail = pack(flat, code_bits)
+        packed, tail = pack(codes, code_bits)
         parts: list[gs.Tensor] = []
         stored = 0
         if packed.size:
@@ -480,8 +500,9 @@ class _Writer:
             stored += ir.stored_nbytes(t)
             parts.append(t)
         flat_codes = parts[0] if len(parts) == 1 else self._node("Concat", parts, f"{base}_codes", np.uint8,
-                                                                 [flat.size], axis=0)
+                                                                 [codes.size], axis=0)
         target = ir.const(f"{base}_shape", np.array(shape, np.int64))
+        stored += ir.stored_nbytes(target)
         return self._node("Reshape", [flat_codes, target], f"{base}_codes_nd", np.uint8, shape), stored
 
     def _shift(self, amount: int) -> gs.Constant:
@@ -497,7 +518,7 @@ class _Writer:
 
 
 def pack(codes: np.ndarray, code_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Planar packing of uint8 codes of `code_bits` (2 or 4) bits: with r = 8 / code_bits and
+    """Planar packing of uint8 codes of `code_bits` (1, 2 or 4) bits: with r = 8 / code_bits and
     p = len // r, byte i holds codes[i], codes[p + i], ..., codes[(r-1)p + i] from the low bits up;
     the len % r codes left over are returned as they are (the tail). `unpack` inverts it."""
     per_byte = 8 // code_bits
