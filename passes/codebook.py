@@ -79,6 +79,7 @@ class _Weight:
     activation_axis: int | None = None
     bytes_before: int = 0
     importance: np.ndarray | None = None  # (in channels,) E[x^2]
+    mean: np.ndarray | None = None  # (in channels,) E[x], for bias correction
 
 
 @dataclass
@@ -118,6 +119,8 @@ class Codebook(Pass):
                                 "dense weights; the file only shrinks once compressed)")
     share: str = option("none", "one codebook for a group of layers: 'none', 'shape' (weights of one shape) or "
                                 "'op' (one op type and kernel size, e.g. all 3x3 convs); per tensor only")
+    bias_correction: bool = option(True, "with --calib, move each Conv / Gemm bias by the mean output shift the "
+                                         "snapped weights cause (its input's channel means times the weight error)")
     importance: bool = option(False, "with --calib, weight each squared error by E[x^2] of the input channel "
                                     "it multiplies (the diagonal of X^T X)")
     ops: list[str] = option(list(OPS), "op types whose weights are encoded (Gather: embedding tables)")
@@ -162,8 +165,8 @@ class Codebook(Pass):
                 weights = weights_of(model, self.ops, self.exclude, self.min_elements)
         data = ctx.calibration
         fit, held = _split(data)
-        if self.importance and fit is not None:
-            _add_importance(model, weights, fit, ctx)
+        if (self.importance or self.bias_correction) and fit is not None:
+            _add_moments(model, weights, fit, ctx, self.importance)
         user_floor = ctx.verify.floor()
         search = None
         if user_floor and held is not None:
@@ -197,7 +200,7 @@ class Codebook(Pass):
             found = {w.tensor.name: w for w in weights_of(trial, self.ops, self.exclude, self.min_elements)}
             for w in weights:
                 if w.tensor.name in found:
-                    found[w.tensor.name].importance = w.importance
+                    found[w.tensor.name].importance, found[w.tensor.name].mean = w.importance, w.mean
             rows = self._apply(trial, list(found.values()), bits)
             if not rows:
                 return None, None
@@ -241,6 +244,8 @@ class Codebook(Pass):
                         del graph.nodes[written:]  # not worth it: the weight stays as it was
                         continue
                 ir.replace_all_uses(graph, w.tensor, decoded)
+                if self.bias_correction and w.mean is not None:
+                    row["bias_corrected"] = _correct_bias(w, snapped, namer)
                 row.update(_row_numbers(w, enc, snapped, after))
                 rows.append(row)
         return rows
@@ -567,8 +572,9 @@ def _split(data: CalibrationData | None) -> tuple[CalibrationData | None, Calibr
     return data.take(half), data.take(len(data) - half, start=half)
 
 
-def _add_importance(model: ir.Model, weights: list[_Weight], data: CalibrationData, ctx: PassContext) -> None:
-    """E[x^2] per input channel of every weight that multiplies an activation."""
+def _add_moments(model: ir.Model, weights: list[_Weight], data: CalibrationData, ctx: PassContext,
+                 importance: bool) -> None:
+    """E[x] (and with `importance` E[x^2]) per input channel of every weight that multiplies an activation."""
     wanted = {}
     for w in weights:
         if w.activation is not None:
@@ -589,9 +595,28 @@ def _add_importance(model: ir.Model, weights: list[_Weight], data: CalibrationDa
         stats = found.get(w.activation) if w.activation else None
         if stats is None or stats.count.size != w.value.shape[w.in_axis]:
             continue
+        w.mean = stats.mean
         energy = stats.variance + stats.mean ** 2
-        if energy.max() > 0:
+        if importance and energy.max() > 0:
             w.importance = np.maximum(energy / energy.mean(), 1e-3)  # no weight is free
+
+
+def _correct_bias(w: _Weight, snapped: np.ndarray, namer: ir.Namer) -> bool:
+    """Subtract the mean output shift of the snapped weight, (W' - W) . E[x], from the bias of
+    its (single) Conv or plain Gemm (alpha = beta = 1), as quant's bias correction does."""
+    node = w.readers[0]
+    if len(w.readers) != 1 or node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 or w.out_axis is None:
+        return False
+    if node.op == "Gemm" and (node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
+        return False
+    bias = ir.constant_value(node.inputs[2])
+    channels = w.value.shape[w.out_axis]
+    if bias is None or bias.shape != (channels,) or bias.dtype != w.value.dtype:
+        return False
+    error = np.moveaxis(snapped.astype(np.float64) - w.value.astype(np.float64), [w.out_axis, w.in_axis], [0, 1])
+    shift = error.reshape(channels, error.shape[1], -1).sum(axis=2) @ w.mean
+    node.inputs[2] = ir.const(namer(f"{node.inputs[2].name}_corrected"), (bias - shift).astype(bias.dtype))
+    return True
 
 
 def _importance_array(w: _Weight) -> np.ndarray | None:
