@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from clihelp import run_cli
 from conftest import DATA, MODELS, require_shared
@@ -67,6 +68,17 @@ def _decoded(model: ir.Model) -> dict[str, np.ndarray]:
     return {names[n]: v for n, v in zip(names, values)}
 
 
+def _plane_bits(nodes, packed: str) -> int:
+    """Bits a code of the packed plane `packed` has: what its BitShift RIGHT keeps of a byte, or
+    8 / the columns of the table its bytes are looked up in."""
+    for n in nodes:
+        if n.op == "BitShift" and n.attrs["direction"] == "RIGHT" and n.inputs[0].name == packed:
+            return 8 - int(np.asarray(n.inputs[1].values))
+        if n.op == "Gather" and ir.producer(n.inputs[1]) is not None and ir.producer(n.inputs[1]).inputs[0].name == packed:
+            return 8 // int(n.inputs[0].shape[1])
+    raise AssertionError(f"{packed} is not unpacked")
+
+
 def _stored(model: ir.Model):
     """{reader node: (codebook, indices as int64 in the weight's shape, offsets or None, scale or None)}
     read back from the stored constants (unpacking packed bit planes in numpy)."""
@@ -81,8 +93,7 @@ def _stored(model: ir.Model):
             for name in packed:  # plane width: what the RIGHT shift keeps of a byte
                 plane = name[:-len("_packed")]
                 shift = int(plane.rsplit("plane", 1)[-1]) if "_plane" in plane else 0
-                bits = 8 - next(int(np.asarray(n.inputs[1].values)) for n in code.nodes
-                                if n.op == "BitShift" and n.attrs["direction"] == "RIGHT" and n.inputs[0].name == name)
+                bits = _plane_bits(code.nodes, name)
                 tail = consts.get(f"{plane}_tail", np.zeros(0, np.uint8))
                 indices += unpack(consts[name], tail, bits).astype(np.int64) << shift
             indices = indices.reshape(shape)
@@ -95,7 +106,7 @@ def _stored(model: ir.Model):
 @pytest.mark.parametrize("granularity", ["tensor", "scaled", "channel"])
 @pytest.mark.parametrize("opset,storage,bits", [(17, "auto", 4), (17, "uint8", 4), (21, "auto", 4), (17, "auto", 5),
                                                 (17, "auto", 3)])
-def test_decoding_is_exact_and_equals_the_dense_snapped_model(granularity, opset, storage, bits):
+def test_decoding_is_exact_and_equals_the_dense_snapped_model(tmp_path, granularity, opset, storage, bits):
     proto = qfx.small_convnet(opset)
     spec = f"codebook(bits={bits}, granularity={granularity}, storage={storage}, min_elements=100, codebook_dtype=float32)"
     model, record = _run(proto, spec)
@@ -113,11 +124,16 @@ def test_decoding_is_exact_and_equals_the_dense_snapped_model(granularity, opset
     dense, _ = _run(proto, spec.replace("codebook(", "codebook(dense=true, "))
     x = qfx.convnet_inputs(8)
     np.testing.assert_array_equal(_outputs(model.to_proto(), x), _outputs(dense.to_proto(), x))
-    # onnxruntime folds the decode chains at session creation: no Gather left to run.
-    sess = runtime.session(model.to_proto(), optimize=True)
-    assert sess is not None
+    # onnxruntime folds the decode chains at session creation: no decode step is left to run.
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.to_proto().SerializeToString(), options, providers=["CPUExecutionProvider"])
+    left = {n.op_type for n in onnx.load(tmp_path / "folded.onnx").graph.node}
+    assert not left & {"Gather", "BitShift", "Cast", "Reshape", "Transpose"}, left  # (its own Concat stays)
     kinds = {code.kind for _, code in encoding.decoded_weights(model.graph)}
-    assert kinds == ({"packed-int4"} if (opset, storage) == (17, "auto") else {"codebook"})
+    bitshift = (opset, storage) == (17, "auto") and bits & 4  # a 4-bit plane, unpacked by BitShift
+    assert kinds == ({"packed-int4"} if bitshift else {"codebook"})
 
 
 # (Per channel at 8 bits the 33 codebooks of 256 would outweigh the 37 x 33 weight: left dense.)
@@ -166,7 +182,7 @@ def test_cleanup_and_quant_keep_codebooks_encoded(capsys, tmp_path, pipeline):
     source, once, target = tmp_path / "in.onnx", tmp_path / "cb.onnx", tmp_path / "out.onnx"
     onnx.save(qfx.small_convnet(17), source)
     np.savez(tmp_path / "calib.npz", x=qfx.convnet_inputs(16))
-    code, _, err = run_cli(capsys, "opt", source, "-p", "codebook(min_elements=500)", "-o", once, "--runs", "0")
+    code, _, err = run_cli(capsys, "opt", source, "-p", "codebook(bits=4, min_elements=500)", "-o", once, "--runs", "0")
     assert code == 0, err
     code, _, err = run_cli(capsys, "opt", once, "-p", pipeline.removeprefix("codebook,"), "--calib",
                            tmp_path / "calib.npz", "-o", target, "--runs", "0")
@@ -182,16 +198,17 @@ def test_cleanup_and_quant_keep_codebooks_encoded(capsys, tmp_path, pipeline):
 
 def test_codebook_counts_once_in_stats_and_the_file_shrinks(tmp_path):
     source, target = tmp_path / "in.onnx", tmp_path / "cb.onnx"
-    onnx.save(_mlp(17, rows=256, cols=128), source)
+    onnx.save(_mlp(17, rows=512, cols=256), source)
     model, record = _run(onnx.load(source), "codebook")
     ir.save(model, target)
     before, after = stats.model_stats(source), stats.model_stats(target)
     assert after.params == before.params
-    assert before.param_bytes / after.param_bytes > 6.5  # 4-bit indices, per-channel (scaled) codebook
-    assert source.stat().st_size / target.stat().st_size > 6
+    # 5-bit indices (4- and 1-bit planes), one codebook for the RMS-scaled channels: measured 6.16x, file 5.89x.
+    assert before.param_bytes / after.param_bytes > 6.1
+    assert source.stat().st_size / target.stat().st_size > 5.8
     s = record.stats
-    assert s["weight_ratio"] > 6.5 and 4 < s["bits_per_weight"] < 4.6 and 3 < s["index_entropy_bits"] <= 4
-    assert s["deflate_bytes_after"] < s["deflate_bytes_before"] / 6
+    assert s["weight_ratio"] > 6.1 and 5.1 < s["bits_per_weight"] < 5.3 and 4.5 < s["index_entropy_bits"] <= 5
+    assert s["deflate_bytes_after"] < s["deflate_bytes_before"] / 5.5
 
 
 def test_embedding_tables_are_encoded():

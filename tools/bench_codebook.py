@@ -12,7 +12,8 @@ loaders of tools/bench_quant.py). Columns:
              last_hidden_state over the token positions), ORT with all optimizations
   create ms  onnxruntime session creation (median of 3): the decode chains are folded here
   lat1       1-thread latency / the input model's (interleaved medians), after session creation
-  fit s      wall time of the pass (clustering, writing)
+  fit s      wall time of the tool (edgegraph: the whole pipeline, cleanup and saving included);
+  cpu s      its CPU time (more stable than wall time on a shared machine)
 
 Anchors at the same bits: `uniform b` is symmetric per-output-channel min-max quantization of the
 same weights written dense (what onnxruntime's per-channel QDQ weight quantizer computes, without
@@ -104,17 +105,28 @@ def agreement(ref, out, metric):
     return float(np.mean(r.argmax(1) == o.argmax(1)))
 
 
+def float32_input(path: Path, folder: Path) -> Path:
+    """The model every tool starts from: the file itself, or for MiniLM (weight-only int8:
+    `Cast(int8) * scale`) its float32 version, so that onnxruntime's quantizers see float
+    initializers and every tool gets the same fp32 weights."""
+    if not path.parent.name.startswith("minilm"):
+        return path
+    from edgegraph.passbase import settle
+
+    model = ir.load(path)
+    for w in weights_of(model, ("MatMul", "Gemm", "Gather"), (), 0):
+        ir.replace_all_uses(model.graph, w.tensor, ir.const(w.tensor.name + "_f32", w.value.astype(np.float32)))
+    settle(model)
+    out = folder / "minilm_fp32.onnx"
+    ir.save(model, out)
+    return out
+
+
 def fp32_size(path: Path) -> int:
+    """Bytes of the model with float32 weights (the float16 SqueezeNet measured as if float32)."""
     from edgegraph.passes.quant.prepare import compute_in_float32
 
     model = ir.load(path)
-    if path.parent.name.startswith("minilm"):  # int8 weights: measure against its float32 version
-        for w in weights_of(model, ("MatMul", "Gemm", "Gather"), (), 0):
-            ir.replace_all_uses(model.graph, w.tensor, ir.const(w.tensor.name + "_f32", w.value.astype(np.float32)))
-        from edgegraph.passbase import settle
-
-        settle(model)
-        return len(model.to_proto().SerializeToString())
     if not compute_in_float32(model):
         return path.stat().st_size
     return len(model.to_proto().SerializeToString())
@@ -178,10 +190,12 @@ def session_ms(path) -> float:
 
 def bench(name, path, x, metric, bits_list, n_eval, rounds, folder):
     calib, split_a, split_b = x[:CALIB], x[CALIB:CALIB + n_eval], x[CALIB + n_eval:CALIB + 2 * n_eval]
+    source = path
+    path = float32_input(path, folder)
     feeds_a, feeds_b = feeds_of(path, split_a), feeds_of(path, split_b)
     ref_a, ref_b = outputs(path, feeds_a), outputs(path, feeds_b)
     base = fp32_size(path)
-    tools = {"input": None}
+    tools = {"input": None} if path == source else {"input (int8)": lambda out: _copy(source, out), "fp32": None}
     for bits in bits_list:
         tools[f"codebook {bits}"] = edgegraph_tool(f"codebook(bits={bits})", None, path)
     tools["codebook 4 channel"] = edgegraph_tool("codebook(bits=4, granularity=channel)", None, path)
@@ -199,13 +213,14 @@ def bench(name, path, x, metric, bits_list, n_eval, rounds, folder):
         out = path if make is None else folder / f"{name}_{label.replace(' ', '_').replace(',', '_')}.onnx"
         row = {"model": name, "tool": label, "path": out}
         if make is not None:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             try:
                 row["stats"] = make(out)
             except Exception as exc:  # noqa: BLE001 - a failing tool is a result
                 rows.append({**row, "error": f"{type(exc).__name__}: {str(exc)[:100]}"})
                 continue
             row["fit_s"] = time.perf_counter() - start
+            row["cpu_s"] = time.process_time() - cpu  # (the machine may be shared: CPU time says more)
         data = Path(out).read_bytes()
         row["raw"] = base / len(data)
         row["deflate"] = base / len(zlib.compress(data, 6))
@@ -220,19 +235,25 @@ def bench(name, path, x, metric, bits_list, n_eval, rounds, folder):
             samples[r["tool"]].append(runtime.latency_ms(str(r["path"]), feeds_of(path, x[:1])[0], runs=20, threads=1))
     for r in timed:
         r["lat_ms"] = statistics.median(samples[r["tool"]])
-        r["lat1"] = r["lat_ms"] / statistics.median(samples["input"])
+        r["lat1"] = r["lat_ms"] / statistics.median(samples["input" if "input" in samples else "fp32"])
     return [{k: v for k, v in r.items() if k not in ("path",)} for r in rows]
+
+
+def _copy(source: Path, out: Path) -> dict:
+    out.write_bytes(source.read_bytes())
+    return {}
 
 
 def print_rows(rows):
     print(f"{'model':16} {'tool':26} {'raw x':>6} {'defl x':>6} {'agree A':>8} {'agree B':>8} {'create ms':>9} "
-          f"{'lat1':>6} {'fit s':>6}")
+          f"{'lat1':>6} {'fit s':>6} {'cpu s':>6}")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:16} {r['tool']:26} ERROR {r['error']}")
             continue
         print(f"{r['model']:16} {r['tool']:26} {r['raw']:6.2f} {r['deflate']:6.2f} {r['agree_a']:8.4f} "
-              f"{r['agree_b']:8.4f} {r['create_ms']:9.1f} {r['lat1']:6.3f} {r.get('fit_s', 0):6.1f}", flush=True)
+              f"{r['agree_b']:8.4f} {r['create_ms']:9.1f} {r['lat1']:6.3f} {r.get('fit_s', 0):6.1f} "
+              f"{r.get('cpu_s', 0):6.1f}", flush=True)
 
 
 def main():
