@@ -497,9 +497,10 @@ class _Writer:
         packed, tail = pack(codes, code_bits)
         parts: list[gs.Tensor] = []
         stored = 0
-        if packed.size and per_byte > 2:
+        if packed.size and per_byte > 2 and (code_bits in self.tables or packed.size >= 256 * per_byte):
             # 4 or 8 codes a byte: one lookup of each byte's codes in a (256, per_byte) table shared by
-            # the model (2 * per_byte BitShifts per plane would add ~1.5 KB of nodes per weight).
+            # the model (2 * per_byte BitShifts per plane add ~1.5 KB of nodes per weight); made once a
+            # plane is larger than the table.
             p = ir.const(f"{base}_packed", packed)
             stored += ir.stored_nbytes(p)
             rows = self._node("Cast", [p], f"{base}_bytes", np.int32, [packed.size], to=6)
