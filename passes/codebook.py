@@ -43,7 +43,7 @@ import onnx_graphsurgeon as gs
 from edgegraph import floor, ir, runtime
 from edgegraph.analysis import capture, encoding, layout
 from edgegraph.context import CalibrationData, PassContext
-from edgegraph.passbase import Pass, PassResult, option
+from edgegraph.passbase import Pass, PassResult, option, settle
 from edgegraph.passes import kmeans1d
 from edgegraph.passes.quant.names import warn_unmatched
 from edgegraph.registry import register_pass
@@ -179,6 +179,7 @@ class Codebook(Pass):
         if not rows:
             return PassResult(False, {"layers": 0})
         stats = _totals(rows)
+        settle(model)  # (the replaced weights' old decode chains are dead now: not part of the file)
         stats.update(deflate_bytes_before=deflate_before, deflate_bytes_after=deflated_size(model))
         details = {"layers": rows}
         if search is not None:
