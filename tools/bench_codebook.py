@@ -189,6 +189,7 @@ def session_ms(path) -> float:
 
 
 def bench(name, path, x, metric, bits_list, n_eval, rounds, folder):
+    n_eval = min(n_eval, (len(x) - CALIB) // 2)  # (MiniLM: 32 sentences a split)
     calib, split_a, split_b = x[:CALIB], x[CALIB:CALIB + n_eval], x[CALIB + n_eval:CALIB + 2 * n_eval]
     source = path
     path = float32_input(path, folder)
