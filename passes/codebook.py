@@ -631,7 +631,7 @@ def _add_moments(model: ir.Model, weights: list[_Weight], data: CalibrationData,
     batches = (runtime.adapt_feeds(specs, b) for b in data.batches(size))
     total = -(-len(data) // size)
     found = capture.moments(proto, wanted, batches, threads=ctx.threads,
-                            progress=lambda it, **_: ctx.progress_bar(it, total=total, desc="codebook: importance"))
+                            progress=lambda it, **_: ctx.progress_bar(it, total=total, desc="codebook: channel moments"))
     for w in weights:
         stats = found.get(w.activation) if w.activation else None
         if stats is None or stats.count.size != w.value.shape[w.in_axis]:
