@@ -118,7 +118,7 @@ def _eval_sqnr(path) -> tuple[float, float]:
 
 def test_quant_is_the_pass_with_a_knob():
     registry._load_builtins()
-    assert {cls.name for cls in registry.list_passes() if cls.knob} == {"quant", "prune"}
+    assert {cls.name for cls in registry.list_passes() if cls.knob} == {"quant", "prune", "codebook", "sparsify"}
     assert all(not cls.exact for cls in registry.list_passes() if cls.knob)
 
 

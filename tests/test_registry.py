@@ -37,6 +37,7 @@ TEST_MODULES = {
     "simplify-shapes": "test_cleanup.py", "equalize": "test_equalize.py", "quant": "test_quant.py",
     "quant-dynamic": "test_quant_dynamic.py", "quant-int4": "test_quant_int4.py",
     "frame-cache": "test_framecache.py", "legalize": "test_legalize.py", "prune": "test_prune.py",
+    "codebook": "test_codebook.py", "sparsify": "test_sparsify.py",
 }
 
 

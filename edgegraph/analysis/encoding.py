@@ -7,7 +7,8 @@ The encodings recognised are the ones exporters and edgegraph's own passes write
 * a codebook: `Gather(codebook, indices)` with low-bit indices (through a `Cast` to int32/int64,
   which Gather's index type needs);
 * packed 4-bit: UINT4/INT4 initializers, or uint8 bytes holding two 4-bit codes unpacked with
-  BitShift / BitwiseAnd / Concat / Reshape;
+  BitShift / BitwiseAnd / Concat / Reshape; `codebook`'s bit planes (2- and 1-bit codes looked up
+  per byte in a small uint8 table by Gather, Transpose, recombined in int32 by Mul / Add);
 * weight-only scaling: `Cast(int8) * scale` (and `- zero point`, `/ scale`).
 
 The stored low-bit constant is the weight's *payload*. Everything that rewrites constants asks
@@ -36,7 +37,10 @@ DECODE_OPS = {
     "Reshape": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Flatten": (0,), "Transpose": (0,), "Identity": (0,),
 }
 _FLOATS = frozenset({"float32", "float16", "float64", "bfloat16"})
-_DEPTH = 12
+# Decode steps walked at most: codebook's longest chain (bit plane: Cast, Gather(table), Transpose,
+# Reshape, Concat(tail), Reshape, Cast, Mul, Add; then Add(channel offsets), Gather(codebook),
+# Cast(fp16 -> fp32), Mul(scale)) is 13.
+_DEPTH = 16
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,706 @@
+"""`codebook`: k-means weight sharing stored in standard ONNX (Deep Compression's second stage).
+
+Every selected weight (Conv / ConvTranspose / Gemm / MatMul weights, and embedding tables read
+by Gather) is replaced by 2^b centroids and one b-bit index per element, decoded in the graph
+with standard ops so that any runtime runs it:
+
+    indices (uint8 | UINT4 | UINT2 | packed bytes) -> [unpack] -> Cast(int32) [-> Add(channel
+    offsets)] -> Gather(codebook) [-> Cast(float32)] -> the weight
+
+onnxruntime's Gather wants int32/int64 indices, hence the Cast. Everything in the chain reads
+constants only, so onnxruntime folds it at session creation (inference then runs the dense
+kernels at the dense model's speed), and `edgegraph.analysis.encoding` recognises it, so
+cleanup's folding and quant leave it encoded.
+
+* Clustering (`passes/kmeans1d.py`): per tensor, the exact 1-D k-means DP (on the distinct
+  values, or a 4096-bin histogram of them, then Lloyd steps on the full data); per output
+  channel, the exact DP on each channel's 48-bin histogram vectorised over channels, then Lloyd
+  (`method=exact`/`auto`), or Lloyd alone (`method=lloyd`, faster, 1.3-1.75x the error at 16
+  levels on 576-value rows). A tensor with exact zeros keeps a centroid at 0 (sparsified or
+  pruned weights stay zero).
+* Importance (`--calib`): each weight's squared error is weighted by E[x^2] of the input channel
+  it multiplies (the diagonal of X^T X), so centroids follow what moves the outputs.
+* Storage of the indices: in b bits each (UINT4 at opset >= 21 / UINT2 at opset >= 25 with a
+  Cast; else bit planes of 4, 2 and 1 bits packed 8 / width codes per byte, unpacked with
+  BitShift (4 bits) or a Gather from a 256-row table (2 and 1 bits) and recombined in int32,
+  opset >= 11); 8 bits, or opset < 11 when it cannot be
+  upgraded, one uint8 per index. `dense=true` writes the snapped weights dense instead.
+* Strength knob: `bits`. With a user floor (`--min-agreement`, `--min-sqnr`) the pass searches
+  2..8 bits with `edgegraph.floor.search` on held-out calibration samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from edgegraph import floor, ir, runtime
+from edgegraph.analysis import capture, encoding, layout
+from edgegraph.context import CalibrationData, PassContext
+from edgegraph.passbase import Pass, PassResult, option, settle
+from edgegraph.passes import kmeans1d
+from edgegraph.passes.quant.names import warn_unmatched
+from edgegraph.registry import register_pass
+
+logger = logging.getLogger("edgegraph")
+
+OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
+GRANULARITIES = ("auto", "tensor", "scaled", "channel")
+METHODS = ("auto", "exact", "lloyd")
+STORAGES = ("auto", "uint8", "packed")
+SHARES = ("none", "shape", "op")
+CODEBOOK_DTYPES = ("float16", "float32")
+BITS = tuple(range(2, 9))
+# Per-channel codebooks when they cost at most this fraction of the indices' bytes (granularity=auto).
+CHANNEL_OVERHEAD = 0.125
+# A weight is encoded only when that stores it in at most this fraction of its bytes.
+WORTH = 0.9
+PACK_OPSET = 11  # BitShift
+TYPED = {4: (21, ml_dtypes.uint4), 2: (25, ml_dtypes.uint2)}  # code bits -> (first opset, numpy type)
+DEFLATE_LIMIT = 1 << 30  # models larger than this get no deflate figure (compressing costs seconds per 100 MB)
+
+
+@dataclass
+class _Weight:
+    """One weight tensor to encode, with every node reading it."""
+
+    tensor: gs.Tensor
+    value: np.ndarray
+    readers: list[gs.Node]
+    op: str
+    out_axis: int | None  # per-channel codebooks along this axis (None: per tensor only)
+    in_axis: int | None = None  # the axis of input channels (importance weighting)
+    activation: str | None = None  # the tensor whose channels multiply in_axis
+    activation_axis: int | None = None
+    bytes_before: int = 0
+    importance: np.ndarray | None = None  # (in channels,) E[x^2]
+    mean: np.ndarray | None = None  # (in channels,) E[x], for bias correction
+
+
+@dataclass
+class _Encoding:
+    """A weight's codebook(s) and indices, before they become graph constants."""
+
+    codebook: np.ndarray  # (groups, k) in the stored dtype
+    indices: np.ndarray  # local indices, the weight's shape
+    channel_axis: int | None  # None: one codebook (groups == 1) or a shared one
+    scale: np.ndarray | None = None  # granularity "scaled": per-channel factors (broadcastable, the weight's dtype)
+
+
+@register_pass
+@dataclass(frozen=True)
+class Codebook(Pass):
+    """k-means weight codebooks (2^bits shared values per tensor or per output channel), stored in
+    standard ONNX and decoded by Gather so that onnxruntime folds them at session creation."""
+
+    name = "codebook"
+    summary = "k-means weight sharing: 2^bits centroids per tensor/channel, low-bit indices decoded by Gather"
+    exact = False
+    knob = "bits per index (2..8), with --min-agreement/--min-sqnr: the fewest that holds them"
+
+    bits: int = option(5, "index bits, 2..8 (2^bits centroids), stored in that many bits; with a user floor the "
+                          "fewest bits that holds it is searched instead. 5 (the default): 6.1x smaller float32 "
+                          "weights; on the shared CNNs 4 bits lose 2-30% top-1 agreement, 5 bits 0-20% (see "
+                          "tools/bench_codebook.py)")
+    granularity: str = option("auto", "'tensor' (one codebook per weight), 'scaled' (one codebook for the weight's "
+                                      "channels each divided by its RMS, decoded times a per-channel scale), "
+                                      "'channel' (one codebook per output channel) or 'auto' (channel when those "
+                                      "codebooks cost <= 12.5% of the indices, else scaled)")
+    method: str = option("auto", "'exact' (1-D k-means by dynamic programming; per channel on a 48-bin histogram, "
+                                 "then Lloyd), 'lloyd' (Lloyd from density-matched quantiles) or 'auto' (exact)")
+    codebook_dtype: str = option("float16", "codebook entries: 'float16' (half the codebook bytes; fp16 rounding "
+                                            "of the centroids, ~5e-4 relative) or 'float32'")
+    storage: str = option("auto", "indices: 'auto' (packed when bits <= 4: UINT4/UINT2 where the opset has "
+                                  "them, else bytes unpacked by BitShift), 'uint8' (one byte each) or 'packed'")
+    dense: bool = option(False, "write dense weights snapped to the codebook instead (for runtimes that want "
+                                "dense weights; the file only shrinks once compressed)")
+    share: str = option("none", "one codebook for a group of layers: 'none', 'shape' (weights of one shape) or "
+                                "'op' (one op type and kernel size, e.g. all 3x3 convs); per tensor only")
+    bias_correction: bool = option(True, "with --calib, move each Conv / Gemm bias by the mean output shift the "
+                                         "snapped weights cause (its input's channel means times the weight error)")
+    importance: bool = option(False, "with --calib, weight each squared error by E[x^2] of the input channel "
+                                    "it multiplies (the diagonal of X^T X)")
+    ops: list[str] = option(list(OPS), "op types whose weights are encoded (Gather: embedding tables)")
+    exclude: list[str] = option([], "node names or op types to leave alone")
+    min_elements: int = option(1024, "leave weights with fewer elements than this dense (a codebook costs more "
+                                     "than it saves on small tensors)")
+
+    def after(self) -> tuple[Pass, ...]:
+        # BatchNorm folded into its Conv first: the codebook then fits the weights that run.
+        from edgegraph.passes.cleanup import Cleanup
+
+        return (Cleanup(),)
+
+    def __post_init__(self):
+        self.check(self.bits in BITS, f"codebook: bits must be 2..8, got {self.bits}")
+        for name, value, allowed in (("granularity", self.granularity, GRANULARITIES),
+                                     ("method", self.method, METHODS), ("storage", self.storage, STORAGES),
+                                     ("share", self.share, SHARES),
+                                     ("codebook_dtype", self.codebook_dtype, CODEBOOK_DTYPES)):
+            self.check(value in allowed, f"codebook: {name} must be one of {', '.join(allowed)}, got '{value}'")
+        unknown = [op for op in self.ops if op not in OPS]
+        self.check(not unknown, f"codebook: cannot encode {', '.join(unknown)} weights (ops: {', '.join(OPS)})")
+        self.check(self.min_elements >= 0, "codebook: min_elements must be >= 0")
+        self.check(self.share == "none" or self.granularity != "channel",
+                   "codebook: share needs granularity=tensor (or auto): a shared codebook is one per tensor group")
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        warn_unmatched(f"{self.name}: exclude", self.exclude, model.graph, ops=True, nodes=True)
+        weights = weights_of(model, self.ops, self.exclude, self.min_elements)
+        if not weights:
+            return PassResult(False, {"layers": 0})
+        deflate_before = deflated_size(model)
+        if model.opset < PACK_OPSET and not self.dense and self.storage != "uint8" and (self.bits < 8 or ctx.verify.floor()):
+            # Packing needs BitShift (opset 11): upgrade like quant does (opset 13); else one byte per index.
+            from edgegraph.passes.quant.prepare import upgrade_opset
+
+            upgraded = upgrade_opset(model, 13)
+            if upgraded is not None:
+                model.graph = upgraded.graph
+                weights = weights_of(model, self.ops, self.exclude, self.min_elements)
+        data = ctx.calibration
+        fit, held = _split(data)
+        if (self.importance or self.bias_correction) and fit is not None:
+            _add_moments(model, weights, fit, ctx, self.importance)
+        user_floor = ctx.verify.floor()
+        search = None
+        if user_floor and held is not None:
+            model, rows, search = self._search(model, weights, held, user_floor, ctx)
+        else:
+            rows = self._apply(model, weights, self.bits)
+        if not rows:
+            return PassResult(False, {"layers": 0})
+        stats = _totals(rows)
+        settle(model)  # (the replaced weights' old decode chains are dead now: not part of the file)
+        stats.update(deflate_bytes_before=deflate_before, deflate_bytes_after=deflated_size(model))
+        details = {"layers": rows}
+        if search is not None:
+            details["floor_search"] = search.as_dict()
+            stats["bits"] = search.best.setting
+        return PassResult(True, stats, details)
+
+    def _search(self, model: ir.Model, weights: list[_Weight], held: CalibrationData, user_floor, ctx):
+        """The fewest bits (2..8) that hold the user's floor on held-out samples."""
+        proto = model.to_proto()
+        specs = runtime.input_specs(proto)
+        size = runtime.batch_size_for(specs, 8)
+
+        def batches():
+            return [runtime.adapt_feeds(specs, b) for b in held.batches(size)]
+
+        reference = runtime.outputs(proto, batches(), threads=ctx.threads)
+
+        def measure(bits: int):
+            trial = model.copy()
+            # The copy has its own tensors: find the same weights in it again (their importance carries over).
+            found = {w.tensor.name: w for w in weights_of(trial, self.ops, self.exclude, self.min_elements)}
+            for w in weights:
+                if w.tensor.name in found:
+                    found[w.tensor.name].importance, found[w.tensor.name].mean = w.importance, w.mean
+            rows = self._apply(trial, list(found.values()), bits)
+            if not rows:
+                return None, None
+            outputs = runtime.outputs(trial.to_proto(), batches(), threads=ctx.threads)
+            return floor.measure(reference, outputs), (trial, rows)
+
+        found = floor.search(list(BITS), measure, user_floor, progress=ctx.progress_bar,
+                             desc="codebook: floor search (bits)")
+        if found.best is None:
+            raise floor.not_held("codebook", found)
+        trial, rows = found.artefact
+        model.graph = trial.graph
+        return model, rows, found
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def _apply(self, model: ir.Model, weights: list[_Weight], bits: int) -> list[dict]:
+        """Encode `weights` of `model` with `bits`-bit indices; one report row per weight."""
+        graph = model.graph
+        namer = ir.Namer(graph)
+        writer = _Writer(graph, namer, model.opset, self.storage)
+        rows = []
+        for group in self._groups(weights):
+            if len(group) > 1:
+                encodings = self._cluster_shared(group, bits)
+            else:
+                encodings = [self._cluster(group[0], bits)]
+            shared = None
+            for w, enc in zip(group, encodings):
+                row = {"weight": w.tensor.name, "op": w.op, "shape": list(w.value.shape), "bits": bits,
+                       "granularity": "channel" if enc.channel_axis is not None else "shared" if len(group) > 1
+                       else "scaled" if enc.scale is not None else "tensor", "bytes_before": w.bytes_before}
+                snapped = _decode(enc, w.value.dtype)
+                if self.dense:
+                    decoded = ir.const(namer(f"{w.tensor.name}_snapped"), snapped)
+                    after = ir.stored_nbytes(decoded)
+                else:
+                    written = len(graph.nodes)
+                    decoded, after, shared = writer.write(w, enc, bits, shared)
+                    if after > WORTH * w.bytes_before and len(group) == 1:
+                        del graph.nodes[written:]  # not worth it: the weight stays as it was
+                        continue
+                ir.replace_all_uses(graph, w.tensor, decoded)
+                if self.bias_correction and w.mean is not None:
+                    row["bias_corrected"] = _correct_bias(w, snapped, namer)
+                row.update(_row_numbers(w, enc, snapped, after))
+                rows.append(row)
+        if rows and writer.shared():  # the unpacking tables and shift amounts all weights use
+            rows.append({"weight": "(shared unpacking constants)", "op": "", "shape": [], "bits": bits,
+                         "granularity": "", "bytes_before": 0, "bytes_after": writer.shared(), "elements": 0,
+                         "bits_per_weight": None, "index_entropy_bits": 0.0, "weight_sqnr_db": None})
+        return rows
+
+    def _groups(self, weights: list[_Weight]) -> list[list[_Weight]]:
+        if self.share == "none":
+            return [[w] for w in weights]
+        groups: dict[tuple, list[_Weight]] = {}
+        for w in weights:
+            key = (w.value.dtype.name, tuple(w.value.shape)) if self.share == "shape" else \
+                (w.value.dtype.name, w.op, tuple(w.value.shape[2:]) if w.op in ("Conv", "ConvTranspose") else ())
+            groups.setdefault(key, []).append(w)
+        return list(groups.values())
+
+    def _granularity(self, w: _Weight, bits: int) -> str:
+        if w.out_axis is None or w.value.shape[w.out_axis] < 2:
+            return "tensor"
+        if self.granularity != "auto":
+            return self.granularity
+        channels = w.value.shape[w.out_axis]
+        codebooks = channels * (1 << bits) * (2 if self._codebook_dtype(w) == np.float16 else 4)
+        return "channel" if codebooks <= CHANNEL_OVERHEAD * w.value.size * bits / 8 else "scaled"
+
+    def _codebook_dtype(self, w: _Weight) -> np.dtype:
+        return np.dtype(np.float16 if self.codebook_dtype == "float16" or w.value.dtype == np.float16 else np.float32)
+
+    def _cluster(self, w: _Weight, bits: int) -> _Encoding:
+        k = 1 << bits
+        value = w.value.astype(np.float64)
+        importance = _importance_array(w)
+        dtype = self._codebook_dtype(w)
+        granularity = self._granularity(w, bits)
+        if granularity == "channel":
+            rows = np.moveaxis(value, w.out_axis, 0).reshape(value.shape[w.out_axis], -1)
+            hrows = None if importance is None else np.moveaxis(importance, w.out_axis, 0).reshape(rows.shape)
+            centroids = self._centroids_rows(rows, hrows, k)
+            codebook = centroids.astype(dtype)
+            local = kmeans1d.assign(rows, codebook.astype(np.float64))
+            moved = list(np.moveaxis(value, w.out_axis, 0).shape)
+            indices = np.moveaxis(local.reshape(moved), 0, w.out_axis)
+            return _Encoding(codebook, indices.astype(np.uint8), w.out_axis)
+        scale = None
+        if granularity == "scaled":  # channels brought to one scale share the codebook well
+            axes = tuple(a for a in range(value.ndim) if a != w.out_axis)
+            rms = np.sqrt((value ** 2).mean(axis=axes, keepdims=True))
+            scale = np.where(rms > 0, rms, 1.0).astype(w.value.dtype)
+            value = value / scale.astype(np.float64)
+        flat = value.ravel()
+        h = None if importance is None else importance.ravel()
+        centroids = self._centroids_flat(flat, h, k)
+        codebook = centroids.astype(dtype)[None]
+        indices = kmeans1d.assign(flat[None], codebook.astype(np.float64)).reshape(value.shape)
+        return _Encoding(codebook, indices.astype(np.uint8), None, scale)
+
+    def _cluster_shared(self, group: list[_Weight], bits: int) -> list[_Encoding]:
+        k = 1 << bits
+        flat = np.concatenate([w.value.astype(np.float64).ravel() for w in group])
+        hs = [_importance_array(w) for w in group]
+        h = None if all(x is None for x in hs) else np.concatenate(
+            [np.ones(w.value.size) if x is None else x.ravel() for w, x in zip(group, hs)])
+        codebook = self._centroids_flat(flat, h, k).astype(self._codebook_dtype(group[0]))[None]
+        return [_Encoding(codebook, kmeans1d.assign(w.value.astype(np.float64).ravel()[None],
+                                                    codebook.astype(np.float64)).reshape(w.value.shape).astype(np.uint8),
+                          None) for w in group]
+
+    def _centroids_flat(self, flat: np.ndarray, h: np.ndarray | None, k: int) -> np.ndarray:
+        order = np.argsort(flat, kind="stable")
+        x = flat[order]
+        hs = None if h is None else h[order]
+        pin = bool((x == 0).any())
+        distinct = np.unique(x)
+        if distinct.size <= k:  # exactly representable
+            return np.concatenate([distinct, np.full(k - distinct.size, distinct[-1])])
+        if self.method == "lloyd":
+            return kmeans1d.lloyd(x[None], k, None if hs is None else hs[None], np.array([pin]))[0]
+        start = kmeans1d.exact(x, k, hs, pin_zero=pin)
+        return kmeans1d.lloyd(x[None], k, None if hs is None else hs[None], np.array([pin]), start=start[None])[0]
+
+    def _centroids_rows(self, rows: np.ndarray, h: np.ndarray | None, k: int) -> np.ndarray:
+        order = np.argsort(rows, axis=1, kind="stable")
+        x = np.take_along_axis(rows, order, axis=1)
+        hs = None if h is None else np.take_along_axis(h, order, axis=1)
+        pin = (x == 0).any(axis=1)
+        out = np.empty((x.shape[0], k))
+        step = max(1, (1 << 22) // (49 * 49 * 8))  # rows per chunk of the binned DP (~4 MB per cost matrix)
+        for start in range(0, x.shape[0], step):
+            part = slice(start, start + step)
+            hp = None if hs is None else hs[part]
+            if self.method == "lloyd" or k > 16:  # the binned DP needs bins >> k
+                out[part] = kmeans1d.lloyd(x[part], k, hp, pin[part])
+            else:
+                out[part] = kmeans1d.binned_rows(x[part], k, hp, pin[part])
+        # Rows with at most k distinct values: those values, exactly.
+        distinct = 1 + (np.diff(x, axis=1) > 0).sum(axis=1)
+        for g in np.flatnonzero(distinct <= k):
+            values = np.unique(x[g])
+            out[g] = np.concatenate([values, np.full(k - values.size, values[-1])])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Which weights (shared with `sparsify`)
+
+
+def weights_of(model: ir.Model, ops, exclude, min_elements: int) -> list[_Weight]:
+    """The float weights read by `ops` nodes (not in `exclude`, names or op types) with at least
+    `min_elements` elements: stored constants, or computed from constants only through a decode
+    chain (weight-only int8 `Cast * scale`, Q/DQ; their float values are re-encoded). A weight
+    also read by anything else, or already a codebook, is left alone."""
+    graph = model.graph
+    found: dict[int, _Weight] = {}
+    skipped: set[int] = set()
+    for node in graph.nodes:
+        if node.op not in ops or node.op in exclude or node.name in exclude or not ir.is_standard(node):
+            continue
+        index = 0 if node.op == "Gather" else 1
+        if len(node.inputs) <= index or node.inputs[index] is None or not node.inputs[index].name:
+            continue
+        tensor = node.inputs[index]
+        if id(tensor) in found:
+            found[id(tensor)].readers.append(node)
+        elif id(tensor) not in skipped:
+            weight = _weight(model, node, index, tensor, min_elements)
+            if weight is None:
+                skipped.add(id(tensor))
+            else:
+                found[id(tensor)] = weight
+    return [w for w in found.values() if len(w.readers) == len(ir.consumers(w.tensor))
+            and not ir.is_graph_output(graph, w.tensor)]
+
+
+def _weight(model: ir.Model, node: gs.Node, index: int, tensor: gs.Tensor, min_elements: int) -> _Weight | None:
+    code = encoding.encoded(tensor)
+    if code is not None and code.kind in ("codebook", "packed-int4"):
+        return None  # a codebook already
+    if not isinstance(tensor, gs.Constant) and code is None and encoding.stored(tensor) is None:
+        return None  # computed at run time
+    value = ir.folded_value(tensor, model.opset)
+    if value is None or value.dtype not in (np.float32, np.float16) or value.size < max(min_elements, 2):
+        return None
+    if node.op == "Gather":
+        if int(node.attrs.get("axis", 0)) != 0 or value.ndim < 2:
+            return None
+        w = _Weight(tensor, value, [node], "Gather", value.ndim - 1)
+    else:
+        lay = layout.of(node, value.ndim, index)
+        if lay is None:
+            return None
+        w = _Weight(tensor, value, [node], node.op, lay.out_axis if lay.per_axis else None)
+        if lay.in_axis is not None and lay.groups == 1 and node.inputs[0] is not None and node.inputs[0].name:
+            w.in_axis, w.activation = lay.in_axis, node.inputs[0].name
+            w.activation_axis = lay.x_axis
+    stored = code.constants if code is not None else (encoding.stored(tensor),)
+    w.bytes_before = sum(ir.stored_nbytes(c) for c in stored)
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the decode subgraph
+
+
+class _Writer:
+    """Writes one weight's codebook, indices and decode nodes into the graph."""
+
+    def __init__(self, graph: gs.Graph, namer: ir.Namer, opset: int, storage: str):
+        self.graph, self.namer, self.opset, self.storage = graph, namer, opset, storage
+        self.shifts: dict[int, gs.Constant] = {}  # shared BitShift amounts
+        self.tables: dict[int, gs.Constant] = {}  # shared unpacking tables
+        self.flat: gs.Constant | None = None
+
+    def planes(self, bits: int) -> list[int]:
+        """How `bits`-bit indices are stored: [8] one uint8 each, [4] / [2] typed UINT4 / UINT2
+        where the opset has them, else bit planes packed into bytes, low bits first: 3 = 2 + 1,
+        5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1 (each plane unpacked by BitShift, recombined in int32)."""
+        if self.storage == "uint8" or bits == 8:
+            return [8]
+        if bits in (2, 4) and self._typed(bits):
+            return [bits]
+        if self.opset < PACK_OPSET:
+            return [8]
+        return [p for p in (4, 2, 1) if bits & p]
+
+    def _typed(self, code_bits: int) -> bool:
+        return self.storage == "auto" and code_bits in TYPED and self.opset >= TYPED[code_bits][0]
+
+    def write(self, w: _Weight, enc: _Encoding, bits: int, shared: gs.Constant | None):
+        """The decoded weight tensor, the bytes its new constants take, and the codebook constant
+        (for the next weight of a shared group)."""
+        base = self.namer(w.tensor.name.replace("/", "_").strip("_") or "weight")
+        shape = list(w.value.shape)
+        stored = 0
+        codebook = shared
+        if codebook is None:
+            codebook = ir.const(f"{base}_codebook", np.ascontiguousarray(enc.codebook.reshape(-1)))
+            stored += ir.stored_nbytes(codebook)
+        wide, payload = self._indices(base, enc.indices, self.planes(bits), shape)
+        stored += payload
+        if enc.channel_axis is not None:
+            k = enc.codebook.shape[1]
+            offsets_shape = [1] * len(shape)
+            offsets_shape[enc.channel_axis] = shape[enc.channel_axis]
+            offsets = ir.const(f"{base}_offsets", (np.arange(shape[enc.channel_axis], dtype=np.int32) * k)
+                               .reshape(offsets_shape))
+            stored += ir.stored_nbytes(offsets)
+            wide = self._node("Add", [wide, offsets], f"{base}_index_global", np.int32, shape)
+        cb_dtype = enc.codebook.dtype
+        decoded = self._node("Gather", [codebook, wide], f"{base}_decoded", cb_dtype, shape, axis=0)
+        if cb_dtype != w.value.dtype:
+            decoded = self._node("Cast", [decoded], f"{base}_decoded_{w.value.dtype.name}", w.value.dtype, shape,
+                                 to=int(1 if w.value.dtype == np.float32 else 10))
+        if enc.scale is not None:
+            scale = ir.const(f"{base}_scale", np.ascontiguousarray(enc.scale))
+            stored += ir.stored_nbytes(scale)
+            decoded = self._node("Mul", [decoded, scale], f"{base}_scaled", w.value.dtype, shape)
+        return decoded, stored, codebook
+
+    def _indices(self, base: str, indices: np.ndarray, planes: list[int], shape: list[int]) -> tuple[gs.Tensor, int]:
+        """The stored indices, and an int32 tensor of them in the weight's shape (what Gather reads)."""
+        if planes == [8] or (len(planes) == 1 and self._typed(planes[0])):
+            dtype = np.uint8 if planes == [8] else TYPED[planes[0]][1]
+            c = ir.const(f"{base}_indices", np.ascontiguousarray(indices.astype(dtype)))
+            return self._node("Cast", [c], f"{base}_index", np.int32, shape, to=6), ir.stored_nbytes(c)  # INT32
+        flat = indices.astype(np.uint8).ravel()
+        total, stored, shift = None, 0, 0
+        for width in planes:  # low bits first
+            plane = (flat >> shift) & ((1 << width) - 1)
+            name = base if len(planes) == 1 else f"{base}_plane{shift}"
+            codes, nbytes = self._plane(name, plane, width, shape)
+            stored += nbytes
+            wide = self._node("Cast", [codes], f"{name}_index", np.int32, shape, to=6)
+            if shift:
+                factor = ir.const(f"{name}_factor", np.array(1 << shift, np.int32))
+                stored += ir.stored_nbytes(factor)
+                wide = self._node("Mul", [wide, factor], f"{name}_shifted", np.int32, shape)
+            total = wide if total is None else self._node("Add", [total, wide], f"{name}_sum", np.int32, shape)
+            shift += width
+        return total, stored
+
+    def _plane(self, base: str, codes: np.ndarray, code_bits: int, shape: list[int]) -> tuple[gs.Tensor, int]:
+        """`code_bits`-bit codes packed into bytes and the uint8 subgraph unpacking them (weight's shape)."""
+        per_byte = 8 // code_bits
+        packed, tail = pack(codes, code_bits)
+        parts: list[gs.Tensor] = []
+        stored = 0
+        if packed.size and per_byte > 2 and (code_bits in self.tables or packed.size >= 256 * per_byte):
+            # 4 or 8 codes a byte: one lookup of each byte's codes in a (256, per_byte) table shared by
+            # the model (2 * per_byte BitShifts per plane add ~1.5 KB of nodes per weight); made once a
+            # plane is larger than the table.
+            p = ir.const(f"{base}_packed", packed)
+            stored += ir.stored_nbytes(p)
+            rows = self._node("Cast", [p], f"{base}_bytes", np.int32, [packed.size], to=6)
+            table = self._node("Gather", [self._table(code_bits), rows], f"{base}_split", np.uint8,
+                               [packed.size, per_byte], axis=0)
+            planar = self._node("Transpose", [table], f"{base}_planar", np.uint8, [per_byte, packed.size], perm=[1, 0])
+            parts.append(self._node("Reshape", [planar, self._flat()], f"{base}_body", np.uint8,
+                                    [per_byte * packed.size]))
+        elif packed.size:
+            p = ir.const(f"{base}_packed", packed)
+            stored += ir.stored_nbytes(p)
+            for j in range(per_byte):  # code j of each byte: bits [j*code_bits, (j+1)*code_bits)
+                left = 8 - code_bits * (j + 1)
+                part = p
+                if left:
+                    part = self._node("BitShift", [part, self._shift(left)], f"{base}_up{j}", np.uint8, [packed.size],
+                                      direction="LEFT")
+                part = self._node("BitShift", [part, self._shift(8 - code_bits)], f"{base}_code{j}", np.uint8,
+                                  [packed.size], direction="RIGHT")
+                parts.append(part)
+        if tail.size:
+            t = ir.const(f"{base}_tail", tail)
+            stored += ir.stored_nbytes(t)
+            parts.append(t)
+        flat_codes = parts[0] if len(parts) == 1 else self._node("Concat", parts, f"{base}_codes", np.uint8,
+                                                                 [codes.size], axis=0)
+        target = ir.const(f"{base}_shape", np.array(shape, np.int64))
+        stored += ir.stored_nbytes(target)
+        return self._node("Reshape", [flat_codes, target], f"{base}_codes_nd", np.uint8, shape), stored
+
+    def shared(self) -> int:
+        """Bytes of the constants every weight's decoding shares."""
+        return sum(ir.stored_nbytes(c) for c in [*self.shifts.values(), *self.tables.values(), self.flat] if c is not None)
+
+    def _table(self, code_bits: int) -> gs.Constant:
+        """(256, 8 / code_bits) uint8: the codes each byte value holds, low bits first (one per model)."""
+        if code_bits not in self.tables:
+            per_byte = 8 // code_bits
+            values = np.arange(256, dtype=np.uint8)[:, None]
+            shifts = (np.arange(per_byte, dtype=np.uint8) * code_bits)[None]
+            codes = ((values >> shifts) & ((1 << code_bits) - 1)).astype(np.uint8)
+            self.tables[code_bits] = ir.const(self.namer(f"codebook_unpack{code_bits}"), codes)
+        return self.tables[code_bits]
+
+    def _flat(self) -> gs.Constant:
+        if self.flat is None:
+            self.flat = ir.const(self.namer("codebook_flat"), np.array([-1], np.int64))
+        return self.flat
+
+    def _shift(self, amount: int) -> gs.Constant:
+        if amount not in self.shifts:
+            self.shifts[amount] = ir.const(self.namer(f"codebook_shift{amount}"), np.array(amount, np.uint8))
+        return self.shifts[amount]
+
+    def _node(self, op: str, inputs: list, name: str, dtype, shape, **attrs) -> gs.Variable:
+        out = gs.Variable(self.namer(name), dtype=np.dtype(dtype), shape=list(shape))
+        self.graph.nodes.append(gs.Node(op, name=self.namer(f"{name}_{op.lower()}"), inputs=inputs, outputs=[out],
+                                        attrs=attrs))
+        return out
+
+
+def pack(codes: np.ndarray, code_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Planar packing of uint8 codes of `code_bits` (1, 2 or 4) bits: with r = 8 / code_bits and
+    p = len // r, byte i holds codes[i], codes[p + i], ..., codes[(r-1)p + i] from the low bits up;
+    the len % r codes left over are returned as they are (the tail). `unpack` inverts it."""
+    per_byte = 8 // code_bits
+    p = codes.size // per_byte
+    body = codes[:p * per_byte].astype(np.uint8).reshape(per_byte, p)
+    packed = np.zeros(p, np.uint8)
+    for j in range(per_byte):
+        packed |= (body[j] << (j * code_bits)).astype(np.uint8)
+    return packed, np.ascontiguousarray(codes[p * per_byte:].astype(np.uint8))
+
+
+def unpack(packed: np.ndarray, tail: np.ndarray, code_bits: int) -> np.ndarray:
+    """The codes `pack` packed (what the BitShift subgraph computes)."""
+    mask = (1 << code_bits) - 1
+    parts = [(packed >> (j * code_bits)) & mask for j in range(8 // code_bits)]
+    return np.concatenate([*parts, tail]).astype(np.uint8)
+
+
+def _decode(enc: _Encoding, dtype) -> np.ndarray:
+    """What the decode subgraph computes: codebook[indices] (per channel: each channel's own
+    codebook) in `dtype`, times the channel scales (granularity scaled)."""
+    if enc.channel_axis is None:
+        values = enc.codebook[0][enc.indices]
+    else:
+        k = enc.codebook.shape[1]
+        shape = [1] * enc.indices.ndim
+        shape[enc.channel_axis] = -1
+        offsets = (np.arange(enc.codebook.shape[0]) * k).reshape(shape)
+        values = enc.codebook.reshape(-1)[enc.indices.astype(np.int64) + offsets]
+    values = values.astype(dtype)
+    return values if enc.scale is None else values * enc.scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Importance, accounting
+
+
+def _split(data: CalibrationData | None) -> tuple[CalibrationData | None, CalibrationData | None]:
+    """Samples to fit on (importance) and held-out samples to measure the floor on: halves of
+    the calibration data (both all of it when there is a single sample)."""
+    if data is None or len(data) == 0:
+        return None, None
+    if len(data) < 2:
+        return data, data
+    half = len(data) // 2
+    return data.take(half), data.take(len(data) - half, start=half)
+
+
+def _add_moments(model: ir.Model, weights: list[_Weight], data: CalibrationData, ctx: PassContext,
+                 importance: bool) -> None:
+    """E[x] (and with `importance` E[x^2]) per input channel of every weight that multiplies an activation."""
+    wanted = {}
+    for w in weights:
+        if w.activation is not None:
+            shape = model.graph.tensors().get(w.activation)
+            rank = len(shape.shape) if shape is not None and shape.shape is not None else None
+            if rank:
+                wanted[w.activation] = w.activation_axis % rank
+    if not wanted:
+        return
+    proto = model.to_proto()
+    specs = runtime.input_specs(proto)
+    size = runtime.batch_size_for(specs, 8)
+    batches = (runtime.adapt_feeds(specs, b) for b in data.batches(size))
+    total = -(-len(data) // size)
+    found = capture.moments(proto, wanted, batches, threads=ctx.threads,
+                            progress=lambda it, **_: ctx.progress_bar(it, total=total, desc="codebook: channel moments"))
+    for w in weights:
+        stats = found.get(w.activation) if w.activation else None
+        if stats is None or stats.count.size != w.value.shape[w.in_axis]:
+            continue
+        w.mean = stats.mean
+        energy = stats.variance + stats.mean ** 2
+        if importance and energy.max() > 0:
+            w.importance = np.maximum(energy / energy.mean(), 1e-3)  # no weight is free
+
+
+def _correct_bias(w: _Weight, snapped: np.ndarray, namer: ir.Namer) -> bool:
+    """Subtract the mean output shift of the snapped weight, (W' - W) . E[x], from the bias of
+    its (single) Conv or plain Gemm (alpha = beta = 1), as quant's bias correction does."""
+    node = w.readers[0]
+    if len(w.readers) != 1 or node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 or w.out_axis is None:
+        return False
+    if node.op == "Gemm" and (node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
+        return False
+    bias = ir.constant_value(node.inputs[2])
+    channels = w.value.shape[w.out_axis]
+    if bias is None or bias.shape != (channels,) or bias.dtype != w.value.dtype:
+        return False
+    error = np.moveaxis(snapped.astype(np.float64) - w.value.astype(np.float64), [w.out_axis, w.in_axis], [0, 1])
+    shift = error.reshape(channels, error.shape[1], -1).sum(axis=2) @ w.mean
+    node.inputs[2] = ir.const(namer(f"{node.inputs[2].name}_corrected"), (bias - shift).astype(bias.dtype))
+    return True
+
+
+def _importance_array(w: _Weight) -> np.ndarray | None:
+    if w.importance is None:
+        return None
+    shape = [1] * w.value.ndim
+    shape[w.in_axis] = -1
+    return np.broadcast_to(w.importance.reshape(shape), w.value.shape)
+
+
+def entropy_bits(indices: np.ndarray) -> float:
+    """Shannon entropy of the indices, bits per index (what Huffman coding approaches)."""
+    counts = np.bincount(indices.ravel().astype(np.int64))
+    p = counts[counts > 0] / indices.size
+    return float(-(p * np.log2(p)).sum())
+
+
+def _row_numbers(w: _Weight, enc: _Encoding, snapped: np.ndarray, after: int) -> dict:
+    ref = w.value.astype(np.float64)
+    noise = float(((ref - snapped.astype(np.float64)) ** 2).sum())
+    signal = float((ref ** 2).sum())
+    return {"bytes_after": int(after), "bits_per_weight": round(after * 8 / w.value.size, 3),
+            "index_entropy_bits": round(entropy_bits(enc.indices), 3),
+            "weight_sqnr_db": round(10 * math.log10(signal / noise), 2) if noise > 0 and signal > 0 else None,
+            "elements": int(w.value.size)}
+
+
+def _totals(rows: list[dict]) -> dict:
+    before = sum(r["bytes_before"] for r in rows)
+    after = sum(r["bytes_after"] for r in rows)
+    elements = sum(r["elements"] for r in rows)
+    entropy = sum(r["index_entropy_bits"] * r["elements"] for r in rows) / max(elements, 1)
+    sqnrs = [r["weight_sqnr_db"] for r in rows if r["weight_sqnr_db"] is not None]
+    return {"layers": sum(1 for r in rows if r["elements"]), "weight_bytes_before": before, "weight_bytes_after": after,
+            "weight_ratio": round(before / max(after, 1), 2), "bits_per_weight": round(after * 8 / max(elements, 1), 3),
+            "index_entropy_bits": round(entropy, 3), "worst_weight_sqnr_db": min(sqnrs) if sqnrs else None}
+
+
+def deflated_size(model: ir.Model) -> int | None:
+    """Bytes of the serialized model after deflate (what a zip / APK stores), or None when it is too big."""
+    if ir.proto_size(model) > DEFLATE_LIMIT:
+        return None
+    return len(zlib.compress(model.to_proto().SerializeToString(), 6))
+
+
+__all__ = ["Codebook", "deflated_size", "entropy_bits", "pack", "unpack", "weights_of"]
