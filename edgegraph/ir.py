@@ -67,10 +67,15 @@ class Model:
         with _exportable(self) as restore:
             proto = gs.export_onnx(self.graph, do_type_check=False)
         restore(proto)
+        needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+        inputs = {i.name for i in proto.graph.input}
+        if any(t.name not in inputs for t in proto.graph.initializer):
+            # Before IR 4 every initializer is also a graph input; gs writes them as constants
+            # only, which IR 4 (valid with any opset) allows: the checker refused the file.
+            needed = max(needed, 4)
+        proto.ir_version = max(proto.ir_version or 0, needed)
         if proto.ir_version >= 4:  # (before IR 4 every initializer of the main graph is also an input)
             _store_shared_constants_once(self.graph, proto.graph)
-        needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
-        proto.ir_version = max(proto.ir_version or 0, needed)
         for name in ("doc_string", "domain", "model_version"):  # (an empty field set would still be written)
             if getattr(self, name):
                 setattr(proto, name, getattr(self, name))

@@ -401,3 +401,21 @@ def test_constant_value_and_helpers():
     assert conv.op == "Conv" and ir.producer(tensors["x"]) is None
     assert [n.op for n in ir.consumers(tensors["sq_axes"])] == ["Squeeze", "Unsqueeze"]
     assert ir.is_graph_output(model.graph, tensors["y"]) and not ir.is_graph_output(model.graph, tensors["c"])
+
+
+def test_an_ir3_model_saves_as_one_that_loads_again(tmp_path):
+    # IR 3 (CNTK, Caffe2 exports): every initializer is also a graph input. graphsurgeon writes
+    # them as constants only, which the checker refuses at IR 3: the saved file says IR 4.
+    w = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "ir3",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=3)
+    onnx.checker.check_model(proto)
+    path = modelio.save(modelio.load(proto), tmp_path / "out.onnx")
+    saved = onnx.load(path)
+    onnx.checker.check_model(saved, full_check=True)
+    assert saved.ir_version == 4 and [i.name for i in saved.graph.input] == ["x"]
+    x = np.array([[1.0, 2.0]], np.float32)
+    assert np.array_equal(runtime.run(runtime.session(modelio.load(path)), {"x": x})["y"], x @ numpy_helper.to_array(w))
