@@ -10,7 +10,7 @@ import time
 from edgegraph import floor, ir, runtime
 from edgegraph.errors import EdgegraphError
 from edgegraph.floor import Floor
-from edgegraph.passes.quant import sensitivity
+from edgegraph.passes.quant import sensitivity, state
 from edgegraph.passes.quant.state import QuantRun
 from edgegraph.passes.quant.tuning import build_protected
 from edgegraph.stats import is_quantized
@@ -27,10 +27,15 @@ def budget_floor(run: QuantRun) -> Floor:
 
 def fallback(run: QuantRun, quant, built, plan, errors, budget: Floor):
     """Keep the tensors whose quantization adds most noise out of 8 bits (see `build_protected`)
-    until `budget` holds on the calibration data: the floor loop (`edgegraph.floor.search`)
-    over how many of them, most sensitive first."""
+    until `budget` holds on the held-out calibration samples (`QuantRun.floor_data`, not used for
+    fitting; see state.split_for_floor): the floor loop (`edgegraph.floor.search`) over how many
+    of them, most sensitive first."""
     start = time.perf_counter()
-    data = run.calib.take(max(run.analysis_count, min(len(run.calib), 64)))
+    data = run.floor_data
+    if not run.split.get("held_out"):
+        logger.warning("quant: only %d calibration samples: the floor is measured on the samples the ranges were "
+                       "fitted on (optimistic); give %d or more to hold some out", len(run.calib),
+                       state.MIN_SPLIT_SAMPLES)
     reference = runtime.outputs(run.float_proto, run.batches(data), threads=run.ctx.threads)
     adopted = set(run.coarse)  # already out of 8 bits
     ranking = [t for t in sensitivity.ranking(plan, errors) if t not in adopted]
@@ -52,7 +57,8 @@ def fallback(run: QuantRun, quant, built, plan, errors, budget: Floor):
     first = found.steps[0].measured
     run.budget = {"agreement": first["agreement"], "output_sqnr_db": first["sqnr_db"],
                   "met": found.best is not None and found.best.index == 0,
-                  "attempts": sum(s.usable for s in found.steps), "steps": found.as_dict()["steps"]}
+                  "attempts": sum(s.usable for s in found.steps), "steps": found.as_dict()["steps"],
+                  "samples": run.split}
     if found.best is not None and found.best.index == 0:
         return quant, built, plan, errors, []
     user_floor = bool(run.ctx.verify.floor())

@@ -44,13 +44,15 @@ def result(run: QuantRun, model: ir.Model, plan: Plan, built: Built, errors, fal
     stats = {
         "quantized_nodes": sum(is_quantized(n) for n in ir.iter_nodes(model.graph)),
         "float_nodes": len(plan.skipped),
-        "calibration_samples": len(run.calib),
+        "calibration_samples": len(run.calib) + run.split.get("held_out", 0),
         "analysis_samples": run.analysis_count,
         "method": run.method,
         "bias_corrected": built.corrected,
         "saturation_guarded": len(built.guarded),
         "output_sqnr_db": min(outputs.values()) if outputs else None,
     }
+    if run.split.get("held_out"):
+        stats["floor_samples"] = run.split["held_out"]  # held out of fitting (state.split_for_floor)
     if fallback:
         stats["fallback_layers"] = len(fallback)
     if run.coarse:

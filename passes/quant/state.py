@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from edgegraph.passes.quant.static import StaticQuantize
 
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis`
+# Under a floor (max_drop / min_sqnr / --min-agreement / --min-sqnr), every HOLD_OUT_EVERY-th
+# calibration sample (indices 3, 7, 11, ...), at most HOLD_OUT_MAX of them, is held out of fitting
+# (ranges, bias correction, tuning) and the floor is measured on those alone. Below
+# MIN_SPLIT_SAMPLES there are too few to spare: nothing is held out, the floor is measured on the
+# fitting samples (an optimistic measurement, which the report and a warning say).
+HOLD_OUT_EVERY = 4
+HOLD_OUT_MAX = 64
+MIN_SPLIT_SAMPLES = 8
 
 
 class QuantRun:
@@ -41,13 +49,18 @@ class QuantRun:
         self.output_names: list[str] = []
         self._held_out: list | None = None  # batches `score` runs on, and the float model's outputs
         self._reference: list | None = None
+        self.floor_data: CalibrationData | None = None  # what a floor is measured on (see HOLD_OUT_EVERY)
+        self.split: dict = {}  # how the calibration set was split, for the report
 
-    def start(self, float_proto) -> None:
-        """What every later step reads: the prepared float model and the calibration set."""
+    def start(self, float_proto, hold_out: bool = False) -> None:
+        """What every later step reads: the prepared float model and the calibration set (split
+        into fitting and floor samples when `hold_out`: a floor is to be held)."""
         self.float_proto = float_proto
         self.float_tensors = ir.from_proto(float_proto, infer=False).graph.tensors()
         self.specs = runtime.input_specs(float_proto)
         self.calib = self._calibration_set()
+        if hold_out:
+            self.calib, self.floor_data, self.split = split_for_floor(self.calib)
 
     def _calibration_set(self) -> CalibrationData:
         data = self.ctx.calibration
@@ -85,4 +98,23 @@ class QuantRun:
         return verify.worst_sqnr_db(self._reference, candidate)
 
 
-__all__ = ["QuantRun", "PER_CHANNEL_OPSET"]
+def split_for_floor(data: CalibrationData) -> tuple[CalibrationData, CalibrationData, dict]:
+    """(fitting samples, floor samples, a description for the report): every HOLD_OUT_EVERY-th
+    sample (up to HOLD_OUT_MAX) is held out; below MIN_SPLIT_SAMPLES nothing is."""
+    count = len(data)
+    if count < MIN_SPLIT_SAMPLES:
+        return data, data, {"held_out": 0, "fitting": count, "floor_on": "fitting samples",
+                            "why": f"fewer than {MIN_SPLIT_SAMPLES} calibration samples: none can be spared"}
+    held = [i for i in range(HOLD_OUT_EVERY - 1, count, HOLD_OUT_EVERY)][:HOLD_OUT_MAX]
+    held_set = set(held)
+    fitting = [i for i in range(count) if i not in held_set]
+    split = {"held_out": len(held), "fitting": len(fitting), "floor_on": "held-out samples",
+             "held_out_indices": f"{held[0]}, {held[1]}, ... every {HOLD_OUT_EVERY}th (at most {HOLD_OUT_MAX})"}
+    return _subset(data, fitting), _subset(data, held), split
+
+
+def _subset(data: CalibrationData, indices: list[int]) -> CalibrationData:
+    return CalibrationData(len(indices), lambda i: data.fetch(indices[i]), data.source, data.batch_axes)
+
+
+__all__ = ["QuantRun", "PER_CHANNEL_OPSET", "split_for_floor"]

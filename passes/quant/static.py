@@ -146,7 +146,8 @@ def _run(run: QuantRun, model: ir.Model) -> PassResult:
     original = model.graph
     model.graph = model.copy().graph  # preparation edits this copy; `original` comes back if nothing quantizes
     prepare.prepare_model(run, model)
-    run.start(model.to_proto())
+    budget = budget_floor(run)
+    run.start(model.to_proto(), hold_out=bool(budget))
     run.domain = prepare.qdq_domain(run, model)
     run.excluded = excluded = set(run.o.exclude_nodes)
     warn_unmatched("quant: exclude_nodes", run.o.exclude_nodes, model.graph, ops=False, nodes=True)
@@ -162,7 +163,6 @@ def _run(run: QuantRun, model: ir.Model) -> PassResult:
     quant, built, plan = tuned_build(run, plan)
     errors = sensitivity.errors(run, quant, built)
     kept: list[str] = []
-    budget = budget_floor(run)
     if budget:
         quant, built, plan, errors, kept = fallback(run, quant, built, plan, errors, budget)
     model.graph = quant.graph
