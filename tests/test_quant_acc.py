@@ -66,3 +66,55 @@ def test_small_calibration_set_measures_the_floor_on_the_fitting_samples_and_say
     assert "floor_samples" not in record.stats
     assert any("the floor is measured on the samples the ranges were fitted on" in r.getMessage()
                for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------
+# Never slower than float by default (the speed check's decision; latencies faked so the test
+# does not depend on this machine's load)
+
+
+def _fake_latency(monkeypatch, quantized_ms):
+    """speed_check reporting `quantized_ms(model)` against a float model at 1 ms."""
+    from edgegraph.passes.quant import speed
+
+    def fake(run, model, warn=True):
+        ms = quantized_ms(model)
+        return {"float_ms": 1.0, "quantized_ms": ms, "speedup": 1.0 / ms}
+    monkeypatch.setattr(speed, "speed_check", fake)
+
+
+def _float_nodes(model) -> int:
+    return sum(n.op in ("HardSigmoid", "MaxPool", "GlobalAveragePool") or
+               (n.op == "Conv" and int(n.attrs.get("group", 1)) > 1) for n in model.graph.nodes)
+
+
+def test_slower_int8_writes_the_float_model_with_a_warning(monkeypatch):
+    model, data = _digits()
+    _fake_latency(monkeypatch, lambda m: 1.5)
+    out, record = _run(model, data, "cleanup,quant")
+    assert not any(n.op_type == "QuantizeLinear" for n in out.graph.node)
+    assert record.stats["quantized_nodes"] == 0 and "wrote the float model" in record.stats["warning"]
+    assert record.details["latency"]["wrote"] == "float"
+    assert record.details["latency"]["slow_ops_in_float"]["nodes"] > 0  # the float-for-slow-ops try came first
+    float_only, _ = _run(model, data, "cleanup")
+    assert out.SerializeToString() == float_only.SerializeToString()
+
+
+def test_slower_int8_is_kept_when_forced(monkeypatch):
+    model, data = _digits()
+    _fake_latency(monkeypatch, lambda m: 1.5)
+    out, record = _run(model, data, "cleanup,quant(if_slower=int8)")
+    assert record.stats["quantized_nodes"] > 0 and "warning" not in record.stats
+    assert record.details["latency"]["speedup"] < 1.0
+
+
+def test_slow_ops_go_float_when_that_makes_int8_faster(monkeypatch):
+    model, data = _digits()
+    # Faster only with fewer Q/DQ pairs than the first (all-int8) model: the slow ops in float.
+    first = []
+    pairs = lambda m: sum(n.op == "QuantizeLinear" for n in m.graph.nodes)  # noqa: E731
+    _fake_latency(monkeypatch, lambda m: 1.2 if first.append(pairs(m)) or pairs(m) >= first[0] else 0.8)
+    out, record = _run(model, data, "cleanup,quant")
+    assert record.stats["quantized_nodes"] > 0 and record.details["latency"]["quantized_ms"] == 0.8
+    assert any("int8 makes slower in float" in note for note in record.details["notes"])
+    assert sum(n.op_type == "QuantizeLinear" for n in out.graph.node) < first[0]

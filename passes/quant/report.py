@@ -9,7 +9,7 @@ import numpy as np
 
 from edgegraph import ir
 from edgegraph.passbase import PassResult
-from edgegraph.passes.quant import sensitivity, speed
+from edgegraph.passes.quant import sensitivity
 from edgegraph.passes.quant.build import Built
 from edgegraph.passes.quant.names import shorten
 from edgegraph.passes.quant.placement import Plan
@@ -24,7 +24,8 @@ LOW_SQNR_DB = 15.0
 COSTLIEST_SHOWN = 3  # layers named in that warning
 
 
-def result(run: QuantRun, model: ir.Model, plan: Plan, built: Built, errors, fallback: list[str]) -> PassResult:
+def result(run: QuantRun, model: ir.Model, plan: Plan, built: Built, errors, fallback: list[str],
+           latency: dict | None = None) -> PassResult:
     weights = {w.node.name: w for w in built.weights}
     rows = []
     for node in plan.quantized:
@@ -69,8 +70,8 @@ def result(run: QuantRun, model: ir.Model, plan: Plan, built: Built, errors, fal
     if degraded:
         stats["warning"] = f"worst output SQNR {degraded['held_out_sqnr_db']} dB < {LOW_SQNR_DB:g} dB"
         details["warning"] = degraded
-    if run.o.check_speed and run.ctx.timing:  # (`--runs 0`: no timing at all)
-        details["latency"] = speed.speed_check(run, model)
+    if latency is not None:
+        details["latency"] = latency
     details["timings_s"] = {k: round(v, 2) for k, v in run.timings.items()}
     for note in run.notes:
         logger.info("quant: %s", note)

@@ -47,6 +47,7 @@ class QuantRun:
         self.stats: dict[str, capture.RangeStats] = {}  # calibration statistics per tensor
         self.group_stats: dict[str, capture.RangeStats] = {}  # per tensor, the merged stats of its scale group
         self.output_names: list[str] = []
+        self.macs = 0  # a sample's MACs (known ones), once analysis_samples is set
         self._held_out: list | None = None  # batches `score` runs on, and the float model's outputs
         self._reference: list | None = None
         self.floor_data: CalibrationData | None = None  # what a floor is measured on (see HOLD_OUT_EVERY)

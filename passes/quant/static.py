@@ -29,7 +29,8 @@ from edgegraph.context import PassContext
 from edgegraph.errors import CalibrationDataError
 from edgegraph.passbase import Pass, PassResult, option
 from edgegraph.passes.cleanup import Cleanup
-from edgegraph.passes.quant import numerics, prepare, report, sensitivity
+from edgegraph.passes.quant import numerics, prepare, report, sensitivity, speed
+from edgegraph.passes.quant.build import build
 from edgegraph.passes.quant.collect import collect
 from edgegraph.passes.quant.fallback import budget_floor, fallback
 from edgegraph.passes.quant.names import warn_unmatched
@@ -109,8 +110,12 @@ class StaticQuantize(Pass):
            "down to 2, for models above 10 GMACs a sample: 80 GMACs of forward passes in all)")
     prepare: bool = option(True, "have the exact `cleanup` pass run first, unless it just ran (folds BatchNorm and "
                                  "constants)")
-    check_speed: bool = option(True, "time the result against the float model in ORT and warn if it is not faster "
-                                     "(not with --runs 0)")
+    check_speed: bool = option(True, "time the result against the float model in ORT (not with --runs 0); when it "
+                                     "is not faster, keep in float what int8 makes slower, and if that does not help "
+                                     "either, see if_slower")
+    if_slower: Literal["float", "int8"] = option(
+        "float", "when the int8 model stays slower than float in the speed check: float writes the float model "
+                 "(after cleanup) instead, with a warning; int8 keeps the slower int8 model")
 
     def __post_init__(self) -> None:
         self.check(0.0 < self.percentile < 100.0, f"quant: percentile must be in (0, 100), got {self.percentile}")
@@ -159,27 +164,72 @@ def _run(run: QuantRun, model: ir.Model) -> PassResult:
         model.graph = original
         return PassResult(False, {"quantized_nodes": 0}, {"float_nodes": plan.skipped})
     run.stats = collect(run, plan, [p.name for p in plan.points], "quant: calibrating", "calibrate")
+    run.macs = _sample_macs(run)
     run.analysis_count = run.o.analysis_samples or _affordable_samples(run)
     quant, built, plan = tuned_build(run, plan)
     errors = sensitivity.errors(run, quant, built)
     kept: list[str] = []
     if budget:
         quant, built, plan, errors, kept = fallback(run, quant, built, plan, errors, budget)
+    latency = None
+    if run.o.check_speed and run.ctx.timing:  # (`--runs 0`: no timing at all)
+        quant, built, plan, errors, latency = _not_slower(run, quant, built, plan, errors)
+        if latency.get("wrote") == "float":
+            model.graph = original
+            # (The stats carry no timings: the same run on a busier machine gives the same report.)
+            warning = ("int8 was slower than float here, also with the ops int8 slows kept float: wrote the float "
+                       "model; quant(if_slower=int8) keeps int8")
+            logger.warning("quant: %s (%.3g ms vs %.3g ms, 1 thread)", warning, latency["quantized_ms"],
+                           latency["float_ms"])
+            return PassResult(False, {"quantized_nodes": 0, "warning": warning}, {"latency": latency, "notes": run.notes})
     model.graph = quant.graph
     if all(ir.is_standard(node) for node in ir.iter_nodes(model.graph)):
         # What onnx can infer again (every op is standard) needs no value_info: it was 2-6%
         # of the quantized PP-OCR classifier and MNIST files.
         ir.forget_intermediate_types(model.graph, dtypes=True)
-    return report.result(run, model, plan, built, errors, kept)
+    return report.result(run, model, plan, built, errors, kept, latency)
+
+
+def _not_slower(run: QuantRun, quant, built, plan, errors):
+    """The speed check, and what to do when int8 is not faster than float: the same model with
+    the nodes int8 makes slower kept in float (speed.slow_nodes), if that is faster; else the
+    float model (latency["wrote"] = "float") unless if_slower=int8. Only this step's output
+    depends on the machine: with check_speed=false or --runs 0 it does not run."""
+    latency = speed.speed_check(run, quant, warn=False)
+    if not latency or speed.faster(latency):
+        return quant, built, plan, errors, latency
+    slow = speed.slow_nodes(plan)
+    if slow:
+        kept_float = {n.name for n in run.base_plan.quantized} - {n.name for n in plan.quantized}
+        trial_plan = run.plan(run.excluded | kept_float | slow)
+        if trial_plan.quantized:
+            trial, trial_built = build(run, trial_plan)
+            timed = speed.speed_check(run, trial, warn=False)
+            latency["slow_ops_in_float"] = {"nodes": len(slow), **timed}
+            if speed.faster(timed):
+                run.notes.append(f"int8 was not faster than float; kept {len(slow)} nodes int8 makes slower in "
+                                 "float (depthwise Conv, Mul, MaxPool, GlobalAveragePool)")
+                return trial, trial_built, trial_plan, sensitivity.errors(run, trial, trial_built), \
+                    {**latency, **timed}
+    if run.o.if_slower == "float":
+        return quant, built, plan, errors, {**latency, "wrote": "float"}
+    logger.warning("quant: the quantized model is not faster than float in onnxruntime on this machine "
+                   "(%.2f ms vs %.2f ms, 1 thread); its gain here is size only", latency["quantized_ms"],
+                   latency["float_ms"])
+    return quant, built, plan, errors, latency
 
 
 def _affordable_samples(run: QuantRun) -> int:
     """Analysis samples for analysis_samples=0: 8, or as many as ANALYSIS_MACS of forward
     passes allow (MACs at the calibration data's shape), at least 2."""
+    return int(np.clip(ANALYSIS_MACS // max(run.macs, 1), 2, DEFAULT_ANALYSIS_SAMPLES))
+
+
+def _sample_macs(run: QuantRun) -> int:
+    """The known MACs of one forward pass at the calibration data's shape."""
     feeds = next(run.batches(run.calib.take(1)))
     shapes = {name: np.shape(value) for name, value in feeds.items()}
-    macs = model_stats(run.float_proto, fix_shapes=shapes, feeds=feeds).macs_known
-    return int(np.clip(ANALYSIS_MACS // max(macs, 1), 2, DEFAULT_ANALYSIS_SAMPLES))
+    return model_stats(run.float_proto, fix_shapes=shapes, feeds=feeds).macs_known
 
 
 __all__ = ["StaticQuantize"]
