@@ -118,3 +118,59 @@ def test_slow_ops_go_float_when_that_makes_int8_faster(monkeypatch):
     assert record.stats["quantized_nodes"] > 0 and record.details["latency"]["quantized_ms"] == 0.8
     assert any("int8 makes slower in float" in note for note in record.details["notes"])
     assert sum(n.op_type == "QuantizeLinear" for n in out.graph.node) < first[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding optimisation on captured activations (weight_rounding=gram)
+
+
+def test_gram_rounding_lowers_the_layer_output_error_it_optimises():
+    from edgegraph.analysis import capture
+    from edgegraph.passes.quant import numerics, rounding
+    from edgegraph.passes.quant.qdq import QParams, quantize_weight
+    from fixtures import quant as qfix
+
+    proto = qfix.small_convnet()
+    x = qfix.convnet_inputs(8)
+    model = ir.from_proto(proto)
+    layers = [n for n in model.graph.nodes if n.op == "Conv"]
+    grams = capture.grams(proto, [n.name for n in layers], [{"x": x[i:i + 1]} for i in range(8)])
+    qt = numerics.qtype("int8")
+    checked = 0
+    for node in layers:
+        w = ir.constant_value(node.inputs[1]).astype(np.float32)
+        rows, _ = rounding.layer_matrix(node, w)
+        scale = (np.abs(rows).max(1) / 127).astype(np.float32)
+        params = QParams(scale, np.zeros(len(scale), np.int8), qt, 0, 127)
+        codes = rounding.round_weight(node, w, params, grams[node.name])
+        if codes is None:
+            continue
+        h = grams[node.name].xtx if grams[node.name].xtx.ndim == 2 else None
+        if h is None:
+            continue
+
+        def error(c):
+            d = c.reshape(len(scale), -1).astype(np.float64) * scale[:, None] - rows
+            return float(np.einsum("of,fg,og->", d, h, d))
+        nearest = error(quantize_weight(w, params))
+        assert error(codes) < 0.7 * nearest  # measured 0.1-0.5x on these layers
+        assert np.abs(codes.astype(np.int64) - quantize_weight(w, params).astype(np.int64)).max() <= 2
+        checked += 1
+    assert checked >= 2
+
+
+def test_gram_rounding_on_the_cifar10_cnn():
+    """Real CIFAR-10 images: 64 calibration, 400 held out. Measured: nearest 0.9875 top-1
+    agreement / 38.9 dB, gram 0.9975 / 43.4 dB."""
+    from conftest import DATA, MODELS, require_shared
+    from edgegraph import runtime, verify
+    from fixtures import quant as qfix
+
+    path = require_shared(MODELS / "cifar10_cnn_pytorch_tutorial/ImageClassifier.onnx")
+    x, _ = qfix.cifar10(require_shared(DATA))
+    out, record = _run(onnx.load(path), {"modelInput": x[:64]}, "quant(check_speed=false, weight_rounding=gram)")
+    held = [{"modelInput": x[64:464]}]
+    ref, got = runtime.outputs(onnx.load(path), held), runtime.outputs(out, held)
+    agreement = float(np.mean(ref[0]["modelOutput"].argmax(1) == got[0]["modelOutput"].argmax(1)))
+    assert agreement >= 0.995 and verify.worst_sqnr_db(ref, got) >= 42.0
+    assert record.details["timings_s"]["rounding"] > 0

@@ -11,12 +11,11 @@ import onnx_graphsurgeon as gs
 
 from edgegraph import ir
 from edgegraph.analysis import capture
-from edgegraph.passes.quant import bias_correction, calibrate, numerics
+from edgegraph.passes.quant import bias_correction, calibrate, numerics, rounding
 from edgegraph.passes.quant.collect import collect, within_group
 from edgegraph.passes.quant.numerics import QType
 from edgegraph.passes.quant.placement import ANCHORS, Plan, output_channels
-from edgegraph.passes.quant.qdq import (QdqWriter, QParams, QuantizedBias, QuantizedWeight, fit_bias, quantize_weight,
-                                        weight_params)
+from edgegraph.passes.quant.qdq import QdqWriter, QParams, QuantizedBias, QuantizedWeight, fit_bias, weight_params
 from edgegraph.passes.quant.state import QuantRun
 
 # A float32 slack ORT allows when it checks that a Q range lies within a Clip's range.
@@ -82,6 +81,10 @@ def build(run: QuantRun, plan: Plan, wide: set[str] | frozenset[str] = frozenset
     writer = QdqWriter(graph, run.domain)
     built = Built(params, writer, quantized=[n.name for n in plan.quantized], activations=plan.activations)
 
+    if run.o.weight_rounding == "gram" and run.grams is None:
+        run.grams = rounding.capture_grams(run, [slot.node.name for slot in plan.weights if slot.index == 1
+                                                 and rounding.layer_matrix(slot.node, ir.constant_value(
+                                                     slot.node.inputs[1])) is not None])
     # Weights and biases first: a bias scale needs the scale of the node's input activation.
     biased = {b.node.name for b in plan.biases}
     for slot in plan.weights:
@@ -100,7 +103,8 @@ def build(run: QuantRun, plan: Plan, wide: set[str] | frozenset[str] = frozenset
         bias = bias_value(node, value) if node.name in biased and input_params is not None else None
         if bias is not None:
             wparams = fit_bias(wparams, bias, input_params.scale)
-        codes = writer.constant(node, slot.index, value, wparams, quantize_weight(value, wparams))
+        codes = writer.constant(node, slot.index, value, wparams, rounding.rounded_codes(run, node, slot.index, value,
+                                                                                           wparams))
         weight = QuantizedWeight(node, slot.index, value, wparams, codes)
         built.weights.append(weight)
         if bias is not None:

@@ -47,6 +47,8 @@ class QuantRun:
         self.stats: dict[str, capture.RangeStats] = {}  # calibration statistics per tensor
         self.group_stats: dict[str, capture.RangeStats] = {}  # per tensor, the merged stats of its scale group
         self.output_names: list[str] = []
+        self.grams: dict | None = None  # layer -> capture.Gram of its input (weight_rounding=gram)
+        self.gram_factors: dict[str, list] = {}  # layer -> its factored H⁻¹ per group (rounding.py)
         self.macs = 0  # a sample's MACs (known ones), once analysis_samples is set
         self._held_out: list | None = None  # batches `score` runs on, and the float model's outputs
         self._reference: list | None = None
@@ -71,9 +73,9 @@ class QuantRun:
             raise CalibrationDataError("quant: the calibration data has no samples")
         return data
 
-    def batches(self, data: CalibrationData):
-        """Batches of up to 8 samples (1 when the model's batch axis is fixed), cast to the input types."""
-        size = runtime.batch_size_for(self.specs, 8)
+    def batches(self, data: CalibrationData, size: int = 8):
+        """Batches of up to `size` samples (1 when the model's batch axis is fixed), cast to the input types."""
+        size = runtime.batch_size_for(self.specs, size)
         return (runtime.adapt_feeds(self.specs, b) for b in data.batches(size))
 
     def progress(self, data: CalibrationData, desc: str):
