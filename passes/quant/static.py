@@ -7,12 +7,14 @@ own module:
   collect          streaming min/max, histogram samples and channel moments of those tensors
   calibrate        ranges from those statistics (minmax/percentile/mse/entropy)
   build            integer weights (per channel), int32 biases, Q/DQ pairs on activations (written by `qdq`)
+  rounding         weight_rounding=gram: weights rounded for the least layer-output error (Gram matrices)
   bias_correction  each layer's bias corrected by its mean error vs a float twin
   tuning           settings the defaults leave open (calibration method, bias correction, coarse
                    tensors kept out of 8 bits), chosen by the output SQNR on held-out calibration samples
   sensitivity      per-tensor SQNR and the ranking of tensors by the noise they add
   fallback         sensitive tensors kept out of 8 bits until a drop budget holds (edgegraph.floor)
-  report, speed    the pass's report and its latency check against the float model
+  report, speed    the pass's report; the latency check against the float model (and what is written
+                   when int8 is slower: static._not_slower)
 """
 
 from __future__ import annotations
