@@ -81,7 +81,7 @@ def build(run: QuantRun, plan: Plan, wide: set[str] | frozenset[str] = frozenset
     writer = QdqWriter(graph, run.domain)
     built = Built(params, writer, quantized=[n.name for n in plan.quantized], activations=plan.activations)
 
-    if run.o.weight_rounding == "gram" and run.grams is None:
+    if run.rounding == "gram" and run.grams is None:
         run.grams = rounding.capture_grams(run, [slot.node.name for slot in plan.weights if slot.index == 1
                                                  and rounding.layer_matrix(slot.node, ir.constant_value(
                                                      slot.node.inputs[1])) is not None])

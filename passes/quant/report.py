@@ -52,6 +52,8 @@ def result(run: QuantRun, model: ir.Model, plan: Plan, built: Built, errors, fal
         "saturation_guarded": len(built.guarded),
         "output_sqnr_db": min(outputs.values()) if outputs else None,
     }
+    if run.o.weight_rounding != "nearest":
+        stats["weight_rounding"] = run.rounding
     if run.split.get("held_out"):
         stats["floor_samples"] = run.split["held_out"]  # held out of fitting (state.split_for_floor)
     if fallback:

@@ -123,7 +123,7 @@ def _greedy(w: np.ndarray, factor, scale, zero, lo, hi) -> np.ndarray:
 
 def rounded_codes(run: QuantRun, node: gs.Node, index: int, value: np.ndarray, params: QParams) -> np.ndarray:
     """The weight's integer codes: optimised rounding where the run captured the layer's Gram."""
-    gram = run.grams.get(node.name) if run.grams and index == 1 else None
+    gram = run.grams.get(node.name) if run.rounding == "gram" and run.grams and index == 1 else None
     factors = run.gram_factors.setdefault(node.name, [])
     codes = round_weight(node, value, params, gram, factors) if gram is not None else None
     return quantize_weight(value, params) if codes is None else codes

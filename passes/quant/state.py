@@ -41,6 +41,7 @@ class QuantRun:
         self.budget: dict | None = None
         self.method = options.method  # "auto" is resolved by tuning.tuned_build
         self.correct = options.bias_correction is True
+        self.rounding = "gram" if options.weight_rounding == "gram" else "nearest"  # "auto": tuning decides
         self.tuning: dict[str, float] = {}  # output SQNR (dB) of each setting tried
         self.moments: dict[str, capture.ChannelMoments] = {}  # per-channel statistics of quantized tensors
         self.coarse: dict[str, float] = {}  # coarse tensors kept out of 8 bits -> their coarse fraction

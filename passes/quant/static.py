@@ -76,9 +76,10 @@ class StaticQuantize(Pass):
     weight_type: Literal["int8", "uint8"] = option("int8", "weight type (symmetric; uint8 uses zero point 128)")
     weight_method: Literal["minmax", "mse"] = option(
         "minmax", "weight ranges: minmax (absmax) | mse (per-channel clipping with the least error)")
-    weight_rounding: Literal["nearest", "gram"] = option(
+    weight_rounding: Literal["nearest", "gram", "auto"] = option(
         "nearest", "integer weights by nearest rounding, or gram: rounded for the least layer-output error on the "
-                   "layer's captured input (Gram matrix; AdaRound's objective, GPTQ's greedy solver; rounding.py)")
+                   "layer's captured input (Gram matrix; AdaRound's objective, GPTQ's greedy solver; rounding.py); "
+                   "auto: gram kept only when it raises the output SQNR on held-out samples")
     reduce_range: bool = option(
         False, "7-bit weights: avoids int16 saturation in u8s8 kernels on x86 CPUs without VNNI, costs precision")
     saturation_guard: Literal["reduce-range", "uint8-weights", "off"] = option(

@@ -32,6 +32,8 @@ def tuned_build(run: QuantRun, plan: Plan) -> tuple[ir.Model, Built, Plan]:
       the calibration method   no one method wins everywhere (entropy on YOLOX, mse on
                                SqueezeNet / DeepLab)
       bias correction          helps some models and hurts others
+      weight rounding          (weight_rounding=auto) gram rounding helps CIFAR-10's CNN (+4.5 dB)
+                               and hurts the PP-OCR classifier (-5.7 dB)
       coarse tensors           tensors whose per-tensor step drowns most of their channels'
                                variation, kept out of 8 bits (YOLOX's stem: F1 0.55 -> 0.85
                                with 4 nodes float), only for a gain of FLOAT_GAIN_DB, as
@@ -40,6 +42,15 @@ def tuned_build(run: QuantRun, plan: Plan) -> tuple[ir.Model, Built, Plan]:
     Settings fixed by options are not tried."""
     start = time.perf_counter()
     model, built, sqnr = _tune_ranges(run, plan)
+    if run.o.weight_rounding == "auto" and built.weights:
+        sqnr = run.score(model) if sqnr is None else sqnr
+        run.rounding = "gram"
+        trial, trial_built = build(run, plan)
+        run.tuning["weight_rounding=gram"] = run.score(trial)
+        if run.tuning["weight_rounding=gram"] > sqnr:
+            model, built, sqnr = trial, trial_built, run.tuning["weight_rounding=gram"]
+        else:
+            run.rounding = "nearest"
     coarse = _coarse_tensors(run, plan, built.params) if run.o.keep_coarse else {}
     if coarse and run.o.sensitive_type == "float":
         coarse = _within_float_share(plan, coarse)
