@@ -75,7 +75,9 @@ def _sqnr(ref, out) -> float:
 def test_encoded_weights_stay_encoded(capsys, workdir, kind, pipeline):
     source = workdir / f"{kind}.onnx"
     target = workdir / f"{kind}-{pipeline.replace(',', '-')}.onnx"
-    code, _, err = run_cli(capsys, "opt", source, "-p", pipeline, "--calib", workdir / "calib.npz", "-o", target)
+    # (--runs 0: no speed check, which on these tiny models would write the float model instead.)
+    code, _, err = run_cli(capsys, "opt", source, "-p", pipeline, "--calib", workdir / "calib.npz", "-o", target,
+                           "--runs", "0")
     assert code == 0, err
     before, after = _weights(source), _weights(target)
     assert len(before) == 2 and {w[1] for w in before} == {kind}
@@ -112,7 +114,8 @@ def test_info_counts_encoded_weights_once_with_stored_bytes(capsys, workdir, kin
 
 def test_quant_counts_what_it_quantized_and_what_it_left_encoded(capsys, workdir):
     source, target = workdir / "qdq.onnx", workdir / "qdq-counted.onnx"
-    code, _, err = run_cli(capsys, "opt", source, "-p", "quant", "--calib", workdir / "calib.npz", "-o", target)
+    code, _, err = run_cli(capsys, "opt", source, "-p", "quant", "--calib", workdir / "calib.npz", "-o", target,
+                           "--runs", "0")
     assert code == 0, err
     facts = stats.model_stats(target)
     # W3 is now int8 behind a per-column DequantizeLinear: its elements once, its bytes as stored.
@@ -155,7 +158,7 @@ def test_minilm_keeps_its_int8_weights(capsys, tmp_path, pipeline):
     calib = tmp_path / "calib.npz"
     np.savez(calib, **{k.removeprefix("input__"): v for k, v in reference.items() if k.startswith("input__")})
     target = tmp_path / "minilm.onnx"
-    code, _, err = run_cli(capsys, "opt", source, "-p", pipeline, "--calib", calib, "-o", target)
+    code, _, err = run_cli(capsys, "opt", source, "-p", pipeline, "--calib", calib, "-o", target, "--runs", "0")
     assert code == 0, err
     assert target.stat().st_size <= source.stat().st_size  # 22928619 -> 22921148 (cleanup), 22925703 (quant)
     weights = _minilm_weights(source)
@@ -191,8 +194,10 @@ def test_quant_on_a_quantized_model_changes_no_weight(capsys, tmp_path):
     digits = REPO / "fixtures" / "default"
     calib = digits / "digits_calib.npz"
     once, twice = tmp_path / "int8.onnx", tmp_path / "int8-again.onnx"
-    assert run_cli(capsys, "opt", digits / "digits_cnn.onnx", "-p", "cleanup,quant", "--calib", calib, "-o", once)[0] == 0
-    code, _, err = run_cli(capsys, "opt", once, "-p", "quant,cleanup", "--calib", calib, "-o", twice)
+    # (--runs 0: no speed check, which on the digits CNN would write the float model instead.)
+    assert run_cli(capsys, "opt", digits / "digits_cnn.onnx", "-p", "cleanup,quant", "--calib", calib, "-o", once,
+                   "--runs", "0")[0] == 0
+    code, _, err = run_cli(capsys, "opt", once, "-p", "quant,cleanup", "--calib", calib, "-o", twice, "--runs", "0")
     assert code == 0, err
     assert twice.stat().st_size <= once.stat().st_size
     weights = _weights(once)

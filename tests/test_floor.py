@@ -129,15 +129,19 @@ def test_cli_min_sqnr_held(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert code == 0 and out.exists()
     sqnr, top1 = _eval_sqnr(out)
-    assert 36.0 <= sqnr < 37.0 and top1 == 1.0  # measured 36.24 dB on the 450 held-out samples
+    # The floor is measured on the 16 calibration samples held out of fitting (every 4th: 36.05 dB
+    # there); on the 450 evaluation samples that is 35.07 dB. (Measured on the 64 samples it was
+    # fitted on, as before, the search kept 6 layers float and reached 36.24 dB here.)
+    assert 35.0 <= sqnr < 36.0 and top1 == 1.0
     quant = json.loads(report.read_text())["passes"][-1]
     steps = quant["details"]["fallback"]["steps"]
-    # 8 bits everywhere misses 36 dB (35.4), so layers were kept in float, as few as hold it.
-    assert steps[0]["index"] == 0 and not steps[0]["held"] and 35.0 < steps[0]["sqnr_db"] < 36.0
+    assert quant["details"]["fallback"]["samples"]["held_out"] == quant["stats"]["floor_samples"] == 16
+    # 8 bits everywhere misses 36 dB (35.8), so layers were kept in float, as few as hold it.
+    assert steps[0]["index"] == 0 and not steps[0]["held"] and 35.5 < steps[0]["sqnr_db"] < 36.0
     best = min(s["index"] for s in steps if s["held"])
     assert any(s["index"] == best - 1 and not s["held"] for s in steps)
     assert all((s["sqnr_db"] >= 36.0) == s["held"] for s in steps)
-    assert quant["stats"]["fallback_layers"] == len(quant["details"]["fallback"]["kept"]) == 6
+    assert quant["stats"]["fallback_layers"] == len(quant["details"]["fallback"]["kept"]) == 5
     assert sum("quant: floor search" in line and "setting" in line for line in stdout.splitlines()) == len(steps)
 
 

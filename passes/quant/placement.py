@@ -81,6 +81,18 @@ class Plan:
             members.setdefault(self.groups[name], []).append(name)
         return members
 
+    def result_point(self, node: gs.Node) -> str | None:
+        """The quantized tensor carrying a quantized node's result: its output, or the output of
+        the Relu / Clip folded after it (None when its result stays float)."""
+        names = {p.name for p in self.points}
+        out = node.outputs[0]
+        if out.name in names:
+            return out.name
+        users = ir.consumers(out)
+        if len(users) == 1 and clip_bounds(users[0]) is not None and users[0].outputs[0].name in names:
+            return users[0].outputs[0].name
+        return None
+
 
 def data_inputs(node: gs.Node) -> list[int]:
     """Indices of the inputs that carry activations (not shapes, indices, axes or sizes)."""

@@ -1,0 +1,124 @@
+"""One run of `quant`: the prepared float model, its statistics, the data the steps share, and what
+was measured on the way (notes, timings, tuning scores) for the report.
+
+The steps are functions over a `QuantRun` in their own modules (prepare, collect, build,
+bias_correction, tuning, sensitivity, fallback, report, speed); `static.StaticQuantize.run`
+calls them in order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from edgegraph import ir, runtime, verify
+from edgegraph.analysis import capture
+from edgegraph.context import CalibrationData, PassContext
+from edgegraph.errors import CalibrationDataError
+from edgegraph.passes.quant.placement import Plan, make_plan
+
+if TYPE_CHECKING:
+    from edgegraph.passes.quant.static import StaticQuantize
+
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis`
+# Under a floor (max_drop / min_sqnr / --min-agreement / --min-sqnr), every HOLD_OUT_EVERY-th
+# calibration sample (indices 3, 7, 11, ...), at most HOLD_OUT_MAX of them, is held out of fitting
+# (ranges, bias correction, tuning) and the floor is measured on those alone. Below
+# MIN_SPLIT_SAMPLES there are too few to spare: nothing is held out, the floor is measured on the
+# fitting samples (an optimistic measurement, which the report and a warning say).
+HOLD_OUT_EVERY = 4
+HOLD_OUT_MAX = 64
+MIN_SPLIT_SAMPLES = 8
+
+
+class QuantRun:
+    """State of one run of the pass (the pass object itself is immutable)."""
+
+    def __init__(self, options: StaticQuantize, ctx: PassContext):
+        self.o = options
+        self.ctx = ctx
+        self.notes: list[str] = []
+        self.timings: dict[str, float] = {}
+        self.budget: dict | None = None
+        self.method = options.method  # "auto" is resolved by tuning.tuned_build
+        self.correct = options.bias_correction is True
+        self.rounding = "gram" if options.weight_rounding == "gram" else "nearest"  # "auto": tuning decides
+        self.tuning: dict[str, float] = {}  # output SQNR (dB) of each setting tried
+        self.moments: dict[str, capture.ChannelMoments] = {}  # per-channel statistics of quantized tensors
+        self.coarse: dict[str, float] = {}  # coarse tensors kept out of 8 bits -> their coarse fraction
+        self.stats: dict[str, capture.RangeStats] = {}  # calibration statistics per tensor
+        self.group_stats: dict[str, capture.RangeStats] = {}  # per tensor, the merged stats of its scale group
+        self.output_names: list[str] = []
+        self.grams: dict | None = None  # layer -> capture.Gram of its input (weight_rounding=gram)
+        self.gram_factors: dict[str, list] = {}  # layer -> its factored H⁻¹ per group (rounding.py)
+        self.macs = 0  # a sample's MACs (known ones), once analysis_samples is set
+        self._held_out: list | None = None  # batches `score` runs on, and the float model's outputs
+        self._reference: list | None = None
+        self.floor_data: CalibrationData | None = None  # what a floor is measured on (see HOLD_OUT_EVERY)
+        self.split: dict = {}  # how the calibration set was split, for the report
+
+    def start(self, float_proto, hold_out: bool = False) -> None:
+        """What every later step reads: the prepared float model and the calibration set (split
+        into fitting and floor samples when `hold_out`: a floor is to be held)."""
+        self.float_proto = float_proto
+        self.float_tensors = ir.from_proto(float_proto, infer=False).graph.tensors()
+        self.specs = runtime.input_specs(float_proto)
+        self.calib = self._calibration_set()
+        if hold_out:
+            self.calib, self.floor_data, self.split = split_for_floor(self.calib)
+
+    def _calibration_set(self) -> CalibrationData:
+        data = self.ctx.calibration
+        if self.o.calib_samples:
+            data = data.take(self.o.calib_samples)
+        if len(data) == 0:
+            raise CalibrationDataError("quant: the calibration data has no samples")
+        return data
+
+    def batches(self, data: CalibrationData, size: int = 8):
+        """Batches of up to `size` samples (1 when the model's batch axis is fixed), cast to the input types."""
+        size = runtime.batch_size_for(self.specs, size)
+        return (runtime.adapt_feeds(self.specs, b) for b in data.batches(size))
+
+    def progress(self, data: CalibrationData, desc: str):
+        total = -(-len(data) // runtime.batch_size_for(self.specs, 8))
+        return lambda it, **_: self.ctx.progress_bar(it, total=total, desc=desc)
+
+    def plan(self, float_nodes: set[str]) -> Plan:
+        graph = ir.from_proto(self.float_proto, infer=False).graph
+        ops = set(self.ctx.target.quantized_ops) - set(self.o.exclude_ops)
+        if not self.o.quantize_softmax:
+            ops.discard("Softmax")
+        opset = int(graph.opset)
+        return make_plan(graph, ops, float_nodes, self.o.per_channel and opset >= PER_CHANNEL_OPSET)
+
+    def score(self, model: ir.Model) -> float:
+        """The worst output SQNR (dB) of a model vs the float model on the held-out samples (the
+        last `analysis_count` calibration samples; bias correction is fitted on the first)."""
+        if self._reference is None:
+            data = self.calib.take(self.analysis_count, start=max(0, len(self.calib) - self.analysis_count))
+            self._held_out = list(self.batches(data))
+            self._reference = runtime.outputs(self.float_proto, self._held_out, threads=self.ctx.threads)
+        candidate = runtime.outputs(model.to_proto(), self._held_out, threads=self.ctx.threads)
+        return verify.worst_sqnr_db(self._reference, candidate)
+
+
+def split_for_floor(data: CalibrationData) -> tuple[CalibrationData, CalibrationData, dict]:
+    """(fitting samples, floor samples, a description for the report): every HOLD_OUT_EVERY-th
+    sample (up to HOLD_OUT_MAX) is held out; below MIN_SPLIT_SAMPLES nothing is."""
+    count = len(data)
+    if count < MIN_SPLIT_SAMPLES:
+        return data, data, {"held_out": 0, "fitting": count, "floor_on": "fitting samples",
+                            "why": f"fewer than {MIN_SPLIT_SAMPLES} calibration samples: none can be spared"}
+    held = [i for i in range(HOLD_OUT_EVERY - 1, count, HOLD_OUT_EVERY)][:HOLD_OUT_MAX]
+    held_set = set(held)
+    fitting = [i for i in range(count) if i not in held_set]
+    split = {"held_out": len(held), "fitting": len(fitting), "floor_on": "held-out samples",
+             "held_out_indices": f"{held[0]}, {held[1]}, ... every {HOLD_OUT_EVERY}th (at most {HOLD_OUT_MAX})"}
+    return _subset(data, fitting), _subset(data, held), split
+
+
+def _subset(data: CalibrationData, indices: list[int]) -> CalibrationData:
+    return CalibrationData(len(indices), lambda i: data.fetch(indices[i]), data.source, data.batch_axes)
+
+
+__all__ = ["QuantRun", "PER_CHANNEL_OPSET", "split_for_floor"]
