@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from conftest import DEFAULT_DIR
-from edgegraph import ir
+from edgegraph import ir, modelio
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.passes.quant import state
 from edgegraph.pipeline import run_pipeline
@@ -19,7 +19,7 @@ from edgegraph.spec import parse
 def _run(model, data, spec, **ctx):
     context = PassContext(calibration=CalibrationData.from_arrays(data), progress=False,
                           verify=VerifyConfig(enabled=False), **ctx)
-    result, report = run_pipeline(ir.load(model), parse(spec), context)
+    result, report = run_pipeline(modelio.load(model), parse(spec), context)
     return result.to_proto(), report.passes[-1]
 
 

@@ -38,7 +38,7 @@ import onnx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edgegraph import ir, runtime, verify  # noqa: E402
+from edgegraph import modelio, runtime, verify  # noqa: E402
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig  # noqa: E402
 from edgegraph.passes.quant.prepare import upgrade_opset  # noqa: E402
 from edgegraph.pipeline import run_pipeline  # noqa: E402
@@ -127,8 +127,8 @@ def edgegraph_tool(spec: str):
     def quantize(case: Case, out: Path) -> dict:
         calib = CalibrationData.from_arrays({case.input: case.calib})
         ctx = PassContext(calibration=calib, verify=VerifyConfig(enabled=False), progress=False)
-        model, report = run_pipeline(ir.load(case.path), parse(spec), ctx)
-        ir.save(model, out)
+        model, report = run_pipeline(modelio.load(case.path), parse(spec), ctx)
+        modelio.save(model, out)
         return report.passes[-1].stats
     return quantize
 
@@ -146,9 +146,9 @@ def ort_minmax(case: Case, out: Path) -> dict:
             return next(self.items, None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        source = ir.load(case.path)
+        source = modelio.load(case.path)
         upgraded = Path(tmp) / "in.onnx"
-        ir.save(upgrade_opset(source, 13) or source, upgraded)
+        modelio.save(upgrade_opset(source, 13) or source, upgraded)
         pre = Path(tmp) / "pre.onnx"
         try:
             quant_pre_process(str(upgraded), str(pre))
