@@ -215,7 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--quiet", action="store_true", help="print nothing but errors")
     merge.set_defaults(command_name="merge")
 
-
     lower = commands.add_parser("lower", parents=[common], help="convert a model for a device runtime, checked in it",
                                 description="Lower an ONNX model to a device runtime's format (ort-mobile: ORT "
                                             "format + reduced-operator config; openvino: OpenVINO IR; tflite: "

@@ -419,8 +419,6 @@ def _merge_calibration(given: list[str], names: list[str]):
     return per_task
 
 
-
-
 def cmd_lower(args) -> int:
     """`edgegraph lower IN.onnx --target T -o OUT` (or `--setup tflite`)."""
     from edgegraph.lowering import tflite

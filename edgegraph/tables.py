@@ -216,6 +216,7 @@ def format_merge(report: dict) -> str:
             table.append([label, "-" if before[key] is None else show(before[key]),
                           "-" if after[key] is None else show(after[key]), _change(before[key], after[key])])
         lines += ["", *columns(table, "<>>>"), f"latency: {measured['latency_note']}"]
+    return "\n".join(lines)
 
 
 def format_lower(result) -> str:
@@ -229,6 +230,7 @@ def format_lower(result) -> str:
                  f"accepted from {result.min_sqnr_db:g} dB)")
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
+
 
 def group_row(group) -> dict:
     """One channel coupling group (analysis.channels.Group) for `info --groups --json`."""
