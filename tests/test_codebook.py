@@ -19,7 +19,7 @@ from edgegraph import ir, modelio, runtime, stats
 from edgegraph.analysis import encoding
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.floor import FloorNotHeld
-from edgegraph.passes import kmeans1d
+from edgegraph.passes.codebook import kmeans1d
 from edgegraph.passes.codebook import Codebook, pack, unpack
 from edgegraph.pipeline import run_pipeline
 from edgegraph.spec import parse

@@ -12,7 +12,7 @@ constants only, so onnxruntime folds it at session creation (inference then runs
 kernels at the dense model's speed), and `edgegraph.analysis.encoding` recognises it, so
 cleanup's folding and quant leave it encoded.
 
-* Clustering (`passes/kmeans1d.py`): per tensor, the exact 1-D k-means DP (on the distinct
+* Clustering (`kmeans1d.py` beside this module): per tensor, the exact 1-D k-means DP (on the distinct
   values, or a 4096-bin histogram of them, then Lloyd steps on the full data); per output
   channel, the exact DP on each channel's 48-bin histogram vectorised over channels, then Lloyd
   (`method=exact`/`auto`), or Lloyd alone (`method=lloyd`, faster, 1.3-1.75x the error at 16
@@ -44,7 +44,7 @@ from edgegraph import floor, ir, runtime
 from edgegraph.analysis import capture, encoding, layout
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.passbase import Pass, PassResult, option, settle
-from edgegraph.passes import kmeans1d
+from edgegraph.passes.codebook import kmeans1d
 from edgegraph.passes.quant.names import warn_unmatched
 from edgegraph.registry import register_pass
 
