@@ -30,7 +30,8 @@ Tools:
 
 Columns (per tool; ratios are to the fp32 model above):
   tool s      wall time of the quantization (peers: their call, without interpreter start-up)
-  size        file size / fp32 file size
+  size        file size (with external data) / fp32 file size; AIMET's Q/DQ export keeps float
+              weights behind QuantizeLinear (onnxruntime folds them to int8 when it loads the model)
   lat1, latN  median latency / fp32's, 1 thread and all threads; rounds interleave the models
   int/flt     nodes onnxruntime runs as integer kernels (QLinear*, QGemm, ConvInteger,
               MatMulInteger, ...) / Conv, MatMul and Gemm nodes it still runs in float, counted in
@@ -48,6 +49,7 @@ Columns (per tool; ratios are to the fp32 model above):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -350,9 +352,10 @@ def ort_tool(method: str):
                 return original(*args, extra_options=options, **kwargs)
             ort_quantize.create_calibrator = with_bins
         try:
-            ort_quantize.quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                         calibrate_method=getattr(CalibrationMethod, method))
+            with contextlib.redirect_stdout(sys.stderr):  # (its calibrators print progress to stdout)
+                ort_quantize.quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                             calibrate_method=getattr(CalibrationMethod, method))
         finally:
             ort_quantize.create_calibrator = original
         return time.perf_counter() - start
@@ -473,7 +476,7 @@ def bench(case: Case, tool_set: dict[str, Callable], folder: Path, rounds: int) 
         try:
             row.update(evaluate(case, row["path"], reference))
             row["int_nodes"], row["float_nodes"] = kernel_counts(row["path"], folder)
-            row["size"] = Path(row["path"]).stat().st_size
+            row["size"] = stats.disk_size(row["path"])  # with external data (INC writes some)
         except Exception as exc:  # noqa: BLE001
             row["error"] = f"does not run: {str(exc).splitlines()[0][:160]}"
             del row["path"]
