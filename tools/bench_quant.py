@@ -270,6 +270,13 @@ def prepare(case: Case, folder: Path) -> str:
         float32_interface(model)
     if case.shape:
         ir.fix_input_shapes(model, {case.input: case.shape})
+    # Unique node names (onnx-caffe2's SqueezeNet has none): INC and NNCF's bias correction fail
+    # on unnamed nodes, and names change no output.
+    namer, seen = ir.Namer(model.graph), set()
+    for node in model.graph.nodes:
+        if not node.name or node.name in seen:
+            node.name = namer(node.op)
+        seen.add(node.name)
     opset = model.opset
     model = upgrade_opset(model, 13)
     if model is None:
