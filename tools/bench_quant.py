@@ -5,7 +5,8 @@
 
 Fairness, for every model:
   * one fp32 model at opset 13 for every tool, edgegraph included: the shared model with float16
-    weights and I/O turned into float32 (SqueezeNet), the opset raised by onnx's converter with
+    weights and I/O turned into float32 (SqueezeNet), unnamed nodes named (INC and NNCF's bias
+    correction fail without), the opset raised by onnx's converter with
     edgegraph's Upsample fix (`passes.quant.prepare.upgrade_opset`: Resize keeps Upsample's
     asymmetric coordinates), text models fixed to one input shape; the bench checks that this
     model's outputs equal the shared file's (float32: within 1e-4 of the largest output value;
