@@ -50,7 +50,7 @@ def test_external_data_round_trip_through_passes(tmp_path):
     source.parent.mkdir()
     ir.save(ir.load(DIGITS), source, external_data=True)
     assert (source.parent / "digits.onnx.data").stat().st_size > 0
-    assert source.stat().st_size < 10_000  # the weights are in the data file
+    assert source.stat().st_size < DIGITS.stat().st_size / 10  # the weights are in the data file
     before = file_state(source.parent)
     expected = outputs(DIGITS, EVAL)
 
