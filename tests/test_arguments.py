@@ -183,5 +183,5 @@ def test_passes_as_a_mapping_keep_their_options():
 def test_make_context_takes_a_target_profile_and_timing():
     model = edgegraph.load(DIGITS)
     ctx = edgegraph.make_context(model, target=edgegraph.load_target("cpu"), timing=False,
-                                 calib={"input": np.zeros((2, 1, 8, 8), np.float32)})
+                                 calib={"input": np.zeros((2, 1, 16, 16), np.float32)})
     assert ctx.target.name == "cpu" and ctx.timing is False and len(ctx.calibration) == 2

@@ -23,7 +23,7 @@ def test_from_npz_reads_the_bundled_calibration_file():
     assert len(data) == 64
     sample = data.sample(0)
     assert list(sample) == ["input"]
-    assert sample["input"].shape == (1, 8, 8) and sample["input"].dtype == np.float32
+    assert sample["input"].shape == (1, 16, 16) and sample["input"].dtype == np.float32
     assert str(DEFAULT_DIR / "digits_calib.npz") == data.source
 
 

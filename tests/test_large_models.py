@@ -50,7 +50,7 @@ def test_external_data_round_trip_through_passes(tmp_path):
     source.parent.mkdir()
     modelio.save(modelio.load(DIGITS), source, external_data=True)
     assert (source.parent / "digits.onnx.data").stat().st_size > 0
-    assert source.stat().st_size < 10_000  # the weights are in the data file
+    assert source.stat().st_size < DIGITS.stat().st_size / 10  # the weights are in the data file
     before = file_state(source.parent)
     expected = outputs(DIGITS, EVAL)
 
@@ -110,7 +110,7 @@ def test_models_past_the_proto_limit_take_the_external_data_path(tmp_path, monke
     inferred = ir.infer_shapes(proto)
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in inferred.graph.value_info}
-    assert shapes["/pool/MaxPool_output_0"] == ["batch", 16, 4, 4]
+    assert shapes["/pool/MaxPool_output_0"] == ["batch", 32, 8, 8]
     assert len(inferred.graph.initializer) == len(proto.graph.initializer)
 
 

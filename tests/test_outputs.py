@@ -138,7 +138,7 @@ def test_in_place_replaces_the_input_model_and_its_own_external_data(capsys, tmp
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in written.graph.initializer)
     from edgegraph import runtime
 
-    feeds = {"input": np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)}
+    feeds = {"input": np.random.default_rng(0).standard_normal((2, 1, 16, 16)).astype(np.float32)}
     got = runtime.run(runtime.session(source), feeds)
     want = runtime.run(runtime.session(expected), feeds)
     np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)

@@ -85,7 +85,7 @@ def test_quant_asks_the_manager_for_cleanup():
     assert StaticQuantize(prepare=False).after() == ()
     _, report = run_pipeline(digits(), [StaticQuantize(check_speed=False)], context())
     assert [(r.name, r.wanted_by) for r in report.passes] == [("cleanup", "quant"), ("quant", None)]
-    assert report.passes[0].stats["fold-batchnorm"] == 6  # BatchNorm folded before quant placed Q/DQ
+    assert report.passes[0].stats["fold-batchnorm"] == 7  # BatchNorm folded before quant placed Q/DQ
     _, report = run_pipeline(digits(), [Cleanup(), StaticQuantize(check_speed=False)], context())
     assert [r.name for r in report.passes] == ["cleanup", "quant"]  # not twice
 
@@ -151,7 +151,7 @@ def test_cleanup_rounds_are_the_managers_loop(monkeypatch):
     real = pipeline.run_group
     monkeypatch.setattr("edgegraph.passbase.run_group", lambda *a: calls.append(a[0].name) or real(*a))
     result = Cleanup().run(digits())
-    assert calls == ["cleanup"] and result.stats["rounds"] == 2 and result.stats["fold-batchnorm"] == 6
+    assert calls == ["cleanup"] and result.stats["rounds"] == 2 and result.stats["fold-batchnorm"] == 7
 
 
 def test_passes_are_not_changed_by_running():
