@@ -151,7 +151,7 @@ def test_cli_floor_that_cannot_be_held_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not out.exists() and not list(tmp_path.iterdir())
     assert len(err) == 1 and err[0].startswith(
-        "edgegraph: error: quant: the floor min-sqnr 80 cannot be held: best reached agreement 1.0000, sqnr_db 58.")
+        "edgegraph: error: quant: the floor min-sqnr 80 cannot be held: best reached agreement 1.0000, sqnr_db 55.99 dB")
 
 
 def test_cli_min_agreement_is_the_budget(tmp_path, capsys):

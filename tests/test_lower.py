@@ -133,7 +133,7 @@ def test_fold_constant_dequantize_is_exact(int8_model):
     model = edgegraph.load(str(int8_model))
     folded, notes = tflite.fold_constant_dequantize(model)
     dequantize = [n for n in folded.graph.nodes if n.op == "DequantizeLinear"]
-    assert notes == ["folded 14 weight/bias DequantizeLinear into float weights"]
+    assert notes == ["folded 16 weight/bias DequantizeLinear into float weights"]
     # What stays dequantizes activations: the output of a QuantizeLinear.
     assert dequantize and all(n.inputs[0].inputs and n.inputs[0].inputs[0].op == "QuantizeLinear" for n in dequantize)
     feeds = eval_inputs(8)
@@ -209,7 +209,7 @@ def test_tflite_runs_in_litert_and_matches(folder, int8_model, which):
     # Measured in LiteRT vs onnxruntime: float 131 dB; int8 37 dB (weights folded, float kernels vs ORT's int8).
     assert min(m.sqnr_db for m in result.metrics.values()) > (100 if which == "float" else 30)
     if which == "int8":
-        assert "folded 14 weight/bias DequantizeLinear" in notes
+        assert "folded 16 weight/bias DequantizeLinear" in notes
     # Only the .tflite is new: onnx2tf rewrote nothing beside the model (it worked on a copy).
     assert {k: v for k, v in snapshot(folder).items() if k != "m.tflite"} == before
 

@@ -54,7 +54,6 @@ import contextlib
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
