@@ -168,18 +168,7 @@ def cmd_opt(args) -> int:
             "accuracy": accuracy,
             "accuracy_note": accuracy_note,
         }
-        # The model, its external data and the report are one outcome: staged, then moved
-        # into place together (or not at all).
-        moves = modelio.staged_moves(staged, output)
-        if report_path:
-            staged_report = stack.enter_context(files.staging(report_path)) / report_path.name
-            _write(lambda: staged_report.write_text(json.dumps(stats.jsonable(data), indent=2) + "\n"),
-                   report_path)
-            moves.append((staged_report, report_path))
-        try:
-            files.publish(moves, outcome=True)
-        except OSError as exc:
-            raise EdgegraphError(f"cannot write {exc.filename}: {exc.strerror or exc}; nothing was written") from None
+        _publish(stack, staged, output, report_path, data)
     if not args.quiet:
         print(format_opt_summary(data, before, after, report, accuracy))
     return 0
@@ -345,6 +334,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _publish(stack: contextlib.ExitStack, staged: Path, output: Path, report_path: Path | None, report) -> None:
+    """Move the model saved at `staged` (with its external data) and the JSON `report` into
+    place as one outcome: together, or not at all."""
+    moves = modelio.staged_moves(staged, output)
+    if report_path:
+        staged_report = stack.enter_context(files.staging(report_path)) / report_path.name
+        _write(lambda: staged_report.write_text(json.dumps(stats.jsonable(report), indent=2) + "\n"),
+               report_path)
+        moves.append((staged_report, report_path))
+    try:
+        files.publish(moves, outcome=True)
+    except OSError as exc:
+        raise EdgegraphError(f"cannot write {exc.filename}: {exc.strerror or exc}; nothing was written") from None
+
+
 def cmd_merge(args) -> int:
     from edgegraph import merge
 
@@ -387,16 +391,7 @@ def cmd_merge(args) -> int:
             report["measured"] = merge.measure(result, args.models, staged, result.data, sizes=sizes,
                                                merged_size=merged_size, seed=args.seed, runs=args.runs,
                                                warmup=args.warmup, threads=args.threads)
-        moves = modelio.staged_moves(staged, output)
-        if report_path:
-            staged_report = stack.enter_context(files.staging(report_path)) / report_path.name
-            _write(lambda: staged_report.write_text(json.dumps(stats.jsonable(report), indent=2) + "\n"),
-                   report_path)
-            moves.append((staged_report, report_path))
-        try:
-            files.publish(moves, outcome=True)
-        except OSError as exc:
-            raise EdgegraphError(f"cannot write {exc.filename}: {exc.strerror or exc}; nothing was written") from None
+        _publish(stack, staged, output, report_path, report)
     if not args.quiet:
         print(format_merge(report))
     return 0

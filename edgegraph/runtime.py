@@ -193,6 +193,13 @@ def batch_size_for(specs: Sequence[InputSpec], wanted: int) -> int:
     return min(fixed) if fixed else wanted
 
 
+def feeds_of(model, data, *, batch: int = 8) -> list[Feeds]:
+    """`data` (CalibrationData) as feeds for `model` (Model, proto or session): samples stacked
+    up to `batch` on each input's batch axis (fewer where the model fixes it), dtypes adapted."""
+    specs = input_specs(model)
+    return [adapt_feeds(specs, b) for b in data.batches(batch_size_for(specs, batch))]
+
+
 def batch_length(specs: Sequence[InputSpec], feeds: Mapping[str, np.ndarray]) -> int:
     """How many samples a batch of feeds holds: the size of its inputs' batch axis (1 when no
     input has one)."""

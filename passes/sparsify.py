@@ -83,18 +83,13 @@ class Sparsify(Pass):
         data = ctx.calibration
         if user_floor and data is not None and len(data) and self.n_m is None:
             proto = model.to_proto()
-            specs = runtime.input_specs(proto)
-            size = runtime.batch_size_for(specs, 8)
-
-            def batches():
-                return [runtime.adapt_feeds(specs, b) for b in data.batches(size)]
-
-            reference = runtime.outputs(proto, batches(), threads=ctx.threads)
+            feeds = runtime.feeds_of(proto, data)
+            reference = runtime.outputs(proto, feeds, threads=ctx.threads)
 
             def measure(sparsity: float):
                 trial = model.copy()
                 rows = self._apply(trial, sparsity)
-                outputs = runtime.outputs(trial.to_proto(), batches(), threads=ctx.threads)
+                outputs = runtime.outputs(trial.to_proto(), feeds, threads=ctx.threads)
                 return floor.measure(reference, outputs), (trial, rows)
 
             found = floor.search([s for s in SETTINGS if s > 0], measure, user_floor, progress=ctx.progress_bar,

@@ -190,13 +190,8 @@ class Codebook(Pass):
     def _search(self, model: ir.Model, weights: list[_Weight], held: CalibrationData, user_floor, ctx):
         """The fewest bits (2..8) that hold the user's floor on held-out samples."""
         proto = model.to_proto()
-        specs = runtime.input_specs(proto)
-        size = runtime.batch_size_for(specs, 8)
-
-        def batches():
-            return [runtime.adapt_feeds(specs, b) for b in held.batches(size)]
-
-        reference = runtime.outputs(proto, batches(), threads=ctx.threads)
+        feeds = runtime.feeds_of(proto, held)
+        reference = runtime.outputs(proto, feeds, threads=ctx.threads)
 
         def measure(bits: int):
             trial = model.copy()
@@ -208,7 +203,7 @@ class Codebook(Pass):
             rows = self._apply(trial, list(found.values()), bits)
             if not rows:
                 return None, None
-            outputs = runtime.outputs(trial.to_proto(), batches(), threads=ctx.threads)
+            outputs = runtime.outputs(trial.to_proto(), feeds, threads=ctx.threads)
             return floor.measure(reference, outputs), (trial, rows)
 
         found = floor.search(list(BITS), measure, user_floor, progress=ctx.progress_bar,

@@ -252,14 +252,11 @@ class _Pruner:
         self.samples = {"fit": len(fit), "held_out": len(held)}
         return fit, held
 
-    def _batches(self, model, data):
-        specs = runtime.input_specs(model)
-        return [runtime.adapt_feeds(specs, b) for b in data.batches(runtime.batch_size_for(specs, 8))]
 
     def _reference(self, model: ir.Model, held):
         if held is None:
             return None
-        self.held_batches = self._batches(model, held)
+        self.held_batches = runtime.feeds_of(model, held)
         return runtime.outputs(model.to_proto(), self.held_batches, threads=self.ctx.threads)
 
     def _node_macs(self, model: ir.Model, data) -> dict[str, int]:
@@ -342,7 +339,7 @@ class _Pruner:
         probed = model.copy()
         compute_in_float32(probed)  # the probe's im2col and float64 sums need float32 layers
         proto = self.original_fp32 = probed.to_proto()
-        self.fit_batches = self._batches(model, fit)
+        self.fit_batches = runtime.feeds_of(model, fit)
         self.work_nodes = {n.name: n for n in model.graph.nodes}
         grams = capture.grams(proto, sorted(wanted), self.fit_batches, threads=self.ctx.threads,
                               progress=lambda it, **kw: self.ctx.progress_bar(it, desc="prune: capturing XᵀX"))
@@ -429,7 +426,7 @@ class _Pruner:
         """Scale each group's cost curve so that, at about half its channels cut, it is the output
         error that cut causes (relative noise energy over every output, 8 fitting samples): local
         reconstruction error says little about how much of it reaches the outputs."""
-        batches = self._batches(model, fit.take(SENSITIVITY_SAMPLES))
+        batches = runtime.feeds_of(model, fit.take(SENSITIVITY_SAMPLES))
         proto = model.to_proto()
         reference = runtime.outputs(proto, batches, threads=self.ctx.threads)
         bar = self.ctx.progress_bar(total=len(plans), desc="prune: sensitivity of each group")
