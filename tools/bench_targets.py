@@ -1,6 +1,6 @@
 """Benchmark: how much of each model every target runs (`edgegraph check`), per stage.
 
-    python tools/bench_targets.py [--targets nnapi,coreml,...] [--node-tests N] [--json out.json]
+    python tools/bench_targets.py [--targets nnapi,coreml,...] [--node-tests N] [--legalize] [--json out.json]
 
 For each target profile (edgegraph/targets/*.toml):
 
@@ -13,7 +13,7 @@ For each target profile (edgegraph/targets/*.toml):
                of nodes (of MACs) supported. onnxruntime providers are checked on the graph
                onnxruntime's basic optimisations make (what they are given), the others as given.
 
-Stages: "as given" only here. `support_rows(models, targets, stages={"after legalize": fn})`
+Stages: "as given", and with `--legalize` "after legalize" (tools/bench_legalize.py). `support_rows(models, targets, stages={"after legalize": fn})`
 takes more, each a function (model, target name) -> model, so a rewrite pass adds its column
 by calling it (tools/bench_targets.py is importable: `from tools.bench_targets import ...`).
 """
@@ -130,6 +130,9 @@ def main() -> None:
     parser.add_argument("--targets", default="all", help="comma-separated profiles (default: all)")
     parser.add_argument("--node-tests", type=int, default=None, help="only the first N node tests (default: all)")
     parser.add_argument("--no-macs", action="store_true", help="skip the MAC shares (faster)")
+    parser.add_argument("--legalize", action="store_true",
+                        help="add the stage 'after legalize' (the legalize pass for each target) to the real models, "
+                             "and each real model once more with its inputs fixed to its reference shapes (--fix-shape)")
     parser.add_argument("--json", type=Path, help="write every row as JSON")
     args = parser.parse_args()
     import onnx_graphsurgeon as gs
@@ -142,7 +145,18 @@ def main() -> None:
     node_rows = support_rows(nodes, names, optimize=False, macs=False)
     print(f"node tests checked in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     real = real_models() if MODELS.is_dir() else []
-    real_rows = support_rows(real, names, macs=not args.no_macs)
+    stages = {}
+    if args.legalize:
+        from edgegraph.pipeline import specialise
+        from tools.bench_legalize import legalize_stage, model_inputs
+
+        stages["after legalize"] = legalize_stage
+        # Dynamic dims stop NNAPI (static shapes only) whatever a rewrite does: --fix-shape first.
+        for label, model in list(real):
+            shapes = {n: a.shape for n, a in model_inputs(MODELS / label, model.to_proto(weights=False)).items()}
+            fixed = specialise(model, {n: s for n, s in shapes.items() if n in {i.name for i in model.graph.inputs}})
+            real.append((f"{label} (fixed shape)", fixed))
+    real_rows = support_rows(real, names, stages=stages, macs=not args.no_macs)
     print(f"real models checked in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     print("\n".join(summary(node_rows, real_rows, names)))
     if args.json:
