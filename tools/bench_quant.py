@@ -19,6 +19,7 @@ Fairness, for every model:
 Tools:
   edgegraph              `cleanup,quant` with defaults, as `edgegraph opt` runs it (verification on)
   edgegraph floor        the same with `--min-agreement` (classifiers only: a top-1 floor)
+  edgegraph PASSES       each `--spec PASSES` (e.g. `cleanup,quant(weight_rounding=gram)`): variants of quant
   ORT MinMax/Percentile  quantize_static on quant_pre_process's output: QDQ, per-channel int8
                          weights, QUInt8 activations (onnxruntime fuses those into integer kernels;
                          its signed-int8 default leaves most convs unfused)
@@ -309,12 +310,12 @@ def _first_output(path: Path, name: str, x: np.ndarray, optimize: bool = True) -
 # Tools: each quantizes case.model into `out` and returns its own time in seconds
 
 
-def edgegraph_tool(min_agreement: float | None = None):
+def edgegraph_tool(passes: str = "cleanup,quant", min_agreement: float | None = None):
     def quantize(case: Case, out: Path, folder: Path) -> float:
         if min_agreement is not None and not case.classifier:
             raise NotApplicable("a top-1 floor needs class scores")
         start = time.perf_counter()
-        proto = api.optimize(case.model, "cleanup,quant", calib={case.input: case.calib}, min_agreement=min_agreement)
+        proto = api.optimize(case.model, passes, calib={case.input: case.calib}, min_agreement=min_agreement)
         seconds = time.perf_counter() - start
         modelio.save(proto, out)
         return seconds
@@ -347,11 +348,14 @@ def ort_tool(method: str):
 
         start = time.perf_counter()
         pre = folder / f"{case.name}_ort_pre.onnx"
-        try:
-            quant_pre_process(str(case.model), str(pre))
-        except AssertionError:  # its symbolic shape inference fails on some graphs (PP-OCR cls:
-            # a Concat of shapes); ORT's own advice is to skip that step then
-            quant_pre_process(str(case.model), str(pre), skip_symbolic_shape=True)
+        # Where its symbolic shape inference stops short, ORT saves what it got as
+        # sym_shape_infer_temp.onnx in the working directory: let that be the scratch folder.
+        with contextlib.chdir(folder):
+            try:
+                quant_pre_process(str(case.model), str(pre))
+            except AssertionError:  # its symbolic shape inference fails on some graphs (PP-OCR cls:
+                # a Concat of shapes); ORT's own advice is to skip that step then
+                quant_pre_process(str(case.model), str(pre), skip_symbolic_shape=True)
         original = ort_quantize.create_calibrator
         if method == "Entropy":
             # quantize_static passes no bin count through to the calibrator, and with its default
@@ -400,7 +404,8 @@ def peer_tool(label: str, venvs: Path, timeout: float):
 def tools(args) -> dict[str, Callable]:
     found = {
         "edgegraph": edgegraph_tool(),
-        f"edgegraph --min-agreement {args.min_agreement:g}": edgegraph_tool(args.min_agreement),
+        f"edgegraph --min-agreement {args.min_agreement:g}": edgegraph_tool(min_agreement=args.min_agreement),
+        **{f"edgegraph {spec}": edgegraph_tool(spec) for spec in args.spec},
         "ORT MinMax": ort_tool("MinMax"),
         "ORT Percentile": ort_tool("Percentile"),
         "ORT Entropy 2048": ort_tool("Entropy"),
@@ -504,16 +509,17 @@ def print_table(case: Case, rows: list[dict], note: str) -> None:
     print(f"{case.name}: {case.metric_name} (A, B: held-out splits of {len(case.splits[0])} each; "
           f"{CALIB} calibration samples); fp32 {base['lat1_ms']:.2f} ms 1 thread, {base['latN_ms']:.2f} ms all; "
           f"{base['size'] / 1e6:.2f} MB; {note}")
-    header = (f"  {'tool':32} {'tool s':>7} {'size':>6} {'lat1':>6} {'latN':>6} {'int/flt':>8} "
+    width = max(32, *(len(r["tool"]) for r in rows))
+    header = (f"  {'tool':{width}} {'tool s':>7} {'size':>6} {'lat1':>6} {'latN':>6} {'int/flt':>8} "
               f"{'A':>7} {'B':>7} {'dB A':>6} {'dB B':>6}")
     print(header)
     print("  " + "-" * (len(header) - 2))
     for r in rows:
         if "path" not in r:
             why = r.get("absent") and f"absent: {r['absent']}" or r.get("skipped") or f"ERROR {r.get('error')}"
-            print(f"  {r['tool']:32} {why}")
+            print(f"  {r['tool']:{width}} {why}")
             continue
-        print(f"  {r['tool']:32} {r['seconds']:7.1f} {r['size'] / base['size']:6.3f} "
+        print(f"  {r['tool']:{width}} {r['seconds']:7.1f} {r['size'] / base['size']:6.3f} "
               f"{r['lat1_ms'] / base['lat1_ms']:6.2f} {r['latN_ms'] / base['latN_ms']:6.2f} "
               f"{r['int_nodes']:>4}/{r['float_nodes']:<3} {r['agree_A']:7.4f} {r['agree_B']:7.4f} "
               f"{r['sqnr_A']:6.1f} {r['sqnr_B']:6.1f}")
@@ -528,6 +534,9 @@ def main() -> None:
                         help="held-out samples per split for classifiers (dense models: half, ppocr_det: a sixth)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     parser.add_argument("--min-agreement", type=float, default=0.99, help="floor of the second edgegraph row")
+    parser.add_argument("--spec", action="append", default=[], metavar="PASSES",
+                        help="one more edgegraph row running these passes, e.g. 'cleanup,quant(weight_rounding=gram)' "
+                             "(repeatable)")
     parser.add_argument("--peer-venvs", type=Path, default=Path("/work/venvs"),
                         help="folder holding quant-peer-nncf, quant-peer-inc, quant-peer-aimet")
     parser.add_argument("--peer-timeout", type=float, default=1800, help="seconds per peer run")
