@@ -38,41 +38,29 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 import bench_quant as bq  # noqa: E402  (models, data, metrics)
-from edgegraph import ir, modelio, runtime, stats  # noqa: E402
+from edgegraph import modelio, runtime, stats  # noqa: E402
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig  # noqa: E402
 from edgegraph.passes.quant.prepare import compute_in_float32  # noqa: E402
 from edgegraph.pipeline import run_pipeline  # noqa: E402
 from edgegraph.spec import parse  # noqa: E402
 
-DEFAULT_MODELS = "mnist,cifar10,ppocr_cls,squeezenet_fp16,deeplab,yolox_nano"
-
-
-def foreground_pixels(ref: np.ndarray, cand: np.ndarray) -> float:
-    """Agreement on the pixels the fp32 model calls foreground (class != 0), NHWC logits."""
-    fg = ref.argmax(-1) != 0
-    return float(np.mean(ref.argmax(-1)[fg] == cand.argmax(-1)[fg])) if fg.any() else 1.0
-
-
-def load(path: Path) -> ir.Model:
-    # (not modelio.load: a file modelio.save wrote from an IR-3 model lists initializers that are not graph
-    # inputs, which edgegraph's own load check then refuses)
-    return ir.from_proto(onnx.load(str(path)))
+DEFAULT_MODELS = "mnist,cifar10,ppocr_cls,squeezenet,deeplab,yolox_nano"
 
 
 def macs(path: Path, case=None) -> int:
     """MACs at one evaluation input's shape (PP-OCR cls has dynamic height and width)."""
-    model = load(path)
+    model = modelio.load(path)
     found = stats.model_stats(model).macs_known
     if found or case is None:
         return found
-    return stats.model_stats(model, fix_shapes={case.input: [1, *case.eval.shape[1:]]}).macs_known
+    return stats.model_stats(model, fix_shapes={case.input: [1, *case.calib.shape[1:]]}).macs_known
 
 
 def edgegraph_prune(spec: str):
     def run(case, source: Path, out: Path, cut: float) -> dict:
         calib = CalibrationData.from_arrays({case.input: case.calib})
         ctx = PassContext(calibration=calib, verify=VerifyConfig(enabled=False), progress=False)
-        model, report = run_pipeline(load(source), parse(spec.format(keep=round(1 - cut, 4))), ctx)
+        model, report = run_pipeline(modelio.load(source), parse(spec.format(keep=round(1 - cut, 4))), ctx)
         modelio.save(model, out)
         return {}
     return run
@@ -122,16 +110,16 @@ TOOLS = {
 
 
 def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
-    source = case.path
-    if "fp16" in case.name:  # compared in float32 (see the docstring)
-        model = load(source)
-        compute_in_float32(model)
+    source = case.source
+    model = modelio.load(source)
+    if compute_in_float32(model):  # a float16 model (SqueezeNet) is compared in float32 (see the docstring)
         source = folder / f"{case.name}_fp32.onnx"
         modelio.save(model, source)
-        case.calib, case.eval = case.calib.astype(np.float32), case.eval.astype(np.float32)
-    reference = bq.outputs(source, case)
-    half = len(case.eval) // 2
-    base_macs, base_params = macs(source, case), stats.model_stats(load(source)).params
+    split_a, split_b = (x.astype(np.float32) for x in case.splits)
+    evaluation = np.concatenate([split_a, split_b])
+    reference = bq.first_output(source, case.input, evaluation)
+    half = len(split_a)
+    base_macs, base_params = macs(source, case), stats.model_stats(modelio.load(source)).params
     rows, paths = [], []
     for cut in cuts:
         for name, tool in tools.items():
@@ -144,9 +132,9 @@ def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
             row = {"model": case.name, "cut": cut, "tool": name, "seconds": round(time.perf_counter() - start, 1),
                    **extra}
             if "error" not in row and out.exists():
-                got = bq.outputs(out, case)
+                got = bq.first_output(out, case.input, evaluation)
                 row.update(macs_removed=round(1 - macs(out, case) / base_macs, 3),
-                           params=round(stats.model_stats(load(out)).params / base_params, 3),
+                           params=round(stats.model_stats(modelio.load(out)).params / base_params, 3),
                            agree_a=round(case.metric(reference[:half], got[:half]), 3),
                            agree_b=round(case.metric(reference[half:], got[half:]), 3))
                 paths.append((row, out))
@@ -154,8 +142,8 @@ def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
             print(json.dumps(row), flush=True)
     # Latency: every model of this case timed in turns, 1 thread (interleaved round medians).
     dtype = runtime.input_specs(onnx.load(str(source)))[0].dtype  # (SqueezeNet keeps its float16 interface)
-    feeds = {case.input: case.eval[:1].astype(dtype)}
-    protos = [onnx.load(str(p)) for p in [source] + [p for _, p in paths]]  # (IR-3 files: see load)
+    feeds = {case.input: evaluation[:1].astype(dtype)}
+    protos = [onnx.load(str(p)) for p in [source] + [p for _, p in paths]]
     timed = stats.measure_latency(protos, [feeds] * len(protos), runs=20, threads=1, rounds=rounds)
     base = timed[0][0]
     for (row, _), (ms, _note) in zip(paths, timed[1:]):
@@ -187,9 +175,7 @@ def main() -> None:
     cuts = [float(c) for c in args.cuts.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for case in bq.cases(args.models.split(","), args.eval):
-            if case.name == "deeplab":
-                case.metric = foreground_pixels
+        for case in bq.cases(args.models.split(","), args.eval // 2):
             rows += bench(case, cuts, Path(tmp), tools, args.rounds)
     print_table(rows)
     if args.json:

@@ -212,6 +212,10 @@ def cases(names: list[str], n_eval: int) -> list[Case]:
             x, _ = data_fixtures.cifar10(DATA)
             built.append(Case(name, MODELS / "cifar10_cnn_pytorch_tutorial/ImageClassifier.onnx", "modelInput",
                               *split(x, n_eval), top1, "top-1 agreement", classifier=True))
+        elif name == "mnist":  # (pruning's bench only: no quantizer is compared on it)
+            x, _ = data_fixtures.mnist(DATA, CALIB + 2 * n_eval)
+            built.append(Case(name, MODELS / "mnist_cntk/mnist.onnx", "Input3", *split(x, n_eval), top1,
+                              "top-1 agreement", classifier=True))
         elif name == "ppocr_cls":
             x, _ = data_fixtures.text_line_inputs(DATA, CALIB + 2 * n_eval)
             built.append(Case(name, MODELS / "ppocr_v4_paddle2onnx/ch_ppocr_mobile_v2.0_cls_infer.onnx", "x",
@@ -285,8 +289,8 @@ def prepare(case: Case, folder: Path) -> str:
     modelio.save(model, case.model)
     sample = case.splits[0][:8]
     source_dtype = runtime.input_specs(onnx.load(str(case.source), load_external_data=False))[0].dtype
-    ref = _first_output(case.source, case.input, sample.astype(source_dtype), optimize=False)
-    got = _first_output(case.model, case.input, sample, optimize=False)
+    ref = first_output(case.source, case.input, sample.astype(source_dtype), optimize=False)
+    got = first_output(case.model, case.input, sample, optimize=False)
     if was_fp16:
         same = top1(ref, got) == 1.0
         detail = f"float16 -> float32 weights and I/O, top-1 identical on {len(sample)} samples"
@@ -299,7 +303,7 @@ def prepare(case: Case, folder: Path) -> str:
     return f"opset {opset} -> 13{', shape ' + 'x'.join(map(str, case.shape)) if case.shape else ''}; {detail}"
 
 
-def _first_output(path: Path, name: str, x: np.ndarray, optimize: bool = True) -> np.ndarray:
+def first_output(path: Path, name: str, x: np.ndarray, optimize: bool = True) -> np.ndarray:
     sess = runtime.session(path, threads=0, optimize=optimize)
     batch = runtime.batch_size_for(runtime.input_specs(sess), 16)
     first = sess.get_outputs()[0].name
