@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 from edgegraph import ir, modelio, runtime
-from edgegraph.passes.quant.prepare import compute_in_float32
+from edgegraph.convert import compute_in_float32
 from fixtures import quant as qfix
 
 spec = importlib.util.spec_from_file_location("bench_quant", REPO / "tools" / "bench_quant.py")

@@ -124,7 +124,7 @@ def float32_input(path: Path, folder: Path) -> Path:
 
 def fp32_size(path: Path) -> int:
     """Bytes of the model with float32 weights (the float16 SqueezeNet measured as if float32)."""
-    from edgegraph.passes.quant.prepare import compute_in_float32
+    from edgegraph.convert import compute_in_float32
 
     model = modelio.load(path)
     if not compute_in_float32(model):

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import bench_quant as bq  # noqa: E402  (models, data, metrics)
 from edgegraph import modelio, runtime, stats  # noqa: E402
 from edgegraph.context import CalibrationData, PassContext, VerifyConfig  # noqa: E402
-from edgegraph.passes.quant.prepare import compute_in_float32  # noqa: E402
+from edgegraph.convert import compute_in_float32  # noqa: E402
 from edgegraph.pipeline import run_pipeline  # noqa: E402
 from edgegraph.spec import parse  # noqa: E402
 

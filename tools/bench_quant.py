@@ -7,7 +7,7 @@ Fairness, for every model:
   * one fp32 model at opset 13 for every tool, edgegraph included: the shared model with float16
     weights and I/O turned into float32 (SqueezeNet), unnamed nodes named (INC and NNCF's bias
     correction fail without), the opset raised by onnx's converter with
-    edgegraph's Upsample fix (`passes.quant.prepare.upgrade_opset`: Resize keeps Upsample's
+    edgegraph's Upsample fix (`edgegraph.convert.upgrade_opset`: Resize keeps Upsample's
     asymmetric coordinates), text models fixed to one input shape; the bench checks that this
     model's outputs equal the shared file's (float32: within 1e-4 of the largest output value;
     float16: same top-1 on every sample) and stops if not;
@@ -71,7 +71,7 @@ sys.path.insert(0, str(REPO))
 
 from edgegraph import api, ir, modelio, runtime, stats, verify  # noqa: E402
 from edgegraph.context import CalibrationData  # noqa: E402
-from edgegraph.passes.quant.prepare import compute_in_float32, upgrade_opset  # noqa: E402
+from edgegraph.convert import compute_in_float32, upgrade_opset  # noqa: E402
 from fixtures import quant as data_fixtures  # noqa: E402
 
 SHARED = REPO.parent / "shared"

@@ -160,7 +160,7 @@ class Codebook(Pass):
         deflate_before = deflated_size(model)
         if model.opset < PACK_OPSET and not self.dense and self.storage != "uint8" and (self.bits < 8 or ctx.verify.floor()):
             # Packing needs BitShift (opset 11): upgrade like quant does (opset 13); else one byte per index.
-            from edgegraph.passes.quant.prepare import upgrade_opset
+            from edgegraph.convert import upgrade_opset
 
             upgraded = upgrade_opset(model, 13)
             if upgraded is not None:

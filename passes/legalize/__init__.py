@@ -28,7 +28,7 @@ from ..cleanup.common import (
     Legal, Names, NoMatch, apply_first_rule, graphs, int_list, is_standard, live_nodes, reinfer_shapes, target_context,
     target_verdict,
 )
-from ..quant.prepare import upgrade_opset
+from edgegraph.convert import upgrade_opset
 from . import activations, attention, convs, legacy, norms, shapes  # noqa: F401 - importing registers the rewrites
 from .rules import REPLACED, REWRITES
 
@@ -56,7 +56,7 @@ class Legalize(Pass):
     With a target, a rewrite that would make an op the target lacks (and no rule replaces) is
     undone and the next rule tried.
 
-    `opset` converts the model first (onnx's version converter, through quant's
+    `opset` converts the model first (onnx's version converter, through
     `upgrade_opset`, which keeps Upsample's coordinates when it becomes Resize). Nodes that
     must go but that no rule can rewrite are listed in the details (`not_rewritten`, with the
     reason) and in a warning.

@@ -37,7 +37,7 @@ from edgegraph.errors import EdgegraphError
 from edgegraph.floor import Floor
 from edgegraph.passbase import Pass, PassResult, option
 from edgegraph.passes.cleanup import Cleanup
-from edgegraph.passes.quant.prepare import compute_in_float32
+from edgegraph.convert import compute_in_float32
 from edgegraph.registry import register_pass
 
 from . import refit, select
