@@ -19,8 +19,6 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-import onnx_graphsurgeon as gs
-
 from edgegraph import ir
 from edgegraph.errors import PassOptionError
 from edgegraph.passbase import Pass, PassResult, option, settle
@@ -178,9 +176,10 @@ def _whole_model_steps(model: ir.Model, target, ctx) -> Counter:
       11 (`convert.upgrade_opset`, which keeps Upsample's asymmetric coordinates; onnx's
       converter alone would shift them to half_pixel). Resize is the op that replaced Upsample:
       one node instead of a Gather per scaled axis (CoreML has no Gather at all).
-    * shape computations folded for a target that needs static shapes (NNAPI), once the inputs
-      are fixed (--fix-shape): Shape/Gather/Concat chains leave every later tensor dynamic until
-      they are constants (MiniLM: 25 NNAPI partitions before, 7 after; fold-constants, exact).
+    * constants folded (fold-constants, exact) when the target refuses a node for a dynamic shape
+      (NNAPI) or a computed input it wants constant (TFLite's Slice bounds): once the inputs are
+      fixed (--fix-shape), Shape/Gather/Concat chains become constants (MiniLM: 25 NNAPI
+      partitions before, 7 after; TFLite 26 -> 1).
     """
     done: Counter = Counter()
     dtypes = getattr(target, "dtypes", None)
@@ -195,7 +194,7 @@ def _whole_model_steps(model: ir.Model, target, ctx) -> Counter:
         if converted is not None:  # (else the Upsample rules below say what they can do)
             model.graph = converted.graph
             done[f"opset {before}->{RESIZE_OPSET} (Upsample->Resize)"] = 1
-    if getattr(target, "static_shapes", False) and _has_dynamic_tensor(model):
+    if _refused_for_shapes(model, target):
         from ..cleanup import FoldConstants
 
         folded = FoldConstants().run(model, ctx)
@@ -206,9 +205,12 @@ def _whole_model_steps(model: ir.Model, target, ctx) -> Counter:
     return done
 
 
-def _has_dynamic_tensor(model: ir.Model) -> bool:
-    return any(t.shape is None or any(not isinstance(d, int) or d < 0 for d in t.shape)
-               for t in model.graph.tensors().values() if not isinstance(t, gs.Constant))
+def _refused_for_shapes(model: ir.Model, target) -> bool:
+    """Whether the target refuses a node for a dynamic shape or for a computed input it wants
+    constant (TFLite: MiniLM's Slice by the sequence length), which folding may settle."""
+    context = target_context(target, model)
+    return any((target_verdict(target, node, context) or ("",))[0] in ("dynamic", "constant")
+               for node in live_nodes(model.graph))
 
 
 class _Unshaped(ModelContext):
