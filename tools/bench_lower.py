@@ -113,15 +113,16 @@ def quantized(name: str, folder: Path) -> Path:
 
 def legalized(model: Path, target: str, folder: Path) -> Path:
     """`model` rewritten by legalize for the lowering's profile, dynamic inputs fixed to the
-    reference input's shapes (tools/bench_legalize.model_inputs); the model itself when legalize
-    changes nothing."""
+    reference input's shapes (tools/bench_legalize.model_inputs) with batch 1 (the lowering runs
+    its samples one by one where the batch is fixed); the model itself when legalize changes
+    nothing."""
     import onnx
 
     from edgegraph.lowering import targets
     from tools.bench_legalize import model_inputs
 
     proto = onnx.load(str(model), load_external_data=False)
-    shapes = {name: list(array.shape) for name, array in model_inputs(model, proto).items()
+    shapes = {name: [1, *array.shape[1:]] for name, array in model_inputs(model, proto).items()
               if any(not d.dim_value for i in proto.graph.input if i.name == name for d in i.type.tensor_type.shape.dim)}
     profile = targets()[target].profile
     result = edgegraph.optimize(str(model), "legalize", target=profile, fix_shapes=shapes or None, timing=False)

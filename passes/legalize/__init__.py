@@ -54,9 +54,11 @@ class Legalize(Pass):
     Transpose/Reshape/MatMul, Attention -> MatMul/Softmax/MatMul, ConvTranspose -> Conv/
     DepthToSpace/Slice, Space/DepthToSpace -> Reshape/Transpose, Upsample -> Gathers
     (asymmetric, as onnxruntime runs it), opset < 13 Softmax on N-D -> Flatten/Softmax/Reshape,
-    ImageScaler/Crop/Affine -> Mul/Add/Slice, Gather with constant negative indices -> positive.
-    With a target, a rewrite that would make an op the target lacks (and no rule replaces) is
-    undone and the next rule tried.
+    ImageScaler/Crop/Affine -> Mul/Add/Slice, Gather with constant negative indices -> positive,
+    Gather -> GatherND, reflect/edge Pad -> Slice/Concat, IsNaN of a never-infinite value ->
+    Cast(x - x, bool). With a target, a rewrite that would make an op the target lacks (or an
+    attribute value it refuses) is undone and the next rule tried, and what the whole model
+    needs comes first (`_whole_model_steps`: float32 compute, Upsample -> Resize, folding).
 
     `opset` converts the model first (onnx's version converter, through
     `upgrade_opset`, which keeps Upsample's coordinates when it becomes Resize). Nodes that
@@ -69,7 +71,8 @@ class Legalize(Pass):
     exact = True
 
     ops: list[str] = option([], "op types to rewrite whatever the target runs, e.g. [HardSigmoid, Erf]")
-    opset: int = option(0, "convert the model to this ai.onnx opset first (up or down); 0 keeps its opset")
+    opset: int = option(0, "convert the model to this ai.onnx opset first (up or down); 0 keeps its opset (but "
+                           "an opset 7-10 model with Upsample becomes opset 11 for a target that runs Resize only)")
 
     def __post_init__(self):
         self.check(self.opset == 0 or 7 <= self.opset, "legalize: opset must be 0 (keep) or at least 7")
@@ -87,7 +90,7 @@ class Legalize(Pass):
             stats[f"opset {before}->{self.opset}"] = 1
         target = getattr(ctx, "target", None)
         if target is not None:
-            stats.update(_whole_model_steps(model, target, ctx))
+            stats.update(_whole_model_steps(model, target, ctx, keep_opset=bool(self.opset)))
         run = copy.copy(self)  # what a run makes lives on this copy: the pass object stays immutable
         object.__setattr__(run, "names", Names(model))
         object.__setattr__(run, "made", [])  # nodes rewrites made, in order (not rewritten again, see _must_go)
@@ -166,7 +169,7 @@ class Legalize(Pass):
         return not ops or node.op in ops
 
 
-def _whole_model_steps(model: ir.Model, target, ctx) -> Counter:
+def _whole_model_steps(model: ir.Model, target, ctx, *, keep_opset: bool = False) -> Counter:
     """What a target needs done to the whole model before node rewrites (their counter keys):
 
     * float16 compute for a target that takes no float16 (NNAPI): the model computes in float32
@@ -175,7 +178,8 @@ def _whole_model_steps(model: ir.Model, target, ctx) -> Counter:
     * Upsample (opset <= 10) for a target without it that runs Resize: the opset conversion to
       11 (`convert.upgrade_opset`, which keeps Upsample's asymmetric coordinates; onnx's
       converter alone would shift them to half_pixel). Resize is the op that replaced Upsample:
-      one node instead of a Gather per scaled axis (CoreML has no Gather at all).
+      one node instead of a Gather per scaled axis (CoreML has no Gather at all). Not when the
+      user chose the opset (`legalize(opset=N)`, `keep_opset`).
     * constants folded (fold-constants, exact) when the target refuses a node for a dynamic shape
       (NNAPI) or a computed input it wants constant (TFLite's Slice bounds): once the inputs are
       fixed (--fix-shape), Shape/Gather/Concat chains become constants (MiniLM: 25 NNAPI
@@ -187,7 +191,7 @@ def _whole_model_steps(model: ir.Model, target, ctx) -> Counter:
         done["float16->float32 compute"] = 1
     has = getattr(target, "supports_op", None)
     upsamples = [n for g in graphs(model.graph) for n in g.nodes if n.op == "Upsample" and is_standard(n)]
-    if upsamples and model.opset < RESIZE_OPSET and callable(has) and not has("Upsample", "", model.opset) \
+    if upsamples and not keep_opset and model.opset < RESIZE_OPSET and callable(has) and not has("Upsample", "", model.opset) \
             and has("Resize", "", RESIZE_OPSET):
         before = model.opset
         converted = upgrade_opset(model, RESIZE_OPSET)
