@@ -188,6 +188,22 @@ def test_tflite_profile_sends_convtranspose_with_output_shape_to_legalize():
                                runtime.run(runtime.session(proto), feeds)["y"], rtol=1e-5, atol=1e-5)
 
 
+def test_tflite_preparation_does_not_fuse_what_legalize_spelled_out():
+    """PP-OCR's HardSigmoid, legalized for tflite into Mul/Add/Clip, stays so through the cleanup
+    the tflite route runs instead of onnxsim (fuse-activations fuses only into ops tflite runs)."""
+    from fixtures.legalize import hard_sigmoid_then_sigmoid
+
+    from edgegraph.context import PassContext
+    from edgegraph.passes.legalize import Legalize
+
+    model = edgegraph.load(hard_sigmoid_then_sigmoid())
+    assert Legalize().run(model, PassContext(progress=False, target=edgegraph.load_target("tflite"))).modified
+    settle(model)
+    prepared, _ = tflite.prepare(model)
+    assert "HardSigmoid" not in {n.op for n in prepared.graph.nodes}
+    assert not lowering.unsupported_nodes(prepared, "tflite")
+
+
 def test_tflite_outputs_go_back_to_the_onnx_layout():
     reference = {"y": np.zeros((1, 4, 5, 6)), "scores": np.zeros((1, 10)), "boxes": np.zeros((7, 4))}
     nchw = np.arange(120.0).reshape(1, 4, 5, 6)

@@ -110,7 +110,11 @@ def simplify(model: ir.Model) -> tuple[ir.Model, list[str]]:
     from edgegraph.pipeline import run_pipeline
     from edgegraph.spec import parse
 
-    result, report = run_pipeline(model, parse(SIMPLIFY), PassContext(progress=False))
+    from edgegraph.targets import load_target
+
+    # With the tflite profile: cleanup's fuse-activations would otherwise fuse legalized
+    # HardSigmoid (PP-OCR) back, which the check after this refuses.
+    result, report = run_pipeline(model, parse(SIMPLIFY), PassContext(progress=False, target=load_target(TARGET.profile)))
     changed = [r.name for r in report.passes if r.modified]
     return result, ([f"simplified for onnx2tf: {', '.join(changed)}"] if changed else [])
 
