@@ -15,7 +15,8 @@ input where the manifest stores one), and where it stops:
 With `--legalize`, each float model is first rewritten by `legalize` for the target's profile
 (`edgegraph opt M.onnx -p legalize --target <profile>`, dynamic inputs fixed to the reference
 input's shapes, verified in onnxruntime), which is what `lower` asks for when the profile refuses
-a node ("rewrite them first"); the lowering then gets the legalized model.
+a node ("rewrite them first"); the lowering then gets the legalized model. The int8 models are
+then made for the target's profile too (`legalize,cleanup,quant --target <profile>`).
 
 Columns: the result per target (`ok` with the worst SQNR, or the stage that failed and why) and the
 seconds the lowering took. Models whose failure needs a `legalize` rewrite are named in the
@@ -98,12 +99,15 @@ def inputs(name: str, folder: Path, count: int) -> tuple[str, dict | None]:
     return str(path), None
 
 
-def quantized(name: str, folder: Path) -> Path:
-    """edgegraph's int8 model (`cleanup,quant` on CALIB real inputs), made once."""
-    path = folder / f"{name}_int8.onnx"
+def quantized(name: str, folder: Path, profile: str = "cpu") -> Path:
+    """edgegraph's int8 model (`cleanup,quant` on CALIB real inputs) for the target profile
+    `profile` (other than cpu: `legalize,cleanup,quant --target profile`, quant's scheme
+    from that profile: tflite int8 activations)."""
+    path = folder / f"{name}_int8{'' if profile == 'cpu' else '.' + profile}.onnx"
     calib = CASES[name][1](CALIB + SAMPLES)
     train = {k: v[:CALIB] for k, v in calib.items()}
-    proto = edgegraph.optimize(str(MODELS / CASES[name][0]), "cleanup,quant", calib=train, timing=False)
+    spec = "cleanup,quant" if profile == "cpu" else "legalize,cleanup,quant"
+    proto = edgegraph.optimize(str(MODELS / CASES[name][0]), spec, calib=train, target=profile, timing=False)
     import onnx
 
     onnx.save(proto, str(path))
@@ -173,6 +177,10 @@ def main() -> None:
                 calib, preprocess = inputs(name, folder, SAMPLES)
             row = {"model": name}
             for target in targets:
+                if name.endswith("_int8") and args.legalize:  # quantized for the target's profile
+                    from edgegraph.lowering import targets as lowerings
+
+                    model = quantized(base, folder, lowerings()[target].profile)
                 row[target] = lower_one(model, target, calib, preprocess, folder,
                                         legalize=args.legalize and not name.endswith("_int8"))
                 cell = row[target]
