@@ -47,6 +47,7 @@ DECLINED = {
     ("Attention", "sliding windows are not handled"),
     ("BatchNormalization", "training mode"),
     ("Pad", "mode wrap"),
+    ("IsNaN", "may be +-inf"),  # test_isnan feeds +-inf, where x - x is NaN too (see test_isnan_of_a_bounded_value_...)
 }
 
 
@@ -317,14 +318,117 @@ def test_conv_transpose_becomes_conv_and_depth_to_space(strides, pads, output_pa
 
 
 def test_a_rewrite_into_ops_the_target_lacks_is_undone():
-    """A CoreML-like target with Resize but no Gather: Upsample as Gathers would not help it."""
-    target = _profile("no-gather", {"Resize", "Mul", "Add", "Relu"})
+    """A target with neither Gather nor Resize: Upsample as Gathers would not help it."""
+    target = _profile("no-gather", {"Mul", "Add", "Relu"})
     proto = _upsample_model(9, "linear", [1, 1, 2, 2])
     rewritten, result = _legalize(proto, [], target=target)
     assert not result.modified and _ops(rewritten) == Counter({"Upsample": 1})
     (left,) = result.details["not_rewritten"]
     assert left["not_rewritten"] == ("upsample: it would make Gather, which no-gather cannot run either "
                                      "(legalize(opset=11) makes it a Resize instead)")
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_upsample_becomes_resize_for_a_target_with_resize(opset, mode):
+    """A CoreML-like target with Resize but no Upsample or Gather: legalize converts the model to
+    opset 11 itself, Resize keeping Upsample's asymmetric coordinates (onnx's converter alone
+    would make them half_pixel)."""
+    target = _profile("resize-only", {"Resize", "Relu"})
+    proto = _upsample_model(opset, mode, [1, 1, 2.5, 2])
+    rewritten, result = _legalize(proto, [], target=target)
+    assert result.stats == {f"opset {opset}->11 (Upsample->Resize)": 1}
+    assert _ops(rewritten) - Counter({"Constant": 2}) == Counter({"Resize": 1})  # (roi and scales)
+    (resize,) = [n for n in rewritten.graph.node if n.op_type == "Resize"]
+    assert {a.name: helper.get_attribute_value(a) for a in resize.attribute}["coordinate_transformation_mode"] == b"asymmetric"
+    feeds = {"x": np.random.default_rng(3).standard_normal((1, 2, 3, 5)).astype(np.float32)}
+    np.testing.assert_allclose(_run(rewritten, feeds)["y"], _run(proto, feeds)["y"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("producer", ["Softmax", "Sigmoid"])
+def test_isnan_of_a_bounded_value_becomes_sub_and_cast(backend_node_cases, producer):
+    """IsNaN(Softmax(x)) (torch's attention NaN guard) as Cast(p - p, bool) for CoreML, which has
+    no IsNaN: on test_isnan's values (NaN, +-inf) and rows of only -inf or +inf, which make NaN."""
+    case = next(c for c in backend_node_cases if c.name == "test_isnan")
+    values = case.data_sets[0][0][0].astype(np.float32)  # [-1.2, nan, inf, 2.8, -inf, inf]
+    rows = np.stack([values, np.full_like(values, -np.inf), np.full_like(values, np.inf), np.arange(6, dtype=np.float32)])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(rows.shape))
+    y = helper.make_tensor_value_info("y", TensorProto.BOOL, list(rows.shape))
+    nodes = [helper.make_node(producer, ["x"], ["p"], **({"axis": -1} if producer == "Softmax" else {})),
+             helper.make_node("IsNaN", ["p"], ["y"])]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    target = _profile("no-isnan", {producer, "Sub", "Cast"})
+    rewritten, result = _legalize(proto, [], target=target)
+    assert result.stats == {f"IsNaN({producer})->Sub/Cast": 1} and "IsNaN" not in _ops(rewritten)
+    expected = _run(proto, {"x": rows})["y"]
+    assert expected.any() and not expected.all()
+    np.testing.assert_array_equal(_run(rewritten, {"x": rows})["y"], expected)
+
+
+@pytest.mark.parametrize("name", ["test_reflect_pad", "test_edge_pad"])
+def test_reflect_and_edge_pad_become_slices_for_a_target_without_gather(backend_node_cases, name):
+    """CoreML's ML Program has neither Pad nor Gather: the Gather rewrite is undone and the
+    Slice/Concat one applies, matching the backend node test's expected output."""
+    case = next(c for c in backend_node_cases if c.name == name)
+    inputs, (expected,) = case.data_sets[0]
+    frozen = bench_legalize.freeze_inputs(case.model, inputs)
+    target = _profile("no-gather", {"Slice", "Concat"})
+    rewritten, result = _legalize(frozen, [], target=target)
+    mode = name.split("_")[1]
+    assert result.stats == {f"Pad({mode})->Slice/Concat": 1}
+    assert set(_ops(rewritten)) == {"Slice", "Concat"}
+    np.testing.assert_array_equal(_run(rewritten, {"x": inputs[0]})["y"], expected)
+
+
+# (model, target, nodes the target still refuses after legalize at the reference shapes)
+REAL_TARGETS = [
+    ("minilm_l6_v2_int8/model.onnx", "coreml", 0),
+    ("style_transfer_candy/candy.onnx", "coreml", 0),
+    ("deeplabv3_mobilenetv2_tf2onnx/deeplab_v3_1_default_1.onnx", "coreml", 0),
+    # computed in float32; its float16 interface stays: NNAPI takes no float16 input and casts to
+    # float32 / int32 only, so the Casts at the input and the output stay on the CPU (65/67 nodes)
+    ("squeezenet1.0_imagenet_fp16/SqueezeNet_fp16.onnx", "nnapi", 2),
+]
+
+
+@pytest.mark.parametrize(("name", "target"), [r[:2] for r in REAL_TARGETS], ids=[f"{t}-{n.split('/')[0][:10]}" for n, t, _ in REAL_TARGETS])
+def test_real_models_become_one_partition_of_the_target(name, target):
+    """After legalize for the target (inputs fixed to the reference shapes): one partition, and
+    the outputs of the original in onnxruntime."""
+    from edgegraph import modelio
+    from edgegraph.pipeline import specialise
+    from edgegraph.targets import check
+
+    path = require_shared(MODELS / name)
+    refused = next(r[2] for r in REAL_TARGETS if r[:2] == (name, target))
+    model = modelio.load(path)
+    feeds = bench_legalize.model_inputs(path, model.to_proto(weights=False))
+    fixed = specialise(model, {k: v.shape for k, v in feeds.items()})
+    legal = bench_legalize.legalize_stage(fixed, target)
+    result = check.check(legal, target)
+    assert result.partitions == 1 and len(result.unsupported) == refused, [(u.op, u.reason) for u in result.unsupported]
+    expected, got = _run(model.to_proto(), feeds), _run(legal.to_proto(), feeds)
+    for key, ref in expected.items():
+        scale = float(np.max(np.abs(ref.astype(np.float64))))
+        atol = 1e-2 if ref.dtype == np.float16 else 1e-5 + 1e-4 * scale
+        np.testing.assert_allclose(got[key].astype(np.float64), ref.astype(np.float64), rtol=0, atol=atol)
+
+
+def test_a_static_shape_target_folds_the_shape_computations_first():
+    """NNAPI needs static shapes: with MiniLM's inputs fixed, its Shape/Gather/Concat chains fold to
+    constants, and LayerNormalization/Erf on the now static tensors are rewritten (25 -> 7
+    partitions; what is left is bool mask logic and IsNaN, which NNAPI cannot express)."""
+    from edgegraph import modelio
+    from edgegraph.pipeline import specialise
+    from edgegraph.targets import check
+
+    path = require_shared(MODELS / "minilm_l6_v2_int8/model.onnx")
+    model = modelio.load(path)
+    feeds = bench_legalize.model_inputs(path, model.to_proto(weights=False))
+    legal = bench_legalize.legalize_stage(specialise(model, {k: v.shape for k, v in feeds.items()}), "nnapi")
+    result = check.check(legal, "nnapi")
+    assert result.partitions == 7 and result.node_share >= 0.96
+    assert {u.op for u in result.unsupported} == {"Where", "IsNaN", "GatherND", "And", "Cast"}
 
 
 def test_a_rewrite_above_the_targets_max_rank_is_undone():

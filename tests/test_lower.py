@@ -17,6 +17,7 @@ from conftest import DEFAULT_DIR
 import edgegraph
 from edgegraph import lowering, runtime, verify
 from edgegraph.lowering import openvino_ir, tflite
+from edgegraph.passbase import settle
 
 MODEL, CALIB, EVAL = DEFAULT_DIR / "digits_cnn.onnx", DEFAULT_DIR / "digits_calib.npz", DEFAULT_DIR / "digits_eval.npz"
 
@@ -140,6 +141,67 @@ def test_fold_constant_dequantize_is_exact(int8_model):
     before = runtime.run(runtime.session(model), feeds)
     after = runtime.run(runtime.session(folded), feeds)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_weight_only_int8_weights_are_folded_for_onnx2tf():
+    """MiniLM's Cast(int8) * scale weights as float initializers (onnx2tf crashes on the decode
+    Mul); bit-identical outputs (the fold runs the decode in onnxruntime)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.integers(-127, 128, (8, 8)).astype(np.int8), "w_q")
+    scale = numpy_helper.from_array((rng.random((1, 8)) / 50).astype(np.float32), "w_scale")
+    nodes = [helper.make_node("Cast", ["w_q"], ["w_f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["w_f", "w_scale"], ["w"]), helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "wo", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [weight, scale])
+    model = edgegraph.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    folded, notes = tflite.fold_decoded_weights(model.copy())
+    assert notes == ["folded 1 weight-only int8 weight(s) into float weights"]
+    assert [n.op for n in folded.graph.nodes] == ["MatMul"]
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
+    assert np.array_equal(runtime.run(runtime.session(model), feeds)["y"], runtime.run(runtime.session(folded), feeds)["y"])
+
+
+def test_tflite_profile_sends_convtranspose_with_output_shape_to_legalize():
+    """onnx2tf crashes on ConvTranspose's output_shape (candy): the tflite profile refuses it, so
+    `legalize --target tflite` rewrites it into Conv/DepthToSpace/Slice, with the same outputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgegraph.context import PassContext
+    from edgegraph.passes.legalize import Legalize
+
+    rng = np.random.default_rng(1)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], auto_pad="VALID", output_shape=[10, 12])
+    graph = helper.make_graph([node], "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model = edgegraph.load(proto)
+    assert "output_shape is not supported" in lowering.unsupported_nodes(model, "tflite")[0]
+    result = Legalize().run(model, PassContext(progress=False, target=edgegraph.load_target("tflite")))
+    assert result.stats == {"ConvTranspose->Conv/DepthToSpace/Slice": 1}
+    settle(model)
+    assert not lowering.unsupported_nodes(model, "tflite")
+    feeds = {"x": rng.standard_normal((1, 4, 5, 6)).astype(np.float32)}
+    np.testing.assert_allclose(runtime.run(runtime.session(model), feeds)["y"],
+                               runtime.run(runtime.session(proto), feeds)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_tflite_preparation_does_not_fuse_what_legalize_spelled_out():
+    """PP-OCR's HardSigmoid, legalized for tflite into Mul/Add/Clip, stays so through the cleanup
+    the tflite route runs instead of onnxsim (fuse-activations fuses only into ops tflite runs)."""
+    from fixtures.legalize import hard_sigmoid_then_sigmoid
+
+    from edgegraph.context import PassContext
+    from edgegraph.passes.legalize import Legalize
+
+    model = edgegraph.load(hard_sigmoid_then_sigmoid())
+    assert Legalize().run(model, PassContext(progress=False, target=edgegraph.load_target("tflite"))).modified
+    settle(model)
+    prepared, _ = tflite.prepare(model)
+    assert "HardSigmoid" not in {n.op for n in prepared.graph.nodes}
+    assert not lowering.unsupported_nodes(prepared, "tflite")
 
 
 def test_tflite_outputs_go_back_to_the_onnx_layout():

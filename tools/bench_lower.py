@@ -12,6 +12,12 @@ input where the manifest stores one), and where it stops:
   matches    its outputs match onnxruntime's on the ONNX model: worst-output SQNR >= 40 dB for
              float models, >= 20 dB for Q/DQ models (`edgegraph lower`'s defaults)
 
+With `--legalize`, each float model is first rewritten by `legalize` for the target's profile
+(`edgegraph opt M.onnx -p legalize --target <profile>`, dynamic inputs fixed to the reference
+input's shapes, verified in onnxruntime), which is what `lower` asks for when the profile refuses
+a node ("rewrite them first"); the lowering then gets the legalized model. The int8 models are
+then made for the target's profile too (`legalize,cleanup,quant --target <profile>`).
+
 Columns: the result per target (`ok` with the worst SQNR, or the stage that failed and why) and the
 seconds the lowering took. Models whose failure needs a `legalize` rewrite are named in the
 summary (see the report). Nothing here is timed for speed, so a loaded machine only slows it.
@@ -93,12 +99,15 @@ def inputs(name: str, folder: Path, count: int) -> tuple[str, dict | None]:
     return str(path), None
 
 
-def quantized(name: str, folder: Path) -> Path:
-    """edgegraph's int8 model (`cleanup,quant` on CALIB real inputs), made once."""
-    path = folder / f"{name}_int8.onnx"
+def quantized(name: str, folder: Path, profile: str = "cpu") -> Path:
+    """edgegraph's int8 model (`cleanup,quant` on CALIB real inputs) for the target profile
+    `profile` (other than cpu: `legalize,cleanup,quant --target profile`, quant's scheme
+    from that profile: tflite int8 activations)."""
+    path = folder / f"{name}_int8{'' if profile == 'cpu' else '.' + profile}.onnx"
     calib = CASES[name][1](CALIB + SAMPLES)
     train = {k: v[:CALIB] for k, v in calib.items()}
-    proto = edgegraph.optimize(str(MODELS / CASES[name][0]), "cleanup,quant", calib=train, timing=False)
+    spec = "cleanup,quant" if profile == "cpu" else "legalize,cleanup,quant"
+    proto = edgegraph.optimize(str(MODELS / CASES[name][0]), spec, calib=train, target=profile, timing=False)
     import onnx
 
     onnx.save(proto, str(path))
@@ -106,11 +115,35 @@ def quantized(name: str, folder: Path) -> Path:
     return path
 
 
-def lower_one(model: Path, target: str, calib: str, preprocess, folder: Path) -> dict:
+def legalized(model: Path, target: str, folder: Path) -> Path:
+    """`model` rewritten by legalize for the lowering's profile, dynamic inputs fixed to the
+    reference input's shapes (tools/bench_legalize.model_inputs) with batch 1 (the lowering runs
+    its samples one by one where the batch is fixed); the model itself when legalize changes
+    nothing."""
+    import onnx
+
+    from edgegraph.lowering import targets
+    from tools.bench_legalize import model_inputs
+
+    proto = onnx.load(str(model), load_external_data=False)
+    shapes = {name: [1, *array.shape[1:]] for name, array in model_inputs(model, proto).items()
+              if any(not d.dim_value for i in proto.graph.input if i.name == name for d in i.type.tensor_type.shape.dim)}
+    profile = targets()[target].profile
+    result = edgegraph.optimize(str(model), "legalize", target=profile, fix_shapes=shapes or None, timing=False)
+    if result.SerializeToString() == onnx.load(str(model)).SerializeToString():
+        return model
+    path = folder / f"{model.stem}.legal-{profile}.onnx"
+    onnx.save(result, str(path))
+    return path
+
+
+def lower_one(model: Path, target: str, calib: str, preprocess, folder: Path, *, legalize: bool = False) -> dict:
     suffix = {"ort-mobile": ".ort", "openvino": ".xml", "tflite": ".tflite"}[target]
     out = folder / f"{model.stem}.{target}{suffix}"
     start = time.perf_counter()
     try:
+        if legalize:
+            model = legalized(model, target, folder)
         result = edgegraph.lower(str(model), target, out, calib=calib, preprocess=preprocess)
     except LoweringError as exc:
         return {"stage": exc.stage, "why": one_line(exc), "seconds": time.perf_counter() - start}
@@ -125,6 +158,8 @@ def main() -> None:
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--models", default=",".join([*CASES, *(f"{q}_int8" for q in QUANTIZED)]))
     parser.add_argument("--json", help="write the rows as JSON")
+    parser.add_argument("--legalize", action="store_true",
+                        help="legalize each float model for the target's profile first (see above)")
     args = parser.parse_args()
     if not MODELS.is_dir():
         raise SystemExit(f"{MODELS} not found: the real models live in ../shared next to the repo")
@@ -142,7 +177,12 @@ def main() -> None:
                 calib, preprocess = inputs(name, folder, SAMPLES)
             row = {"model": name}
             for target in targets:
-                row[target] = lower_one(model, target, calib, preprocess, folder)
+                if name.endswith("_int8") and args.legalize:  # quantized for the target's profile
+                    from edgegraph.lowering import targets as lowerings
+
+                    model = quantized(base, folder, lowerings()[target].profile)
+                row[target] = lower_one(model, target, calib, preprocess, folder,
+                                        legalize=args.legalize and not name.endswith("_int8"))
                 cell = row[target]
                 print(f"{name:18} {target:10} {cell['stage']:8} {cell.get('sqnr_db', float('nan')):7.1f} dB "
                       f"{cell['seconds']:6.1f}s {cell.get('why', '')[:400]}", flush=True)

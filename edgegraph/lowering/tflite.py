@@ -79,6 +79,8 @@ def prepare(model: ir.Model) -> tuple[ir.Model, list[str]]:
     are valid TensorFlow scopes (`/head/conv/Conv`, `Softmax@0` are not; onnx2tf names its ops
     after them and stops)."""
     folded, notes = fold_constant_dequantize(model)
+    folded, scaled = fold_decoded_weights(folded)
+    notes += scaled
     folded, simplified = simplify(folded)
     notes += simplified
     renamed = 0
@@ -108,7 +110,11 @@ def simplify(model: ir.Model) -> tuple[ir.Model, list[str]]:
     from edgegraph.pipeline import run_pipeline
     from edgegraph.spec import parse
 
-    result, report = run_pipeline(model, parse(SIMPLIFY), PassContext(progress=False))
+    from edgegraph.targets import load_target
+
+    # With the tflite profile: cleanup's fuse-activations would otherwise fuse legalized
+    # HardSigmoid (PP-OCR) back, which the check after this refuses.
+    result, report = run_pipeline(model, parse(SIMPLIFY), PassContext(progress=False, target=load_target(TARGET.profile)))
     changed = [r.name for r in report.passes if r.modified]
     return result, ([f"simplified for onnx2tf: {', '.join(changed)}"] if changed else [])
 
@@ -139,6 +145,27 @@ def fold_constant_dequantize(model: ir.Model) -> tuple[ir.Model, list[str]]:
             count += 1
         graph.cleanup()
     return folded, ([f"folded {count} weight/bias DequantizeLinear into float weights"] if count else [])
+
+
+def fold_decoded_weights(model: ir.Model) -> tuple[ir.Model, list[str]]:
+    """`model` (changed in place: `prepare` passes its own copy) with the weights stored
+    encoded in other ways than DQ (weight-only `Cast(int8) * scale`: MiniLM) as float
+    initializers. onnx2tf searches transpositions for every binary op, the constant-only decode
+    Mul included, and crashes there ('NoneType' object has no attribute 'shape',
+    common_functions.py); it would make them float weights anyway."""
+    from edgegraph.analysis import encoding
+
+    count = 0
+    for graph in ir.iter_graphs(model.graph):
+        opset = int(graph.opset or model.opset)
+        for tensor, _ in encoding.decoded_weights(graph):
+            value = ir.folded_value(tensor, opset)
+            if value is None:
+                continue
+            ir.replace_all_uses(graph, tensor, ir.const(f"{tensor.name}_folded", np.ascontiguousarray(value)))
+            count += 1
+        graph.cleanup()
+    return model, ([f"folded {count} weight-only int8 weight(s) into float weights"] if count else [])
 
 
 def convert(model_path: Path, work: Path, batches, options: dict, *, threads: int = 0) -> Artifact:

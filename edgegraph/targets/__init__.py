@@ -481,6 +481,12 @@ class ModelContext:
                 shapes[name] = tuple(int(d) if isinstance(d, int | np.integer) and d >= 0 else None for d in tensor.shape)
             if tensor.dtype is not None:
                 dtypes[name] = _dtype_name(tensor.dtype)
+        # A weight stored encoded and decoded in the graph (edgegraph's int8 Q/DQ weights,
+        # Cast(int8) * scale) is a constant to a rule wanting constant weights: converters and
+        # runtimes take it as one (QDQ node units; onnx2tf after lowering folds it).
+        from edgegraph.analysis import encoding
+
+        constants.update(t.name for t, _ in encoding.decoded_weights(graph))
         return cls(opsets, shapes, dtypes, constants)
 
     @classmethod

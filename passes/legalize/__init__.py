@@ -23,13 +23,14 @@ from edgegraph import ir
 from edgegraph.errors import PassOptionError
 from edgegraph.passbase import Pass, PassResult, option, settle
 from edgegraph.registry import register_pass
+from edgegraph.targets import ModelContext
 
 from ..cleanup.common import (
     Legal, Names, NoMatch, apply_first_rule, graphs, int_list, is_standard, live_nodes, reinfer_shapes, target_context,
     target_verdict,
 )
-from edgegraph.convert import upgrade_opset
-from . import activations, attention, convs, legacy, norms, shapes  # noqa: F401 - importing registers the rewrites
+from edgegraph.convert import compute_in_float32, upgrade_opset
+from . import activations, attention, convs, legacy, logic, norms, shapes  # noqa: F401 - importing registers the rewrites
 from .rules import REPLACED, REWRITES
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 ROUNDS = 32
 # What to do instead, for ops whose rewrite may not suit a target.
 HINTS = {"Upsample": "legalize(opset=11) makes it a Resize instead"}
+RESIZE_OPSET = 11  # the first opset whose Resize has coordinate modes (Upsample becomes Resize with asymmetric ones)
 SHOWN = 5  # op types named in the "could not rewrite" warning
 
 
@@ -52,9 +54,11 @@ class Legalize(Pass):
     Transpose/Reshape/MatMul, Attention -> MatMul/Softmax/MatMul, ConvTranspose -> Conv/
     DepthToSpace/Slice, Space/DepthToSpace -> Reshape/Transpose, Upsample -> Gathers
     (asymmetric, as onnxruntime runs it), opset < 13 Softmax on N-D -> Flatten/Softmax/Reshape,
-    ImageScaler/Crop/Affine -> Mul/Add/Slice, Gather with constant negative indices -> positive.
-    With a target, a rewrite that would make an op the target lacks (and no rule replaces) is
-    undone and the next rule tried.
+    ImageScaler/Crop/Affine -> Mul/Add/Slice, Gather with constant negative indices -> positive,
+    Gather -> GatherND, reflect/edge Pad -> Slice/Concat, IsNaN of a never-infinite value ->
+    Cast(x - x, bool). With a target, a rewrite that would make an op the target lacks (or an
+    attribute value it refuses) is undone and the next rule tried, and what the whole model
+    needs comes first (`_whole_model_steps`: float32 compute, Upsample -> Resize, folding).
 
     `opset` converts the model first (onnx's version converter, through
     `upgrade_opset`, which keeps Upsample's coordinates when it becomes Resize). Nodes that
@@ -67,7 +71,8 @@ class Legalize(Pass):
     exact = True
 
     ops: list[str] = option([], "op types to rewrite whatever the target runs, e.g. [HardSigmoid, Erf]")
-    opset: int = option(0, "convert the model to this ai.onnx opset first (up or down); 0 keeps its opset")
+    opset: int = option(0, "convert the model to this ai.onnx opset first (up or down); 0 keeps its opset (but "
+                           "an opset 7-10 model with Upsample becomes opset 11 for a target that runs Resize only)")
 
     def __post_init__(self):
         self.check(self.opset == 0 or 7 <= self.opset, "legalize: opset must be 0 (keep) or at least 7")
@@ -84,6 +89,8 @@ class Legalize(Pass):
             model.graph = converted.graph
             stats[f"opset {before}->{self.opset}"] = 1
         target = getattr(ctx, "target", None)
+        if target is not None:
+            stats.update(_whole_model_steps(model, target, ctx, keep_opset=bool(self.opset)))
         run = copy.copy(self)  # what a run makes lives on this copy: the pass object stays immutable
         object.__setattr__(run, "names", Names(model))
         object.__setattr__(run, "made", [])  # nodes rewrites made, in order (not rewritten again, see _must_go)
@@ -144,18 +151,78 @@ class Legalize(Pass):
         return target_verdict(target, node, context)
 
     def runs_op(self, node, opset: int) -> bool:
-        """Whether the target has `node`'s op type (shapes aside: new tensors have none yet), or
+        """Whether the target runs `node` (shapes aside: new tensors have none yet), or
         a rewrite exists for it (the next round tries it: Gelu -> Erf -> polynomial)."""
         if self.target is None or node.op in REPLACED:
             return True
         limit = getattr(self.target, "max_rank", None)
         if limit is not None and (_made_rank(node) or 0) > limit:  # (rank-6 Reshape/Transpose of SpaceToDepth)
             return False
+        why = getattr(self.target, "why", None)
+        if callable(why):  # a profile: its op list, opsets and attribute limits (NNAPI casts to float/int32 only)
+            found = why(node, _Unshaped(opsets={"": opset}, shapes={}, dtypes={}, constants=set()))
+            return found is None or found[0] not in ("op", "opset", "attr")
         has = getattr(self.target, "supports_op", None)
         if callable(has):
             return has(node.op, node.domain or "", opset)
         ops = getattr(self.target, "ops", None)
         return not ops or node.op in ops
+
+
+def _whole_model_steps(model: ir.Model, target, ctx, *, keep_opset: bool = False) -> Counter:
+    """What a target needs done to the whole model before node rewrites (their counter keys):
+
+    * float16 compute for a target that takes no float16 (NNAPI): the model computes in float32
+      behind Casts at its float16 inputs and outputs (`convert.compute_in_float32`; its interface
+      stays float16, so those Casts are what stays off the target).
+    * Upsample (opset <= 10) for a target without it that runs Resize: the opset conversion to
+      11 (`convert.upgrade_opset`, which keeps Upsample's asymmetric coordinates; onnx's
+      converter alone would shift them to half_pixel). Resize is the op that replaced Upsample:
+      one node instead of a Gather per scaled axis (CoreML has no Gather at all). Not when the
+      user chose the opset (`legalize(opset=N)`, `keep_opset`).
+    * constants folded (fold-constants, exact) when the target refuses a node for a dynamic shape
+      (NNAPI) or a computed input it wants constant (TFLite's Slice bounds): once the inputs are
+      fixed (--fix-shape), Shape/Gather/Concat chains become constants (MiniLM: 25 NNAPI
+      partitions before, 7 after; TFLite 26 -> 1).
+    """
+    done: Counter = Counter()
+    dtypes = getattr(target, "dtypes", None)
+    if dtypes is not None and "float16" not in dtypes and compute_in_float32(model):
+        done["float16->float32 compute"] = 1
+    has = getattr(target, "supports_op", None)
+    upsamples = [n for g in graphs(model.graph) for n in g.nodes if n.op == "Upsample" and is_standard(n)]
+    if upsamples and not keep_opset and model.opset < RESIZE_OPSET and callable(has) and not has("Upsample", "", model.opset) \
+            and has("Resize", "", RESIZE_OPSET):
+        before = model.opset
+        converted = upgrade_opset(model, RESIZE_OPSET)
+        if converted is not None:  # (else the Upsample rules below say what they can do)
+            model.graph = converted.graph
+            done[f"opset {before}->{RESIZE_OPSET} (Upsample->Resize)"] = 1
+    if _refused_for_shapes(model, target):
+        from ..cleanup import FoldConstants
+
+        folded = FoldConstants().run(model, ctx)
+        if folded.modified:
+            settle(model)
+            reinfer_shapes(model)
+            done["shape computations folded"] = sum(folded.stats.values()) or 1
+    return done
+
+
+def _refused_for_shapes(model: ir.Model, target) -> bool:
+    """Whether the target refuses a node for a dynamic shape or for a computed input it wants
+    constant (TFLite: MiniLM's Slice by the sequence length), which folding may settle."""
+    context = target_context(target, model)
+    return any((target_verdict(target, node, context) or ("",))[0] in ("dynamic", "constant")
+               for node in live_nodes(model.graph))
+
+
+class _Unshaped(ModelContext):
+    """What a profile is told about the nodes a rewrite just made: no shapes, dtypes or constants
+    yet (and not "dynamic" for that), so only their op type, opset and attributes are judged."""
+
+    def is_static(self, name: str) -> bool:
+        return True
 
 
 def _dynamic_for(target, node, context) -> bool:

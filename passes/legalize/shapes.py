@@ -231,12 +231,41 @@ def gather_negative_indices(owner, graph, node, opset):
     return "Gather(negative indices)->Gather"
 
 
+# Registered with removes=False although it replaces Gather: a Gather another rewrite would make
+# (Pad, Upsample) is better made directly as what the target runs (CoreML: Slice/Concat, Resize)
+# than as Gather -> GatherND, so Gather does not count as an op the next round replaces.
+@rewrites("Gather", removes=False)
+def gather_as_gather_nd(owner, graph, node, opset):
+    """Gather(data, indices, axis) = GatherND(data', Unsqueeze(indices, -1)) with data' the data
+    with `axis` moved first (a Transpose, then one back on the result when axis > 0): CoreML's
+    ML Program has GatherND but no Gather (MiniLM's embedding lookups). Both take negative
+    indices."""
+    if opset < 11:
+        return NoMatch(f"opset {opset}: GatherND is opset 11+")
+    data_rank, index_rank = rank_of(node.inputs[0]), rank_of(node.inputs[1])
+    if data_rank is None or index_rank is None:
+        return NoMatch("the rank of the data or the indices is unknown")
+    axis = int(node.attrs.get("axis", 0))
+    axis = axis + data_rank if axis < 0 else axis
+    e = Emit(owner, graph, node, None, opset)
+    data, indices = e.take()
+    if axis:
+        data = e("Transpose", data, perm=[axis, *(a for a in range(data_rank) if a != axis)])
+    # GatherND's result: indices' dims, then data' dims after the first (data dims before axis, then after)
+    picked = e("GatherND", data, e.unsqueeze(indices, [index_rank]), batch_dims=0,
+               out=None if axis else e.outputs[0])
+    if axis:
+        before = list(range(index_rank, index_rank + axis))
+        perm = before + list(range(index_rank)) + list(range(index_rank + axis, index_rank + data_rank - 1))
+        e("Transpose", picked, perm=perm, out=e.outputs[0])
+    return "Gather->GatherND" + ("/Transpose" if axis else "")
+
+
 # --- Pad modes other than constant ---------------------------------------------------------------
 
-@rewrites("Pad", removes=False)
-def reflect_or_edge_pad(owner, graph, node, opset):
-    """Pad mode reflect / edge (NNAPI and CoreML run only constant mode) as one Gather per padded
-    axis, at constant positions: reflect [b..1, 0..n-1, n-2..n-1-e], edge [0]*b, 0..n-1, [n-1]*e."""
+def _non_constant_pad(node, opset):
+    """(mode, input shape, [(axis, pads before, pads after)] of the padded axes) of a reflect /
+    edge Pad the rewrites below handle, Legal for a constant one, or why not."""
     mode = node.attrs.get("mode", "constant")
     if isinstance(mode, bytes):
         mode = mode.decode()
@@ -269,6 +298,17 @@ def reflect_or_edge_pad(owner, graph, node, opset):
             return NoMatch(f"the size of padded axis {axis} is not static")
         if mode == "reflect" and max(begin, end) > n - 1:
             return NoMatch(f"reflect pads {begin}, {end} exceed axis {axis} of size {n}")
+    return mode, shape, padded
+
+
+@rewrites("Pad", removes=False)
+def reflect_or_edge_pad(owner, graph, node, opset):
+    """Pad mode reflect / edge (NNAPI and CoreML run only constant mode) as one Gather per padded
+    axis, at constant positions: reflect [b..1, 0..n-1, n-2..n-1-e], edge [0]*b, 0..n-1, [n-1]*e."""
+    found = _non_constant_pad(node, opset)
+    if isinstance(found, NoMatch):
+        return found
+    mode, shape, padded = found
     e = Emit(owner, graph, node, None, opset)
     y = e.take()[0]
     for count, (axis, begin, end) in enumerate(padded, 1):
@@ -281,3 +321,31 @@ def reflect_or_edge_pad(owner, graph, node, opset):
     if not padded:
         e("Identity", y, out=e.outputs[0])
     return f"Pad({mode})->Gather"
+
+
+@rewrites("Pad", removes=False)
+def reflect_or_edge_pad_as_slices(owner, graph, node, opset):
+    """Pad mode reflect / edge for a target without Gather (CoreML's ML Program): per padded axis
+    one Concat of [the mirrored (reflect) or repeated first (edge) rows as 1-wide Slices, x, the
+    same at the end]. Step-1 Slices only (negative steps are not taken everywhere)."""
+    found = _non_constant_pad(node, opset)
+    if isinstance(found, NoMatch):
+        return found
+    mode, shape, padded = found
+    e = Emit(owner, graph, node, None, opset)
+    y = e.take()[0]
+    for count, (axis, begin, end) in enumerate(padded, 1):
+        n = shape[axis]
+        if mode == "reflect":
+            rows_before, rows_after = list(range(begin, 0, -1)), list(range(n - 2, n - 2 - end, -1))
+        else:
+            rows_before, rows_after = [0] * begin, [n - 1] * end
+        row = {}  # one Slice per distinct row (edge repeats one)
+        for r in rows_before + rows_after:
+            if r not in row:
+                row[r] = e.slice(y, [r], [r + 1], [axis])
+        parts = [row[r] for r in rows_before] + [y] + [row[r] for r in rows_after]
+        y = e("Concat", *parts, axis=axis, out=e.outputs[0] if count == len(padded) else None)
+    if not padded:
+        e("Identity", y, out=e.outputs[0])
+    return f"Pad({mode})->Slice/Concat"

@@ -14,6 +14,7 @@ from edgegraph import ir, runtime, verify
 from edgegraph.analysis import capture
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import CalibrationDataError
+from edgegraph.passes.quant import scheme
 from edgegraph.passes.quant.placement import Plan, make_plan
 
 if TYPE_CHECKING:
@@ -34,9 +35,9 @@ class QuantRun:
     """State of one run of the pass (the pass object itself is immutable)."""
 
     def __init__(self, options: StaticQuantize, ctx: PassContext):
-        self.o = options
+        self.o, notes = scheme.resolve(options, ctx.target)  # ("target" options from the profile's [quant])
         self.ctx = ctx
-        self.notes: list[str] = []
+        self.notes: list[str] = notes
         self.timings: dict[str, float] = {}
         self.budget: dict | None = None
         self.method = options.method  # "auto" is resolved by tuning.tuned_build

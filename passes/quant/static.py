@@ -72,8 +72,11 @@ class StaticQuantize(Pass):
         "auto", "how activation ranges come from calibration data: minmax | percentile | mse | entropy (KL) | "
                 "auto (mse, entropy and percentile are each tried; the best output SQNR on held-out samples wins)")
     percentile: float = option(99.999, "for method=percentile: the percentile of values kept on each side")
-    per_channel: bool = option(True, "one weight scale per output channel (needs opset >= 13; older models are upgraded)")
-    weight_type: Literal["int8", "uint8"] = option("int8", "weight type (symmetric; uint8 uses zero point 128)")
+    per_channel: bool | Literal["target"] = option(
+        "target", "one weight scale per output channel (needs opset >= 13; older models are upgraded); target: as "
+                  "the target's scheme says (every profile: true)")
+    weight_type: Literal["target", "int8", "uint8"] = option(
+        "target", "weight type (symmetric; uint8 uses zero point 128); target: the target's scheme (int8 everywhere)")
     weight_method: Literal["minmax", "mse"] = option(
         "minmax", "weight ranges: minmax (absmax) | mse (per-channel clipping with the least error)")
     weight_rounding: Literal["nearest", "gram", "auto"] = option(
@@ -87,10 +90,13 @@ class StaticQuantize(Pass):
                         "input codes are often above 128 (e.g. signed inputs, zero point ~128) get 7-bit weights "
                         "(reduce-range: fast u8s8 kernels) or uint8 weights (uint8-weights: exact but slower u8u8 "
                         "kernels); off: no guard")
-    activation_type: Literal["uint8", "int8", "int16"] = option(
-        "uint8", "activation type; int16 needs opset 21 (or com.microsoft Q/DQ) and runs on float kernels")
-    symmetric_activations: bool = option(
-        False, "symmetric activation ranges; tensors that are never negative always use the full range")
+    activation_type: Literal["target", "uint8", "int8", "int16"] = option(
+        "target", "activation type; int16 needs opset 21 (or com.microsoft Q/DQ) and runs on float kernels; target: "
+                  "the target's scheme (cpu, nnapi, qnn, openvino: uint8; tflite, xnnpack, tensorrt: int8; see "
+                  "passes/quant/scheme.py)")
+    symmetric_activations: bool | Literal["target"] = option(
+        "target", "symmetric activation ranges; tensors that are never negative always use the full range; target: "
+                  "the target's scheme (tensorrt: true)")
     exclude_ops: list[str] = option([], "op types kept in float")
     exclude_nodes: list[str] = option([], "node names kept in float")
     quantize_softmax: bool = option(False, "quantize Softmax too (its 8-bit output loses small probabilities)")
