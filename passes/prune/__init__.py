@@ -81,6 +81,9 @@ class Prune(Pass):
                                  "data, neuron merging without")
     refit: bool = option(True, "with calibration data, fit the recovered layers again on the pruned model's own "
                                "inputs (the errors of the layers before them included), in one more pass")
+    refit_stages: int = option(0, "the refit runs in this many passes over the fitting samples, layers in graph "
+                                  "order, each stage fitted on the inputs the stages before it left (0: one "
+                                  "stage per layer, fully sequential; 1: all layers at once)")
     sensitivity: bool = option(False, "with calibration data, measure each group alone (half its channels cut, on "
                                       "a few fitting samples) and weigh its cost by the output error it causes (off: "
                                       "measured worse on SqueezeNet, 0.52 vs 0.66 agreement at a 20% cut)")
@@ -104,6 +107,7 @@ class Prune(Pass):
         self.check(self.ridge >= 0 and math.isfinite(self.ridge), f"prune: ridge must be >= 0, got {self.ridge}")
         self.check(0 <= self.align <= 1024, f"prune: align must be in 0..1024, got {self.align}")
         self.check(0.0 < self.max_layer_cut < 1.0, f"prune: max_layer_cut must be in (0, 1), got {self.max_layer_cut}")
+        self.check(0 <= self.refit_stages <= 10000, f"prune: refit_stages must be >= 0, got {self.refit_stages}")
         self.check(self.holdout >= 1 and self.calib_samples >= 0, "prune: holdout must be >= 1, calib_samples >= 0")
         self.check(all(isinstance(n, str) and n for n in self.protect), "prune: protect must be a list of node names")
 
@@ -428,17 +432,18 @@ class _Pruner:
         reconstruction error says little about how much of it reaches the outputs."""
         batches = runtime.feeds_of(model, fit.take(SENSITIVITY_SAMPLES))
         proto = model.to_proto()
-        reference = runtime.outputs(proto, batches, threads=self.ctx.threads)
+        scores = verify.score_outputs(model)
+        reference = [_logit_space(r, scores) for r in runtime.outputs(proto, batches, threads=self.ctx.threads)]
         bar = self.ctx.progress_bar(total=len(plans), desc="prune: sensitivity of each group")
         try:
             for plan in plans:
                 allowed = [k for k in plan.allowed(self.o.max_layer_cut) if k <= len(plan.order)]
                 k = min(allowed, key=lambda a: abs(a - plan.group.channels / 2))
                 candidate = self._build(model, [plan], {plan.group.id: plan.order[:k]}, refit_=False)
-                out = runtime.outputs(candidate.to_proto(), batches, threads=self.ctx.threads)
-                noise = sum(float(np.sum((r[n].astype(np.float64) - c[n]) ** 2))
-                            for r, c in zip(reference, out) for n in r)
-                signal = sum(float(np.sum(r[n].astype(np.float64) ** 2)) for r in reference for n in r)
+                out = [_logit_space(c, scores) for c in runtime.outputs(candidate.to_proto(), batches,
+                                                                         threads=self.ctx.threads)]
+                noise = sum(float(np.sum((r[n] - c[n]) ** 2)) for r, c in zip(reference, out) for n in r)
+                signal = sum(float(np.sum(r[n] ** 2)) for r in reference for n in r)
                 plan.sensitivity = noise / max(signal, 1e-30)
                 plan.cost = plan.cost * (plan.sensitivity / max(float(plan.cost[k - 1]), 1e-12))
                 bar.update(1)
@@ -516,10 +521,14 @@ class _Pruner:
         return candidate
 
     def _refit(self, candidate: ir.Model, holders, nodes, cuts) -> None:
-        """Fit every recovered layer again on the pruned model's inputs (refit.py)."""
+        """Fit every recovered layer again on the pruned model's inputs (refit.py), in
+        `refit_stages` passes in graph order: a layer's inputs are those of the layers before it
+        already refitted (fitting all at once fits each layer to inputs that then change; on the
+        PP-OCR classifier at a 30% cut that drove the output SQNR from 5 to -1 dB)."""
         spaces, _ = channels._merged(cuts)
+        position = {n.name: i for i, n in enumerate(candidate.graph.nodes)}
         layers = {}
-        for name in sorted(self.recovered):
+        for name in sorted(self.recovered, key=lambda n: position.get(n, -1)):
             node = self.work_nodes[name]
             out = node.outputs[0]
             rank = len(out.shape or ())
@@ -527,28 +536,39 @@ class _Pruner:
             gone = spaces.get((out.name, axis))
             kept = None if not gone else np.setdiff1d(np.arange(out.shape[axis]), sorted(gone))
             layers[name] = (out.name, kept, axis, rank)
-        probed = candidate.copy()
-        compute_in_float32(probed)
-        model = refit.paired(probed.to_proto(), self.original_fp32)
-        found = refit.refit(model, layers, self.fit_batches, threads=self.ctx.threads,
-                            progress=lambda it, **kw: self.ctx.progress_bar(it, desc="prune: refitting"))
-        for name, (xtx, xty, rows) in found.items():
-            node = nodes[name]
-            has_bias = node.op != "MatMul"
-            weight = holders[node.inputs[1].name]
-            stored = np.asarray(weight.values)
-            alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-            beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
-            prior = _matrix(node, stored.astype(np.float64)) * alpha
-            prior_bias = (np.asarray(holders[node.inputs[2].name].values, np.float64).reshape(-1) * beta
-                          if has_bias else None)
-            matrix, bias = refit.solve(xtx, xty, rows, self.o.ridge, prior, prior_bias)
-            matrix, bias = matrix / alpha, bias / beta
-            weight.values = _unmatrix(node, matrix, stored.shape).astype(stored.dtype)
-            if has_bias:
-                holder = holders[node.inputs[2].name]
-                value = np.asarray(holder.values)
-                holder.values = bias.reshape(value.shape).astype(value.dtype)
+        names = list(layers)
+        stages = max(1, min(self.o.refit_stages or len(names), len(names)))
+        bounds = np.linspace(0, len(names), stages + 1).round().astype(int)
+        bar = self.ctx.progress_bar(total=stages, desc="prune: refitting on pruned inputs")
+        try:
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                stage = {n: layers[n] for n in names[lo:hi]}
+                probed = candidate.copy()
+                compute_in_float32(probed)
+                found = refit.refit(refit.paired(probed.to_proto(), self.original_fp32), stage, self.fit_batches,
+                                    threads=self.ctx.threads)
+                for name, (xtx, xty, rows) in found.items():
+                    self._solve_refit(nodes[name], holders, xtx, xty, rows)
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def _solve_refit(self, node: gs.Node, holders, xtx, xty, rows) -> None:
+        has_bias = node.op != "MatMul"
+        weight = holders[node.inputs[1].name]
+        stored = np.asarray(weight.values)
+        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        prior = _matrix(node, stored.astype(np.float64)) * alpha
+        prior_bias = (np.asarray(holders[node.inputs[2].name].values, np.float64).reshape(-1) * beta
+                      if has_bias else None)
+        matrix, bias = refit.solve(xtx, xty, rows, self.o.ridge, prior, prior_bias)
+        matrix, bias = matrix / alpha, bias / beta
+        weight.values = _unmatrix(node, matrix, stored.shape).astype(stored.dtype)
+        if has_bias:
+            holder = holders[node.inputs[2].name]
+            value = np.asarray(holder.values)
+            holder.values = bias.reshape(value.shape).astype(value.dtype)
 
     def _least_squares(self, candidate, holders, nodes, plans, removed) -> None:
         gone: dict[str, list[np.ndarray]] = {}
@@ -654,6 +674,20 @@ def _multiple(channels_: int, align: int) -> int:
     while m > 1 and channels_ < 4 * m:
         m //= 2
     return m
+
+
+def _logit_space(outputs: dict[str, np.ndarray], scores) -> dict[str, np.ndarray]:
+    """Class probabilities (a score output whose rows are >= 0 and sum to 1) as centred log
+    probabilities, i.e. logits: the error energy of probabilities is that of the top class alone
+    (on SqueezeNet's 1000-way softmax, sensitivity measured on them made the 30% cut worse)."""
+    found = {}
+    for name, value in outputs.items():
+        value = np.asarray(value, np.float64)
+        if name in scores and value.ndim >= 2 and value.min() >= 0 and np.allclose(value.sum(axis=1), 1, atol=1e-2):
+            value = np.log(np.maximum(value, 1e-12))
+            value = value - value.mean(axis=1, keepdims=True)
+        found[name] = value
+    return found
 
 
 def _zero_biases(graph: gs.Graph) -> None:
