@@ -115,7 +115,8 @@ def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
     if compute_in_float32(model):  # a float16 model (SqueezeNet) is compared in float32 (see the docstring)
         source = folder / f"{case.name}_fp32.onnx"
         modelio.save(model, source)
-    split_a, split_b = (x.astype(np.float32) for x in case.splits)
+    dtype = runtime.input_specs(onnx.load(str(source)))[0].dtype  # (SqueezeNet keeps its float16 interface)
+    split_a, split_b = (x.astype(dtype) for x in case.splits)
     evaluation = np.concatenate([split_a, split_b])
     reference = bq.first_output(source, case.input, evaluation)
     half = len(split_a)
@@ -141,8 +142,7 @@ def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     # Latency: every model of this case timed in turns, 1 thread (interleaved round medians).
-    dtype = runtime.input_specs(onnx.load(str(source)))[0].dtype  # (SqueezeNet keeps its float16 interface)
-    feeds = {case.input: evaluation[:1].astype(dtype)}
+    feeds = {case.input: evaluation[:1]}
     protos = [onnx.load(str(p)) for p in [source] + [p for _, p in paths]]
     timed = stats.measure_latency(protos, [feeds] * len(protos), runs=20, threads=1, rounds=rounds)
     base = timed[0][0]
