@@ -40,7 +40,7 @@ def test_sequential_refit_helps_where_fitting_all_layers_at_once_hurt():
     reference = _first(modelio.load(path), x[64:], "x")
     sqnr = {}
     for stages in (0, 1):
-        spec = f"prune(macs=0.7, refit_stages={stages})"
+        spec = f"prune(macs=0.7, sensitivity=false, refit_stages={stages})"
         model, _ = run_pipeline(modelio.load(path), parse(spec), _ctx(calib))
         got = _first(model, x[64:], "x")
         sqnr[stages] = verify.compare("out", reference, got, scores=False).sqnr_db
@@ -115,7 +115,7 @@ def test_latency_budget_measured_on_a_real_model():
     path = require_shared(MODELS / "cifar10_cnn_pytorch_tutorial/ImageClassifier.onnx")
     x, _ = qfix.cifar10(require_shared(DATA))
     calib = CalibrationData.from_arrays({"modelInput": x[:64]})
-    model, report = run_pipeline(modelio.load(path), parse("prune(latency=0.85)"), _ctx(calib))
+    model, report = run_pipeline(modelio.load(path), parse("prune(latency=0.85, sensitivity=false)"), _ctx(calib))
     record = next(r for r in report.passes if r.name == "prune")
     rows = record.details["latency"]["cuts"]
     chosen = record.details["search"]["steps"][0]["setting"][1]

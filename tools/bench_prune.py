@@ -11,6 +11,8 @@ against that model. For each model and MAC cut, in one run:
                       aligned to the cpu target (16)
   eg no-recovery      the same selection, recover=false
   eg no-align         align=1
+  eg no-refit         refit=false (least squares on the original's activations only)
+  eg sensitivity      sensitivity=true (each group's cost = the output error it causes alone)
   onnxsim L1 / Wanda  apply_structured_pruning(importance_norm=l1) / apply_structured_wanda_pruning
                       (calibrated on the same 64 inputs); onnxsim's knob is a channel fraction, so
                       it is bisected (global_sparsity=True) until its MAC cut is the same
@@ -104,6 +106,8 @@ TOOLS = {
     "edgegraph": edgegraph_prune("prune(macs={keep})"),
     "eg no-recovery": edgegraph_prune("prune(macs={keep}, recover=false)"),
     "eg no-align": edgegraph_prune("prune(macs={keep}, align=1)"),
+    "eg no-refit": edgegraph_prune("prune(macs={keep}, refit=false)"),
+    "eg sensitivity": edgegraph_prune("prune(macs={keep}, sensitivity=true)"),
     "onnxsim L1": onnxsim_prune("l1"),
     "onnxsim Wanda": onnxsim_prune("wanda"),
 }
