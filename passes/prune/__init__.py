@@ -215,7 +215,7 @@ class _Pruner:
             self._order(plan)
         live = [p for p in live if not p.skipped]
         costs = {"reconstruction": {p.group.id: p.cost for p in live}}
-        if o.sensitivity is not False and data is not None:
+        if o.sensitivity is not False and data is not None and o.ratio is None:  # (ratio: no sharing to weigh)
             self._sensitivity(model, live, held)
             costs["measured"] = {p.group.id: p.cost for p in live}
         reference = self._reference(given, held)
@@ -227,7 +227,7 @@ class _Pruner:
             return candidate, removed
 
         def measure(setting):
-            if len(costs) > 1 and o.sensitivity == "auto" and held is not None:
+            if len(costs) > 1 and o.sensitivity == "auto" and held is not None and setting[0] == "macs":
                 candidate, removed = self._choose_costs(live, costs, setting, reference, scores)
             else:
                 candidate, removed = build(setting)
