@@ -100,7 +100,8 @@ class Prune(Pass):
                 "use the output error as its cost (true); auto: at the first budget, build both the cut this "
                 "allocates and the reconstruction-cost one and keep the nearer to the original on the held-out "
                 "samples (30% cut: measured costs won on PP-OCR cls 0.85/0.80 vs 0.69/0.67 and DeepLab, lost on "
-                "SqueezeNet 0.41/0.42 vs 0.50/0.46)")
+                "SqueezeNet 0.41/0.42 vs 0.50/0.46; auto picks them on YOLOX, whose F1 drops to 0.27/0.09 from "
+                "0.63/0.32: raw box coordinates dominate the output error; use false there)")
     ridge: float = option(0.1, "least-squares regularisation, relative to the mean input energy (0.1 measured "
                                "best: 1e-3 overfits the refit, PP-OCR cls agreement 0.47 vs 0.73 at a 10% cut)")
     align: int = option(0, "kept channel counts are multiples of this (halved for groups narrower than four "
