@@ -11,6 +11,8 @@ against that model. For each model and MAC cut, in one run:
                       aligned to the cpu target (16)
   eg no-recovery      the same selection, recover=false
   eg no-align         align=1
+  eg no-refit         refit=false (least squares on the original's activations only)
+  eg sensitivity      sensitivity=true (each group's cost = the output error it causes alone)
   onnxsim L1 / Wanda  apply_structured_pruning(importance_norm=l1) / apply_structured_wanda_pruning
                       (calibrated on the same 64 inputs); onnxsim's knob is a channel fraction, so
                       it is bisected (global_sparsity=True) until its MAC cut is the same
@@ -104,6 +106,8 @@ TOOLS = {
     "edgegraph": edgegraph_prune("prune(macs={keep})"),
     "eg no-recovery": edgegraph_prune("prune(macs={keep}, recover=false)"),
     "eg no-align": edgegraph_prune("prune(macs={keep}, align=1)"),
+    "eg no-refit": edgegraph_prune("prune(macs={keep}, refit=false)"),
+    "eg sensitivity": edgegraph_prune("prune(macs={keep}, sensitivity=true)"),
     "onnxsim L1": onnxsim_prune("l1"),
     "onnxsim Wanda": onnxsim_prune("wanda"),
 }
@@ -115,7 +119,8 @@ def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
     if compute_in_float32(model):  # a float16 model (SqueezeNet) is compared in float32 (see the docstring)
         source = folder / f"{case.name}_fp32.onnx"
         modelio.save(model, source)
-    split_a, split_b = (x.astype(np.float32) for x in case.splits)
+    dtype = runtime.input_specs(onnx.load(str(source)))[0].dtype  # (SqueezeNet keeps its float16 interface)
+    split_a, split_b = (x.astype(dtype) for x in case.splits)
     evaluation = np.concatenate([split_a, split_b])
     reference = bq.first_output(source, case.input, evaluation)
     half = len(split_a)
@@ -141,8 +146,7 @@ def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     # Latency: every model of this case timed in turns, 1 thread (interleaved round medians).
-    dtype = runtime.input_specs(onnx.load(str(source)))[0].dtype  # (SqueezeNet keeps its float16 interface)
-    feeds = {case.input: evaluation[:1].astype(dtype)}
+    feeds = {case.input: evaluation[:1]}
     protos = [onnx.load(str(p)) for p in [source] + [p for _, p in paths]]
     timed = stats.measure_latency(protos, [feeds] * len(protos), runs=20, threads=1, rounds=rounds)
     base = timed[0][0]

@@ -52,6 +52,10 @@ DEFAULT_AGREEMENT = 0.97
 DEFAULT_SQNR_DB = 20.0
 _MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SENSITIVITY_SAMPLES = 8
+# `latency`: the MAC cuts timed (weakest first), and how (onnxruntime, 1 thread, interleaved rounds).
+LATENCY_CUTS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+LATENCY_RUNS, LATENCY_ROUNDS = 10, 5
+SENSITIVITY_POINTS = 4  # widths measured per group
 
 
 @register_pass
@@ -72,6 +76,9 @@ class Prune(Pass):
 
     macs: float | None = option(None, "fraction of MACs to keep (e.g. 0.7); none: the most the floor allows")
     ratio: float | None = option(None, "fraction of channels removed from every prunable group (instead of macs)")
+    latency: float | None = option(None, "fraction of the measured latency to keep (e.g. 0.8): the MAC cuts of a "
+                                         "grid are timed against the model (onnxruntime, 1 thread, interleaved "
+                                         "round medians) and the weakest cut whose median is within it is pruned")
     max_cut: float = option(0.4, "with no macs / ratio: the largest fraction of MACs the floor search tries")
     importance: Literal["auto", "reconstruction", "activation", "l1", "l2", "bn-scale"] = option(
         "auto", "channel choice: reconstruction (greedy least-squares selection on calibration data), activation "
@@ -81,9 +88,20 @@ class Prune(Pass):
                                  "data, neuron merging without")
     refit: bool = option(True, "with calibration data, fit the recovered layers again on the pruned model's own "
                                "inputs (the errors of the layers before them included), in one more pass")
-    sensitivity: bool = option(False, "with calibration data, measure each group alone (half its channels cut, on "
-                                      "a few fitting samples) and weigh its cost by the output error it causes (off: "
-                                      "measured worse on SqueezeNet, 0.52 vs 0.66 agreement at a 20% cut)")
+    refit_stages: int = option(0, "the refit runs in this many passes over the fitting samples, layers in graph "
+                                  "order, each stage fitted on the inputs the stages before it left (0: one "
+                                  "stage per layer, fully sequential; 1: all layers at once)")
+    bias_correction: bool = option(False, "after the refit, every other Conv / Gemm downstream of a cut gets the "
+                                          "bias that makes each output channel's mean on the fitting samples the "
+                                          "original model's (off: measured no better at a 30% cut, SqueezeNet "
+                                          "0.50/0.50 vs 0.48/0.52, YOLOX F1 0.10/0.03 vs 0.16/0.03, 4x slower)")
+    sensitivity: bool | Literal["auto"] = option(
+        "auto", "with calibration data, measure each group alone (cut to up to 4 widths, on 8 held-out samples) and "
+                "use the output error as its cost (true); auto: at the first budget, build both the cut this "
+                "allocates and the reconstruction-cost one and keep the nearer to the original on the held-out "
+                "samples (30% cut: measured costs won on PP-OCR cls 0.85/0.80 vs 0.69/0.67 and DeepLab, lost on "
+                "SqueezeNet 0.41/0.42 vs 0.50/0.46; auto picks them on YOLOX, whose F1 drops to 0.27/0.09 from "
+                "0.63/0.32: raw box coordinates dominate the output error; use false there)")
     ridge: float = option(0.1, "least-squares regularisation, relative to the mean input energy (0.1 measured "
                                "best: 1e-3 overfits the refit, PP-OCR cls agreement 0.47 vs 0.73 at a 10% cut)")
     align: int = option(0, "kept channel counts are multiples of this (halved for groups narrower than four "
@@ -98,12 +116,17 @@ class Prune(Pass):
     def __post_init__(self) -> None:
         self.check(self.macs is None or 0.0 < self.macs <= 1.0, f"prune: macs must be in (0, 1], got {self.macs}")
         self.check(self.ratio is None or 0.0 <= self.ratio < 1.0, f"prune: ratio must be in [0, 1), got {self.ratio}")
-        self.check(self.macs is None or self.ratio is None, "prune: give macs or ratio, not both")
+        self.check(self.latency is None or 0.0 < self.latency < 1.0,
+                   f"prune: latency must be in (0, 1), got {self.latency}")
+        self.check(sum(v is not None for v in (self.macs, self.ratio, self.latency)) <= 1,
+                   "prune: give one of macs, ratio, latency")
         self.check(0.0 < self.max_cut < 1.0, f"prune: max_cut must be in (0, 1), got {self.max_cut}")
         self.check(self.importance in IMPORTANCE, f"prune: importance must be one of {', '.join(IMPORTANCE)}")
         self.check(self.ridge >= 0 and math.isfinite(self.ridge), f"prune: ridge must be >= 0, got {self.ridge}")
         self.check(0 <= self.align <= 1024, f"prune: align must be in 0..1024, got {self.align}")
         self.check(0.0 < self.max_layer_cut < 1.0, f"prune: max_layer_cut must be in (0, 1), got {self.max_layer_cut}")
+        self.check(self.sensitivity in (True, False, "auto"), "prune: sensitivity must be true, false or auto")
+        self.check(0 <= self.refit_stages <= 10000, f"prune: refit_stages must be >= 0, got {self.refit_stages}")
         self.check(self.holdout >= 1 and self.calib_samples >= 0, "prune: holdout must be >= 1, calib_samples >= 0")
         self.check(all(isinstance(n, str) and n for n in self.protect), "prune: protect must be a list of node names")
 
@@ -147,7 +170,7 @@ class _Pruner:
     def run(self, model: ir.Model) -> PassResult:
         o, ctx = self.o, self.ctx
         data = ctx.calibration
-        if data is None and o.macs is None and o.ratio is None:
+        if data is None and o.macs is None and o.ratio is None and o.latency is None:
             raise EdgegraphError("prune: without calibration data (--calib) give a budget, e.g. "
                                  "-p 'prune(macs=0.8)' (data-free: magnitude importance and neuron merging)")
         given = model
@@ -155,6 +178,7 @@ class _Pruner:
         _name_nodes(model.graph)
         _zero_biases(model.graph)
         graph = model.graph
+        self.work_model = model
         found = channels.groups(graph)
         self.nodes = {n.name: n for n in graph.nodes}
         self.readers = _readers(graph)
@@ -191,9 +215,12 @@ class _Pruner:
         for plan in live:
             self._order(plan)
         live = [p for p in live if not p.skipped]
-        if o.sensitivity and data is not None:
-            self._sensitivity(model, live, fit)
+        costs = {"reconstruction": {p.group.id: p.cost for p in live}}
+        if o.sensitivity is not False and data is not None and o.ratio is None:  # (ratio: no sharing to weigh)
+            self._sensitivity(model, live, held)
+            costs["measured"] = {p.group.id: p.cost for p in live}
         reference = self._reference(given, held)
+        scores = verify.score_outputs(model)
 
         def build(setting):
             removed = self._allocate(live, setting)
@@ -201,7 +228,10 @@ class _Pruner:
             return candidate, removed
 
         def measure(setting):
-            candidate, removed = build(setting)
+            if len(costs) > 1 and o.sensitivity == "auto" and held is not None and setting[0] == "macs":
+                candidate, removed = self._choose_costs(live, costs, setting, reference, scores)
+            else:
+                candidate, removed = build(setting)
             if not any(len(v) for v in removed.values()):
                 return None, None
             if held is None:
@@ -212,7 +242,10 @@ class _Pruner:
             return measured, (candidate, removed)
 
         user = ctx.verify.floor()
-        if o.macs is not None or o.ratio is not None:
+        if o.latency is not None:
+            settings = [("macs", self._latency_cut(model, live, data))]
+            budget = user
+        elif o.macs is not None or o.ratio is not None:
             settings = [("macs", round(1 - o.macs, 6)) if o.macs is not None else ("ratio", o.ratio)]
             budget = user
         else:
@@ -422,30 +455,88 @@ class _Pruner:
                 return np.array([value[i].sum() for i in s.indices])
         return np.zeros(0)
 
-    def _sensitivity(self, model: ir.Model, plans: list[_Plan], fit) -> None:
-        """Scale each group's cost curve so that, at about half its channels cut, it is the output
-        error that cut causes (relative noise energy over every output, 8 fitting samples): local
-        reconstruction error says little about how much of it reaches the outputs."""
-        batches = runtime.feeds_of(model, fit.take(SENSITIVITY_SAMPLES))
-        proto = model.to_proto()
-        reference = runtime.outputs(proto, batches, threads=self.ctx.threads)
-        bar = self.ctx.progress_bar(total=len(plans), desc="prune: sensitivity of each group")
+    def _sensitivity(self, model: ir.Model, plans: list[_Plan], samples) -> None:
+        """Replace each group's cost curve by the output error measured when that group alone is
+        cut (with least-squares compensation), at up to SENSITIVITY_POINTS of its allowed widths,
+        on SENSITIVITY_SAMPLES held-out samples: relative noise energy over every output (class
+        probabilities as logits), linear in between. Local reconstruction error says little about
+        how much of it reaches the outputs (PP-OCR cls at a 30% cut: 0.69/0.67 -> 0.85/0.80 agreement,
+        but SqueezeNet 0.50/0.46 -> 0.41/0.42); one point scaled by the local curve's shape cut
+        SqueezeNet's last layer by 75% (0.32/0.27)."""
+        batches = runtime.feeds_of(model, samples.take(min(SENSITIVITY_SAMPLES, len(samples))))
+        scores = verify.score_outputs(model)
+        reference = runtime.outputs(model.to_proto(), batches, threads=self.ctx.threads)
+        points = {}
+        for plan in plans:
+            allowed = [k for k in plan.allowed(self.o.max_layer_cut) if k <= len(plan.order)]
+            pick = np.unique(np.linspace(0, len(allowed) - 1, min(SENSITIVITY_POINTS, len(allowed))).round())
+            points[plan.group.id] = [allowed[int(i)] for i in pick]
+        bar = self.ctx.progress_bar(total=sum(len(v) for v in points.values()), desc="prune: sensitivity of each group")
         try:
             for plan in plans:
-                allowed = [k for k in plan.allowed(self.o.max_layer_cut) if k <= len(plan.order)]
-                k = min(allowed, key=lambda a: abs(a - plan.group.channels / 2))
-                candidate = self._build(model, [plan], {plan.group.id: plan.order[:k]}, refit_=False)
-                out = runtime.outputs(candidate.to_proto(), batches, threads=self.ctx.threads)
-                noise = sum(float(np.sum((r[n].astype(np.float64) - c[n]) ** 2))
-                            for r, c in zip(reference, out) for n in r)
-                signal = sum(float(np.sum(r[n].astype(np.float64) ** 2)) for r in reference for n in r)
-                plan.sensitivity = noise / max(signal, 1e-30)
-                plan.cost = plan.cost * (plan.sensitivity / max(float(plan.cost[k - 1]), 1e-12))
-                bar.update(1)
+                measured = [0.0]
+                for k in points[plan.group.id]:
+                    candidate = self._build(model, [plan], {plan.group.id: plan.order[:k]}, refit_=False)
+                    out = runtime.outputs(candidate.to_proto(), batches, threads=self.ctx.threads)
+                    measured.append(_relative_noise(reference, out, scores))
+                    bar.update(1)
+                ks = [0] + points[plan.group.id]
+                curve = np.interp(np.arange(1, len(plan.order) + 1), ks, np.maximum.accumulate(measured))
+                plan.sensitivity = float(measured[-1])
+                plan.cost = curve
         finally:
             bar.close()
 
+    def _choose_costs(self, plans, costs, setting, reference, scores) -> None:
+        """sensitivity=auto: at the first budget measured, build the cut each cost curve allocates
+        and keep for the whole run the one whose outputs are nearer the original's on the held-out
+        samples (relative noise energy, class probabilities as logits). Neither wins everywhere
+        (30% cut: measured costs PP-OCR cls 0.85/0.80 vs 0.69/0.67, SqueezeNet 0.41/0.42 vs 0.50/0.46)."""
+        noise, built = {}, {}
+        for kind, cost in costs.items():
+            for plan in plans:
+                plan.cost = cost[plan.group.id]
+            removed = self._allocate(plans, setting)
+            built[kind] = self._build(self.work_model, plans, removed), removed
+            out = runtime.outputs(built[kind][0].to_proto(), self.held_batches, threads=self.ctx.threads)
+            noise[kind] = _relative_noise(reference, out, scores)
+        best = min(noise, key=lambda k: (noise[k], k))
+        for plan in plans:
+            plan.cost = costs[best][plan.group.id]
+        self.allocation = {"chosen": best, "setting": list(setting),
+                           "held_out_relative_noise": {k: round(v, 6) for k, v in noise.items()}}
+        costs.clear()
+        costs[best] = {p.group.id: p.cost for p in plans}
+        return built[best]
+
     # -- budget ------------------------------------------------------------------------------
+
+    def _latency_cut(self, model: ir.Model, plans: list[_Plan], data) -> float:
+        """The MAC cut for `latency`: every cut of LATENCY_CUTS is built (the surgery only: weights
+        do not change the time) and timed with the model in interleaved rounds (1 thread, round
+        medians); the weakest cut whose median ratio is within the budget wins, else the strongest.
+        The choice is a function of the measured table alone (in the report): the same
+        measurements give the same model; timings on a busy machine can differ between runs."""
+        cuts = list(LATENCY_CUTS)
+        structures = []
+        for cut in cuts:
+            removed = self._allocate(plans, ("macs", cut))
+            cuts_ = [(p.group, sorted(removed[p.group.id].tolist())) for p in plans if len(removed.get(p.group.id, ()))]
+            candidate = model.copy()
+            channels.remove_channels(candidate.graph, cuts_)
+            structures.append(candidate.to_proto())
+        feeds = stats.sample_feeds(model, data.take(1) if data is not None else None, seed=self.ctx.seed)
+        timed = stats.measure_latency([model.to_proto()] + structures, [feeds] * (len(cuts) + 1), runs=LATENCY_RUNS,
+                                      threads=1, rounds=LATENCY_ROUNDS)
+        base = timed[0][0]
+        table = [(cut, (ms / base) if ms and base else None) for cut, (ms, _) in zip(cuts, timed[1:])]
+        self.latency_table = {"model_ms": round(base, 4) if base else None,
+                              "cuts": [{"macs_removed": c, "latency_ratio": round(r, 4) if r else None} for c, r in table]}
+        chosen = next((c for c, r in table if r is not None and r <= self.o.latency), cuts[-1])
+        if not any(r is not None and r <= self.o.latency for _, r in table):
+            self.notes.append(f"no MAC cut up to {cuts[-1]:.0%} reached latency {self.o.latency} (measured: "
+                              + ", ".join(f"{c:.0%}: {r:.3f}" for c, r in table if r) + ")")
+        return chosen
 
     def _allocate(self, plans: list[_Plan], setting) -> dict[int, np.ndarray]:
         kind, amount = setting
@@ -516,39 +607,70 @@ class _Pruner:
         return candidate
 
     def _refit(self, candidate: ir.Model, holders, nodes, cuts) -> None:
-        """Fit every recovered layer again on the pruned model's inputs (refit.py)."""
+        """Fit every recovered layer again on the pruned model's inputs (refit.py), in
+        `refit_stages` passes in graph order: a layer's inputs are those of the layers before it
+        already refitted (fitting all at once fits each layer to inputs that then change; on the
+        PP-OCR classifier at a 30% cut that gave an output SQNR of -0.6 dB, 5.1 without the refit,
+        6.8 in sequence). With
+        `bias_correction`, every other Conv / Gemm after the first cut gets its bias moved so that
+        each kept output channel's mean is the original's, in the same passes."""
         spaces, _ = channels._merged(cuts)
-        layers = {}
-        for name in sorted(self.recovered):
-            node = self.work_nodes[name]
+        order = [n.name for n in candidate.graph.nodes]
+        first = min((order.index(n) for n in self.recovered if n in order), default=len(order))
+        layers, means = {}, {}
+        for name in order[first:]:
+            node = self.work_nodes.get(name)
+            if node is None or node.op not in ("Conv", "Gemm", "MatMul") or not node.outputs[0].shape:
+                continue
+            if name not in self.recovered and not (self.o.bias_correction and _has_bias(nodes[name], holders)):
+                continue
             out = node.outputs[0]
-            rank = len(out.shape or ())
+            rank = len(out.shape)
             axis = 1 if node.op in ("Conv", "Gemm") else rank - 1
             gone = spaces.get((out.name, axis))
             kept = None if not gone else np.setdiff1d(np.arange(out.shape[axis]), sorted(gone))
-            layers[name] = (out.name, kept, axis, rank)
-        probed = candidate.copy()
-        compute_in_float32(probed)
-        model = refit.paired(probed.to_proto(), self.original_fp32)
-        found = refit.refit(model, layers, self.fit_batches, threads=self.ctx.threads,
-                            progress=lambda it, **kw: self.ctx.progress_bar(it, desc="prune: refitting"))
-        for name, (xtx, xty, rows) in found.items():
-            node = nodes[name]
-            has_bias = node.op != "MatMul"
-            weight = holders[node.inputs[1].name]
-            stored = np.asarray(weight.values)
-            alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-            beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
-            prior = _matrix(node, stored.astype(np.float64)) * alpha
-            prior_bias = (np.asarray(holders[node.inputs[2].name].values, np.float64).reshape(-1) * beta
-                          if has_bias else None)
-            matrix, bias = refit.solve(xtx, xty, rows, self.o.ridge, prior, prior_bias)
-            matrix, bias = matrix / alpha, bias / beta
-            weight.values = _unmatrix(node, matrix, stored.shape).astype(stored.dtype)
-            if has_bias:
-                holder = holders[node.inputs[2].name]
-                value = np.asarray(holder.values)
-                holder.values = bias.reshape(value.shape).astype(value.dtype)
+            (layers if name in self.recovered else means)[name] = (out.name, kept, axis, rank)
+        names = [n for n in order if n in layers or n in means]
+        if not names:
+            return
+        stages = max(1, min(self.o.refit_stages or len(names), len(names)))
+        bounds = np.linspace(0, len(names), stages + 1).round().astype(int)
+        bar = self.ctx.progress_bar(total=stages, desc="prune: refitting on pruned inputs")
+        try:
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                part = names[lo:hi]
+                probed = candidate.copy()
+                compute_in_float32(probed)
+                grams, found = refit.refit(refit.paired(probed.to_proto(), self.original_fp32),
+                                           {n: layers[n] for n in part if n in layers}, self.fit_batches,
+                                           threads=self.ctx.threads, means={n: means[n] for n in part if n in means})
+                for name, (xtx, xty, rows) in grams.items():
+                    self._solve_refit(nodes[name], holders, xtx, xty, rows)
+                for name, (pruned, original) in found.items():
+                    node = nodes[name]
+                    if np.asarray(holders[node.inputs[2].name].values).size == pruned.size:
+                        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+                        _add_bias(node, (original - pruned) / alpha, holders)  # (_add_bias: times alpha / beta)
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def _solve_refit(self, node: gs.Node, holders, xtx, xty, rows) -> None:
+        has_bias = node.op != "MatMul"
+        weight = holders[node.inputs[1].name]
+        stored = np.asarray(weight.values)
+        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        prior = _matrix(node, stored.astype(np.float64)) * alpha
+        prior_bias = (np.asarray(holders[node.inputs[2].name].values, np.float64).reshape(-1) * beta
+                      if has_bias else None)
+        matrix, bias = refit.solve(xtx, xty, rows, self.o.ridge, prior, prior_bias)
+        matrix, bias = matrix / alpha, bias / beta
+        weight.values = _unmatrix(node, matrix, stored.shape).astype(stored.dtype)
+        if has_bias:
+            holder = holders[node.inputs[2].name]
+            value = np.asarray(holder.values)
+            holder.values = bias.reshape(value.shape).astype(value.dtype)
 
     def _least_squares(self, candidate, holders, nodes, plans, removed) -> None:
         gone: dict[str, list[np.ndarray]] = {}
@@ -638,6 +760,11 @@ class _Pruner:
                    "importance": self.method, "recovery": recovery,
                    "floor": budget.bounds(), "samples": getattr(self, "samples", {}),
                    "search": search.as_dict(), "groups": rows, "notes": self.notes}
+        if getattr(self, "latency_table", None):
+            details["latency"] = self.latency_table
+        if getattr(self, "allocation", None):
+            details["allocation"] = self.allocation
+            stats_["allocation"] = self.allocation["chosen"]
         for note in self.notes:
             logger.warning("prune: %s", note)
         return PassResult(True, stats_, details)
@@ -654,6 +781,30 @@ def _multiple(channels_: int, align: int) -> int:
     while m > 1 and channels_ < 4 * m:
         m //= 2
     return m
+
+
+def _logit_space(outputs: dict[str, np.ndarray], scores) -> dict[str, np.ndarray]:
+    """Class probabilities (a score output whose rows are >= 0 and sum to 1) as centred log
+    probabilities, i.e. logits: the error energy of probabilities is that of the top class alone
+    (on SqueezeNet's 1000-way softmax, sensitivity measured on them made the 30% cut worse)."""
+    found = {}
+    for name, value in outputs.items():
+        value = np.asarray(value, np.float64)
+        if name in scores and value.ndim >= 2 and value.min() >= 0 and np.allclose(value.sum(axis=1), 1, atol=1e-2):
+            value = np.log(np.maximum(value, 1e-12))
+            value = value - value.mean(axis=1, keepdims=True)
+        found[name] = value
+    return found
+
+
+def _relative_noise(reference: list[dict], outputs: list[dict], scores) -> float:
+    """Error energy over signal energy, summed over every output and batch (in `_logit_space`)."""
+    noise = signal = 0.0
+    for r, c in zip(reference, outputs):
+        r, c = _logit_space(r, scores), _logit_space(c, scores)
+        noise += sum(float(np.sum((r[n] - c[n]) ** 2)) for n in r)
+        signal += sum(float(np.sum(r[n] ** 2)) for n in r)
+    return noise / max(signal, 1e-30)
 
 
 def _zero_biases(graph: gs.Graph) -> None:
@@ -725,6 +876,14 @@ def _bias_ok(node: gs.Node, outputs: int) -> bool:
         return True
     value = ir.constant_value(node.inputs[2])
     return value is not None and value.size == outputs and value.ndim <= 2 and value.shape[-1] == outputs
+
+
+def _has_bias(node: gs.Node, holders) -> bool:
+    """Whether the layer has a float bias holder that `_add_bias` can move."""
+    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 or not node.inputs[2].name:
+        return False
+    holder = holders.get(node.inputs[2].name)
+    return holder is not None and np.asarray(holder.values).dtype.kind == "f"
 
 
 def _add_bias(node: gs.Node, delta: np.ndarray, holders) -> None:

@@ -46,18 +46,30 @@ def paired(candidate: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelP
 
 
 def refit(model: onnx.ModelProto, layers: dict[str, tuple[str, np.ndarray | None, int, int]], batches, *,
-          threads: int = 0, progress=lambda it, **_: it) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+          threads: int = 0, progress=lambda it, **_: it,
+          means: dict[str, tuple[str, np.ndarray | None, int, int]] | None = None):
     """For each layer {node name: (its output name in the original, kept output channels or None
     for all, channel axis and rank of that output)} of the paired `model`: (XᵀX, XᵀY with the
-    constant feature appended as the last row / column, rows)."""
+    constant feature appended as the last row / column, rows). For each layer of `means` (same
+    form): (per-channel mean of its output in the pruned model, the same in the original), what
+    bias correction needs. Returns (grams, means)."""
     probe = capture.Probe(model)
     reads = {}
+    mean_reads = {}
+    for name, (target, kept, axis, rank) in (means or {}).items():
+        y = PREFIX + target
+        if kept is not None:
+            y = probe._node("Gather", [y, probe._const(np.asarray(kept, np.int64))], axis=axis)
+        mean_reads[name] = (probe.channel_moments(target, rank, axis), probe.channel_moments(y, rank, axis))
+    moments = {name: [0, 0.0, 0.0] for name in mean_reads}
     for name, (target, kept, axis, rank) in layers.items():
         y = PREFIX + target
         if kept is not None:
             y = probe._node("Gather", [y, probe._const(np.asarray(kept, np.int64))], axis=axis)
         reads[name] = (probe.gram(name, y), probe.channel_moments(y, rank, axis))
     found = {}
+    if not reads and not mean_reads:
+        return {}, {}
     for out in progress(probe.run(batches, threads), desc="prune: refitting on pruned inputs"):
         for name, (read, (count, ysum, _)) in reads.items():
             gram = found.setdefault(name, [None, None, 0])
@@ -72,7 +84,15 @@ def refit(model: onnx.ModelProto, layers: dict[str, tuple[str, np.ndarray | None
             gram[0] = block if gram[0] is None else gram[0] + block
             gram[1] = cross if gram[1] is None else gram[1] + cross
             gram[2] += rows
-    return {name: tuple(v) for name, v in found.items()}
+        for name, ((count, pruned, _), (_, original, _)) in mean_reads.items():
+            m = moments[name]
+            m[0] += int(out[count])
+            m[1] = m[1] + np.asarray(out[pruned], np.float64).ravel()
+            m[2] = m[2] + np.asarray(out[original], np.float64).ravel()
+    grams = {name: tuple(v) for name, v in found.items()}
+    # (the count is the tensor's element count: per channel, that over the channels)
+    return grams, {name: (m[1] * m[1].size / max(m[0], 1), m[2] * m[2].size / max(m[0], 1))
+                   for name, m in moments.items() if m[0]}
 
 
 def solve(xtx: np.ndarray, xty: np.ndarray, rows: int, ridge: float, prior: np.ndarray,

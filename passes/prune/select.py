@@ -52,7 +52,11 @@ class Consumer:
         self.sigma = sigma
         scale = float(np.mean(np.diag(sigma)[:f])) if f else 1.0
         self.damp = damping(ridge, f, gram.rows) * max(scale, 1e-12)
-        self.energy = max(float(np.einsum("of,fg,og->", matrix, sigma[:f, :f], matrix)), 1e-30)
+        # The output's energy about its mean (with a bias to take it, the mean is never lost): an
+        # input with a large mean (PP-OCR's stem after HardSwish) made the raw energy large and the
+        # relative cost of a cut there small.
+        moment = sigma[:f, :f] - (np.outer(sigma[:f, f], sigma[:f, f]) if bias and CENTRED else 0.0)
+        self.energy = max(float(np.einsum("of,fg,og->", matrix, moment, matrix)), 1e-30)
 
     def regularised(self) -> np.ndarray:
         sigma = self.sigma.copy()
@@ -75,6 +79,7 @@ def damping(ridge: float, features: int, rows: int) -> float:
 
 
 ROWS_PER_FEATURE = 10
+CENTRED = True
 
 
 def reconstruction_order(consumers: list[tuple[Consumer, list[np.ndarray]]], channels: int,
