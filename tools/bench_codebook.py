@@ -188,15 +188,8 @@ def session_ms(path) -> float:
     return statistics.median(times)
 
 
-def bench(name, path, x, metric, bits_list, n_eval, rounds, folder):
-    n_eval = min(n_eval, (len(x) - CALIB) // 2)  # (MiniLM: 32 sentences a split)
-    calib, split_a, split_b = x[:CALIB], x[CALIB:CALIB + n_eval], x[CALIB + n_eval:CALIB + 2 * n_eval]
-    source = path
-    path = float32_input(path, folder)
-    feeds_a, feeds_b = feeds_of(path, split_a), feeds_of(path, split_b)
-    ref_a, ref_b = outputs(path, feeds_a), outputs(path, feeds_b)
-    base = fp32_size(path)
-    tools = {"input": None} if path == source else {"input (int8)": lambda out: _copy(source, out), "fp32": None}
+def default_tools(name, bits_list, calib, path):
+    tools = {}
     for bits in bits_list:
         tools[f"codebook {bits}"] = edgegraph_tool(f"codebook(bits={bits})", None, path)
     tools["codebook 4 channel"] = edgegraph_tool("codebook(bits=4, granularity=channel)", None, path)
@@ -209,6 +202,29 @@ def bench(name, path, x, metric, bits_list, n_eval, rounds, folder):
     if name == "minilm":
         tools["ORT MatMulNBits int4"] = ort_nbits_tool(path)
         tools["edgegraph quant-int4"] = edgegraph_tool("quant-int4", None, path)
+    return tools
+
+
+def spec_tools(specs, calib, path):
+    """--spec: 'calib:' before a spec runs it with the calibration inputs."""
+    tools = {}
+    for spec in specs:
+        data = spec.startswith("calib:")
+        body = spec[len("calib:"):] if data else spec
+        tools[spec] = edgegraph_tool(body, calib if data else None, path)
+    return tools
+
+
+def bench(name, path, x, metric, bits_list, n_eval, rounds, folder, specs=None):
+    n_eval = min(n_eval, (len(x) - CALIB) // 2)  # (MiniLM: 32 sentences a split)
+    calib, split_a, split_b = x[:CALIB], x[CALIB:CALIB + n_eval], x[CALIB + n_eval:CALIB + 2 * n_eval]
+    source = path
+    path = float32_input(path, folder)
+    feeds_a, feeds_b = feeds_of(path, split_a), feeds_of(path, split_b)
+    ref_a, ref_b = outputs(path, feeds_a), outputs(path, feeds_b)
+    base = fp32_size(path)
+    tools = {"input": None} if path == source else {"input (int8)": lambda out: _copy(source, out), "fp32": None}
+    tools.update(spec_tools(specs, calib, path) if specs else default_tools(name, bits_list, calib, path))
     rows = []
     for label, make in tools.items():
         out = path if make is None else folder / f"{name}_{label.replace(' ', '_').replace(',', '_')}.onnx"
@@ -246,13 +262,14 @@ def _copy(source: Path, out: Path) -> dict:
 
 
 def print_rows(rows):
-    print(f"{'model':16} {'tool':26} {'raw x':>6} {'defl x':>6} {'agree A':>8} {'agree B':>8} {'create ms':>9} "
+    width = max([26] + [len(r["tool"]) for r in rows])
+    print(f"{'model':16} {'tool':{width}} {'raw x':>6} {'defl x':>6} {'agree A':>8} {'agree B':>8} {'create ms':>9} "
           f"{'lat1':>6} {'fit s':>6} {'cpu s':>6}")
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:16} {r['tool']:26} ERROR {r['error']}")
+            print(f"{r['model']:16} {r['tool']:{width}} ERROR {r['error']}")
             continue
-        print(f"{r['model']:16} {r['tool']:26} {r['raw']:6.2f} {r['deflate']:6.2f} {r['agree_a']:8.4f} "
+        print(f"{r['model']:16} {r['tool']:{width}} {r['raw']:6.2f} {r['deflate']:6.2f} {r['agree_a']:8.4f} "
               f"{r['agree_b']:8.4f} {r['create_ms']:9.1f} {r['lat1']:6.3f} {r.get('fit_s', 0):6.1f} "
               f"{r.get('cpu_s', 0):6.1f}", flush=True)
 
@@ -263,6 +280,8 @@ def main():
     parser.add_argument("--bits", default="2,3,4,5,6,8")
     parser.add_argument("--eval", type=int, default=100, help="samples per held-out split")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--spec", action="append", help="a pass spec to run instead of the default tools "
+                        "(repeatable; prefix 'calib:' to give it the calibration inputs)")
     parser.add_argument("--json")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -270,7 +289,7 @@ def main():
     everything = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, path, x, metric in cases(args.models.split(","), args.eval):
-            rows = bench(name, path, x, metric, bits, args.eval, args.rounds, Path(tmp))
+            rows = bench(name, path, x, metric, bits, args.eval, args.rounds, Path(tmp), args.spec)
             print_rows(rows)
             everything += rows
     if args.json:

@@ -44,7 +44,7 @@ from edgegraph import floor, ir, runtime
 from edgegraph.analysis import capture, encoding, layout
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.passbase import Pass, PassResult, option, settle
-from edgegraph.passes.codebook import kmeans1d
+from edgegraph.passes.codebook import datafit, kmeans1d
 from edgegraph.passes.quant.names import warn_unmatched
 from edgegraph.registry import register_pass
 
@@ -81,6 +81,7 @@ class _Weight:
     bytes_before: int = 0
     importance: np.ndarray | None = None  # (in channels,) E[x^2]
     mean: np.ndarray | None = None  # (in channels,) E[x], for bias correction
+    fit: datafit.LayerFit | None = None  # the layer-output objective (--calib, fit != kmeans)
 
 
 @dataclass
@@ -125,7 +126,11 @@ class Codebook(Pass):
     bias_correction: bool = option(True, "with --calib, move each Conv / Gemm bias by the mean output shift the "
                                          "snapped weights cause (its input's channel means times the weight error)")
     importance: bool = option(False, "with --calib, weight each squared error by E[x^2] of the input channel "
-                                    "it multiplies (the diagonal of X^T X)")
+                                    "it multiplies (the diagonal of X^T X; per kernel position with fit != kmeans)")
+    fit: str = option("auto", "with --calib, what the codebook fits: 'kmeans' (the weights), 'refit' (k-means, "
+                              "then least-squares centroids on the layer outputs X W^T), 'gptq' (indices chosen "
+                              "column by column with error feedback through (X^T X)^-1, then the refit) or "
+                              "'auto' (gptq)")
     ops: list[str] = option(list(OPS), "op types whose weights are encoded (Gather: embedding tables)")
     exclude: list[str] = option([], "node names or op types to leave alone")
     min_elements: int = option(1024, "leave weights with fewer elements than this dense (a codebook costs more "
@@ -144,6 +149,7 @@ class Codebook(Pass):
                                      ("share", self.share, SHARES),
                                      ("codebook_dtype", self.codebook_dtype, CODEBOOK_DTYPES)):
             self.check(value in allowed, f"codebook: {name} must be one of {', '.join(allowed)}, got '{value}'")
+        self.check(self.fit in datafit.FITS, f"codebook: fit must be one of {', '.join(datafit.FITS)}, got '{self.fit}'")
         unknown = [op for op in self.ops if op not in OPS]
         self.check(not unknown, f"codebook: cannot encode {', '.join(unknown)} weights (ops: {', '.join(OPS)})")
         self.check(self.min_elements >= 0, "codebook: min_elements must be >= 0")
@@ -168,9 +174,14 @@ class Codebook(Pass):
                 weights = weights_of(model, self.ops, self.exclude, self.min_elements)
         data = ctx.calibration
         fit, held = _split(data)
+        user_floor = ctx.verify.floor()
         if (self.importance or self.bias_correction) and fit is not None:
             _add_moments(model, weights, fit, ctx, self.importance)
-        user_floor = ctx.verify.floor()
+        if self._fit_mode() != "kmeans" and data is not None and len(data):
+            # The layer objective's Gram on all samples unless a floor is measured on the held-out half.
+            fits = datafit.capture_fits(model, weights, fit if user_floor else data, ctx)
+            for w in weights:
+                w.fit = fits.get(w.tensor.name)
         search = None
         if user_floor and held is not None:
             model, rows, search = self._search(model, weights, held, user_floor, ctx)
@@ -200,6 +211,7 @@ class Codebook(Pass):
             for w in weights:
                 if w.tensor.name in found:
                     found[w.tensor.name].importance, found[w.tensor.name].mean = w.importance, w.mean
+                    found[w.tensor.name].fit = w.fit
             rows = self._apply(trial, list(found.values()), bits)
             if not rows:
                 return None, None
@@ -275,7 +287,60 @@ class Codebook(Pass):
     def _codebook_dtype(self, w: _Weight) -> np.dtype:
         return np.dtype(np.float16 if self.codebook_dtype == "float16" or w.value.dtype == np.float16 else np.float32)
 
+    def _fit_mode(self) -> str:
+        return "gptq" if self.fit == "auto" else self.fit
+
     def _cluster(self, w: _Weight, bits: int) -> _Encoding:
+        enc = self._cluster_weights(w, bits)
+        if w.fit is not None and self._fit_mode() != "kmeans":
+            enc = self._fit_outputs(w, enc)
+        return enc
+
+    def _fit_outputs(self, w: _Weight, enc: _Encoding) -> _Encoding:
+        """The encoding with centroids (refit) and indices (gptq) chosen for the layer's outputs;
+        kept only when it lowers tr(ΔHΔᵀ) on the captured inputs."""
+        fit = w.fit
+        rows = fit.to_rows(w.value.astype(np.float64))
+        if not datafit.usable(fit, rows.shape[1], 0.0):
+            return enc
+        idx = fit.to_rows(enc.indices).astype(np.int64)
+        o_rows = rows.shape[0]
+        owner = np.arange(o_rows) if enc.channel_axis is not None else np.zeros(o_rows, np.int64)
+        scale = np.ones(o_rows) if enc.scale is None else \
+            fit.to_rows(np.broadcast_to(enc.scale, w.value.shape).astype(np.float64))[:, 0]
+        dtype = enc.codebook.dtype
+        stored = enc.codebook.astype(np.float64)
+        if np.array_equal(stored[owner[:, None], idx] * scale[:, None], rows):
+            return enc  # exact already
+        has_zero = np.zeros(stored.shape[0], bool)
+        np.logical_or.at(has_zero, owner, (rows == 0).any(axis=1))
+        pinned = (stored == 0) & has_zero[:, None]
+        zeros = (rows == 0) & pinned[owner].any(axis=1)[:, None] if pinned.any() else None
+
+        def snapped(cb, ix):
+            return cb[owner[:, None], ix] * scale[:, None]
+
+        best = (datafit.objective(rows, snapped(stored, idx), fit), stored, idx)
+        cb = stored
+        rounds = datafit.ROUNDS if self._fit_mode() == "gptq" and datafit.usable(fit, rows.shape[1], 1.0) else 0
+        for _ in range(rounds):
+            new = datafit.gptq_assign(rows, cb, owner, scale, fit, zeros)
+            if new is None:
+                break
+            idx = new
+            cb = datafit.refit(rows, idx, cb, owner, scale, fit, pinned).astype(dtype).astype(np.float64)
+            err = datafit.objective(rows, snapped(cb, idx), fit)
+            if err < best[0]:
+                best = (err, cb, idx)
+        if not rounds:
+            cb = datafit.refit(rows, idx, cb, owner, scale, fit, pinned).astype(dtype).astype(np.float64)
+            err = datafit.objective(rows, snapped(cb, idx), fit)
+            if err < best[0]:
+                best = (err, cb, idx)
+        _, cb, idx = best
+        return _Encoding(cb.astype(dtype), fit.back(idx).astype(np.uint8), enc.channel_axis, enc.scale)
+
+    def _cluster_weights(self, w: _Weight, bits: int) -> _Encoding:
         k = 1 << bits
         value = w.value.astype(np.float64)
         importance = _importance_array(w)
@@ -656,6 +721,10 @@ def _correct_bias(w: _Weight, snapped: np.ndarray, namer: ir.Namer) -> bool:
 
 
 def _importance_array(w: _Weight) -> np.ndarray | None:
+    if w.fit is not None and w.importance is not None:  # diag(X^T X) per feature (kernel position)
+        d = w.fit.hdiag(w.fit.to_rows(w.value).shape[0])
+        if d.max() > 0:
+            return w.fit.back(np.maximum(d / d.mean(), 1e-3))
     if w.importance is None:
         return None
     shape = [1] * w.value.ndim
