@@ -29,7 +29,7 @@ import numpy as np
 from edgegraph import runtime
 from edgegraph.analysis import capture
 from edgegraph.context import CalibrationData, PassContext
-from edgegraph.passes.quant.rounding import MAX_FEATURES, _factor, layer_matrix
+from edgegraph.passes.quant.rounding import MAX_FEATURES, MIN_ROWS_PER_FEATURE, _factor, layer_matrix
 
 FITS = ("auto", "kmeans", "refit", "gptq")
 ROUNDS = 2  # gptq -> refit rounds (the second gains ~5-10% of the objective, a third < 1%)
@@ -112,7 +112,7 @@ def objective(w: np.ndarray, snapped: np.ndarray, fit: LayerFit) -> float:
     """tr((W - Ŵ) H (W - Ŵ)ᵀ) summed over the groups (rows as O x F)."""
     d = w - snapped
     per = d.shape[0] // fit.groups
-    return float(sum(np.einsum("of,fg,og->", d[g * per:(g + 1) * per], fit.h[g], d[g * per:(g + 1) * per])
+    return float(sum(((d[g * per:(g + 1) * per] @ fit.h[g]) * d[g * per:(g + 1) * per]).sum()
                      for g in range(fit.groups)))
 
 
@@ -126,18 +126,19 @@ def refit(w: np.ndarray, idx: np.ndarray, codebook: np.ndarray, owner: np.ndarra
     per = o_rows // fit.groups
     m = np.zeros((r_count, k, k))
     b = np.zeros((r_count, k))
-    onehot = np.zeros((o_rows, f, k))
-    np.put_along_axis(onehot, idx[:, :, None].astype(np.int64), 1.0, axis=2)
+    chunk = max(1, (1 << 22) // (f * k))  # rows at a time: ~32 MB of one-hot matrices
     for g in range(fit.groups):
-        sel = slice(g * per, (g + 1) * per)
-        p = onehot[sel]  # (per, F, k)
         h = fit.h[g]
-        hp = np.einsum("fg,ogk->ofk", h, p)  # H A_oᵀ
-        mo = np.einsum("ofk,ofl->okl", p, hp)  # A_o H A_oᵀ
-        bo = np.einsum("ofk,of->ok", hp, w[sel])  # A_o H w_o
-        s = scale[sel]
-        np.add.at(m, owner[sel], mo * (s ** 2)[:, None, None])
-        np.add.at(b, owner[sel], bo * s[:, None])
+        for start in range(g * per, (g + 1) * per, chunk):
+            sel = slice(start, min(start + chunk, (g + 1) * per))
+            p = np.zeros((sel.stop - sel.start, f, k))  # A_oᵀ, one-hot
+            np.put_along_axis(p, idx[sel, :, None].astype(np.int64), 1.0, axis=2)
+            hp = np.matmul(h, p)  # H A_oᵀ (batched BLAS)
+            mo = np.matmul(p.transpose(0, 2, 1), hp)  # A_o H A_oᵀ
+            bo = np.matmul(hp.transpose(0, 2, 1), w[sel, :, None])[:, :, 0]  # A_o H w_o
+            s = scale[sel]
+            np.add.at(m, owner[sel], mo * (s ** 2)[:, None, None])
+            np.add.at(b, owner[sel], bo * s[:, None])
     out = codebook.astype(np.float64).copy()
     for r in range(r_count):
         mr, br = m[r], b[r]
@@ -201,4 +202,4 @@ def usable(fit: LayerFit | None, features: int, rows_per_feature: float) -> bool
     return fit is not None and features <= MAX_FEATURES and fit.rows >= rows_per_feature * features
 
 
-__all__ = ["FITS", "LayerFit", "capture_fits", "gptq_assign", "objective", "refit", "usable"]
+__all__ = ["FITS", "MIN_ROWS_PER_FEATURE", "LayerFit", "capture_fits", "gptq_assign", "objective", "refit", "usable"]
