@@ -202,4 +202,51 @@ def usable(fit: LayerFit | None, features: int, rows_per_feature: float) -> bool
     return fit is not None and features <= MAX_FEATURES and fit.rows >= rows_per_feature * features
 
 
-__all__ = ["FITS", "MIN_ROWS_PER_FEATURE", "LayerFit", "capture_fits", "gptq_assign", "objective", "refit", "usable"]
+__all__ = ["FITS", "MIN_ROWS_PER_FEATURE", "obs_prune", "LayerFit", "capture_fits", "gptq_assign", "objective", "refit", "usable"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparsity with compensation (`sparsify` with --calib)
+
+BLOCK = 128  # columns whose pruning mask is chosen together (SparseGPT's adaptive mask blocks)
+
+
+def obs_prune(w: np.ndarray, fit: LayerFit, sparsity: float, n_m: tuple[int, int] | None = None) -> np.ndarray | None:
+    """SparseGPT (Frantar & Alistarh 2023): rows (O, F) with `sparsity` of each block's weights (or
+    all but N of every M consecutive features of a row) set to zero, chosen by the OBS saliency
+    w² / [H⁻¹]_ii² and the remaining weights of the row updated through H⁻¹'s Cholesky factor to
+    make up for them. None when a group's H cannot be factored. Natural column order (an N:M
+    group must be consecutive features)."""
+    o_rows, f = w.shape
+    per = o_rows // fit.groups
+    out = np.empty_like(w, dtype=np.float64)
+    for g in range(fit.groups):
+        found = _factor(fit.h[g])
+        if found is None:
+            return None
+        u, dead = found
+        work = w[g * per:(g + 1) * per].astype(np.float64).copy()
+        diag = np.diag(u)
+        mask = np.zeros(work.shape, bool)  # True: pruned
+        for b0 in range(0, f, BLOCK):
+            b1 = min(b0 + BLOCK, f)
+            if n_m is None:  # the block's lowest-saliency weights, over its rows and columns
+                saliency = work[:, b0:b1] ** 2 / diag[b0:b1] ** 2
+                drop = int(round(sparsity * saliency.size))
+                if drop:
+                    block = np.zeros(saliency.size, bool)
+                    block[np.argsort(saliency.ravel(), kind="stable")[:drop]] = True
+                    mask[:, b0:b1] = block.reshape(saliency.shape)
+            for i in range(b0, b1):
+                if n_m is not None and (i % n_m[1]) == 0 and i + n_m[1] <= f:
+                    group = work[:, i:i + n_m[1]] ** 2 / diag[i:i + n_m[1]] ** 2
+                    lowest = np.argsort(group, axis=1, kind="stable")[:, :n_m[1] - n_m[0]]
+                    np.put_along_axis(mask[:, i:i + n_m[1]], lowest, True, axis=1)
+                col = work[:, i]
+                q = np.where(mask[:, i], 0.0, col)
+                if not dead[i]:
+                    error = (col - q) / u[i, i]
+                    work[:, i + 1:] -= np.outer(error, u[i, i + 1:])
+                work[:, i] = q
+        out[g * per:(g + 1) * per] = work
+    return out
