@@ -149,7 +149,7 @@ class Sparsify(Pass):
             matrix = None if fit is None else fit.to_rows(value.astype(np.float64))
             compensated = None
             # (N:M by OBS where the Gram's features are the input channels: Gemm, MatMul, 1x1 Conv)
-            if matrix is not None and datafit.usable(fit, matrix.shape[1], datafit.MIN_ROWS_PER_FEATURE) and (
+            if matrix is not None and datafit.usable(fit, matrix.shape[1], datafit.GPTQ_ROWS_PER_FEATURE) and (
                     nm is None or (w.in_axis is not None and matrix.shape[1] == value.shape[w.in_axis])):
                 # The layer's share as chosen above (global scope: per layer), its weights by OBS.
                 compensated = datafit.obs_prune(matrix, fit, 1.0 - keep.mean(), nm)

@@ -432,7 +432,7 @@ class Codebook(Pass):
         # captured samples' alone (MiniLM at 2.7 rows per feature: held-out cosine 0.58 instead of
         # 0.91): such layers get the refit (k parameters per codebook) only.
         rounds = datafit.ROUNDS if self._fit_mode() == "gptq" and datafit.usable(
-            fit, rows.shape[1], datafit.MIN_ROWS_PER_FEATURE) else 0
+            fit, rows.shape[1], datafit.GPTQ_ROWS_PER_FEATURE) else 0
         for _ in range(rounds):
             new = datafit.gptq_assign(rows, cb, owner, scale, fit, zeros)
             if new is None:
@@ -896,4 +896,4 @@ def deflated_size(model: ir.Model) -> int | None:
     return len(zlib.compress(model.to_proto().SerializeToString(), 6))
 
 
-__all__ = ["Codebook", "deflated_size", "entropy_bits", "pack", "unpack", "weights_of"]
+__all__ = ["Codebook", "deflated_size", "entropy_bits", "file_size", "pack", "unpack", "weights_of"]
