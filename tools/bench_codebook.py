@@ -189,14 +189,24 @@ def session_ms(path) -> float:
 
 
 def default_tools(name, bits_list, calib, path):
+    """Without data: each bit width and the default; with the 64 calibration inputs (`+calib`):
+    importance-weighted k-means, + least-squares centroids (refit), GPTQ assignment (the default
+    fit), mixed widths for a 6x file (ratio=6), and sparsity by OBS before the codebook."""
     tools = {}
     for bits in bits_list:
         tools[f"codebook {bits}"] = edgegraph_tool(f"codebook(bits={bits})", None, path)
-    tools["codebook 4 channel"] = edgegraph_tool("codebook(bits=4, granularity=channel)", None, path)
-    tools["codebook 4 +importance"] = edgegraph_tool("codebook(bits=4, importance=true)", calib, path)
-    tools["sparsify 0.5,codebook 4"] = edgegraph_tool("sparsify(sparsity=0.5),codebook(bits=4)", None, path)
-    tools["sparsify 0.7,codebook 3"] = edgegraph_tool("sparsify(sparsity=0.7),codebook(bits=3)", None, path)
+    tools["codebook (default)"] = edgegraph_tool("codebook", None, path)
+    tools["codebook ratio=6"] = edgegraph_tool("codebook(ratio=6)", None, path)
+    tools["codebook 4 +calib kmeans"] = edgegraph_tool("codebook(bits=4, fit=kmeans)", calib, path)
+    tools["codebook 4 +calib refit"] = edgegraph_tool("codebook(bits=4, fit=refit)", calib, path)
+    tools["codebook 4 +calib gptq"] = edgegraph_tool("codebook(bits=4)", calib, path)
+    tools["codebook 5 +calib gptq"] = edgegraph_tool("codebook(bits=5)", calib, path)
+    tools["codebook ratio=6 +calib"] = edgegraph_tool("codebook(ratio=6)", calib, path)
+    tools["codebook (default) +calib"] = edgegraph_tool("codebook", calib, path)
     tools["codebook 4 share=op"] = edgegraph_tool("codebook(bits=4, share=op)", None, path)
+    tools["sparsify 0.5,codebook 4"] = edgegraph_tool("sparsify(sparsity=0.5),codebook(bits=4)", None, path)
+    tools["sparsify 0.5 obs,codebook 4 +calib"] = edgegraph_tool("sparsify(sparsity=0.5),codebook(bits=4)", calib, path)
+    tools["sparsify 0.7 obs,codebook 3 +calib"] = edgegraph_tool("sparsify(sparsity=0.7),codebook(bits=3)", calib, path)
     for bits in (4, 8):
         tools[f"uniform {bits} (per-channel)"] = uniform_tool(bits, path)
     if name == "minilm":
