@@ -18,15 +18,23 @@ cleanup's folding and quant leave it encoded.
   (`method=exact`/`auto`), or Lloyd alone (`method=lloyd`, faster, 1.3-1.75x the error at 16
   levels on 576-value rows). A tensor with exact zeros keeps a centroid at 0 (sparsified or
   pruned weights stay zero).
-* Importance (`--calib`): each weight's squared error is weighted by E[x^2] of the input channel
-  it multiplies (the diagonal of X^T X), so centroids follow what moves the outputs.
+* With `--calib` (`datafit.py`): the weight k-means is weighted by diag(X^T X) of the feature each
+  weight multiplies (importance), then the layer's output error tr(ΔHΔᵀ), H = XᵀX captured by
+  `edgegraph.analysis.capture.grams`, is what is fitted: `fit=gptq` (the default) chooses the
+  indices column by column with GPTQ's error feedback through H⁻¹ and refits the centroids by
+  least squares (k x k per codebook); `fit=refit` only refits. Layers with too few captured rows
+  per feature for GPTQ get the refit.
+* Mixed widths (`ratio=R`, `mixed.py`; the default with `--calib`: R = 6): bits per layer (3..8)
+  from each layer's measured output distortion per byte, the budget bisected on the written
+  file's real size so that the file is R times smaller than with float32 weights.
 * Storage of the indices: in b bits each (UINT4 at opset >= 21 / UINT2 at opset >= 25 with a
   Cast; else bit planes of 4, 2 and 1 bits packed 8 / width codes per byte, unpacked with
   BitShift (4 bits) or a Gather from a 256-row table (2 and 1 bits) and recombined in int32,
   opset >= 11); 8 bits, or opset < 11 when it cannot be
   upgraded, one uint8 per index. `dense=true` writes the snapped weights dense instead.
-* Strength knob: `bits`. With a user floor (`--min-agreement`, `--min-sqnr`) the pass searches
-  2..8 bits with `edgegraph.floor.search` on held-out calibration samples.
+* Strength knob: `bits` (or `ratio`). With a user floor (`--min-agreement`, `--min-sqnr`) the pass
+  searches 2..8 bits (with `ratio`: the highest ratio up to it) with `edgegraph.floor.search` on
+  held-out calibration samples.
 """
 
 from __future__ import annotations
@@ -216,6 +224,8 @@ class Codebook(Pass):
             trial, rows, reached = self._apply_ratio(model, weights, self.ratio, sensitivity, cache)
             if auto and not reached:
                 logger.info("codebook: %.3g x is out of reach for this model; %d bits instead", self.ratio, self.bits)
+                if self.min_elements < 0:  # (the fixed-width default's size limit)
+                    weights = [w for w in weights if w.value.size >= MIN_ELEMENTS]
                 rows = self._apply(model, weights, self.bits, cache)
             else:
                 model.graph = trial.graph
