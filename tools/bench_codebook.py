@@ -216,9 +216,16 @@ def default_tools(name, bits_list, calib, path):
 
 
 def spec_tools(specs, calib, path):
-    """--spec: 'calib:' before a spec runs it with the calibration inputs."""
+    """--spec: 'calib:' before a spec runs it with the calibration inputs; 'uniform:B' the uniform
+    anchor at B bits, 'ort-int4' onnxruntime's MatMulNBits quantizer."""
     tools = {}
     for spec in specs:
+        if spec.startswith("uniform:"):
+            tools[f"uniform {spec[8:]} (per-channel)"] = uniform_tool(int(spec[8:]), path)
+            continue
+        if spec == "ort-int4":
+            tools["ORT MatMulNBits int4"] = ort_nbits_tool(path)
+            continue
         data = spec.startswith("calib:")
         body = spec[len("calib:"):] if data else spec
         tools[spec] = edgegraph_tool(body, calib if data else None, path)

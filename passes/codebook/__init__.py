@@ -454,6 +454,7 @@ class Codebook(Pass):
             fit.to_rows(np.broadcast_to(enc.scale, w.value.shape).astype(np.float64))[:, 0]
         dtype = enc.codebook.dtype
         stored = enc.codebook.astype(np.float64)
+        refits = stored.shape[1] <= datafit.REFIT_MAX_LEVELS
         if np.array_equal(stored[owner[:, None], idx] * scale[:, None], rows):
             return enc  # exact already
         has_zero = np.zeros(stored.shape[0], bool)
@@ -471,16 +472,17 @@ class Codebook(Pass):
         # 0.91): such layers get the refit (k parameters per codebook) only.
         rounds = datafit.ROUNDS if self._fit_mode() == "gptq" and datafit.usable(
             fit, rows.shape[1], datafit.GPTQ_ROWS_PER_FEATURE) else 0
-        for _ in range(rounds):
+        for _ in range(rounds if refits else min(rounds, 1)):  # (without the refit a second round is the same)
             new = datafit.gptq_assign(rows, cb, owner, scale, fit, zeros)
             if new is None:
                 break
             idx = new
-            cb = datafit.refit(rows, idx, cb, owner, scale, fit, pinned).astype(dtype).astype(np.float64)
+            if refits:
+                cb = datafit.refit(rows, idx, cb, owner, scale, fit, pinned).astype(dtype).astype(np.float64)
             err = datafit.objective(rows, snapped(cb, idx), fit)
             if err < best[0]:
                 best = (err, cb, idx)
-        if not rounds:
+        if not rounds and refits:
             cb = datafit.refit(rows, idx, cb, owner, scale, fit, pinned).astype(dtype).astype(np.float64)
             err = datafit.objective(rows, snapped(cb, idx), fit)
             if err < best[0]:

@@ -39,7 +39,10 @@ ROUNDS = 2  # gptq -> refit rounds (the second gains ~5-10% of the objective, a 
 # refit (k parameters per codebook) only. (quant's rounding, which moves a weight by one step at
 # most, stops at 4.)
 GPTQ_ROWS_PER_FEATURE = 32
-RIDGE = 1e-6  # refit: pulled toward the old centroid by this share of the system's mean diagonal (empty clusters)
+RIDGE = 1e-6
+# The refit's one-hot products cost O * F^2 * k: past 64 levels (7-8 bits, where the k-means error
+# is already ~1/250 of the 4-bit one) they cost seconds per layer for nothing measurable.
+REFIT_MAX_LEVELS = 64  # refit: pulled toward the old centroid by this share of the system's mean diagonal (empty clusters)
 
 
 @dataclass
@@ -208,7 +211,7 @@ def usable(fit: LayerFit | None, features: int, rows_per_feature: float) -> bool
     return fit is not None and features <= MAX_FEATURES and fit.rows >= rows_per_feature * features
 
 
-__all__ = ["FITS", "GPTQ_ROWS_PER_FEATURE", "obs_prune", "LayerFit", "capture_fits", "gptq_assign", "objective", "refit", "usable"]
+__all__ = ["FITS", "GPTQ_ROWS_PER_FEATURE", "REFIT_MAX_LEVELS", "obs_prune", "LayerFit", "capture_fits", "gptq_assign", "objective", "refit", "usable"]
 
 
 # ---------------------------------------------------------------------------------------------
