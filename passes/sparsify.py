@@ -12,6 +12,13 @@ after it: its zero centroid keeps every zero exactly zero and the indices' entro
 * `pattern="2:4"` (any N:M): in every M consecutive weights along the input-channel axis, the
   N largest are kept, the layout NVIDIA's sparse tensor cores run at 2x (TensorRT reads it from
   the dense ONNX weights). Layers whose input channels are not a multiple of M are left alone.
+* `method=obs` (the default with `--calib`): SparseGPT (Frantar & Alistarh 2023). Per layer, the
+  Gram H = XᵀX of its input features (`edgegraph.analysis.capture`) gives the OBS saliency
+  w² / [H⁻¹]_ii² of each weight; in blocks of 128 input features the least salient are zeroed
+  and the weights not yet visited are updated through H⁻¹'s Cholesky factor to make up for them
+  (`passes/codebook/datafit.py: obs_prune`), so the layer's outputs, not its weights, stay close.
+  The fraction per layer is the one magnitude would give (scope). Layers without a usable Gram
+  (too few captured rows per feature, no Gram layout) keep magnitude.
 * Strength knob: `sparsity`. With a user floor (`--min-agreement`, `--min-sqnr`) and `--calib`
   the pass searches the highest sparsity (0.95 ... 0.1) that holds it, with `edgegraph.floor.search`.
 """
@@ -26,11 +33,12 @@ import numpy as np
 from edgegraph import floor, ir, runtime
 from edgegraph.context import PassContext
 from edgegraph.passbase import Pass, PassResult, option
-from edgegraph.passes.codebook import OPS, weights_of
+from edgegraph.passes.codebook import OPS, datafit, weights_of
 from edgegraph.passes.quant.names import warn_unmatched
 from edgegraph.registry import register_pass
 
 SCOPES = ("global", "layer")
+METHODS = ("auto", "magnitude", "obs")
 SETTINGS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)  # searched, strongest first
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -51,6 +59,10 @@ class Sparsify(Pass):
                                  "each layer's std)")
     pattern: str = option("unstructured", "'unstructured' or 'N:M' (e.g. '2:4': N of every M weights along the "
                                           "input channels are kept; sparsity then is 1 - N/M)")
+    method: str = option("auto", "'magnitude' (the smallest weights), 'obs' (with --calib: SparseGPT, the weights "
+                                 "whose removal moves the layer's outputs least, the rest updated through "
+                                 "(X^T X)^-1 to make up for them; layers without a usable Gram: magnitude) or "
+                                 "'auto' (obs with --calib)")
     ops: list[str] = option([op for op in OPS if op != "Gather"], "op types whose weights are sparsified")
     exclude: list[str] = option([], "node names or op types to leave alone")
     min_elements: int = option(1024, "leave weights with fewer elements than this alone")
@@ -64,6 +76,7 @@ class Sparsify(Pass):
         unknown = [op for op in self.ops if op not in OPS]
         self.check(not unknown, f"sparsify: cannot sparsify {', '.join(unknown)} weights (ops: {', '.join(OPS)})")
         self.check(self.min_elements >= 0, "sparsify: min_elements must be >= 0")
+        self.check(self.method in METHODS, f"sparsify: method must be one of {', '.join(METHODS)}, got '{self.method}'")
 
     def after(self) -> tuple[Pass, ...]:
         from edgegraph.passes.cleanup import Cleanup
@@ -81,6 +94,9 @@ class Sparsify(Pass):
             return PassResult(False, {"layers": 0})
         user_floor = ctx.verify.floor()
         data = ctx.calibration
+        fits = {}
+        if self.method != "magnitude" and data is not None and len(data):
+            fits = datafit.capture_fits(model, weights_of(model, self.ops, self.exclude, self.min_elements), data, ctx)
         if user_floor and data is not None and len(data) and self.n_m is None:
             proto = model.to_proto()
             feeds = runtime.feeds_of(proto, data)
@@ -88,7 +104,7 @@ class Sparsify(Pass):
 
             def measure(sparsity: float):
                 trial = model.copy()
-                rows = self._apply(trial, sparsity)
+                rows = self._apply(trial, sparsity, fits)
                 outputs = runtime.outputs(trial.to_proto(), feeds, threads=ctx.threads)
                 return floor.measure(reference, outputs), (trial, rows)
 
@@ -100,7 +116,7 @@ class Sparsify(Pass):
             model.graph = trial.graph
             details = {"layers": rows, "floor_search": found.as_dict()}
         else:
-            rows = self._apply(model, self.sparsity)
+            rows = self._apply(model, self.sparsity, fits)
             details = {"layers": rows}
         if not rows:
             return PassResult(False, {"layers": 0})
@@ -109,7 +125,7 @@ class Sparsify(Pass):
         stats = {"layers": len(rows), "sparsity": round(zeros / max(elements, 1), 4), "zeroed_weights": zeros}
         return PassResult(True, stats, details)
 
-    def _apply(self, model: ir.Model, sparsity: float) -> list[dict]:
+    def _apply(self, model: ir.Model, sparsity: float, fits: dict) -> list[dict]:
         weights = weights_of(model, self.ops, self.exclude, self.min_elements)
         nm = self.n_m
         threshold = None
@@ -129,7 +145,18 @@ class Sparsify(Pass):
                 keep = np.abs(value.astype(np.float64)) / _std(value) > threshold
             else:
                 keep = _top_mask(value, sparsity)
-            sparse = np.where(keep, value, np.zeros((), value.dtype)).astype(value.dtype)
+            fit = fits.get(w.tensor.name)
+            matrix = None if fit is None else fit.to_rows(value.astype(np.float64))
+            compensated = None
+            # (N:M by OBS where the Gram's features are the input channels: Gemm, MatMul, 1x1 Conv)
+            if matrix is not None and datafit.usable(fit, matrix.shape[1], datafit.GPTQ_ROWS_PER_FEATURE) and (
+                    nm is None or (w.in_axis is not None and matrix.shape[1] == value.shape[w.in_axis])):
+                # The layer's share as chosen above (global scope: per layer), its weights by OBS.
+                compensated = datafit.obs_prune(matrix, fit, 1.0 - keep.mean(), nm)
+            if compensated is not None:
+                sparse = fit.back(compensated).astype(value.dtype)
+            else:
+                sparse = np.where(keep, value, np.zeros((), value.dtype)).astype(value.dtype)
             zeros = int((sparse == 0).sum())
             ir.replace_all_uses(model.graph, w.tensor, ir.const(namer(f"{w.tensor.name}_sparse"), sparse))
             rows.append({"weight": w.tensor.name, "op": w.op, "shape": list(value.shape), "elements": int(value.size),

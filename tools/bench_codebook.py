@@ -188,7 +188,51 @@ def session_ms(path) -> float:
     return statistics.median(times)
 
 
-def bench(name, path, x, metric, bits_list, n_eval, rounds, folder):
+def default_tools(name, bits_list, calib, path):
+    """Without data: each bit width and the default; with the 64 calibration inputs (`+calib`):
+    importance-weighted k-means, + least-squares centroids (refit), GPTQ assignment (the default
+    fit), mixed widths for a 6x file (ratio=6), and sparsity by OBS before the codebook."""
+    tools = {}
+    for bits in bits_list:
+        tools[f"codebook {bits}"] = edgegraph_tool(f"codebook(bits={bits})", None, path)
+    tools["codebook (default)"] = edgegraph_tool("codebook", None, path)
+    tools["codebook ratio=6"] = edgegraph_tool("codebook(ratio=6)", None, path)
+    tools["codebook 4 +calib kmeans"] = edgegraph_tool("codebook(bits=4, fit=kmeans)", calib, path)
+    tools["codebook 4 +calib refit"] = edgegraph_tool("codebook(bits=4, fit=refit)", calib, path)
+    tools["codebook 4 +calib gptq"] = edgegraph_tool("codebook(bits=4)", calib, path)
+    tools["codebook 5 +calib gptq"] = edgegraph_tool("codebook(bits=5)", calib, path)
+    tools["codebook ratio=6 +calib"] = edgegraph_tool("codebook(ratio=6)", calib, path)
+    tools["codebook (default) +calib"] = edgegraph_tool("codebook", calib, path)
+    tools["codebook 4 share=op"] = edgegraph_tool("codebook(bits=4, share=op)", None, path)
+    tools["sparsify 0.5,codebook 4"] = edgegraph_tool("sparsify(sparsity=0.5),codebook(bits=4)", None, path)
+    tools["sparsify 0.5 obs,codebook 4 +calib"] = edgegraph_tool("sparsify(sparsity=0.5),codebook(bits=4)", calib, path)
+    tools["sparsify 0.7 obs,codebook 3 +calib"] = edgegraph_tool("sparsify(sparsity=0.7),codebook(bits=3)", calib, path)
+    for bits in (4, 8):
+        tools[f"uniform {bits} (per-channel)"] = uniform_tool(bits, path)
+    if name == "minilm":
+        tools["ORT MatMulNBits int4"] = ort_nbits_tool(path)
+        tools["edgegraph quant-int4"] = edgegraph_tool("quant-int4", None, path)
+    return tools
+
+
+def spec_tools(specs, calib, path):
+    """--spec: 'calib:' before a spec runs it with the calibration inputs; 'uniform:B' the uniform
+    anchor at B bits, 'ort-int4' onnxruntime's MatMulNBits quantizer."""
+    tools = {}
+    for spec in specs:
+        if spec.startswith("uniform:"):
+            tools[f"uniform {spec[8:]} (per-channel)"] = uniform_tool(int(spec[8:]), path)
+            continue
+        if spec == "ort-int4":
+            tools["ORT MatMulNBits int4"] = ort_nbits_tool(path)
+            continue
+        data = spec.startswith("calib:")
+        body = spec[len("calib:"):] if data else spec
+        tools[spec] = edgegraph_tool(body, calib if data else None, path)
+    return tools
+
+
+def bench(name, path, x, metric, bits_list, n_eval, rounds, folder, specs=None):
     n_eval = min(n_eval, (len(x) - CALIB) // 2)  # (MiniLM: 32 sentences a split)
     calib, split_a, split_b = x[:CALIB], x[CALIB:CALIB + n_eval], x[CALIB + n_eval:CALIB + 2 * n_eval]
     source = path
@@ -197,18 +241,7 @@ def bench(name, path, x, metric, bits_list, n_eval, rounds, folder):
     ref_a, ref_b = outputs(path, feeds_a), outputs(path, feeds_b)
     base = fp32_size(path)
     tools = {"input": None} if path == source else {"input (int8)": lambda out: _copy(source, out), "fp32": None}
-    for bits in bits_list:
-        tools[f"codebook {bits}"] = edgegraph_tool(f"codebook(bits={bits})", None, path)
-    tools["codebook 4 channel"] = edgegraph_tool("codebook(bits=4, granularity=channel)", None, path)
-    tools["codebook 4 +importance"] = edgegraph_tool("codebook(bits=4, importance=true)", calib, path)
-    tools["sparsify 0.5,codebook 4"] = edgegraph_tool("sparsify(sparsity=0.5),codebook(bits=4)", None, path)
-    tools["sparsify 0.7,codebook 3"] = edgegraph_tool("sparsify(sparsity=0.7),codebook(bits=3)", None, path)
-    tools["codebook 4 share=op"] = edgegraph_tool("codebook(bits=4, share=op)", None, path)
-    for bits in (4, 8):
-        tools[f"uniform {bits} (per-channel)"] = uniform_tool(bits, path)
-    if name == "minilm":
-        tools["ORT MatMulNBits int4"] = ort_nbits_tool(path)
-        tools["edgegraph quant-int4"] = edgegraph_tool("quant-int4", None, path)
+    tools.update(spec_tools(specs, calib, path) if specs else default_tools(name, bits_list, calib, path))
     rows = []
     for label, make in tools.items():
         out = path if make is None else folder / f"{name}_{label.replace(' ', '_').replace(',', '_')}.onnx"
@@ -246,13 +279,14 @@ def _copy(source: Path, out: Path) -> dict:
 
 
 def print_rows(rows):
-    print(f"{'model':16} {'tool':26} {'raw x':>6} {'defl x':>6} {'agree A':>8} {'agree B':>8} {'create ms':>9} "
+    width = max([26] + [len(r["tool"]) for r in rows])
+    print(f"{'model':16} {'tool':{width}} {'raw x':>6} {'defl x':>6} {'agree A':>8} {'agree B':>8} {'create ms':>9} "
           f"{'lat1':>6} {'fit s':>6} {'cpu s':>6}")
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:16} {r['tool']:26} ERROR {r['error']}")
+            print(f"{r['model']:16} {r['tool']:{width}} ERROR {r['error']}")
             continue
-        print(f"{r['model']:16} {r['tool']:26} {r['raw']:6.2f} {r['deflate']:6.2f} {r['agree_a']:8.4f} "
+        print(f"{r['model']:16} {r['tool']:{width}} {r['raw']:6.2f} {r['deflate']:6.2f} {r['agree_a']:8.4f} "
               f"{r['agree_b']:8.4f} {r['create_ms']:9.1f} {r['lat1']:6.3f} {r.get('fit_s', 0):6.1f} "
               f"{r.get('cpu_s', 0):6.1f}", flush=True)
 
@@ -263,6 +297,8 @@ def main():
     parser.add_argument("--bits", default="2,3,4,5,6,8")
     parser.add_argument("--eval", type=int, default=100, help="samples per held-out split")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--spec", action="append", help="a pass spec to run instead of the default tools "
+                        "(repeatable; prefix 'calib:' to give it the calibration inputs)")
     parser.add_argument("--json")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -270,7 +306,7 @@ def main():
     everything = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, path, x, metric in cases(args.models.split(","), args.eval):
-            rows = bench(name, path, x, metric, bits, args.eval, args.rounds, Path(tmp))
+            rows = bench(name, path, x, metric, bits, args.eval, args.rounds, Path(tmp), args.spec)
             print_rows(rows)
             everything += rows
     if args.json:

@@ -1,0 +1,261 @@
+"""Data-aware codebooks (`--calib`): fit what the layer computes, not the weights.
+
+Snapping W to a codebook changes a layer's output by X (W - Ŵ)ᵀ; its energy over calibration
+inputs is tr(Δ H Δᵀ) with H = XᵀX, the Gram matrix of the layer's input features (captured in
+one streamed pass by `edgegraph.analysis.capture.grams`, im2col features for Conv). Three ways
+to use H, each on top of the one before:
+
+* importance: the weight k-means weighs each squared error by diag(H) of the feature it
+  multiplies (the issue's importance weighting; diag(H) per kernel position for a Conv);
+* refit: with the indices fixed, Ŵ is linear in the centroids, so the centroids that minimise
+  tr(Δ H Δᵀ) solve a k x k system per codebook: (Σ_o s_o² A_o H A_oᵀ) c = Σ_o s_o A_o H w_o,
+  A_o the one-hot (k x F) assignment of row o, s_o its scale (granularity scaled);
+* gptq: the indices themselves chosen column by column with the error of each fed forward to the
+  columns not yet assigned through the Cholesky factor of H⁻¹ (OBQ / GPTQ, Frantar et al. 2022:
+  it works for any grid, here each row's codebook), columns in order of decreasing diag(H), then
+  the refit, twice.
+
+Layers without a usable Gram (embeddings, ConvTranspose, transposed inputs, too few captured rows
+per feature) keep the plain k-means. `quant`'s rounding shares the layer matrix and the damped
+H⁻¹ factor (`passes/quant/rounding.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgegraph import runtime
+from edgegraph.analysis import capture
+from edgegraph.context import CalibrationData, PassContext
+from edgegraph.passes.quant.rounding import MAX_FEATURES, _factor, layer_matrix
+
+FITS = ("auto", "kmeans", "refit", "gptq")
+ROUNDS = 2  # gptq -> refit rounds (the second gains ~5-10% of the objective, a third < 1%)
+# GPTQ / OBS move weights along H's directions: with few captured rows per feature H is mostly the
+# captured samples' (an MLP with 48 inputs at 10.7 rows per feature: 3.5x lower output error than
+# k-means on the calibration inputs, 1.6x higher on held-out ones). Below this the layer gets the
+# refit (k parameters per codebook) only. (quant's rounding, which moves a weight by one step at
+# most, stops at 4.)
+GPTQ_ROWS_PER_FEATURE = 32
+RIDGE = 1e-6
+# The refit's one-hot products cost O * F^2 * k: past 64 levels (7-8 bits, where the k-means error
+# is already ~1/250 of the 4-bit one) they cost seconds per layer for nothing measurable.
+REFIT_MAX_LEVELS = 64  # refit: pulled toward the old centroid by this share of the system's mean diagonal (empty clusters)
+
+
+@dataclass
+class LayerFit:
+    """A weight's layer objective: the weight as rows over the Gram's features."""
+
+    h: np.ndarray  # (groups, F, F) float64 (not damped)
+    back: callable  # O x F matrix -> the weight's layout
+    to_rows: callable  # the weight's layout -> O x F
+    rows: int = 0  # feature rows captured (samples x positions)
+    factors: list | None = None  # per group: (U with H⁻¹ = UᵀU, dead features) or None (lazily)
+
+    @property
+    def groups(self) -> int:
+        return self.h.shape[0]
+
+    def hdiag(self, rows: int) -> np.ndarray:
+        """(O, F) diag(H) of each row's group (the importance of every weight)."""
+        d = np.diagonal(self.h, axis1=1, axis2=2)  # (G, F)
+        return np.repeat(d, rows // self.groups, axis=0)
+
+    def factor(self, g: int):
+        """(column order by decreasing diag(H), U of the permuted H, its dead features) or None."""
+        if self.factors is None:
+            self.factors = []
+            for h in self.h:
+                order = np.argsort(-np.diag(h), kind="stable")
+                found = _factor(h[np.ix_(order, order)])
+                self.factors.append(None if found is None else (order, *found))
+        return self.factors[g]
+
+
+def capture_fits(model, weights, data: CalibrationData, ctx: PassContext) -> dict[str, LayerFit]:
+    """{weight name: LayerFit} for the weights read by one Conv / Gemm / MatMul with a Gram."""
+    from edgegraph.convert import compute_in_float32
+    from edgegraph.passes.quant.prepare import name_nodes
+
+    name_nodes(model.graph)  # the probe finds its layers by name (exporters leave some unnamed)
+    wanted = {}
+    for w in weights:
+        if len(w.readers) != 1 or w.op not in ("Conv", "Gemm", "MatMul"):
+            continue
+        if layer_matrix(w.readers[0], w.value) is None:
+            continue
+        wanted[w.readers[0].name] = w
+    if not wanted:
+        return {}
+    probed = model.copy()
+    compute_in_float32(probed)  # the probe's im2col and float64 sums need float32 layers
+    proto = probed.to_proto()
+    batches = runtime.feeds_of(proto, data)
+    try:
+        grams = capture.grams(proto, sorted(wanted), batches, threads=ctx.threads,
+                              progress=lambda it, **_: ctx.progress_bar(it, total=len(batches),
+                                                                         desc="codebook: capturing XᵀX"))
+    except (ValueError, RuntimeError):  # a layout the probe cannot read: no data-aware fit
+        return {}
+    fits = {}
+    for name, gram in grams.items():
+        w = wanted[name]
+        node = w.readers[0]
+        rows, back = layer_matrix(node, w.value)
+        h = np.asarray(gram.xtx, np.float64)
+        h = h.reshape(-1, h.shape[-2], h.shape[-1])
+        if h.shape[-1] != rows.shape[1] or rows.shape[0] % h.shape[0]:
+            continue
+        fits[w.tensor.name] = LayerFit(h, back, lambda v, node=node: layer_matrix(node, v)[0], gram.rows)
+    return fits
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective in row form: Ŵ[o, f] = s[o] * C[r[o], idx[o, f]]
+
+
+def objective(w: np.ndarray, snapped: np.ndarray, fit: LayerFit) -> float:
+    """tr((W - Ŵ) H (W - Ŵ)ᵀ) summed over the groups (rows as O x F)."""
+    d = w - snapped
+    per = d.shape[0] // fit.groups
+    return float(sum(((d[g * per:(g + 1) * per] @ fit.h[g]) * d[g * per:(g + 1) * per]).sum()
+                     for g in range(fit.groups)))
+
+
+def refit(w: np.ndarray, idx: np.ndarray, codebook: np.ndarray, owner: np.ndarray, scale: np.ndarray,
+          fit: LayerFit, pinned: np.ndarray) -> np.ndarray:
+    """Least-squares centroids (the same shape as `codebook`, (R, k)) for fixed indices idx (O, F):
+    row o decodes scale[o] * codebook[owner[o], idx[o]]. Centroids in `pinned` (R, k) stay as they are
+    (a zero centroid keeps pruned weights zero)."""
+    r_count, k = codebook.shape
+    o_rows, f = w.shape
+    per = o_rows // fit.groups
+    m = np.zeros((r_count, k, k))
+    b = np.zeros((r_count, k))
+    chunk = max(1, (1 << 22) // (f * k))  # rows at a time: ~32 MB of one-hot matrices
+    for g in range(fit.groups):
+        h = fit.h[g]
+        for start in range(g * per, (g + 1) * per, chunk):
+            sel = slice(start, min(start + chunk, (g + 1) * per))
+            p = np.zeros((sel.stop - sel.start, f, k))  # A_oᵀ, one-hot
+            np.put_along_axis(p, idx[sel, :, None].astype(np.int64), 1.0, axis=2)
+            hp = np.matmul(h, p)  # H A_oᵀ (batched BLAS)
+            mo = np.matmul(p.transpose(0, 2, 1), hp)  # A_o H A_oᵀ
+            bo = np.matmul(hp.transpose(0, 2, 1), w[sel, :, None])[:, :, 0]  # A_o H w_o
+            s = scale[sel]
+            np.add.at(m, owner[sel], mo * (s ** 2)[:, None, None])
+            np.add.at(b, owner[sel], bo * s[:, None])
+    out = codebook.astype(np.float64).copy()
+    for r in range(r_count):
+        mr, br = m[r], b[r]
+        diag = np.diag(mr)
+        if not diag.any():
+            continue
+        lam = RIDGE * diag.mean()
+        a = mr + lam * np.eye(k)
+        rhs = br + lam * out[r]
+        fixed = pinned[r]
+        if fixed.any():  # c_j fixed: move its column to the right-hand side, drop its equation
+            rhs = rhs - a[:, fixed] @ out[r, fixed]
+            free = ~fixed
+            a, rhs = a[np.ix_(free, free)], rhs[free]
+            out[r, free] = np.linalg.solve(a, rhs)
+        else:
+            out[r] = np.linalg.solve(a, rhs)
+    return out
+
+
+def gptq_assign(w: np.ndarray, codebook: np.ndarray, owner: np.ndarray, scale: np.ndarray, fit: LayerFit,
+                zeros: np.ndarray | None) -> np.ndarray | None:
+    """Indices (O, F) chosen column by column with error feedback through H⁻¹'s Cholesky factor;
+    columns by decreasing diag(H). Weights in `zeros` (exact zeros to keep) take the zero centroid
+    with their (zero) error. None when a group's H cannot be factored."""
+    o_rows, f = w.shape
+    per = o_rows // fit.groups
+    levels = codebook[owner] * scale[:, None]  # (O, k): each row's decoded levels
+    idx = np.empty((o_rows, f), np.int64)
+    zero_at = np.abs(levels).argmin(axis=1)
+    for g in range(fit.groups):
+        factor = fit.factor(g)
+        if factor is None:
+            return None
+        sel = slice(g * per, (g + 1) * per)
+        order, u, dead = factor
+        work = w[sel][:, order].copy()
+        lv = levels[sel]
+        keep_zero = None if zeros is None else zeros[sel][:, order]
+        out = np.empty(work.shape, np.int64)
+        rows = np.arange(work.shape[0])
+        for i in range(f):
+            col = work[:, i]
+            pick = np.abs(col[:, None] - lv).argmin(axis=1)
+            if keep_zero is not None:
+                pick = np.where(keep_zero[:, i], zero_at[sel], pick)
+            out[:, i] = pick
+            if dead[i]:
+                continue
+            error = (col - lv[rows, pick]) / u[i, i]
+            work[:, i + 1:] -= np.outer(error, u[i, i + 1:])
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(f)
+        idx[sel] = out[:, inverse]
+    return idx
+
+
+def usable(fit: LayerFit | None, features: int, rows_per_feature: float) -> bool:
+    """A Gram the objective can trust: enough captured rows per feature (else H fits the few
+    captured samples and fails on others, as quant's rounding measured) and a factorable size."""
+    return fit is not None and features <= MAX_FEATURES and fit.rows >= rows_per_feature * features
+
+
+__all__ = ["FITS", "GPTQ_ROWS_PER_FEATURE", "REFIT_MAX_LEVELS", "obs_prune", "LayerFit", "capture_fits", "gptq_assign", "objective", "refit", "usable"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparsity with compensation (`sparsify` with --calib)
+
+BLOCK = 128  # columns whose pruning mask is chosen together (SparseGPT's adaptive mask blocks)
+
+
+def obs_prune(w: np.ndarray, fit: LayerFit, sparsity: float, n_m: tuple[int, int] | None = None) -> np.ndarray | None:
+    """SparseGPT (Frantar & Alistarh 2023): rows (O, F) with `sparsity` of each block's weights (or
+    all but N of every M consecutive features of a row) set to zero, chosen by the OBS saliency
+    w² / [H⁻¹]_ii² and the remaining weights of the row updated through H⁻¹'s Cholesky factor to
+    make up for them. None when a group's H cannot be factored. Natural column order (an N:M
+    group must be consecutive features)."""
+    o_rows, f = w.shape
+    per = o_rows // fit.groups
+    out = np.empty_like(w, dtype=np.float64)
+    for g in range(fit.groups):
+        found = _factor(fit.h[g])
+        if found is None:
+            return None
+        u, dead = found
+        work = w[g * per:(g + 1) * per].astype(np.float64).copy()
+        diag = np.diag(u)
+        mask = np.zeros(work.shape, bool)  # True: pruned
+        for b0 in range(0, f, BLOCK):
+            b1 = min(b0 + BLOCK, f)
+            if n_m is None:  # the block's lowest-saliency weights, over its rows and columns
+                saliency = work[:, b0:b1] ** 2 / diag[b0:b1] ** 2
+                drop = int(round(sparsity * saliency.size))
+                if drop:
+                    block = np.zeros(saliency.size, bool)
+                    block[np.argsort(saliency.ravel(), kind="stable")[:drop]] = True
+                    mask[:, b0:b1] = block.reshape(saliency.shape)
+            for i in range(b0, b1):
+                if n_m is not None and (i % n_m[1]) == 0 and i + n_m[1] <= f:
+                    group = work[:, i:i + n_m[1]] ** 2 / diag[i:i + n_m[1]] ** 2
+                    lowest = np.argsort(group, axis=1, kind="stable")[:, :n_m[1] - n_m[0]]
+                    np.put_along_axis(mask[:, i:i + n_m[1]], lowest, True, axis=1)
+                col = work[:, i]
+                q = np.where(mask[:, i], 0.0, col)
+                if not dead[i]:
+                    error = (col - q) / u[i, i]
+                    work[:, i + 1:] -= np.outer(error, u[i, i + 1:])
+                work[:, i] = q
+        out[g * per:(g + 1) * per] = work
+    return out
