@@ -16,6 +16,7 @@ network amplifies by ~20 dB) carry 89% of it, while their own SQNR looks like an
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 
@@ -38,6 +39,7 @@ MIXED_SAMPLES = 2
 # tensors first; a tensor carrying under MIN_SHARE of the measured noise is never worth it.
 MIXED_NODE_SHARE = 0.25
 MIN_SHARE = 0.005
+MAX_MEASUREMENTS = 128
 # Sizes tried (number of tensors protected, costliest first): the one the contributions predict
 # reaches the target (or removes NOISE_SHARE of the noise when nothing does), then halved while
 # the latency budget does not hold.
@@ -113,21 +115,23 @@ def contributions(run: QuantRun, quant: ir.Model, plan: Plan) -> tuple[dict[str,
         return noise(gates)
 
     # Group testing: few tensors carry most of the noise, and neighbours in graph order share
-    # it, so a group whose noise is below MIN_SHARE of all is not split (its members share its
-    # noise evenly) and the others are halved: ~k log2(n) measurements instead of n.
+    # it, so the noisiest group is halved first, and a group below MIN_SHARE of all is not
+    # split (its members share its noise evenly): ~k log2(n) measurements instead of n, at
+    # most MAX_MEASUREMENTS (the groups left then share theirs evenly too).
     weights_only = gated([])
     everything = max(gated(list(range(len(order)))) - weights_only, 0.0)
     found: dict[str, float] = {}
-    groups = [(list(range(len(order))), everything)]
+    groups = [(-everything, 0, list(range(len(order))))]  # a heap: noisiest first, ties in graph order
     measured = 0
     while groups:
-        members, value = groups.pop()
-        if len(members) == 1 or value < MIN_SHARE * everything:
+        value, first, members = heapq.heappop(groups)
+        value = -value
+        if len(members) == 1 or value < MIN_SHARE * everything or measured + 2 > MAX_MEASUREMENTS:
             found.update({order[i]: value / len(members) for i in members})
             continue
         half = len(members) // 2
         for part in (members[:half], members[half:]):
-            groups.append((part, max(gated(part) - weights_only, 0.0)))
+            heapq.heappush(groups, (-max(gated(part) - weights_only, 0.0), part[0], part))
             measured += 1
     run.mixed_info["measurements"] = measured + 2
     return found, weights_only
