@@ -32,6 +32,7 @@ from edgegraph.passes.quant.state import QuantRun
 logger = logging.getLogger(__name__)
 
 GATES = "__quant_gates"
+WEIGHT = "weights of "  # what a weight gate is called: WEIGHT + the node name
 # Samples each tensor's contribution is measured on (the first held-out batches): the ranking
 # settles on few, and each tensor costs one forward pass per sample.
 MIXED_SAMPLES = 2
@@ -44,13 +45,17 @@ MAX_MEASUREMENTS = 128
 # reaches the target (or removes NOISE_SHARE of the noise when nothing does), then halved while
 # the latency budget does not hold.
 NOISE_SHARE = 0.9
-MAX_TRIALS = 3
+MAX_TRIALS = 4
 GAIN_DB = 1.0  # protecting must gain this much (float / 16-bit layers cost speed)
 
 
-def gated_model(proto: onnx.ModelProto, points: set[str]) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of the quantized model where each activation Q/DQ of `points` is behind a gate
-    (element i of the graph input GATES: 0 = float, 1 = quantized), and the point of each gate."""
+def gated_model(proto: onnx.ModelProto, points: set[str],
+                weights: dict[str, dict[int, np.ndarray | None]] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of the quantized model where each activation Q/DQ of `points` and each integer
+    weight of `weights` (node name -> {input index: float value}, the weight and its bias) is behind a gate (element i of
+    the graph input GATES: 0 = float, 1 = quantized), and what each gate holds, in graph order
+    (a weight as WEIGHT + node name)."""
+    weights = weights or {}
     gated = onnx.ModelProto()
     gated.CopyFrom(proto)
     graph = gated.graph
@@ -59,7 +64,25 @@ def gated_model(proto: onnx.ModelProto, points: set[str]) -> tuple[onnx.ModelPro
     order: list[str] = []
     index: dict[str, int] = {}
     added = []
-    for node in graph.node:
+    for node in list(graph.node):
+        if node.name in weights and len(node.input) > 1:
+            i = len(order)
+            order.append(WEIGHT + node.name)
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array(i, np.int64), f"__gatew{i}_i"))
+            added.append(helper.make_node("Gather", [GATES, f"__gatew{i}_i"], [f"__gatew{i}_g"],
+                                          name=f"__gatew{i}_gather", axis=0))
+            # The bias with its weight: a corrected int32 bias belongs to the integer weight.
+            for slot, value in weights[node.name].items():
+                if slot >= len(node.input) or not node.input[slot] or value is None:
+                    continue
+                stem = f"__gatew{i}_{slot}"
+                graph.initializer.append(onnx.numpy_helper.from_array(value.astype(np.float32), f"{stem}_w"))
+                added += [
+                    helper.make_node("Sub", [node.input[slot], f"{stem}_w"], [f"{stem}_d"], name=f"{stem}_sub"),
+                    helper.make_node("Mul", [f"{stem}_d", f"__gatew{i}_g"], [f"{stem}_m"], name=f"{stem}_mul"),
+                    helper.make_node("Add", [f"{stem}_w", f"{stem}_m"], [f"{stem}_out"], name=f"{stem}_add"),
+                ]
+                node.input[slot] = f"{stem}_out"
         if node.op_type != "DequantizeLinear" or node.input[0] not in quantizers:
             continue
         source, dequantized = quantizers[node.input[0]].input[0], node.output[0]
@@ -89,14 +112,18 @@ def gated_model(proto: onnx.ModelProto, points: set[str]) -> tuple[onnx.ModelPro
     return sorted_graph.to_proto(), order
 
 
-def contributions(run: QuantRun, quant: ir.Model, plan: Plan) -> tuple[dict[str, float], float]:
-    """Relative output noise each quantized activation adds on its own (on top of the integer
-    weights), and that of the integer weights alone, on MIXED_SAMPLES held-out samples; noise
-    relative to each output's energy, the worst output counted."""
+def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan) -> tuple[dict[str, float], float]:
+    """Relative output noise each quantized activation and each integer weight adds on its own,
+    and what is left with every gate off (int32 biases), on MIXED_SAMPLES held-out samples;
+    noise relative to each output's energy, the worst output counted."""
     run.score(quant)  # (sets up the held-out batches and the float model's outputs)
     batches = run._held_out[:MIXED_SAMPLES]
     reference = run._reference[:MIXED_SAMPLES]
-    proto, order = gated_model(quant.to_proto(), {p.name for p in plan.points})
+    float_nodes = {n.name: n for n in ir.from_proto(run.float_proto, infer=False).graph.nodes}
+    biases = {b.node.name for b in built.biases}
+    weights = {w.node.name: {1: w.float_value, 2: _bias(float_nodes.get(w.node.name)) if w.node.name in biases else None}
+               for w in built.weights if w.index == 1}
+    proto, order = gated_model(quant.to_proto(), {p.name for p in plan.points}, weights)
     sess = runtime.session(proto, threads=run.ctx.threads, optimize=True)
     names = [o.name for o in sess.get_outputs()]
     energy = {n: sum(float(np.sum(np.square(r[n], dtype=np.float64))) for r in reference) for n in names}
@@ -140,26 +167,23 @@ def contributions(run: QuantRun, quant: ir.Model, plan: Plan) -> tuple[dict[str,
 def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
     """(model, built, plan) with the costliest tensors kept out of 8 bits when the output SQNR is
     below run.o.mixed_sqnr and that gains GAIN_DB within the latency budget; else the input."""
-    from edgegraph.passes.quant.tuning import build_protected, float_sets
-
     target = run.o.mixed_sqnr
     sqnr = run.score(quant)
     if run.o.mixed == "off" or target is None or sqnr >= target or not plan.points:
         return quant, built, plan
     start = time.perf_counter()
     run.mixed_info = {}
-    found, weights_only = contributions(run, quant, plan)
+    found, weights_only = contributions(run, quant, built, plan)
     total = sum(found.values())
-    run.mixed_info.update(before_db=round(sqnr, 2), weights_only_db=_db(weights_only), activations_db=_db(total))
+    run.mixed_info.update(before_db=round(sqnr, 2), predicted_db=_db(total + weights_only))
     ranked = [t for t, c in sorted(found.items(), key=lambda item: (-item[1], item[0]))
               if total > 0 and c >= MIN_SHARE * total and t not in run.coarse]
-    if run.o.sensitive_type == "float":
-        sets, budget, nodes, kept = float_sets(run.base_plan), MIXED_NODE_SHARE * len(run.base_plan.quantized), set(), []
-        for t in ranked:
-            if len(nodes | sets.get(t, set())) <= budget:
-                kept.append(t)
-                nodes |= sets.get(t, set())
-        ranked = kept
+    sets, budget, nodes, kept = _float_nodes(run), MIXED_NODE_SHARE * len(run.base_plan.quantized), set(), []
+    for t in ranked:
+        if len(nodes | sets.get(t, set())) <= budget:
+            kept.append(t)
+            nodes |= sets.get(t, set())
+    ranked = kept
     run.mixed_info["candidates"] = len(ranked)
     if not ranked:
         run.timings["mixed"] = time.perf_counter() - start
@@ -174,7 +198,7 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
     best, tried, float_ms = None, set(), None
     for _ in range(MAX_TRIALS):
         tried.add(k)
-        trial, trial_built, trial_plan = build_protected(run, set(run.coarse) | set(ranked[:k]))
+        trial, trial_built, trial_plan = _build_kept(run, ranked[:k])
         score = run.score(trial)
         latency = speed.speed_check(run, trial, warn=False) if run.ctx.timing and run.o.check_speed else {}
         fits = not latency or latency["quantized_ms"] <= run.o.mixed_latency * latency["float_ms"]
@@ -193,12 +217,51 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
                          + (f" ({float_ms} ms float)" if float_ms else ""))
         return quant, built, plan
     trial, trial_built, trial_plan, k, score, latency = best
-    run.mixed = {t: round(found[t] / total, 3) for t in ranked[:k]}
+    run.mixed = {t: round(found[t] / total, 3) for t in ranked[:k] if not t.startswith(WEIGHT)}
+    # Layers kept float for their weights stay so in later plans (fallback, speed check).
+    run.excluded = run.excluded | {t[len(WEIGHT):] for t in ranked[:k] if t.startswith(WEIGHT)}
+    run.mixed_info["noise_share"] = {t: round(found[t] / total, 3) for t in ranked[:k]}
     run.mixed_info.update(after_db=round(score, 2), tensors=k, **({"latency": latency} if latency else {}))
     run.notes.append(f"mixed precision: {k} tensors carrying {100 * sum(found[t] for t in ranked[:k]) / total:.0f}% "
                      f"of the measured activation noise kept {run.o.sensitive_type} "
                      f"(output SQNR {sqnr:.1f} -> {score:.1f} dB on held-out samples)")
     return trial, trial_built, trial_plan
+
+
+def _bias(node) -> np.ndarray | None:
+    """The float bias (input 2) of a node of the float model, shaped as there."""
+    if node is None or len(node.inputs) < 3 or not node.inputs[2].name:
+        return None
+    return ir.constant_value(node.inputs[2])
+
+
+def _float_nodes(run: QuantRun) -> dict[str, set[str]]:
+    """What keeping each gate's tensor in float costs: the nodes around an activation
+    (tuning.float_sets), or the layer of a weight."""
+    from edgegraph.passes.quant.tuning import float_sets
+
+    sets = float_sets(run.base_plan)
+    sets.update({WEIGHT + n.name: {n.name} for n in run.base_plan.quantized})
+    return sets
+
+
+def _build_kept(run: QuantRun, kept: list[str]):
+    """`build` with the `kept` gates out of 8 bits: weights' layers in float, activations as
+    tuning.build_protected keeps them (float or int16)."""
+    from edgegraph.passes.quant.build import build
+    from edgegraph.passes.quant.tuning import build_protected
+
+    layers = {t[len(WEIGHT):] for t in kept if t.startswith(WEIGHT)}
+    tensors = set(run.coarse) | {t for t in kept if not t.startswith(WEIGHT)}
+    saved = run.excluded
+    run.excluded = saved | layers
+    try:
+        if tensors:
+            return build_protected(run, tensors)
+        plan = run.plan(run.excluded)
+        return (*build(run, plan), plan)
+    finally:
+        run.excluded = saved
 
 
 def _db(relative_noise: float) -> float:
