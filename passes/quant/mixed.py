@@ -199,7 +199,13 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
     for _ in range(MAX_TRIALS):
         tried.add(k)
         trial, trial_built, trial_plan = _build_kept(run, ranked[:k])
-        score = run.score(trial)
+        try:
+            score = run.score(trial)
+        except Exception as exc:  # noqa: BLE001 - e.g. ORT's QDQ rewrites adding Round to an opset-10 model
+            message = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            run.notes.append(f"mixed precision: a trial with {k} tensors out of 8 bits does not run in "
+                             f"onnxruntime ({message}); not used")
+            break
         latency = speed.speed_check(run, trial, warn=False) if run.ctx.timing and run.o.check_speed else {}
         fits = not latency or latency["quantized_ms"] <= run.o.mixed_latency * latency["float_ms"]
         float_ms = latency.get("float_ms", float_ms)
