@@ -417,7 +417,7 @@ def test_coarse_tensors_stay_float_when_that_pays():
     x = np.random.default_rng(0).standard_normal((48, 2, 8, 8)).astype(np.float32)
     reference = _outputs(model, {"x": x[32:]})
     proto, record = _quantize(model, {"x": x[:32]})
-    plain, _ = _quantize(model, {"x": x[:32]}, "quant(check_speed=false, keep_coarse=false)")
+    plain, _ = _quantize(model, {"x": x[:32]}, "quant(check_speed=false, keep_coarse=false, mixed=off)")
     wide, wide_record = _quantize(model, {"x": x[:32]}, "quant(check_speed=false, sensitive_type=int16)")
     assert record.details["coarse_tensors_kept"] == {"as": "float", "tensors": {"r1": pytest.approx(0.75, abs=0.05)}}
     assert record.stats["coarse_tensors_kept"] == 1

@@ -163,11 +163,12 @@ def test_good_result_does_not_warn(caplog):
 
 
 def test_degraded_text_detector_warns():
-    """PP-OCRv4's detector at 320x320 on real text: static int8 is far below float (~7 dB)."""
+    """PP-OCRv4's detector at 320x320 on real text: static int8 is far below float (~7 dB) with
+    8 bits everywhere (mixed=off; mixed precision lifts it: test_quant_mixed)."""
     path = require_shared(MODELS / "ppocr_v4_paddle2onnx/ch_PP-OCRv4_det_infer.onnx")
     require_shared(DATA / "misc_images/skimage_page.png")
     x = qfix.text_detector_inputs(DATA, 16)
-    _, record = _run(onnx.load(path), {"x": x}, "quant(check_speed=false)")
+    _, record = _run(onnx.load(path), {"x": x}, "quant(check_speed=false, mixed=off)")
     warning = record.details["warning"]
     assert warning["held_out_sqnr_db"] < 12 and len(warning["costliest_layers"]) == 3
     nodes = {n.name for n in onnx.load(path).graph.node}

@@ -37,7 +37,7 @@ def fallback(run: QuantRun, quant, built, plan, errors, budget: Floor):
                        "fitted on (optimistic); give %d or more to hold some out", len(run.calib),
                        state.MIN_SPLIT_SAMPLES)
     reference = runtime.outputs(run.float_proto, run.batches(data), threads=run.ctx.threads)
-    adopted = set(run.coarse)  # already out of 8 bits
+    adopted = set(run.coarse) | set(run.mixed)  # already out of 8 bits
     ranking = [t for t in sensitivity.ranking(plan, errors) if t not in adopted]
 
     def measure(k: int):

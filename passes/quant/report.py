@@ -60,10 +60,14 @@ def result(run: QuantRun, model: ir.Model, plan: Plan, built: Built, errors, fal
         stats["fallback_layers"] = len(fallback)
     if run.coarse:
         stats["coarse_tensors_kept"] = len(run.coarse)
+    if run.mixed_info.get("noise_share"):
+        stats["sensitive_tensors_kept"] = len(run.mixed_info["noise_share"])
     details = {"layers": rows, "float_nodes": dict(plan.skipped), "output_sqnr_db": outputs,
                "saturation_guarded": built.guarded, "notes": run.notes}
     if run.coarse:
         details["coarse_tensors_kept"] = {"as": run.o.sensitive_type, "tensors": run.coarse}
+    if run.mixed_info:
+        details["mixed_precision"] = {**run.mixed_info, "as": run.o.sensitive_type}
     if run.tuning:
         details["tuning_output_sqnr_db"] = {k: round(v, 2) for k, v in run.tuning.items()}
     if run.budget is not None:

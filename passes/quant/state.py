@@ -46,6 +46,8 @@ class QuantRun:
         self.tuning: dict[str, float] = {}  # output SQNR (dB) of each setting tried
         self.moments: dict[str, capture.ChannelMoments] = {}  # per-channel statistics of quantized tensors
         self.coarse: dict[str, float] = {}  # coarse tensors kept out of 8 bits -> their coarse fraction
+        self.mixed: dict[str, float] = {}  # tensors kept out of 8 bits by `mixed` -> their share of the noise
+        self.mixed_info: dict = {}  # what `mixed` measured, for the report
         self.stats: dict[str, capture.RangeStats] = {}  # calibration statistics per tensor
         self.group_stats: dict[str, capture.RangeStats] = {}  # per tensor, the merged stats of its scale group
         self.output_names: list[str] = []

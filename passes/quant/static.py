@@ -11,6 +11,8 @@ own module:
   bias_correction  each layer's bias corrected by its mean error vs a float twin
   tuning           settings the defaults leave open (calibration method, bias correction, coarse
                    tensors kept out of 8 bits), chosen by the output SQNR on held-out calibration samples
+  mixed            below mixed_sqnr dB: the tensors adding most output noise (measured one at a time)
+                   kept out of 8 bits, within a latency budget
   sensitivity      per-tensor SQNR and the ranking of tensors by the noise they add
   fallback         sensitive tensors kept out of 8 bits until a drop budget holds (edgegraph.floor)
   report, speed    the pass's report; the latency check against the float model (and what is written
@@ -31,7 +33,7 @@ from edgegraph.context import PassContext
 from edgegraph.errors import CalibrationDataError
 from edgegraph.passbase import Pass, PassResult, option
 from edgegraph.passes.cleanup import Cleanup
-from edgegraph.passes.quant import numerics, prepare, report, sensitivity, speed
+from edgegraph.passes.quant import mixed, numerics, prepare, report, sensitivity, speed
 from edgegraph.passes.quant.build import build
 from edgegraph.passes.quant.collect import collect
 from edgegraph.passes.quant.fallback import budget_floor, fallback
@@ -111,6 +113,14 @@ class StaticQuantize(Pass):
         "float", "how tensors kept out of 8 bits (keep_coarse, max_drop / min_sqnr) are kept: float, with the "
                  "nodes around them, or int16 activations (for NPUs that run 16-bit activations but not float, "
                  "e.g. QNN's a16w8; needs opset 21 or com.microsoft Q/DQ; ORT's CPU runs such layers in float)")
+    mixed: Literal["auto", "off"] = option(
+        "auto", "mixed precision by measured sensitivity: when the output SQNR on held-out samples is below "
+                "mixed_sqnr, the tensors whose quantization adds most output noise (each measured alone) are kept "
+                "out of 8 bits (see sensitive_type), within mixed_latency; off: never")
+    mixed_sqnr: float = option(20.0, "for mixed=auto: the output SQNR (dB) below which sensitive tensors are kept "
+                                     "out of 8 bits")
+    mixed_latency: float = option(1.0, "for mixed=auto: the latency budget, as a multiple of the float model's "
+                                       "(1 thread; only checked when timing is on)")
     max_drop: float | None = option(
         None, "allowed drop in argmax/top-1 agreement with the float model (e.g. 0.01); the most sensitive tensors "
               "are kept out of 8 bits (see sensitive_type) until it holds on the calibration data")
@@ -135,6 +145,8 @@ class StaticQuantize(Pass):
         self.check(self.analysis_samples >= 0, f"quant: analysis_samples must be >= 0, got {self.analysis_samples}")
         self.check(self.max_drop is None or 0.0 <= self.max_drop < 1.0,
                    f"quant: max_drop must be in [0, 1), got {self.max_drop}")
+        self.check(np.isfinite(self.mixed_sqnr), "quant: mixed_sqnr must be a finite number")
+        self.check(self.mixed_latency > 0, f"quant: mixed_latency must be > 0, got {self.mixed_latency}")
         self.check(self.min_sqnr is None or np.isfinite(self.min_sqnr), "quant: min_sqnr must be a finite number")
         for kind, values in (("exclude_ops", self.exclude_ops), ("exclude_nodes", self.exclude_nodes)):
             self.check(all(isinstance(v, str) and v for v in values), f"quant: {kind} must be a list of names")
@@ -179,6 +191,7 @@ def _run(run: QuantRun, model: ir.Model) -> PassResult:
     run.macs = _sample_macs(run)
     run.analysis_count = run.o.analysis_samples or _affordable_samples(run)
     quant, built, plan = tuned_build(run, plan)
+    quant, built, plan = mixed.protect(run, quant, built, plan)
     errors = sensitivity.errors(run, quant, built)
     kept: list[str] = []
     if budget:
