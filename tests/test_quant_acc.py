@@ -139,7 +139,7 @@ def test_gram_rounding_lowers_the_layer_output_error_it_optimises():
     checked = 0
     for node in layers:
         w = ir.constant_value(node.inputs[1]).astype(np.float32)
-        rows, _ = rounding.layer_matrix(node, w)
+        rows, _ = capture.layer_matrix(node, w)
         scale = (np.abs(rows).max(1) / 127).astype(np.float32)
         params = QParams(scale, np.zeros(len(scale), np.int8), qt, 0, 127)
         codes = rounding.round_weight(node, w, params, grams[node.name])

@@ -16,6 +16,8 @@ summed on the host in float64. The model runs at its normal speed.
                                     position k (the order of W.reshape(O, -1)); a 1x1 Conv with
                                     stride 1 and no padding reads the input as it is. A grouped
                                     Conv gets one Gram per group: shapes (G, F/G, F/G)
+  layer_matrix     a layer's weight as rows over those features (and back)
+  inverse_factor   the damped H⁻¹'s Cholesky factor that GPTQ-style solvers use
 """
 
 from __future__ import annotations
@@ -497,6 +499,40 @@ class Gram:
             if self.xty is None:
                 self.xty = np.zeros_like(squeeze(out[read.xty]))
             self.xty += squeeze(out[read.xty])
+
+
+# Layers with more input features than this are not solved on their Gram (the F x F inverse grows as F³).
+MAX_FEATURES = 4096
+# Added to H's diagonal, as a share of its mean, so that H is invertible (dead features).
+DAMPING = 0.01
+
+
+def layer_matrix(node: gs.Node, value: np.ndarray) -> tuple[np.ndarray, Callable] | None:
+    """A layer's weight as O x F rows over its Gram's features, and how to put such a matrix back
+    in the weight's shape; None for layouts without a Gram (ConvTranspose, Gemm with transA, an
+    N-D MatMul weight). quant's rounding, codebook's fits and prune's recovery all solve on these."""
+    if node.op == "Conv":
+        return value.reshape(value.shape[0], -1), lambda m: m.reshape(value.shape)
+    if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
+        if int(node.attrs.get("transB", 0)):
+            return value, lambda m: m
+        return value.T, lambda m: np.ascontiguousarray(m.T)
+    if node.op == "MatMul" and value.ndim == 2:
+        return value.T, lambda m: np.ascontiguousarray(m.T)
+    return None
+
+
+def inverse_factor(h: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(U with H⁻¹ = UᵀU, dead features) of a damped Gram matrix (what GPTQ/OBQ-style solvers
+    feed errors forward through); None when it is not positive definite."""
+    h = h.copy()
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += DAMPING * np.mean(np.diag(h))
+    try:
+        return np.linalg.cholesky(np.linalg.inv(h)).T, dead
+    except np.linalg.LinAlgError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ to use H, each on top of the one before:
 
 Layers without a usable Gram (embeddings, ConvTranspose, transposed inputs, too few captured rows
 per feature) keep the plain k-means. `quant`'s rounding shares the layer matrix and the damped
-H⁻¹ factor (`passes/quant/rounding.py`).
+H⁻¹ factor (`edgegraph/analysis/capture.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import numpy as np
 from edgegraph import runtime
 from edgegraph.analysis import capture
 from edgegraph.context import CalibrationData, PassContext
-from edgegraph.passes.quant.rounding import MAX_FEATURES, _factor, layer_matrix
 
 FITS = ("auto", "kmeans", "refit", "gptq")
 ROUNDS = 2  # gptq -> refit rounds (the second gains ~5-10% of the objective, a third < 1%)
@@ -70,7 +69,7 @@ class LayerFit:
             self.factors = []
             for h in self.h:
                 order = np.argsort(-np.diag(h), kind="stable")
-                found = _factor(h[np.ix_(order, order)])
+                found = capture.inverse_factor(h[np.ix_(order, order)])
                 self.factors.append(None if found is None else (order, *found))
         return self.factors[g]
 
@@ -85,7 +84,7 @@ def capture_fits(model, weights, data: CalibrationData, ctx: PassContext) -> dic
     for w in weights:
         if len(w.readers) != 1 or w.op not in ("Conv", "Gemm", "MatMul"):
             continue
-        if layer_matrix(w.readers[0], w.value) is None:
+        if capture.layer_matrix(w.readers[0], w.value) is None:
             continue
         wanted[w.readers[0].name] = w
     if not wanted:
@@ -104,12 +103,12 @@ def capture_fits(model, weights, data: CalibrationData, ctx: PassContext) -> dic
     for name, gram in grams.items():
         w = wanted[name]
         node = w.readers[0]
-        rows, back = layer_matrix(node, w.value)
+        rows, back = capture.layer_matrix(node, w.value)
         h = np.asarray(gram.xtx, np.float64)
         h = h.reshape(-1, h.shape[-2], h.shape[-1])
         if h.shape[-1] != rows.shape[1] or rows.shape[0] % h.shape[0]:
             continue
-        fits[w.tensor.name] = LayerFit(h, back, lambda v, node=node: layer_matrix(node, v)[0], gram.rows)
+        fits[w.tensor.name] = LayerFit(h, back, lambda v, node=node: capture.layer_matrix(node, v)[0], gram.rows)
     return fits
 
 
@@ -208,7 +207,7 @@ def gptq_assign(w: np.ndarray, codebook: np.ndarray, owner: np.ndarray, scale: n
 def usable(fit: LayerFit | None, features: int, rows_per_feature: float) -> bool:
     """A Gram the objective can trust: enough captured rows per feature (else H fits the few
     captured samples and fails on others, as quant's rounding measured) and a factorable size."""
-    return fit is not None and features <= MAX_FEATURES and fit.rows >= rows_per_feature * features
+    return fit is not None and features <= capture.MAX_FEATURES and fit.rows >= rows_per_feature * features
 
 
 __all__ = ["FITS", "GPTQ_ROWS_PER_FEATURE", "REFIT_MAX_LEVELS", "obs_prune", "LayerFit", "capture_fits", "gptq_assign", "objective", "refit", "usable"]
@@ -230,7 +229,7 @@ def obs_prune(w: np.ndarray, fit: LayerFit, sparsity: float, n_m: tuple[int, int
     per = o_rows // fit.groups
     out = np.empty_like(w, dtype=np.float64)
     for g in range(fit.groups):
-        found = _factor(fit.h[g])
+        found = capture.inverse_factor(fit.h[g])
         if found is None:
             return None
         u, dead = found

@@ -379,7 +379,10 @@ class _Pruner:
         found = {}
         for name, gram in grams.items():
             node = wanted[name]
-            matrix = _matrix(node, np.asarray(self.holders[node.inputs[1].name].values, np.float64))
+            layer = capture.layer_matrix(node, np.asarray(self.holders[node.inputs[1].name].values, np.float64))
+            if layer is None:  # (a layout with no Gram: nothing to reconstruct on)
+                continue
+            matrix = layer[0]
             found[name] = select.Consumer(name, matrix, gram, _bias_ok(node, matrix.shape[0]), self.o.ridge)
         return found
 
@@ -661,12 +664,13 @@ class _Pruner:
         stored = np.asarray(weight.values)
         alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
         beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
-        prior = _matrix(node, stored.astype(np.float64)) * alpha
+        prior, back = capture.layer_matrix(node, stored.astype(np.float64))
+        prior = prior * alpha
         prior_bias = (np.asarray(holders[node.inputs[2].name].values, np.float64).reshape(-1) * beta
                       if has_bias else None)
         matrix, bias = refit.solve(xtx, xty, rows, self.o.ridge, prior, prior_bias)
         matrix, bias = matrix / alpha, bias / beta
-        weight.values = _unmatrix(node, matrix, stored.shape).astype(stored.dtype)
+        weight.values = back(matrix).astype(stored.dtype)
         if has_bias:
             holder = holders[node.inputs[2].name]
             value = np.asarray(holder.values)
@@ -687,8 +691,8 @@ class _Pruner:
             matrix, bias = select.compensate(consumer, np.concatenate(parts))
             node = nodes[name]
             weight = holders[node.inputs[1].name]
-            dtype = np.asarray(weight.values).dtype
-            weight.values = _unmatrix(node, matrix, np.asarray(weight.values).shape).astype(dtype)
+            stored = np.asarray(weight.values)
+            weight.values = capture.layer_matrix(node, stored)[1](matrix).astype(stored.dtype)
             if consumer.sigma[-1, :-1].any() and np.any(bias):
                 _add_bias(node, bias, holders)
 
@@ -711,9 +715,12 @@ class _Pruner:
                         continue
                     weight = holders[slice_.constant]
                     stored = np.asarray(weight.values)
-                    matrix = _matrix(node, stored.astype(np.float64))
+                    layer = capture.layer_matrix(node, stored.astype(np.float64))
+                    if layer is None:
+                        continue
+                    matrix, back = layer
                     merged = select.merge_columns(matrix, rows, np.asarray(chosen), kept, feats)
-                    weight.values = _unmatrix(node, merged, stored.shape).astype(stored.dtype)
+                    weight.values = back(merged).astype(stored.dtype)
 
     def _producer_bias(self, g: channels.Group) -> np.ndarray | None:
         for s in g.slices:
@@ -846,23 +853,6 @@ def _name_nodes(graph: gs.Graph) -> None:
         if not node.name or node.name in seen:
             node.name = namer(f"{node.op}_prune")
         seen.add(node.name)
-
-
-def _matrix(node: gs.Node, value: np.ndarray) -> np.ndarray:
-    """A consumer's weight as (outputs, features) in the Gram's feature order."""
-    if node.op == "Conv":
-        return value.reshape(value.shape[0], -1)
-    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
-        return value
-    return value.T
-
-
-def _unmatrix(node: gs.Node, matrix: np.ndarray, shape) -> np.ndarray:
-    if node.op == "Conv":
-        return matrix.reshape(shape)
-    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
-        return matrix
-    return np.ascontiguousarray(matrix.T)
 
 
 def _bias_ok(node: gs.Node, outputs: int) -> bool:

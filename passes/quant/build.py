@@ -83,7 +83,7 @@ def build(run: QuantRun, plan: Plan, wide: set[str] | frozenset[str] = frozenset
 
     if run.rounding == "gram" and run.grams is None:
         run.grams = rounding.capture_grams(run, [slot.node.name for slot in plan.weights if slot.index == 1
-                                                 and rounding.layer_matrix(slot.node, ir.constant_value(
+                                                 and capture.layer_matrix(slot.node, ir.constant_value(
                                                      slot.node.inputs[1])) is not None])
     # Weights and biases first: a bias scale needs the scale of the node's input activation.
     biased = {b.node.name for b in plan.biases}

@@ -23,28 +23,10 @@ from edgegraph.passes.quant.state import QuantRun
 # Calibration samples the Gram matrices are summed over (one sample a batch: a Conv's im2col
 # features of one sample are F x H x W values).
 GRAM_SAMPLES = 8
-# Layers with more input features are rounded to nearest (the F x F inverse grows as F³).
-MAX_FEATURES = 4096
-# Added to H's diagonal, as a share of its mean, so that H is invertible (dead features).
-DAMPING = 0.01
 # Fewer input rows than this many per feature (e.g. a Gemm after Flatten: one row a sample) make H
 # rank-deficient: the solver then fits the few captured samples and fails on others (CIFAR's
 # classifier: 15.8 dB instead of 38.9), so such layers keep nearest rounding.
 MIN_ROWS_PER_FEATURE = 4
-
-
-def layer_matrix(node: gs.Node, value: np.ndarray) -> tuple[np.ndarray, callable] | None:
-    """The weight as O x F rows over the Gram's features, and how to put such a matrix back in
-    the weight's shape; None for layouts without a Gram (ConvTranspose, transposed Gemm input)."""
-    if node.op == "Conv":
-        return value.reshape(value.shape[0], -1), lambda m: m.reshape(value.shape)
-    if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
-        if int(node.attrs.get("transB", 0)):
-            return value, lambda m: m
-        return value.T, lambda m: m.T
-    if node.op == "MatMul" and value.ndim == 2:
-        return value.T, lambda m: m.T
-    return None
 
 
 def capture_grams(run: QuantRun, nodes: list[str]) -> dict[str, capture.Gram]:
@@ -64,7 +46,7 @@ def round_weight(node: gs.Node, value: np.ndarray, params: QParams, gram: captur
                  factors: list | None = None) -> np.ndarray | None:
     """Integer codes of `value` with the least layer-output error on the Gram's inputs (None: use
     nearest rounding). `factors`, when given, caches the factored H⁻¹ per group across calls."""
-    layer = layer_matrix(node, value)
+    layer = capture.layer_matrix(node, value)
     if layer is None:
         return None
     rows, back = layer
@@ -72,7 +54,7 @@ def round_weight(node: gs.Node, value: np.ndarray, params: QParams, gram: captur
     h = np.asarray(gram.xtx, dtype=np.float64)
     groups = 1 if h.ndim == 2 else h.shape[0]
     h = h.reshape(groups, h.shape[-2], h.shape[-1])
-    if h.shape[-1] != rows.shape[1] or h.shape[-1] > MAX_FEATURES or out_channels % groups \
+    if h.shape[-1] != rows.shape[1] or h.shape[-1] > capture.MAX_FEATURES or out_channels % groups \
             or gram.rows < MIN_ROWS_PER_FEATURE * h.shape[-1]:
         return None
     scale = np.broadcast_to(np.asarray(params.scale, np.float64).reshape(-1), (out_channels,)) \
@@ -84,25 +66,13 @@ def round_weight(node: gs.Node, value: np.ndarray, params: QParams, gram: captur
     hi = np.minimum(zero + limit, params.qtype.qmax)
     factors = [] if factors is None else factors
     if not factors:  # (the same for every build of a run: computed once)
-        factors.extend(_factor(h[g]) for g in range(groups))
+        factors.extend(capture.inverse_factor(h[g]) for g in range(groups))
     codes = np.empty(rows.shape, dtype=np.float64)
     per_group = out_channels // groups
     for g in range(groups):
         sel = slice(g * per_group, (g + 1) * per_group)
         codes[sel] = _greedy(rows[sel].astype(np.float64), factors[g], scale[sel], zero[sel], lo[sel], hi[sel])
     return back(codes).astype(params.qtype.dtype)
-
-
-def _factor(h: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(U with H⁻¹ = UᵀU, dead features) of a damped Gram matrix; None when it is not positive definite."""
-    h = h.copy()
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    h[np.diag_indices_from(h)] += DAMPING * np.mean(np.diag(h))
-    try:
-        return np.linalg.cholesky(np.linalg.inv(h)).T, dead
-    except np.linalg.LinAlgError:
-        return None
 
 
 def _greedy(w: np.ndarray, factor, scale, zero, lo, hi) -> np.ndarray:
