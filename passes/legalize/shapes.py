@@ -301,6 +301,13 @@ def _non_constant_pad(node, opset):
     return mode, shape, padded
 
 
+def _pad_rows(mode: str, n: int, begin: int, end: int) -> tuple[list[int], list[int]]:
+    """The rows of an axis of size `n` that Pad(reflect / edge) puts before and after it."""
+    if mode == "reflect":
+        return list(range(begin, 0, -1)), list(range(n - 2, n - 2 - end, -1))
+    return [0] * begin, [n - 1] * end
+
+
 @rewrites("Pad", removes=False)
 def reflect_or_edge_pad(owner, graph, node, opset):
     """Pad mode reflect / edge (NNAPI and CoreML run only constant mode) as one Gather per padded
@@ -312,12 +319,9 @@ def reflect_or_edge_pad(owner, graph, node, opset):
     e = Emit(owner, graph, node, None, opset)
     y = e.take()[0]
     for count, (axis, begin, end) in enumerate(padded, 1):
-        n = shape[axis]
-        if mode == "reflect":
-            index = list(range(begin, 0, -1)) + list(range(n)) + list(range(n - 2, n - 2 - end, -1))
-        else:
-            index = [0] * begin + list(range(n)) + [n - 1] * end
-        y = e("Gather", y, e.ints(index), axis=axis, out=e.outputs[0] if count == len(padded) else None)
+        before, after = _pad_rows(mode, shape[axis], begin, end)
+        y = e("Gather", y, e.ints(before + list(range(shape[axis])) + after), axis=axis,
+              out=e.outputs[0] if count == len(padded) else None)
     if not padded:
         e("Identity", y, out=e.outputs[0])
     return f"Pad({mode})->Gather"
@@ -336,10 +340,7 @@ def reflect_or_edge_pad_as_slices(owner, graph, node, opset):
     y = e.take()[0]
     for count, (axis, begin, end) in enumerate(padded, 1):
         n = shape[axis]
-        if mode == "reflect":
-            rows_before, rows_after = list(range(begin, 0, -1)), list(range(n - 2, n - 2 - end, -1))
-        else:
-            rows_before, rows_after = [0] * begin, [n - 1] * end
+        rows_before, rows_after = _pad_rows(mode, n, begin, end)
         row = {}  # one Slice per distinct row (edge repeats one)
         for r in rows_before + rows_after:
             if r not in row:
