@@ -25,6 +25,7 @@ import onnx
 from onnx import helper
 
 from edgegraph import ir, runtime
+from edgegraph.errors import one_line
 from edgegraph.passes.quant import speed
 from edgegraph.passes.quant.placement import Plan
 from edgegraph.passes.quant.state import QuantRun
@@ -116,9 +117,7 @@ def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan) -> tuple[di
     """Relative output noise each quantized activation and each integer weight adds on its own,
     and what is left with every gate off (int32 biases), on MIXED_SAMPLES held-out samples;
     noise relative to each output's energy, the worst output counted."""
-    run.score(quant)  # (sets up the held-out batches and the float model's outputs)
-    batches = run._held_out[:MIXED_SAMPLES]
-    reference = run._reference[:MIXED_SAMPLES]
+    batches, reference = (part[:MIXED_SAMPLES] for part in run.held_out())
     float_nodes = {n.name: n for n in ir.from_proto(run.float_proto, infer=False).graph.nodes}
     biases = {b.node.name for b in built.biases}
     weights = {w.node.name: {1: w.float_value, 2: _bias(float_nodes.get(w.node.name)) if w.node.name in biases else None}
@@ -169,7 +168,7 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
     below run.o.mixed_sqnr and that gains GAIN_DB within the latency budget; else the input."""
     target = run.o.mixed_sqnr
     sqnr = run.score(quant)
-    if run.o.mixed == "off" or target is None or sqnr >= target or not plan.points:
+    if run.o.mixed == "off" or sqnr >= target or not plan.points:
         return quant, built, plan
     start = time.perf_counter()
     run.mixed_info = {}
@@ -202,9 +201,8 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
         try:
             score = run.score(trial)
         except Exception as exc:  # noqa: BLE001 - e.g. ORT's QDQ rewrites adding Round to an opset-10 model
-            message = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             run.notes.append(f"mixed precision: a trial with {k} tensors out of 8 bits does not run in "
-                             f"onnxruntime ({message}); not used")
+                             f"onnxruntime ({one_line(exc)}); not used")
             break
         latency = speed.speed_check(run, trial, warn=False) if run.ctx.timing and run.o.check_speed else {}
         fits = not latency or latency["quantized_ms"] <= run.o.mixed_latency * latency["float_ms"]

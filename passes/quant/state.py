@@ -94,15 +94,20 @@ class QuantRun:
         opset = int(graph.opset)
         return make_plan(graph, ops, float_nodes, self.o.per_channel and opset >= PER_CHANNEL_OPSET)
 
-    def score(self, model: ir.Model) -> float:
-        """The worst output SQNR (dB) of a model vs the float model on the held-out samples (the
-        last `analysis_count` calibration samples; bias correction is fitted on the first)."""
+    def held_out(self) -> tuple[list, list]:
+        """(batches, the float model's outputs on them) of the held-out samples: the last
+        `analysis_count` calibration samples (bias correction is fitted on the first)."""
         if self._reference is None:
             data = self.calib.take(self.analysis_count, start=max(0, len(self.calib) - self.analysis_count))
             self._held_out = list(self.batches(data))
             self._reference = runtime.outputs(self.float_proto, self._held_out, threads=self.ctx.threads)
-        candidate = runtime.outputs(model.to_proto(), self._held_out, threads=self.ctx.threads)
-        return verify.worst_sqnr_db(self._reference, candidate)
+        return self._held_out, self._reference
+
+    def score(self, model: ir.Model) -> float:
+        """The worst output SQNR (dB) of a model vs the float model on the held-out samples."""
+        batches, reference = self.held_out()
+        candidate = runtime.outputs(model.to_proto(), batches, threads=self.ctx.threads)
+        return verify.worst_sqnr_db(reference, candidate)
 
 
 def split_for_floor(data: CalibrationData) -> tuple[CalibrationData, CalibrationData, dict]:
