@@ -164,6 +164,8 @@ class _Pruner:
         self.notes: list[str] = []
         self.features: dict[int, list[tuple[str, list[np.ndarray]]]] = {}
         self.consumers: dict[str, select.Consumer] = {}
+        self.latency_table: dict | None = None  # latency=: the timed MAC cuts (report)
+        self.allocation: dict | None = None  # sensitivity=auto: which cost curve won (report)
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -490,7 +492,7 @@ class _Pruner:
         finally:
             bar.close()
 
-    def _choose_costs(self, plans, costs, setting, reference, scores) -> None:
+    def _choose_costs(self, plans, costs, setting, reference, scores):
         """sensitivity=auto: at the first budget measured, build the cut each cost curve allocates
         and keep for the whole run the one whose outputs are nearer the original's on the held-out
         samples (relative noise energy, class probabilities as logits). Neither wins everywhere
@@ -535,11 +537,11 @@ class _Pruner:
         table = [(cut, (ms / base) if ms and base else None) for cut, (ms, _) in zip(cuts, timed[1:])]
         self.latency_table = {"model_ms": round(base, 4) if base else None,
                               "cuts": [{"macs_removed": c, "latency_ratio": round(r, 4) if r else None} for c, r in table]}
-        chosen = next((c for c, r in table if r is not None and r <= self.o.latency), cuts[-1])
-        if not any(r is not None and r <= self.o.latency for _, r in table):
+        within = [c for c, r in table if r is not None and r <= self.o.latency]
+        if not within:
             self.notes.append(f"no MAC cut up to {cuts[-1]:.0%} reached latency {self.o.latency} (measured: "
                               + ", ".join(f"{c:.0%}: {r:.3f}" for c, r in table if r) + ")")
-        return chosen
+        return within[0] if within else cuts[-1]
 
     def _allocate(self, plans: list[_Plan], setting) -> dict[int, np.ndarray]:
         kind, amount = setting
@@ -767,9 +769,9 @@ class _Pruner:
                    "importance": self.method, "recovery": recovery,
                    "floor": budget.bounds(), "samples": getattr(self, "samples", {}),
                    "search": search.as_dict(), "groups": rows, "notes": self.notes}
-        if getattr(self, "latency_table", None):
+        if self.latency_table:
             details["latency"] = self.latency_table
-        if getattr(self, "allocation", None):
+        if self.allocation:
             details["allocation"] = self.allocation
             stats_["allocation"] = self.allocation["chosen"]
         for note in self.notes:

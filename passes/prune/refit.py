@@ -57,15 +57,11 @@ def refit(model: onnx.ModelProto, layers: dict[str, tuple[str, np.ndarray | None
     reads = {}
     mean_reads = {}
     for name, (target, kept, axis, rank) in (means or {}).items():
-        y = PREFIX + target
-        if kept is not None:
-            y = probe._node("Gather", [y, probe._const(np.asarray(kept, np.int64))], axis=axis)
-        mean_reads[name] = (probe.channel_moments(target, rank, axis), probe.channel_moments(y, rank, axis))
+        mean_reads[name] = (probe.channel_moments(target, rank, axis),
+                            probe.channel_moments(_original(probe, target, kept, axis), rank, axis))
     moments = {name: [0, 0.0, 0.0] for name in mean_reads}
     for name, (target, kept, axis, rank) in layers.items():
-        y = PREFIX + target
-        if kept is not None:
-            y = probe._node("Gather", [y, probe._const(np.asarray(kept, np.int64))], axis=axis)
+        y = _original(probe, target, kept, axis)
         reads[name] = (probe.gram(name, y), probe.channel_moments(y, rank, axis))
     found = {}
     if not reads and not mean_reads:
@@ -93,6 +89,14 @@ def refit(model: onnx.ModelProto, layers: dict[str, tuple[str, np.ndarray | None
     # (the count is the tensor's element count: per channel, that over the channels)
     return grams, {name: (m[1] * m[1].size / max(m[0], 1), m[2] * m[2].size / max(m[0], 1))
                    for name, m in moments.items() if m[0]}
+
+
+def _original(probe: capture.Probe, target: str, kept, axis: int) -> str:
+    """The original model's output `target` in the paired model, its `kept` channels only."""
+    y = PREFIX + target
+    if kept is not None:
+        y = probe._node("Gather", [y, probe._const(np.asarray(kept, np.int64))], axis=axis)
+    return y
 
 
 def solve(xtx: np.ndarray, xty: np.ndarray, rows: int, ridge: float, prior: np.ndarray,

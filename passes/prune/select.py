@@ -55,7 +55,7 @@ class Consumer:
         # The output's energy about its mean (with a bias to take it, the mean is never lost): an
         # input with a large mean (PP-OCR's stem after HardSwish) made the raw energy large and the
         # relative cost of a cut there small.
-        moment = sigma[:f, :f] - (np.outer(sigma[:f, f], sigma[:f, f]) if bias and CENTRED else 0.0)
+        moment = sigma[:f, :f] - (np.outer(sigma[:f, f], sigma[:f, f]) if bias else 0.0)
         self.energy = max(float(np.einsum("of,fg,og->", matrix, moment, matrix)), 1e-30)
 
     def regularised(self) -> np.ndarray:
@@ -79,7 +79,6 @@ def damping(ridge: float, features: int, rows: int) -> float:
 
 
 ROWS_PER_FEATURE = 10
-CENTRED = True
 
 
 def reconstruction_order(consumers: list[tuple[Consumer, list[np.ndarray]]], channels: int,
