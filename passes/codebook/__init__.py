@@ -466,6 +466,18 @@ class Codebook(Pass):
             return cb[owner[:, None], ix] * scale[:, None]
 
         best = (datafit.objective(rows, snapped(stored, idx), fit), stored, idx)
+
+        def step(cb, ix):
+            """The centroids refitted to indices `ix` (as stored: in the codebook's dtype), kept in
+            `best` when that lowers the layer error."""
+            nonlocal best
+            if refits:
+                cb = datafit.refit(rows, ix, cb, owner, scale, fit, pinned).astype(dtype).astype(np.float64)
+            err = datafit.objective(rows, snapped(cb, ix), fit)
+            if err < best[0]:
+                best = (err, cb, ix)
+            return cb
+
         cb = stored
         # GPTQ moves each weight by what H says; with few captured rows per feature H is the
         # captured samples' alone (MiniLM at 2.7 rows per feature: held-out cosine 0.58 instead of
@@ -477,16 +489,9 @@ class Codebook(Pass):
             if new is None:
                 break
             idx = new
-            if refits:
-                cb = datafit.refit(rows, idx, cb, owner, scale, fit, pinned).astype(dtype).astype(np.float64)
-            err = datafit.objective(rows, snapped(cb, idx), fit)
-            if err < best[0]:
-                best = (err, cb, idx)
+            cb = step(cb, idx)
         if not rounds and refits:
-            cb = datafit.refit(rows, idx, cb, owner, scale, fit, pinned).astype(dtype).astype(np.float64)
-            err = datafit.objective(rows, snapped(cb, idx), fit)
-            if err < best[0]:
-                best = (err, cb, idx)
+            step(cb, idx)
         _, cb, idx = best
         return _Encoding(cb.astype(dtype), fit.back(idx).astype(np.uint8), enc.channel_axis, enc.scale)
 
