@@ -57,11 +57,14 @@ class Legalize(Pass):
     (asymmetric, as onnxruntime runs it), opset < 13 Softmax on N-D -> Flatten/Softmax/Reshape,
     ImageScaler/Crop/Affine -> Mul/Add/Slice, Gather with constant negative indices -> positive,
     Gather -> GatherND, reflect/edge Pad -> Slice/Concat, IsNaN of a never-infinite value ->
-    Cast(x - x, bool). With a target, a rewrite that would make an op the target lacks (or an
+    Cast(x - x, bool), Where on a mask with finite constant branches -> Mul/Sub, GatherND with
+    constant indices -> Reshape/Gather. With a target, a rewrite that would make an op the target lacks (or an
     attribute value it refuses) is undone and the next rule tried, and what the whole model
     needs comes first (`_whole_model_steps`: float32 compute, Upsample -> Resize, folding).
 
-    `opset` converts the model first (onnx's version converter, through
+    `interface=target` changes the input/output dtypes the target cannot take (interface.py;
+    the default keeps them), `finite` drops Softmax NaN guards the target cannot run (only true
+    for finite activations). `opset` converts the model first (onnx's version converter, through
     `upgrade_opset`, which keeps Upsample's coordinates when it becomes Resize). Nodes that
     must go but that no rule can rewrite are listed in the details (`not_rewritten`, with the
     reason) and in a warning.
