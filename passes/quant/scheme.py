@@ -34,8 +34,8 @@ def resolve(options, target):
         # [quant] note gives the sources). What reaches the EP as float weights is an encoding the
         # folding does evaluate: codebook's Gather of a constant table (CIFAR CNN: 1 partition).
         raise PassOptionError(
-            f"quant: {name} runs no QuantizeLinear/DequantizeLinear, not even on constant weights "
-            f"({scheme.note or 'see its profile'}); a QDQ model would split into CPU fallbacks there. "
+            f"quant: {name} runs no QuantizeLinear/DequantizeLinear, not even on constant weights (its scheme "
+            f"is weight-only: {scheme.note or 'see its profile'}); a QDQ model would split into CPU fallbacks there. "
             "Compress its weights with codebook instead (onnxruntime folds its decode into float weights "
             "before the EP: a smaller file, one partition), or quantize for another --target")
     wanted = {
