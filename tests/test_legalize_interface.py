@@ -49,6 +49,7 @@ def test_squeezenet_float16_interface_becomes_float32_for_nnapi():
     model, fixed, feeds = _fixed(SQUEEZENET)
     kept = bench_legalize.legalize_stage(fixed, "nnapi")
     assert _dtypes(kept) == _dtypes(model) == ["FLOAT16", "FLOAT16"]  # the default never changes the interface
+    assert [(u.op, u.fix) for u in check.check(kept, "nnapi", macs=False).unsupported] == [("Cast", "interface")] * 2
     legal = bench_legalize.legalize_stage(fixed, "nnapi", interface="target")
     assert _dtypes(legal) == ["FLOAT", "FLOAT"]
     result = check.check(legal, "nnapi", macs=False)
@@ -91,7 +92,9 @@ def test_minilm_keeps_its_interface_by_default():
     model, fixed, _ = _fixed(MINILM)
     legal = bench_legalize.legalize_stage(fixed, "nnapi")
     assert _dtypes(legal) == _dtypes(model)
-    assert {u.op for u in check.check(legal, "nnapi", macs=False).unsupported} == {"Cast", "IsNaN", "Where"}
+    refused = check.check(legal, "nnapi", macs=False).unsupported
+    assert {u.op for u in refused} == {"Cast", "IsNaN", "Where"}
+    assert [u.fix for u in refused if u.op == "Cast"] == ["interface"]  # Cast(attention_mask: int64)
 
 
 def _indices_model() -> onnx.ModelProto:
