@@ -83,8 +83,8 @@ def _float16_to_float32(graph) -> int:
                 cast.attrs.get("to") != onnx.TensorProto.FLOAT16 or tensor.outputs:
             continue
         inner = cast.inputs[0]
-        if ir.numpy_dtype(inner.dtype) != np.float32 or ir.producer(inner) is None or inner.outputs != [cast] or \
-                ir.is_graph_output(graph, inner):
+        if ir.numpy_dtype(inner.dtype) != np.float32 or ir.producer(inner) is None or len(inner.outputs) != 1 or \
+                inner.outputs[0] is not cast or ir.is_graph_output(graph, inner):
             continue  # (read elsewhere too, or an input: it keeps its own name)
         cast.inputs.clear()
         cast.outputs.clear()
