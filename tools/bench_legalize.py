@@ -189,14 +189,15 @@ def node_case_results(cases, ops=None) -> list[CaseResult]:
     return results
 
 
-def legalize_stage(model, target_name: str):
+def legalize_stage(model, target_name: str, **options):
     """The "after legalize" stage of tools/bench_targets.py's `support_rows(..., stages=...)`: a
-    copy of the ir.Model `model` legalized for the profile `target_name`."""
+    copy of the ir.Model `model` legalized for the profile `target_name` (with legalize's
+    `options`, e.g. interface="target")."""
     from edgegraph.context import PassContext
     from edgegraph.targets import load_target
 
     legal = model.copy()
-    result = Legalize().run(legal, PassContext(progress=False, target=load_target(target_name)))
+    result = Legalize(**options).run(legal, PassContext(progress=False, target=load_target(target_name)))
     if result.modified:
         settle(legal)
     return legal

@@ -13,7 +13,9 @@ For each target profile (edgegraph/targets/*.toml):
                of nodes (of MACs) supported. onnxruntime providers are checked on the graph
                onnxruntime's basic optimisations make (what they are given), the others as given.
 
-Stages: "as given", and with `--legalize` "after legalize" (tools/bench_legalize.py). `support_rows(models, targets, stages={"after legalize": fn})`
+Stages: "as given", and with `--legalize` "after legalize" (tools/bench_legalize.py), with
+`--interface` also "legalize(interface=target,finite=true)" (input/output dtypes changed where the
+target cannot take them, Softmax NaN guards dropped: not the default, the caller's side changes). `support_rows(models, targets, stages={"after legalize": fn})`
 takes more, each a function (model, target name) -> model, so a rewrite pass adds its column
 by calling it (tools/bench_targets.py is importable: `from tools.bench_targets import ...`).
 """
@@ -40,6 +42,8 @@ from edgegraph.targets import check  # noqa: E402
 MODELS = REPO.parent / "shared" / "models"
 Stage = Callable[[ir.Model, str], ir.Model]
 AS_GIVEN = "as given"
+# The stage of --interface: what the option changes is the model's interface, so its name says so.
+INTERFACE_STAGE = "legalize(interface=target,finite=true)"
 
 
 def node_test_models(limit: int | None = None) -> list[tuple[str, ir.Model]]:
@@ -133,6 +137,10 @@ def main() -> None:
     parser.add_argument("--legalize", action="store_true",
                         help="add the stage 'after legalize' (the legalize pass for each target) to the real models, "
                              "and each real model once more with its inputs fixed to its reference shapes (--fix-shape)")
+    parser.add_argument("--interface", action="store_true",
+                        help="with --legalize, also the stage 'legalize(interface=target,finite=true)': the model's "
+                             "input/output dtypes changed where the target cannot take them (float16 -> float32, "
+                             "int64 -> int32) and Softmax NaN guards dropped; callers then feed the new dtypes")
     parser.add_argument("--json", type=Path, help="write every row as JSON")
     args = parser.parse_args()
     import onnx_graphsurgeon as gs
@@ -151,6 +159,8 @@ def main() -> None:
         from tools.bench_legalize import legalize_stage, model_inputs
 
         stages["after legalize"] = legalize_stage
+        if args.interface:
+            stages[INTERFACE_STAGE] = lambda model, name: legalize_stage(model, name, interface="target", finite=True)
         # Dynamic dims stop NNAPI (static shapes only) whatever a rewrite does: --fix-shape first.
         for label, model in list(real):
             shapes = {n: a.shape for n, a in model_inputs(MODELS / label, model.to_proto(weights=False)).items()}

@@ -14,7 +14,8 @@ SpaceToDepth), so for profiles with an `ort_provider` the check runs on that gra
 onnxruntime's checker does; `optimize=False` checks the graph as given.
 
 The fix proposed for each unsupported node: `fix-shape` (a dynamic shape: `--fix-shape`), `opset`
-(opset conversion), or the name of a `legalize` rewrite, which are named by the op they replace
+(opset conversion), `interface` (a dtype of the model's inputs/outputs the target cannot take:
+`legalize(interface=target)`), or the name of a `legalize` rewrite, which are named by the op they replace
 (`HardSigmoid`): the names come from `edgegraph.passes.legalize.REWRITES` (any collection of op
 names) when that module exists.
 """
@@ -88,6 +89,15 @@ def rewrite_names() -> frozenset[str]:
     except ImportError:
         return frozenset()
     return frozenset(getattr(module, "REWRITES", ()) or ())
+
+
+def _at_interface(kind: str, view: NodeView, graph) -> bool:
+    """Whether the dtype the target refuses is the model's interface's: a node refused for the
+    dtype of a graph input it reads, or a Cast refused for the dtype of the graph output it
+    writes (SqueezeNet's float16 Casts on NNAPI). `legalize(interface=target)` changes those."""
+    if kind == "dtype":
+        return bool(view.inputs) and view.inputs[0] in {t.name for t in graph.inputs}
+    return kind == "attr" and view.op == "Cast" and bool(set(view.outputs) & {t.name for t in graph.outputs})
 
 
 def _fix(kind: str, op: str, rewrites: Collection[str]) -> str:
@@ -262,7 +272,10 @@ def check(model: ir.Model, target: str | Profile, *, optimize: bool | None = Non
             seen_ops.add(key)
             continue
         kind, reason = why
-        found.append(Unsupported(label, key, kind, reason, _fix(kind, view.op, rewrites), mac_of.get(label)))
+        fix = _fix(kind, view.op, rewrites)
+        if not fix and _at_interface(kind, view, model.graph):
+            fix = "interface"
+        found.append(Unsupported(label, key, kind, reason, fix, mac_of.get(label)))
     groups = partitions(nodes, verdicts)
     known = sum(m for m in mac_of.values() if m is not None)
     unsupported_macs = sum(u.macs for u in found if u.macs is not None)

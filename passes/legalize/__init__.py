@@ -31,6 +31,7 @@ from ..cleanup.common import (
 )
 from edgegraph.convert import compute_in_float32, upgrade_opset
 from . import activations, attention, convs, legacy, logic, norms, shapes  # noqa: F401 - importing registers the rewrites
+from . import interface as _interface
 from .rules import REPLACED, REWRITES
 
 logger = logging.getLogger(__name__)
@@ -56,11 +57,14 @@ class Legalize(Pass):
     (asymmetric, as onnxruntime runs it), opset < 13 Softmax on N-D -> Flatten/Softmax/Reshape,
     ImageScaler/Crop/Affine -> Mul/Add/Slice, Gather with constant negative indices -> positive,
     Gather -> GatherND, reflect/edge Pad -> Slice/Concat, IsNaN of a never-infinite value ->
-    Cast(x - x, bool). With a target, a rewrite that would make an op the target lacks (or an
+    Cast(x - x, bool), Where on a mask with finite constant branches -> Mul/Sub, GatherND with
+    constant indices -> Reshape/Gather. With a target, a rewrite that would make an op the target lacks (or an
     attribute value it refuses) is undone and the next rule tried, and what the whole model
     needs comes first (`_whole_model_steps`: float32 compute, Upsample -> Resize, folding).
 
-    `opset` converts the model first (onnx's version converter, through
+    `interface=target` changes the input/output dtypes the target cannot take (interface.py;
+    the default keeps them), `finite` drops Softmax NaN guards the target cannot run (only true
+    for finite activations). `opset` converts the model first (onnx's version converter, through
     `upgrade_opset`, which keeps Upsample's coordinates when it becomes Resize). Nodes that
     must go but that no rule can rewrite are listed in the details (`not_rewritten`, with the
     reason) and in a warning.
@@ -73,11 +77,18 @@ class Legalize(Pass):
     ops: list[str] = option([], "op types to rewrite whatever the target runs, e.g. [HardSigmoid, Erf]")
     opset: int = option(0, "convert the model to this ai.onnx opset first (up or down); 0 keeps its opset (but "
                            "an opset 7-10 model with Upsample becomes opset 11 for a target that runs Resize only)")
+    interface: str = option("keep", "keep: the model's input/output dtypes never change; target: those the target cannot "
+                                    "take change (float16 -> float32 inputs/outputs, int64 -> int32 inputs where every "
+                                    "reader takes int32 alike): callers then feed and read the new dtypes")
+    finite: bool = option(False, "the model's activations are finite on the inputs it will see: a NaN guard the "
+                                 "target cannot run (Where(IsNaN(p), c, p) after a Softmax) becomes p")
 
     def __post_init__(self):
         self.check(self.opset == 0 or 7 <= self.opset, "legalize: opset must be 0 (keep) or at least 7")
         unknown = sorted(set(self.ops) - set(REWRITES))
         self.check(not unknown, f"legalize: no rewrite for {', '.join(unknown)} (rewrites: {', '.join(sorted(REWRITES))})")
+        self.check(self.interface in _interface.INTERFACES,
+                   f"legalize: interface must be one of {', '.join(_interface.INTERFACES)}, got {self.interface!r}")
 
     def run(self, model: ir.Model, ctx=None) -> PassResult:
         stats: Counter = Counter()
@@ -89,8 +100,17 @@ class Legalize(Pass):
             model.graph = converted.graph
             stats[f"opset {before}->{self.opset}"] = 1
         target = getattr(ctx, "target", None)
+        interface_kept: list[dict] = []
+        if self.interface != "keep" and target is None:
+            raise PassOptionError("legalize: interface=target changes the dtypes the target cannot take: give --target")
         if target is not None:
             stats.update(_whole_model_steps(model, target, ctx, keep_opset=bool(self.opset)))
+            if self.interface == "target":
+                changed, interface_kept = _interface.retype(model, target)
+                if changed:
+                    settle(model)
+                    reinfer_shapes(model)
+                stats.update(changed)
         run = copy.copy(self)  # what a run makes lives on this copy: the pass object stays immutable
         object.__setattr__(run, "names", Names(model))
         object.__setattr__(run, "made", [])  # nodes rewrites made, in order (not rewritten again, see _must_go)
@@ -141,8 +161,10 @@ class Legalize(Pass):
             logger.warning("legalize: %d node(s) could not be rewritten: %s%s", len(not_rewritten), shown, more)
             stats["not_rewritten"] = len(not_rewritten)
         modified = any(k != "not_rewritten" for k in stats)
-        return PassResult(modified=modified, stats=dict(sorted(stats.items())),
-                          details={"not_rewritten": not_rewritten} if not_rewritten else {})
+        details = {"not_rewritten": not_rewritten} if not_rewritten else {}
+        if interface_kept:
+            details["interface_kept"] = interface_kept
+        return PassResult(modified=modified, stats=dict(sorted(stats.items())), details=details)
 
     def _must_go(self, node, target, context, made: set[int]) -> tuple[str, str] | None:
         """(kind, reason) why `node` has to be rewritten (kinds as `target_verdict`), or None."""

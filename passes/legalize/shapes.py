@@ -350,3 +350,37 @@ def reflect_or_edge_pad_as_slices(owner, graph, node, opset):
     if not padded:
         e("Identity", y, out=e.outputs[0])
     return f"Pad({mode})->Slice/Concat"
+
+
+# --- GatherND with constant indices --------------------------------------------------------------
+
+# Registered with removes=False, as Gather -> GatherND above: a target lacking both keeps the node
+# (with the reason) instead of the two rules turning one into the other round after round.
+@rewrites("GatherND", removes=False)
+def gather_nd_as_gather(owner, graph, node, opset):
+    """GatherND(data, indices) with constant indices (batch_dims 0) and a static data shape =
+    Gather(Reshape(data, [d0*...*d(k-1), dk, ...]), flat indices, axis=0), k the length of an index
+    tuple: each tuple becomes its row-major position in the first k axes. NNAPI has Gather but no
+    GatherND (MiniLM's attention mask broadcast over positions)."""
+    if int(node.attrs.get("batch_dims", 0)):
+        return NoMatch("batch_dims is not 0")
+    indices = ir.constant_value(node.inputs[1])
+    if indices is None:
+        return NoMatch("indices are not constant (computed at run time)")
+    shape = static_shape(node.inputs[0])
+    if shape is None:
+        return NoMatch("the data shape is not static")
+    k = indices.shape[-1] if indices.ndim else 0
+    if not 1 <= k <= len(shape):
+        return NoMatch(f"index tuples of length {k} for rank-{len(shape)} data")
+    sizes = np.asarray(shape[:k], dtype=np.int64)
+    tuples = indices.astype(np.int64).reshape(-1, k)
+    tuples = np.where(tuples < 0, tuples + sizes, tuples)
+    if (tuples < 0).any() or (tuples >= sizes).any():
+        return NoMatch("an index is out of range")
+    flat = np.ravel_multi_index(tuple(tuples.T), tuple(int(s) for s in sizes)).reshape(indices.shape[:-1])
+    e = Emit(owner, graph, node, None, opset)
+    data, _ = e.take()
+    rows = e("Reshape", data, e.ints([math.prod(shape[:k]), *shape[k:]]))
+    e("Gather", rows, e.const(flat.astype(np.int64)), axis=0, out=e.outputs[0])
+    return "GatherND->Reshape/Gather"

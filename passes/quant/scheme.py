@@ -28,10 +28,16 @@ def resolve(options, target):
     saying what came from the profile). `target` is the pass context's profile."""
     scheme, name = target.quant, getattr(target, "name", "the target")
     if not scheme.qdq or scheme.weight_only:
+        # Even weight-only Q/DQ (DequantizeLinear on constant weights, float activations) does not
+        # help there: onnxruntime's constant folding keeps DequantizeLinear for QDQ models, and the
+        # CoreML EP has no DequantizeLinear builder, so every DQ is a CPU fallback (the profile's
+        # [quant] note gives the sources). What reaches the EP as float weights is an encoding the
+        # folding does evaluate: codebook's Gather of a constant table (CIFAR CNN: 1 partition).
         raise PassOptionError(
-            f"quant: {name} runs no QuantizeLinear/DequantizeLinear (its scheme is weight-only: "
-            f"{scheme.note or 'see its profile'}); a QDQ model would split into CPU fallbacks there. "
-            "Compress its weights with codebook or quant-int4 instead, or quantize for another --target")
+            f"quant: {name} runs no QuantizeLinear/DequantizeLinear, not even on constant weights (its scheme "
+            f"is weight-only: {scheme.note or 'see its profile'}); a QDQ model would split into CPU fallbacks there. "
+            "Compress its weights with codebook instead (onnxruntime folds its decode into float weights "
+            "before the EP: a smaller file, one partition), or quantize for another --target")
     wanted = {
         "activation_type": _ACTIVATIONS.get(scheme.activations),
         "weight_type": _WEIGHTS.get(scheme.weights),
