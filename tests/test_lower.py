@@ -130,11 +130,11 @@ def test_nodes_the_target_cannot_run_are_refused(capsys, folder, monkeypatch):
     assert "(Gemm): not in cpu" in err and "legalize" in err
 
 
-def test_fold_constant_dequantize_is_exact(int8_model):
+def test_weight_and_bias_dequantize_folds_exactly(int8_model):
     model = edgegraph.load(str(int8_model))
-    folded, notes = tflite.fold_constant_dequantize(model)
+    folded, notes = tflite.fold_decoded_weights(model)
     dequantize = [n for n in folded.graph.nodes if n.op == "DequantizeLinear"]
-    assert notes == ["folded 16 weight/bias DequantizeLinear into float weights"]
+    assert notes == ["folded 16 encoded weight(s)/bias(es) into float initializers"]
     # What stays dequantizes activations: the output of a QuantizeLinear.
     assert dequantize and all(n.inputs[0].inputs and n.inputs[0].inputs[0].op == "QuantizeLinear" for n in dequantize)
     feeds = eval_inputs(8)
@@ -156,8 +156,8 @@ def test_weight_only_int8_weights_are_folded_for_onnx2tf():
     graph = helper.make_graph(nodes, "wo", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [weight, scale])
     model = edgegraph.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    folded, notes = tflite.fold_decoded_weights(model.copy())
-    assert notes == ["folded 1 weight-only int8 weight(s) into float weights"]
+    folded, notes = tflite.fold_decoded_weights(model)
+    assert notes == ["folded 1 encoded weight(s)/bias(es) into float initializers"]
     assert [n.op for n in folded.graph.nodes] == ["MatMul"]
     feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
     assert np.array_equal(runtime.run(runtime.session(model), feeds)["y"], runtime.run(runtime.session(folded), feeds)["y"])
@@ -271,7 +271,7 @@ def test_tflite_runs_in_litert_and_matches(folder, int8_model, which):
     # Measured in LiteRT vs onnxruntime: float 131 dB; int8 37 dB (weights folded, float kernels vs ORT's int8).
     assert min(m.sqnr_db for m in result.metrics.values()) > (100 if which == "float" else 30)
     if which == "int8":
-        assert "folded 16 weight/bias DequantizeLinear" in notes
+        assert "folded 16 encoded weight(s)/bias(es)" in notes
     # Only the .tflite is new: onnx2tf rewrote nothing beside the model (it worked on a copy).
     assert {k: v for k, v in snapshot(folder).items() if k != "m.tflite"} == before
 

@@ -35,7 +35,6 @@ from edgegraph import ir
 from edgegraph.context import STAGES
 from edgegraph.errors import EdgegraphError, shown
 from edgegraph.lowering import Artifact, LoweringError, Target
-from edgegraph.passes.quant import numerics
 
 ONNX2TF = "onnx2tf==1.29.24"  # the last release for Python 3.11 (pins tensorflow 2.19, ai-edge-litert 2.1)
 VENV_VARIABLE = "EDGEGRAPH_TFLITE_VENV"
@@ -75,12 +74,10 @@ def setup(log=print) -> Path:
 
 
 def prepare(model: ir.Model) -> tuple[ir.Model, list[str]]:
-    """What onnx2tf is given: weight DQ folded (`fold_constant_dequantize`), node names that
+    """What onnx2tf is given: encoded weights folded (`fold_decoded_weights`), node names that
     are valid TensorFlow scopes (`/head/conv/Conv`, `Softmax@0` are not; onnx2tf names its ops
     after them and stops)."""
-    folded, notes = fold_constant_dequantize(model)
-    folded, scaled = fold_decoded_weights(folded)
-    notes += scaled
+    folded, notes = fold_decoded_weights(model)
     folded, simplified = simplify(folded)
     notes += simplified
     renamed = 0
@@ -122,50 +119,33 @@ def simplify(model: ir.Model) -> tuple[ir.Model, list[str]]:
 _TF_SCOPE = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*")
 
 
-def fold_constant_dequantize(model: ir.Model) -> tuple[ir.Model, list[str]]:
-    """A copy of `model` whose DequantizeLinear nodes of constants (weights, biases) are float
-    initializers; the Q/DQ pairs on activations stay (the notes say how many were folded)."""
-    import onnx_graphsurgeon as gs
-
-    folded = model.copy()
-    count = 0
-    for graph in ir.iter_graphs(folded.graph):
-        for node in list(graph.nodes):
-            values = [ir.constant_value(t) if t.name else None for t in node.inputs]
-            if node.op != "DequantizeLinear" or not ir.is_standard(node) or values[0] is None \
-                    or any(v is None for v, t in zip(values, node.inputs) if t.name):
-                continue
-            zero = values[2] if len(values) > 2 and values[2] is not None else 0
-            axis = int(node.attrs.get("axis", 1)) if np.ndim(values[1]) else None
-            value = numerics.dequantize(values[0], values[1], zero, axis=axis,
-                                        block_size=node.attrs.get("block_size") or None)
-            result = node.outputs[0]
-            node.outputs.clear()
-            ir.replace_all_uses(graph, result, gs.Constant(f"{result.name}_folded", np.ascontiguousarray(value)))
-            count += 1
-        graph.cleanup()
-    return folded, ([f"folded {count} weight/bias DequantizeLinear into float weights"] if count else [])
-
-
 def fold_decoded_weights(model: ir.Model) -> tuple[ir.Model, list[str]]:
-    """`model` (changed in place: `prepare` passes its own copy) with the weights stored
-    encoded in other ways than DQ (weight-only `Cast(int8) * scale`: MiniLM) as float
-    initializers. onnx2tf searches transpositions for every binary op, the constant-only decode
-    Mul included, and crashes there ('NoneType' object has no attribute 'shape',
-    common_functions.py); it would make them float weights anyway."""
+    """A copy of `model` whose weights stored encoded (DequantizeLinear of int8 weights and int32
+    biases, weight-only `Cast(int8) * scale`: MiniLM, codebook Gathers) are float initializers;
+    the Q/DQ pairs on activations stay. onnx2tf reads constant DQ as float weights only after
+    this (its int8 models are otherwise silently wrong), and it searches transpositions for
+    every binary op, the constant-only decode Mul included, crashing there ('NoneType' object
+    has no attribute 'shape', common_functions.py). The decode runs in onnxruntime
+    (`ir.folded_value`), so the float weights are what the encoded model computes, bit for bit."""
     from edgegraph.analysis import encoding
 
+    model = model.copy()
     count = 0
     for graph in ir.iter_graphs(model.graph):
         opset = int(graph.opset or model.opset)
-        for tensor, _ in encoding.decoded_weights(graph):
+        # DQ of any constant too: an int32 bias is no low-bit payload, so `encoding` does not
+        # count it as an encoded weight. (Keyed by id: graphsurgeon tensors are not hashable.)
+        constant_dq = [n.outputs[0] for n in graph.nodes if n.op == "DequantizeLinear" and ir.is_standard(n)
+                       and all(ir.constant_value(t) is not None for t in n.inputs if t.name)]
+        found = {id(t): t for t in [t for t, _ in encoding.decoded_weights(graph)] + constant_dq}
+        for tensor in found.values():
             value = ir.folded_value(tensor, opset)
             if value is None:
                 continue
             ir.replace_all_uses(graph, tensor, ir.const(f"{tensor.name}_folded", np.ascontiguousarray(value)))
             count += 1
         graph.cleanup()
-    return model, ([f"folded {count} weight-only int8 weight(s) into float weights"] if count else [])
+    return model, ([f"folded {count} encoded weight(s)/bias(es) into float initializers"] if count else [])
 
 
 def convert(model_path: Path, work: Path, batches, options: dict, *, threads: int = 0) -> Artifact:
