@@ -40,7 +40,9 @@ def speed_check(run: QuantRun, model: ir.Model, warn: bool = True) -> dict:
     feeds = next(run.batches(run.calib.take(1)))
     runs = int(np.clip(SPEED_CHECK_MACS / max(run.macs, 1) / SPEED_ROUNDS, 1, 50))
     try:
-        sessions = [runtime.session(m, threads=1, optimize=True) for m in (run.float_proto, model.to_proto())]
+        if run.float_session is None:  # (one for every check of the run: mixed precision's trials time it too)
+            run.float_session = runtime.session(run.float_proto, threads=1, optimize=True)
+        sessions = [run.float_session, runtime.session(model.to_proto(), threads=1, optimize=True)]
         for s in sessions:
             runtime.latency_ms(s, feeds, runs=1, warmup=1)
         # Interleaved rounds (a burst of other load then slows both models alike).

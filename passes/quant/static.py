@@ -192,13 +192,15 @@ def _run(run: QuantRun, model: ir.Model) -> PassResult:
     run.analysis_count = run.o.analysis_samples or _affordable_samples(run)
     quant, built, plan = tuned_build(run, plan)
     quant, built, plan = mixed.protect(run, quant, built, plan)
+    chosen = quant  # (mixed precision timed the model it chose: the speed check need not again)
     errors = sensitivity.errors(run, quant, built)
     kept: list[str] = []
     if budget:
         quant, built, plan, errors, kept = fallback(run, quant, built, plan, errors, budget)
     latency = None
     if run.o.check_speed and run.ctx.timing:  # (`--runs 0`: no timing at all)
-        quant, built, plan, errors, latency = _not_slower(run, quant, built, plan, errors)
+        quant, built, plan, errors, latency = _not_slower(run, quant, built, plan, errors,
+                                                          run.mixed_info.get("latency") if quant is chosen else None)
         if latency.get("wrote") == "float":
             model.graph = original
             # (The stats carry no timings: the same run on a busier machine gives the same report.)
@@ -215,12 +217,13 @@ def _run(run: QuantRun, model: ir.Model) -> PassResult:
     return report.result(run, model, plan, built, errors, kept, latency)
 
 
-def _not_slower(run: QuantRun, quant, built, plan, errors):
+def _not_slower(run: QuantRun, quant, built, plan, errors, latency: dict | None = None):
     """The speed check, and what to do when int8 is not faster than float: the same model with
     the nodes int8 makes slower kept in float (speed.slow_nodes), if that is faster; else the
     float model (latency["wrote"] = "float") unless if_slower=int8. Only this step's output
-    depends on the machine: with check_speed=false or --runs 0 it does not run."""
-    latency = speed.speed_check(run, quant, warn=False)
+    depends on the machine: with check_speed=false or --runs 0 it does not run. `latency`: the
+    model's timing when a step before already measured it."""
+    latency = dict(latency) if latency else speed.speed_check(run, quant, warn=False)
     if not latency or speed.faster(latency):
         return quant, built, plan, errors, latency
     slow = speed.slow_nodes(plan)

@@ -59,8 +59,9 @@ def tuned_build(run: QuantRun, plan: Plan) -> tuple[ir.Model, Built, Plan]:
         trial, trial_built, trial_plan = build_protected(run, set(coarse))
         run.tuning["keep_coarse"] = run.score(trial)
         if run.tuning["keep_coarse"] >= sqnr + FLOAT_GAIN_DB and trial_plan.quantized:
-            model, built, plan = trial, trial_built, trial_plan
+            model, built, plan, sqnr = trial, trial_built, trial_plan, run.tuning["keep_coarse"]
             run.coarse = coarse
+    run.tuned_sqnr = sqnr
     run.timings["tuning"] = time.perf_counter() - start - run.timings.get("bias_correction", 0.0)
     return model, built, plan
 
