@@ -227,6 +227,15 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
         return quant, built, plan
     start = time.perf_counter()
     run.mixed_info = {}
+    timing = run.ctx.timing and run.o.check_speed
+    latency = speed.speed_check(run, quant, warn=False) if timing else {}
+    if latency and latency["quantized_ms"] > run.o.mixed_latency * latency["float_ms"]:
+        # Keeping tensors out of 8 bits adds float layers and Q/DQ around them: it does not make a
+        # model that is already over the budget faster (PP-OCR cls, YOLOX: every trial was over).
+        run.notes.append(f"mixed precision: not tried, the 8-bit model is already over {run.o.mixed_latency:g}x "
+                         f"float latency ({latency['quantized_ms']} vs {latency['float_ms']} ms)")
+        run.timings["mixed"] = time.perf_counter() - start
+        return quant, built, plan
     found, weights_only = contributions(run, quant, built, plan)
     total = sum(found.values())
     run.mixed_info.update(before_db=round(sqnr, 2), predicted_db=_db(total + weights_only))
@@ -261,7 +270,7 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
         run.tuning[f"mixed_{k}"] = score
         if best is not None and score <= best[4]:
             break  # more tensors out of 8 bits gained nothing (the noise adds up only roughly): no more trials
-        latency = speed.speed_check(run, trial, warn=False) if run.ctx.timing and run.o.check_speed else {}
+        latency = speed.speed_check(run, trial, warn=False) if timing else {}
         fits = not latency or latency["quantized_ms"] <= run.o.mixed_latency * latency["float_ms"]
         float_ms = latency.get("float_ms", float_ms)
         if fits and trial_plan.quantized and score >= sqnr + GAIN_DB:

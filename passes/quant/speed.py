@@ -35,7 +35,13 @@ def speed_check(run: QuantRun, model: ir.Model, warn: bool = True) -> dict:
     How many runs follows the model's MACs, not a clock (SPEED_CHECK_MACS of forward passes, as
     for the analysis samples), so that a busier or slower machine measures the same number of
     interleaved rounds: its choice (`static._not_slower`) then flips only where int8 and float are
-    within the noise of each other."""
+    within the noise of each other.
+
+    A model already timed in this run (the same object: mixed precision times the model it
+    chooses, and the model it starts from) is not timed again."""
+    for timed, latency in run.timed:
+        if timed is model:
+            return dict(latency)
     start = time.perf_counter()
     feeds = next(run.batches(run.calib.take(1)))
     runs = int(np.clip(SPEED_CHECK_MACS / max(run.macs, 1) / SPEED_ROUNDS, 1, 50))
@@ -55,8 +61,10 @@ def speed_check(run: QuantRun, model: ir.Model, warn: bool = True) -> dict:
     if quant_ms >= float_ms and warn:
         logger.warning("quant: the quantized model is not faster than float in onnxruntime on this machine "
                        "(%.2f ms vs %.2f ms, 1 thread); its gain here is size only", quant_ms, float_ms)
-    return {"float_ms": round(float_ms, 3), "quantized_ms": round(quant_ms, 3),
-            "speedup": round(float_ms / quant_ms, 3) if quant_ms > 0 else None}
+    latency = {"float_ms": round(float_ms, 3), "quantized_ms": round(quant_ms, 3),
+               "speedup": round(float_ms / quant_ms, 3) if quant_ms > 0 else None}
+    run.timed.append((model, latency))
+    return dict(latency)
 
 
 def slow_nodes(plan: Plan) -> set[str]:

@@ -192,15 +192,14 @@ def _run(run: QuantRun, model: ir.Model) -> PassResult:
     run.analysis_count = run.o.analysis_samples or _affordable_samples(run)
     quant, built, plan = tuned_build(run, plan)
     quant, built, plan = mixed.protect(run, quant, built, plan)
-    chosen = quant  # (mixed precision timed the model it chose: the speed check need not again)
-    errors = sensitivity.errors(run, quant, built)
-    kept: list[str] = []
+    errors, kept = None, []
     if budget:
+        errors = sensitivity.errors(run, quant, built)
         quant, built, plan, errors, kept = fallback(run, quant, built, plan, errors, budget)
     latency = None
     if run.o.check_speed and run.ctx.timing:  # (`--runs 0`: no timing at all)
-        quant, built, plan, errors, latency = _not_slower(run, quant, built, plan, errors,
-                                                          run.mixed_info.get("latency") if quant is chosen else None)
+        timed = quant
+        quant, built, plan, latency = _not_slower(run, quant, built, plan)
         if latency.get("wrote") == "float":
             model.graph = original
             # (The stats carry no timings: the same run on a busier machine gives the same report.)
@@ -209,6 +208,10 @@ def _run(run: QuantRun, model: ir.Model) -> PassResult:
             logger.warning("quant: %s (%.3g ms vs %.3g ms, 1 thread)", warning, latency["quantized_ms"],
                            latency["float_ms"])
             return PassResult(False, {"quantized_nodes": 0, "warning": warning}, {"latency": latency, "notes": run.notes})
+        if quant is not timed:
+            errors = None
+    if errors is None:  # (measured once the model is settled: not for a model the speed check drops)
+        errors = sensitivity.errors(run, quant, built)
     model.graph = quant.graph
     if all(ir.is_standard(node) for node in ir.iter_nodes(model.graph)):
         # What onnx can infer again (every op is standard) needs no value_info: it was 2-6%
@@ -217,15 +220,15 @@ def _run(run: QuantRun, model: ir.Model) -> PassResult:
     return report.result(run, model, plan, built, errors, kept, latency)
 
 
-def _not_slower(run: QuantRun, quant, built, plan, errors, latency: dict | None = None):
+def _not_slower(run: QuantRun, quant, built, plan):
     """The speed check, and what to do when int8 is not faster than float: the same model with
     the nodes int8 makes slower kept in float (speed.slow_nodes), if that is faster; else the
     float model (latency["wrote"] = "float") unless if_slower=int8. Only this step's output
-    depends on the machine: with check_speed=false or --runs 0 it does not run. `latency`: the
-    model's timing when a step before already measured it."""
-    latency = dict(latency) if latency else speed.speed_check(run, quant, warn=False)
+    depends on the machine (and mixed precision's latency budget): with check_speed=false or
+    --runs 0 it does not run."""
+    latency = speed.speed_check(run, quant, warn=False)
     if not latency or speed.faster(latency):
-        return quant, built, plan, errors, latency
+        return quant, built, plan, latency
     slow = speed.slow_nodes(plan)
     if slow:
         kept_float = {n.name for n in run.base_plan.quantized} - {n.name for n in plan.quantized}
@@ -237,14 +240,13 @@ def _not_slower(run: QuantRun, quant, built, plan, errors, latency: dict | None 
             if speed.faster(timed):
                 run.notes.append(f"int8 was not faster than float; kept {len(slow)} nodes int8 makes slower in "
                                  "float (depthwise Conv, Mul, MaxPool, GlobalAveragePool)")
-                return trial, trial_built, trial_plan, sensitivity.errors(run, trial, trial_built), \
-                    {**latency, **timed}
+                return trial, trial_built, trial_plan, {**latency, **timed}
     if run.o.if_slower == "float":
-        return quant, built, plan, errors, {**latency, "wrote": "float"}
+        return quant, built, plan, {**latency, "wrote": "float"}
     logger.warning("quant: the quantized model is not faster than float in onnxruntime on this machine "
                    "(%.2f ms vs %.2f ms, 1 thread); its gain here is size only", latency["quantized_ms"],
                    latency["float_ms"])
-    return quant, built, plan, errors, latency
+    return quant, built, plan, latency
 
 
 def _affordable_samples(run: QuantRun) -> int:
