@@ -77,7 +77,7 @@ def _fake_latency(monkeypatch, quantized_ms):
     """speed_check reporting `quantized_ms(model)` against a float model at 1 ms."""
     from edgegraph.passes.quant import speed
 
-    def fake(run, model, warn=True):
+    def fake(run, model, built=None, warn=True):
         ms = quantized_ms(model)
         return {"float_ms": 1.0, "quantized_ms": ms, "speedup": 1.0 / ms}
     monkeypatch.setattr(speed, "speed_check", fake)

@@ -228,7 +228,7 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
     start = time.perf_counter()
     run.mixed_info = {}
     timing = run.ctx.timing and run.o.check_speed
-    latency = speed.speed_check(run, quant, warn=False) if timing else {}
+    latency = speed.speed_check(run, quant, built, warn=False) if timing else {}
     if latency and latency["quantized_ms"] > run.o.mixed_latency * latency["float_ms"]:
         # Keeping tensors out of 8 bits adds float layers and Q/DQ around them: it does not make a
         # model that is already over the budget faster (PP-OCR cls, YOLOX: every trial was over).
@@ -270,7 +270,7 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
         run.tuning[f"mixed_{k}"] = score
         if best is not None and score <= best[4]:
             break  # more tensors out of 8 bits gained nothing (the noise adds up only roughly): no more trials
-        latency = speed.speed_check(run, trial, warn=False) if timing else {}
+        latency = speed.speed_check(run, trial, trial_built, warn=False) if timing else {}
         fits = not latency or latency["quantized_ms"] <= run.o.mixed_latency * latency["float_ms"]
         float_ms = latency.get("float_ms", float_ms)
         if fits and trial_plan.quantized and score >= sqnr + GAIN_DB:

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from edgegraph import ir, runtime
+from edgegraph.passes.quant.build import Built
 from edgegraph.passes.quant.placement import Plan
 from edgegraph.passes.quant.state import QuantRun
 
@@ -29,7 +30,7 @@ SPEED_CHECK_MACS = 2e9
 SLOW_IN_INT8 = frozenset({"Mul", "MaxPool", "GlobalAveragePool"})
 
 
-def speed_check(run: QuantRun, model: ir.Model, warn: bool = True) -> dict:
+def speed_check(run: QuantRun, model: ir.Model, built: Built, warn: bool = True) -> dict:
     """ORT latency of the quantized model vs the float input; warns when int8 is not faster.
 
     How many runs follows the model's MACs, not a clock (SPEED_CHECK_MACS of forward passes, as
@@ -37,11 +38,11 @@ def speed_check(run: QuantRun, model: ir.Model, warn: bool = True) -> dict:
     interleaved rounds: its choice (`static._not_slower`) then flips only where int8 and float are
     within the noise of each other.
 
-    A model already timed in this run (the same object: mixed precision times the model it
-    chooses, and the model it starts from) is not timed again."""
-    for timed, latency in run.timed:
-        if timed is model:
-            return dict(latency)
+    A model whose structure was already timed in this run (`structure`: the ranges and biases
+    tuning picks change no kernel) is not timed again."""
+    key = structure(built)
+    if key in run.timed:
+        return dict(run.timed[key])
     start = time.perf_counter()
     feeds = next(run.batches(run.calib.take(1)))
     runs = int(np.clip(SPEED_CHECK_MACS / max(run.macs, 1) / SPEED_ROUNDS, 1, 50))
@@ -63,8 +64,16 @@ def speed_check(run: QuantRun, model: ir.Model, warn: bool = True) -> dict:
                        "(%.2f ms vs %.2f ms, 1 thread); its gain here is size only", quant_ms, float_ms)
     latency = {"float_ms": round(float_ms, 3), "quantized_ms": round(quant_ms, 3),
                "speedup": round(float_ms / quant_ms, 3) if quant_ms > 0 else None}
-    run.timed.append((model, latency))
+    run.timed[key] = latency
     return dict(latency)
+
+
+def structure(built: Built) -> tuple:
+    """What the speed of a model `build` made depends on: the nodes running on integers, the
+    type of each quantized tensor and the layers the saturation guard changed (uint8 weights
+    run on other kernels); not the ranges, weights or biases."""
+    return (frozenset(built.quantized), frozenset((name, p.qtype.name) for name, p in built.params.items()),
+            frozenset(built.guarded))
 
 
 def slow_nodes(plan: Plan) -> set[str]:
@@ -82,4 +91,4 @@ def faster(latency: dict) -> bool:
     return bool(latency) and latency["quantized_ms"] < latency["float_ms"]
 
 
-__all__ = ["speed_check", "slow_nodes", "faster"]
+__all__ = ["speed_check", "slow_nodes", "faster", "structure"]

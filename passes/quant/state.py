@@ -56,7 +56,7 @@ class QuantRun:
         self.gram_factors: dict[str, list] = {}  # layer -> its factored H⁻¹ per group (rounding.py)
         self.macs = 0  # a sample's MACs (known ones), once analysis_samples is set
         self.float_session = None  # the float model's 1-thread session of the speed checks
-        self.timed: list[tuple[ir.Model, dict]] = []  # models the speed check timed, with their latency
+        self.timed: dict[tuple, dict] = {}  # latency of each model structure timed (speed.structure)
         self._held_out: list | None = None  # batches `score` runs on, and the float model's outputs
         self._reference: list | None = None
         self.floor_data: CalibrationData | None = None  # what a floor is measured on (see HOLD_OUT_EVERY)
