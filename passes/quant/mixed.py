@@ -164,10 +164,13 @@ def _reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan) -> tuple[dict[str, float], float]:
+def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan,
+                  needed: float = 1.0) -> tuple[dict[str, float], float]:
     """Relative output noise each quantized activation and each integer weight adds on its own,
     and what is left with every gate off (int32 biases), on MIXED_SAMPLES held-out samples;
-    noise relative to each output's energy, the worst output counted."""
+    noise relative to each output's energy, the worst output counted. Measuring stops once
+    single tensors carrying more than the `needed` share of the noise (and half the rest, for
+    the trials past the predicted size) are found."""
     batches, reference = (part[:MIXED_SAMPLES] for part in run.held_out())
     float_nodes = {n.name: n for n in ir.from_proto(run.float_proto, infer=False).graph.nodes}
     biases = {b.node.name for b in built.biases}
@@ -202,10 +205,16 @@ def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan) -> tuple[di
     found: dict[str, float] = {}
     groups = [(-everything, 0, list(range(len(order))))]  # a heap: noisiest first, ties in graph order
     measured = 0
+    cover = needed + (1 - needed) / 2
+    single = 0.0  # the noise of the single tensors found
     while groups:
         value, first, members = heapq.heappop(groups)
         value = -value
-        if len(members) == 1 or value < MIN_SHARE * everything or measured + 2 > MAX_MEASUREMENTS:
+        if len(members) == 1:
+            single += value
+        known = sum(found.values()) + value - sum(g[0] for g in groups)  # all noise (the heap holds -noise)
+        if len(members) == 1 or value < MIN_SHARE * everything or measured + 2 > MAX_MEASUREMENTS \
+                or single >= cover * known:
             found.update({order[i]: value / len(members) for i in members})
             continue
         half = len(members) // 2
@@ -236,7 +245,8 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
                          f"float latency ({latency['quantized_ms']} vs {latency['float_ms']} ms)")
         run.timings["mixed"] = time.perf_counter() - start
         return quant, built, plan
-    found, weights_only = contributions(run, quant, built, plan)
+    # (The share of the noise to remove for the target.)
+    found, weights_only = contributions(run, quant, built, plan, 1 - 10 ** (-(target - sqnr) / 10))
     total = sum(found.values())
     run.mixed_info.update(before_db=round(sqnr, 2), predicted_db=_db(total + weights_only))
     ranked = [t for t, c in sorted(found.items(), key=lambda item: (-item[1], item[0]))
