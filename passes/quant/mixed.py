@@ -6,7 +6,7 @@ When the quantized model's worst output SQNR on the held-out calibration samples
 faster than `mixed_latency` x the float model's latency.
 
 What each tensor costs is measured, not guessed from its own SQNR: one model holds every
-activation's Q/DQ behind a gate, t + g * (DQ(Q(t)) - t), fed as a graph input, so one session
+activation's Q/DQ behind a gate (an If node on element g of a graph input), so one session
 measures the output noise with each tensor alone quantized (on top of the integer weights).
 Quantization noise of different tensors is nearly uncorrelated, so these contributions add up
 to the full model's noise (PP-OCRv4 det: 5.3 dB predicted, 5.0 dB measured), and they are very

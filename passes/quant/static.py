@@ -16,7 +16,8 @@ own module:
   sensitivity      per-tensor SQNR and the ranking of tensors by the noise they add
   fallback         sensitive tensors kept out of 8 bits until a drop budget holds (edgegraph.floor)
   report, speed    the pass's report; the latency check against the float model (and what is written
-                   when int8 is slower: static._not_slower)
+                   when int8 is slower: static._not_slower), first on tuning's first build (when int8
+                   stays slower, float is written before any tuning), each model structure timed once
 """
 
 from __future__ import annotations
