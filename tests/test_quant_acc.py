@@ -77,7 +77,7 @@ def _fake_latency(monkeypatch, quantized_ms):
     """speed_check reporting `quantized_ms(model)` against a float model at 1 ms."""
     from edgegraph.passes.quant import speed
 
-    def fake(run, model, warn=True):
+    def fake(run, model, built=None, warn=True):
         ms = quantized_ms(model)
         return {"float_ms": 1.0, "quantized_ms": ms, "speedup": 1.0 / ms}
     monkeypatch.setattr(speed, "speed_check", fake)
@@ -98,6 +98,47 @@ def test_slower_int8_writes_the_float_model_with_a_warning(monkeypatch):
     assert record.details["latency"]["slow_ops_in_float"]["nodes"] > 0  # the float-for-slow-ops try came first
     float_only, _ = _run(model, data, "cleanup")
     assert out.SerializeToString() == float_only.SerializeToString()
+
+
+def test_slower_int8_is_found_before_tuning_and_each_structure_is_timed_once(monkeypatch):
+    from edgegraph.passes.quant import static
+
+    model, data = _digits()
+    timed = []
+    _fake_latency(monkeypatch, lambda m: timed.append(sum(n.op == "QuantizeLinear" for n in m.graph.nodes)) or 1.5)
+    tuned = []
+    monkeypatch.setattr(static, "tuned_build", lambda *a: tuned.append(1))
+    out, record = _run(model, data, "cleanup,quant")
+    # The first build and the slow-ops-in-float model are timed, once each; nothing is tuned.
+    assert record.details["latency"]["wrote"] == "float" and not tuned
+    assert len(timed) == 2 and timed[1] < timed[0]
+
+
+def test_structure_ignores_ranges_and_biases_not_types():
+    from edgegraph.passes.quant import speed
+    from edgegraph.passes.quant.build import Built
+    from edgegraph.passes.quant.numerics import qtype
+    from edgegraph.passes.quant.qdq import QParams
+
+    def built(scale, kind="uint8", guarded=()):
+        params = {"t": QParams(np.float32(scale), np.uint8(0), qtype(kind))}
+        return Built(params, None, quantized=["conv"], guarded=list(guarded))
+
+    assert speed.structure(built(0.1)) == speed.structure(built(0.2))
+    assert speed.structure(built(0.1)) != speed.structure(built(0.1, "int16"))
+    assert speed.structure(built(0.1)) != speed.structure(built(0.1, guarded=["conv"]))
+
+
+def test_mixed_precision_is_not_tried_when_int8_is_already_over_its_latency_budget(monkeypatch):
+    from edgegraph.passes.quant import mixed
+
+    model, data = _digits()
+    _fake_latency(monkeypatch, lambda m: 1.5)
+    measured = []
+    monkeypatch.setattr(mixed, "contributions", lambda *a: measured.append(1))
+    _, record = _run(model, data, "cleanup,quant(if_slower=int8, mixed_sqnr=90)")
+    assert not measured and "mixed_precision" not in record.details
+    assert any("mixed precision: not tried" in note for note in record.details["notes"])
 
 
 def test_slower_int8_is_kept_when_forced(monkeypatch):

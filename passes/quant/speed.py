@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from edgegraph import ir, runtime
+from edgegraph.passes.quant.build import Built
 from edgegraph.passes.quant.placement import Plan
 from edgegraph.passes.quant.state import QuantRun
 
@@ -29,18 +30,26 @@ SPEED_CHECK_MACS = 2e9
 SLOW_IN_INT8 = frozenset({"Mul", "MaxPool", "GlobalAveragePool"})
 
 
-def speed_check(run: QuantRun, model: ir.Model, warn: bool = True) -> dict:
+def speed_check(run: QuantRun, model: ir.Model, built: Built, warn: bool = True) -> dict:
     """ORT latency of the quantized model vs the float input; warns when int8 is not faster.
 
     How many runs follows the model's MACs, not a clock (SPEED_CHECK_MACS of forward passes, as
     for the analysis samples), so that a busier or slower machine measures the same number of
     interleaved rounds: its choice (`static._not_slower`) then flips only where int8 and float are
-    within the noise of each other."""
+    within the noise of each other.
+
+    A model whose structure was already timed in this run (`structure`: the ranges and biases
+    tuning picks change no kernel) is not timed again."""
+    key = structure(built)
+    if key in run.timed:
+        return dict(run.timed[key])
     start = time.perf_counter()
     feeds = next(run.batches(run.calib.take(1)))
     runs = int(np.clip(SPEED_CHECK_MACS / max(run.macs, 1) / SPEED_ROUNDS, 1, 50))
     try:
-        sessions = [runtime.session(m, threads=1, optimize=True) for m in (run.float_proto, model.to_proto())]
+        if run.float_session is None:  # (one for every check of the run: mixed precision's trials time it too)
+            run.float_session = runtime.session(run.float_proto, threads=1, optimize=True)
+        sessions = [run.float_session, runtime.session(model.to_proto(), threads=1, optimize=True)]
         for s in sessions:
             runtime.latency_ms(s, feeds, runs=1, warmup=1)
         # Interleaved rounds (a burst of other load then slows both models alike).
@@ -53,8 +62,18 @@ def speed_check(run: QuantRun, model: ir.Model, warn: bool = True) -> dict:
     if quant_ms >= float_ms and warn:
         logger.warning("quant: the quantized model is not faster than float in onnxruntime on this machine "
                        "(%.2f ms vs %.2f ms, 1 thread); its gain here is size only", quant_ms, float_ms)
-    return {"float_ms": round(float_ms, 3), "quantized_ms": round(quant_ms, 3),
-            "speedup": round(float_ms / quant_ms, 3) if quant_ms > 0 else None}
+    latency = {"float_ms": round(float_ms, 3), "quantized_ms": round(quant_ms, 3),
+               "speedup": round(float_ms / quant_ms, 3) if quant_ms > 0 else None}
+    run.timed[key] = latency
+    return dict(latency)
+
+
+def structure(built: Built) -> tuple:
+    """What the speed of a model `build` made depends on: the nodes running on integers, the
+    type of each quantized tensor and the layers the saturation guard changed (uint8 weights
+    run on other kernels); not the ranges, weights or biases."""
+    return (frozenset(built.quantized), frozenset((name, p.qtype.name) for name, p in built.params.items()),
+            frozenset(built.guarded))
 
 
 def slow_nodes(plan: Plan) -> set[str]:
@@ -72,4 +91,4 @@ def faster(latency: dict) -> bool:
     return bool(latency) and latency["quantized_ms"] < latency["float_ms"]
 
 
-__all__ = ["speed_check", "slow_nodes", "faster"]
+__all__ = ["speed_check", "slow_nodes", "faster", "structure"]

@@ -44,6 +44,7 @@ class QuantRun:
         self.correct = options.bias_correction is True
         self.rounding = "gram" if options.weight_rounding == "gram" else "nearest"  # "auto": tuning decides
         self.tuning: dict[str, float] = {}  # output SQNR (dB) of each setting tried
+        self.tuned_sqnr: float | None = None  # the score of what tuning chose (None: not measured)
         self.moments: dict[str, capture.ChannelMoments] = {}  # per-channel statistics of quantized tensors
         self.coarse: dict[str, float] = {}  # coarse tensors kept out of 8 bits -> their coarse fraction
         self.mixed: dict[str, float] = {}  # tensors kept out of 8 bits by `mixed` -> their share of the noise
@@ -54,6 +55,8 @@ class QuantRun:
         self.grams: dict | None = None  # layer -> capture.Gram of its input (weight_rounding=gram)
         self.gram_factors: dict[str, list] = {}  # layer -> its factored H⁻¹ per group (rounding.py)
         self.macs = 0  # a sample's MACs (known ones), once analysis_samples is set
+        self.float_session = None  # the float model's 1-thread session of the speed checks
+        self.timed: dict[tuple, dict] = {}  # latency of each model structure timed (speed.structure)
         self._held_out: list | None = None  # batches `score` runs on, and the float model's outputs
         self._reference: list | None = None
         self.floor_data: CalibrationData | None = None  # what a floor is measured on (see HOLD_OUT_EVERY)

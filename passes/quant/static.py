@@ -16,7 +16,8 @@ own module:
   sensitivity      per-tensor SQNR and the ranking of tensors by the noise they add
   fallback         sensitive tensors kept out of 8 bits until a drop budget holds (edgegraph.floor)
   report, speed    the pass's report; the latency check against the float model (and what is written
-                   when int8 is slower: static._not_slower)
+                   when int8 is slower: static._not_slower), first on tuning's first build (when int8
+                   stays slower, float is written before any tuning), each model structure timed once
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from edgegraph.passes.quant.fallback import budget_floor, fallback
 from edgegraph.passes.quant.names import warn_unmatched
 from edgegraph.passes.quant.numerics import QType
 from edgegraph.passes.quant.state import QuantRun
-from edgegraph.passes.quant.tuning import tuned_build
+from edgegraph.passes.quant.tuning import first_build, tuned_build
 from edgegraph.registry import register_pass
 from edgegraph.stats import model_stats
 
@@ -190,23 +191,31 @@ def _run(run: QuantRun, model: ir.Model) -> PassResult:
     run.stats = collect(run, plan, [p.name for p in plan.points], "quant: calibrating", "calibrate")
     run.macs = _sample_macs(run)
     run.analysis_count = run.o.analysis_samples or _affordable_samples(run)
-    quant, built, plan = tuned_build(run, plan)
+    first = None
+    if run.o.check_speed and run.ctx.timing and run.o.if_slower == "float":
+        # Ranges and biases change no kernel: whether int8 is faster shows on the first build
+        # already, and when it is not, tuning and mixed precision would work on a model that
+        # is not written (PP-OCR cls, YOLOX on the development machine).
+        first = first_build(run, plan)
+        latency = _not_slower(run, *first, plan)[3]
+        if latency.get("wrote") == "float":
+            return _wrote_float(run, model, original, latency)
+    quant, built, plan = tuned_build(run, plan, first)
     quant, built, plan = mixed.protect(run, quant, built, plan)
-    errors = sensitivity.errors(run, quant, built)
-    kept: list[str] = []
+    errors, kept = None, []
     if budget:
+        errors = sensitivity.errors(run, quant, built)
         quant, built, plan, errors, kept = fallback(run, quant, built, plan, errors, budget)
     latency = None
     if run.o.check_speed and run.ctx.timing:  # (`--runs 0`: no timing at all)
-        quant, built, plan, errors, latency = _not_slower(run, quant, built, plan, errors)
+        timed = quant
+        quant, built, plan, latency = _not_slower(run, quant, built, plan)
         if latency.get("wrote") == "float":
-            model.graph = original
-            # (The stats carry no timings: the same run on a busier machine gives the same report.)
-            warning = ("int8 was slower than float here, also with the ops int8 slows kept float: wrote the float "
-                       "model; quant(if_slower=int8) keeps int8")
-            logger.warning("quant: %s (%.3g ms vs %.3g ms, 1 thread)", warning, latency["quantized_ms"],
-                           latency["float_ms"])
-            return PassResult(False, {"quantized_nodes": 0, "warning": warning}, {"latency": latency, "notes": run.notes})
+            return _wrote_float(run, model, original, latency)
+        if quant is not timed:
+            errors = None
+    if errors is None:  # (measured once the model is settled: not for a model the speed check drops)
+        errors = sensitivity.errors(run, quant, built)
     model.graph = quant.graph
     if all(ir.is_standard(node) for node in ir.iter_nodes(model.graph)):
         # What onnx can infer again (every op is standard) needs no value_info: it was 2-6%
@@ -215,33 +224,45 @@ def _run(run: QuantRun, model: ir.Model) -> PassResult:
     return report.result(run, model, plan, built, errors, kept, latency)
 
 
-def _not_slower(run: QuantRun, quant, built, plan, errors):
+def _wrote_float(run: QuantRun, model: ir.Model, original, latency: dict) -> PassResult:
+    """The result when int8 stays slower than float (if_slower=float): the float model."""
+    model.graph = original
+    # (The stats carry no timings: the same run on a busier machine gives the same report.)
+    warning = ("int8 was slower than float here, also with the ops int8 slows kept float: wrote the float "
+               "model; quant(if_slower=int8) keeps int8")
+    logger.warning("quant: %s (%.3g ms vs %.3g ms, 1 thread)", warning, latency["quantized_ms"], latency["float_ms"])
+    return PassResult(False, {"quantized_nodes": 0, "warning": warning}, {"latency": latency, "notes": run.notes})
+
+
+def _not_slower(run: QuantRun, quant, built, plan):
     """The speed check, and what to do when int8 is not faster than float: the same model with
     the nodes int8 makes slower kept in float (speed.slow_nodes), if that is faster; else the
     float model (latency["wrote"] = "float") unless if_slower=int8. Only this step's output
-    depends on the machine: with check_speed=false or --runs 0 it does not run."""
-    latency = speed.speed_check(run, quant, warn=False)
+    depends on the machine (and mixed precision's latency budget): with check_speed=false or
+    --runs 0 it does not run."""
+    latency = speed.speed_check(run, quant, built, warn=False)
     if not latency or speed.faster(latency):
-        return quant, built, plan, errors, latency
+        return quant, built, plan, latency
     slow = speed.slow_nodes(plan)
     if slow:
         kept_float = {n.name for n in run.base_plan.quantized} - {n.name for n in plan.quantized}
         trial_plan = run.plan(run.excluded | kept_float | slow)
         if trial_plan.quantized:
             trial, trial_built = build(run, trial_plan)
-            timed = speed.speed_check(run, trial, warn=False)
+            timed = speed.speed_check(run, trial, trial_built, warn=False)
             latency["slow_ops_in_float"] = {"nodes": len(slow), **timed}
             if speed.faster(timed):
-                run.notes.append(f"int8 was not faster than float; kept {len(slow)} nodes int8 makes slower in "
-                                 "float (depthwise Conv, Mul, MaxPool, GlobalAveragePool)")
-                return trial, trial_built, trial_plan, sensitivity.errors(run, trial, trial_built), \
-                    {**latency, **timed}
+                note = (f"int8 was not faster than float; kept {len(slow)} nodes int8 makes slower in float "
+                        "(depthwise Conv, Mul, MaxPool, GlobalAveragePool)")
+                if note not in run.notes:  # (the check before tuning may have found the same)
+                    run.notes.append(note)
+                return trial, trial_built, trial_plan, {**latency, **timed}
     if run.o.if_slower == "float":
-        return quant, built, plan, errors, {**latency, "wrote": "float"}
+        return quant, built, plan, {**latency, "wrote": "float"}
     logger.warning("quant: the quantized model is not faster than float in onnxruntime on this machine "
                    "(%.2f ms vs %.2f ms, 1 thread); its gain here is size only", latency["quantized_ms"],
                    latency["float_ms"])
-    return quant, built, plan, errors, latency
+    return quant, built, plan, latency
 
 
 def _affordable_samples(run: QuantRun) -> int:

@@ -25,7 +25,7 @@ FLOAT_GAIN_DB = 1.0
 COARSE_FLOAT_SHARE = 0.25
 
 
-def tuned_build(run: QuantRun, plan: Plan) -> tuple[ir.Model, Built, Plan]:
+def tuned_build(run: QuantRun, plan: Plan, first: tuple[ir.Model, Built] | None = None) -> tuple[ir.Model, Built, Plan]:
     """`build` with the settings that give the best output SQNR on held-out calibration
     samples (the last ones; bias correction is fitted on the first), trying in turn:
 
@@ -39,9 +39,9 @@ def tuned_build(run: QuantRun, plan: Plan) -> tuple[ir.Model, Built, Plan]:
                                with 4 nodes float), only for a gain of FLOAT_GAIN_DB, as
                                float or 16-bit layers cost speed
 
-    Settings fixed by options are not tried."""
+    Settings fixed by options are not tried. `first`: what `first_build` made, if it ran."""
     start = time.perf_counter()
-    model, built, sqnr = _tune_ranges(run, plan)
+    model, built, sqnr = _tune_ranges(run, plan, first)
     if run.o.weight_rounding == "auto" and built.weights:
         sqnr = run.score(model) if sqnr is None else sqnr
         run.rounding = "gram"
@@ -59,23 +59,43 @@ def tuned_build(run: QuantRun, plan: Plan) -> tuple[ir.Model, Built, Plan]:
         trial, trial_built, trial_plan = build_protected(run, set(coarse))
         run.tuning["keep_coarse"] = run.score(trial)
         if run.tuning["keep_coarse"] >= sqnr + FLOAT_GAIN_DB and trial_plan.quantized:
-            model, built, plan = trial, trial_built, trial_plan
+            model, built, plan, sqnr = trial, trial_built, trial_plan, run.tuning["keep_coarse"]
             run.coarse = coarse
+    run.tuned_sqnr = sqnr
     run.timings["tuning"] = time.perf_counter() - start - run.timings.get("bias_correction", 0.0)
     return model, built, plan
 
 
-def _tune_ranges(run: QuantRun, plan: Plan) -> tuple[ir.Model, Built, float | None]:
+def first_build(run: QuantRun, plan: Plan) -> tuple[ir.Model, Built]:
+    """The first model `tuned_build` builds (the first calibration method tried), built ahead
+    (for the speed check: ranges and biases change no kernel)."""
+    methods = _methods(run)
+    run.method = methods[0]
+    if not _fixed(run, methods):
+        run.correct = False
+    return build(run, plan)
+
+
+def _methods(run: QuantRun) -> tuple[str, ...]:
+    return calibrate.AUTO_METHODS if run.o.method == "auto" else (run.o.method,)
+
+
+def _fixed(run: QuantRun, methods: tuple[str, ...]) -> bool:
+    """Whether nothing in the calibration method and bias correction is left to measure."""
+    return len(methods) == 1 and run.o.bias_correction != "auto"
+
+
+def _tune_ranges(run: QuantRun, plan: Plan, first: tuple[ir.Model, Built] | None) -> tuple[ir.Model, Built, float | None]:
     """The calibration method and bias correction step of `tuned_build`: the model, what
     was built, and its score (None when nothing was measured)."""
-    methods = calibrate.AUTO_METHODS if run.o.method == "auto" else (run.o.method,)
-    if len(methods) == 1 and run.o.bias_correction != "auto":
-        return (*build(run, plan), None)
+    methods = _methods(run)
+    if _fixed(run, methods):
+        return (*(first or build(run, plan)), None)
     run.correct = False
     best = None
     for method in methods:
         run.method = method
-        model, built = build(run, plan)
+        model, built = first if first and method == methods[0] else build(run, plan)
         run.tuning[method] = run.score(model)
         if best is None or run.tuning[method] > best[0]:
             best = (run.tuning[method], method, model, built)
@@ -148,4 +168,4 @@ def _within_float_share(plan: Plan, coarse: dict[str, float]) -> dict[str, float
     return kept
 
 
-__all__ = ["tuned_build", "build_protected", "float_sets"]
+__all__ = ["tuned_build", "first_build", "build_protected", "float_sets"]
