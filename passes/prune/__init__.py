@@ -91,9 +91,6 @@ class Prune(Pass):
     refit_stages: int = option(0, "the refit runs in this many passes over the fitting samples, layers in graph "
                                   "order, each stage fitted on the inputs the stages before it left (0: one "
                                   "stage per layer, fully sequential; 1: all layers at once)")
-    refit_downstream: bool = option(False, "the refit also fits every other Conv / Gemm / MatMul after the first cut "
-                                           "(ungrouped, own weight) to the original's outputs, so that layers "
-                                           "whose inputs drifted are corrected too")
     bias_correction: bool = option(False, "after the refit, every other Conv / Gemm downstream of a cut gets the "
                                           "bias that makes each output channel's mean on the fitting samples the "
                                           "original model's (off: measured no better at a 30% cut, SqueezeNet "
@@ -636,15 +633,14 @@ class _Pruner:
             node = self.work_nodes.get(name)
             if node is None or node.op not in ("Conv", "Gemm", "MatMul") or not node.outputs[0].shape:
                 continue
-            refitted = name in self.recovered or (self.o.refit_downstream and self._plain_layer(node))
-            if not refitted and not (self.o.bias_correction and _has_bias(nodes[name], holders)):
+            if name not in self.recovered and not (self.o.bias_correction and _has_bias(nodes[name], holders)):
                 continue
             out = node.outputs[0]
             rank = len(out.shape)
             axis = 1 if node.op in ("Conv", "Gemm") else rank - 1
             gone = spaces.get((out.name, axis))
             kept = None if not gone else np.setdiff1d(np.arange(out.shape[axis]), sorted(gone))
-            (layers if refitted else means)[name] = (out.name, kept, axis, rank)
+            (layers if name in self.recovered else means)[name] = (out.name, kept, axis, rank)
         names = [n for n in order if n in layers or n in means]
         if not names:
             return
@@ -669,19 +665,6 @@ class _Pruner:
                 bar.update(1)
         finally:
             bar.close()
-
-    def _plain_layer(self, node: gs.Node) -> bool:
-        """Whether the refit can fit this layer of the working model: a float weight of its own
-        (ungrouped Conv, 2-D Gemm / MatMul weight)."""
-        if len(node.inputs) < 2 or len(self.readers.get(node.inputs[1].name, ())) != 1:
-            return False
-        holder = self.holders.get(node.inputs[1].name)
-        value = None if holder is None else np.asarray(holder.values)
-        if value is None or value.dtype.kind != "f":
-            return False
-        if node.op == "Conv":
-            return int(node.attrs.get("group", 1)) == 1
-        return value.ndim == 2
 
     def _solve_refit(self, node: gs.Node, holders, xtx, xty, rows) -> None:
         has_bias = node.op != "MatMul"
