@@ -34,8 +34,9 @@ def test_output_error_is_judged_per_field():
     reference = [{"out": ref}]
     boxes, scores = (_relative_noise(reference, [{"out": c}], frozenset()) for c in (boxes_off, scores_off))
     assert boxes < scores / 10
-    summed = [float(((ref - c) ** 2).sum()) for c in (boxes_off, scores_off)]
-    assert summed[0] > summed[1]  # (summed over the output, the boxes' error looked larger)
+    summed = [_relative_noise(reference, [{"out": c}], frozenset(), per_field=False) for c in (boxes_off, scores_off)]
+    assert summed[0] > summed[1]  # (summed over the output, what sensitivity curves use: the boxes' error is larger)
+    assert np.isclose(summed[0], float(((ref - boxes_off) ** 2).sum() / (ref ** 2).sum()))
     # Fields are the shortest axis after the batch; class scores and rank-2 outputs are one field.
     assert _fields(np.zeros((1, 3549, 85)), False).shape == (3549, 85)
     assert _fields(np.zeros((1, 65, 65, 21)), False).shape == (65 * 65, 21)
