@@ -105,7 +105,8 @@ class Prune(Pass):
     ridge: float = option(0.1, "least-squares regularisation, relative to the mean input energy (0.1 measured "
                                "best: 1e-3 overfits the refit, PP-OCR cls agreement 0.47 vs 0.73 at a 10% cut)")
     align: int = option(0, "kept channel counts are multiples of this (halved for groups narrower than four "
-                           "times it); 0: the target's channel_alignment")
+                           "times it, but a kept count at or above it stays a multiple of it); 0: the target's "
+                           "channel_alignment")
     max_layer_cut: float = option(0.75, "at most this fraction of any group's channels is removed")
     protect_ends: bool = option(False, "never cut the first layer's output or the last layer's input (off: with "
                                        "recovery, cutting them measured better than leaving them)")
