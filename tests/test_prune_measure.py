@@ -89,3 +89,21 @@ def test_batch_flatten_reshape_keeps_its_channels_prunable():
     assert result.modified
     np.testing.assert_allclose(runtime.outputs(pruned.to_proto(), [{"x": x}], threads=1)[0]["y"], want,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_cifar10_default_30_percent_cut_keeps_aligned_widths_and_agreement():
+    """The default settings at 30% fewer MACs on the CIFAR-10 CNN (its Conv -> flatten -> Gemm
+    group now cuttable): no kept width between two channel blocks, agreement on held-out images."""
+    path = require_shared(MODELS / "cifar10_cnn_pytorch_tutorial/ImageClassifier.onnx")
+    x, _ = qfix.cifar10(require_shared(DATA))
+    calib = CalibrationData.from_arrays({"modelInput": x[:64]})
+    model, report = run_pipeline(modelio.load(path), parse("prune(macs=0.7)"), _ctx(calib))
+    record = next(r for r in report.passes if r.name == "prune")
+    assert record.stats["macs_removed"] >= 0.3
+    rows = [r for r in record.details["groups"] if r.get("decision") in ("cut", "kept")]
+    assert len(rows) == 4  # (the flatten group is prunable, not fixed)
+    assert all(r["kept"] < 16 or r["kept"] % 16 == 0 for r in rows if r["decision"] == "cut")
+    held = x[64:320]
+    ref, got = (np.concatenate([o["modelOutput"] for o in runtime.outputs(m.to_proto(), [{"modelInput": held}],
+                                                                             threads=1)]) for m in (modelio.load(path), model))
+    assert float(np.mean(ref.argmax(1) == got.argmax(1))) >= 0.79  # measured 0.812 on these 256 images
