@@ -13,6 +13,7 @@ against that model. For each model and MAC cut, in one run:
   eg no-align         align=1
   eg no-refit         refit=false (least squares on the original's activations only)
   eg sensitivity      sensitivity=true (each group's cost = the output error it causes alone)
+  eg reconstruction   sensitivity=false (each group's cost = its consumers' reconstruction error)
   onnxsim L1 / Wanda  apply_structured_pruning(importance_norm=l1) / apply_structured_wanda_pruning
                       (calibrated on the same 64 inputs); onnxsim's knob is a channel fraction, so
                       it is bisected (global_sparsity=True) until its MAC cut is the same
@@ -108,6 +109,7 @@ TOOLS = {
     "eg no-align": edgegraph_prune("prune(macs={keep}, align=1)"),
     "eg no-refit": edgegraph_prune("prune(macs={keep}, refit=false)"),
     "eg sensitivity": edgegraph_prune("prune(macs={keep}, sensitivity=true)"),
+    "eg reconstruction": edgegraph_prune("prune(macs={keep}, sensitivity=false)"),
     "onnxsim L1": onnxsim_prune("l1"),
     "onnxsim Wanda": onnxsim_prune("wanda"),
 }

@@ -511,6 +511,8 @@ class _Builder:
         if node.op == "Reshape" and (len(node.inputs) < 2 or ir.constant_value(node.inputs[1]) is None):
             self.block_tensor(x, "Reshape with a computed shape")
             return self.block_tensor(y, "Reshape with a computed shape")
+        if xshape is not None and yshape is not None:
+            xshape, yshape = _one_unknown_each(xshape, yshape)
         blocks = _reshape_blocks(xshape, yshape) if xshape is not None and yshape is not None else None
         if blocks is None:
             self.block_tensor(x, f"{node.op} between shapes that cannot be matched")
@@ -600,6 +602,25 @@ def _slice_bounds(node: gs.Node, shape, opset: int) -> dict[int, tuple[int, int,
         start, stop, step = slice(int(s), int(e), int(st)).indices(n)
         found[a] = (start, max(stop, start), step)
     return found
+
+
+def _one_unknown_each(xshape: list, yshape: list) -> tuple[list, list]:
+    """A Reshape keeps the element count: with one unknown size on each side (the batch of
+    (batch_size, 24, 10, 10) -> (unk, 2400), a PyTorch flatten before a Gemm) and equal products
+    of the known ones, the two unknown sizes are equal; they get the input's name, so that
+    `_reshape_blocks` can pair them."""
+    xu = [a for a, d in enumerate(xshape) if not _known(d)]
+    yu = [b for b, d in enumerate(yshape) if not _known(d)]
+    if len(xu) != 1 or len(yu) != 1 or xshape[xu[0]] is None and yshape[yu[0]] is None:
+        return xshape, yshape
+    known_x = int(np.prod([d for d in xshape if _known(d)], dtype=np.int64))
+    known_y = int(np.prod([d for d in yshape if _known(d)], dtype=np.int64))
+    if known_x != known_y:
+        return xshape, yshape
+    name = xshape[xu[0]] if xshape[xu[0]] is not None else yshape[yu[0]]
+    xshape, yshape = list(xshape), list(yshape)
+    xshape[xu[0]] = yshape[yu[0]] = name
+    return xshape, yshape
 
 
 def _reshape_blocks(xshape, yshape) -> list[tuple[list[int], list[int]]] | None:
