@@ -134,16 +134,21 @@ def refit(w: np.ndarray, idx: np.ndarray, codebook: np.ndarray, owner: np.ndarra
     per = o_rows // fit.groups
     m = np.zeros((r_count, k, k))
     b = np.zeros((r_count, k))
-    chunk = max(1, (1 << 22) // (f * k))  # rows at a time: ~32 MB of one-hot matrices
+    chunk = max(1, (1 << 23) // (f * k))  # rows at a time: ~32 MB of one-hot matrices
     for g in range(fit.groups):
-        h = fit.h[g]
+        # float32 products: the k x k systems are solved in float64 and the centroids stored in
+        # float16 (or checked against the exact objective), and float32 BLAS is twice as fast.
+        h = fit.h[g].astype(np.float32)
         for start in range(g * per, (g + 1) * per, chunk):
             sel = slice(start, min(start + chunk, (g + 1) * per))
-            p = np.zeros((sel.stop - sel.start, f, k))  # A_oᵀ, one-hot
-            np.put_along_axis(p, idx[sel, :, None].astype(np.int64), 1.0, axis=2)
-            hp = np.matmul(h, p)  # H A_oᵀ (batched BLAS)
-            mo = np.matmul(p.transpose(0, 2, 1), hp)  # A_o H A_oᵀ
-            bo = np.matmul(hp.transpose(0, 2, 1), w[sel, :, None])[:, :, 0]  # A_o H w_o
+            n = sel.stop - sel.start
+            p = np.zeros((f, n, k), np.float32)  # A_oᵀ of each row, one-hot
+            np.put_along_axis(p, idx[sel].T[:, :, None].astype(np.int64), 1.0, axis=2)
+            # H A_oᵀ for the chunk's rows as ONE (F x F) @ (F x n k) product: a batched matmul
+            # (F x F) @ (F x k) per row reads H again for every row (6x slower, measured).
+            hp = (h @ p.reshape(f, n * k)).reshape(f, n, k)
+            mo = np.matmul(p.transpose(1, 2, 0), hp.transpose(1, 0, 2)).astype(np.float64)  # A_o H A_oᵀ
+            bo = (hp * w[sel].T[:, :, None]).sum(axis=0, dtype=np.float64)  # A_o H w_o
             s = scale[sel]
             np.add.at(m, owner[sel], mo * (s ** 2)[:, None, None])
             np.add.at(b, owner[sel], bo * s[:, None])
