@@ -500,9 +500,9 @@ class Codebook(Pass):
         cb = stored
         # GPTQ moves each weight by what H says; with few captured rows per feature H is the
         # captured samples' alone (MiniLM at 2.7 rows per feature: held-out cosine 0.58 instead of
-        # 0.91): such layers get the refit (k parameters per codebook) only.
-        rounds = datafit.ROUNDS if self._fit_mode() == "gptq" and datafit.usable(
-            fit, rows.shape[1], datafit.GPTQ_ROWS_PER_FEATURE) else 0
+        # 0.91), so such layers' H comes shrunk toward its diagonal (`datafit.SHRINK`).
+        rounds = datafit.ROUNDS if self._fit_mode() == "gptq" and (fit.shrunk or datafit.usable(
+            fit, rows.shape[1], datafit.GPTQ_ROWS_PER_FEATURE)) else 0
         for _ in range(rounds if refits else min(rounds, 1)):  # (without the refit a second round is the same)
             new = datafit.gptq_assign(rows, cb, owner, scale, fit, zeros)
             if new is None:
