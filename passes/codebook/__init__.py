@@ -22,8 +22,8 @@ cleanup's folding and quant leave it encoded.
   weight multiplies (importance), then the layer's output error tr(ΔHΔᵀ), H = XᵀX captured by
   `edgegraph.analysis.capture.grams`, is what is fitted: `fit=gptq` (the default) chooses the
   indices column by column with GPTQ's error feedback through H⁻¹ and refits the centroids by
-  least squares (k x k per codebook); `fit=refit` only refits. Layers with too few captured rows
-  per feature for GPTQ get the refit.
+  least squares (k x k per codebook); `fit=refit` only refits. Layers with few captured rows per
+  feature (< 32) get GPTQ on H shrunk halfway toward its diagonal (`datafit.SHRINK`).
 * Mixed widths (`ratio=R`, `mixed.py`; the default with `--calib`: R = 6): bits per layer (3..8)
   from each layer's measured output distortion per byte, the budget bisected on the written
   file's real size so that the file is R times smaller than with float32 weights.

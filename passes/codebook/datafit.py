@@ -15,8 +15,8 @@ to use H, each on top of the one before:
   it works for any grid, here each row's codebook), columns in order of decreasing diag(H), then
   the refit, twice.
 
-Layers without a usable Gram (embeddings, ConvTranspose, transposed inputs, too few captured rows
-per feature) keep the plain k-means. `quant`'s rounding shares the layer matrix and the damped
+Layers without a usable Gram (embeddings, ConvTranspose, transposed inputs) keep the plain
+k-means; layers with few captured rows per feature get H shrunk toward its diagonal (SHRINK). `quant`'s rounding shares the layer matrix and the damped
 H⁻¹ factor (`edgegraph/analysis/capture.py`).
 """
 

@@ -9,7 +9,8 @@ handed out greedily: every layer starts at the widest choice and the layer whose
 costs the least distortion per byte saved steps down, until the layers fit the budget.
 
 D_l is measured with `--calib`: the model runs with that one layer snapped (all others float)
-and D_l is the output error energy over the output's variance, on the calibration samples.
+and D_l is the output error energy over the output's variance plus the worst row's (token's or
+sample's) relative error, on the calibration samples (see `distortion`).
 Without data it is the layer's relative weight error (SSE / energy) at the probe width.
 """
 
