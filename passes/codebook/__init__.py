@@ -22,8 +22,8 @@ cleanup's folding and quant leave it encoded.
   weight multiplies (importance), then the layer's output error tr(ΔHΔᵀ), H = XᵀX captured by
   `edgegraph.analysis.capture.grams`, is what is fitted: `fit=gptq` (the default) chooses the
   indices column by column with GPTQ's error feedback through H⁻¹ and refits the centroids by
-  least squares (k x k per codebook); `fit=refit` only refits. Layers with too few captured rows
-  per feature for GPTQ get the refit.
+  least squares (k x k per codebook); `fit=refit` only refits. Layers with few captured rows per
+  feature (< 32) get GPTQ on H shrunk halfway toward its diagonal (`datafit.SHRINK`).
 * Mixed widths (`ratio=R`, `mixed.py`; the default with `--calib`: R = 6): bits per layer (3..8)
   from each layer's measured output distortion per byte, the budget bisected on the written
   file's real size so that the file is R times smaller than with float32 weights.
@@ -278,9 +278,11 @@ class Codebook(Pass):
     # -- encoding -----------------------------------------------------------------------------
 
     def _apply(self, model: ir.Model, weights: list[_Weight], widths: int | dict[str, int],
-               cache: dict | None = None) -> list[dict]:
+               cache: dict | None = None, sizing: bool = False) -> list[dict]:
         """Encode `weights` of `model` with `widths`-bit indices (or {weight: bits}); one report row
-        per weight. `cache` keeps encodings by (weight, bits) across calls (mixed widths, searches)."""
+        per weight. `cache` keeps encodings by (weight, bits) across calls (mixed widths, searches).
+        `sizing`: placeholder encodings of the right shapes and types (the written file's size
+        without clustering anything; the values are meaningless)."""
         graph = model.graph
         namer = ir.Namer(graph)
         writer = _Writer(graph, namer, model.opset, self.storage)
@@ -289,6 +291,8 @@ class Codebook(Pass):
             bits = widths if isinstance(widths, int) else widths[group[0].tensor.name]
             if len(group) > 1:
                 encodings = self._cluster_shared(group, bits)
+            elif sizing:
+                encodings = [self._placeholder(group[0], bits)]
             else:
                 encodings = [self._cached(group[0], bits, cache)]
             shared = None
@@ -307,9 +311,9 @@ class Codebook(Pass):
                         del graph.nodes[written:]  # not worth it: the weight stays as it was
                         continue
                 ir.replace_all_uses(graph, w.tensor, decoded)
-                if self.bias_correction and w.mean is not None:
+                if self.bias_correction and w.mean is not None and not sizing:
                     row["bias_corrected"] = _correct_bias(w, snapped, namer)
-                row.update(_row_numbers(w, enc, snapped, after))
+                row.update({"bytes_after": int(after)} if sizing else _row_numbers(w, enc, snapped, after))
                 rows.append(row)
         if rows and writer.shared():  # the unpacking tables and shift amounts all weights use
             rows.append({"weight": "(shared unpacking constants)", "op": "", "shape": [], "bits": None,
@@ -347,6 +351,18 @@ class Codebook(Pass):
             cache[key] = self._cluster(w, bits)
         return cache[key]
 
+    def _placeholder(self, w: _Weight, bits: int) -> _Encoding:
+        """An encoding stored exactly like `_cluster(w, bits)`'s (shapes, dtypes), of zeros."""
+        granularity = self._granularity(w, bits)
+        groups = w.value.shape[w.out_axis] if granularity == "channel" else 1
+        scale = None
+        if granularity == "scaled":
+            shape = [1] * w.value.ndim
+            shape[w.out_axis] = w.value.shape[w.out_axis]
+            scale = np.ones(shape, w.value.dtype)
+        return _Encoding(np.zeros((groups, 1 << bits), self._codebook_dtype(w)), np.zeros(w.value.shape, np.uint8),
+                         w.out_axis if granularity == "channel" else None, scale)
+
     def _sensitivity(self, model: ir.Model, weights: list[_Weight], data: CalibrationData | None,
                      ctx: PassContext, cache: dict) -> dict[str, float]:
         """Each weight's output distortion at mixed.PROBE bits (measured with data, else its weight error)."""
@@ -375,11 +391,13 @@ class Codebook(Pass):
         tried: dict[tuple, tuple] = {}
         by_name = {w.tensor.name: w for w in weights}
 
-        def build(widths: dict[str, int]):
-            key = tuple(sorted(widths.items()))
+        def build(widths: dict[str, int], sizing: bool = True):
+            # The trials only need the written file's size, which the values do not change:
+            # placeholders instead of a k-means (and fit) for every width a trial tries.
+            key = (sizing, tuple(sorted(widths.items())))
             if key not in tried:  # (budgets in one step of the allocation give the same file)
                 trial = model.copy()
-                rows = self._apply(trial, self._same_weights(trial, weights), widths, cache)
+                rows = self._apply(trial, self._same_weights(trial, weights), widths, cache, sizing=sizing)
                 settle(trial)
                 _drop_types(trial)
                 tried[key] = (file_size(trial), trial, rows, widths)
@@ -397,7 +415,7 @@ class Codebook(Pass):
                 else:
                     high = middle
             if fits is None:
-                best = min(tried.values(), key=lambda t: t[0])
+                best = build(min(tried.values(), key=lambda t: t[0])[3], sizing=False)
                 return best[1], best[2], False
             best = fits
         # The greedy path down from 8 bits moves in whole steps: spend what is left of the budget
@@ -410,7 +428,8 @@ class Codebook(Pass):
                 if found[0] <= target:
                     best = found
                     break
-        return best[1], best[2], True
+        final = build(best[3], sizing=False)
+        return final[1], final[2], True
 
     def _widths(self, weights: list[_Weight], budget: float, sensitivity: dict[str, float]) -> dict[str, int]:
         """Bits per weight within `budget` bytes, allocated by sensitivity (`mixed.py`)."""
@@ -481,9 +500,9 @@ class Codebook(Pass):
         cb = stored
         # GPTQ moves each weight by what H says; with few captured rows per feature H is the
         # captured samples' alone (MiniLM at 2.7 rows per feature: held-out cosine 0.58 instead of
-        # 0.91): such layers get the refit (k parameters per codebook) only.
-        rounds = datafit.ROUNDS if self._fit_mode() == "gptq" and datafit.usable(
-            fit, rows.shape[1], datafit.GPTQ_ROWS_PER_FEATURE) else 0
+        # 0.91), so such layers' H comes shrunk toward its diagonal (`datafit.SHRINK`).
+        rounds = datafit.ROUNDS if self._fit_mode() == "gptq" and (fit.shrunk or datafit.usable(
+            fit, rows.shape[1], datafit.GPTQ_ROWS_PER_FEATURE)) else 0
         for _ in range(rounds if refits else min(rounds, 1)):  # (without the refit a second round is the same)
             new = datafit.gptq_assign(rows, cb, owner, scale, fit, zeros)
             if new is None:

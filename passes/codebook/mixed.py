@@ -9,7 +9,8 @@ handed out greedily: every layer starts at the widest choice and the layer whose
 costs the least distortion per byte saved steps down, until the layers fit the budget.
 
 D_l is measured with `--calib`: the model runs with that one layer snapped (all others float)
-and D_l is the output error energy over the output's variance, on the calibration samples.
+and D_l is the output error energy over the output's variance plus the worst row's (token's or
+sample's) relative error, on the calibration samples (see `distortion`).
 Without data it is the layer's relative weight error (SSE / energy) at the probe width.
 """
 
@@ -26,14 +27,31 @@ PROBE = 4
 SAMPLES = 16  # calibration samples the per-layer sensitivities are measured on
 
 
+def _vectors(a: np.ndarray) -> np.ndarray:
+    """An output as rows: one per token (rank >= 3 with a last axis > 1, e.g. a transformer's
+    hidden states), else one per sample."""
+    a = a.astype(np.float64)
+    if a.ndim >= 3 and a.shape[-1] > 1:
+        return a.reshape(-1, a.shape[-1])
+    return a.reshape(a.shape[0] if a.ndim else 1, -1)
+
+
 def distortion(reference: list[dict], outputs: list[dict]) -> float:
-    """Σ over outputs of ||y - y_ref||² / ||y_ref - mean(y_ref)||²."""
+    """Σ over outputs of ||y - y_ref||² / ||y_ref - mean(y_ref)||², plus the worst row's relative
+    error ||y_i - y_ref,i||² / ||y_ref,i||² (rows: tokens or samples). The mean alone ranks an
+    error spread over every row like one that ruins a few: MiniLM's token embedding at 4 bits
+    costs little mean error but sets the worst token's cosine (0.988 alone, every other layer
+    at 6-8 bits 0.9999)."""
     total = 0.0
     for name in reference[0]:
-        ref = np.concatenate([r[name].astype(np.float64).ravel() for r in reference])
-        out = np.concatenate([o[name].astype(np.float64).ravel() for o in outputs])
+        ref = np.concatenate([_vectors(r[name]) for r in reference])
+        out = np.concatenate([_vectors(o[name]) for o in outputs])
         spread = float(((ref - ref.mean()) ** 2).sum()) or 1.0
         total += float(((out - ref) ** 2).sum()) / spread
+        energy = (ref ** 2).sum(axis=1)
+        rows = energy > 0
+        if rows.any():
+            total += float((((out - ref) ** 2).sum(axis=1)[rows] / energy[rows]).max())
     return total
 
 
