@@ -703,7 +703,17 @@ class _Writer:
         if enc.scale is not None:
             scale = ir.const(f"{base}_scale", np.ascontiguousarray(enc.scale))
             stored += ir.stored_nbytes(scale)
-            decoded = self._node("Mul", [decoded, scale], f"{base}_scaled", w.value.dtype, shape)
+            if w.value.dtype == np.float16:
+                # onnxruntime's CPU provider has no float16 Mul, so it cannot fold one at session
+                # creation and runs it on every inference (SqueezeNet fp16: 3x the input's latency).
+                # The float32 product of two float16 values is exact (22 significant bits), so
+                # rounding it to float16 once is the float16 product `_decode` computes.
+                wide_scale = self._node("Cast", [scale], f"{base}_scale32", np.float32, list(enc.scale.shape), to=1)
+                decoded = self._node("Cast", [decoded], f"{base}_decoded32", np.float32, shape, to=1)
+                decoded = self._node("Mul", [decoded, wide_scale], f"{base}_scaled32", np.float32, shape)
+                decoded = self._node("Cast", [decoded], f"{base}_scaled", np.float16, shape, to=10)
+            else:
+                decoded = self._node("Mul", [decoded, scale], f"{base}_scaled", w.value.dtype, shape)
         return decoded, stored, codebook
 
     def _indices(self, base: str, indices: np.ndarray, planes: list[int], shape: list[int]) -> tuple[gs.Tensor, int]:
