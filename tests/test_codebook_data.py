@@ -54,6 +54,12 @@ def _outputs(proto, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
+def _held_out_error(proto, model) -> float:
+    """Mean squared output error of `model` against `proto` on inputs no fit saw."""
+    held = _inputs(256, seed=7)
+    return float(((_outputs(model.to_proto(), held) - _outputs(proto, held)) ** 2).mean())
+
+
 def test_refit_is_the_least_squares_solution():
     rng = np.random.default_rng(3)
     o, f, k, n = 6, 20, 4, 300
@@ -79,12 +85,9 @@ def test_refit_is_the_least_squares_solution():
 def test_data_fits_lower_the_held_out_output_error():
     proto = _mlp()
     calib = CalibrationData.from_arrays({"x": _inputs(2048)})  # 43 rows per feature: GPTQ on both layers
-    held = _inputs(256, seed=7)
-    ref = _outputs(proto, held)
-    errors = {}
-    for fit in ("kmeans", "refit", "gptq"):
-        model, _ = _run(proto, f"codebook(bits=3, fit={fit}, min_elements=100, bias_correction=false)", calib)
-        errors[fit] = float(((_outputs(model.to_proto(), held) - ref) ** 2).mean())
+    errors = {fit: _held_out_error(proto, _run(proto, f"codebook(bits=3, fit={fit}, min_elements=100, "
+                                                      "bias_correction=false)", calib)[0])
+              for fit in ("kmeans", "refit", "gptq")}
     # measured: kmeans 21.0, refit 19.2, gptq 9.5 (outputs' variance 520)
     assert errors["refit"] < 0.95 * errors["kmeans"]
     assert errors["gptq"] < 0.55 * errors["kmeans"]
@@ -98,12 +101,9 @@ def test_few_rows_per_feature_gptq_on_the_shrunk_gram():
     must beat the refit alone on held-out inputs (unshrunk, it overfits the few samples)."""
     proto = _mlp()
     calib = CalibrationData.from_arrays({"x": _inputs(240)})  # 5 rows per feature
-    held = _inputs(256, seed=7)
-    ref = _outputs(proto, held)
-    errors = {}
-    for fit in ("refit", "gptq"):
-        model, _ = _run(proto, f"codebook(bits=3, fit={fit}, min_elements=100, bias_correction=false)", calib)
-        errors[fit] = float(((_outputs(model.to_proto(), held) - ref) ** 2).mean())
+    errors = {fit: _held_out_error(proto, _run(proto, f"codebook(bits=3, fit={fit}, min_elements=100, "
+                                                      "bias_correction=false)", calib)[0])
+              for fit in ("refit", "gptq")}
     assert errors["gptq"] < 0.65 * errors["refit"], errors  # measured 12.8 vs 22.8 (kmeans 23.2)
 
 
@@ -141,12 +141,10 @@ def test_ratio_trials_sized_by_placeholders_match_the_real_file():
 def test_gptq_keeps_sparsified_weights_zero_and_obs_beats_magnitude():
     proto = _mlp()
     calib = CalibrationData.from_arrays({"x": _inputs(2048)})
-    held = _inputs(256, seed=7)
-    ref = _outputs(proto, held)
     errors = {}
     for method in ("magnitude", "obs"):
         model, records = _run(proto, f"sparsify(sparsity=0.5, method={method}, min_elements=100)", calib)
-        errors[method] = float(((_outputs(model.to_proto(), held) - ref) ** 2).mean())
+        errors[method] = _held_out_error(proto, model)
         assert records["sparsify"].stats["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert errors["obs"] < 0.35 * errors["magnitude"]  # measured 14.0 vs 56.6
     model, records = _run(proto, "sparsify(sparsity=0.5, min_elements=100),codebook(bits=3, min_elements=100)", calib)
