@@ -163,6 +163,25 @@ def test_weight_only_int8_weights_are_folded_for_onnx2tf():
     assert np.array_equal(runtime.run(runtime.session(model), feeds)["y"], runtime.run(runtime.session(folded), feeds)["y"])
 
 
+def test_a_dequantize_inside_a_decode_chain_folds_with_its_chain():
+    """DQ -> Reshape in front of a MatMul is one encoded weight: folded (and counted) once."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    stored = [numpy_helper.from_array(np.arange(-32, 32, dtype=np.int8), "w_q"),
+              numpy_helper.from_array(np.array(0.02, np.float32), "w_scale"),
+              numpy_helper.from_array(np.array([8, 8], np.int64), "w_shape")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w_flat"]),
+             helper.make_node("Reshape", ["w_flat", "w_shape"], ["w"]), helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], stored)
+    model = edgegraph.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    folded, notes = tflite.fold_decoded_weights(model)
+    assert notes == ["folded 1 encoded weight(s)/bias(es) into float initializers"]
+    assert [n.op for n in folded.graph.nodes] == ["MatMul"]
+    feeds = {"x": np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)}
+    assert np.array_equal(runtime.run(runtime.session(model), feeds)["y"], runtime.run(runtime.session(folded), feeds)["y"])
+
+
 def test_tflite_profile_sends_convtranspose_with_output_shape_to_legalize():
     """onnx2tf crashes on ConvTranspose's output_shape (candy): the tflite profile refuses it, so
     `legalize --target tflite` rewrites it into Conv/DepthToSpace/Slice, with the same outputs."""

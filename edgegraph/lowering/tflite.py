@@ -133,12 +133,13 @@ def fold_decoded_weights(model: ir.Model) -> tuple[ir.Model, list[str]]:
     count = 0
     for graph in ir.iter_graphs(model.graph):
         opset = int(graph.opset or model.opset)
-        # DQ of any constant too: an int32 bias is no low-bit payload, so `encoding` does not
-        # count it as an encoded weight. (Keyed by id: graphsurgeon tensors are not hashable.)
+        decoded = encoding.decoded_weights(graph)
+        # DQ of any other constant too: an int32 bias is no low-bit payload, so `encoding` does not
+        # count it as an encoded weight. (A DQ inside a decode chain goes with its chain.)
+        in_chains = {id(n) for _, code in decoded for n in code.nodes}
         constant_dq = [n.outputs[0] for n in graph.nodes if n.op == "DequantizeLinear" and ir.is_standard(n)
-                       and all(ir.constant_value(t) is not None for t in n.inputs if t.name)]
-        found = {id(t): t for t in [t for t, _ in encoding.decoded_weights(graph)] + constant_dq}
-        for tensor in found.values():
+                       and id(n) not in in_chains and all(ir.constant_value(t) is not None for t in n.inputs if t.name)]
+        for tensor in [t for t, _ in decoded] + constant_dq:
             value = ir.folded_value(tensor, opset)
             if value is None:
                 continue
