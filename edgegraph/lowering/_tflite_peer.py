@@ -1,8 +1,9 @@
 """Runs in the TFLite peer environment (onnx2tf, TensorFlow, LiteRT; never edgegraph itself):
 `python -I -B _tflite_peer.py WORK OPTIONS_JSON`.
 
-Converts WORK/model/model.onnx (a private copy) with onnx2tf into WORK/tf, then runs the
-.tflite in the LiteRT interpreter on WORK/inputs.npz and writes WORK/outputs.npz and
+Converts WORK/model/model.onnx (a private copy) with onnx2tf into WORK/tf (a Q/DQ model, with
+OPTIONS["activations"] == "int8", into an int8 .tflite: see `_fake_quantize_activations`), then
+runs the .tflite in the LiteRT interpreter on WORK/inputs.npz and writes WORK/outputs.npz and
 WORK/result.json. Before anything is imported, an audit hook confines the process: no network
 (socket connects and name look-ups), no child processes (onnx2tf would run `onnxsim` from PATH),
 and no file written, renamed or removed outside WORK. (Native code that writes files without
@@ -62,14 +63,64 @@ import numpy as np  # noqa: E402 - after the hook, on purpose
 def _convert() -> str:
     import onnx2tf
 
-    onnx2tf.convert(
+    if OPTIONS.get("activations") == "int8":
+        _fake_quantize_activations()
+    keras_model = onnx2tf.convert(
         input_onnx_file_path=os.path.join(WORK, "model", "model.onnx"),
         output_folder_path=os.path.join(WORK, "tf"),
         copy_onnx_input_output_names_to_tflite=True,
         not_use_onnxsim=True,  # it would run `onnxsim` from PATH in a child process
         non_verbose=True,
     )
-    return os.path.join(WORK, "tf", "model_float32.tflite")
+    if OPTIONS.get("activations") != "int8":
+        return os.path.join(WORK, "tf", "model_float32.tflite")
+    # TensorFlow's converter turns FakeQuant ranges into int8 tensors (its quantization-aware
+    # training path): the kernels are int8, with the ONNX model's own activation scales, and
+    # the weights (already int8 values times their scale) quantized per channel again, to the
+    # same integers where a channel's largest weight sits on +-127.
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    path = os.path.join(WORK, "tf", "model_int8.tflite")
+    with open(path, "wb") as handle:
+        handle.write(converter.convert())
+    return path
+
+
+def _fake_quantize_activations() -> None:
+    """onnx2tf makes a QuantizeLinear whose readers are all DequantizeLinear an identity (and the
+    DequantizeLinear of it one too), so the model computes in float. Instead, such a pair with a
+    per-tensor 8-bit scale and zero point becomes one FakeQuant over the same grid:
+    [(qmin - zp) * s, (qmax - zp) * s] in 255 steps is s, with zero at zp."""
+    import importlib
+
+    import onnx_graphsurgeon as gs
+    import tensorflow as tf
+
+    module = importlib.import_module("onnx2tf.ops.QuantizeLinear")
+    original = module.make_node
+
+    def make_node(*, graph_node, tf_layers_dict, **kwargs):
+        original(graph_node=graph_node, tf_layers_dict=tf_layers_dict, **kwargs)
+        output = graph_node.outputs[0]
+        inputs = graph_node.inputs
+        readers = output.outputs
+        if not readers or any(r.op != "DequantizeLinear" for r in readers):
+            return  # not the pair onnx2tf bypasses
+        scale = inputs[1].values if isinstance(inputs[1], gs.Constant) else None
+        zero = inputs[2].values if len(inputs) > 2 and isinstance(inputs[2], gs.Constant) else np.zeros((), np.uint8)
+        if scale is None or scale.size != 1 or zero.size != 1 or zero.dtype not in (np.int8, np.uint8):
+            return  # per-channel or 16-bit activations stay float
+        s, zp, limits = float(scale.reshape(())), int(zero.reshape(())), np.iinfo(zero.dtype)
+        tf_layers_dict[output.name]["tf_node"] = tf.quantization.fake_quant_with_min_max_args(
+            tf_layers_dict[output.name]["tf_node"], min=(limits.min - zp) * s, max=(limits.max - zp) * s, num_bits=8)
+
+    module.make_node = make_node
+
+
+# The ops that carry a model's MACs: int8 or not is what an int8 lowering is about.
+COMPUTE_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "BATCH_MATMUL"}
 
 
 def _interpreter(path: str):
@@ -88,7 +139,11 @@ def _run(path: str) -> dict:
     """Run the .tflite on every batch of inputs.npz, through its signature (named like the
     ONNX model's inputs and outputs) when it has one, else its tensors in order."""
     interpreter = _interpreter(path)
-    ops = sorted({d.get("op_name", "?") for d in interpreter._get_ops_details()})
+    details = interpreter._get_ops_details()
+    ops = sorted({d.get("op_name", "?") for d in details})
+    dtypes = {t["index"]: np.dtype(t["dtype"]) for t in interpreter.get_tensor_details()}
+    compute = [d for d in details if d.get("op_name") in COMPUTE_OPS]
+    int8 = [d for d in compute if dtypes.get(d["inputs"][0]) == np.int8]
     signatures = interpreter.get_signature_list()
     runner = interpreter.get_signature_runner() if signatures else None
     if runner is not None:
@@ -124,7 +179,8 @@ def _run(path: str) -> dict:
         for name in out_names:
             results[f"{index}/{name}"] = got[name]
     np.savez(os.path.join(WORK, "outputs.npz"), **results)
-    return {"ops": ops, "inputs": list(ins), "outputs": out_names, "input_layouts": layouts}
+    return {"ops": ops, "inputs": list(ins), "outputs": out_names, "input_layouts": layouts,
+            "compute_ops": len(compute), "int8_ops": len(int8)}
 
 
 def _selftest() -> dict:

@@ -14,6 +14,13 @@ DequantizeLinear chains (edgegraph's int8 weights and int32 biases) are folded t
 activations keeping their Q/DQ: onnx2tf converts weight DQ into a TFLite model that runs and is
 silently wrong (cosine 0.00-0.83 on the shared models).
 
+A Q/DQ model becomes an int8 TFLite model with the ONNX model's own activation scales: onnx2tf
+would make each activation Q/DQ pair an identity (a float model with int8-rounded weights, as
+large as the float one), so the peer turns each pair into a FakeQuant over the same grid and
+TensorFlow's converter makes int8 kernels of them (its quantization-aware-training path). Where
+onnxruntime's QDQ fusion absorbs a Clip into the Conv before it, the Conv's output gets a copy of
+the Clip's Q/DQ (`quantize_before_clips`), without which TensorFlow keeps that Conv in float.
+
 Why onnx2tf and not another route: onnx-tf is unmaintained since 2022 (TensorFlow 2.x <= 2.10
 only), litert-torch starts from PyTorch, not ONNX, and TensorFlow's converter takes TF models
 only; onnx2tf is the maintained ONNX -> TFLite converter, and what it lacks (in-place writes,
@@ -30,6 +37,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from edgegraph import ir
 from edgegraph.context import STAGES
@@ -80,6 +88,7 @@ def prepare(model: ir.Model) -> tuple[ir.Model, list[str]]:
     folded, notes = fold_decoded_weights(model)
     folded, simplified = simplify(folded)
     notes += simplified
+    notes += quantize_before_clips(folded)
     renamed = 0
     taken = {n.name for g in ir.iter_graphs(folded.graph) for n in g.nodes}
     for graph in ir.iter_graphs(folded.graph):
@@ -114,6 +123,42 @@ def simplify(model: ir.Model) -> tuple[ir.Model, list[str]]:
     result, report = run_pipeline(model, parse(SIMPLIFY), PassContext(progress=False, target=load_target(TARGET.profile)))
     changed = [r.name for r in report.passes if r.modified]
     return result, ([f"simplified for onnx2tf: {', '.join(changed)}"] if changed else [])
+
+
+# Ops whose int8 kernels TFLite's converter makes only when their output has a range of its own.
+_INTEGER_KERNELS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def quantize_before_clips(model: ir.Model) -> list[str]:
+    """Give `Conv -> Clip -> QuantizeLinear` a copy of that Q/DQ between the Conv and the Clip.
+    onnxruntime runs the Conv as one integer kernel into the Clip's quantized range (its QDQ
+    fusion absorbs the Clip); TensorFlow's converter needs that range on the Conv's own output,
+    else it keeps the Conv in float (PP-OCR's squeeze-excite convs, whose HardSigmoid is a Clip).
+    Q(Clip(DQ(Q(x)))) = Q(x) where the Clip's bounds hold the quantized range, as onnxruntime's
+    fusion assumes; the lowering's comparison with onnxruntime checks the rest."""
+    count = 0
+    for graph in ir.iter_graphs(model.graph):
+        names = ir.Namer(graph)
+        for clip in [n for n in graph.nodes if n.op == "Clip" and ir.is_standard(n)]:
+            source = ir.producer(clip.inputs[0])
+            readers = ir.consumers(clip.outputs[0])
+            if (source is None or source.op not in _INTEGER_KERNELS or len(ir.consumers(clip.inputs[0])) != 1
+                    or ir.is_graph_output(graph, clip.inputs[0]) or len(readers) != 1
+                    or readers[0].op != "QuantizeLinear"):
+                continue
+            quantize = readers[0]
+            raw = clip.inputs[0]
+            coded = gs.Variable(names(f"{raw.name}_q"), dtype=None)
+            decoded = gs.Variable(names(f"{raw.name}_dq"), dtype=raw.dtype, shape=raw.shape)
+            graph.nodes += [gs.Node("QuantizeLinear", name=names(f"{clip.name}_q"), attrs=dict(quantize.attrs),
+                                    inputs=[raw, *quantize.inputs[1:]], outputs=[coded]),
+                            gs.Node("DequantizeLinear", name=names(f"{clip.name}_dq"), attrs=dict(quantize.attrs),
+                                    inputs=[coded, *quantize.inputs[1:]], outputs=[decoded])]
+            ir.set_inputs(clip, [decoded, *clip.inputs[1:]])
+            count += 1
+        if count:
+            ir.sort_nodes(graph)
+    return [f"quantized {count} Conv output(s) before their Clip, as onnxruntime's fusion does"] if count else []
 
 
 _TF_SCOPE = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*")
@@ -157,8 +202,10 @@ def convert(model_path: Path, work: Path, batches, options: dict, *, threads: in
     np.savez(work / "inputs.npz", **{f"{i}/{name}": np.asarray(v) for i, b in enumerate(batches) for name, v in b.items()})
     rng = np.random.default_rng(0)  # what onnx2tf probes 3-channel image models with, instead of its download
     np.save(work / CALIBRATION_SAMPLE, rng.random((20, 128, 128, 3), dtype=np.float32))
+    quantized = _has_qdq(model_path)
     STAGES.info("tflite: converting with onnx2tf in %s", venv())
-    done, result = run_peer(work, {"inputs": names, "batches": len(batches), "threads": threads}, threads=threads)
+    done, result = run_peer(work, {"inputs": names, "batches": len(batches), "threads": threads,
+                                   "activations": "int8" if quantized else "float"}, threads=threads)
     if result.get("error"):
         what = "onnx2tf cannot convert the model" if result["stage"] == "convert" else \
             "the .tflite does not run in the LiteRT interpreter"
@@ -167,8 +214,9 @@ def convert(model_path: Path, work: Path, batches, options: dict, *, threads: in
     flex = [op for op in result["ops"] if op.startswith("Flex") or op in ("CUSTOM", "DELEGATE")]
     outputs = _outputs(work / "outputs.npz", result["outputs"], len(batches))
     notes = [f"TFLite ops: {', '.join(result['ops'])}"]
-    if "DEQUANTIZE" not in result["ops"] and "QUANTIZE" not in result["ops"] and _has_qdq(model_path):
-        notes.append("the TFLite model computes in float: onnx2tf turned the activation Q/DQ into float ops")
+    if quantized:
+        notes.append(f"int8 TFLite: {result['int8_ops']} of {result['compute_ops']} compute ops run on int8 tensors "
+                     "(activation scales from the model's Q/DQ)")
     if result["input_layouts"]:
         notes.append("inputs are channels-last: " + ", ".join(f"{k} transposed {tuple(v)}"
                                                              for k, v in result["input_layouts"].items()))
