@@ -18,8 +18,8 @@ input's shapes, verified in onnxruntime), which is what `lower` asks for when th
 a node ("rewrite them first"); the lowering then gets the legalized model. The int8 models are
 then made for the target's profile too (`legalize,cleanup,quant --target <profile>`).
 
-Columns: the result per target (`ok` with the worst SQNR, or the stage that failed and why) and the
-seconds the lowering took. Models whose failure needs a `legalize` rewrite are named in the
+Columns: the result per target (`ok` with the worst SQNR and the size of the files written, or the
+stage that failed and why) and the seconds the lowering took. Models whose failure needs a `legalize` rewrite are named in the
 summary (see the report). Nothing here is timed for speed, so a loaded machine only slows it.
 """
 
@@ -150,7 +150,8 @@ def lower_one(model: Path, target: str, calib: str, preprocess, folder: Path, *,
     except EdgegraphError as exc:
         return {"stage": "refused", "why": one_line(exc), "seconds": time.perf_counter() - start}
     worst = min(m.sqnr_db for m in result.metrics.values())
-    return {"stage": "ok", "sqnr_db": worst, "seconds": time.perf_counter() - start, "notes": result.notes}
+    return {"stage": "ok", "sqnr_db": worst, "seconds": time.perf_counter() - start, "notes": result.notes,
+            "kb": sum(p.stat().st_size for p in result.outputs) / 1024}
 
 
 def main() -> None:
@@ -185,7 +186,8 @@ def main() -> None:
                                         legalize=args.legalize and not name.endswith("_int8"))
                 cell = row[target]
                 print(f"{name:18} {target:10} {cell['stage']:8} {cell.get('sqnr_db', float('nan')):7.1f} dB "
-                      f"{cell['seconds']:6.1f}s {cell.get('why', '')[:400]}", flush=True)
+                      f"{cell.get('kb', float('nan')):8.0f} KB {cell['seconds']:6.1f}s {cell.get('why', '')[:400]}",
+                      flush=True)
             rows.append(row)
     print()
     summary(rows, targets)
