@@ -218,11 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     lower = commands.add_parser("lower", parents=[common], help="convert a model for a device runtime, checked in it",
                                 description="Lower an ONNX model to a device runtime's format (ort-mobile: ORT "
                                             "format + reduced-operator config; openvino: OpenVINO IR; tflite: "
-                                            "TFLite), run it in that runtime and compare its outputs with "
-                                            "onnxruntime's; nothing is written unless they match.")
+                                            "TFLite; nnapi, coreml, coreml-nn, qnn, xnnpack, tensorrt: the "
+                                            "legalized ONNX their runtimes take), run it in that runtime (the "
+                                            "legalized ONNX in onnxruntime's CPU provider) and compare its outputs "
+                                            "with onnxruntime's; nothing is written unless they match.")
     lower.add_argument("model", metavar="IN.onnx", nargs="?")
-    lower.add_argument("--target", metavar="T", help="ort-mobile, openvino or tflite")
-    lower.add_argument("-o", "--output", metavar="OUT", help="OUT.ort, OUT.xml (+ OUT.bin) or OUT.tflite")
+    lower.add_argument("--target", metavar="T",
+                       help="ort-mobile, openvino, tflite, nnapi, coreml, coreml-nn, qnn, xnnpack or tensorrt")
+    lower.add_argument("-o", "--output", metavar="OUT",
+                       help="OUT.ort, OUT.xml (+ OUT.bin), OUT.tflite or (the legalized ONNX) OUT.onnx")
     lower.add_argument("--calib", metavar="DATA.npz|IMAGE_DIR", help="real inputs to compare on (default: seeded random)")
     lower.add_argument("--fix-shape", metavar="NAME=DIMS", action="append", type=_fix_shape, default=[],
                        help="make a dynamic input static first (repeatable)")
@@ -231,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     lower.add_argument("--precision", choices=["f32", "f16", "bf16"], default="f32", help="openvino: (default f32)")
     lower.add_argument("--style", choices=["runtime", "fixed"], default="runtime",
                        help="ort-mobile: optimisations saved for runtime (NNAPI/CoreML; default) or baked in")
+    lower.add_argument("--legalize", metavar="OPTIONS", default="",
+                       help="nnapi, coreml, ...: legalize's options, e.g. interface=target,finite=true")
     lower.add_argument("--setup", choices=["tflite"],
                        help="make the peer environment a target's converter runs in, and stop")
     lower.add_argument("--seed", type=_non_negative, default=0, help="seed for random inputs")

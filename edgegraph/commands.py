@@ -429,7 +429,7 @@ def cmd_lower(args) -> int:
         print(f"{args.model} -> {args.output} (lowering for {args.target})", flush=True)
     result = edgegraph.lower(args.model, args.target, args.output, calib=args.calib, fix_shapes=_shapes(args),
                              seed=args.seed, threads=args.threads, min_sqnr=args.min_sqnr,
-                             options={"precision": args.precision, "style": args.style})
+                             options={"precision": args.precision, "style": args.style, "legalize": args.legalize})
     if not args.quiet:
         print(format_lower(result))
     return 0

@@ -101,7 +101,7 @@ def test_fixed_style_for_cpu_only_deployment(tmp_path):
 @pytest.mark.parametrize("argv, phrase", [
     (["--target", "ort-mobile", "-o", "{model}"], "must not name an input file"),
     (["--target", "ort-mobile", "-o", "{calib}", "--calib", "{calib}"], "must not name an input file"),
-    (["--target", "coreml", "-o", "{folder}/m.ort"], "unknown lowering target"),
+    (["--target", "android", "-o", "{folder}/m.ort"], "unknown lowering target"),
     (["--target", "openvino", "-o", "{folder}/m.bin"], "-o must end in .xml"),
     (["--target", "ort-mobile"], "lower needs -o"),
     (["--target", "ort-mobile", "-o", "{folder}/m.ort", "--calib", "{folder}/missing.npz"], "missing.npz"),
@@ -128,6 +128,63 @@ def test_nodes_the_target_cannot_run_are_refused(capsys, folder, monkeypatch):
     err = assert_refused(capsys, folder, ["lower", folder / MODEL.name, "--target", "ort-mobile", "-o",
                                           folder / "m.ort"], "cannot run on ort-mobile")
     assert "(Gemm): not in cpu" in err and "legalize" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the legalized ONNX (nnapi, coreml, coreml-nn, qnn, xnnpack, tensorrt)
+
+
+def test_legalized_onnx_for_coreml_runs_every_node_and_matches(folder):
+    before = snapshot(folder)
+    out = folder / "m.onnx"
+    result = edgegraph.lower(str(folder / MODEL.name), "coreml", out, calib=str(folder / CALIB.name))
+    assert {k for k in snapshot(folder) if k not in before} == {"m.onnx"}
+    assert lowering.unsupported_nodes(edgegraph.load(str(out)), "coreml") == []
+    notes = " ".join(result.notes)
+    # ML Program has no BatchNormalization and no Flatten: 7 + 1 nodes rewritten. (onnxruntime folds
+    # the BatchNormalizations into the Convs itself, so only the Flatten splits the graph it checks.)
+    assert "BatchNormalization->Mul/Add 7, Flatten->Reshape 1" in notes
+    assert "coreml: 1 partition(s) over 100.0% of 20 nodes after legalize (before: 2 over 95.0%)" in notes
+    feeds = eval_inputs(16)  # beyond the lowering's 4 samples; the batch stays dynamic
+    assert worst_sqnr(onnx_outputs(MODEL, feeds), onnx_outputs(out, feeds)) > 120  # measured 132 dB
+
+
+def test_legalized_onnx_for_nnapi_has_the_datas_static_shapes(folder):
+    out = folder / "m.onnx"
+    edgegraph.lower(str(folder / MODEL.name), "nnapi", out, calib=str(folder / CALIB.name))
+    written = onnx.load(str(out))
+    assert [d.dim_value for d in written.graph.input[0].type.tensor_type.shape.dim] == [1, 1, 16, 16]
+    assert lowering.unsupported_nodes(edgegraph.load(str(out)), "nnapi") == []
+
+
+def test_legalize_options_change_a_float16_interface_for_nnapi(capsys, tmp_path):
+    """NNAPI takes no float16: the default legalize computes in float32 between Casts at the
+    float16 interface, which NNAPI cannot run either (refused); `--legalize interface=target`
+    makes the inputs and outputs float32: one partition."""
+    from fixtures.cleanup import conv_batchnorm_fp16
+
+    model = tmp_path / "fp16.onnx"
+    onnx.save(conv_batchnorm_fp16(), str(model))
+    argv = ["lower", model, "--target", "nnapi", "-o", tmp_path / "m.onnx"]
+    err = assert_refused(capsys, tmp_path, argv, "nnapi: 1 partition(s) over 50.0% of 4 nodes after legalize (before: "
+                         "0 over 0.0%), short of one over 99% (x_to_float32 (Cast): input x is float16")
+    assert "edgegraph check M.onnx --target nnapi says what would" in err
+    assert_refused(capsys, tmp_path, [*argv, "--legalize", "interface=target),cleanup,(x"],
+                   "--legalize takes legalize's options")
+    code, out, err = run_cli(capsys, *argv, "--legalize", "interface=target")
+    assert code == 0, err
+    assert "nnapi: 1 partition(s) over 100.0% of 2 nodes after legalize (before: 0 over 0.0%)" in out  # BN folded by onnxruntime
+    written = onnx.load(str(tmp_path / "m.onnx"))
+    assert {v.type.tensor_type.elem_type for v in [*written.graph.input, *written.graph.output]} == {onnx.TensorProto.FLOAT}
+
+
+def test_xnnpack_takes_part_of_the_graph_and_the_notes_say_how_much(capsys, folder):
+    # XNNPACK works beside the CPU provider (no standalone Relu, Concat, ...): written, with the share.
+    result = edgegraph.lower(str(folder / MODEL.name), "xnnpack", folder / "m.onnx")
+    assert ("xnnpack: 7 partition(s) over 45.0% of 20 nodes after legalize (before: 7 over 45.0%); left to the "
+            "CPU: Add x1, Concat x1, Flatten x1, GlobalAveragePool x1, Relu x7") in result.notes
+    assert_refused(capsys, folder, ["lower", folder / MODEL.name, "--target", "nnapi", "-o", folder / "m.tflite"],
+                   "nnapi: -o must end in .onnx")
 
 
 def test_weight_and_bias_dequantize_folds_exactly(int8_model):

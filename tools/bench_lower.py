@@ -1,6 +1,7 @@
 """Benchmark (the lowering half of #13's bench_targets): every lowering on the shared models.
 
     python tools/bench_lower.py [--targets ort-mobile,openvino,tflite] [--models mnist,...] [--json out.json]
+    python tools/bench_lower.py --legalize --targets nnapi,coreml [--interface]
 
 For each of the 15 models in ../shared/models, plus edgegraph's int8 (`cleanup,quant`, 64
 calibration inputs) versions of three of them (cifar10, mnist, ppocr_cls), and each target:
@@ -16,11 +17,15 @@ With `--legalize`, each float model is first rewritten by `legalize` for the tar
 (`edgegraph opt M.onnx -p legalize --target <profile>`, dynamic inputs fixed to the reference
 input's shapes, verified in onnxruntime), which is what `lower` asks for when the profile refuses
 a node ("rewrite them first"); the lowering then gets the legalized model. The int8 models are
-then made for the target's profile too (`legalize,cleanup,quant --target <profile>`).
+then made for the target's profile too (`legalize,cleanup,quant --target <profile>`). The targets
+that take legalized ONNX (nnapi, coreml, qnn, ...) legalize as they lower: they get the same fixed
+shapes, and with `--interface` legalize's `interface=target,finite=true`.
+
+  converts   (for those: one partition over >= 99% of the nodes after legalize)
 
 Columns: the result per target (`ok` with the worst SQNR and the size of the files written, or the
-stage that failed and why) and the seconds the lowering took. Models whose failure needs a `legalize` rewrite are named in the
-summary (see the report). Nothing here is timed for speed, so a loaded machine only slows it.
+stage that failed and why) and the seconds the lowering took. Models whose failure needs a
+`legalize` rewrite are named in the summary (see the report). Nothing here is timed for speed, so a loaded machine only slows it.
 """
 
 from __future__ import annotations
@@ -123,13 +128,9 @@ def legalized(model: Path, target: str, folder: Path) -> Path:
     import onnx
 
     from edgegraph.lowering import targets
-    from tools.bench_legalize import model_inputs
 
-    proto = onnx.load(str(model), load_external_data=False)
-    shapes = {name: [1, *array.shape[1:]] for name, array in model_inputs(model, proto).items()
-              if any(not d.dim_value for i in proto.graph.input if i.name == name for d in i.type.tensor_type.shape.dim)}
     profile = targets()[target].profile
-    result = edgegraph.optimize(str(model), "legalize", target=profile, fix_shapes=shapes or None, timing=False)
+    result = edgegraph.optimize(str(model), "legalize", target=profile, fix_shapes=fixed_shapes(model), timing=False)
     if result.SerializeToString() == onnx.load(str(model)).SerializeToString():
         return model
     path = folder / f"{model.stem}.legal-{profile}.onnx"
@@ -137,14 +138,35 @@ def legalized(model: Path, target: str, folder: Path) -> Path:
     return path
 
 
-def lower_one(model: Path, target: str, calib: str, preprocess, folder: Path, *, legalize: bool = False) -> dict:
-    suffix = {"ort-mobile": ".ort", "openvino": ".xml", "tflite": ".tflite"}[target]
+def fixed_shapes(model: Path) -> dict | None:
+    """The model's dynamic inputs fixed to the reference input's shapes (tools/bench_legalize.
+    model_inputs) with batch 1; None when its inputs are static."""
+    import onnx
+
+    from tools.bench_legalize import model_inputs
+
+    proto = onnx.load(str(model), load_external_data=False)
+    shapes = {name: [1, *array.shape[1:]] for name, array in model_inputs(model, proto).items()
+              if any(not d.dim_value for i in proto.graph.input if i.name == name for d in i.type.tensor_type.shape.dim)}
+    return shapes or None
+
+
+def lower_one(model: Path, target: str, calib: str, preprocess, folder: Path, *, legalize: bool = False,
+              interface: bool = False) -> dict:
+    from edgegraph.lowering import targets
+
+    suffix = targets()[target].suffix or {"ort-mobile": ".ort"}[target]
     out = folder / f"{model.stem}.{target}{suffix}"
     start = time.perf_counter()
     try:
-        if legalize:
+        options, shapes = {}, None
+        if legalize and targets()[target].legalizes:  # these legalize as they lower
+            shapes = fixed_shapes(model)
+            options = {"legalize": "interface=target,finite=true"} if interface else {}
+        elif legalize:
             model = legalized(model, target, folder)
-        result = edgegraph.lower(str(model), target, out, calib=calib, preprocess=preprocess)
+        result = edgegraph.lower(str(model), target, out, calib=calib, preprocess=preprocess, fix_shapes=shapes,
+                                 options=options)
     except LoweringError as exc:
         return {"stage": exc.stage, "why": one_line(exc), "seconds": time.perf_counter() - start}
     except EdgegraphError as exc:
@@ -161,6 +183,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows as JSON")
     parser.add_argument("--legalize", action="store_true",
                         help="legalize each float model for the target's profile first (see above)")
+    parser.add_argument("--interface", action="store_true",
+                        help="targets that take legalized ONNX: legalize(interface=target,finite=true)")
     args = parser.parse_args()
     if not MODELS.is_dir():
         raise SystemExit(f"{MODELS} not found: the real models live in ../shared next to the repo")
@@ -181,9 +205,14 @@ def main() -> None:
                 if name.endswith("_int8") and args.legalize:  # quantized for the target's profile
                     from edgegraph.lowering import targets as lowerings
 
-                    model = quantized(base, folder, lowerings()[target].profile)
+                    try:
+                        model = quantized(base, folder, lowerings()[target].profile)
+                    except EdgegraphError as exc:  # coreml: no Q/DQ at all (quant refuses, saying why)
+                        row[target] = {"stage": "refused", "why": "quant: " + one_line(exc), "seconds": 0.0}
+                        print(f"{name:18} {target:10} refused  {row[target]['why'][:200]}", flush=True)
+                        continue
                 row[target] = lower_one(model, target, calib, preprocess, folder,
-                                        legalize=args.legalize and not name.endswith("_int8"))
+                                        legalize=args.legalize and not name.endswith("_int8"), interface=args.interface)
                 cell = row[target]
                 print(f"{name:18} {target:10} {cell['stage']:8} {cell.get('sqnr_db', float('nan')):7.1f} dB "
                       f"{cell.get('kb', float('nan')):8.0f} KB {cell['seconds']:6.1f}s {cell.get('why', '')[:400]}",

@@ -3,8 +3,9 @@
 `edgegraph lower M.onnx --target T -o OUT` (`lower` below) runs, for every target:
 
 1. support, before: the nodes the target's profile says it cannot run (`unsupported_nodes`)
-   refuse the model (exit 2, "legalize it first");
-2. the target's converter (`ort_format`, `openvino_ir`, `tflite`), in a private temporary folder
+   refuse the model (exit 2, "legalize it first"), except for the targets whose lowering is
+   legalize itself (`legalized`: nnapi, coreml, qnn, ..., which take ONNX);
+2. the target's converter (`ort_format`, `openvino_ir`, `tflite`, `legalized`), in a private temporary folder
    on a private copy of the model, so a converter that writes beside its input or caches files
    cannot touch the user's folder;
 3. support, after: the model the converter was given (after the target's own preparation, e.g.
@@ -20,10 +21,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,11 +85,13 @@ class Target:
     summary: str
     convert: Callable[..., Artifact]
     destinations: Callable[[Path], dict[str, Path]] = lambda output: {"model": output}  # role -> path
-    prepare: Callable[[ir.Model], tuple[ir.Model, list[str]]] | None = None  # model -> (converter's input, notes)
+    prepare: Callable[[ir.Model, dict], tuple[ir.Model, list[str]]] | None = None  # (model, options) -> (converter's input, notes)
     relayout: Callable[[dict, dict], dict] | None = None  # (reference, artifact outputs) -> in the ONNX layout
     batch_size: int | None = None  # None: what the model's inputs allow (runtime.batch_size_for)
     static_shapes: bool = False  # dynamic input dims are fixed to the data's shapes first
     suffix: str = ""  # -o must end so (OpenVINO: .xml), "" for any name
+    legalizes: bool = False  # `prepare` is legalize itself: what the profile refuses before it is its work
+    whole_graph: bool = True  # (legalizing targets) refused unless one partition over MIN_NODE_SHARE of the nodes
 
 
 @dataclass
@@ -103,9 +108,27 @@ class LowerResult:
 
 def targets() -> dict[str, Target]:
     """The lowerings by name (imported here: each module imports its runtime only when run)."""
-    from edgegraph.lowering import openvino_ir, ort_format, tflite
+    from edgegraph.lowering import legalized, openvino_ir, ort_format, tflite
 
-    return {t.name: t for t in (ort_format.TARGET, openvino_ir.TARGET, tflite.TARGET)}
+    return {t.name: t for t in (ort_format.TARGET, openvino_ir.TARGET, tflite.TARGET, *legalized.TARGETS)}
+
+
+def run_passes(model: ir.Model, spec: str, profile: str) -> tuple[ir.Model, list[str]]:
+    """`model` through the passes `spec` for the target profile `profile`, each verified in
+    onnxruntime (the pass manager's seeded inputs); (the result, a note naming the passes that
+    changed it)."""
+    from edgegraph.pipeline import run_pipeline
+    from edgegraph.spec import parse
+    from edgegraph.targets import load_target
+
+    notes: list[str] = []
+    with _warnings_into(notes):
+        result, report = run_pipeline(model, parse(spec), PassContext(progress=False, target=load_target(profile)))
+    for record in report.passes:
+        if record.modified:
+            counts = ", ".join(f"{k} {v}" for k, v in record.stats.items() if isinstance(v, int) and v)
+            notes.append(f"{record.name} for {profile}" + (f": {counts}" if counts else ""))
+    return result, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +148,48 @@ def unsupported_nodes(model: ir.Model, profile: str) -> list[str]:
         if reason:
             found.append(f"{shown(node.name, 80) or '(unnamed)'} ({node.op}): {reason}")
     return found
+
+
+@contextlib.contextmanager
+def _warnings_into(notes: list[str]):
+    """The passes' warnings (legalize: "N node(s) could not be rewritten") become the lowering's
+    notes: it either succeeds, with them in its report, or refuses in one line naming the nodes."""
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notes.append(record.getMessage())
+
+    passes = logging.getLogger("edgegraph.passes")
+    handler, propagate = Collect(logging.WARNING), passes.propagate
+    passes.addHandler(handler)
+    passes.propagate = False
+    try:
+        yield
+    finally:
+        passes.removeHandler(handler)
+        passes.propagate = propagate
+
+
+# What a target that takes ONNX must make of the legalized model: one partition over this share
+# of its nodes (#13's mark: the few left, e.g. a final Softmax on a float16 output, run on the CPU).
+MIN_NODE_SHARE = 0.99
+
+
+def _check_partitions(before: ir.Model, after: ir.Model, target: Target) -> str:
+    """Refuse (exit 2) unless `edgegraph check` finds `after` one partition over MIN_NODE_SHARE of
+    its nodes on the target (where the target is to run the whole graph) (the graph its execution provider sees: after onnxruntime's basic
+    optimisations, which fold constant subgraphs such as MiniLM's int8 weight decode); else the
+    note saying what changed."""
+    from edgegraph.targets.check import check
+
+    was, now = (check(m, target.profile, macs=False) for m in (before, after))
+    summary = (f"{target.profile}: {now.partitions} partition(s) over {now.node_share:.1%} of {now.nodes} nodes "
+               f"after legalize (before: {was.partitions} over {was.node_share:.1%})")
+    if target.whole_graph and (now.partitions > 1 or now.node_share < MIN_NODE_SHARE):
+        listed = "; ".join(f"{u.name} ({u.op}): {u.reason}" for u in now.unsupported[:3])
+        raise UnsupportedModelError(f"{summary}, short of one over {MIN_NODE_SHARE:.0%} ({listed}); legalize cannot "
+                                    f"rewrite the rest (edgegraph check M.onnx --target {target.profile} says what would)")
+    left = Counter(u.op for u in now.unsupported)
+    return summary + (f"; left to the CPU: {', '.join(f'{op} x{n}' for op, n in sorted(left.items()))}" if left else "")
 
 
 def _refuse_unsupported(found: Sequence[str], target: Target, when: str) -> None:
@@ -162,7 +227,8 @@ def lower(model, target: str, output: str | os.PathLike, *, calib=None, fix_shap
     _check_outputs(list(destinations.values()), [source, *inputs_to_protect])
 
     loaded = _load(source)
-    _refuse_unsupported(unsupported_nodes(loaded, spec.profile), spec, "of the model")
+    if not spec.legalizes:  # (for a legalizing target, what the profile refuses is the work)
+        _refuse_unsupported(unsupported_nodes(loaded, spec.profile), spec, "of the model")
     model_ = specialise(loaded, dict(fix_shapes or {}))
     data = as_calibration(calib, model_, preprocess) if calib is not None else None
     ctx = PassContext(calibration=data, seed=seed, progress=False, threads=threads,
@@ -187,9 +253,12 @@ def lower(model, target: str, output: str | os.PathLike, *, calib=None, fix_shap
     notes: list[str] = []
     converted = model_
     if spec.prepare is not None:
-        converted, prepared = spec.prepare(model_)
+        converted, prepared = spec.prepare(model_, dict(options or {}))
         notes += prepared
-    _refuse_unsupported(unsupported_nodes(converted, spec.profile), spec, "of the model handed to the converter")
+    if spec.legalizes:
+        notes.append(_check_partitions(model_, converted, spec))
+    else:
+        _refuse_unsupported(unsupported_nodes(converted, spec.profile), spec, "of the model handed to the converter")
 
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"edgegraph-lower-{target}-")))

@@ -42,7 +42,7 @@ import onnx_graphsurgeon as gs
 from edgegraph import ir
 from edgegraph.context import STAGES
 from edgegraph.errors import EdgegraphError, shown
-from edgegraph.lowering import Artifact, LoweringError, Target
+from edgegraph.lowering import Artifact, LoweringError, Target, run_passes
 
 ONNX2TF = "onnx2tf==1.29.24"  # the last release for Python 3.11 (pins tensorflow 2.19, ai-edge-litert 2.1)
 VENV_VARIABLE = "EDGEGRAPH_TFLITE_VENV"
@@ -81,7 +81,7 @@ def setup(log=print) -> Path:
     return where
 
 
-def prepare(model: ir.Model) -> tuple[ir.Model, list[str]]:
+def prepare(model: ir.Model, options: dict | None = None) -> tuple[ir.Model, list[str]]:
     """What onnx2tf is given: encoded weights folded (`fold_decoded_weights`), node names that
     are valid TensorFlow scopes (`/head/conv/Conv`, `Softmax@0` are not; onnx2tf names its ops
     after them and stops)."""
@@ -112,17 +112,9 @@ SIMPLIFY = "cleanup"
 
 
 def simplify(model: ir.Model) -> tuple[ir.Model, list[str]]:
-    from edgegraph.context import PassContext
-    from edgegraph.pipeline import run_pipeline
-    from edgegraph.spec import parse
-
-    from edgegraph.targets import load_target
-
     # With the tflite profile: cleanup's fuse-activations would otherwise fuse legalized
     # HardSigmoid (PP-OCR) back, which the check after this refuses.
-    result, report = run_pipeline(model, parse(SIMPLIFY), PassContext(progress=False, target=load_target(TARGET.profile)))
-    changed = [r.name for r in report.passes if r.modified]
-    return result, ([f"simplified for onnx2tf: {', '.join(changed)}"] if changed else [])
+    return run_passes(model, SIMPLIFY, TARGET.profile)
 
 
 # Ops whose int8 kernels TFLite's converter makes only when their output has a range of its own.

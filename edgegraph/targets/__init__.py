@@ -487,6 +487,10 @@ class ModelContext:
         from edgegraph.analysis import encoding
 
         constants.update(t.name for t, _ in encoding.decoded_weights(graph))
+        # So is the DequantizeLinear of any other constant (an int32 bias, which `encoding` does
+        # not count as a low-bit weight): a QDQ node unit takes it as the kernel's constant bias.
+        constants.update(n.outputs[0].name for n in graph.nodes if n.op == "DequantizeLinear"
+                         and all(t.name in constants for t in n.inputs if t.name))
         return cls(opsets, shapes, dtypes, constants)
 
     @classmethod

@@ -186,6 +186,27 @@ def space_to_depth(owner, graph, node, opset):
     return "SpaceToDepth->Reshape/Transpose"
 
 
+# --- Flatten ---------------------------------------------------------------------------------
+
+@rewrites("Flatten")
+def flatten_as_reshape(owner, graph, node, opset):
+    """Flatten(axis) -> Reshape to (d0 ... d(axis-1) multiplied, -1): CoreML's ML Program has
+    Reshape and no Flatten. Axis 0 is (1, -1); axis 1 keeps a dynamic batch (Reshape's 0 copies
+    that dim); past it, the leading dims must be static."""
+    shape = shape_of(node.inputs[0])
+    if shape is None:
+        return NoMatch("the input's rank is unknown")
+    axis = int(node.attrs.get("axis", 1))
+    axis = axis + len(shape) if axis < 0 else axis
+    lead = 1 if axis == 0 else 0 if axis == 1 else _product(shape[:axis])
+    if lead is None:
+        return NoMatch(f"the dims before axis {axis} are not static")
+    e = Emit(owner, graph, node, None, opset)
+    x = e.take()[0]
+    e("Reshape", x, e.ints([lead, -1]), out=e.outputs[0])
+    return "Flatten->Reshape"
+
+
 # --- Softmax before opset 13 ------------------------------------------------------------------
 
 @rewrites("Softmax", "LogSoftmax", "Hardmax", removes=False)
