@@ -62,6 +62,36 @@ def test_gated_model_switches_each_tensor_between_float_and_quantized(convnet):
     assert numerics.sqnr_db(reference, _outputs(quant, feeds)) < numerics.sqnr_db(reference, single) < 80
 
 
+def test_measuring_from_a_cut_gives_the_whole_gated_models_outputs(convnet):
+    """mixed._Segments runs the gated model from the latest cut before the first gate that is on,
+    with what comes before it cached from the all-off run: the same outputs as the whole model."""
+    model, calib, held = convnet
+    quant, _ = _run(model, {"x": calib}, "cleanup,quant(check_speed=false, mixed=off, bias_correction=false)")
+    constants = {t.name for t in quant.graph.initializer}
+    points = {n.input[0] for n in quant.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants}
+    gated, order = mixed.gated_model(quant, points)
+    batches = [{"x": held[i:i + 4]} for i in (0, 4, 8)]
+    segments = mixed._Segments(gated, order, batches, threads=2)
+    try:
+        assert len(segments.cuts) == 3  # the starts of the first 2 levels of halving, after gate 0
+        whole = runtime.session(gated, threads=1, optimize=True)
+        rng = np.random.default_rng(0)
+        for first in [0, *(cut[0] for cut in segments.cuts), len(order) - 1]:
+            gates = np.zeros(len(order), np.float32)
+            gates[first:] = rng.random(len(order) - first) < 0.5
+            gates[first] = 1.0
+            got = segments(gates)
+            for feeds, result in zip(batches, got):
+                expected = whole.run(None, {**feeds, mixed.GATES: gates})[0]
+                np.testing.assert_allclose(result[segments.outputs[0]], expected, rtol=1e-5, atol=1e-6)
+        off = segments(np.zeros(len(order), np.float32))
+        np.testing.assert_allclose(off[0][segments.outputs[0]],
+                                   whole.run(None, {**batches[0], mixed.GATES: np.zeros(len(order), np.float32)})[0],
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        segments.close()
+
+
 def test_mixed_precision_keeps_the_costliest_tensors_out_of_8_bits(convnet):
     model, calib, held = convnet
     reference = _outputs(model, {"x": held})

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -42,6 +44,7 @@ MIXED_SAMPLES = 2
 MIXED_NODE_SHARE = 0.25
 MIN_SHARE = 0.005
 MAX_MEASUREMENTS = 128
+SEGMENT_DEPTH = 2  # the measuring model is cut where group testing's first 2 levels of halving start groups
 # Sizes tried (number of tensors protected, costliest first): the one the contributions predict
 # reaches the target (or all candidates when none does), then doubled while short of the target
 # and gaining, halved while the latency budget does not hold.
@@ -107,7 +110,7 @@ def gated_model(proto: onnx.ModelProto, points: set[str],
                                           then_branch=branches[0], else_branch=branches[1]))
         else:
             nodes.append(node)
-    used = {name for n in nodes for name in _reads(n)} | {o.name for o in graph.output}
+    used = {name for n in nodes for name in _outer_reads(n)} | {o.name for o in graph.output}
     del graph.node[:]
     graph.node.extend(n for n in nodes if n.op_type != "QuantizeLinear" or n.output[0] in used)
     graph.initializer.extend(onnx.numpy_helper.from_array(value, name) for name, value in dequantized.items())
@@ -155,15 +158,6 @@ def _layer(node: onnx.NodeProto, label: str, values: dict[int, np.ndarray]) -> o
     return _branch(label, [copy], initializers)
 
 
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """The tensors a node reads, with those its subgraphs read from the outer scope."""
-    names = set(node.input)
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            names |= {name for n in attr.g.node for name in _reads(n)}
-    return names
-
-
 def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan,
                   needed: float = 1.0) -> tuple[dict[str, float], float]:
     """Relative output noise each quantized activation and each integer weight adds on its own,
@@ -177,14 +171,22 @@ def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan,
     weights = {w.node.name: {1: w.float_value, 2: _bias(float_nodes.get(w.node.name)) if w.node.name in biases else None}
                for w in built.weights if w.index == 1}
     proto, order = gated_model(quant.to_proto(), {p.name for p in plan.points}, weights)
-    sess = runtime.session(proto, threads=run.ctx.threads, optimize=True)
-    names = [o.name for o in sess.get_outputs()]
+    measure = _Segments(proto, order, batches, run.ctx.threads)
+    try:
+        return _group_testing(run, measure, order, reference, needed)
+    finally:
+        measure.close()
+
+
+def _group_testing(run: QuantRun, measure: _Segments, order: list[str], reference: list[dict],
+                   needed: float) -> tuple[dict[str, float], float]:
+    """`contributions`' measurements (see there), by group testing over the gates in `order`."""
+    names = measure.outputs
     energy = {n: sum(float(np.sum(np.square(r[n], dtype=np.float64))) for r in reference) for n in names}
 
     def noise(gates: np.ndarray) -> float:
         total = dict.fromkeys(names, 0.0)
-        for feeds, ref in zip(batches, reference):
-            got = runtime.run(sess, {**feeds, GATES: gates})
+        for got, ref in zip(measure(gates), reference):
             for n in names:
                 total[n] += float(np.sum(np.square(got[n].astype(np.float64) - ref[n], dtype=np.float64)))
         return max(total[n] / energy[n] for n in names if energy[n] > 0)
@@ -223,6 +225,113 @@ def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan,
             measured += 1
     run.mixed_info["measurements"] = measured + 2
     return found, weights_only
+
+
+class _Segments:
+    """The gated model's outputs on the measuring batches for a setting of the gates, run from
+    the latest cut before the first gate that is on: what comes before it is what the model
+    computes with every gate off, run once and cached. Group testing's groups are runs of
+    gates in graph order, and the cuts are where its first SEGMENT_DEPTH levels of halving
+    start them, so measurements of later groups skip the network before them (the values are
+    the same as from the whole model, up to the float rounding of kernels ORT fuses across a
+    cut; PP-OCRv4 det: 18% less CPU time). The batches run side by side, each on one thread
+    (`threads` of them at a time, 0: every core), so no thread spins waiting for the others:
+    with other work on the 2-core development machine a 2-thread run of the gated det model
+    took 3x a 1-thread one, and det's measurements went from 9.4 s to 3.8 s of CPU time
+    (14-18 s to 7.7 s wall), with the same tensors chosen. Results do not depend on the core
+    count either (every run has one thread)."""
+
+    def __init__(self, proto: onnx.ModelProto, order: list[str], batches: list[dict], threads: int):
+        graph = proto.graph
+        self.outputs = [o.name for o in graph.output]
+        self.batches = batches
+        self.size = len(order)
+        workers = max(1, min(len(batches), threads or len(os.sched_getaffinity(0))))
+        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        position = {int(node.input[0][len("__gate"):]): i for i, node in enumerate(graph.node)
+                    if node.op_type == "If" and node.input[0].startswith("__gate")}
+        starts = sorted(j for j in _halving_starts(self.size, SEGMENT_DEPTH) if 0 < j and j in position)
+        cuts = {j: _cut(graph, position[j]) for j in starts}
+        exposed = sorted({name for _, crossing, early in cuts.values() for name in crossing + early})
+        self.full = runtime.session(runtime.with_outputs(proto, exposed), threads=1, optimize=True)
+        off = np.zeros(self.size, np.float32)
+        self.cached = self._map(lambda feeds: runtime.run(self.full, {**feeds, GATES: off}), batches)
+        self.cuts = [(j, runtime.session(_segment(proto, kept, crossing, self.cached[0]), threads=1, optimize=True),
+                      crossing, early) for j, (kept, crossing, early) in cuts.items()]
+
+    def _map(self, function, items) -> list:
+        return list(self.pool.map(function, items) if self.pool else map(function, items))
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
+
+    def __call__(self, gates: np.ndarray) -> list[dict]:
+        on = np.flatnonzero(gates)
+        if not len(on):
+            return [{n: c[n] for n in self.outputs} for c in self.cached]
+        cut = next((c for c in reversed(self.cuts) if c[0] <= on[0]), None)
+        if cut is None:
+            return self._map(lambda feeds: runtime.run(self.full, {**feeds, GATES: gates}, self.outputs), self.batches)
+        _, sess, crossing, early = cut
+        wanted = {i.name for i in sess.get_inputs()}
+
+        def one(pair):
+            feeds, cached = pair
+            got = runtime.run(sess, {**{k: v for k, v in feeds.items() if k in wanted},
+                                     **{n: cached[n] for n in crossing}, GATES: gates})
+            return {n: got[n] if n in got else cached[n] for n in self.outputs}
+        return self._map(one, list(zip(self.batches, self.cached)))
+
+
+def _halving_starts(size: int, depth: int) -> set[int]:
+    """Where group testing's groups start in its first `depth` levels of halving [0, size)."""
+    starts, level = {0}, [(0, size)]
+    for _ in range(depth):
+        level = [part for first, count in level if count > 1
+                 for part in ((first, count // 2), (first + count // 2, count - count // 2))]
+        starts |= {first for first, _ in level}
+    return starts
+
+
+def _cut(graph: onnx.GraphProto, start: int) -> tuple[list[onnx.NodeProto], list[str], list[str]]:
+    """The gated graph's nodes from top-level node `start` on (with the gates' own nodes), the
+    tensors they read from before the cut, and the graph outputs computed before it."""
+    kept = [n for i, n in enumerate(graph.node) if i >= start or _is_gate_node(n)]
+    produced = {o for n in kept for o in n.output}
+    reads = set().union(*(_outer_reads(n) for n in kept)) - {""}
+    outside = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    crossing = sorted(reads - produced - outside)
+    return kept, crossing, [o.name for o in graph.output if o.name not in produced]
+
+
+def _segment(proto: onnx.ModelProto, kept: list[onnx.NodeProto], crossing: list[str],
+             values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A model of the `kept` nodes (`_cut`), reading the `crossing` tensors (typed as in
+    `values`) as graph inputs."""
+    graph = proto.graph
+    reads = set().union(*(_outer_reads(n) for n in kept))
+    produced = {o for n in kept for o in n.output}
+    inputs = [i for i in graph.input if i.name in reads or i.name == GATES]
+    inputs += [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(values[n].dtype), None)
+               for n in crossing]
+    sub = helper.make_graph(kept, graph.name, inputs, [o for o in graph.output if o.name in produced],
+                            initializer=[t for t in graph.initializer if t.name in reads])
+    return helper.make_model(sub, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+
+
+def _is_gate_node(node: onnx.NodeProto) -> bool:
+    return node.output[0] == GATES + "_on" or node.output[0].startswith("__gate")
+
+
+def _outer_reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors a node reads from its scope (its subgraphs' reads of the outer scope included)."""
+    names = set(node.input)
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            inner = {o for n in attr.g.node for o in n.output} | {t.name for t in attr.g.initializer}
+            names |= set().union(*(_outer_reads(n) for n in attr.g.node)) - inner
+    return names
 
 
 def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
