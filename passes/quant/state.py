@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from edgegraph import ir, runtime, verify
 from edgegraph.analysis import capture
 from edgegraph.context import CalibrationData, PassContext
@@ -111,6 +113,24 @@ class QuantRun:
         batches, reference = self.held_out()
         candidate = runtime.outputs(model.to_proto(), batches, threads=self.ctx.threads)
         return verify.worst_sqnr_db(reference, candidate)
+
+    def sample_errors(self, model: ir.Model) -> tuple[np.ndarray, np.ndarray]:
+        """(signal, noise): the float outputs' energy and the model's squared error against
+        them, per held-out sample (rows; a batch is one row when an output has no batch axis
+        of its size) and float output (columns)."""
+        batches, reference = self.held_out()
+        candidate = runtime.outputs(model.to_proto(), batches, threads=self.ctx.threads)
+        names = [n for n, v in reference[0].items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+        signal, noise = [], []
+        for feeds, ref, got in zip(batches, reference, candidate):
+            count = runtime.batch_length(self.specs, feeds)
+            rows = count if all(np.ndim(ref[n]) and np.shape(ref[n])[0] == count for n in names) else 1
+            for part in range(rows):
+                r = {n: np.asarray(ref[n][part] if rows > 1 else ref[n], np.float64) for n in names}
+                signal.append([np.sum(np.square(r[n])) for n in names])
+                noise.append([np.sum(np.square(np.asarray(got[n][part] if rows > 1 else got[n], np.float64) - r[n]))
+                              for n in names])
+        return np.array(signal).reshape(-1, len(names)), np.array(noise).reshape(-1, len(names))
 
 
 def split_for_floor(data: CalibrationData) -> tuple[CalibrationData, CalibrationData, dict]:
