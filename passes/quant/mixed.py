@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -30,7 +28,7 @@ from edgegraph import ir, runtime
 from edgegraph.errors import one_line
 from edgegraph.passes.quant import numerics, speed
 from edgegraph.passes.quant.placement import Plan
-from edgegraph.passes.quant.state import QuantRun
+from edgegraph.passes.quant.state import QuantRun, SideBySide
 
 logger = logging.getLogger(__name__)
 
@@ -262,37 +260,30 @@ class _Segments:
     gates in graph order, and the cuts are where its first SEGMENT_DEPTH levels of halving
     start them, so measurements of later groups skip the network before them (the values are
     the same as from the whole model, up to the float rounding of kernels ORT fuses across a
-    cut; PP-OCRv4 det: 18% less CPU time). The batches run side by side, each on one thread
-    (`threads` of them at a time, 0: every core), so no thread spins waiting for the others:
-    with other work on the 2-core development machine a 2-thread run of the gated det model
-    took 3x a 1-thread one, and det's measurements went from 9.4 s to 3.8 s of CPU time
-    (14-18 s to 7.7 s wall), with the same tensors chosen. Results do not depend on the core
-    count either (every run has one thread)."""
+    cut; PP-OCRv4 det: 18% less CPU time). The batches run side by side (state.SideBySide):
+    with other work on the 2-core development machine, det's measurements went from 9.4 s to
+    3.8 s of CPU time (14-18 s to 7.7 s wall), with the same tensors chosen."""
 
     def __init__(self, proto: onnx.ModelProto, order: list[str], batches: list[dict], threads: int):
         graph = proto.graph
         self.outputs = [o.name for o in graph.output]
         self.batches = batches
         self.size = len(order)
-        workers = max(1, min(len(batches), threads or len(os.sched_getaffinity(0))))
-        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self.runner = SideBySide(len(batches), threads)
+        each = self.runner.session_threads
         position = {int(node.input[0][len("__gate"):]): i for i, node in enumerate(graph.node)
                     if node.op_type == "If" and node.input[0].startswith("__gate")}
         starts = sorted(j for j in _halving_starts(self.size, SEGMENT_DEPTH) if 0 < j and j in position)
         cuts = {j: _cut(graph, position[j]) for j in starts}
         exposed = sorted({name for _, crossing, early in cuts.values() for name in crossing + early})
-        self.full = runtime.session(runtime.with_outputs(proto, exposed), threads=1, optimize=True)
+        self.full = runtime.session(runtime.with_outputs(proto, exposed), threads=each, optimize=True)
         off = np.zeros(self.size, np.float32)
-        self.cached = self._map(lambda feeds: runtime.run(self.full, {**feeds, GATES: off}), batches)
-        self.cuts = [(j, runtime.session(_segment(proto, kept, crossing, self.cached[0]), threads=1, optimize=True),
+        self.cached = self.runner.map(lambda feeds: runtime.run(self.full, {**feeds, GATES: off}), batches)
+        self.cuts = [(j, runtime.session(_segment(proto, kept, crossing, self.cached[0]), threads=each, optimize=True),
                       crossing, early) for j, (kept, crossing, early) in cuts.items()]
 
-    def _map(self, function, items) -> list:
-        return list(self.pool.map(function, items) if self.pool else map(function, items))
-
     def close(self) -> None:
-        if self.pool:
-            self.pool.shutdown()
+        self.runner.close()
 
     def __call__(self, gates: np.ndarray) -> list[dict]:
         on = np.flatnonzero(gates)
@@ -300,7 +291,7 @@ class _Segments:
             return [{n: c[n] for n in self.outputs} for c in self.cached]
         cut = next((c for c in reversed(self.cuts) if c[0] <= on[0]), None)
         if cut is None:
-            return self._map(lambda feeds: runtime.run(self.full, {**feeds, GATES: gates}, self.outputs), self.batches)
+            return self.runner.map(lambda feeds: runtime.run(self.full, {**feeds, GATES: gates}, self.outputs), self.batches)
         _, sess, crossing, early = cut
         wanted = {i.name for i in sess.get_inputs()}
 
@@ -309,7 +300,7 @@ class _Segments:
             got = runtime.run(sess, {**{k: v for k, v in feeds.items() if k in wanted},
                                      **{n: cached[n] for n in crossing}, GATES: gates})
             return {n: got[n] if n in got else cached[n] for n in self.outputs}
-        return self._map(one, list(zip(self.batches, self.cached)))
+        return self.runner.map(one, list(zip(self.batches, self.cached)))
 
 
 def _halving_starts(size: int, depth: int) -> set[int]:
