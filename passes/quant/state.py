@@ -8,6 +8,7 @@ calls them in order.
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -166,6 +167,26 @@ def outputs(proto, batches: list, threads: int) -> list[dict]:
         runner.close()
 
 
+def probe_stream(probe: capture.Probe, batches, threads: int):
+    """What probe.run_with_feeds(batches, threads) yields, (feeds, probe outputs) per batch in
+    order, with the batches run SideBySide a few at a time."""
+    pending = iter(batches)
+    chunk = list(itertools.islice(pending, threads or len(os.sched_getaffinity(0))))
+    runner = SideBySide(len(chunk), threads)
+    try:
+        sess = runtime.session(probe.model, threads=runner.session_threads, optimize=True)
+        specs = runtime.input_specs(probe.model)
+
+        def one(batch):
+            feeds = runtime.adapt_feeds(specs, batch)
+            return feeds, runtime.run(sess, feeds, probe.outputs)
+        while chunk:
+            yield from runner.map(one, chunk)
+            chunk = list(itertools.islice(pending, runner.workers))
+    finally:
+        runner.close()
+
+
 def split_for_floor(data: CalibrationData) -> tuple[CalibrationData, CalibrationData, dict]:
     """(fitting samples, floor samples, a description for the report): every HOLD_OUT_EVERY-th
     sample (up to HOLD_OUT_MAX) is held out; below MIN_SPLIT_SAMPLES nothing is."""
@@ -185,4 +206,4 @@ def _subset(data: CalibrationData, indices: list[int]) -> CalibrationData:
     return CalibrationData(len(indices), lambda i: data.fetch(indices[i]), data.source, data.batch_axes)
 
 
-__all__ = ["QuantRun", "PER_CHANNEL_OPSET", "split_for_floor", "SideBySide", "outputs"]
+__all__ = ["QuantRun", "PER_CHANNEL_OPSET", "split_for_floor", "SideBySide", "outputs", "probe_stream"]
