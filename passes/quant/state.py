@@ -143,7 +143,7 @@ class SideBySide:
     1-thread runs side by side share no work; the results do not depend on the core count."""
 
     def __init__(self, count: int, threads: int):
-        cores = threads or len(os.sched_getaffinity(0))
+        cores = threads or _cores()
         self.workers = max(1, min(count, cores))
         self.session_threads = 1 if self.workers > 1 else threads
         self.pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
@@ -167,11 +167,16 @@ def outputs(proto, batches: list, threads: int) -> list[dict]:
         runner.close()
 
 
+def _cores() -> int:
+    """The cores this process may run on (all of them where the OS cannot say: macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def probe_stream(probe: capture.Probe, batches, threads: int):
     """What probe.run_with_feeds(batches, threads) yields, (feeds, probe outputs) per batch in
     order, with the batches run SideBySide a few at a time."""
     pending = iter(batches)
-    chunk = list(itertools.islice(pending, threads or len(os.sched_getaffinity(0))))
+    chunk = list(itertools.islice(pending, threads or _cores()))
     runner = SideBySide(len(chunk), threads)
     try:
         sess = runtime.session(probe.model, threads=runner.session_threads, optimize=True)
