@@ -149,7 +149,7 @@ class Sparsify(Pass):
             matrix = None if fit is None else fit.to_rows(value.astype(np.float64))
             compensated = None
             # (N:M by OBS where the Gram's features are the input channels: Gemm, MatMul, 1x1 Conv)
-            if matrix is not None and datafit.usable(fit, matrix.shape[1], datafit.GPTQ_ROWS_PER_FEATURE) and (
+            if matrix is not None and _obs_usable(fit, matrix.shape[1]) and (
                     nm is None or (w.in_axis is not None and matrix.shape[1] == value.shape[w.in_axis])):
                 # The layer's share as chosen above (global scope: per layer), its weights by OBS.
                 compensated = datafit.obs_prune(matrix, fit, 1.0 - keep.mean(), nm)
@@ -162,6 +162,13 @@ class Sparsify(Pass):
             rows.append({"weight": w.tensor.name, "op": w.op, "shape": list(value.shape), "elements": int(value.size),
                          "zeros": zeros, "sparsity": round(zeros / value.size, 4)})
         return rows
+
+
+def _obs_usable(fit, features: int) -> bool:
+    """OBS can use the layer's Gram: enough captured rows per feature, or fewer with the Gram
+    shrunk toward its diagonal (as codebook's GPTQ uses it, `datafit.SHRINK`)."""
+    return datafit.usable(fit, features, datafit.GPTQ_ROWS_PER_FEATURE) or (
+        fit is not None and fit.shrunk and datafit.usable(fit, features, 0.0))
 
 
 def _std(value: np.ndarray) -> float:

@@ -138,6 +138,29 @@ def test_ratio_trials_sized_by_placeholders_match_the_real_file():
         assert sizes[0] == sizes[1] < proto.ByteSize(), (bits, sizes)
 
 
+def test_sparse_ratio_trials_sized_by_placeholders_match_the_real_file():
+    """The same for sparse storage (mask + nonzero indices): the placeholders' zeros are the
+    weight's, and the fit keeps them (GPTQ may zero more: the real file is then smaller)."""
+    from edgegraph.passes.codebook import Codebook, weights_of
+
+    proto = _mlp(rows=256, cols=160)
+    ctx = PassContext(progress=False, verify=VerifyConfig(enabled=False))
+    calib = CalibrationData.from_arrays({"x": _inputs(512, features=256)})
+    sparse, _ = run_pipeline(modelio.load(proto), parse("sparsify(sparsity=0.6, min_elements=100)"), ctx)
+    for bits in (3, 4, 5):
+        sizes = []
+        for sizing in (True, False):
+            model = sparse.copy()
+            cb = Codebook(bits=bits)
+            cb._apply(model, weights_of(model, cb.ops, (), 100), bits, sizing=sizing)
+            sizes.append(file_size(model))
+        assert sizes[0] == sizes[1] < 0.8 * (1 + bits) / 8 * proto.ByteSize(), (bits, sizes)
+    # (this small model: 3 KB of shared unpacking tables; 3 bits everywhere is 7.9x)
+    model, records = _run(sparse.to_proto(), "codebook(ratio=7)", calib)
+    assert 7.0 - 1e-9 <= proto.ByteSize() / file_size(model) <= 7.5  # measured 7.05
+    assert all(r["index_entropy_bits"] > 0 for r in records["codebook"].details["layers"] if r["elements"])
+
+
 def test_gptq_keeps_sparsified_weights_zero_and_obs_beats_magnitude():
     proto = _mlp()
     calib = CalibrationData.from_arrays({"x": _inputs(2048)})

@@ -95,6 +95,7 @@ class _Weight:
     importance: np.ndarray | None = None  # (in channels,) E[x^2]
     mean: np.ndarray | None = None  # (in channels,) E[x], for bias correction
     fit: datafit.LayerFit | None = None  # the layer-output objective (--calib, fit != kmeans)
+    zeros: int = 0  # elements exactly 0 (sparsified or pruned)
 
 
 @dataclass
@@ -105,6 +106,9 @@ class _Encoding:
     indices: np.ndarray  # local indices, the weight's shape
     channel_axis: int | None  # None: one codebook (groups == 1) or a shared one
     scale: np.ndarray | None = None  # granularity "scaled": per-channel factors (broadcastable, the weight's dtype)
+    # sparse: each codebook has 2^bits centroids for the nonzero weights and, last (index 2^bits),
+    # an exact 0 that the zeros index; stored as a 1-bit mask and the nonzero weights' indices.
+    sparse: bool = False
 
 
 @register_pass
@@ -136,6 +140,11 @@ class Codebook(Pass):
                                 "dense weights; the file only shrinks once compressed)")
     share: str = option("none", "one codebook for a group of layers: 'none', 'shape' (weights of one shape) or "
                                 "'op' (one op type and kernel size, e.g. all 3x3 convs); per tensor only")
+    sparse: bool = option(True, "a weight more than 1/bits of whose elements are exactly 0 (after sparsify or "
+                                "prune) gets 2^bits centroids for its nonzero values plus an exact 0, and is "
+                                "stored as a 1-bit mask of its nonzeros and their indices only (decoded by "
+                                "CumSum and Gather; bits < 8, opset >= 11); false: the zeros take one of the "
+                                "2^bits centroids and every element an index")
     bias_correction: bool = option(True, "with --calib, move each Conv / Gemm bias by the mean output shift the "
                                          "snapped weights cause (its input's channel means times the weight error)")
     importance: bool = option(True, "with --calib, weight each squared error by E[x^2] of the input channel "
@@ -360,8 +369,11 @@ class Codebook(Pass):
             shape = [1] * w.value.ndim
             shape[w.out_axis] = w.value.shape[w.out_axis]
             scale = np.ones(shape, w.value.dtype)
-        return _Encoding(np.zeros((groups, 1 << bits), self._codebook_dtype(w)), np.zeros(w.value.shape, np.uint8),
-                         w.out_axis if granularity == "channel" else None, scale)
+        sparse = self._sparse(w, bits)
+        # (sparse: the mask and the nonzero codes are sized by the zeros, which the fit keeps)
+        indices = np.where(w.value == 0, 1 << bits, 0).astype(np.uint8) if sparse else np.zeros(w.value.shape, np.uint8)
+        return _Encoding(np.zeros((groups, (1 << bits) + sparse), self._codebook_dtype(w)), indices,
+                         w.out_axis if granularity == "channel" else None, scale, sparse)
 
     def _sensitivity(self, model: ir.Model, weights: list[_Weight], data: CalibrationData | None,
                      ctx: PassContext, cache: dict) -> dict[str, float]:
@@ -442,9 +454,17 @@ class Codebook(Pass):
         entry = self._codebook_dtype(w).itemsize
         granularity = self._granularity(w, bits)
         size = math.ceil(w.value.size * bits / 8) + NODE_BYTES
+        if self._sparse(w, bits):  # the mask, the nonzero weights' indices, the zero entry
+            size = math.ceil(w.value.size / 8) + math.ceil((w.value.size - w.zeros) * bits / 8) + 2 * NODE_BYTES
+            k += 1
         size += channels * (k * entry + 4) if granularity == "channel" else \
             k * entry + (channels * w.value.dtype.itemsize if granularity == "scaled" else 0)
         return size if size <= WORTH * w.bytes_before else w.bytes_before
+
+    def _sparse(self, w: _Weight, bits: int) -> bool:
+        """`w`'s zeros get a codebook entry of their own and a mask (`sparse`): when a 1-bit mask
+        costs less than the indices of the zeros it saves (more than 1/bits of `w` is zero)."""
+        return self.sparse and bits < 8 and 0 < w.zeros < w.value.size and w.zeros * bits > w.value.size
 
     @property
     def _min_elements(self) -> int:
@@ -473,12 +493,14 @@ class Codebook(Pass):
             fit.to_rows(np.broadcast_to(enc.scale, w.value.shape).astype(np.float64))[:, 0]
         dtype = enc.codebook.dtype
         stored = enc.codebook.astype(np.float64)
-        refits = stored.shape[1] <= datafit.REFIT_MAX_LEVELS
+        refits = stored.shape[1] - enc.sparse <= datafit.REFIT_MAX_LEVELS
         if np.array_equal(stored[owner[:, None], idx] * scale[:, None], rows):
             return enc  # exact already
         has_zero = np.zeros(stored.shape[0], bool)
         np.logical_or.at(has_zero, owner, (rows == 0).any(axis=1))
         pinned = (stored == 0) & has_zero[:, None]
+        if enc.sparse:
+            pinned[:, -1] = True  # the zeros' entry stays 0 (also in a codebook whose rows have none)
         zeros = (rows == 0) & pinned[owner].any(axis=1)[:, None] if pinned.any() else None
 
         def snapped(cb, ix):
@@ -512,7 +534,7 @@ class Codebook(Pass):
         if not rounds and refits:
             step(cb, idx)
         _, cb, idx = best
-        return _Encoding(cb.astype(dtype), fit.back(idx).astype(np.uint8), enc.channel_axis, enc.scale)
+        return _Encoding(cb.astype(dtype), fit.back(idx).astype(np.uint8), enc.channel_axis, enc.scale, enc.sparse)
 
     def _cluster_weights(self, w: _Weight, bits: int) -> _Encoding:
         k = 1 << bits
@@ -520,15 +542,19 @@ class Codebook(Pass):
         importance = _importance_array(w)
         dtype = self._codebook_dtype(w)
         granularity = self._granularity(w, bits)
+        sparse = self._sparse(w, bits)
         if granularity == "channel":
             rows = np.moveaxis(value, w.out_axis, 0).reshape(value.shape[w.out_axis], -1)
             hrows = None if importance is None else np.moveaxis(importance, w.out_axis, 0).reshape(rows.shape)
-            centroids = self._centroids_rows(rows, hrows, k)
+            centroids = self._centroids_rows(rows, hrows, k, sparse)
             codebook = centroids.astype(dtype)
             local = kmeans1d.assign(rows, codebook.astype(np.float64))
+            if sparse:  # the zeros: the entry after the k centroids
+                local[rows == 0] = k
+                codebook = np.concatenate([codebook, np.zeros((len(codebook), 1), dtype)], axis=1)
             moved = list(np.moveaxis(value, w.out_axis, 0).shape)
             indices = np.moveaxis(local.reshape(moved), 0, w.out_axis)
-            return _Encoding(codebook, indices.astype(np.uint8), w.out_axis)
+            return _Encoding(codebook, indices.astype(np.uint8), w.out_axis, sparse=sparse)
         scale = None
         if granularity == "scaled":  # channels brought to one scale share the codebook well
             axes = tuple(a for a in range(value.ndim) if a != w.out_axis)
@@ -537,10 +563,14 @@ class Codebook(Pass):
             value = value / scale.astype(np.float64)
         flat = value.ravel()
         h = None if importance is None else importance.ravel()
-        centroids = self._centroids_flat(flat, h, k)
+        fitted = flat != 0 if sparse else slice(None)  # sparse: the k centroids fit the nonzero values
+        centroids = self._centroids_flat(flat[fitted], None if h is None else h[fitted], k)
         codebook = centroids.astype(dtype)[None]
-        indices = kmeans1d.assign(flat[None], codebook.astype(np.float64)).reshape(value.shape)
-        return _Encoding(codebook, indices.astype(np.uint8), None, scale)
+        indices = kmeans1d.assign(flat[None], codebook.astype(np.float64))[0]
+        if sparse:
+            indices[flat == 0] = k
+            codebook = np.concatenate([codebook, np.zeros((1, 1), dtype)], axis=1)
+        return _Encoding(codebook, indices.reshape(value.shape).astype(np.uint8), None, scale, sparse)
 
     def _cluster_shared(self, group: list[_Weight], bits: int) -> list[_Encoding]:
         k = 1 << bits
@@ -566,11 +596,14 @@ class Codebook(Pass):
         start = kmeans1d.exact(x, k, hs, pin_zero=pin)
         return kmeans1d.lloyd(x[None], k, None if hs is None else hs[None], np.array([pin]), start=start[None])[0]
 
-    def _centroids_rows(self, rows: np.ndarray, h: np.ndarray | None, k: int) -> np.ndarray:
+    def _centroids_rows(self, rows: np.ndarray, h: np.ndarray | None, k: int, sparse: bool = False) -> np.ndarray:
         order = np.argsort(rows, axis=1, kind="stable")
         x = np.take_along_axis(rows, order, axis=1)
         hs = None if h is None else np.take_along_axis(h, order, axis=1)
         pin = (x == 0).any(axis=1)
+        if sparse:  # the zeros have an entry of their own: weight 0 here, and k centroids for the rest
+            hs = np.where(x == 0, 0.0, 1.0 if hs is None else hs)
+            pin = np.zeros_like(pin)
         out = np.empty((x.shape[0], k))
         step = max(1, (1 << 22) // (49 * 49 * 8))  # rows per chunk of the binned DP (~4 MB per cost matrix)
         for start in range(0, x.shape[0], step):
@@ -640,6 +673,7 @@ def _weight(model: ir.Model, node: gs.Node, index: int, tensor: gs.Tensor, min_e
         if lay.in_axis is not None and lay.groups == 1 and node.inputs[0] is not None and node.inputs[0].name:
             w.in_axis, w.activation = lay.in_axis, node.inputs[0].name
             w.activation_axis = lay.x_axis
+    w.zeros = int(value.size - np.count_nonzero(value))
     stored = code.constants if code is not None else (encoding.stored(tensor),)
     w.bytes_before = sum(ir.stored_nbytes(c) for c in stored)
     return w
@@ -657,6 +691,7 @@ class _Writer:
         self.shifts: dict[int, gs.Constant] = {}  # shared BitShift amounts
         self.tables: dict[int, gs.Constant] = {}  # shared unpacking tables
         self.flat: gs.Constant | None = None
+        self.axis: gs.Constant | None = None  # CumSum's axis (sparse indices)
 
     def planes(self, bits: int) -> list[int]:
         """How `bits`-bit indices are stored: [8] one uint8 each, [4] / [2] typed UINT4 / UINT2
@@ -685,7 +720,11 @@ class _Writer:
         if codebook is None:
             codebook = ir.const(f"{base}_codebook", np.ascontiguousarray(enc.codebook.reshape(-1)))
             stored += ir.stored_nbytes(codebook)
-        wide, payload = self._indices(base, enc.indices, self.planes(bits), shape)
+        planes = self.planes(bits)
+        if enc.sparse and planes != [8]:
+            wide, payload = self._sparse_indices(base, enc.indices, bits, planes, shape)
+        else:  # (sparse in bytes: the zeros' index 2^bits is a byte like the others)
+            wide, payload = self._indices(base, enc.indices, planes, shape)
         stored += payload
         if enc.channel_axis is not None:
             k = enc.codebook.shape[1]
@@ -738,6 +777,29 @@ class _Writer:
             shift += width
         return total, stored
 
+    def _sparse_indices(self, base: str, indices: np.ndarray, bits: int, planes: list[int],
+                        shape: list[int]) -> tuple[gs.Tensor, int]:
+        """A sparse encoding's indices (2^bits where the weight is 0) stored as a 1-bit mask of the
+        nonzero elements and the nonzero elements' indices in order, and the int32 tensor of all
+        of them in the weight's shape: Gather(Concat([2^bits], codes), CumSum(mask) * mask), i.e.
+        the i-th nonzero element takes the i-th code and every zero the entry 2^bits."""
+        flat = indices.ravel()
+        nonzero = flat != (1 << bits)
+        codes, stored = self._indices(f"{base}_nz", flat[nonzero], planes, [int(nonzero.sum())])
+        bits_mask, nbytes = self._plane(f"{base}_mask", nonzero.astype(np.uint8), 1, [flat.size])
+        zero = ir.const(f"{base}_zero", np.array([1 << bits], np.int32))
+        stored += nbytes + ir.stored_nbytes(zero)
+        table = self._node("Concat", [zero, codes], f"{base}_table", np.int32, [int(nonzero.sum()) + 1], axis=0)
+        mask = self._node("Cast", [bits_mask], f"{base}_mask32", np.int32, [flat.size], to=6)
+        if self.axis is None:
+            self.axis = ir.const(self.namer("codebook_axis0"), np.array(0, np.int32))
+        rank = self._node("CumSum", [mask, self.axis], f"{base}_rank", np.int32, [flat.size])
+        at = self._node("Mul", [rank, mask], f"{base}_at", np.int32, [flat.size])
+        picked = self._node("Gather", [table, at], f"{base}_picked", np.int32, [flat.size], axis=0)
+        target = ir.const(f"{base}_shape", np.array(shape, np.int64))
+        stored += ir.stored_nbytes(target)
+        return self._node("Reshape", [picked, target], f"{base}_index", np.int32, shape), stored
+
     def _plane(self, base: str, codes: np.ndarray, code_bits: int, shape: list[int]) -> tuple[gs.Tensor, int]:
         """`code_bits`-bit codes packed into bytes and the uint8 subgraph unpacking them (weight's shape)."""
         per_byte = 8 // code_bits
@@ -780,7 +842,8 @@ class _Writer:
 
     def shared(self) -> int:
         """Bytes of the constants every weight's decoding shares."""
-        return sum(ir.stored_nbytes(c) for c in [*self.shifts.values(), *self.tables.values(), self.flat] if c is not None)
+        return sum(ir.stored_nbytes(c) for c in [*self.shifts.values(), *self.tables.values(), self.flat, self.axis]
+                   if c is not None)
 
     def _table(self, code_bits: int) -> gs.Constant:
         """(256, 8 / code_bits) uint8: the codes each byte value holds, low bits first (one per model)."""
