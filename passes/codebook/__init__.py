@@ -96,6 +96,7 @@ class _Weight:
     mean: np.ndarray | None = None  # (in channels,) E[x], for bias correction
     fit: datafit.LayerFit | None = None  # the layer-output objective (--calib, fit != kmeans)
     zeros: int = 0  # elements exactly 0 (sparsified or pruned)
+    pruned: bool = False  # a copy pruned to `sparsity` zeros by this pass (ratio with sparsity)
 
 
 @dataclass
@@ -159,6 +160,10 @@ class Codebook(Pass):
                                "2..8 bits per layer chosen by each layer's output distortion (measured with "
                                "--calib, else its weight error) per byte; with a user floor the highest ratio up "
                                "to this that holds it. 0: every layer `bits`")
+    sparsity: float = option(0.0, "with ratio: a layer may also be pruned to this fraction of zeros before its "
+                                  "codebook (SparseGPT with --calib, where the layer has a Gram; else the smallest "
+                                  "magnitudes), stored sparse, where its measured distortion per byte says so; "
+                                  "0: no pruning")
     ops: list[str] = option(list(OPS), "op types whose weights are encoded (Gather: embedding tables)")
     exclude: list[str] = option([], "node names or op types to leave alone")
     min_elements: int = option(-1, "leave weights with fewer elements than this dense (a codebook costs more "
@@ -185,6 +190,9 @@ class Codebook(Pass):
         self.check(self.min_elements >= -1, "codebook: min_elements must be >= 0 (or -1: auto)")
         self.check(self.ratio == 0 or 1.0 < self.ratio <= 32.0, f"codebook: ratio must be 0 or in (1, 32], got {self.ratio}")
         self.check(self.ratio == 0 or self.share == "none", "codebook: ratio (mixed widths) needs share=none")
+        self.check(0.0 <= self.sparsity < 1.0, f"codebook: sparsity must be in [0, 1), got {self.sparsity}")
+        self.check(self.sparsity == 0 or self.ratio, "codebook: sparsity needs ratio (the allocation chooses "
+                                                     "which layers are pruned); use -p sparsify,codebook otherwise")
         self.check(self.share == "none" or self.granularity != "channel",
                    "codebook: share needs granularity=tensor (or auto): a shared codebook is one per tensor group")
 
@@ -298,6 +306,9 @@ class Codebook(Pass):
         rows = []
         for group in self._groups(weights):
             bits = widths if isinstance(widths, int) else widths[group[0].tensor.name]
+            if isinstance(bits, tuple):  # (bits, True): pruned to `sparsity` first
+                bits = bits[0]
+                group = [self._pruned(group[0], cache)]
             if len(group) > 1:
                 encodings = self._cluster_shared(group, bits)
             elif sizing:
@@ -307,6 +318,7 @@ class Codebook(Pass):
             shared = None
             for w, enc in zip(group, encodings):
                 row = {"weight": w.tensor.name, "op": w.op, "shape": list(w.value.shape), "bits": bits,
+                       **({"pruned_to": round(w.zeros / w.value.size, 4)} if w.pruned else {}),
                        "granularity": "channel" if enc.channel_axis is not None else "shared" if len(group) > 1
                        else "scaled" if enc.scale is not None else "tensor", "bytes_before": w.bytes_before}
                 snapped = _decode(enc, w.value.dtype)
@@ -355,7 +367,7 @@ class Codebook(Pass):
     def _cached(self, w: _Weight, bits: int, cache: dict | None) -> _Encoding:
         if cache is None:
             return self._cluster(w, bits)
-        key = (w.tensor.name, bits)
+        key = (w.tensor.name, bits, w.pruned)
         if key not in cache:
             cache[key] = self._cluster(w, bits)
         return cache[key]
@@ -376,12 +388,37 @@ class Codebook(Pass):
                          w.out_axis if granularity == "channel" else None, scale, sparse)
 
     def _sensitivity(self, model: ir.Model, weights: list[_Weight], data: CalibrationData | None,
-                     ctx: PassContext, cache: dict) -> dict[str, float]:
-        """Each weight's output distortion at mixed.PROBE bits (measured with data, else its weight error)."""
-        snapped = {w.tensor.name: _decode(self._cached(w, mixed.PROBE, cache), w.value.dtype) for w in weights}
-        if data is not None and len(data):
-            return mixed.measured(model, weights, snapped, data, ctx)
-        return {w.tensor.name: mixed.weight_error(w.value, snapped[w.tensor.name]) for w in weights}
+                     ctx: PassContext, cache: dict) -> dict[str, tuple[float, float | None]]:
+        """Each weight's output distortion at mixed.PROBE bits, and with `sparsity` also pruned first
+        (None without), measured with data, else its weight error."""
+        found = {}
+        for pruned in (False, True) if self.sparsity else (False,):
+            variants = [self._pruned(w, cache) if pruned else w for w in weights]
+            snapped = {v.tensor.name: _decode(self._cached(v, mixed.PROBE, cache), v.value.dtype) for v in variants}
+            if data is not None and len(data):
+                found[pruned] = mixed.measured(model, weights, snapped, data, ctx)
+            else:
+                found[pruned] = {w.tensor.name: mixed.weight_error(w.value, snapped[w.tensor.name]) for w in weights}
+        return {n: (d, found[True].get(n) if self.sparsity else None) for n, d in found[False].items()}
+
+    def _pruned(self, w: _Weight, cache: dict | None) -> _Weight:
+        """`w` with `sparsity` of its elements zeroed: by OBS through its Gram when it has a usable
+        one (the rest updated to make up for them, as `sparsify` does), else the smallest magnitudes."""
+        key = (w.tensor.name, "pruned")  # (the value only: `w` may be a trial copy's weight)
+        value = None if cache is None else cache.get(key)
+        if value is None:
+            value = w.value
+            rows = None if w.fit is None else w.fit.to_rows(value.astype(np.float64))
+            compensated = None
+            if rows is not None and datafit.obs_usable(w.fit, rows.shape[1]):
+                compensated = datafit.obs_prune(rows, w.fit, self.sparsity)
+            if compensated is not None:
+                value = w.fit.back(compensated).astype(value.dtype)
+            else:
+                value = np.where(datafit.top_mask(value, self.sparsity), value, np.zeros((), value.dtype))
+            if cache is not None:
+                cache[key] = value
+        return replace(w, value=value, zeros=int(value.size - np.count_nonzero(value)), pruned=True)
 
     def _same_weights(self, trial: ir.Model, weights: list[_Weight]) -> list[_Weight]:
         """`weights` found again in a copy of their model (its own tensors), with what was measured on them."""
@@ -401,7 +438,6 @@ class Codebook(Pass):
         rest = file_size(model, types=False) - sum(w.bytes_before for w in weights)
         target = (rest + sum(4 * w.value.size for w in weights)) / ratio
         tried: dict[tuple, tuple] = {}
-        by_name = {w.tensor.name: w for w in weights}
 
         def build(widths: dict[str, int], sizing: bool = True):
             # The trials only need the written file's size, which the values do not change:
@@ -416,12 +452,13 @@ class Codebook(Pass):
             return tried[key]
 
         high = target - rest
-        best = build(self._widths(weights, high, sensitivity))
+        options = self._options(weights, sensitivity, cache)
+        best = build(mixed.allocate(options, high))
         if best[0] > target:
             low, fits = 0.0, None
             for _ in range(BISECTIONS):
                 middle = (low + high) / 2
-                found = build(self._widths(weights, middle, sensitivity))
+                found = build(mixed.allocate(options, middle))
                 if found[0] <= target:
                     low, fits = middle, found
                 else:
@@ -433,8 +470,7 @@ class Codebook(Pass):
         # The greedy path down from 8 bits moves in whole steps: spend what is left of the budget
         # on the steps up that buy the most distortion per byte (CIFAR: 7.2x -> 6.0x at ratio 6).
         for share in (1.0, 0.5, 0.25):
-            raised = mixed.fill(list(by_name), lambda n, b: self._estimate(by_name[n], b), sensitivity,
-                                best[3], share * (target - best[0]))
+            raised = mixed.fill(options, best[3], share * (target - best[0]))
             if raised != best[3]:
                 found = build(raised)
                 if found[0] <= target:
@@ -443,10 +479,23 @@ class Codebook(Pass):
         final = build(best[3], sizing=False)
         return final[1], final[2], True
 
-    def _widths(self, weights: list[_Weight], budget: float, sensitivity: dict[str, float]) -> dict[str, int]:
-        """Bits per weight within `budget` bytes, allocated by sensitivity (`mixed.py`)."""
-        by_name = {w.tensor.name: w for w in weights}
-        return mixed.allocate(list(by_name), lambda n, b: self._estimate(by_name[n], b), sensitivity, budget)
+    def _options(self, weights: list[_Weight], sensitivity: dict, cache: dict) -> dict[str, list[tuple]]:
+        """{weight: [(estimated bytes, distortion, choice)]} for `mixed.allocate`: each width of
+        mixed.CHOICES (choice: bits), and with `sparsity` each but 8 bits pruned first (choice:
+        (bits, True)). A pruned layer's distortion at b bits is the one measured at PROBE bits plus
+        the change the dense layer's codebook error makes from PROBE to b bits on the share of
+        the elements left."""
+        options = {}
+        for w in weights:
+            dense, pruned = sensitivity.get(w.tensor.name, (0.0, None))
+            found = [(self._estimate(w, b), mixed.at_bits(dense, b), b) for b in mixed.CHOICES]
+            if pruned is not None:
+                p = self._pruned(w, cache)
+                left = 1.0 - p.zeros / p.value.size
+                found += [(self._estimate(p, b), pruned + left * (mixed.at_bits(dense, b) - dense), (b, True))
+                          for b in mixed.CHOICES if b < 8]
+            options[w.tensor.name] = found
+        return options
 
     def _estimate(self, w: _Weight, bits: int) -> float:
         """Bytes `w` takes at `bits` (indices, codebooks, scales; the decode nodes ~ NODE_BYTES)."""
