@@ -32,6 +32,12 @@ cleanup's folding and quant leave it encoded.
   BitShift (4 bits) or a Gather from a 256-row table (2 and 1 bits) and recombined in int32,
   opset >= 11); 8 bits, or opset < 11 when it cannot be
   upgraded, one uint8 per index. `dense=true` writes the snapped weights dense instead.
+* Sparse weights (`sparse`, on by default): a weight more than 1/bits of whose elements are
+  exactly 0 (after `sparsify` or `prune`) gets 2^bits centroids for its nonzero values and one
+  more entry, an exact 0, and is stored as a 1-bit mask of its nonzero elements plus their
+  indices only: 1 + (1 - s) * bits bits a weight at sparsity s (50% at 4 bits: 3 bits), decoded
+  by Gather(Concat([2^bits], codes), CumSum(mask) * mask), which onnxruntime folds like the rest.
+  `ratio=R, sparsity=S` makes pruning a layer to S zeros one of the allocation's choices.
 * Strength knob: `bits` (or `ratio`). With a user floor (`--min-agreement`, `--min-sqnr`) the pass
   searches 2..8 bits (with `ratio`: the highest ratio up to it) with `edgegraph.floor.search` on
   held-out calibration samples.
