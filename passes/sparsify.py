@@ -144,12 +144,12 @@ class Sparsify(Pass):
             elif threshold is not None:
                 keep = np.abs(value.astype(np.float64)) / _std(value) > threshold
             else:
-                keep = _top_mask(value, sparsity)
+                keep = datafit.top_mask(value, sparsity)
             fit = fits.get(w.tensor.name)
             matrix = None if fit is None else fit.to_rows(value.astype(np.float64))
             compensated = None
             # (N:M by OBS where the Gram's features are the input channels: Gemm, MatMul, 1x1 Conv)
-            if matrix is not None and datafit.usable(fit, matrix.shape[1], datafit.GPTQ_ROWS_PER_FEATURE) and (
+            if matrix is not None and datafit.obs_usable(fit, matrix.shape[1]) and (
                     nm is None or (w.in_axis is not None and matrix.shape[1] == value.shape[w.in_axis])):
                 # The layer's share as chosen above (global scope: per layer), its weights by OBS.
                 compensated = datafit.obs_prune(matrix, fit, 1.0 - keep.mean(), nm)
@@ -167,15 +167,6 @@ class Sparsify(Pass):
 def _std(value: np.ndarray) -> float:
     std = float(np.asarray(value, np.float64).std())
     return std if std > 0 else 1.0
-
-
-def _top_mask(value: np.ndarray, sparsity: float) -> np.ndarray:
-    """Keep all but the round(sparsity * size) smallest magnitudes (ties broken by position)."""
-    drop = int(round(sparsity * value.size))
-    keep = np.ones(value.size, bool)
-    if drop:
-        keep[np.argsort(np.abs(value.astype(np.float64)).ravel(), kind="stable")[:drop]] = False
-    return keep.reshape(value.shape)
 
 
 def _n_m_mask(value: np.ndarray, in_axis: int | None, n: int, m: int) -> np.ndarray | None:

@@ -319,3 +319,50 @@ def test_floor_search_picks_the_fewest_bits_that_hold(cifar):
                                                                             min_sqnr_db=200))
     with pytest.raises(FloorNotHeld, match="codebook: the floor"):  # (fc1 alone: 7 quick settings)
         run_pipeline(modelio.load(CIFAR), parse("codebook(min_elements=20000)"), ctx)
+
+
+# -- sparse storage ---------------------------------------------------------------------------
+
+
+def _ops_left_by_onnxruntime(proto, folder) -> set[str]:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(folder / "folded.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(folder / "folded.onnx").graph.node}
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "scaled", "channel"])
+@pytest.mark.parametrize("opset", [17, 21])
+def test_sparse_storage_is_exact_folds_and_is_smaller(tmp_path, granularity, opset):
+    """A sparsified weight is stored as a 1-bit mask and its nonzero elements' indices; the graph
+    decodes exactly what the dense snapped model holds, zeros stay zero, onnxruntime folds the
+    CumSum / Gather chain away, and the weight takes fewer bytes than with an index per element."""
+    proto = _mlp(opset, 64, 96)
+    spec = f"sparsify(sparsity=0.6, min_elements=100),codebook(bits=4, granularity={granularity}, min_elements=100)"
+    model, record = _run(proto, spec)
+    dense, _ = _run(proto, spec.replace("codebook(", "codebook(dense=true, "))
+    pinned, pinned_record = _run(proto, spec.replace("codebook(", "codebook(sparse=false, "))
+    x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
+    np.testing.assert_array_equal(_outputs(model.to_proto(), x), _outputs(dense.to_proto(), x))
+    assert "CumSum" in {n.op for n in model.graph.nodes}
+    assert _ops_left_by_onnxruntime(model.to_proto(), tmp_path) == {"MatMul", "Relu"}
+    ctx = PassContext(progress=False, verify=VerifyConfig(enabled=False))
+    sparsified, _ = run_pipeline(modelio.load(proto), parse("sparsify(sparsity=0.6, min_elements=100)"), ctx)
+    sparse_w = {n.name: ir.constant_value(n.inputs[1]) for n in sparsified.graph.nodes if n.op == "MatMul"}
+    decoded = _decoded(model)
+    w1 = next(v for v in decoded.values() if v.shape == (64, 96))
+    assert np.array_equal(w1 == 0, sparse_w["mm1"] == 0)  # exactly the sparsified zeros
+    columns = [np.unique(c[c != 0]).size for c in ([w1] if granularity == "tensor" else w1.T)]
+    assert max(columns) <= 16 and (granularity != "tensor" or max(columns) == 16)  # 16 levels besides 0
+    rows = {tuple(r["shape"]): r for r in record.details["layers"]}
+    before = {tuple(r["shape"]): r for r in pinned_record.details["layers"]}
+    # 6144 elements: mask 768 B + 2458 codes * 4 bits = 1229 B, against 3072 B of 4-bit indices
+    # less the zeros' entry of each codebook (per channel: 96 float16) and a few small constants
+    saved = before[(64, 96)]["bytes_after"] - rows[(64, 96)]["bytes_after"]
+    entries = 96 if granularity == "channel" else 1
+    assert 3072 - 768 - 1229 - 2 * entries - 64 < saved <= 3072 - 768 - 1229
+    assert len(encoding.decoded_weights(model.graph)) == record.stats["layers"] == 2
+    # cleanup and quant leave it encoded: the file does not grow back
+    cleaned, _ = run_pipeline(model, parse("cleanup"), PassContext(progress=False, verify=VerifyConfig(enabled=False)))
+    assert len(cleaned.to_proto().SerializeToString()) <= len(model.to_proto().SerializeToString()) + 64

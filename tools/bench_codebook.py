@@ -191,7 +191,8 @@ def session_ms(path) -> float:
 def default_tools(name, bits_list, calib, path):
     """Without data: each bit width and the default; with the 64 calibration inputs (`+calib`):
     importance-weighted k-means, + least-squares centroids (refit), GPTQ assignment (the default
-    fit), mixed widths for a 6x file (ratio=6), and sparsity by OBS before the codebook."""
+    fit), mixed widths for a 6x file (ratio=6), sparsity by OBS before the codebook, and 10x files
+    (ratio=10: alone, after OBS sparsity, with pruning as a per-layer choice)."""
     tools = {}
     for bits in bits_list:
         tools[f"codebook {bits}"] = edgegraph_tool(f"codebook(bits={bits})", None, path)
@@ -207,6 +208,12 @@ def default_tools(name, bits_list, calib, path):
     tools["sparsify 0.5,codebook 4"] = edgegraph_tool("sparsify(sparsity=0.5),codebook(bits=4)", None, path)
     tools["sparsify 0.5 obs,codebook 4 +calib"] = edgegraph_tool("sparsify(sparsity=0.5),codebook(bits=4)", calib, path)
     tools["sparsify 0.7 obs,codebook 3 +calib"] = edgegraph_tool("sparsify(sparsity=0.7),codebook(bits=3)", calib, path)
+    # 10x: mixed widths alone, after uniform OBS sparsity, and with pruning as a per-layer choice
+    # of the allocation (the pruned layers stored as a mask and their nonzero indices)
+    tools["codebook ratio=10 +calib"] = edgegraph_tool("codebook(ratio=10)", calib, path)
+    tools["sparsify 0.3 obs,codebook ratio=10 +calib"] = edgegraph_tool("sparsify(sparsity=0.3),codebook(ratio=10)",
+                                                                        calib, path)
+    tools["codebook ratio=10 sparsity=0.5 +calib"] = edgegraph_tool("codebook(ratio=10, sparsity=0.5)", calib, path)
     for bits in (4, 8):
         tools[f"uniform {bits} (per-channel)"] = uniform_tool(bits, path)
     if name == "minilm":

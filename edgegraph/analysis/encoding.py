@@ -5,7 +5,8 @@ The encodings recognised are the ones exporters and edgegraph's own passes write
 
 * Q/DQ: `DequantizeLinear(int8/uint8/int4 initializer, scale, zero point)`;
 * a codebook: `Gather(codebook, indices)` with low-bit indices (through a `Cast` to int32/int64,
-  which Gather's index type needs);
+  which Gather's index type needs); sparse: the indices gathered from the nonzero weights' codes
+  at the CumSum ranks of a packed 1-bit mask;
 * packed 4-bit: UINT4/INT4 initializers, or uint8 bytes holding two 4-bit codes unpacked with
   BitShift / BitwiseAnd / Concat / Reshape; `codebook`'s bit planes (2- and 1-bit codes looked up
   per byte in a small uint8 table by Gather, Transpose, recombined in int32 by Mul / Add);
@@ -33,14 +34,15 @@ PAYLOAD_TYPES = frozenset({"int8", "uint8", "int4", "uint4", "int2", "uint2"})
 # all)}. Other inputs (shapes, axes, shift amounts) must be constants too.
 DECODE_OPS = {
     "DequantizeLinear": (0,), "Cast": (0,), "Gather": (0, 1), "Mul": (0, 1), "Div": (0,), "Sub": (0, 1),
-    "Add": (0, 1), "BitShift": (0,), "BitwiseAnd": (0,), "BitwiseOr": (0,), "Concat": None,
+    "Add": (0, 1), "CumSum": (0,), "BitShift": (0,), "BitwiseAnd": (0,), "BitwiseOr": (0,), "Concat": None,
     "Reshape": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Flatten": (0,), "Transpose": (0,), "Identity": (0,),
 }
 _FLOATS = frozenset({"float32", "float16", "float64", "bfloat16"})
 # Decode steps walked at most: codebook's longest chain (bit plane: Cast, Gather(table), Transpose,
 # Reshape, Concat(tail), Reshape, Cast, Mul, Add; then Add(channel offsets), Gather(codebook),
-# Cast(fp16 -> fp32), Mul(scale)) is 13.
-_DEPTH = 16
+# Cast(fp16 -> fp32), Mul(scale)) is 13; a sparse codebook's (the nonzero codes' plane, Concat,
+# Gather at the mask's CumSum ranks, Reshape, then the same) is 18.
+_DEPTH = 24
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ def _shape(tensor: gs.Tensor, depth: int) -> tuple[int, ...] | None:
     if node is None or depth == 0:
         return None
     shapes = [None if t is None or not t.name else _shape(t, depth - 1) for t in node.inputs]
-    if node.op in ("DequantizeLinear", "Cast", "Identity"):
+    if node.op in ("DequantizeLinear", "Cast", "Identity", "CumSum"):
         return shapes[0]
     if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and None not in shapes[:2]:
         return shapes[1] + shapes[0][1:]

@@ -32,6 +32,12 @@ cleanup's folding and quant leave it encoded.
   BitShift (4 bits) or a Gather from a 256-row table (2 and 1 bits) and recombined in int32,
   opset >= 11); 8 bits, or opset < 11 when it cannot be
   upgraded, one uint8 per index. `dense=true` writes the snapped weights dense instead.
+* Sparse weights (`sparse`, on by default): a weight more than 1/bits of whose elements are
+  exactly 0 (after `sparsify` or `prune`) gets 2^bits centroids for its nonzero values and one
+  more entry, an exact 0, and is stored as a 1-bit mask of its nonzero elements plus their
+  indices only: 1 + (1 - s) * bits bits a weight at sparsity s (50% at 4 bits: 3 bits), decoded
+  by Gather(Concat([2^bits], codes), CumSum(mask) * mask), which onnxruntime folds like the rest.
+  `ratio=R, sparsity=S` makes pruning a layer to S zeros one of the allocation's choices.
 * Strength knob: `bits` (or `ratio`). With a user floor (`--min-agreement`, `--min-sqnr`) the pass
   searches 2..8 bits (with `ratio`: the highest ratio up to it) with `edgegraph.floor.search` on
   held-out calibration samples.
@@ -95,6 +101,8 @@ class _Weight:
     importance: np.ndarray | None = None  # (in channels,) E[x^2]
     mean: np.ndarray | None = None  # (in channels,) E[x], for bias correction
     fit: datafit.LayerFit | None = None  # the layer-output objective (--calib, fit != kmeans)
+    zeros: int = 0  # elements exactly 0 (sparsified or pruned)
+    pruned: bool = False  # a copy pruned to `sparsity` zeros by this pass (ratio with sparsity)
 
 
 @dataclass
@@ -105,6 +113,9 @@ class _Encoding:
     indices: np.ndarray  # local indices, the weight's shape
     channel_axis: int | None  # None: one codebook (groups == 1) or a shared one
     scale: np.ndarray | None = None  # granularity "scaled": per-channel factors (broadcastable, the weight's dtype)
+    # sparse: each codebook has 2^bits centroids for the nonzero weights and, last (index 2^bits),
+    # an exact 0 that the zeros index; stored as a 1-bit mask and the nonzero weights' indices.
+    sparse: bool = False
 
 
 @register_pass
@@ -136,6 +147,11 @@ class Codebook(Pass):
                                 "dense weights; the file only shrinks once compressed)")
     share: str = option("none", "one codebook for a group of layers: 'none', 'shape' (weights of one shape) or "
                                 "'op' (one op type and kernel size, e.g. all 3x3 convs); per tensor only")
+    sparse: bool = option(True, "a weight more than 1/bits of whose elements are exactly 0 (after sparsify or "
+                                "prune) gets 2^bits centroids for its nonzero values plus an exact 0, and is "
+                                "stored as a 1-bit mask of its nonzeros and their indices only (decoded by "
+                                "CumSum and Gather; bits < 8, opset >= 11); false: the zeros take one of the "
+                                "2^bits centroids and every element an index")
     bias_correction: bool = option(True, "with --calib, move each Conv / Gemm bias by the mean output shift the "
                                          "snapped weights cause (its input's channel means times the weight error)")
     importance: bool = option(True, "with --calib, weight each squared error by E[x^2] of the input channel "
@@ -150,6 +166,10 @@ class Codebook(Pass):
                                "2..8 bits per layer chosen by each layer's output distortion (measured with "
                                "--calib, else its weight error) per byte; with a user floor the highest ratio up "
                                "to this that holds it. 0: every layer `bits`")
+    sparsity: float = option(0.0, "with ratio: a layer may also be pruned to this fraction of zeros before its "
+                                  "codebook (SparseGPT with --calib, where the layer has a Gram; else the smallest "
+                                  "magnitudes), stored sparse, where its measured distortion per byte says so; "
+                                  "0: no pruning")
     ops: list[str] = option(list(OPS), "op types whose weights are encoded (Gather: embedding tables)")
     exclude: list[str] = option([], "node names or op types to leave alone")
     min_elements: int = option(-1, "leave weights with fewer elements than this dense (a codebook costs more "
@@ -176,6 +196,9 @@ class Codebook(Pass):
         self.check(self.min_elements >= -1, "codebook: min_elements must be >= 0 (or -1: auto)")
         self.check(self.ratio == 0 or 1.0 < self.ratio <= 32.0, f"codebook: ratio must be 0 or in (1, 32], got {self.ratio}")
         self.check(self.ratio == 0 or self.share == "none", "codebook: ratio (mixed widths) needs share=none")
+        self.check(0.0 <= self.sparsity < 1.0, f"codebook: sparsity must be in [0, 1), got {self.sparsity}")
+        self.check(self.sparsity == 0 or self.ratio, "codebook: sparsity needs ratio (the allocation chooses "
+                                                     "which layers are pruned); use -p sparsify,codebook otherwise")
         self.check(self.share == "none" or self.granularity != "channel",
                    "codebook: share needs granularity=tensor (or auto): a shared codebook is one per tensor group")
 
@@ -289,6 +312,9 @@ class Codebook(Pass):
         rows = []
         for group in self._groups(weights):
             bits = widths if isinstance(widths, int) else widths[group[0].tensor.name]
+            if isinstance(bits, tuple):  # (bits, True): pruned to `sparsity` first
+                bits = bits[0]
+                group = [self._pruned(group[0], cache)]
             if len(group) > 1:
                 encodings = self._cluster_shared(group, bits)
             elif sizing:
@@ -298,6 +324,7 @@ class Codebook(Pass):
             shared = None
             for w, enc in zip(group, encodings):
                 row = {"weight": w.tensor.name, "op": w.op, "shape": list(w.value.shape), "bits": bits,
+                       **({"pruned_to": round(w.zeros / w.value.size, 4)} if w.pruned else {}),
                        "granularity": "channel" if enc.channel_axis is not None else "shared" if len(group) > 1
                        else "scaled" if enc.scale is not None else "tensor", "bytes_before": w.bytes_before}
                 snapped = _decode(enc, w.value.dtype)
@@ -346,7 +373,7 @@ class Codebook(Pass):
     def _cached(self, w: _Weight, bits: int, cache: dict | None) -> _Encoding:
         if cache is None:
             return self._cluster(w, bits)
-        key = (w.tensor.name, bits)
+        key = (w.tensor.name, bits, w.pruned)
         if key not in cache:
             cache[key] = self._cluster(w, bits)
         return cache[key]
@@ -360,16 +387,44 @@ class Codebook(Pass):
             shape = [1] * w.value.ndim
             shape[w.out_axis] = w.value.shape[w.out_axis]
             scale = np.ones(shape, w.value.dtype)
-        return _Encoding(np.zeros((groups, 1 << bits), self._codebook_dtype(w)), np.zeros(w.value.shape, np.uint8),
-                         w.out_axis if granularity == "channel" else None, scale)
+        sparse = self._sparse(w, bits)
+        # (sparse: the mask and the nonzero codes are sized by the zeros, which the fit keeps)
+        indices = np.where(w.value == 0, 1 << bits, 0).astype(np.uint8) if sparse else np.zeros(w.value.shape, np.uint8)
+        return _Encoding(np.zeros((groups, (1 << bits) + sparse), self._codebook_dtype(w)), indices,
+                         w.out_axis if granularity == "channel" else None, scale, sparse)
 
     def _sensitivity(self, model: ir.Model, weights: list[_Weight], data: CalibrationData | None,
-                     ctx: PassContext, cache: dict) -> dict[str, float]:
-        """Each weight's output distortion at mixed.PROBE bits (measured with data, else its weight error)."""
-        snapped = {w.tensor.name: _decode(self._cached(w, mixed.PROBE, cache), w.value.dtype) for w in weights}
-        if data is not None and len(data):
-            return mixed.measured(model, weights, snapped, data, ctx)
-        return {w.tensor.name: mixed.weight_error(w.value, snapped[w.tensor.name]) for w in weights}
+                     ctx: PassContext, cache: dict) -> dict[str, tuple[float, float | None]]:
+        """Each weight's output distortion at mixed.PROBE bits, and with `sparsity` also pruned first
+        (None without), measured with data, else its weight error."""
+        found = {}
+        for pruned in (False, True) if self.sparsity else (False,):
+            variants = [self._pruned(w, cache) if pruned else w for w in weights]
+            snapped = {v.tensor.name: _decode(self._cached(v, mixed.PROBE, cache), v.value.dtype) for v in variants}
+            if data is not None and len(data):
+                found[pruned] = mixed.measured(model, weights, snapped, data, ctx)
+            else:
+                found[pruned] = {w.tensor.name: mixed.weight_error(w.value, snapped[w.tensor.name]) for w in weights}
+        return {n: (d, found[True].get(n) if self.sparsity else None) for n, d in found[False].items()}
+
+    def _pruned(self, w: _Weight, cache: dict | None) -> _Weight:
+        """`w` with `sparsity` of its elements zeroed: by OBS through its Gram when it has a usable
+        one (the rest updated to make up for them, as `sparsify` does), else the smallest magnitudes."""
+        key = (w.tensor.name, "pruned")  # (the value only: `w` may be a trial copy's weight)
+        value = None if cache is None else cache.get(key)
+        if value is None:
+            value = w.value
+            rows = None if w.fit is None else w.fit.to_rows(value.astype(np.float64))
+            compensated = None
+            if rows is not None and datafit.obs_usable(w.fit, rows.shape[1]):
+                compensated = datafit.obs_prune(rows, w.fit, self.sparsity)
+            if compensated is not None:
+                value = w.fit.back(compensated).astype(value.dtype)
+            else:
+                value = np.where(datafit.top_mask(value, self.sparsity), value, np.zeros((), value.dtype))
+            if cache is not None:
+                cache[key] = value
+        return replace(w, value=value, zeros=int(value.size - np.count_nonzero(value)), pruned=True)
 
     def _same_weights(self, trial: ir.Model, weights: list[_Weight]) -> list[_Weight]:
         """`weights` found again in a copy of their model (its own tensors), with what was measured on them."""
@@ -389,7 +444,6 @@ class Codebook(Pass):
         rest = file_size(model, types=False) - sum(w.bytes_before for w in weights)
         target = (rest + sum(4 * w.value.size for w in weights)) / ratio
         tried: dict[tuple, tuple] = {}
-        by_name = {w.tensor.name: w for w in weights}
 
         def build(widths: dict[str, int], sizing: bool = True):
             # The trials only need the written file's size, which the values do not change:
@@ -404,12 +458,13 @@ class Codebook(Pass):
             return tried[key]
 
         high = target - rest
-        best = build(self._widths(weights, high, sensitivity))
+        options = self._options(weights, sensitivity, cache)
+        best = build(mixed.allocate(options, high))
         if best[0] > target:
             low, fits = 0.0, None
             for _ in range(BISECTIONS):
                 middle = (low + high) / 2
-                found = build(self._widths(weights, middle, sensitivity))
+                found = build(mixed.allocate(options, middle))
                 if found[0] <= target:
                     low, fits = middle, found
                 else:
@@ -421,8 +476,7 @@ class Codebook(Pass):
         # The greedy path down from 8 bits moves in whole steps: spend what is left of the budget
         # on the steps up that buy the most distortion per byte (CIFAR: 7.2x -> 6.0x at ratio 6).
         for share in (1.0, 0.5, 0.25):
-            raised = mixed.fill(list(by_name), lambda n, b: self._estimate(by_name[n], b), sensitivity,
-                                best[3], share * (target - best[0]))
+            raised = mixed.fill(options, best[3], share * (target - best[0]))
             if raised != best[3]:
                 found = build(raised)
                 if found[0] <= target:
@@ -431,10 +485,23 @@ class Codebook(Pass):
         final = build(best[3], sizing=False)
         return final[1], final[2], True
 
-    def _widths(self, weights: list[_Weight], budget: float, sensitivity: dict[str, float]) -> dict[str, int]:
-        """Bits per weight within `budget` bytes, allocated by sensitivity (`mixed.py`)."""
-        by_name = {w.tensor.name: w for w in weights}
-        return mixed.allocate(list(by_name), lambda n, b: self._estimate(by_name[n], b), sensitivity, budget)
+    def _options(self, weights: list[_Weight], sensitivity: dict, cache: dict) -> dict[str, list[tuple]]:
+        """{weight: [(estimated bytes, distortion, choice)]} for `mixed.allocate`: each width of
+        mixed.CHOICES (choice: bits), and with `sparsity` each but 8 bits pruned first (choice:
+        (bits, True)). A pruned layer's distortion at b bits is the one measured at PROBE bits plus
+        the change the dense layer's codebook error makes from PROBE to b bits on the share of
+        the elements left."""
+        options = {}
+        for w in weights:
+            dense, pruned = sensitivity.get(w.tensor.name, (0.0, None))
+            found = [(self._estimate(w, b), mixed.at_bits(dense, b), b) for b in mixed.CHOICES]
+            if pruned is not None:
+                p = self._pruned(w, cache)
+                left = 1.0 - p.zeros / p.value.size
+                found += [(self._estimate(p, b), pruned + left * (mixed.at_bits(dense, b) - dense), (b, True))
+                          for b in mixed.CHOICES if b < 8]
+            options[w.tensor.name] = found
+        return options
 
     def _estimate(self, w: _Weight, bits: int) -> float:
         """Bytes `w` takes at `bits` (indices, codebooks, scales; the decode nodes ~ NODE_BYTES)."""
@@ -442,9 +509,17 @@ class Codebook(Pass):
         entry = self._codebook_dtype(w).itemsize
         granularity = self._granularity(w, bits)
         size = math.ceil(w.value.size * bits / 8) + NODE_BYTES
+        if self._sparse(w, bits):  # the mask, the nonzero weights' indices, the zero entry
+            size = math.ceil(w.value.size / 8) + math.ceil((w.value.size - w.zeros) * bits / 8) + 2 * NODE_BYTES
+            k += 1
         size += channels * (k * entry + 4) if granularity == "channel" else \
             k * entry + (channels * w.value.dtype.itemsize if granularity == "scaled" else 0)
         return size if size <= WORTH * w.bytes_before else w.bytes_before
+
+    def _sparse(self, w: _Weight, bits: int) -> bool:
+        """`w`'s zeros get a codebook entry of their own and a mask (`sparse`): when a 1-bit mask
+        costs less than the indices of the zeros it saves (more than 1/bits of `w` is zero)."""
+        return self.sparse and bits < 8 and 0 < w.zeros < w.value.size and w.zeros * bits > w.value.size
 
     @property
     def _min_elements(self) -> int:
@@ -473,12 +548,14 @@ class Codebook(Pass):
             fit.to_rows(np.broadcast_to(enc.scale, w.value.shape).astype(np.float64))[:, 0]
         dtype = enc.codebook.dtype
         stored = enc.codebook.astype(np.float64)
-        refits = stored.shape[1] <= datafit.REFIT_MAX_LEVELS
+        refits = stored.shape[1] - enc.sparse <= datafit.REFIT_MAX_LEVELS
         if np.array_equal(stored[owner[:, None], idx] * scale[:, None], rows):
             return enc  # exact already
         has_zero = np.zeros(stored.shape[0], bool)
         np.logical_or.at(has_zero, owner, (rows == 0).any(axis=1))
         pinned = (stored == 0) & has_zero[:, None]
+        if enc.sparse:
+            pinned[:, -1] = True  # the zeros' entry stays 0 (also in a codebook whose rows have none)
         zeros = (rows == 0) & pinned[owner].any(axis=1)[:, None] if pinned.any() else None
 
         def snapped(cb, ix):
@@ -512,7 +589,7 @@ class Codebook(Pass):
         if not rounds and refits:
             step(cb, idx)
         _, cb, idx = best
-        return _Encoding(cb.astype(dtype), fit.back(idx).astype(np.uint8), enc.channel_axis, enc.scale)
+        return _Encoding(cb.astype(dtype), fit.back(idx).astype(np.uint8), enc.channel_axis, enc.scale, enc.sparse)
 
     def _cluster_weights(self, w: _Weight, bits: int) -> _Encoding:
         k = 1 << bits
@@ -520,15 +597,19 @@ class Codebook(Pass):
         importance = _importance_array(w)
         dtype = self._codebook_dtype(w)
         granularity = self._granularity(w, bits)
+        sparse = self._sparse(w, bits)
         if granularity == "channel":
             rows = np.moveaxis(value, w.out_axis, 0).reshape(value.shape[w.out_axis], -1)
             hrows = None if importance is None else np.moveaxis(importance, w.out_axis, 0).reshape(rows.shape)
-            centroids = self._centroids_rows(rows, hrows, k)
+            centroids = self._centroids_rows(rows, hrows, k, sparse)
             codebook = centroids.astype(dtype)
             local = kmeans1d.assign(rows, codebook.astype(np.float64))
+            if sparse:  # the zeros: the entry after the k centroids
+                local[rows == 0] = k
+                codebook = np.concatenate([codebook, np.zeros((len(codebook), 1), dtype)], axis=1)
             moved = list(np.moveaxis(value, w.out_axis, 0).shape)
             indices = np.moveaxis(local.reshape(moved), 0, w.out_axis)
-            return _Encoding(codebook, indices.astype(np.uint8), w.out_axis)
+            return _Encoding(codebook, indices.astype(np.uint8), w.out_axis, sparse=sparse)
         scale = None
         if granularity == "scaled":  # channels brought to one scale share the codebook well
             axes = tuple(a for a in range(value.ndim) if a != w.out_axis)
@@ -537,10 +618,14 @@ class Codebook(Pass):
             value = value / scale.astype(np.float64)
         flat = value.ravel()
         h = None if importance is None else importance.ravel()
-        centroids = self._centroids_flat(flat, h, k)
+        fitted = flat != 0 if sparse else slice(None)  # sparse: the k centroids fit the nonzero values
+        centroids = self._centroids_flat(flat[fitted], None if h is None else h[fitted], k)
         codebook = centroids.astype(dtype)[None]
-        indices = kmeans1d.assign(flat[None], codebook.astype(np.float64)).reshape(value.shape)
-        return _Encoding(codebook, indices.astype(np.uint8), None, scale)
+        indices = kmeans1d.assign(flat[None], codebook.astype(np.float64))[0]
+        if sparse:
+            indices[flat == 0] = k
+            codebook = np.concatenate([codebook, np.zeros((1, 1), dtype)], axis=1)
+        return _Encoding(codebook, indices.reshape(value.shape).astype(np.uint8), None, scale, sparse)
 
     def _cluster_shared(self, group: list[_Weight], bits: int) -> list[_Encoding]:
         k = 1 << bits
@@ -566,11 +651,14 @@ class Codebook(Pass):
         start = kmeans1d.exact(x, k, hs, pin_zero=pin)
         return kmeans1d.lloyd(x[None], k, None if hs is None else hs[None], np.array([pin]), start=start[None])[0]
 
-    def _centroids_rows(self, rows: np.ndarray, h: np.ndarray | None, k: int) -> np.ndarray:
+    def _centroids_rows(self, rows: np.ndarray, h: np.ndarray | None, k: int, sparse: bool = False) -> np.ndarray:
         order = np.argsort(rows, axis=1, kind="stable")
         x = np.take_along_axis(rows, order, axis=1)
         hs = None if h is None else np.take_along_axis(h, order, axis=1)
         pin = (x == 0).any(axis=1)
+        if sparse:  # the zeros have an entry of their own: weight 0 here, and k centroids for the rest
+            hs = np.where(x == 0, 0.0, 1.0 if hs is None else hs)
+            pin = np.zeros_like(pin)
         out = np.empty((x.shape[0], k))
         step = max(1, (1 << 22) // (49 * 49 * 8))  # rows per chunk of the binned DP (~4 MB per cost matrix)
         for start in range(0, x.shape[0], step):
@@ -640,6 +728,7 @@ def _weight(model: ir.Model, node: gs.Node, index: int, tensor: gs.Tensor, min_e
         if lay.in_axis is not None and lay.groups == 1 and node.inputs[0] is not None and node.inputs[0].name:
             w.in_axis, w.activation = lay.in_axis, node.inputs[0].name
             w.activation_axis = lay.x_axis
+    w.zeros = int(value.size - np.count_nonzero(value))
     stored = code.constants if code is not None else (encoding.stored(tensor),)
     w.bytes_before = sum(ir.stored_nbytes(c) for c in stored)
     return w
@@ -657,6 +746,7 @@ class _Writer:
         self.shifts: dict[int, gs.Constant] = {}  # shared BitShift amounts
         self.tables: dict[int, gs.Constant] = {}  # shared unpacking tables
         self.flat: gs.Constant | None = None
+        self.axis: gs.Constant | None = None  # CumSum's axis (sparse indices)
 
     def planes(self, bits: int) -> list[int]:
         """How `bits`-bit indices are stored: [8] one uint8 each, [4] / [2] typed UINT4 / UINT2
@@ -685,7 +775,11 @@ class _Writer:
         if codebook is None:
             codebook = ir.const(f"{base}_codebook", np.ascontiguousarray(enc.codebook.reshape(-1)))
             stored += ir.stored_nbytes(codebook)
-        wide, payload = self._indices(base, enc.indices, self.planes(bits), shape)
+        planes = self.planes(bits)
+        if enc.sparse and planes != [8]:
+            wide, payload = self._sparse_indices(base, enc.indices, bits, planes, shape)
+        else:  # (sparse in bytes: the zeros' index 2^bits is a byte like the others)
+            wide, payload = self._indices(base, enc.indices, planes, shape)
         stored += payload
         if enc.channel_axis is not None:
             k = enc.codebook.shape[1]
@@ -738,6 +832,29 @@ class _Writer:
             shift += width
         return total, stored
 
+    def _sparse_indices(self, base: str, indices: np.ndarray, bits: int, planes: list[int],
+                        shape: list[int]) -> tuple[gs.Tensor, int]:
+        """A sparse encoding's indices (2^bits where the weight is 0) stored as a 1-bit mask of the
+        nonzero elements and the nonzero elements' indices in order, and the int32 tensor of all
+        of them in the weight's shape: Gather(Concat([2^bits], codes), CumSum(mask) * mask), i.e.
+        the i-th nonzero element takes the i-th code and every zero the entry 2^bits."""
+        flat = indices.ravel()
+        nonzero = flat != (1 << bits)
+        codes, stored = self._indices(f"{base}_nz", flat[nonzero], planes, [int(nonzero.sum())])
+        bits_mask, nbytes = self._plane(f"{base}_mask", nonzero.astype(np.uint8), 1, [flat.size])
+        zero = ir.const(f"{base}_zero", np.array([1 << bits], np.int32))
+        stored += nbytes + ir.stored_nbytes(zero)
+        table = self._node("Concat", [zero, codes], f"{base}_table", np.int32, [int(nonzero.sum()) + 1], axis=0)
+        mask = self._node("Cast", [bits_mask], f"{base}_mask32", np.int32, [flat.size], to=6)
+        if self.axis is None:
+            self.axis = ir.const(self.namer("codebook_axis0"), np.array(0, np.int32))
+        rank = self._node("CumSum", [mask, self.axis], f"{base}_rank", np.int32, [flat.size])
+        at = self._node("Mul", [rank, mask], f"{base}_at", np.int32, [flat.size])
+        picked = self._node("Gather", [table, at], f"{base}_picked", np.int32, [flat.size], axis=0)
+        target = ir.const(f"{base}_shape", np.array(shape, np.int64))
+        stored += ir.stored_nbytes(target)
+        return self._node("Reshape", [picked, target], f"{base}_index", np.int32, shape), stored
+
     def _plane(self, base: str, codes: np.ndarray, code_bits: int, shape: list[int]) -> tuple[gs.Tensor, int]:
         """`code_bits`-bit codes packed into bytes and the uint8 subgraph unpacking them (weight's shape)."""
         per_byte = 8 // code_bits
@@ -780,7 +897,8 @@ class _Writer:
 
     def shared(self) -> int:
         """Bytes of the constants every weight's decoding shares."""
-        return sum(ir.stored_nbytes(c) for c in [*self.shifts.values(), *self.tables.values(), self.flat] if c is not None)
+        return sum(ir.stored_nbytes(c) for c in [*self.shifts.values(), *self.tables.values(), self.flat, self.axis]
+                   if c is not None)
 
     def _table(self, code_bits: int) -> gs.Constant:
         """(256, 8 / code_bits) uint8: the codes each byte value holds, low bits first (one per model)."""

@@ -6,7 +6,10 @@ layer's output distortion at one probe width, D_l(probe), the distortion at b bi
 D_l(probe) * 4^(probe - b) (each bit of a k-means codebook quarters the squared error: the
 high-resolution rule, measured within ~1.5x on these weights from 3 to 8 bits), and bits are
 handed out greedily: every layer starts at the widest choice and the layer whose next step down
-costs the least distortion per byte saved steps down, until the layers fit the budget.
+costs the least distortion per byte saved steps down, until the layers fit the budget. With
+`codebook(sparsity=S)` a layer's choices also include pruning it to S zeros first (stored
+sparse: a mask and the nonzero weights' indices), measured the same way; the steps then follow
+each layer's lower convex hull of (bytes, distortion) over all its choices.
 
 D_l is measured with `--calib`: the model runs with that one layer snapped (all others float)
 and D_l is the output error energy over the output's variance plus the worst row's (token's or
@@ -93,62 +96,80 @@ def weight_error(value: np.ndarray, snapped: np.ndarray) -> float:
     return float(((ref - snapped.astype(np.float64)) ** 2).sum() / max(float((ref ** 2).sum()), 1e-30))
 
 
-def allocate(names: list[str], cost, sensitivity: dict[str, float], budget: float,
-             choices=CHOICES) -> dict[str, int]:
-    """{weight: bits} within `budget` bytes (the narrowest widths when nothing fits). `cost(name,
-    bits)` is the bytes of a weight at `bits`; sensitivity[name] its distortion at PROBE bits."""
-    bits = {n: choices[-1] for n in names}
+def at_bits(probe_distortion: float, bits: int) -> float:
+    """A layer's distortion at `bits`, from the one measured at PROBE bits (the 4^-b rule)."""
+    return probe_distortion * 4.0 ** (PROBE - bits)
 
-    def dist(n, b):
-        return _distortion(sensitivity, n, b)
 
-    total = sum(cost(n, bits[n]) for n in names)
+def _hull(options: list[tuple[float, float, object]]) -> list[tuple[float, float, object]]:
+    """The (bytes, distortion, choice) options on the lower convex hull, the most bytes first: an
+    option that costs more and distorts no less than another is never worth it, nor one above
+    the line between its neighbours (taking both halves of a step is as good)."""
+    pareto = []
+    for o in sorted(options, key=lambda o: (-o[0], o[1])):  # (ties: model order of the choices)
+        if pareto and o[0] == pareto[-1][0]:
+            continue  # as many bytes, more distortion
+        while pareto and o[1] <= pareto[-1][1]:
+            pareto.pop()  # cheaper and no worse
+        pareto.append(o)
+
+    def slope(a, b):  # distortion added per byte saved from a to the cheaper b
+        return (b[1] - a[1]) / (a[0] - b[0])
+
+    hull = []
+    for o in pareto:
+        while len(hull) >= 2 and slope(hull[-2], hull[-1]) >= slope(hull[-1], o):
+            hull.pop()
+        hull.append(o)
+    return hull
+
+
+def allocate(options: dict[str, list[tuple[float, float, object]]], budget: float) -> dict[str, object]:
+    """{layer: choice} within `budget` bytes (the cheapest choices when nothing fits).
+    options[layer]: its (bytes, distortion, choice) alternatives. Every layer starts at its
+    costliest choice; the layer whose next step down its hull adds the least distortion per byte
+    saved takes it, until the layers fit (ties: the first in model order, deterministic)."""
+    hulls = {n: _hull(o) for n, o in options.items()}
+    at = {n: 0 for n in hulls}
+    total = sum(h[0][0] for h in hulls.values())
     while total > budget:
         best, best_rate = None, None
-        for n in names:
-            at = choices.index(bits[n])
-            if at == 0:
-                continue
-            lower = choices[at - 1]
-            saved = cost(n, bits[n]) - cost(n, lower)
-            if saved <= 0:
-                continue
-            rate = (dist(n, lower) - dist(n, bits[n])) / saved
-            if best is None or rate < best_rate:  # ties: the first in model order (deterministic)
-                best, best_rate = n, rate
+        for n, h in hulls.items():
+            i = at[n]
+            if i + 1 < len(h):
+                rate = (h[i + 1][1] - h[i][1]) / (h[i][0] - h[i + 1][0])
+                if best is None or rate < best_rate:
+                    best, best_rate = n, rate
         if best is None:
             break
-        lower = choices[choices.index(bits[best]) - 1]
-        total -= cost(best, bits[best]) - cost(best, lower)
-        bits[best] = lower
-    return bits
+        h, i = hulls[best], at[best]
+        total -= h[i][0] - h[i + 1][0]
+        at[best] = i + 1
+    return {n: hulls[n][at[n]][2] for n in hulls}
 
 
-def _distortion(sensitivity: dict[str, float], name: str, bits: int) -> float:
-    return sensitivity.get(name, 0.0) * 4.0 ** (PROBE - bits)
-
-
-def fill(names: list[str], cost, sensitivity: dict[str, float], bits: dict[str, int], slack: float,
-         choices=CHOICES) -> dict[str, int]:
-    """`bits` with steps up taken, the most distortion saved per byte first, while their estimated
-    bytes fit in `slack`."""
-    bits = dict(bits)
+def fill(options: dict[str, list[tuple[float, float, object]]], chosen: dict[str, object],
+         slack: float) -> dict[str, object]:
+    """`chosen` with steps up the hulls taken, the most distortion saved per byte first, while
+    their estimated bytes fit in `slack`."""
+    hulls = {n: _hull(o) for n, o in options.items()}
+    at = {n: next(i for i, o in enumerate(h) if o[2] == chosen[n]) for n, h in hulls.items()}
     while True:
         best, best_gain, best_extra = None, None, 0.0
-        for n in names:
-            at = choices.index(bits[n])
-            if at == len(choices) - 1:
+        for n, h in hulls.items():
+            i = at[n]
+            if i == 0:
                 continue
-            extra = cost(n, choices[at + 1]) - cost(n, bits[n])
-            if extra <= 0 or extra > slack:
+            extra = h[i - 1][0] - h[i][0]
+            if extra > slack:
                 continue
-            gain = (_distortion(sensitivity, n, bits[n]) - _distortion(sensitivity, n, choices[at + 1])) / extra
+            gain = (h[i][1] - h[i - 1][1]) / extra
             if best is None or gain > best_gain:
                 best, best_gain, best_extra = n, gain, extra
         if best is None:
-            return bits
+            return {n: hulls[n][at[n]][2] for n in hulls}
         slack -= best_extra
-        bits[best] = choices[choices.index(bits[best]) + 1]
+        at[best] -= 1
 
 
-__all__ = ["CHOICES", "PROBE", "allocate", "fill", "distortion", "measured", "weight_error"]
+__all__ = ["CHOICES", "PROBE", "allocate", "at_bits", "fill", "distortion", "measured", "weight_error"]
