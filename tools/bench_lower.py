@@ -155,7 +155,7 @@ def lower_one(model: Path, target: str, calib: str, preprocess, folder: Path, *,
               interface: bool = False) -> dict:
     from edgegraph.lowering import targets
 
-    suffix = targets()[target].suffix or {"ort-mobile": ".ort"}[target]
+    suffix = targets()[target].suffix or {"ort-mobile": ".ort", "tflite": ".tflite"}[target]
     out = folder / f"{model.stem}.{target}{suffix}"
     start = time.perf_counter()
     try:
