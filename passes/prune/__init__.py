@@ -88,9 +88,11 @@ class Prune(Pass):
                                  "data, neuron merging without")
     refit: bool = option(True, "with calibration data, fit the recovered layers again on the pruned model's own "
                                "inputs (the errors of the layers before them included), in one more pass")
-    steps: int = option(3, "a MAC budget is reached in this many equal steps: after each, the pruned and refitted "
+    steps: int = option(1, "a MAC budget is reached in this many equal steps: after each, the pruned and refitted "
                            "model's inputs to every consumer are captured (against the original model's outputs) and "
-                           "the next channels are chosen on them, by the error left after the refit (1: one shot)")
+                           "the next channels are chosen on them, by the error left after the refit (1: one shot; "
+                           "3 measured at a 30% cut: SqueezeNet 0.50/0.46 -> 0.57/0.50 held-out agreement, but the "
+                           "CIFAR-10 CNN 0.81 -> 0.72, PP-OCR cls 0.80/0.79 -> 0.77/0.77, each step one more refit)")
     refit_stages: int = option(0, "the refit runs in this many passes over the fitting samples, layers in graph "
                                   "order, each stage fitted on the inputs the stages before it left (0: one "
                                   "stage per layer, fully sequential; 1: all layers at once)")
@@ -628,10 +630,9 @@ class _Pruner:
                     self._reselect(candidate, plans, removed, measured)
                 start = {gid: len(v) for gid, v in removed.items()}
                 removed = self._allocate(plans, (kind, amount * step / steps), start)
-                # (the steps before the last: least squares on the original's Grams only, no
-                # refit: the re-capture's solve refits every consumer, and a sequential refit is
-                # one pass per layer, YOLOX's 80 layers made each step minutes)
-                candidate = self._build(model, plans, removed, refit_=step == steps)
+                # (every step refitted: with least squares alone before the last, SqueezeNet at a
+                # 30% cut measured 0.54/0.46 instead of 0.57/0.50)
+                candidate = self._build(model, plans, removed)
         finally:
             for p in plans:
                 p.order, p.cost = saved[p.group.id]
