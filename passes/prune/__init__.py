@@ -557,9 +557,10 @@ class _Pruner:
                               + ", ".join(f"{c:.0%}: {r:.3f}" for c, r in table if r) + ")")
         return within[0] if within else cuts[-1]
 
-    def _allocate(self, plans: list[_Plan], setting, start: dict[int, int] | None = None) -> dict[int, np.ndarray]:
+    def _allocate(self, plans: list[_Plan], setting, start: dict[int, int] | None = None,
+                  limit: dict[int, int] | None = None) -> dict[int, np.ndarray]:
         """Channels to remove per group for `setting`; `start`: counts already removed (each group
-        keeps at least those, its order's prefix)."""
+        keeps at least those, its order's prefix), `limit`: the most each group may lose."""
         kind, amount = setting
         if kind == "ratio":
             removed = {}
@@ -572,14 +573,15 @@ class _Pruner:
         # pruned groups saves less than both count): aim higher until the real MACs reach it.
         aim, removed = amount, {}
         for _ in range(6):
-            removed = self._share(plans, aim, start or {})
+            removed = self._share(plans, aim, start or {}, limit)
             reached = 1 - self._macs_of(plans, removed) / self.macs_before
             if reached >= amount - 0.005 or aim >= 0.95:
                 break
             aim = min(0.95, aim + (amount - reached))
         return removed
 
-    def _share(self, plans: list[_Plan], cut: float, start: dict[int, int]) -> dict[int, np.ndarray]:
+    def _share(self, plans: list[_Plan], cut: float, start: dict[int, int],
+               limit: dict[int, int] | None = None) -> dict[int, np.ndarray]:
         """Remove channels in aligned steps, the cheapest loss per MAC saved first, until `cut` of
         the MACs would be saved, from the `start` counts on."""
         target = cut * self.macs_before
@@ -588,7 +590,7 @@ class _Pruner:
 
         def push(plan: _Plan, done: int) -> None:
             for k in plan.allowed(self.o.max_layer_cut):
-                if k > done and k <= len(plan.order):
+                if k > done and k <= len(plan.order) and (limit is None or k <= limit.get(plan.group.id, 0)):
                     before = plan.cost[done - 1] if done else 0.0
                     ratio = (plan.cost[k - 1] - before) / ((k - done) * plan.macs)
                     heapq.heappush(heap, (float(ratio), plan.group.id, k, done))
@@ -624,12 +626,16 @@ class _Pruner:
         steps = (steps or self.o.steps) if kind == "macs" and self.consumers and self.o.recover else 1
         saved = {p.group.id: (p.order, p.cost) for p in plans}
         removed: dict[int, np.ndarray] = {}
+        # Each group loses at most what the one-shot allocation takes from it: the steps change
+        # which channels go, not how many (aligned steps taken early and kept made the CIFAR-10
+        # CNN's 30% cut remove 40% of its MACs).
+        limit = {gid: len(v) for gid, v in self._allocate(plans, setting).items()} if steps > 1 else None
         try:
             for step in range(1, steps + 1):
                 if step > 1:
                     self._reselect(candidate, plans, removed, measured)
                 start = {gid: len(v) for gid, v in removed.items()}
-                removed = self._allocate(plans, (kind, amount * step / steps), start)
+                removed = self._allocate(plans, (kind, amount * step / steps), start, limit)
                 # (every step refitted: with least squares alone before the last, SqueezeNet at a
                 # 30% cut measured 0.54/0.46 instead of 0.57/0.50)
                 candidate = self._build(model, plans, removed)
