@@ -685,14 +685,7 @@ class _Pruner:
             kept = np.setdiff1d(np.arange(f), sorted(gone[name]))
             if xtx.shape[0] - 1 != kept.size:
                 continue  # (features cut some other way: keep the first choice)
-            node = nodes[name]
-            has_bias = node.op != "MatMul"
-            alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-            beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
-            prior = capture.layer_matrix(node, np.asarray(holders[node.inputs[1].name].values, np.float64))[0] * alpha
-            prior_bias = (np.asarray(holders[node.inputs[2].name].values, np.float64).reshape(-1) * beta
-                          if has_bias else None)
-            matrix, _ = refit.solve(xtx, xty, rows, self.o.ridge, prior, prior_bias)
+            matrix = self._refit_solution(nodes[name], holders, xtx, xty, rows)[0]  # (a Gemm's alpha: scales cancel)
             gram = capture.Gram(xtx=xtx[:-1, :-1], sums=xtx[:-1, -1], rows=rows)
             position = np.full(f, -1)
             position[kept] = np.arange(kept.size)
@@ -786,9 +779,20 @@ class _Pruner:
             bar.close()
 
     def _solve_refit(self, node: gs.Node, holders, xtx, xty, rows) -> None:
-        has_bias = node.op != "MatMul"
+        matrix, bias, back = self._refit_solution(node, holders, xtx, xty, rows)
         weight = holders[node.inputs[1].name]
-        stored = np.asarray(weight.values)
+        weight.values = back(matrix).astype(np.asarray(weight.values).dtype)
+        if node.op != "MatMul":
+            holder = holders[node.inputs[2].name]
+            value = np.asarray(holder.values)
+            holder.values = bias.reshape(value.shape).astype(value.dtype)
+
+    def _refit_solution(self, node: gs.Node, holders, xtx, xty, rows):
+        """The layer's ridge least-squares weights on its captured (XᵀX, XᵀY), pulled towards its
+        current ones: (matrix, bias, how to put the matrix back in the weight's shape), in the
+        stored units (a Gemm's alpha / beta divided out)."""
+        has_bias = node.op != "MatMul"
+        stored = np.asarray(holders[node.inputs[1].name].values)
         alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
         beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
         prior, back = capture.layer_matrix(node, stored.astype(np.float64))
@@ -796,12 +800,7 @@ class _Pruner:
         prior_bias = (np.asarray(holders[node.inputs[2].name].values, np.float64).reshape(-1) * beta
                       if has_bias else None)
         matrix, bias = refit.solve(xtx, xty, rows, self.o.ridge, prior, prior_bias)
-        matrix, bias = matrix / alpha, bias / beta
-        weight.values = back(matrix).astype(stored.dtype)
-        if has_bias:
-            holder = holders[node.inputs[2].name]
-            value = np.asarray(holder.values)
-            holder.values = bias.reshape(value.shape).astype(value.dtype)
+        return matrix / alpha, bias / beta, back
 
     def _least_squares(self, candidate, holders, nodes, plans, removed) -> None:
         gone: dict[str, list[np.ndarray]] = {}
