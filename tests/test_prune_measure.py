@@ -54,6 +54,10 @@ def test_kept_widths_at_or_above_the_alignment_are_multiples_of_it():
     assert kept(64, 16, 16) == [48, 32, 16]
     assert kept(48, 8, 16) == [32, 16]
     assert kept(24, 4, 1) == [20, 16, 12, 8]  # align=1: no block
+    # A width that is a multiple of the block stays one (YOLOX's 16-channel stem cut to 12 made the
+    # 1x1 Conv reading it twice as slow): one block is not cut, two only to one.
+    assert kept(16, 4, 16) == []
+    assert kept(32, 8, 16) == [16]
 
 
 def _flatten_gemm() -> ir.Model:

@@ -10,6 +10,8 @@ against that model. For each model and MAC cut, in one run:
   edgegraph           prune(macs=1-cut): reconstruction selection + least-squares recovery, widths
                       aligned to the cpu target (16)
   eg no-recovery      the same selection, recover=false
+  eg iterative        steps=3 (three MAC steps, the pruned model's inputs re-captured and the
+                      next channels chosen on them after each; the default chooses in one shot)
   eg no-align         align=1
   eg no-refit         refit=false (least squares on the original's activations only)
   eg sensitivity      sensitivity=true (each group's cost = the output error it causes alone)
@@ -106,6 +108,7 @@ def onnxsim_prune(kind: str):
 TOOLS = {
     "edgegraph": edgegraph_prune("prune(macs={keep})"),
     "eg no-recovery": edgegraph_prune("prune(macs={keep}, recover=false)"),
+    "eg iterative": edgegraph_prune("prune(macs={keep}, steps=3)"),
     "eg no-align": edgegraph_prune("prune(macs={keep}, align=1)"),
     "eg no-refit": edgegraph_prune("prune(macs={keep}, refit=false)"),
     "eg sensitivity": edgegraph_prune("prune(macs={keep}, sensitivity=true)"),

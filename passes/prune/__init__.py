@@ -88,6 +88,12 @@ class Prune(Pass):
                                  "data, neuron merging without")
     refit: bool = option(True, "with calibration data, fit the recovered layers again on the pruned model's own "
                                "inputs (the errors of the layers before them included), in one more pass")
+    steps: int = option(1, "a MAC budget is reached in this many equal steps: after each, the pruned and refitted "
+                           "model's inputs to every consumer are captured (against the original model's outputs) and "
+                           "the next channels are chosen on them, by the error left after the refit (1: one shot; "
+                           "3 measured at a 30% cut, held-out agreement: SqueezeNet 0.50/0.46 -> 0.52/0.51, the "
+                           "CIFAR-10 CNN unchanged, PP-OCR cls 0.80/0.79 -> 0.77/0.77, DeepLab foreground "
+                           "0.71/0.55 -> 0.66/0.48; each step costs one more refit)")
     refit_stages: int = option(0, "the refit runs in this many passes over the fitting samples, layers in graph "
                                   "order, each stage fitted on the inputs the stages before it left (0: one "
                                   "stage per layer, fully sequential; 1: all layers at once)")
@@ -127,6 +133,7 @@ class Prune(Pass):
         self.check(0 <= self.align <= 1024, f"prune: align must be in 0..1024, got {self.align}")
         self.check(0.0 < self.max_layer_cut < 1.0, f"prune: max_layer_cut must be in (0, 1), got {self.max_layer_cut}")
         self.check(self.sensitivity in (True, False, "auto"), "prune: sensitivity must be true, false or auto")
+        self.check(1 <= self.steps <= 20, f"prune: steps must be in 1..20, got {self.steps}")
         self.check(0 <= self.refit_stages <= 10000, f"prune: refit_stages must be >= 0, got {self.refit_stages}")
         self.check(self.holdout >= 1 and self.calib_samples >= 0, "prune: holdout must be >= 1, calib_samples >= 0")
         self.check(all(isinstance(n, str) and n for n in self.protect), "prune: protect must be a list of node names")
@@ -158,11 +165,13 @@ class _Plan:
         of `align` where they are not narrower than it: onnxruntime's NCHWc kernels pad a layer's
         output channels to their block, and its input channels too from one block on, so 24 -> 20
         channels saves MACs but no time; on the CIFAR-10 CNN, 24 -> 16 in one layer made the model
-        0.82x as slow, 24 -> 20 in two layers 0.90x)."""
+        0.82x as slow, 24 -> 20 in two layers 0.90x). A group whose width is a multiple of `align`
+        stays one: YOLOX's 16-channel stem cut to 12 saved MACs but no time in its Conv (the output
+        is padded back to 16) and made the 1x1 Conv reading it 2x slower (59 -> 123 us, 1 thread)."""
         c, m = self.group.channels, self.multiple
         low = max(1, math.ceil(c * (1 - max_layer_cut)))
         return [c - k for k in range((c - 1) // m * m, 0, -m)
-                if k >= low and c - k > 0 and (k < self.align or k % self.align == 0)] if c > 1 else []
+                if k >= low and c - k > 0 and (k % self.align == 0 or (k < self.align and c % self.align))] if c > 1 else []
 
 
 class _Pruner:
@@ -231,10 +240,8 @@ class _Pruner:
         reference = self._reference(given, held)
         scores = verify.score_outputs(model)
 
-        def build(setting):
-            removed = self._allocate(live, setting)
-            candidate = self._build(model, live, removed)
-            return candidate, removed
+        def build(setting):  # (costs: measured sensitivity curves when those are the ones allocating)
+            return self._iterate(model, live, setting, "measured" in costs and (len(costs) == 1 or o.sensitivity is True))
 
         def measure(setting):
             if len(costs) > 1 and o.sensitivity == "auto" and held is not None and setting[0] == "macs":
@@ -508,8 +515,7 @@ class _Pruner:
         for kind, cost in costs.items():
             for plan in plans:
                 plan.cost = cost[plan.group.id]
-            removed = self._allocate(plans, setting)
-            built[kind] = self._build(self.work_model, plans, removed), removed
+            built[kind] = self._iterate(self.work_model, plans, setting, kind == "measured", steps=1)
             out = runtime.outputs(built[kind][0].to_proto(), self.held_batches, threads=self.ctx.threads)
             noise[kind] = _relative_noise(reference, out, scores)
         best = min(noise, key=lambda k: (noise[k], k))
@@ -519,6 +525,8 @@ class _Pruner:
                            "held_out_relative_noise": {k: round(v, 6) for k, v in noise.items()}}
         costs.clear()
         costs[best] = {p.group.id: p.cost for p in plans}
+        if self.o.steps > 1:  # (the two curves are compared in one shot: iterating both took twice as long)
+            return self._iterate(self.work_model, plans, setting, best == "measured")
         return built[best]
 
     # -- budget ------------------------------------------------------------------------------
@@ -550,7 +558,10 @@ class _Pruner:
                               + ", ".join(f"{c:.0%}: {r:.3f}" for c, r in table if r) + ")")
         return within[0] if within else cuts[-1]
 
-    def _allocate(self, plans: list[_Plan], setting) -> dict[int, np.ndarray]:
+    def _allocate(self, plans: list[_Plan], setting, start: dict[int, int] | None = None,
+                  limit: dict[int, int] | None = None) -> dict[int, np.ndarray]:
+        """Channels to remove per group for `setting`; `start`: counts already removed (each group
+        keeps at least those, its order's prefix), `limit`: the most each group may lose."""
         kind, amount = setting
         if kind == "ratio":
             removed = {}
@@ -563,23 +574,24 @@ class _Pruner:
         # pruned groups saves less than both count): aim higher until the real MACs reach it.
         aim, removed = amount, {}
         for _ in range(6):
-            removed = self._share(plans, aim)
+            removed = self._share(plans, aim, start or {}, limit)
             reached = 1 - self._macs_of(plans, removed) / self.macs_before
             if reached >= amount - 0.005 or aim >= 0.95:
                 break
             aim = min(0.95, aim + (amount - reached))
         return removed
 
-    def _share(self, plans: list[_Plan], cut: float) -> dict[int, np.ndarray]:
+    def _share(self, plans: list[_Plan], cut: float, start: dict[int, int],
+               limit: dict[int, int] | None = None) -> dict[int, np.ndarray]:
         """Remove channels in aligned steps, the cheapest loss per MAC saved first, until `cut` of
-        the MACs would be saved."""
+        the MACs would be saved, from the `start` counts on."""
         target = cut * self.macs_before
-        taken = {p.group.id: 0 for p in plans}
+        taken = {p.group.id: start.get(p.group.id, 0) for p in plans}
         heap = []
 
         def push(plan: _Plan, done: int) -> None:
             for k in plan.allowed(self.o.max_layer_cut):
-                if k > done and k <= len(plan.order):
+                if k > done and k <= len(plan.order) and (limit is None or k <= limit.get(plan.group.id, 0)):
                     before = plan.cost[done - 1] if done else 0.0
                     ratio = (plan.cost[k - 1] - before) / ((k - done) * plan.macs)
                     heapq.heappush(heap, (float(ratio), plan.group.id, k, done))
@@ -587,8 +599,8 @@ class _Pruner:
 
         by_id = {p.group.id: p for p in plans}
         for plan in plans:
-            push(plan, 0)
-        saved = 0.0
+            push(plan, taken[plan.group.id])
+        saved = sum(taken[p.group.id] * p.macs for p in plans)
         while heap and saved < target:
             _, gid, k, done = heapq.heappop(heap)
             plan = by_id[gid]
@@ -599,6 +611,105 @@ class _Pruner:
             taken[gid] = k
             push(plan, k)
         return {gid: by_id[gid].order[:k] for gid, k in taken.items()}
+
+    # -- the iterative loop ------------------------------------------------------------------
+
+    def _iterate(self, model: ir.Model, plans: list[_Plan], setting, measured: bool = False,
+                 steps: int | None = None):
+        """Prune, recover, re-capture, in `steps` equal MAC steps towards `setting`: after each step
+        the pruned and refitted model's inputs to every consumer are captured (XᵀX, and XᵀY against
+        the original model's outputs: errors are measured from the original, so they do not
+        accumulate) and each group's next channels are chosen on them (`_reselect`). Every model is
+        built from the original with the channels removed so far (exact surgery, then the same
+        least squares and refit), so the last one is dense and deterministic. The plans' orders and
+        costs are restored afterwards. Returns (model, removed)."""
+        kind, amount = setting
+        steps = (steps or self.o.steps) if kind == "macs" and self.consumers and self.o.recover else 1
+        saved = {p.group.id: (p.order, p.cost) for p in plans}
+        removed: dict[int, np.ndarray] = {}
+        # Each group loses at most what the one-shot allocation takes from it: the steps change
+        # which channels go, not how many (aligned steps taken early and kept made the CIFAR-10
+        # CNN's 30% cut remove 40% of its MACs).
+        limit = {gid: len(v) for gid, v in self._allocate(plans, setting).items()} if steps > 1 else None
+        try:
+            for step in range(1, steps + 1):
+                if step > 1:
+                    self._reselect(candidate, plans, removed, measured)
+                start = {gid: len(v) for gid, v in removed.items()}
+                removed = self._allocate(plans, (kind, amount * step / steps), start, limit)
+                # (every step refitted: with least squares alone before the last, SqueezeNet at a
+                # 30% cut measured 0.54/0.46 instead of 0.57/0.50, both without the limit)
+                candidate = self._build(model, plans, removed)
+        finally:
+            for p in plans:
+                p.order, p.cost = saved[p.group.id]
+        return candidate, removed
+
+    def _reselect(self, candidate: ir.Model, plans: list[_Plan], removed: dict[int, np.ndarray],
+                  measured: bool) -> None:
+        """Choose each group's remaining channels on the pruned model: every consumer's Gram on
+        the candidate's inputs (kept features) and its least-squares optimum against the original
+        model's outputs, then the same greedy reconstruction as the first choice (ThiNet / He et
+        al. 2017: the error is what the refit cannot recover). The order keeps the removed prefix;
+        for reconstruction costs, the curve past it is the prefix's cost plus the new errors
+        (measured sensitivity curves, by channel count, stay)."""
+        cuts = [(p.group, sorted(removed[p.group.id].tolist())) for p in plans if len(removed.get(p.group.id, ()))]
+        if not cuts:
+            return
+        spaces, _ = channels._merged(cuts)
+        gone: dict[str, set[int]] = {}  # per consumer, the Gram features removed so far
+        for plan in plans:
+            for name, feats in self.features.get(plan.group.id, ()):
+                chosen = removed.get(plan.group.id)
+                gone.setdefault(name, set()).update(
+                    int(f) for c in (chosen if chosen is not None else ()) for f in feats[c])
+        names = [n for n in gone if n in self.consumers]
+        layers = {}
+        for name in names:
+            out = self.work_nodes[name].outputs[0]
+            rank = len(out.shape)
+            axis = 1 if self.work_nodes[name].op in ("Conv", "Gemm") else rank - 1
+            dropped = spaces.get((out.name, axis))
+            layers[name] = (out.name, None if not dropped else np.setdiff1d(np.arange(out.shape[axis]), sorted(dropped)),
+                            axis, rank)
+        probed = candidate.copy()
+        compute_in_float32(probed)
+        grams, _ = refit.refit(refit.paired(probed.to_proto(), self.original_fp32), layers, self.fit_batches,
+                               threads=self.ctx.threads,
+                               progress=lambda it, **kw: self.ctx.progress_bar(it, desc="prune: re-capturing XᵀX"))
+        nodes = {n.name: n for n in candidate.graph.nodes}
+        holders = channels._constant_holders(candidate.graph)
+        renewed: dict[str, tuple[select.Consumer, np.ndarray]] = {}
+        for name, (xtx, xty, rows) in grams.items():
+            f = self.consumers[name].matrix.shape[1]
+            kept = np.setdiff1d(np.arange(f), sorted(gone[name]))
+            if xtx.shape[0] - 1 != kept.size:
+                continue  # (features cut some other way: keep the first choice)
+            matrix = self._refit_solution(nodes[name], holders, xtx, xty, rows)[0]  # (a Gemm's alpha: scales cancel)
+            gram = capture.Gram(xtx=xtx[:-1, :-1], sums=xtx[:-1, -1], rows=rows)
+            position = np.full(f, -1)
+            position[kept] = np.arange(kept.size)
+            bias = _bias_ok(self.work_nodes[name], self.consumers[name].matrix.shape[0])
+            renewed[name] = (select.Consumer(name, matrix, gram, bias, self.o.ridge), position)
+        for plan in plans:
+            done = len(removed.get(plan.group.id, ()))
+            entries = [(name, feats) for name, feats in self.features.get(plan.group.id, ()) if name in renewed]
+            if plan.method != "reconstruction" or len(entries) != len(self.features.get(plan.group.id, ())) \
+                    or not entries:
+                continue
+            alive = np.setdiff1d(np.arange(plan.group.channels), removed.get(plan.group.id, np.zeros(0, np.int64)))
+            steps = min(max(plan.allowed(self.o.max_layer_cut)), len(plan.order)) - done
+            if steps <= 0:
+                continue
+            consumers = [(renewed[name][0], [renewed[name][1][feats[c]] for c in alive]) for name, feats in entries]
+            if any((f < 0).any() for _, fs in consumers for f in fs):
+                continue
+            with np.errstate(divide="ignore", invalid="ignore"):
+                order, cost = select.reconstruction_order(consumers, alive.size, steps)
+            plan.order = np.concatenate([plan.order[:done], alive[order]])
+            if not measured:
+                base = plan.cost[done - 1] if done else 0.0
+                plan.cost = np.concatenate([plan.cost[:done], base + cost])
 
     # -- surgery -----------------------------------------------------------------------------
 
@@ -668,9 +779,20 @@ class _Pruner:
             bar.close()
 
     def _solve_refit(self, node: gs.Node, holders, xtx, xty, rows) -> None:
-        has_bias = node.op != "MatMul"
+        matrix, bias, back = self._refit_solution(node, holders, xtx, xty, rows)
         weight = holders[node.inputs[1].name]
-        stored = np.asarray(weight.values)
+        weight.values = back(matrix).astype(np.asarray(weight.values).dtype)
+        if node.op != "MatMul":
+            holder = holders[node.inputs[2].name]
+            value = np.asarray(holder.values)
+            holder.values = bias.reshape(value.shape).astype(value.dtype)
+
+    def _refit_solution(self, node: gs.Node, holders, xtx, xty, rows):
+        """The layer's ridge least-squares weights on its captured (XᵀX, XᵀY), pulled towards its
+        current ones: (matrix, bias, how to put the matrix back in the weight's shape), in the
+        stored units (a Gemm's alpha / beta divided out)."""
+        has_bias = node.op != "MatMul"
+        stored = np.asarray(holders[node.inputs[1].name].values)
         alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
         beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
         prior, back = capture.layer_matrix(node, stored.astype(np.float64))
@@ -678,12 +800,7 @@ class _Pruner:
         prior_bias = (np.asarray(holders[node.inputs[2].name].values, np.float64).reshape(-1) * beta
                       if has_bias else None)
         matrix, bias = refit.solve(xtx, xty, rows, self.o.ridge, prior, prior_bias)
-        matrix, bias = matrix / alpha, bias / beta
-        weight.values = back(matrix).astype(stored.dtype)
-        if has_bias:
-            holder = holders[node.inputs[2].name]
-            value = np.asarray(holder.values)
-            holder.values = bias.reshape(value.shape).astype(value.dtype)
+        return matrix / alpha, bias / beta, back
 
     def _least_squares(self, candidate, holders, nodes, plans, removed) -> None:
         gone: dict[str, list[np.ndarray]] = {}
