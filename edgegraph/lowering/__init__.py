@@ -175,10 +175,10 @@ MIN_NODE_SHARE = 0.99
 
 
 def _check_partitions(before: ir.Model, after: ir.Model, target: Target) -> str:
-    """Refuse (exit 2) unless `edgegraph check` finds `after` one partition over MIN_NODE_SHARE of
-    its nodes on the target (where the target is to run the whole graph) (the graph its execution provider sees: after onnxruntime's basic
-    optimisations, which fold constant subgraphs such as MiniLM's int8 weight decode); else the
-    note saying what changed."""
+    """The note saying how `edgegraph check` partitions `before` and `after` (the graph the
+    execution provider sees: after onnxruntime's basic optimisations, which fold constant subgraphs
+    such as MiniLM's int8 weight decode); exit 2 instead when a target that is to run the whole
+    graph gets more than one partition or less than MIN_NODE_SHARE of the nodes."""
     from edgegraph.targets.check import check
 
     was, now = (check(m, target.profile, macs=False) for m in (before, after))
