@@ -256,14 +256,8 @@ class _Checker:
         sess = runtime.session(model, threads=self.ctx.threads, optimize=optimize)
         # (A model from before a pass that added inputs, `feed`, is not fed them; one whose input
         # dtypes a pass changed, legalize(interface=target), is fed the same values in its dtypes.)
-        taken = {i.name: i.type for i in sess.get_inputs()}
-        dtypes = {spec.name: spec.dtype for spec in runtime.input_specs(sess)}
-
-        def fed(feeds: Feeds) -> Feeds:
-            return {k: v.astype(dtypes[k]) if isinstance(v, np.ndarray) and taken[k].startswith("tensor(")
-                    and v.dtype != dtypes[k] else v for k, v in feeds.items() if k in taken}
-
-        return [runtime.run(sess, fed(feeds)) for feeds in self.batches]
+        specs = runtime.input_specs(sess)
+        return [runtime.run(sess, runtime.adapt_feeds(specs, feeds)) for feeds in self.batches]
 
     def step(self, model: ir.Model, name: str, *, exact: bool,
              before: onnx.ModelProto | None = None) -> dict[str, verify.OutputMetrics]:
