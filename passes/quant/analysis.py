@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,13 +27,7 @@ from onnx import helper
 
 from edgegraph import verify
 from edgegraph.analysis.capture import Probe
-from edgegraph.passes.quant.state import probe_stream
 from edgegraph.runtime import Feeds
-
-def _outputs(probe: Probe, batches: Iterable[Feeds], threads: int) -> Iterator[Feeds]:
-    """The probe's outputs per batch (batches run side by side: state.probe_stream)."""
-    return (out for _, out in probe_stream(probe, batches, threads))
-
 
 # ---------------------------------------------------------------------------------------------
 # Paired float / quantized errors
@@ -101,7 +95,7 @@ def paired_errors(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, pa
         reference = probe.activation(FLOAT_PREFIX + name, kind)
         reads[name] = (probe.energy(reference), probe.energy(probe.activation(quantized, kind), reference))
     sums = {name: ErrorSums() for name in reads}
-    for out in progress(_outputs(probe, batches, threads), desc="quant: measuring SQNR"):
+    for out in progress(probe.run(batches, threads, side_by_side=True), desc="quant: measuring SQNR"):
         for name, (signal, noise) in reads.items():
             sums[name].signal += float(out[signal])
             sums[name].noise += float(out[noise])
@@ -147,7 +141,7 @@ def mean_layer_errors(proto: onnx.ModelProto, layers: Sequence[tuple[str, Mappin
     counts = {name: probe.output(probe._node("Size", [outputs[name]])) for name, _, _ in layers}
     sums: dict[str, np.ndarray] = {}
     totals: dict[str, int] = collections.Counter()
-    for out in progress(_outputs(probe, batches, threads), desc="quant: bias correction"):
+    for out in progress(probe.run(batches, threads, side_by_side=True), desc="quant: bias correction"):
         for name, read in reads.items():
             sums[name] = sums.get(name, 0.0) + out[read].astype(np.float64)
             channels = out[read].size

@@ -14,7 +14,7 @@ from edgegraph.analysis import capture
 from edgegraph.errors import CalibrationDataError
 from edgegraph.passes.quant import calibrate
 from edgegraph.passes.quant.placement import SHARED, Plan
-from edgegraph.passes.quant.state import QuantRun, probe_stream
+from edgegraph.passes.quant.state import QuantRun
 
 # Calibration samples that per-channel variances are estimated from.
 MOMENT_SAMPLES = 8
@@ -47,7 +47,7 @@ def collect(run: QuantRun, plan: Plan, names: list[str], desc: str, timing: str)
 
     # Skipped tensors get no entry: a later plan that splits their group measures them then.
     stats = {name: capture.RangeStats() for name in names if name in wanted}
-    stream = probe_stream(probe, run.batches(run.calib), run.ctx.threads)
+    stream = probe.run_with_feeds(run.batches(run.calib), run.ctx.threads, side_by_side=True)
     channel_ids = {}  # (tensor, sample length) -> channel of each sampled value
     seen = 0
     try:

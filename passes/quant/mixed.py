@@ -28,7 +28,7 @@ from edgegraph import ir, runtime
 from edgegraph.errors import one_line
 from edgegraph.passes.quant import numerics, speed
 from edgegraph.passes.quant.placement import Plan
-from edgegraph.passes.quant.state import QuantRun, SideBySide
+from edgegraph.passes.quant.state import QuantRun
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class _Segments:
     gates in graph order, and the cuts are where its first SEGMENT_DEPTH levels of halving
     start them, so measurements of later groups skip the network before them (the values are
     the same as from the whole model, up to the float rounding of kernels ORT fuses across a
-    cut; PP-OCRv4 det: 18% less CPU time). The batches run side by side (state.SideBySide):
+    cut; PP-OCRv4 det: 18% less CPU time). The batches run side by side (runtime.SideBySide):
     with other work on the 2-core development machine, det's measurements went from 9.4 s to
     3.8 s of CPU time (14-18 s to 7.7 s wall), with the same tensors chosen."""
 
@@ -269,7 +269,7 @@ class _Segments:
         self.outputs = [o.name for o in graph.output]
         self.batches = batches
         self.size = len(order)
-        self.runner = SideBySide(len(batches), threads)
+        self.runner = runtime.SideBySide(len(batches), threads)
         each = self.runner.session_threads
         position = {int(node.input[0][len("__gate"):]): i for i, node in enumerate(graph.node)
                     if node.op_type == "If" and node.input[0].startswith("__gate")}

@@ -8,9 +8,6 @@ calls them in order.
 
 from __future__ import annotations
 
-import itertools
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -108,20 +105,22 @@ class QuantRun:
         if self._reference is None:
             data = self.calib.take(self.analysis_count, start=max(0, len(self.calib) - self.analysis_count))
             self._held_out = list(self.batches(data))
-            self._reference = outputs(self.float_proto, self._held_out, self.ctx.threads)
+            self._reference = runtime.outputs(self.float_proto, self._held_out, threads=self.ctx.threads,
+                                              side_by_side=True)
         return self._held_out, self._reference
 
     def score(self, model: ir.Model) -> float:
         """The worst output SQNR (dB) of a model vs the float model on the held-out samples."""
         batches, reference = self.held_out()
-        return verify.worst_sqnr_db(reference, outputs(model.to_proto(), batches, self.ctx.threads))
+        candidate = runtime.outputs(model.to_proto(), batches, threads=self.ctx.threads, side_by_side=True)
+        return verify.worst_sqnr_db(reference, candidate)
 
     def sample_errors(self, model: ir.Model) -> tuple[np.ndarray, np.ndarray]:
         """(signal, noise): the float outputs' energy and the model's squared error against
         them, per held-out sample (rows; a batch is one row when an output has no batch axis
         of its size) and float output (columns)."""
         batches, reference = self.held_out()
-        candidate = outputs(model.to_proto(), batches, self.ctx.threads)
+        candidate = runtime.outputs(model.to_proto(), batches, threads=self.ctx.threads, side_by_side=True)
         names = [n for n, v in reference[0].items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
         signal, noise = [], []
         for feeds, ref, got in zip(batches, reference, candidate):
@@ -133,63 +132,6 @@ class QuantRun:
                 noise.append([np.sum(np.square(np.asarray(got[n][part] if rows > 1 else got[n], np.float64) - r[n]))
                               for n in names])
         return np.array(signal).reshape(-1, len(names)), np.array(noise).reshape(-1, len(names))
-
-
-class SideBySide:
-    """Runs a function over batches `threads` at a time (0: every core this process may use),
-    each session on one thread (`session_threads`), when there are at least two batches; one
-    batch runs alone on `threads`. A thread that waits for its partner spins, so on a machine
-    shared with other work one 2-thread run of PP-OCRv4 det took 3x a 1-thread run, while two
-    1-thread runs side by side share no work; the results do not depend on the core count."""
-
-    def __init__(self, count: int, threads: int):
-        cores = threads or _cores()
-        self.workers = max(1, min(count, cores))
-        self.session_threads = 1 if self.workers > 1 else threads
-        self.pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
-
-    def map(self, function, items) -> list:
-        return list(self.pool.map(function, items) if self.pool else map(function, items))
-
-    def close(self) -> None:
-        if self.pool:
-            self.pool.shutdown()
-
-
-def outputs(proto, batches: list, threads: int) -> list[dict]:
-    """runtime.outputs of `proto` on `batches` (optimized, as deployed), run SideBySide."""
-    runner = SideBySide(len(batches), threads)
-    try:
-        sess = runtime.session(proto, threads=runner.session_threads, optimize=True)
-        specs = runtime.input_specs(sess)
-        return runner.map(lambda feeds: runtime.run(sess, runtime.adapt_feeds(specs, feeds)), batches)
-    finally:
-        runner.close()
-
-
-def _cores() -> int:
-    """The cores this process may run on (all of them where the OS cannot say: macOS)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def probe_stream(probe: capture.Probe, batches, threads: int):
-    """What probe.run_with_feeds(batches, threads) yields, (feeds, probe outputs) per batch in
-    order, with the batches run SideBySide a few at a time."""
-    pending = iter(batches)
-    chunk = list(itertools.islice(pending, threads or _cores()))
-    runner = SideBySide(len(chunk), threads)
-    try:
-        sess = runtime.session(probe.model, threads=runner.session_threads, optimize=True)
-        specs = runtime.input_specs(probe.model)
-
-        def one(batch):
-            feeds = runtime.adapt_feeds(specs, batch)
-            return feeds, runtime.run(sess, feeds, probe.outputs)
-        while chunk:
-            yield from runner.map(one, chunk)
-            chunk = list(itertools.islice(pending, runner.workers))
-    finally:
-        runner.close()
 
 
 def split_for_floor(data: CalibrationData) -> tuple[CalibrationData, CalibrationData, dict]:
@@ -211,4 +153,4 @@ def _subset(data: CalibrationData, indices: list[int]) -> CalibrationData:
     return CalibrationData(len(indices), lambda i: data.fetch(indices[i]), data.source, data.batch_axes)
 
 
-__all__ = ["QuantRun", "PER_CHANNEL_OPSET", "split_for_floor", "SideBySide", "outputs", "probe_stream"]
+__all__ = ["QuantRun", "PER_CHANNEL_OPSET", "split_for_floor"]
