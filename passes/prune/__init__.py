@@ -664,14 +664,7 @@ class _Pruner:
                 gone.setdefault(name, set()).update(
                     int(f) for c in (chosen if chosen is not None else ()) for f in feats[c])
         names = [n for n in gone if n in self.consumers]
-        layers = {}
-        for name in names:
-            out = self.work_nodes[name].outputs[0]
-            rank = len(out.shape)
-            axis = 1 if self.work_nodes[name].op in ("Conv", "Gemm") else rank - 1
-            dropped = spaces.get((out.name, axis))
-            layers[name] = (out.name, None if not dropped else np.setdiff1d(np.arange(out.shape[axis]), sorted(dropped)),
-                            axis, rank)
+        layers = {name: _captured_output(self.work_nodes[name], spaces) for name in names}
         probed = candidate.copy()
         compute_in_float32(probed)
         grams, _ = refit.refit(refit.paired(probed.to_proto(), self.original_fp32), layers, self.fit_batches,
@@ -747,12 +740,7 @@ class _Pruner:
                 continue
             if name not in self.recovered and not (self.o.bias_correction and _has_bias(nodes[name], holders)):
                 continue
-            out = node.outputs[0]
-            rank = len(out.shape)
-            axis = 1 if node.op in ("Conv", "Gemm") else rank - 1
-            gone = spaces.get((out.name, axis))
-            kept = None if not gone else np.setdiff1d(np.arange(out.shape[axis]), sorted(gone))
-            (layers if name in self.recovered else means)[name] = (out.name, kept, axis, rank)
+            (layers if name in self.recovered else means)[name] = _captured_output(node, spaces)
         names = [n for n in order if n in layers or n in means]
         if not names:
             return
@@ -1003,6 +991,16 @@ def _name_nodes(graph: gs.Graph) -> None:
         if not node.name or node.name in seen:
             node.name = namer(f"{node.op}_prune")
         seen.add(node.name)
+
+
+def _captured_output(node: gs.Node, spaces) -> tuple[str, np.ndarray | None, int, int]:
+    """What refit.refit captures of a Conv / Gemm / MatMul of the working model: (its output's
+    name, the output channels the cuts keep (None: all), the channel axis, the rank)."""
+    out = node.outputs[0]
+    rank = len(out.shape)
+    axis = 1 if node.op in ("Conv", "Gemm") else rank - 1
+    gone = spaces.get((out.name, axis))
+    return out.name, None if not gone else np.setdiff1d(np.arange(out.shape[axis]), sorted(gone)), axis, rank
 
 
 def _bias_ok(node: gs.Node, outputs: int) -> bool:
