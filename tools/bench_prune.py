@@ -1,6 +1,7 @@
 """Benchmark: edgegraph `prune` vs onnxsim 0.8's `onnxsim.pruning` on real models and data.
 
     python tools/bench_prune.py [--models cifar10,mnist,...] [--cuts 0.1,0.2,0.3,0.5] [--eval N] [--json out.json]
+                                [--tools "edgegraph,prune(macs={keep}, align=8)"] [--calib N]
 
 Models and data come from tools/bench_quant.py (same preprocessing, 64 calibration inputs, a
 disjoint evaluation set, split in two halves A / B). SqueezeNet's float16 file is compared in
@@ -20,6 +21,11 @@ against that model. For each model and MAC cut, in one run:
                       (calibrated on the same 64 inputs); onnxsim's knob is a channel fraction, so
                       it is bisected (global_sparsity=True) until its MAC cut is the same
 
+A `--tools` entry that is a pass spec (`prune(macs={keep}, ...)`) runs that spec as one more
+edgegraph row. `--calib N` gives every tool N calibration samples instead of 64: the extra ones
+come after the evaluation samples, so both splits stay the same (what more calibration buys is
+measured on the same images); prune fits on 64 of them unless a spec says `calib_samples=0`.
+
 Columns: MACs removed, params ratio, latency ratio (pruned / fp32, onnxruntime CPU, 1 thread,
 full optimisations, interleaved rounds, median), agreement with fp32 on eval halves A and B:
 top-1 for classifiers, pixels fp32 calls foreground (argmax != background) for DeepLab, the
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -118,6 +125,19 @@ TOOLS = {
 }
 
 
+def with_calibration(total: int):
+    """bench_quant's split with `total` calibration samples: its first CALIB, then the ones after
+    both evaluation splits (so the splits are the ones the default run evaluates on)."""
+    base = bq.CALIB
+
+    def split(x: np.ndarray, n: int):
+        if len(x) < total + 2 * n:
+            raise SystemExit(f"only {len(x)} samples for {total} calibration + 2 x {n} held out")
+        return np.concatenate([x[:base], x[base + 2 * n:total + 2 * n]]), (x[base:base + n], x[base + n:base + 2 * n])
+
+    bq.CALIB, bq.split = total, split  # (cases() asks for CALIB + 2 n samples and splits them)
+
+
 def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
     source = case.source
     model = modelio.load(source)
@@ -178,9 +198,14 @@ def main() -> None:
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--eval", type=int, default=64, help="evaluation inputs (two halves)")
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
+    parser.add_argument("--calib", type=int, default=bq.CALIB, help="calibration samples (the extra ones after "
+                                                                   "the evaluation splits)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    tools = {name: TOOLS[name] for name in args.tools.split(",")}
+    names = [t.strip() for t in re.split(r",(?![^()]*\))", args.tools) if t.strip()]  # (not commas inside a spec)
+    tools = {name: TOOLS[name] if name in TOOLS else edgegraph_prune(name) for name in names}
+    if args.calib != bq.CALIB:
+        with_calibration(args.calib)
     cuts = [float(c) for c in args.cuts.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
