@@ -1,6 +1,7 @@
 """Benchmark: edgegraph `prune` vs onnxsim 0.8's `onnxsim.pruning` on real models and data.
 
     python tools/bench_prune.py [--models cifar10,mnist,...] [--cuts 0.1,0.2,0.3,0.5] [--eval N] [--json out.json]
+                                [--tools "edgegraph,prune(macs={keep}, align=8)"] [--calib N]
 
 Models and data come from tools/bench_quant.py (same preprocessing, 64 calibration inputs, a
 disjoint evaluation set, split in two halves A / B). SqueezeNet's float16 file is compared in
@@ -13,12 +14,19 @@ against that model. For each model and MAC cut, in one run:
   eg iterative        steps=3 (three MAC steps, the pruned model's inputs re-captured and the
                       next channels chosen on them after each; the default chooses in one shot)
   eg no-align         align=1
+  eg align-8          align=8 (half the cpu target's block: YOLOX keeps more of its accuracy, runs a
+                      little slower)
   eg no-refit         refit=false (least squares on the original's activations only)
   eg sensitivity      sensitivity=true (each group's cost = the output error it causes alone)
   eg reconstruction   sensitivity=false (each group's cost = its consumers' reconstruction error)
   onnxsim L1 / Wanda  apply_structured_pruning(importance_norm=l1) / apply_structured_wanda_pruning
                       (calibrated on the same 64 inputs); onnxsim's knob is a channel fraction, so
                       it is bisected (global_sparsity=True) until its MAC cut is the same
+
+A `--tools` entry that is a pass spec (`prune(macs={keep}, ...)`) runs that spec as one more
+edgegraph row. `--calib N` gives every tool N calibration samples instead of 64: the extra ones
+come after the evaluation samples, so both splits stay the same (what more calibration buys is
+measured on the same images); prune fits on 64 of them unless a spec says `calib_samples=0`.
 
 Columns: MACs removed, params ratio, latency ratio (pruned / fp32, onnxruntime CPU, 1 thread,
 full optimisations, interleaved rounds, median), agreement with fp32 on eval halves A and B:
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -110,12 +119,26 @@ TOOLS = {
     "eg no-recovery": edgegraph_prune("prune(macs={keep}, recover=false)"),
     "eg iterative": edgegraph_prune("prune(macs={keep}, steps=3)"),
     "eg no-align": edgegraph_prune("prune(macs={keep}, align=1)"),
+    "eg align-8": edgegraph_prune("prune(macs={keep}, align=8)"),
     "eg no-refit": edgegraph_prune("prune(macs={keep}, refit=false)"),
     "eg sensitivity": edgegraph_prune("prune(macs={keep}, sensitivity=true)"),
     "eg reconstruction": edgegraph_prune("prune(macs={keep}, sensitivity=false)"),
     "onnxsim L1": onnxsim_prune("l1"),
     "onnxsim Wanda": onnxsim_prune("wanda"),
 }
+
+
+def with_calibration(total: int):
+    """bench_quant's split with `total` calibration samples: its first CALIB, then the ones after
+    both evaluation splits (so the splits are the ones the default run evaluates on)."""
+    base = bq.CALIB
+
+    def split(x: np.ndarray, n: int):
+        if len(x) < total + 2 * n:
+            raise SystemExit(f"only {len(x)} samples for {total} calibration + 2 x {n} held out")
+        return np.concatenate([x[:base], x[base + 2 * n:total + 2 * n]]), (x[base:base + n], x[base + n:base + 2 * n])
+
+    bq.CALIB, bq.split = total, split  # (cases() asks for CALIB + 2 n samples and splits them)
 
 
 def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
@@ -178,9 +201,14 @@ def main() -> None:
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--eval", type=int, default=64, help="evaluation inputs (two halves)")
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
+    parser.add_argument("--calib", type=int, default=bq.CALIB, help="calibration samples (the extra ones after "
+                                                                   "the evaluation splits)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    tools = {name: TOOLS[name] for name in args.tools.split(",")}
+    names = [t.strip() for t in re.split(r",(?![^()]*\))", args.tools) if t.strip()]  # (not commas inside a spec)
+    tools = {name: TOOLS[name] if name in TOOLS else edgegraph_prune(name) for name in names}
+    if args.calib != bq.CALIB:
+        with_calibration(args.calib)
     cuts = [float(c) for c in args.cuts.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

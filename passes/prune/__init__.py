@@ -118,7 +118,13 @@ class Prune(Pass):
                                        "recovery, cutting them measured better than leaving them)")
     protect: list[str] = option([], "node names whose channels are never cut")
     holdout: int = option(16, "calibration samples held out from fitting and used to measure each budget")
-    calib_samples: int = option(64, "calibration samples the Gram matrices are fitted on (0 = all not held out)")
+    calib_samples: int = option(256, "calibration samples the Gram matrices and refits are fitted on (0 = all not "
+                                     "held out); more rows fit the recovery better: at a 30% cut, 240 instead of 48 "
+                                     "measured held-out agreement PP-OCR cls 0.80/0.79 -> 0.86/0.85, SqueezeNet "
+                                     "0.50/0.46 -> 0.58/0.56, and 144 DeepLab foreground 0.71/0.55 -> 0.85/0.77, YOLOX F1 "
+                                     "0.36/0.41 -> 0.37/0.45, but the CIFAR-10 CNN 0.82/0.80 -> 0.81/0.70 (its cut "
+                                     "then removed 40% of the MACs); the time grows with them (the refit runs one "
+                                     "pass over them per layer)")
 
     def __post_init__(self) -> None:
         self.check(self.macs is None or 0.0 < self.macs <= 1.0, f"prune: macs must be in (0, 1], got {self.macs}")
