@@ -612,9 +612,11 @@ class Codebook(Pass):
             rows = np.moveaxis(value, w.out_axis, 0).reshape(value.shape[w.out_axis], -1)
             hrows = None if importance is None else np.moveaxis(importance, w.out_axis, 0).reshape(rows.shape)
             order = _sort_order(rows, cache, (w.tensor.name, w.pruned, "rows"))
-            centroids = self._centroids_rows(rows, hrows, k, sparse, order)
+            x = np.take_along_axis(rows, order, axis=1)
+            centroids = self._centroids_rows(x, None if hrows is None else np.take_along_axis(hrows, order, axis=1),
+                                             k, sparse)
             codebook = centroids.astype(dtype)
-            local = kmeans1d.assign(rows, codebook.astype(np.float64))
+            local = kmeans1d.assign_sorted(x, order, codebook.astype(np.float64))
             if sparse:  # the zeros: the entry after the k centroids
                 local[rows == 0] = k
                 codebook = np.concatenate([codebook, np.zeros((len(codebook), 1), dtype)], axis=1)
@@ -665,12 +667,8 @@ class Codebook(Pass):
         start = kmeans1d.exact(x, k, hs, pin_zero=pin)
         return kmeans1d.lloyd(x[None], k, None if hs is None else hs[None], np.array([pin]), start=start[None])[0]
 
-    def _centroids_rows(self, rows: np.ndarray, h: np.ndarray | None, k: int, sparse: bool = False,
-                        order: np.ndarray | None = None) -> np.ndarray:
-        """(G, k) centroids of each row of `rows` (importance `h`); `order`: their stable argsort, if known."""
-        order = np.argsort(rows, axis=1, kind="stable") if order is None else order
-        x = np.take_along_axis(rows, order, axis=1)
-        hs = None if h is None else np.take_along_axis(h, order, axis=1)
+    def _centroids_rows(self, x: np.ndarray, hs: np.ndarray | None, k: int, sparse: bool = False) -> np.ndarray:
+        """(G, k) centroids of each row of the row-sorted `x` (importance `hs`, in the same order)."""
         pin = (x == 0).any(axis=1)
         if sparse:  # the zeros have an entry of their own: weight 0 here, and k centroids for the rest
             hs = np.where(x == 0, 0.0, 1.0 if hs is None else hs)

@@ -186,9 +186,18 @@ def refit(w: np.ndarray, idx: np.ndarray, codebook: np.ndarray, owner: np.ndarra
     rz = (r * z).sum(axis=1)
     stop = tolerance ** 2 * rz
     for _ in range(k + 2):  # (k steps are exact; two more for rounding)
-        if (rz <= stop).all():
+        active = rz > stop
+        if not active.any():
             break
-        q = np.where(free, scatter(fit.times_h(expand(d))), 0.0)  # M d
+        rows = active[owner]
+        if fit.groups == 1 and rows.mean() < 0.75:  # the systems solved already drop out of the product
+            at = np.flatnonzero(rows)
+            shown = d[owner[at][:, None], idx[at]] * scale[at][:, None]
+            q = np.bincount(slot.reshape(idx.shape)[at].ravel(), weights=(fit.times_h(shown) * scale[at][:, None]).ravel(),
+                            minlength=r_count * k).reshape(r_count, k)
+        else:
+            q = scatter(fit.times_h(expand(d)))
+        q = np.where(free & active[:, None], q, 0.0)  # M d
         dq = (d * q).sum(axis=1)
         alpha = np.where(dq > 0, rz / np.where(dq > 0, dq, 1.0), 0.0)
         x += alpha[:, None] * d

@@ -52,6 +52,25 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return out
 
 
+def assign_sorted(x: np.ndarray, order: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """`assign(unsorted, centroids)` for rows given sorted: x (G, n) row-sorted, order (G, n) the
+    argsort that sorted them. Each sorted row is cut at its k - 1 edges (as many binary searches,
+    not one per element: MiniLM's embedding, 11.7 M values, 3 s -> 0.3 s) and the cluster numbers
+    are put back in the original order. Equal to `assign` element for element."""
+    g_rows, n = x.shape
+    k = centroids.shape[1]
+    edges = (centroids[:, 1:] + centroids[:, :-1]) / 2
+    ends = np.empty((g_rows, k), np.int64)
+    for g in range(g_rows):  # the values <= each edge: `assign`'s ties go to the lower centroid
+        ends[g, :-1] = np.searchsorted(x[g], edges[g], side="right")
+    ends[:, -1] = n
+    counts = np.diff(ends, axis=1, prepend=0)
+    ordered = np.repeat(np.tile(np.arange(k), g_rows), counts.ravel()).reshape(g_rows, n)
+    out = np.empty((g_rows, n), np.int64)
+    np.put_along_axis(out, order, ordered, axis=1)
+    return out
+
+
 def lloyd(x: np.ndarray, k: int, weights: np.ndarray | None = None, pin_zero: np.ndarray | None = None,
           init: str = "density", start: np.ndarray | None = None, iterations: int = ITERATIONS) -> np.ndarray:
     """k sorted centroids per row of row-sorted x (G, n), weights (G, n) or None, rows with
