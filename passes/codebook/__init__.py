@@ -83,6 +83,7 @@ PACK_OPSET = 11  # BitShift
 MIN_ELEMENTS, RATIO_MIN_ELEMENTS = 1024, 256  # min_elements=-1 (auto) with fixed bits / with ratio
 BISECTIONS = 6  # ratio: steps of the budget's bisection on the written file's size
 NODE_BYTES = 400  # a weight's decode nodes and value infos in the file (measured 300-600 on PP-OCR cls)
+UNPACK_NODE_BYTES = 50  # one BitShift unpacking step in the file (SqueezeNet: 48 bytes a decode node)
 TYPED = {4: (21, ml_dtypes.uint4), 2: (25, ml_dtypes.uint2)}  # code bits -> (first opset, numpy type)
 DEFLATE_LIMIT = 1 << 30  # models larger than this get no deflate figure (compressing costs seconds per 100 MB)
 
@@ -316,6 +317,7 @@ class Codebook(Pass):
         graph = model.graph
         namer = ir.Namer(graph)
         writer = _Writer(graph, namer, model.opset, self.storage)
+        writer.plan([(writer.planes(bits), self._sparse(w, bits)) for w, bits in self._widths(weights, widths, cache)])
         rows = []
         for group in self._groups(weights):
             bits = widths if isinstance(widths, int) else widths[group[0].tensor.name]
@@ -355,6 +357,17 @@ class Codebook(Pass):
                          "granularity": "", "bytes_before": 0, "bytes_after": writer.shared(), "elements": 0,
                          "bits_per_weight": None, "index_entropy_bits": 0.0, "weight_sqnr_db": None})
         return rows
+
+    def _widths(self, weights: list[_Weight], widths, cache: dict | None) -> list[tuple[_Weight, int]]:
+        """(weight as it is encoded, its bits) for each weight `_apply` writes (pruned first where chosen)."""
+        found = []
+        for group in self._groups(weights):
+            bits = widths if isinstance(widths, int) else widths[group[0].tensor.name]
+            if isinstance(bits, tuple):
+                found.append((self._pruned(group[0], cache), bits[0]))
+            else:
+                found += [(w, bits) for w in group]
+        return found
 
     def _groups(self, weights: list[_Weight]) -> list[list[_Weight]]:
         if self.share == "none":
@@ -468,8 +481,21 @@ class Codebook(Pass):
         high = target - rest
         options = self._options(weights, sensitivity, cache)
         best = build(mixed.allocate(options, high))
-        if best[0] > target:
-            low, fits = 0.0, None
+        low, fits = (high, best) if best[0] <= target else (0.0, None)
+        if fits is not None:
+            # The estimates can overcount too (the decode nodes of a weight vary): raise the budget by
+            # what the file leaves until a file does not fit, then bisect below that one.
+            high = None
+            for _ in range(BISECTIONS):
+                raised = low + (target - fits[0])
+                found = build(mixed.allocate(options, raised))
+                if found[0] > target:
+                    high = raised
+                    break
+                if found[3] == fits[3]:
+                    break  # (no layer moved: the budget is not what limits the file)
+                low, fits = raised, found
+        if high is not None:
             for _ in range(BISECTIONS):
                 middle = (low + high) / 2
                 found = build(mixed.allocate(options, middle))
@@ -477,10 +503,10 @@ class Codebook(Pass):
                     low, fits = middle, found
                 else:
                     high = middle
-            if fits is None:
-                best = build(min(tried.values(), key=lambda t: t[0])[3], sizing=False)
-                return best[1], best[2], False
-            best = fits
+        if fits is None:
+            best = build(min(tried.values(), key=lambda t: t[0])[3], sizing=False)
+            return best[1], best[2], False
+        best = fits
         # The greedy path down from 8 bits moves in whole steps: spend what is left of the budget
         # on the steps up that buy the most distortion per byte (CIFAR: 7.2x -> 6.0x at ratio 6).
         for share in (1.0, 0.5, 0.25):
@@ -759,8 +785,22 @@ class _Writer:
         self.graph, self.namer, self.opset, self.storage = graph, namer, opset, storage
         self.shifts: dict[int, gs.Constant] = {}  # shared BitShift amounts
         self.tables: dict[int, gs.Constant] = {}  # shared unpacking tables
+        self.lookup: set[int] = set()  # code widths unpacked by a table (`plan`)
         self.flat: gs.Constant | None = None
         self.axis: gs.Constant | None = None  # CumSum's axis (sparse indices)
+        self.count = 0  # decode tensors named so far (`_node`)
+
+    def plan(self, weights: list[tuple[list[int], bool]]) -> None:
+        """Choose the code widths whose planes are unpacked by one lookup in a shared (256, 8 / width)
+        table instead of BitShifts, from (planes, sparse) of every weight to write: where the nodes the
+        table saves (2 * codes a byte - 4 per plane, ~50 bytes each) outweigh its bytes (1-bit: from 4
+        planes on, 2-bit: from 6)."""
+        count = {1: 0, 2: 0}
+        for planes, sparse in weights:
+            for width in [*planes, *([1] if sparse and planes != [8] else [])]:
+                if width in count and not self._typed(width):
+                    count[width] += 1
+        self.lookup = {w for w, n in count.items() if n * (2 * (8 // w) - 4) * UNPACK_NODE_BYTES >= 256 * (8 // w)}
 
     def planes(self, bits: int) -> list[int]:
         """How `bits`-bit indices are stored: [8] one uint8 each, [4] / [2] typed UINT4 / UINT2
@@ -799,9 +839,13 @@ class _Writer:
             k = enc.codebook.shape[1]
             offsets_shape = [1] * len(shape)
             offsets_shape[enc.channel_axis] = shape[enc.channel_axis]
-            offsets = ir.const(f"{base}_offsets", (np.arange(shape[enc.channel_axis], dtype=np.int32) * k)
-                               .reshape(offsets_shape))
+            offsets = np.arange(shape[enc.channel_axis]) * k
+            # uint16 where they fit, widened by a Cast (half their bytes: SqueezeNet's are 8.5 KB in int32)
+            narrow = offsets[-1] < 1 << 16
+            offsets = ir.const(f"{base}_offsets", offsets.astype(np.uint16 if narrow else np.int32).reshape(offsets_shape))
             stored += ir.stored_nbytes(offsets)
+            if narrow:
+                offsets = self._node("Cast", [offsets], f"{base}_offsets32", np.int32, offsets_shape, to=6)
             wide = self._node("Add", [wide, offsets], f"{base}_index_global", np.int32, shape)
         cb_dtype = enc.codebook.dtype
         decoded = self._node("Gather", [codebook, wide], f"{base}_decoded", cb_dtype, shape, axis=0)
@@ -861,7 +905,7 @@ class _Writer:
         table = self._node("Concat", [zero, codes], f"{base}_table", np.int32, [int(nonzero.sum()) + 1], axis=0)
         mask = self._node("Cast", [bits_mask], f"{base}_mask32", np.int32, [flat.size], to=6)
         if self.axis is None:
-            self.axis = ir.const(self.namer("codebook_axis0"), np.array(0, np.int32))
+            self.axis = ir.const(self.namer("cba0"), np.array(0, np.int32))
         rank = self._node("CumSum", [mask, self.axis], f"{base}_rank", np.int32, [flat.size])
         at = self._node("Mul", [rank, mask], f"{base}_at", np.int32, [flat.size])
         picked = self._node("Gather", [table, at], f"{base}_picked", np.int32, [flat.size], axis=0)
@@ -875,10 +919,9 @@ class _Writer:
         packed, tail = pack(codes, code_bits)
         parts: list[gs.Tensor] = []
         stored = 0
-        if packed.size and per_byte > 2 and (code_bits in self.tables or packed.size >= 256 * per_byte):
+        if packed.size and code_bits in self.lookup:
             # 4 or 8 codes a byte: one lookup of each byte's codes in a (256, per_byte) table shared by
-            # the model (2 * per_byte BitShifts per plane add ~1.5 KB of nodes per weight); made once a
-            # plane is larger than the table.
+            # the model, where it saves more node bytes than it costs (`plan`).
             p = ir.const(f"{base}_packed", packed)
             stored += ir.stored_nbytes(p)
             rows = self._node("Cast", [p], f"{base}_bytes", np.int32, [packed.size], to=6)
@@ -905,6 +948,8 @@ class _Writer:
             parts.append(t)
         flat_codes = parts[0] if len(parts) == 1 else self._node("Concat", parts, f"{base}_codes", np.uint8,
                                                                  [codes.size], axis=0)
+        if len(shape) == 1:  # (the sparse path's planes: flat already, no Reshape and shape to store)
+            return flat_codes, stored
         target = ir.const(f"{base}_shape", np.array(shape, np.int64))
         stored += ir.stored_nbytes(target)
         return self._node("Reshape", [flat_codes, target], f"{base}_codes_nd", np.uint8, shape), stored
@@ -921,22 +966,27 @@ class _Writer:
             values = np.arange(256, dtype=np.uint8)[:, None]
             shifts = (np.arange(per_byte, dtype=np.uint8) * code_bits)[None]
             codes = ((values >> shifts) & ((1 << code_bits) - 1)).astype(np.uint8)
-            self.tables[code_bits] = ir.const(self.namer(f"codebook_unpack{code_bits}"), codes)
+            self.tables[code_bits] = ir.const(self.namer(f"cbu{code_bits}"), codes)
         return self.tables[code_bits]
 
     def _flat(self) -> gs.Constant:
         if self.flat is None:
-            self.flat = ir.const(self.namer("codebook_flat"), np.array([-1], np.int64))
+            self.flat = ir.const(self.namer("cbf"), np.array([-1], np.int64))
         return self.flat
 
     def _shift(self, amount: int) -> gs.Constant:
         if amount not in self.shifts:
-            self.shifts[amount] = ir.const(self.namer(f"codebook_shift{amount}"), np.array(amount, np.uint8))
+            self.shifts[amount] = ir.const(self.namer(f"cbs{amount}"), np.array(amount, np.uint8))
         return self.shifts[amount]
 
-    def _node(self, op: str, inputs: list, name: str, dtype, shape, **attrs) -> gs.Variable:
-        out = gs.Variable(self.namer(name), dtype=np.dtype(dtype), shape=list(shape))
-        # (no node name: ~40 bytes a node, a tenth of a small model's encoded file)
+    def _node(self, op: str, inputs: list, label: str, dtype, shape, **attrs) -> gs.Variable:
+        """A decode step's node and output. `label` says what the step computes (for the reader of
+        this code): the output gets a short name instead, "t" and a base-36 count. Each decode
+        tensor's name is written twice (by its node and its reader), and descriptive ones took 45 KB
+        of SqueezeNet's 525 KB at 10x; no node name either (~40 bytes a node)."""
+        self.count += 1
+        out = gs.Variable(self.namer(f"t{np.base_repr(self.count, 36).lower()}"), dtype=np.dtype(dtype),
+                          shape=list(shape))
         self.graph.nodes.append(gs.Node(op, inputs=inputs, outputs=[out], attrs=attrs))
         return out
 
