@@ -52,6 +52,25 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return out
 
 
+def assign_sorted(x: np.ndarray, order: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """`assign(unsorted, centroids)` for rows given sorted: x (G, n) row-sorted, order (G, n) the
+    argsort that sorted them. Each sorted row is cut at its k - 1 edges (as many binary searches,
+    not one per element: MiniLM's embedding, 11.7 M values, 3 s -> 0.3 s) and the cluster numbers
+    are put back in the original order. Equal to `assign` element for element."""
+    g_rows, n = x.shape
+    k = centroids.shape[1]
+    edges = (centroids[:, 1:] + centroids[:, :-1]) / 2
+    ends = np.empty((g_rows, k), np.int64)
+    for g in range(g_rows):  # the values <= each edge: `assign`'s ties go to the lower centroid
+        ends[g, :-1] = np.searchsorted(x[g], edges[g], side="right")
+    ends[:, -1] = n
+    counts = np.diff(ends, axis=1, prepend=0)
+    ordered = np.repeat(np.tile(np.arange(k), g_rows), counts.ravel()).reshape(g_rows, n)
+    out = np.empty((g_rows, n), np.int64)
+    np.put_along_axis(out, order, ordered, axis=1)
+    return out
+
+
 def lloyd(x: np.ndarray, k: int, weights: np.ndarray | None = None, pin_zero: np.ndarray | None = None,
           init: str = "density", start: np.ndarray | None = None, iterations: int = ITERATIONS) -> np.ndarray:
     """k sorted centroids per row of row-sorted x (G, n), weights (G, n) or None, rows with
@@ -132,10 +151,11 @@ def exact(x: np.ndarray, k: int, weights: np.ndarray | None = None, pin_zero: bo
 
 
 def _points(x: np.ndarray, h: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct values with summed weights, or `max_points` equal-width bins (at their means)."""
+    """Of the sorted x: distinct values with summed weights, or `max_points` equal-width bins (at their means)."""
     if x.size == 0:
         return x, h
-    values, inverse = np.unique(x, return_inverse=True)
+    first = np.concatenate([[True], x[1:] != x[:-1]])  # (x is sorted: np.unique without its sort)
+    values, inverse = x[first], np.cumsum(first) - 1
     if values.size > max_points:
         edges = np.linspace(x[0], x[-1], max_points + 1)
         inverse = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, max_points - 1)
@@ -180,11 +200,14 @@ def _segment(v: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
             owner = np.repeat(np.arange(mid.size), counts)
             i = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + o_lo[owner]
             total = prev[i] + cost(i, mid[owner])
-            # The argmin per owner: the first minimum (lexsort by owner then value).
-            order = np.lexsort((i, total, owner))
-            first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            best_i = i[order[first]]
-            cur[mid] = total[order[first]]
+            # The argmin per owner (each owner's candidates are contiguous, i increasing): the first
+            # position holding its minimum.
+            first = np.cumsum(counts) - counts
+            lowest = np.minimum.reduceat(total, first)
+            hits = np.flatnonzero(total == np.repeat(lowest, counts))
+            at = hits[np.searchsorted(owner[hits], np.arange(mid.size))]
+            best_i = i[at]
+            cur[mid] = lowest
             arg[mid] = best_i
             left = np.stack([j_lo, mid - 1, o_lo, best_i], axis=1)
             right = np.stack([mid + 1, j_hi, best_i, o_hi], axis=1)
