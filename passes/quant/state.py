@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from edgegraph.passes.quant.static import StaticQuantize
 
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis`
+# The elementwise ops `elementwise=float` runs in float between the integer kernels.
+ELEMENTWISE = frozenset({"Add", "Mul", "Sigmoid", "LeakyRelu"})
 # Under a floor (max_drop / min_sqnr / --min-agreement / --min-sqnr), every HOLD_OUT_EVERY-th
 # calibration sample (indices 3, 7, 11, ...), at most HOLD_OUT_MAX of them, is held out of fitting
 # (ranges, bias correction, tuning) and the floor is measured on those alone. Below
@@ -45,6 +47,7 @@ class QuantRun:
         self.method = options.method  # "auto" is resolved by tuning.tuned_build
         self.correct = options.bias_correction is True
         self.rounding = "gram" if options.weight_rounding == "gram" else "nearest"  # "auto": tuning decides
+        self.elementwise = "float" if options.elementwise == "float" else "integer"  # "auto": tuning decides
         self.tuning: dict[str, float] = {}  # output SQNR (dB) of each setting tried
         self.tuned_sqnr: float | None = None  # the score of what tuning chose (None: not measured)
         self.moments: dict[str, capture.ChannelMoments] = {}  # per-channel statistics of quantized tensors
@@ -96,8 +99,15 @@ class QuantRun:
         ops = set(self.ctx.target.quantized_ops) - set(self.o.exclude_ops)
         if not self.o.quantize_softmax:
             ops.discard("Softmax")
+        if self.elementwise == "float":
+            ops -= ELEMENTWISE
         opset = int(graph.opset)
-        return make_plan(graph, ops, float_nodes, self.o.per_channel and opset >= PER_CHANNEL_OPSET)
+        plan = make_plan(graph, ops, float_nodes, self.o.per_channel and opset >= PER_CHANNEL_OPSET)
+        if self.elementwise == "float":
+            for node in graph.nodes:
+                if node.op in ELEMENTWISE and node.name in plan.skipped and node.op not in self.o.exclude_ops:
+                    plan.skipped[node.name] = "elementwise op run in float between integer kernels (elementwise=float)"
+        return plan
 
     def held_out(self) -> tuple[list, list]:
         """(batches, the float model's outputs on them) of the held-out samples: the last
