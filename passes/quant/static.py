@@ -40,7 +40,7 @@ from edgegraph.passes.quant.collect import collect
 from edgegraph.passes.quant.fallback import budget_floor, fallback
 from edgegraph.passes.quant.names import warn_unmatched
 from edgegraph.passes.quant.numerics import QType
-from edgegraph.passes.quant.state import ELEMENTWISE, QuantRun
+from edgegraph.passes.quant.state import QuantRun
 from edgegraph.passes.quant.tuning import first_build, tuned_build
 from edgegraph.registry import register_pass
 from edgegraph.stats import model_stats
@@ -103,12 +103,13 @@ class StaticQuantize(Pass):
     exclude_ops: list[str] = option([], "op types kept in float")
     exclude_nodes: list[str] = option([], "node names kept in float")
     quantize_softmax: bool = option(False, "quantize Softmax too (its 8-bit output loses small probabilities)")
-    elementwise: Literal["auto", "integer", "float"] = option(
-        "auto", "elementwise ops between the integer kernels (Add, Mul, Sigmoid, LeakyRelu): integer runs them on "
-                "int8 kernels, each result rounded to 8 bits; float runs them in float between their inputs' "
-                "DequantizeLinear and the next kernel's QuantizeLinear, so a chain of them (HardSwish and a scalar "
-                "affine in PP-OCRv4, SiLU in YOLOX) is rounded once; auto: float kept when it raises the output "
-                "SQNR on held-out samples")
+    elementwise: Literal["float", "integer"] = option(
+        "float", "elementwise ops between the integer kernels (Add, Mul, Sigmoid, LeakyRelu): float runs them in "
+                 "float between their inputs' DequantizeLinear and the next kernel's QuantizeLinear, so a chain of "
+                 "them (HardSwish and a learned scalar affine in PP-OCRv4, SiLU in YOLOX: as com.microsoft "
+                 "QuickGelu where the target runs it) is rounded once; integer runs each on an int8 kernel and "
+                 "rounds each result to 8 bits (PP-OCRv4 det 16.1/15.6 -> 18.4/17.6 dB with float; YOLOX-nano int8 "
+                 "faster than fp32 only with float)")
     bias_correction: bool | Literal["auto"] = option(
         "auto", "correct each layer's bias by the mean error its integer weights and its input's rounding / "
                 "clipping add; auto: kept only when it raises the output SQNR on held-out samples")
@@ -195,11 +196,6 @@ def _run(run: QuantRun, model: ir.Model) -> PassResult:
         model.graph = original
         return PassResult(False, {"quantized_nodes": 0}, {"float_nodes": plan.skipped})
     run.stats = collect(run, plan, [p.name for p in plan.points], "quant: calibrating", "calibrate")
-    if run.o.elementwise == "auto" and any(n.op in ELEMENTWISE for n in plan.quantized):
-        # Tuning starts from elementwise ops in float and tries them on int8 kernels at its end
-        # (tuning._choose_elementwise); the statistics above cover both plans' tensors.
-        run.elementwise = "float"
-        plan = run.base_plan = run.plan(excluded)
     run.macs = _sample_macs(run)
     run.analysis_count = run.o.analysis_samples or _affordable_samples(run)
     first = None

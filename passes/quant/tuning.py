@@ -9,11 +9,11 @@ import time
 import numpy as np
 
 from edgegraph import ir
-from edgegraph.passes.quant import bias_correction, calibrate, speed
+from edgegraph.passes.quant import bias_correction, calibrate
 from edgegraph.passes.quant.build import Built, build
 from edgegraph.passes.quant.placement import Plan
 from edgegraph.passes.quant.qdq import QParams
-from edgegraph.passes.quant.state import ELEMENTWISE, QuantRun
+from edgegraph.passes.quant.state import QuantRun
 
 # `keep_coarse`: a tensor is coarse when its step drowns this share of a typical channel's
 # variation (capture.ChannelMoments.coarse_fraction), and kept out of 8 bits when that raises the
@@ -52,7 +52,6 @@ def tuned_build(run: QuantRun, plan: Plan, first: tuple[ir.Model, Built] | None 
         else:
             run.rounding = "nearest"
     model, built, plan, sqnr = _keep_coarse(run, model, built, plan, sqnr, "keep_coarse")
-    model, built, plan, sqnr = _choose_elementwise(run, model, built, plan, sqnr)
     run.tuned_sqnr = sqnr
     run.timings["tuning"] = time.perf_counter() - start - run.timings.get("bias_correction", 0.0)
     return model, built, plan
@@ -72,41 +71,6 @@ def _keep_coarse(run: QuantRun, model: ir.Model, built: Built, plan: Plan, sqnr:
         if run.tuning[key] >= sqnr + FLOAT_GAIN_DB and trial_plan.quantized:
             model, built, plan, sqnr = trial, trial_built, trial_plan, run.tuning[key]
             run.coarse = coarse
-    return model, built, plan, sqnr
-
-
-def _choose_elementwise(run: QuantRun, model: ir.Model, built: Built, plan: Plan, sqnr: float | None):
-    """For elementwise=auto, the last step of `tuned_build`: tuning ran with the elementwise ops
-    between the integer kernels in float (between their inputs' DequantizeLinear and the next
-    kernel's QuantizeLinear: `static` starts so); here they are tried on int8 kernels, with the
-    calibration method and bias correction tuning chose and coarse tensors tried again, and kept
-    so when the output SQNR on the held-out samples is higher or, with timing on, float is
-    slower. Returns (model, built, plan, score); run.base_plan follows the choice.
-
-    Rounding each result of a chain of elementwise ops (HardSwish then a learned scalar affine
-    in PP-OCRv4's LCNet blocks: four roundings between two convs) adds noise that one rounding at
-    the next kernel's input does not. It shows once the coarse tensors are float, not on the
-    first builds (PP-OCRv4 det: 4.9 dB integer, 3.9 dB float), so the plans are compared here."""
-    if run.o.elementwise != "auto" or run.elementwise != "float":
-        return model, built, plan, sqnr
-    sqnr = run.score(model) if sqnr is None else sqnr
-    floating, coarse = run.base_plan, run.coarse
-    run.elementwise, run.coarse = "integer", {}
-    run.base_plan = run.plan(run.excluded)
-    trial, trial_built = build(run, run.base_plan)
-    trial, trial_built, trial_plan, score = _keep_coarse(run, trial, trial_built, run.base_plan, None,
-                                                         "elementwise=integer,keep_coarse")
-    run.tuning["elementwise=integer"] = score if score is not None else run.score(trial)
-    better = bool(trial_plan.quantized) and run.tuning["elementwise=integer"] > sqnr
-    if not better and run.ctx.timing and run.o.check_speed and trial_plan.quantized:
-        was, now = speed.speed_check(run, model, built, warn=False), speed.speed_check(run, trial, trial_built, warn=False)
-        if was and now and now["quantized_ms"] < was["quantized_ms"]:
-            better = True
-            run.notes.append(f"elementwise=float was {sqnr - run.tuning['elementwise=integer']:.1f} dB better but "
-                             f"slower ({was['quantized_ms']} vs {now['quantized_ms']} ms): kept integer")
-    if better:
-        return trial, trial_built, trial_plan, run.tuning["elementwise=integer"]
-    run.elementwise, run.coarse, run.base_plan = "float", coarse, floating
     return model, built, plan, sqnr
 
 
