@@ -110,8 +110,9 @@ class StaticQuantize(Pass):
                  "float between their inputs' DequantizeLinear and the next kernel's QuantizeLinear, so a chain of "
                  "them (HardSwish and a learned scalar affine in PP-OCRv4, SiLU in YOLOX: as com.microsoft "
                  "QuickGelu where the target runs it) is rounded once; integer runs each on an int8 kernel and "
-                 "rounds each result to 8 bits (PP-OCRv4 det 16.1/15.6 -> 18.4/17.6 dB with float; YOLOX-nano int8 "
-                 "faster than fp32 only with float)")
+                 "rounds each result to 8 bits (PP-OCRv4 det on the held-out splits, mixed precision as before: "
+                 "16.1/15.6 dB integer, 18.4/17.6 float; YOLOX-nano F1 0.85/0.78 integer, 0.88/0.82 float, and its "
+                 "int8 faster than fp32 only with float)")
     bias_correction: bool | Literal["auto"] = option(
         "auto", "correct each layer's bias by the mean error its integer weights and its input's rounding / "
                 "clipping add; auto: kept only when it raises the output SQNR on held-out samples")

@@ -51,27 +51,19 @@ def tuned_build(run: QuantRun, plan: Plan, first: tuple[ir.Model, Built] | None 
             model, built, sqnr = trial, trial_built, run.tuning["weight_rounding=gram"]
         else:
             run.rounding = "nearest"
-    model, built, plan, sqnr = _keep_coarse(run, model, built, plan, sqnr, "keep_coarse")
-    run.tuned_sqnr = sqnr
-    run.timings["tuning"] = time.perf_counter() - start - run.timings.get("bias_correction", 0.0)
-    return model, built, plan
-
-
-def _keep_coarse(run: QuantRun, model: ir.Model, built: Built, plan: Plan, sqnr: float | None, key: str):
-    """The coarse-tensors step of `tuned_build` on run.base_plan's build `model`: (model,
-    built, plan, score), with the coarse tensors kept out of 8 bits when that gains FLOAT_GAIN_DB
-    (run.tuning[key]: the trial's score)."""
     coarse = _coarse_tensors(run, plan, built.params) if run.o.keep_coarse else {}
     if coarse and run.o.sensitive_type == "float":
         coarse = _within_float_share(plan, coarse)
     if coarse:
         sqnr = run.score(model) if sqnr is None else sqnr
         trial, trial_built, trial_plan = build_protected(run, set(coarse))
-        run.tuning[key] = run.score(trial)
-        if run.tuning[key] >= sqnr + FLOAT_GAIN_DB and trial_plan.quantized:
-            model, built, plan, sqnr = trial, trial_built, trial_plan, run.tuning[key]
+        run.tuning["keep_coarse"] = run.score(trial)
+        if run.tuning["keep_coarse"] >= sqnr + FLOAT_GAIN_DB and trial_plan.quantized:
+            model, built, plan, sqnr = trial, trial_built, trial_plan, run.tuning["keep_coarse"]
             run.coarse = coarse
-    return model, built, plan, sqnr
+    run.tuned_sqnr = sqnr
+    run.timings["tuning"] = time.perf_counter() - start - run.timings.get("bias_correction", 0.0)
+    return model, built, plan
 
 
 def first_build(run: QuantRun, plan: Plan) -> tuple[ir.Model, Built]:
