@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, verify
-from edgegraph.analysis import capture
+from edgegraph.analysis import capture, encoding
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import CalibrationDataError
 from edgegraph.passes.quant import scheme
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis`
 # The elementwise ops `elementwise=float` runs in float between the integer kernels.
 ELEMENTWISE = frozenset({"Add", "Mul", "Sigmoid", "LeakyRelu"})
+GLUE_CONSTANT_SIZE = 16  # constant operands of those with at least this many values are stored in 8 bits
 # Under a floor (max_drop / min_sqnr / --min-agreement / --min-sqnr), every HOLD_OUT_EVERY-th
 # calibration sample (indices 3, 7, 11, ...), at most HOLD_OUT_MAX of them, is held out of fitting
 # (ranges, bias correction, tuning) and the floor is measured on those alone. Below
@@ -110,9 +112,20 @@ class QuantRun:
             for name in unfused:
                 plan.skipped[name] = ("MatMul + constant Add: onnxruntime fuses them into a float Gemm, which would "
                                       "dequantize int8 weights at every run")
-        for name in glue - set(float_nodes):
-            if name in plan.skipped:
-                plan.skipped[name] = "elementwise op run in float between integer kernels (elementwise=float)"
+        # MatMuls that quant quantizes, or leaves float for onnxruntime's Gemm fusion (not those
+        # it leaves alone, e.g. weight-only int8 ones): their biases stay exact.
+        matmuls = {id(n) for n in plan.quantized if n.op in ("MatMul", "Gemm")} | {
+            id(n) for n in graph.nodes if n.name in unfused}
+        for node in graph.nodes:
+            if node.name in glue and node.name not in float_nodes and node.name in plan.skipped:
+                plan.skipped[node.name] = "elementwise op run in float between integer kernels (elementwise=float)"
+                # Their constant vectors are stored in 8 bits as the integer kernels stored them
+                # (MiniLM's LayerNorm shifts and biases: its file would grow by 22 KB in float); a
+                # scalar costs nothing to keep exact.
+                bias = any(id(ir.producer(t)) in matmuls for t in node.inputs if ir.producer(t) is not None)
+                if not encoding.decodes(node) and not bias:  # (a stored weight's decoding stays as it is)
+                    plan.constants.extend((node, i) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant)
+                                          and t.values.size >= GLUE_CONSTANT_SIZE and t.values.dtype == np.float32)
         return plan
 
     def held_out(self) -> tuple[list, list]:
