@@ -140,7 +140,8 @@ def test_cli_min_sqnr_held(tmp_path, capsys):
     best = min(s["index"] for s in steps if s["held"])
     assert any(s["index"] == best - 1 and not s["held"] for s in steps)
     assert all((s["sqnr_db"] >= 32.0) == s["held"] for s in steps)
-    assert quant["stats"]["fallback_layers"] == len(quant["details"]["fallback"]["kept"]) == 7
+    # (7 with elementwise=integer, measured: 32.56 dB either way)
+    assert quant["stats"]["fallback_layers"] == len(quant["details"]["fallback"]["kept"]) == 6
     assert sum("quant: floor search" in line and "setting" in line for line in stdout.splitlines()) == len(steps)
 
 

@@ -294,7 +294,7 @@ def test_report_has_a_per_layer_table(convnet_result):
 def test_tail_and_float_consumers_stay_float():
     model = qfix.silu_head_model()
     x = np.random.default_rng(3).standard_normal((40, 4, 8, 8)).astype(np.float32)
-    proto, record = _quantize(model, {"x": x[:32]}, "quant(check_speed=false, method=minmax)")
+    proto, record = _quantize(model, {"x": x[:32]}, "quant(check_speed=false, method=minmax, elementwise=integer)")
     skipped = record.details["float_nodes"]
     assert {"head_concat", "head_reshape", "cls_sigmoid"} <= set(skipped)
     ops = optimized_op_counts(proto)
@@ -392,7 +392,8 @@ def test_auto_settings_are_the_best_measured_and_reproducible():
     assert corrected == (tuning["bias_correction"] > methods[chosen])
     # The winner is exactly what asking for its settings gives (a rejected correction is undone).
     fixed, fixed_record = _quantize(model, {"x": x}, f"quant(check_speed=false, method={chosen}, "
-                                                     f"bias_correction={str(corrected).lower()})")
+                                                     f"bias_correction={str(corrected).lower()}, "
+                                                     f"elementwise={record.stats['elementwise']})")
     assert set(fixed_record.details.get("tuning_output_sqnr_db", {})) <= {"keep_coarse"}
     weights = lambda p: {t.name: numpy_helper.to_array(t).tobytes() for t in p.graph.initializer}  # noqa: E731
     assert weights(proto) == weights(fixed)

@@ -14,6 +14,7 @@ from edgegraph.analysis import capture
 from edgegraph.passes.quant import bias_correction, calibrate, numerics, rounding
 from edgegraph.passes.quant.collect import collect, within_group
 from edgegraph.passes.quant.numerics import QType
+from edgegraph.passes.quant.prepare import MS_DOMAIN
 from edgegraph.passes.quant.placement import ANCHORS, Plan, output_channels
 from edgegraph.passes.quant.qdq import QdqWriter, QParams, QuantizedBias, QuantizedWeight, fit_bias, weight_params
 from edgegraph.passes.quant.state import QuantRun
@@ -116,12 +117,36 @@ def build(run: QuantRun, plan: Plan, wide: set[str] | frozenset[str] = frozenset
         scale, zero = numerics.scale_zero_point(value.min(initial=0.0), value.max(initial=0.0), qt, False)
         writer.constant(node, index, value, QParams(scale, zero, qt))
     quantized = {id(by_name[name]) for name in built.quantized}
+    fuse_silu(run, graph, quantized)
     for point in plan.points:
         writer.activation(tensors[point.name], params[point.name], quantized)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     if run.correct and built.biases:
         bias_correction.correct_biases(run, model, built)
     return model, built
+
+
+def fuse_silu(run: QuantRun, graph: gs.Graph, quantized: set[int]) -> None:
+    """With elementwise=float, each SiLU, Mul(x, Sigmoid(x)), left in float becomes one
+    com.microsoft QuickGelu(x) (x * Sigmoid(x)) when the target runs that op (onnxruntime).
+    onnxruntime makes that fusion itself in a float model, but not between a DequantizeLinear
+    and a QuantizeLinear: it gives each reader of a DequantizeLinear its own copy, and the pair
+    then reads two tensors (a Sigmoid, a Mul and two DequantizeLinear instead of one kernel:
+    on YOLOX-nano's 1x32x104x104 tensors 0.25 vs 0.14 ms, 1 thread)."""
+    target = run.ctx.target
+    listed = target.ops is not None or target.ops_from is not None  # (no list: "every op", not this one)
+    if run.elementwise != "float" or not listed or not target.supports_op("QuickGelu", MS_DOMAIN):
+        return
+    for mul in [n for n in graph.nodes if n.op == "Mul" and id(n) not in quantized and len(n.inputs) == 2]:
+        for x, gate in (mul.inputs, mul.inputs[::-1]):
+            sigmoid = ir.producer(gate)
+            if (sigmoid is not None and sigmoid.op == "Sigmoid" and id(sigmoid) not in quantized
+                    and sigmoid.inputs[0] is x and len(ir.consumers(gate)) == 1 and gate not in graph.outputs):
+                out = mul.outputs[0]
+                mul.inputs.clear(), mul.outputs.clear(), sigmoid.inputs.clear(), sigmoid.outputs.clear()
+                graph.nodes.append(gs.Node("QuickGelu", name=f"{mul.name}_silu", domain=MS_DOMAIN, attrs={"alpha": 1.0},
+                                           inputs=[x], outputs=[out]))
+                break
 
 
 def saturates(run: QuantRun, node: gs.Node, input_params: QParams | None) -> bool:

@@ -48,6 +48,7 @@ def result(run: QuantRun, model: ir.Model, plan: Plan, built: Built, errors, fal
         "calibration_samples": len(run.calib) + run.split.get("held_out", 0),
         "analysis_samples": run.analysis_count,
         "method": run.method,
+        "elementwise": run.elementwise,
         "bias_corrected": built.corrected,
         "saturation_guarded": len(built.guarded),
         "output_sqnr_db": min(outputs.values()) if outputs else None,

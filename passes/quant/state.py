@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from edgegraph import ir, runtime, verify
-from edgegraph.analysis import capture
+from edgegraph.analysis import capture, encoding
 from edgegraph.context import CalibrationData, PassContext
 from edgegraph.errors import CalibrationDataError
 from edgegraph.passes.quant import scheme
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     from edgegraph.passes.quant.static import StaticQuantize
 
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis`
+# The elementwise ops `elementwise=float` runs in float between the integer kernels.
+ELEMENTWISE = frozenset({"Add", "Mul", "Sigmoid", "LeakyRelu"})
+GLUE_CONSTANT_SIZE = 16  # constant operands of those with at least this many values are stored in 8 bits
 # Under a floor (max_drop / min_sqnr / --min-agreement / --min-sqnr), every HOLD_OUT_EVERY-th
 # calibration sample (indices 3, 7, 11, ...), at most HOLD_OUT_MAX of them, is held out of fitting
 # (ranges, bias correction, tuning) and the floor is measured on those alone. Below
@@ -45,6 +49,7 @@ class QuantRun:
         self.method = options.method  # "auto" is resolved by tuning.tuned_build
         self.correct = options.bias_correction is True
         self.rounding = "gram" if options.weight_rounding == "gram" else "nearest"  # "auto": tuning decides
+        self.elementwise = options.elementwise
         self.tuning: dict[str, float] = {}  # output SQNR (dB) of each setting tried
         self.tuned_sqnr: float | None = None  # the score of what tuning chose (None: not measured)
         self.moments: dict[str, capture.ChannelMoments] = {}  # per-channel statistics of quantized tensors
@@ -96,8 +101,32 @@ class QuantRun:
         ops = set(self.ctx.target.quantized_ops) - set(self.o.exclude_ops)
         if not self.o.quantize_softmax:
             ops.discard("Softmax")
+        glue = elementwise_glue(graph, ops) if self.elementwise == "float" else set()
         opset = int(graph.opset)
-        return make_plan(graph, ops, float_nodes, self.o.per_channel and opset >= PER_CHANNEL_OPSET)
+        per_channel = self.o.per_channel and opset >= PER_CHANNEL_OPSET
+        plan = make_plan(graph, ops, set(float_nodes) | glue, per_channel)
+        unfused = unfused_matmuls(plan)
+        if unfused:
+            graph = ir.from_proto(self.float_proto, infer=False).graph
+            plan = make_plan(graph, ops, set(float_nodes) | glue | unfused, per_channel)
+            for name in unfused:
+                plan.skipped[name] = ("MatMul + constant Add: onnxruntime fuses them into a float Gemm, which would "
+                                      "dequantize int8 weights at every run")
+        # MatMuls that quant quantizes, or leaves float for onnxruntime's Gemm fusion (not those
+        # it leaves alone, e.g. weight-only int8 ones): their biases stay exact.
+        matmuls = {id(n) for n in plan.quantized if n.op in ("MatMul", "Gemm")} | {
+            id(n) for n in graph.nodes if n.name in unfused}
+        for node in graph.nodes:
+            if node.name in glue and node.name not in float_nodes and node.name in plan.skipped:
+                plan.skipped[node.name] = "elementwise op run in float between integer kernels (elementwise=float)"
+                # Their constant vectors are stored in 8 bits as the integer kernels stored them
+                # (MiniLM's LayerNorm shifts and biases: its file would grow by 22 KB in float); a
+                # scalar costs nothing to keep exact.
+                bias = any(id(ir.producer(t)) in matmuls for t in node.inputs if ir.producer(t) is not None)
+                if not encoding.decodes(node) and not bias:  # (a stored weight's decoding stays as it is)
+                    plan.constants.extend((node, i) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant)
+                                          and t.values.size >= GLUE_CONSTANT_SIZE and t.values.dtype == np.float32)
+        return plan
 
     def held_out(self) -> tuple[list, list]:
         """(batches, the float model's outputs on them) of the held-out samples: the last
@@ -134,6 +163,29 @@ class QuantRun:
         return np.array(signal).reshape(-1, len(names)), np.array(noise).reshape(-1, len(names))
 
 
+def elementwise_glue(graph, ops: set[str]) -> set[str]:
+    """The nodes `elementwise=float` runs in float: those of ELEMENTWISE ops that `ops` quantizes."""
+    return {node.name for node in graph.nodes if node.op in ELEMENTWISE and node.op in ops}
+
+
+def unfused_matmuls(plan: Plan) -> set[str]:
+    """Quantized MatMuls with a float result read only by a constant Add (a bias) that stays
+    float. onnxruntime fuses such a pair into a float Gemm before its QDQ fusions, which then
+    leave the Gemm in float and its int8 weights dequantized at every run (PP-OCRv4 rec's
+    120 x 6625 head: 1.6-2 ms of 14, more than the float MatMul and Add together)."""
+    quantized = {id(n) for n in plan.quantized}
+    points = {p.name for p in plan.points}
+    found = set()
+    for node in plan.quantized:
+        if node.op != "MatMul" or node.outputs[0].name in points:
+            continue
+        users = ir.consumers(node.outputs[0])
+        if len(users) == 1 and users[0].op == "Add" and id(users[0]) not in quantized \
+                and any(ir.constant_value(t) is not None for t in users[0].inputs):
+            found.add(node.name)
+    return found
+
+
 def split_for_floor(data: CalibrationData) -> tuple[CalibrationData, CalibrationData, dict]:
     """(fitting samples, floor samples, a description for the report): every HOLD_OUT_EVERY-th
     sample (up to HOLD_OUT_MAX) is held out; below MIN_SPLIT_SAMPLES nothing is."""
@@ -153,4 +205,4 @@ def _subset(data: CalibrationData, indices: list[int]) -> CalibrationData:
     return CalibrationData(len(indices), lambda i: data.fetch(indices[i]), data.source, data.batch_axes)
 
 
-__all__ = ["QuantRun", "PER_CHANNEL_OPSET", "split_for_floor"]
+__all__ = ["QuantRun", "PER_CHANNEL_OPSET", "ELEMENTWISE", "elementwise_glue", "unfused_matmuls", "split_for_floor"]
