@@ -68,3 +68,17 @@ def backend_node_cases():
         warnings.simplefilter("ignore")
         with np.errstate(all="ignore"):
             return collect_testcases(None)
+
+
+def run_spec(model, data, spec: str, **context):
+    """`spec` run on `model` (an onnx proto or path) with `data` as calibration, no verification and
+    no progress: (the result as a proto, the last pass's report). `context`: more PassContext fields."""
+    from edgegraph import modelio
+    from edgegraph.context import CalibrationData, PassContext, VerifyConfig
+    from edgegraph.pipeline import run_pipeline
+    from edgegraph.spec import parse
+
+    ctx = PassContext(calibration=CalibrationData.from_arrays(data), progress=False,
+                      verify=VerifyConfig(enabled=False), **context)
+    result, report = run_pipeline(modelio.load(model), parse(spec), ctx)
+    return result.to_proto(), report.passes[-1]

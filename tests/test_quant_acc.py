@@ -8,19 +8,11 @@ import logging
 import numpy as np
 import onnx
 
-from conftest import DEFAULT_DIR
-from edgegraph import ir, modelio
-from edgegraph.context import CalibrationData, PassContext, VerifyConfig
+from conftest import DEFAULT_DIR, run_spec
+from edgegraph import ir
+from edgegraph.context import CalibrationData
 from edgegraph.passes.quant import state
-from edgegraph.pipeline import run_pipeline
-from edgegraph.spec import parse
 
-
-def _run(model, data, spec, **ctx):
-    context = PassContext(calibration=CalibrationData.from_arrays(data), progress=False,
-                          verify=VerifyConfig(enabled=False), **ctx)
-    result, report = run_pipeline(modelio.load(model), parse(spec), context)
-    return result.to_proto(), report.passes[-1]
 
 
 def _digits(count=64):
@@ -46,7 +38,7 @@ def test_split_holds_out_every_fourth_sample_and_fits_on_the_rest():
 
 def test_floor_is_measured_on_held_out_samples_and_reported():
     model, data = _digits()
-    _, record = _run(model, data, "cleanup,quant(check_speed=false, min_sqnr=36)")
+    _, record = run_spec(model, data, "cleanup,quant(check_speed=false, min_sqnr=36)")
     samples = record.details["fallback"]["samples"]
     assert samples["held_out"] == record.stats["floor_samples"] == 16 and samples["fitting"] == 48
     assert record.stats["calibration_samples"] == 64
@@ -54,14 +46,14 @@ def test_floor_is_measured_on_held_out_samples_and_reported():
 
 def test_without_a_floor_every_sample_fits(caplog):
     model, data = _digits()
-    _, record = _run(model, data, "cleanup,quant(check_speed=false)")
+    _, record = run_spec(model, data, "cleanup,quant(check_speed=false)")
     assert "floor_samples" not in record.stats and record.stats["calibration_samples"] == 64
 
 
 def test_small_calibration_set_measures_the_floor_on_the_fitting_samples_and_says_so(caplog):
     model, data = _digits(state.MIN_SPLIT_SAMPLES - 1)
     with caplog.at_level(logging.WARNING):
-        _, record = _run(model, data, "cleanup,quant(check_speed=false, min_sqnr=30)")
+        _, record = run_spec(model, data, "cleanup,quant(check_speed=false, min_sqnr=30)")
     assert record.details["fallback"]["samples"]["held_out"] == 0
     assert "floor_samples" not in record.stats
     assert any("the floor is measured on the samples the ranges were fitted on" in r.getMessage()
@@ -91,12 +83,12 @@ def _float_nodes(model) -> int:
 def test_slower_int8_writes_the_float_model_with_a_warning(monkeypatch):
     model, data = _digits()
     _fake_latency(monkeypatch, lambda m: 1.5)
-    out, record = _run(model, data, "cleanup,quant")
+    out, record = run_spec(model, data, "cleanup,quant")
     assert not any(n.op_type == "QuantizeLinear" for n in out.graph.node)
     assert record.stats["quantized_nodes"] == 0 and "wrote the float model" in record.stats["warning"]
     assert record.details["latency"]["wrote"] == "float"
     assert record.details["latency"]["slow_ops_in_float"]["nodes"] > 0  # the float-for-slow-ops try came first
-    float_only, _ = _run(model, data, "cleanup")
+    float_only, _ = run_spec(model, data, "cleanup")
     assert out.SerializeToString() == float_only.SerializeToString()
 
 
@@ -108,7 +100,7 @@ def test_slower_int8_is_found_before_tuning_and_each_structure_is_timed_once(mon
     _fake_latency(monkeypatch, lambda m: timed.append(sum(n.op == "QuantizeLinear" for n in m.graph.nodes)) or 1.5)
     tuned = []
     monkeypatch.setattr(static, "tuned_build", lambda *a: tuned.append(1))
-    out, record = _run(model, data, "cleanup,quant")
+    out, record = run_spec(model, data, "cleanup,quant")
     # The first build and the slow-ops-in-float model are timed, once each; nothing is tuned.
     assert record.details["latency"]["wrote"] == "float" and not tuned
     assert len(timed) == 2 and timed[1] < timed[0]
@@ -136,7 +128,7 @@ def test_mixed_precision_is_not_tried_when_int8_is_already_over_its_latency_budg
     _fake_latency(monkeypatch, lambda m: 1.5)
     measured = []
     monkeypatch.setattr(mixed, "contributions", lambda *a: measured.append(1))
-    _, record = _run(model, data, "cleanup,quant(if_slower=int8, mixed_sqnr=90)")
+    _, record = run_spec(model, data, "cleanup,quant(if_slower=int8, mixed_sqnr=90)")
     assert not measured and "mixed_precision" not in record.details
     assert any("mixed precision: not tried" in note for note in record.details["notes"])
 
@@ -144,7 +136,7 @@ def test_mixed_precision_is_not_tried_when_int8_is_already_over_its_latency_budg
 def test_slower_int8_is_kept_when_forced(monkeypatch):
     model, data = _digits()
     _fake_latency(monkeypatch, lambda m: 1.5)
-    out, record = _run(model, data, "cleanup,quant(if_slower=int8)")
+    out, record = run_spec(model, data, "cleanup,quant(if_slower=int8)")
     assert record.stats["quantized_nodes"] > 0 and "warning" not in record.stats
     assert record.details["latency"]["speedup"] < 1.0
 
@@ -155,7 +147,7 @@ def test_slow_ops_go_float_when_that_makes_int8_faster(monkeypatch):
     first = []
     pairs = lambda m: sum(n.op == "QuantizeLinear" for n in m.graph.nodes)  # noqa: E731
     _fake_latency(monkeypatch, lambda m: 1.2 if first.append(pairs(m)) or pairs(m) >= first[0] else 0.8)
-    out, record = _run(model, data, "cleanup,quant")
+    out, record = run_spec(model, data, "cleanup,quant")
     assert record.stats["quantized_nodes"] > 0 and record.details["latency"]["quantized_ms"] == 0.8
     assert any("int8 makes slower in float" in note for note in record.details["notes"])
     assert sum(n.op_type == "QuantizeLinear" for n in out.graph.node) < first[0]
@@ -209,7 +201,7 @@ def test_gram_rounding_on_the_cifar10_cnn():
 
     path = require_shared(MODELS / "cifar10_cnn_pytorch_tutorial/ImageClassifier.onnx")
     x, _ = qfix.cifar10(require_shared(DATA))
-    out, record = _run(onnx.load(path), {"modelInput": x[:64]}, "quant(check_speed=false, weight_rounding=auto)")
+    out, record = run_spec(onnx.load(path), {"modelInput": x[:64]}, "quant(check_speed=false, weight_rounding=auto)")
     assert record.stats["weight_rounding"] == "gram"
     assert record.details["tuning_output_sqnr_db"]["weight_rounding=gram"] > record.details["tuning_output_sqnr_db"][
         record.stats["method"]] + 1.5  # measured 43.87 vs 41.99 dB on the 8 tuning samples

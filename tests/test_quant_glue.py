@@ -11,23 +11,14 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import DATA, MODELS, require_shared
-from edgegraph import modelio, runtime, verify
-from edgegraph.context import CalibrationData, PassContext, VerifyConfig
+from conftest import DATA, MODELS, require_shared, run_spec
+from edgegraph import runtime, verify
 from edgegraph.passes.quant.analysis import optimized_op_counts
-from edgegraph.pipeline import run_pipeline
-from edgegraph.spec import parse
 from edgegraph.targets import load as load_target
 from fixtures import quant as qfix
 
 FIXED = "check_speed=false, method=minmax, bias_correction=false, mixed=off, keep_coarse=false"
 
-
-def _quantize(model, data, spec, **ctx):
-    context = PassContext(calibration=CalibrationData.from_arrays(data), progress=False,
-                          verify=VerifyConfig(enabled=False), **ctx)
-    result, report = run_pipeline(modelio.load(model), parse(spec), context)
-    return result.to_proto(), report.passes[-1]
 
 
 def _outputs(proto, x):
@@ -43,8 +34,8 @@ def _activation_q_inputs(proto):
 def test_a_chain_of_elementwise_ops_is_rounded_once_between_fused_convs():
     model = qfix.hardswish_affine_model()
     x = np.random.default_rng(1).standard_normal((40, 4, 8, 8)).astype(np.float32)
-    glue, record = _quantize(model, {"x": x[:32]}, f"quant({FIXED})")
-    integer, _ = _quantize(model, {"x": x[:32]}, f"quant({FIXED}, elementwise=integer)")
+    glue, record = run_spec(model, {"x": x[:32]}, f"quant({FIXED})")
+    integer, _ = run_spec(model, {"x": x[:32]}, f"quant({FIXED}, elementwise=integer)")
     assert record.stats["elementwise"] == "float"
     # One rounding between the convs (their input and output), none inside the chain.
     rounded = _activation_q_inputs(glue)
@@ -58,14 +49,14 @@ def test_a_chain_of_elementwise_ops_is_rounded_once_between_fused_convs():
                             for p in (glue, integer))
     # (the 8-bit output of conv2 bounds both: measured 31.4 vs 31.0 dB)
     assert float_db >= integer_db + 0.3 and float_db > 30, (float_db, integer_db)
-    again, _ = _quantize(model, {"x": x[:32]}, f"quant({FIXED})")
+    again, _ = run_spec(model, {"x": x[:32]}, f"quant({FIXED})")
     assert again.SerializeToString() == glue.SerializeToString()
 
 
 def test_silu_between_integer_convs_runs_as_one_quickgelu_on_onnxruntime():
     model = qfix.silu_head_model()
     x = np.random.default_rng(3).standard_normal((40, 4, 8, 8)).astype(np.float32)
-    proto, _ = _quantize(model, {"x": x[:32]}, f"quant({FIXED})")
+    proto, _ = run_spec(model, {"x": x[:32]}, f"quant({FIXED})")
     ops = optimized_op_counts(proto)
     assert ops.get("QuickGelu") == 1 and ops.get("QLinearConv") == 3
     assert not any(n.op_type == "Sigmoid" and n.name == "sig1" for n in proto.graph.node)
@@ -73,7 +64,7 @@ def test_silu_between_integer_convs_runs_as_one_quickgelu_on_onnxruntime():
     reference = _outputs(model, x[32:])
     assert verify.worst_sqnr_db([{"y": reference}], [{"y": _outputs(proto, x[32:])}]) > 25
     # A target that does not run com.microsoft ops keeps the standard Sigmoid and Mul.
-    tflite, _ = _quantize(model, {"x": x[:32]}, f"quant({FIXED})", target=load_target("tflite"))
+    tflite, _ = run_spec(model, {"x": x[:32]}, f"quant({FIXED})", target=load_target("tflite"))
     assert {"sig1", "silu"} <= {n.name for n in tflite.graph.node}
     assert not any(n.op_type == "QuickGelu" for n in tflite.graph.node)
 
@@ -81,7 +72,7 @@ def test_silu_between_integer_convs_runs_as_one_quickgelu_on_onnxruntime():
 def test_a_matmul_read_only_by_a_constant_add_stays_float():
     model = qfix.matmul_bias_head_model()
     x = np.random.default_rng(2).standard_normal((24, 10, 16)).astype(np.float32)
-    proto, record = _quantize(model, {"x": x}, f"quant({FIXED})")
+    proto, record = run_spec(model, {"x": x}, f"quant({FIXED})")
     assert "float Gemm" in record.details["float_nodes"]["head"]
     head = next(n for n in proto.graph.node if n.name == "head")
     weights = {t.name: t for t in proto.graph.initializer}
@@ -114,7 +105,7 @@ def test_text_detector_reaches_20_db_with_the_elementwise_glue():
     require_shared(DATA / "misc_images/skimage_page.png")
     x = qfix.text_detector_inputs(DATA, 48)
     model = onnx.load(path)
-    proto, record = _quantize(model, {"x": x[:32]}, "quant(check_speed=false)")
+    proto, record = run_spec(model, {"x": x[:32]}, "quant(check_speed=false)")
     kept = record.details["mixed_precision"]["tensors"]
     sess = runtime.session(model, threads=0, optimize=True)
     reference = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(32, 48)])

@@ -8,20 +8,11 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import DATA, MODELS, require_shared
+from conftest import DATA, MODELS, require_shared, run_spec
 from edgegraph import ir, modelio, runtime
-from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.passes.quant import mixed, numerics
-from edgegraph.pipeline import run_pipeline
-from edgegraph.spec import parse
 from fixtures import quant as qfix
 
-
-def _run(model, data, spec):
-    context = PassContext(calibration=CalibrationData.from_arrays(data), progress=False,
-                          verify=VerifyConfig(enabled=False))
-    result, report = run_pipeline(modelio.load(model), parse(spec), context)
-    return result.to_proto(), report.passes[-1]
 
 
 def _outputs(proto, feeds, optimize=False):
@@ -36,8 +27,8 @@ def convnet():
 
 def test_gated_model_switches_each_tensor_between_float_and_quantized(convnet):
     model, calib, held = convnet
-    quant, _ = _run(model, {"x": calib}, "cleanup,quant(check_speed=false, mixed=off, bias_correction=false)")
-    float_proto, _ = _run(model, {"x": calib}, "cleanup")
+    quant, _ = run_spec(model, {"x": calib}, "cleanup,quant(check_speed=false, mixed=off, bias_correction=false)")
+    float_proto, _ = run_spec(model, {"x": calib}, "cleanup")
     constants = {t.name for t in quant.graph.initializer}
     points = {n.input[0] for n in quant.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants}
     float_inits = {t.name: onnx.numpy_helper.to_array(t) for t in float_proto.graph.initializer}
@@ -66,7 +57,7 @@ def test_measuring_from_a_cut_gives_the_whole_gated_models_outputs(convnet):
     """mixed._Segments runs the gated model from the latest cut before the first gate that is on,
     with what comes before it cached from the all-off run: the same outputs as the whole model."""
     model, calib, held = convnet
-    quant, _ = _run(model, {"x": calib}, "cleanup,quant(check_speed=false, mixed=off, bias_correction=false)")
+    quant, _ = run_spec(model, {"x": calib}, "cleanup,quant(check_speed=false, mixed=off, bias_correction=false)")
     constants = {t.name for t in quant.graph.initializer}
     points = {n.input[0] for n in quant.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants}
     gated, order = mixed.gated_model(quant, points)
@@ -97,8 +88,8 @@ def test_mixed_precision_keeps_the_costliest_tensors_out_of_8_bits(convnet):
     reference = _outputs(model, {"x": held})
     # 8 bits everywhere gives ~42 dB here: a target of 60 dB makes the step act.
     spec = "cleanup,quant(check_speed=false, mixed_sqnr=60)"
-    proto, record = _run(model, {"x": calib}, spec)
-    plain, plain_record = _run(model, {"x": calib}, "cleanup,quant(check_speed=false, mixed=off)")
+    proto, record = run_spec(model, {"x": calib}, spec)
+    plain, plain_record = run_spec(model, {"x": calib}, "cleanup,quant(check_speed=false, mixed=off)")
     info = record.details["mixed_precision"]
     # Measured: 42.2 -> 47.0 dB (the Flatten before the Gemm and the Gemm's weights kept float).
     assert info["after_db"] >= info["before_db"] + 3 and info["as"] == "float"
@@ -110,7 +101,7 @@ def test_mixed_precision_keeps_the_costliest_tensors_out_of_8_bits(convnet):
     held_sqnr = [numerics.sqnr_db(reference, _outputs(p, {"x": held}, optimize=True)) for p in (proto, plain)]
     assert held_sqnr[0] > held_sqnr[1] + 3, held_sqnr  # measured 47.0 vs 42.0 dB
     onnx.checker.check_model(proto, full_check=True)
-    again, _ = _run(model, {"x": calib}, spec)
+    again, _ = run_spec(model, {"x": calib}, spec)
     assert again.SerializeToString() == proto.SerializeToString()
     assert "mixed_precision" not in plain_record.details
 
@@ -134,7 +125,7 @@ def test_tensors_kept_never_fewer_for_a_higher_target(convnet, monkeypatch):
     kept = []
     for target in (43.0, 44.5, 46.0, 47.0, 48.0, 50.0, 51.5, 53.0, 56.0):
         sizes.clear()
-        _, record = _run(model, {"x": calib}, f"cleanup,quant(check_speed=false, mixed_sqnr={target})")
+        _, record = run_spec(model, {"x": calib}, f"cleanup,quant(check_speed=false, mixed_sqnr={target})")
         assert set(sizes) <= set(curve), (target, sizes)
         kept.append(record.details.get("mixed_precision", {}).get("tensors", 0))
     assert kept == sorted(kept) and kept[0] < kept[-1], kept
@@ -142,8 +133,8 @@ def test_tensors_kept_never_fewer_for_a_higher_target(convnet, monkeypatch):
 
 def test_mixed_precision_leaves_models_above_the_target_alone(convnet):
     model, calib, _ = convnet
-    proto, record = _run(model, {"x": calib}, "cleanup,quant(check_speed=false)")  # ~42 dB > 20 dB
-    plain, _ = _run(model, {"x": calib}, "cleanup,quant(check_speed=false, mixed=off)")
+    proto, record = run_spec(model, {"x": calib}, "cleanup,quant(check_speed=false)")  # ~42 dB > 20 dB
+    plain, _ = run_spec(model, {"x": calib}, "cleanup,quant(check_speed=false, mixed=off)")
     assert "mixed_precision" not in record.details
     assert proto.SerializeToString() == plain.SerializeToString()
 
@@ -155,7 +146,7 @@ def test_text_detector_gets_usable_with_mixed_precision():
     path = require_shared(MODELS / "ppocr_v4_paddle2onnx/ch_PP-OCRv4_det_infer.onnx")
     require_shared(DATA / "misc_images/skimage_page.png")
     x = qfix.text_detector_inputs(DATA, 40)
-    proto, record = _run(onnx.load(path), {"x": x[:32]}, "quant(check_speed=false)")
+    proto, record = run_spec(onnx.load(path), {"x": x[:32]}, "quant(check_speed=false)")
     reference = _outputs(onnx.load(path), {"x": x[32:]}, optimize=True)
     got = np.concatenate([_outputs(proto, {"x": x[i:i + 1]}, optimize=True) for i in range(32, 40)])
     assert record.details["mixed_precision"]["tensors"] >= 5
@@ -176,10 +167,10 @@ def test_text_classifier_keeps_more_tensors_float_for_higher_targets():
     model = fixed.to_proto()
     kept, protos = [], {}
     for target in (19, 20, 21, 22):
-        protos[target], record = _run(model, {"x": x[:64]}, f"cleanup,quant(check_speed=false, mixed_sqnr={target})")
+        protos[target], record = run_spec(model, {"x": x[:64]}, f"cleanup,quant(check_speed=false, mixed_sqnr={target})")
         kept.append(record.details.get("mixed_precision", {}).get("tensors", 0))
     assert kept == sorted(kept) and kept[0] >= 1 and kept[-1] > kept[0], kept
-    again, _ = _run(model, {"x": x[:64]}, "cleanup,quant(check_speed=false, mixed_sqnr=20)")
+    again, _ = run_spec(model, {"x": x[:64]}, "cleanup,quant(check_speed=false, mixed_sqnr=20)")
     assert again.SerializeToString() == protos[20].SerializeToString()
     held = x[64:192]
     reference = np.concatenate([_outputs(model, {"x": held[i:i + 1]}) for i in range(len(held))])

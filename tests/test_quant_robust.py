@@ -13,22 +13,13 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import DATA, DEFAULT_DIR, MODELS, require_shared
-from edgegraph import modelio, runtime, stats, verify
+from conftest import DATA, DEFAULT_DIR, MODELS, require_shared, run_spec
+from edgegraph import runtime, stats, verify
 from edgegraph.cli import main
-from edgegraph.context import CalibrationData, PassContext, VerifyConfig
 from edgegraph.errors import EdgegraphError
 from edgegraph.passes.quant import static
-from edgegraph.pipeline import run_pipeline
-from edgegraph.spec import parse
 from fixtures import quant as qfix
 
-
-def _run(model, data, spec, **ctx):
-    context = PassContext(calibration=CalibrationData.from_arrays(data), progress=False,
-                          verify=VerifyConfig(enabled=False), **ctx)
-    result, report = run_pipeline(modelio.load(model), parse(spec), context)
-    return result.to_proto(), report.passes[-1]
 
 
 def _ort(proto, x):
@@ -52,7 +43,7 @@ PASSES = {  # spec, the stat that counts quantized layers, worst output SQNR (dB
 def test_unusual_values_are_left_alone_and_the_rest_quantized(name, pass_name):
     model = qfix.unusual_value_models()[name]
     spec, counter, floor = PASSES[pass_name]
-    proto, record = _run(model, {"x": qfix.chain_inputs(32)}, spec)
+    proto, record = run_spec(model, {"x": qfix.chain_inputs(32)}, spec)
     onnx.checker.check_model(proto, full_check=True)
     assert record.modified and record.stats[counter] == 2  # both MatMuls
     # The interface is unchanged: names and kinds of value (tensor, sequence, optional) alike.
@@ -88,10 +79,10 @@ def _digits():
 
 def test_analysis_sample_count_does_not_follow_the_clock(monkeypatch):
     model, data = _digits()
-    normal, record = _run(model, data, "cleanup,quant(check_speed=false)")
+    normal, record = run_spec(model, data, "cleanup,quant(check_speed=false)")
     clock = iter(range(0, 10**9, 30))  # a machine so loaded that every step takes 30 s
     monkeypatch.setattr(static.time, "perf_counter", lambda: float(next(clock)))
-    slow, slow_record = _run(model, data, "cleanup,quant(check_speed=false)")
+    slow, slow_record = run_spec(model, data, "cleanup,quant(check_speed=false)")
     assert record.stats["analysis_samples"] == slow_record.stats["analysis_samples"] == 8
     assert slow.SerializeToString() == normal.SerializeToString()
 
@@ -102,16 +93,16 @@ def test_analysis_sample_count_follows_the_model_size(monkeypatch):
     macs = stats.model_stats(model, fix_shapes={"x": [1, 3, 16, 16]}).macs_known
     for budget, expected in ((macs * 100, 8), (macs * 5.5, 5), (macs, 2)):
         monkeypatch.setattr(static, "ANALYSIS_MACS", budget)
-        _, record = _run(model, data, "quant(check_speed=false, method=minmax, bias_correction=false)")
+        _, record = run_spec(model, data, "quant(check_speed=false, method=minmax, bias_correction=false)")
         assert record.stats["analysis_samples"] == expected
 
 
 def test_same_bytes_with_the_machine_loaded(tmp_path):
     model, data = _digits()
-    first, _ = _run(model, data, "cleanup,quant(check_speed=false)")
+    first, _ = run_spec(model, data, "cleanup,quant(check_speed=false)")
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
     try:
-        second, _ = _run(model, data, "cleanup,quant(check_speed=false)")
+        second, _ = run_spec(model, data, "cleanup,quant(check_speed=false)")
     finally:
         for burner in burners:
             burner.kill()
@@ -143,7 +134,7 @@ def _outlier_model():
 
 def test_degraded_result_warns_and_names_the_costliest_layers(caplog):
     with caplog.at_level(logging.WARNING):
-        _, record = _run(_outlier_model(), {"x": outlier_chain_inputs(32)}, "quant(check_speed=false)")
+        _, record = run_spec(_outlier_model(), {"x": outlier_chain_inputs(32)}, "quant(check_speed=false)")
     warning = record.details["warning"]
     assert warning["held_out_sqnr_db"] < 5 and record.stats["warning"].startswith("worst output SQNR")
     assert warning["costliest_layers"][0]["node"] == "mm1"  # its input is the one with the outlier
@@ -151,13 +142,13 @@ def test_degraded_result_warns_and_names_the_costliest_layers(caplog):
     messages = [r.getMessage() for r in caplog.records if "badly degraded" in r.getMessage()]
     assert len(messages) == 1 and "mm1" in messages[0] and len(messages[0]) < 600
     # Following the advice helps: with mm1 in float the chain is fine.
-    proto, fixed = _run(_outlier_model(), {"x": outlier_chain_inputs(32)}, "quant(check_speed=false, exclude_nodes=[mm1])")
+    proto, fixed = run_spec(_outlier_model(), {"x": outlier_chain_inputs(32)}, "quant(check_speed=false, exclude_nodes=[mm1])")
     assert "warning" not in fixed.details and fixed.stats["quantized_nodes"] == 1
 
 
 def test_good_result_does_not_warn(caplog):
     with caplog.at_level(logging.WARNING):
-        _, record = _run(qfix.small_convnet(), {"x": qfix.convnet_inputs(32)}, "quant(check_speed=false)")
+        _, record = run_spec(qfix.small_convnet(), {"x": qfix.convnet_inputs(32)}, "quant(check_speed=false)")
     assert "warning" not in record.details and "warning" not in record.stats
     assert not [r for r in caplog.records if "degraded" in r.getMessage()]
 
@@ -168,7 +159,7 @@ def test_degraded_text_detector_warns():
     path = require_shared(MODELS / "ppocr_v4_paddle2onnx/ch_PP-OCRv4_det_infer.onnx")
     require_shared(DATA / "misc_images/skimage_page.png")
     x = qfix.text_detector_inputs(DATA, 16)
-    _, record = _run(onnx.load(path), {"x": x}, "quant(check_speed=false, mixed=off)")
+    _, record = run_spec(onnx.load(path), {"x": x}, "quant(check_speed=false, mixed=off)")
     warning = record.details["warning"]
     assert warning["held_out_sqnr_db"] < 12 and len(warning["costliest_layers"]) == 3
     nodes = {n.name for n in onnx.load(path).graph.node}
@@ -178,7 +169,7 @@ def test_degraded_text_detector_warns():
 def test_budget_met_only_by_a_float_copy_is_refused(tmp_path, capsys):
     model, data = _digits()
     with pytest.raises(EdgegraphError, match="nothing was quantized: min_sqnr=200 dB") as caught:
-        _run(model, data, "cleanup,quant(check_speed=false, min_sqnr=200)")
+        run_spec(model, data, "cleanup,quant(check_speed=false, min_sqnr=200)")
     assert caught.value.exit_code == 2
     out = tmp_path / "out.onnx"
     code = main(["opt", str(DEFAULT_DIR / "digits_cnn.onnx"), "-p", "cleanup,quant(max_drop=0.0, min_sqnr=200)",
@@ -197,9 +188,9 @@ def test_no_speed_check_without_timing(monkeypatch):
     real = runtime.latency_ms
     monkeypatch.setattr(runtime, "latency_ms", lambda *a, **k: calls.append(1) or real(*a, **k))
     data = {"x": qfix.convnet_inputs(16)}
-    _, record = _run(qfix.small_convnet(), data, "quant", timing=False)
+    _, record = run_spec(qfix.small_convnet(), data, "quant", timing=False)
     assert not calls and "latency" not in record.details and "speed_check" not in record.details["timings_s"]
-    _, record = _run(qfix.small_convnet(), data, "quant")
+    _, record = run_spec(qfix.small_convnet(), data, "quant")
     assert calls and record.details["latency"]["float_ms"] > 0
 
 
@@ -222,16 +213,16 @@ def test_option_matching_nothing_warns(spec, model, expected, caplog):
     proto, data = ((qfix.small_convnet(), {"x": qfix.convnet_inputs(16)}) if model == "convnet"
                    else (qfix.passthrough_model(), {"x": qfix.chain_inputs(16)}))
     with caplog.at_level(logging.WARNING):
-        _run(proto, data, spec)
+        run_spec(proto, data, spec)
     messages = [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
     assert len(messages) == 1 and messages[0].startswith(expected) and len(messages[0]) < 300
 
 
 def test_options_that_match_warn_nothing(caplog):
     with caplog.at_level(logging.WARNING):
-        _run(qfix.small_convnet(), {"x": qfix.convnet_inputs(16)},
+        run_spec(qfix.small_convnet(), {"x": qfix.convnet_inputs(16)},
              "quant(check_speed=false, exclude_ops=[Gemm], exclude_nodes=[conv3])")
-        _run(qfix.passthrough_model(), {"x": qfix.chain_inputs(16)}, "quant-dynamic(exclude=[mm1]),quant-int4(exclude=[MatMul])")
+        run_spec(qfix.passthrough_model(), {"x": qfix.chain_inputs(16)}, "quant-dynamic(exclude=[mm1]),quant-int4(exclude=[MatMul])")
     assert not [r for r in caplog.records if "has no effect" in r.getMessage()]
 
 
@@ -258,5 +249,5 @@ def test_pass_count_is_the_summary_count_on_a_real_cnn():
     path = require_shared(MODELS / "cifar10_cnn_pytorch_tutorial/ImageClassifier.onnx")
     require_shared(DATA / "cifar10_test_subset")
     x, _ = qfix.cifar10(DATA)
-    proto, record = _run(onnx.load(path), {"modelInput": x[:32]}, "cleanup,quant(check_speed=false)")
+    proto, record = run_spec(onnx.load(path), {"modelInput": x[:32]}, "cleanup,quant(check_speed=false)")
     assert record.stats["quantized_nodes"] == stats.model_stats(proto).quantized_nodes == 6  # 3 Conv, 2 pools, Gemm
