@@ -82,8 +82,9 @@ class StaticQuantize(Pass):
         "target", "weight type (symmetric; uint8 uses zero point 128); target: the target's scheme (int8 everywhere)")
     weight_method: Literal["minmax", "mse"] = option(
         "minmax", "weight ranges: minmax (absmax) | mse (per-channel clipping with the least error; on PP-OCRv4 rec, "
-                  "whose weights carry half the output noise, strings unchanged 0.74/0.72 -> 0.87/0.91 on the held-out "
-                  "splits and det unchanged, but below the floors of tests on small fixtures: not the default)")
+                  "whose weights carry half the output noise, strings unchanged 0.75/0.81 -> 0.77/0.79 on the held-out "
+                  "splits with the rest of the defaults, and below the floors of tests on small fixtures: not the "
+                  "default)")
     weight_rounding: Literal["nearest", "gram", "auto"] = option(
         "nearest", "integer weights by nearest rounding, or gram: rounded for the least layer-output error on the "
                    "layer's captured input (Gram matrix; AdaRound's objective, GPTQ's greedy solver; rounding.py); "
