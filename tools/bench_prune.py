@@ -26,7 +26,7 @@ against that model. For each model and MAC cut, in one run:
 A `--tools` entry that is a pass spec (`prune(macs={keep}, ...)`) runs that spec as one more
 edgegraph row. `--calib N` gives every tool N calibration samples instead of 64: the extra ones
 come after the evaluation samples, so both splits stay the same (what more calibration buys is
-measured on the same images); prune fits on 64 of them unless a spec says `calib_samples=0`.
+measured on the same images); prune fits on up to 256 of them (its `calib_samples`).
 
 Columns: MACs removed, params ratio, latency ratio (pruned / fp32, onnxruntime CPU, 1 thread,
 full optimisations, interleaved rounds, median), agreement with fp32 on eval halves A and B:

@@ -317,13 +317,10 @@ class Codebook(Pass):
         graph = model.graph
         namer = ir.Namer(graph)
         writer = _Writer(graph, namer, model.opset, self.storage)
-        writer.plan([(writer.planes(bits), self._sparse(w, bits)) for w, bits in self._widths(weights, widths, cache)])
+        groups = self._encoded_groups(weights, widths, cache)
+        writer.plan([(writer.planes(bits), self._sparse(w, bits)) for group, bits in groups for w in group])
         rows = []
-        for group in self._groups(weights):
-            bits = widths if isinstance(widths, int) else widths[group[0].tensor.name]
-            if isinstance(bits, tuple):  # (bits, True): pruned to `sparsity` first
-                bits = bits[0]
-                group = [self._pruned(group[0], cache)]
+        for group, bits in groups:
             if len(group) > 1:
                 encodings = self._cluster_shared(group, bits)
             elif sizing:
@@ -358,15 +355,16 @@ class Codebook(Pass):
                          "bits_per_weight": None, "index_entropy_bits": 0.0, "weight_sqnr_db": None})
         return rows
 
-    def _widths(self, weights: list[_Weight], widths, cache: dict | None) -> list[tuple[_Weight, int]]:
-        """(weight as it is encoded, its bits) for each weight `_apply` writes (pruned first where chosen)."""
+    def _encoded_groups(self, weights: list[_Weight], widths, cache: dict | None) -> list[tuple[list[_Weight], int]]:
+        """(the weights of one codebook as they are encoded, their bits) for `widths` (bits, or
+        {weight: bits or (bits, True)}: pruned to `sparsity` first)."""
         found = []
         for group in self._groups(weights):
             bits = widths if isinstance(widths, int) else widths[group[0].tensor.name]
             if isinstance(bits, tuple):
-                found.append((self._pruned(group[0], cache), bits[0]))
+                found.append(([self._pruned(group[0], cache)], bits[0]))
             else:
-                found += [(w, bits) for w in group]
+                found.append((group, bits))
         return found
 
     def _groups(self, weights: list[_Weight]) -> list[list[_Weight]]:
@@ -689,7 +687,7 @@ class Codebook(Pass):
 
     def _centroids_flat(self, flat: np.ndarray, h: np.ndarray | None, k: int,
                         order: np.ndarray | None = None) -> np.ndarray:
-        """k centroids of the 1-D `flat` (importance `h`); `order`: its stable argsort, if known."""
+        """k centroids of the 1-D `flat` (importance `h`); `order`: its argsort, if known (`_sort_order`)."""
         order = np.argsort(flat, kind="stable") if order is None else order
         x = flat[order]
         hs = None if h is None else h[order]
