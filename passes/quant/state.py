@@ -61,7 +61,6 @@ class QuantRun:
         self.output_names: list[str] = []
         self.grams: dict | None = None  # layer -> capture.Gram of its input (weight_rounding=gram)
         self.gram_factors: dict[str, list] = {}  # layer -> its factored H⁻¹ per group (rounding.py)
-        self.layer_errors: dict[tuple, np.ndarray] = {}  # a layer's mean error per quantization of it (bias_correction)
         self.macs = 0  # a sample's MACs (known ones), once analysis_samples is set
         self.float_session = None  # the float model's 1-thread session of the speed checks
         self.timed: dict[tuple, dict] = {}  # latency of each model structure timed (speed.structure)
