@@ -71,11 +71,11 @@ def test_measuring_from_a_cut_gives_the_whole_gated_models_outputs(convnet):
             gates = np.zeros(len(order), np.float32)
             gates[first:] = rng.random(len(order) - first) < 0.5
             gates[first] = 1.0
-            got = segments(gates)
+            got = segments([gates])[0]
             for feeds, result in zip(batches, got):
                 expected = whole.run(None, {**feeds, mixed.GATES: gates})[0]
                 np.testing.assert_allclose(result[segments.outputs[0]], expected, rtol=1e-5, atol=1e-6)
-        off = segments(np.zeros(len(order), np.float32))
+        off = segments([np.zeros(len(order), np.float32)])[0]
         np.testing.assert_allclose(off[0][segments.outputs[0]],
                                    whole.run(None, {**batches[0], mixed.GATES: np.zeros(len(order), np.float32)})[0],
                                    rtol=1e-5, atol=1e-6)
@@ -114,7 +114,8 @@ def test_tensors_kept_never_fewer_for_a_higher_target(convnet, monkeypatch):
     names = [f"t{i}" for i in range(20)]
     # (Noise that adds up exactly: tensor i adds 1 / (i + 1) alone.)
     monkeypatch.setattr(mixed, "contributions",
-                        lambda run, *args: mixed.Ranking(lambda members: sum(1.0 / (i + 1) for i in members), names))
+                        lambda run, *args: mixed.Ranking(
+                            lambda groups: [sum(1.0 / (i + 1) for i in members) for members in groups], names))
     real_build, sizes = mixed._build_kept, []
 
     def build_kept(run, kept):

@@ -37,10 +37,14 @@ WEIGHT = "weights of "  # what a weight gate is called: WEIGHT + the node name
 # Samples each tensor's contribution is measured on (the first held-out ones): as many as
 # MIXED_MACS of forward passes allow, at least MIXED_SAMPLES, at most the held-out samples. Each
 # measurement costs a forward pass per sample; the ranking of a heavy model settles on few
-# (PP-OCRv4 det: the same 28 tensors on 1 and 2), while a classifier's noise sits in the few
-# samples near a decision (PP-OCR cls on 2 samples: the contributions added up to 1/7 of the
-# noise measured on 8, and the tensor that gained 2 dB was ranked 17th).
-MIXED_SAMPLES = 2
+# (PP-OCRv4 det: 52 tensors kept float and the same held-out SQNR on 1 sample as on 2;
+# YOLOX-nano: 27 of 32 the same, F1 0.895/0.886 on the held-out splits against 0.908/0.869,
+# output SQNR 0.4-0.5 dB lower; PP-OCRv4 rec: nothing kept either way), while a classifier's
+# noise sits in the few samples near a decision (PP-OCR cls on 2 samples: the contributions
+# added up to 1/7 of the noise measured on 8, and the tensor that gained 2 dB was ranked
+# 17th). With one sample, the two halves of a group run side by side: the heavy models'
+# measurements take half the CPU time they took on 2 samples.
+MIXED_SAMPLES = 1
 MIXED_MACS = 1e9
 # At most this share of the quantized nodes goes out of 8 bits (float sets), the costliest
 # tensors first; a tensor carrying under MIN_SHARE of the measured noise is never worth it.
@@ -192,14 +196,19 @@ def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan) -> Ranking:
     names = measure.outputs
     energy = {n: sum(float(np.sum(np.square(r[n], dtype=np.float64))) for r in reference) for n in names}
 
-    def noise(members: list[int]) -> float:
-        gates = np.zeros(len(order), np.float32)
-        gates[members] = 1.0
-        total = dict.fromkeys(names, 0.0)
-        for got, ref in zip(measure(gates), reference):
-            for n in names:
-                total[n] += float(np.sum(np.square(got[n].astype(np.float64) - ref[n], dtype=np.float64)))
-        return max(total[n] / energy[n] for n in names if energy[n] > 0)
+    def noise(groups: list[list[int]]) -> list[float]:
+        settings = []
+        for members in groups:
+            settings.append(np.zeros(len(order), np.float32))
+            settings[-1][members] = 1.0
+        values = []
+        for outputs in measure(settings):
+            total = dict.fromkeys(names, 0.0)
+            for got, ref in zip(outputs, reference):
+                for n in names:
+                    total[n] += float(np.sum(np.square(got[n].astype(np.float64) - ref[n], dtype=np.float64)))
+            values.append(max(total[n] / energy[n] for n in names if energy[n] > 0))
+        return values
 
     try:
         return Ranking(noise, order, close=measure.close)
@@ -209,9 +218,10 @@ def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan) -> Ranking:
 
 
 class Ranking:
-    """The gates of `order` (tensor names) by the noise each adds alone (`noise(members)`: the
-    output noise with the gates `members` on, those of the weights included), found by group
-    testing, lazily: `next()` measures only until the next-costliest tensor is known.
+    """The gates of `order` (tensor names) by the noise each adds alone (`noise(groups)`: for
+    each list of gates, the output noise with those on; the two halves of a group are measured
+    in one call, side by side), found by group testing, lazily: `next()` measures only until
+    the next-costliest tensor is known.
 
     Few tensors carry most of the noise, and neighbours in graph order share it, so the
     noisiest group is halved first (both halves measured: inferring one as the group's noise
@@ -228,8 +238,8 @@ class Ranking:
 
     def __init__(self, noise, order: list[str], close=lambda: None):
         self.order, self._noise, self.close = order, noise, close
-        self.weights_only = noise([])
-        everything = max(noise(list(range(len(order)))) - self.weights_only, 0.0)
+        self.weights_only, everything = noise([[], list(range(len(order)))])
+        everything = max(everything - self.weights_only, 0.0)
         self.measured = 2
         self._everything = everything
         self._groups = [(-everything, 0, list(range(len(order))))]  # a heap: noisiest first, ties in graph order
@@ -267,9 +277,10 @@ class Ranking:
             self._known += value
             return
         half = len(members) // 2
-        for part in (members[:half], members[half:]):
-            heapq.heappush(self._groups, (-max(self._noise(part) - self.weights_only, 0.0), part[0], part))
-            self.measured += 1
+        parts = (members[:half], members[half:])
+        for part, noise in zip(parts, self._noise(parts)):
+            heapq.heappush(self._groups, (-max(noise - self.weights_only, 0.0), part[0], part))
+        self.measured += 2
 
 
 def _measuring_batches(run: QuantRun) -> tuple[list[dict], list[dict]]:
@@ -292,7 +303,8 @@ class _Segments:
     gates in graph order, and the cuts are where its first SEGMENT_DEPTH levels of halving
     start them, so measurements of later groups skip the network before them (the values are
     the same as from the whole model, up to the float rounding of kernels ORT fuses across a
-    cut; PP-OCRv4 det: 18% less CPU time). The batches run side by side (runtime.SideBySide):
+    cut; PP-OCRv4 det: 18% less CPU time). The batches and the settings of one call (the two
+    halves of a group) run side by side (runtime.SideBySide):
     with other work on the 2-core development machine, det's measurements went from 9.4 s to
     3.8 s of CPU time (14-18 s to 7.7 s wall), with the same tensors chosen."""
 
@@ -301,7 +313,7 @@ class _Segments:
         self.outputs = [o.name for o in graph.output]
         self.batches = batches
         self.size = len(order)
-        self.runner = runtime.SideBySide(len(batches), threads)
+        self.runner = runtime.SideBySide(2 * len(batches), threads)  # (two settings of the gates at a time)
         each = self.runner.session_threads
         position = {int(node.input[0][len("__gate"):]): i for i, node in enumerate(graph.node)
                     if node.op_type == "If" and node.input[0].startswith("__gate")}
@@ -317,22 +329,26 @@ class _Segments:
     def close(self) -> None:
         self.runner.close()
 
-    def __call__(self, gates: np.ndarray) -> list[dict]:
+    def __call__(self, settings: list[np.ndarray]) -> list[list[dict]]:
+        """The outputs on each measuring batch for each setting of the gates, all run side by side."""
+        jobs = [(gates, i) for gates in settings for i in range(len(self.batches))]
+        done = self.runner.map(lambda job: self._one(*job), jobs)
+        count = len(self.batches)
+        return [done[k:k + count] for k in range(0, len(done), count)]
+
+    def _one(self, gates: np.ndarray, index: int) -> dict:
+        feeds, cached = self.batches[index], self.cached[index]
         on = np.flatnonzero(gates)
         if not len(on):
-            return [{n: c[n] for n in self.outputs} for c in self.cached]
+            return {n: cached[n] for n in self.outputs}
         cut = next((c for c in reversed(self.cuts) if c[0] <= on[0]), None)
         if cut is None:
-            return self.runner.map(lambda feeds: runtime.run(self.full, {**feeds, GATES: gates}, self.outputs), self.batches)
+            return runtime.run(self.full, {**feeds, GATES: gates}, self.outputs)
         _, sess, crossing, early = cut
         wanted = {i.name for i in sess.get_inputs()}
-
-        def one(pair):
-            feeds, cached = pair
-            got = runtime.run(sess, {**{k: v for k, v in feeds.items() if k in wanted},
-                                     **{n: cached[n] for n in crossing}, GATES: gates})
-            return {n: got[n] if n in got else cached[n] for n in self.outputs}
-        return self.runner.map(one, list(zip(self.batches, self.cached)))
+        got = runtime.run(sess, {**{k: v for k, v in feeds.items() if k in wanted},
+                                 **{n: cached[n] for n in crossing}, GATES: gates})
+        return {n: got[n] if n in got else cached[n] for n in self.outputs}
 
 
 def _halving_starts(size: int, depth: int) -> set[int]:
