@@ -37,10 +37,14 @@ WEIGHT = "weights of "  # what a weight gate is called: WEIGHT + the node name
 # Samples each tensor's contribution is measured on (the first held-out ones): as many as
 # MIXED_MACS of forward passes allow, at least MIXED_SAMPLES, at most the held-out samples. Each
 # measurement costs a forward pass per sample; the ranking of a heavy model settles on few
-# (PP-OCRv4 det: the same 28 tensors on 1 and 2), while a classifier's noise sits in the few
-# samples near a decision (PP-OCR cls on 2 samples: the contributions added up to 1/7 of the
-# noise measured on 8, and the tensor that gained 2 dB was ranked 17th).
-MIXED_SAMPLES = 2
+# (PP-OCRv4 det: 52 tensors kept float and the same held-out SQNR on 1 sample as on 2;
+# YOLOX-nano: 27 of 32 the same, F1 0.895/0.886 on the held-out splits against 0.908/0.869,
+# output SQNR 0.4-0.5 dB lower; PP-OCRv4 rec: nothing kept either way), while a classifier's
+# noise sits in the few samples near a decision (PP-OCR cls on 2 samples: the contributions
+# added up to 1/7 of the noise measured on 8, and the tensor that gained 2 dB was ranked
+# 17th). With one sample, the two halves of a group run side by side: the heavy models'
+# measurements take half the CPU time they took on 2 samples.
+MIXED_SAMPLES = 1
 MIXED_MACS = 1e9
 # At most this share of the quantized nodes goes out of 8 bits (float sets), the costliest
 # tensors first; a tensor carrying under MIN_SHARE of the measured noise is never worth it.
@@ -177,11 +181,11 @@ def _layer(node: onnx.NodeProto, label: str, values: dict[int, np.ndarray]) -> o
     return _branch(label, [copy], initializers)
 
 
-def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan) -> tuple[dict[str, float], float]:
-    """Relative output noise each quantized activation and each integer weight adds on its own,
-    and what is left with every gate off (int32 biases), on MIXED_SAMPLES held-out samples;
-    noise relative to each output's energy, the worst output counted. Measuring stops once
-    single tensors carrying COVER of the noise are found."""
+def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan) -> Ranking:
+    """The quantized activations and integer weights ranked by the relative output noise each
+    adds on its own (noise relative to each output's energy, the worst output counted; on
+    MIXED_SAMPLES held-out samples), measured as far as the ranking is read (`Ranking`).
+    Close it when done: it holds the measuring sessions."""
     batches, reference = _measuring_batches(run)
     float_nodes = {n.name: n for n in ir.from_proto(run.float_proto, infer=False).graph.nodes}
     biases = {b.node.name for b in built.biases}
@@ -189,58 +193,94 @@ def contributions(run: QuantRun, quant: ir.Model, built, plan: Plan) -> tuple[di
                for w in built.weights if w.index == 1}
     proto, order = gated_model(quant.to_proto(), {p.name for p in plan.points}, weights)
     measure = _Segments(proto, order, batches, run.ctx.threads)
-    try:
-        return _group_testing(run, measure, order, reference)
-    finally:
-        measure.close()
-
-
-def _group_testing(run: QuantRun, measure: _Segments, order: list[str],
-                   reference: list[dict]) -> tuple[dict[str, float], float]:
-    """`contributions`' measurements (see there), by group testing over the gates in `order`."""
     names = measure.outputs
     energy = {n: sum(float(np.sum(np.square(r[n], dtype=np.float64))) for r in reference) for n in names}
 
-    def noise(gates: np.ndarray) -> float:
-        total = dict.fromkeys(names, 0.0)
-        for got, ref in zip(measure(gates), reference):
-            for n in names:
-                total[n] += float(np.sum(np.square(got[n].astype(np.float64) - ref[n], dtype=np.float64)))
-        return max(total[n] / energy[n] for n in names if energy[n] > 0)
+    def noise(groups: list[list[int]]) -> list[float]:
+        settings = []
+        for members in groups:
+            settings.append(np.zeros(len(order), np.float32))
+            settings[-1][members] = 1.0
+        values = []
+        for outputs in measure(settings):
+            total = dict.fromkeys(names, 0.0)
+            for got, ref in zip(outputs, reference):
+                for n in names:
+                    total[n] += float(np.sum(np.square(got[n].astype(np.float64) - ref[n], dtype=np.float64)))
+            values.append(max(total[n] / energy[n] for n in names if energy[n] > 0))
+        return values
 
-    def gated(members: list[int]) -> float:
-        gates = np.zeros(len(order), np.float32)
-        gates[members] = 1.0
-        return noise(gates)
+    try:
+        return Ranking(noise, order, close=measure.close)
+    except BaseException:
+        measure.close()
+        raise
 
-    # Group testing: few tensors carry most of the noise, and neighbours in graph order share
-    # it, so the noisiest group is halved first, and a group below MIN_SHARE of all is not
-    # split (its members share its noise evenly): ~k log2(n) measurements instead of n, at
-    # most MAX_MEASUREMENTS (the groups left then share theirs evenly too). Both halves are
-    # measured: inferring one as the group's noise minus the other's kept 10 of PP-OCRv4 det's
-    # 20 costliest tensors out of the ranking (the noise of neighbours adds up only roughly).
-    weights_only = gated([])
-    everything = max(gated(list(range(len(order)))) - weights_only, 0.0)
-    found: dict[str, float] = {}
-    groups = [(-everything, 0, list(range(len(order))))]  # a heap: noisiest first, ties in graph order
-    measured = 0
-    single = 0.0  # the noise of the single tensors found
-    while groups:
-        value, first, members = heapq.heappop(groups)
+
+class Ranking:
+    """The gates of `order` (tensor names) by the noise each adds alone (`noise(groups)`: for
+    each list of gates, the output noise with those on; the two halves of a group are measured
+    in one call, side by side), found by group testing, lazily: `next()` measures only until
+    the next-costliest tensor is known.
+
+    Few tensors carry most of the noise, and neighbours in graph order share it, so the
+    noisiest group is halved first (both halves measured: inferring one as the group's noise
+    minus the other's kept 10 of PP-OCRv4 det's 20 costliest tensors out of the ranking, as the
+    noise of neighbours adds up only roughly), and a group below MIN_SHARE of all is not split
+    (its members share its noise evenly): ~k log2(n) measurements for the k costliest tensors,
+    at most MAX_MEASUREMENTS (the groups left then share theirs evenly too), and splitting stops
+    once single tensors carrying COVER of the noise are known. A tensor is ranked once its
+    value is at least every unsplit group's (a group's members add at most about its noise),
+    so the ranking's first k are what a run that measured everything would rank first, in
+    the same order: how far trials read it changes no tensor's place. Mixed precision reads
+    it only as far as its trials go (YOLOX-nano: 8 tensors after 76 measurements, where
+    measuring the whole ranking took 258)."""
+
+    def __init__(self, noise, order: list[str], close=lambda: None):
+        self.order, self._noise, self.close = order, noise, close
+        self.weights_only, everything = noise([[], list(range(len(order)))])
+        everything = max(everything - self.weights_only, 0.0)
+        self.measured = 2
+        self._everything = everything
+        self._groups = [(-everything, 0, list(range(len(order))))]  # a heap: noisiest first, ties in graph order
+        self._ready: list[tuple[float, str]] = []  # a heap of (-noise, name) of tensors whose noise is known
+        self._single = 0.0  # the noise of the single tensors found
+        self._known = 0.0  # the noise of the tensors in _ready or ranked
+        self.values: dict[str, float] = {}  # ranked tensor -> its noise, in rank order
+
+    @property
+    def total(self) -> float:
+        """All the noise measured so far: that of the tensors known and of the groups unsplit."""
+        return self._known - sum(g[0] for g in self._groups)
+
+    def next(self) -> tuple[str, float] | None:
+        """The next-costliest tensor and its noise (None when all are ranked)."""
+        while self._groups and (not self._ready or self._ready[0][0] > self._groups[0][0]):
+            self._split()
+        if not self._ready:
+            return None
+        value, name = heapq.heappop(self._ready)
+        self.values[name] = -value
+        return name, -value
+
+    def _split(self) -> None:
+        """Pop the noisiest group: halve it (measuring both halves), or share out its noise."""
+        value, _, members = heapq.heappop(self._groups)
         value = -value
         if len(members) == 1:
-            single += value
-        known = sum(found.values()) + value - sum(g[0] for g in groups)  # all noise (the heap holds -noise)
-        if len(members) == 1 or value < MIN_SHARE * everything or measured + 2 > MAX_MEASUREMENTS \
-                or single >= COVER * known:
-            found.update({order[i]: value / len(members) for i in members})
-            continue
+            self._single += value
+        known = self.total + value  # (all noise, with the popped group's)
+        if len(members) == 1 or value < MIN_SHARE * self._everything or self.measured + 2 > MAX_MEASUREMENTS \
+                or self._single >= COVER * known:
+            for i in members:
+                heapq.heappush(self._ready, (-value / len(members), self.order[i]))
+            self._known += value
+            return
         half = len(members) // 2
-        for part in (members[:half], members[half:]):
-            heapq.heappush(groups, (-max(gated(part) - weights_only, 0.0), part[0], part))
-            measured += 1
-    run.mixed_info["measurements"] = measured + 2
-    return found, weights_only
+        parts = (members[:half], members[half:])
+        for part, noise in zip(parts, self._noise(parts)):
+            heapq.heappush(self._groups, (-max(noise - self.weights_only, 0.0), part[0], part))
+        self.measured += 2
 
 
 def _measuring_batches(run: QuantRun) -> tuple[list[dict], list[dict]]:
@@ -263,7 +303,8 @@ class _Segments:
     gates in graph order, and the cuts are where its first SEGMENT_DEPTH levels of halving
     start them, so measurements of later groups skip the network before them (the values are
     the same as from the whole model, up to the float rounding of kernels ORT fuses across a
-    cut; PP-OCRv4 det: 18% less CPU time). The batches run side by side (runtime.SideBySide):
+    cut; PP-OCRv4 det: 18% less CPU time). The batches and the settings of one call (the two
+    halves of a group) run side by side (runtime.SideBySide):
     with other work on the 2-core development machine, det's measurements went from 9.4 s to
     3.8 s of CPU time (14-18 s to 7.7 s wall), with the same tensors chosen."""
 
@@ -272,7 +313,7 @@ class _Segments:
         self.outputs = [o.name for o in graph.output]
         self.batches = batches
         self.size = len(order)
-        self.runner = runtime.SideBySide(len(batches), threads)
+        self.runner = runtime.SideBySide(2 * len(batches), threads)  # (two settings of the gates at a time)
         each = self.runner.session_threads
         position = {int(node.input[0][len("__gate"):]): i for i, node in enumerate(graph.node)
                     if node.op_type == "If" and node.input[0].startswith("__gate")}
@@ -288,22 +329,26 @@ class _Segments:
     def close(self) -> None:
         self.runner.close()
 
-    def __call__(self, gates: np.ndarray) -> list[dict]:
+    def __call__(self, settings: list[np.ndarray]) -> list[list[dict]]:
+        """The outputs on each measuring batch for each setting of the gates, all run side by side."""
+        jobs = [(gates, i) for gates in settings for i in range(len(self.batches))]
+        done = self.runner.map(lambda job: self._one(*job), jobs)
+        count = len(self.batches)
+        return [done[k:k + count] for k in range(0, len(done), count)]
+
+    def _one(self, gates: np.ndarray, index: int) -> dict:
+        feeds, cached = self.batches[index], self.cached[index]
         on = np.flatnonzero(gates)
         if not len(on):
-            return [{n: c[n] for n in self.outputs} for c in self.cached]
+            return {n: cached[n] for n in self.outputs}
         cut = next((c for c in reversed(self.cuts) if c[0] <= on[0]), None)
         if cut is None:
-            return self.runner.map(lambda feeds: runtime.run(self.full, {**feeds, GATES: gates}, self.outputs), self.batches)
+            return runtime.run(self.full, {**feeds, GATES: gates}, self.outputs)
         _, sess, crossing, early = cut
         wanted = {i.name for i in sess.get_inputs()}
-
-        def one(pair):
-            feeds, cached = pair
-            got = runtime.run(sess, {**{k: v for k, v in feeds.items() if k in wanted},
-                                     **{n: cached[n] for n in crossing}, GATES: gates})
-            return {n: got[n] if n in got else cached[n] for n in self.outputs}
-        return self.runner.map(one, list(zip(self.batches, self.cached)))
+        got = runtime.run(sess, {**{k: v for k, v in feeds.items() if k in wanted},
+                                 **{n: cached[n] for n in crossing}, GATES: gates})
+        return {n: got[n] if n in got else cached[n] for n in self.outputs}
 
 
 def _halving_starts(size: int, depth: int) -> set[int]:
@@ -376,40 +421,79 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
                          f"float latency ({latency['quantized_ms']} vs {latency['float_ms']} ms)")
         run.timings["mixed"] = time.perf_counter() - start
         return quant, built, plan
-    # (The share of the noise to remove for the target.)
-    found, weights_only = contributions(run, quant, built, plan)
-    total = sum(found.values())
-    run.mixed_info.update(before_db=round(sqnr, 2), predicted_db=_db(total + weights_only))
-    ranked = [t for t, c in sorted(found.items(), key=lambda item: (-item[1], item[0]))
-              if total > 0 and c >= MIN_SHARE * total and t not in run.coarse]
-    sets, budget, nodes, kept = _float_nodes(run), MIXED_NODE_SHARE * len(run.base_plan.quantized), set(), []
-    for t in ranked:
-        if len(nodes | sets.get(t, set())) <= budget:
-            kept.append(t)
-            nodes |= sets.get(t, set())
-    ranked = kept
-    run.mixed_info["candidates"] = len(ranked)
-    if not ranked:
+    ranking = contributions(run, quant, built, plan)
+    candidates = _Candidates(run, ranking)
+    try:
+        return _trials(run, candidates, quant, built, plan, sqnr, timing)
+    finally:
+        ranking.close()
+        run.mixed_info.update(measurements=ranking.measured, candidates_ranked=len(candidates.names))
         run.timings["mixed"] = time.perf_counter() - start
-        return quant, built, plan
+
+
+class _Candidates:
+    """The tensors mixed precision may keep out of 8 bits, costliest first, read off a `Ranking`
+    as far as asked: those carrying MIN_SHARE of the noise measured or more, not kept already
+    (coarse), whose float sets together stay within MIXED_NODE_SHARE of the quantized nodes."""
+
+    def __init__(self, run: QuantRun, ranking: Ranking):
+        self.ranking = ranking
+        self.names: list[str] = []
+        self._coarse = run.coarse
+        self._sets = _float_nodes(run)
+        self._budget = MIXED_NODE_SHARE * len(run.base_plan.quantized)
+        self._nodes: set[str] = set()
+        self._done = False
+
+    def first(self, count: int) -> list[str]:
+        """The `count` costliest candidates (fewer when there are no more)."""
+        while len(self.names) < count and not self._done:
+            item = self.ranking.next()
+            if item is None or item[1] <= 0 or item[1] < MIN_SHARE * self.ranking.total:
+                self._done = True  # (the rest add less)
+                break
+            name, cost = item[0], self._sets.get(item[0], set())
+            if name not in self._coarse and len(self._nodes | cost) <= self._budget:
+                self.names.append(name)
+                self._nodes |= cost
+        return self.names[:count]
+
+    def share(self, names: list[str]) -> float:
+        """The share of the noise measured so far that `names` carry."""
+        total = self.ranking.total
+        return sum(self.ranking.values[n] for n in names) / total if total > 0 else 0.0
+
+
+def _trials(run: QuantRun, candidates: _Candidates, quant: ir.Model, built, plan: Plan, sqnr: float, timing: bool):
+    """`protect`'s trials: models with the first k candidates out of 8 bits, for k on a ladder."""
+    target, ranking = run.o.mixed_sqnr, candidates.ranking
+    run.mixed_info["before_db"] = round(sqnr, 2)
     # The prefix the contributions predict reaches the target: the noise the held-out samples
     # measured, less the share of it those tensors carry (the contributions were measured on
     # fewer samples: their shares count, not their values); all candidates when none does.
-    removed = np.cumsum([found[t] for t in ranked]) / total
-    reach = np.nonzero(10 ** (-sqnr / 10) * (1 - removed) <= 10 ** (-target / 10))[0]
-    predicted = int(reach[0]) + 1 if len(reach) else len(ranked)
+    need = 1 - 10 ** (-(target - sqnr) / 10)
+    predicted = 0
+    while len(candidates.first(predicted + 1)) > predicted:
+        predicted += 1
+        if candidates.share(candidates.names[:predicted]) >= need:
+            break
+    run.mixed_info["predicted_db"] = _db(ranking.total + ranking.weights_only)
+    if not predicted:
+        return quant, built, plan
     # Trials go up a fixed ladder of prefix sizes (1, 2, 4, ..., all candidates) from the one
     # the prediction rounds up to, and stop at the first whose bootstrap lower bound reaches the
-    # target: the ladder and the ranking do not depend on the target (past the depth group
-    # testing measured), so a higher target never keeps fewer tensors out of 8 bits; the
-    # sizes the doubling and halving of one predicted size reached did (PP-OCR cls: 3, 16 and
-    # 12 tensors for 20, 21 and 22 dB).
-    ladder = sorted({min(2 ** i, len(ranked)) for i in range(len(ranked).bit_length() + 1)})
-    step = next(i for i, size in enumerate(ladder) if size >= predicted)
-    best, tried, float_ms, k, direction = None, 0, None, ladder[step], 0
-    while 0 <= step < len(ladder) and tried < MAX_TRIALS:
-        k, tried = ladder[step], tried + 1
-        trial, trial_built, trial_plan = _build_kept(run, ranked[:k])
+    # target: the ladder and the ranking do not depend on the target (how far the ranking is
+    # measured changes no tensor's place in it), so a higher target never keeps fewer tensors
+    # out of 8 bits; the sizes the doubling and halving of one predicted size reached did
+    # (PP-OCR cls: 3, 16 and 12 tensors for 20, 21 and 22 dB).
+    step = (predicted - 1).bit_length()  # (the first rung 2 ** step >= predicted)
+    best, tried, float_ms, k, direction = None, 0, None, 0, 0
+    while step >= 0 and tried < MAX_TRIALS:
+        kept = candidates.first(2 ** step)
+        if step and len(kept) == len(candidates.first(2 ** (step - 1))):
+            break  # (past the top rung: all candidates)
+        k, tried = len(kept), tried + 1
+        trial, trial_built, trial_plan = _build_kept(run, kept)
         try:
             score, bound = _score_and_bound(run, trial)
         except Exception as exc:  # noqa: BLE001 - e.g. ORT's QDQ rewrites adding Round to an opset-10 model
@@ -423,7 +507,7 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
         fits = not latency or latency["quantized_ms"] <= run.o.mixed_latency * latency["float_ms"]
         float_ms = latency.get("float_ms", float_ms)
         if fits and trial_plan.quantized and score >= sqnr + GAIN_DB:
-            best = (trial, trial_built, trial_plan, k, score, latency, bound)
+            best = (trial, trial_built, trial_plan, kept, score, latency, bound)
         if not fits:  # over the latency budget: fewer tensors (and never more again)
             if direction > 0:
                 break
@@ -432,20 +516,20 @@ def protect(run: QuantRun, quant: ir.Model, built, plan: Plan):
             break
         else:
             direction, step = 1, step + 1
-    run.timings["mixed"] = time.perf_counter() - start
     if best is None:
         run.notes.append(f"mixed precision: keeping the {k} costliest tensors out of 8 bits did not gain "
                          f"{GAIN_DB:g} dB within {run.o.mixed_latency:g}x float latency"
                          + (f" ({float_ms} ms float)" if float_ms else ""))
         return quant, built, plan
-    trial, trial_built, trial_plan, k, score, latency, bound = best
-    run.mixed = {t: round(found[t] / total, 3) for t in ranked[:k] if not t.startswith(WEIGHT)}
+    trial, trial_built, trial_plan, kept, score, latency, bound = best
+    shares = {t: round(candidates.share([t]), 3) for t in kept}
+    run.mixed = {t: share for t, share in shares.items() if not t.startswith(WEIGHT)}
     # Layers kept float for their weights stay so in later plans (fallback, speed check).
-    run.excluded = run.excluded | {t[len(WEIGHT):] for t in ranked[:k] if t.startswith(WEIGHT)}
-    run.mixed_info["noise_share"] = {t: round(found[t] / total, 3) for t in ranked[:k]}
-    run.mixed_info.update(after_db=round(score, 2), after_bound_db=round(bound, 2), tensors=k,
+    run.excluded = run.excluded | {t[len(WEIGHT):] for t in kept if t.startswith(WEIGHT)}
+    run.mixed_info["noise_share"] = shares
+    run.mixed_info.update(after_db=round(score, 2), after_bound_db=round(bound, 2), tensors=len(kept),
                           **({"latency": latency} if latency else {}))
-    run.notes.append(f"mixed precision: {k} tensors carrying {100 * sum(found[t] for t in ranked[:k]) / total:.0f}% "
+    run.notes.append(f"mixed precision: {len(kept)} tensors carrying {100 * candidates.share(kept):.0f}% "
                      f"of the measured activation noise kept {run.o.sensitive_type} "
                      f"(output SQNR {sqnr:.1f} -> {score:.1f} dB on held-out samples)")
     return trial, trial_built, trial_plan
@@ -510,4 +594,4 @@ def _db(relative_noise: float) -> float:
     return round(float(-10 * np.log10(relative_noise)), 2) if relative_noise > 0 else float("inf")
 
 
-__all__ = ["contributions", "gated_model", "protect"]
+__all__ = ["Ranking", "contributions", "gated_model", "protect"]
