@@ -3,8 +3,11 @@
     python tools/bench_prune.py [--models cifar10,mnist,...] [--cuts 0.1,0.2,0.3,0.5] [--eval N] [--json out.json]
                                 [--tools "edgegraph,prune(macs={keep}, align=8)"] [--calib N]
 
-Models and data come from tools/bench_quant.py (same preprocessing, 64 calibration inputs, a
-disjoint evaluation set, split in two halves A / B). SqueezeNet's float16 file is compared in
+Models and data come from tools/bench_quant.py (same preprocessing): the first 256 samples
+calibrate every tool (`--calib`; the prune pass fits on up to 256, holding 16 of them out to
+measure its budgets), and the evaluation set after them is split in two halves A / B, by default
+as large as the data allows (up to 400 a split: SqueezeNet and the CIFAR-10 CNN 122, DeepLab and
+YOLOX 122, MNIST and PP-OCR cls 400), since at 100 images a split ±0.05 is noise. SqueezeNet's float16 file is compared in
 float32: every tool gets its float32 version (edgegraph's compute_in_float32), and agreement is
 against that model. For each model and MAC cut, in one run:
 
@@ -20,13 +23,11 @@ against that model. For each model and MAC cut, in one run:
   eg sensitivity      sensitivity=true (each group's cost = the output error it causes alone)
   eg reconstruction   sensitivity=false (each group's cost = its consumers' reconstruction error)
   onnxsim L1 / Wanda  apply_structured_pruning(importance_norm=l1) / apply_structured_wanda_pruning
-                      (calibrated on the same 64 inputs); onnxsim's knob is a channel fraction, so
+                      (calibrated on the first 8 of the same inputs); onnxsim's knob is a channel fraction, so
                       it is bisected (global_sparsity=True) until its MAC cut is the same
 
 A `--tools` entry that is a pass spec (`prune(macs={keep}, ...)`) runs that spec as one more
-edgegraph row. `--calib N` gives every tool N calibration samples instead of 64: the extra ones
-come after the evaluation samples, so both splits stay the same (what more calibration buys is
-measured on the same images); prune fits on up to 256 of them (its `calib_samples`).
+edgegraph row. The calibration set does not depend on `--eval`: the same first `--calib` samples.
 
 Columns: MACs removed, params ratio, latency ratio (pruned / fp32, onnxruntime CPU, 1 thread,
 full optimisations, interleaved rounds, median), agreement with fp32 on eval halves A and B:
@@ -59,6 +60,7 @@ from edgegraph.pipeline import run_pipeline  # noqa: E402
 from edgegraph.spec import parse  # noqa: E402
 
 DEFAULT_MODELS = "mnist,cifar10,ppocr_cls,squeezenet,deeplab,yolox_nano"
+CALIB = 256  # calibration samples every tool gets: the prune pass's calib_samples default
 
 
 def macs(path: Path, case=None) -> int:
@@ -128,17 +130,20 @@ TOOLS = {
 }
 
 
-def with_calibration(total: int):
-    """bench_quant's split with `total` calibration samples: its first CALIB, then the ones after
-    both evaluation splits (so the splits are the ones the default run evaluates on)."""
-    base = bq.CALIB
+# Images each model's data has (ImageNet sample and CIFAR-10 subset: 500; MNIST: 10k; PP-OCR cls
+# crops are drawn without end), and the most evaluated per split (±0.05 agreement is noise at 100).
+AVAILABLE = {"squeezenet": 500, "cifar10": 500, "deeplab": 500, "yolox_nano": 500, "mnist": 10000}
+MAX_PER_SPLIT = 400
 
-    def split(x: np.ndarray, n: int):
-        if len(x) < total + 2 * n:
-            raise SystemExit(f"only {len(x)} samples for {total} calibration + 2 x {n} held out")
-        return np.concatenate([x[:base], x[base + 2 * n:total + 2 * n]]), (x[base:base + n], x[base + n:base + 2 * n])
 
-    bq.CALIB, bq.split = total, split  # (cases() asks for CALIB + 2 n samples and splits them)
+def eval_count(name: str, calib: int, asked: int | None) -> int:
+    """bench_quant.cases' n_eval for `name`: `asked`, else the most its data holds after `calib`
+    calibration samples (up to MAX_PER_SPLIT per split; the dense models get n_eval / 2 per split)."""
+    if asked is not None:
+        return asked // 2
+    dense = name in ("deeplab", "yolox_nano")
+    per_split = min(MAX_PER_SPLIT, (AVAILABLE.get(name, 10 ** 6) - calib) // 2)
+    return 2 * per_split if dense else per_split
 
 
 def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
@@ -199,21 +204,23 @@ def main() -> None:
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--cuts", default="0.1,0.2,0.3,0.5")
     parser.add_argument("--tools", default=",".join(TOOLS))
-    parser.add_argument("--eval", type=int, default=64, help="evaluation inputs (two halves)")
+    parser.add_argument("--eval", type=int, help="evaluation inputs (two halves); default: the most each "
+                                                 "model's data holds after the calibration samples, up to "
+                                                 f"{MAX_PER_SPLIT} a split")
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
-    parser.add_argument("--calib", type=int, default=bq.CALIB, help="calibration samples (the extra ones after "
-                                                                   "the evaluation splits)")
+    parser.add_argument("--calib", type=int, default=CALIB, help="calibration samples (the first ones; the "
+                                                                "evaluation splits come after them)")
     parser.add_argument("--json")
     args = parser.parse_args()
     names = [t.strip() for t in re.split(r",(?![^()]*\))", args.tools) if t.strip()]  # (not commas inside a spec)
     tools = {name: TOOLS[name] if name in TOOLS else edgegraph_prune(name) for name in names}
-    if args.calib != bq.CALIB:
-        with_calibration(args.calib)
+    bq.CALIB = args.calib  # (bench_quant.cases: the first CALIB samples calibrate, the splits follow)
     cuts = [float(c) for c in args.cuts.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for case in bq.cases(args.models.split(","), args.eval // 2):
-            rows += bench(case, cuts, Path(tmp), tools, args.rounds)
+        for name in args.models.split(","):
+            for case in bq.cases([name], eval_count(name, args.calib, args.eval)):
+                rows += bench(case, cuts, Path(tmp), tools, args.rounds)
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
