@@ -26,10 +26,7 @@ cleanup's folding and quant leave it encoded.
   feature (< 32) get GPTQ on H shrunk halfway toward its diagonal (`datafit.SHRINK`).
 * Mixed widths (`ratio=R`, `mixed.py`; the default with `--calib`: R = 6): bits per layer (3..8)
   from each layer's measured output distortion per byte, the budget bisected on the written
-  file's real size so that the file is R times smaller than with float32 weights. With --calib
-  the allocation and its variants with the largest weights (>= 25% of the bytes: MiniLM's token
-  embedding, SqueezeNet's classifier) one width up or down are encoded and scored end to end on
-  the held-out half of the calibration samples; the best scoring one is written.
+  file's real size so that the file is R times smaller than with float32 weights.
 * Storage of the indices: in b bits each (UINT4 at opset >= 21 / UINT2 at opset >= 25 with a
   Cast; else bit planes of 4, 2 and 1 bits packed 8 / width codes per byte, unpacked with
   BitShift (4 bits) or a Gather from a 256-row table (2 and 1 bits) and recombined in int32,
@@ -85,9 +82,6 @@ WORTH = 0.9
 PACK_OPSET = 11  # BitShift
 MIN_ELEMENTS, RATIO_MIN_ELEMENTS = 1024, 256  # min_elements=-1 (auto) with fixed bits / with ratio
 BISECTIONS = 6  # ratio: steps of the budget's bisection on the written file's size
-# ratio with --calib: a weight holding this share of the float32 weight bytes or more also gets its
-# neighbouring widths tried, each allocation scored end to end on held-out samples (`_alternatives`)
-BIG_SHARE = 0.25
 NODE_BYTES = 400  # a weight's decode nodes and value infos in the file (measured 300-600 on PP-OCR cls)
 UNPACK_NODE_BYTES = 50  # one BitShift unpacking step in the file (SqueezeNet: 48 bytes a decode node)
 TYPED = {4: (21, ml_dtypes.uint4), 2: (25, ml_dtypes.uint2)}  # code bits -> (first opset, numpy type)
@@ -258,8 +252,7 @@ class Codebook(Pass):
         if user_floor and held is not None:
             model, rows, search = self._search(model, weights, held, user_floor, ctx, cache, sensitivity)
         elif self.ratio:
-            score = None if held is None or held is data else _scorer(model, held, ctx)
-            trial, rows, reached = self._apply_ratio(model, weights, self.ratio, sensitivity, cache, score)
+            trial, rows, reached = self._apply_ratio(model, weights, self.ratio, sensitivity, cache)
             if auto and not reached:
                 logger.info("codebook: %.3g x is out of reach for this model; %d bits instead", self.ratio, self.bits)
                 if self.min_elements < 0:  # (the fixed-width default's size limit)
@@ -462,14 +455,11 @@ class Codebook(Pass):
         return [found[w.tensor.name] for w in weights if w.tensor.name in found]
 
     def _apply_ratio(self, model: ir.Model, weights: list[_Weight], ratio: float, sensitivity: dict,
-                     cache: dict, score: Callable[[ir.Model], float] | None = None) -> tuple[ir.Model, list[dict], bool]:
+                     cache: dict) -> tuple[ir.Model, list[dict], bool]:
         """A copy of `model` encoded with the widths that make its file `ratio` times smaller than
-        with float32 weights (False: no allocation reaches it, the smallest file instead). With
-        `score` (a trial model's output distortion on held-out samples, lower is better) the
-        allocation and a few alternatives to it (`_alternatives`) are all encoded and the best
-        scoring one is kept: the per-layer estimates add up distortions measured one layer at a
-        time, and at 10x they rank allocations of one size poorly (MiniLM: a slightly different
-        allocation lost 0.1 worst-token cosine)."""
+        with float32 weights. The byte estimates leave out the decode nodes and shared unpacking
+        tables, so the budget is bisected on the size the written file really has: the largest
+        budget whose file fits (or the smallest file, when none does: then False)."""
         rest = file_size(model, types=False) - sum(w.bytes_before for w in weights)
         target = (rest + sum(4 * w.value.size for w in weights)) / ratio
         tried: dict[tuple, tuple] = {}
@@ -486,30 +476,8 @@ class Codebook(Pass):
                 tried[key] = (file_size(trial), trial, rows, widths)
             return tried[key]
 
+        high = target - rest
         options = self._options(weights, sensitivity, cache)
-        widths, reached = self._fitting(options, target - rest, target, build)
-        if not reached:
-            best = build(min(tried.values(), key=lambda t: t[0])[3], sizing=False)
-            return best[1], best[2], False
-        best = build(widths, sizing=False)
-        if score is not None:
-            best_score = score(best[1])
-            for alternative in self._alternatives(weights, options, widths):
-                found, fits = self._fitting(alternative, target - rest, target, build)
-                if not fits or found == widths:
-                    continue
-                trial = build(found, sizing=False)
-                measured = score(trial[1])
-                logger.debug("codebook: allocation %s scored %.4g (best so far %.4g)", found, measured, best_score)
-                if measured < best_score:
-                    best, best_score = trial, measured
-        return best[1], best[2], True
-
-    def _fitting(self, options: dict, high: float, target: float, build) -> tuple[dict, bool]:
-        """The allocation of `options` (`mixed.allocate`) whose written file (`build(widths)[0]`)
-        is the largest within `target` bytes, starting from the estimated budget `high`; (the
-        smallest file's allocation, False) when none fits. The byte estimates leave out the decode
-        nodes and shared unpacking tables, so the budget is bisected on the real file size."""
         best = build(mixed.allocate(options, high))
         low, fits = (high, best) if best[0] <= target else (0.0, None)
         # The estimates miss the file by about a constant (the decode nodes): move the budget by what
@@ -543,7 +511,8 @@ class Codebook(Pass):
                 else:
                     high = middle
         if fits is None:
-            return None, False
+            best = build(min(tried.values(), key=lambda t: t[0])[3], sizing=False)
+            return best[1], best[2], False
         best = fits
         # The greedy path down from 8 bits moves in whole steps: spend what is left of the budget
         # on the steps up that buy the most distortion per byte (CIFAR: 7.2x -> 6.0x at ratio 6).
@@ -554,25 +523,8 @@ class Codebook(Pass):
                 if found[0] <= target:
                     best = found
                     break
-        return best[3], True
-
-    def _alternatives(self, weights: list[_Weight], options: dict, widths: dict) -> list[dict]:
-        """Options with one large weight (>= BIG_SHARE of the weights' float32 bytes, e.g. MiniLM's
-        token embedding, SqueezeNet's classifier) held one step up or down its hull from its choice
-        in `widths`: the other layers then share the rest of the budget."""
-        total = sum(4 * w.value.size for w in weights)
-        found = []
-        for w in weights:
-            if 4 * w.value.size < BIG_SHARE * total:
-                continue
-            hull = mixed.hull(options[w.tensor.name])
-            at = next((i for i, o in enumerate(hull) if o[2] == widths[w.tensor.name]), None)
-            if at is None:
-                continue
-            for step in (1, -1):  # (a cheaper choice first: the budget then moves to the others)
-                if 0 <= at + step < len(hull):
-                    found.append({**options, w.tensor.name: [hull[at + step]]})
-        return found
+        final = build(best[3], sizing=False)
+        return final[1], final[2], True
 
     def _options(self, weights: list[_Weight], sensitivity: dict, cache: dict) -> dict[str, list[tuple]]:
         """{weight: [(estimated bytes, distortion, choice)]} for `mixed.allocate`: each width of
@@ -1106,15 +1058,6 @@ def _split(data: CalibrationData | None) -> tuple[CalibrationData | None, Calibr
         return data, data
     half = len(data) // 2
     return data.take(half), data.take(len(data) - half, start=half)
-
-
-def _scorer(model: ir.Model, held: CalibrationData, ctx: PassContext) -> Callable[[ir.Model], float]:
-    """A trial model's output distortion (`mixed.distortion`) against `model`'s on the samples of `held`."""
-    proto = model.to_proto()
-    feeds = runtime.feeds_of(proto, held)
-    reference = runtime.outputs(proto, feeds, threads=ctx.threads)
-    return lambda trial: mixed.distortion(reference, runtime.outputs(trial.to_proto(), feeds, threads=ctx.threads),
-                                          angle=True)
 
 
 def _add_moments(model: ir.Model, weights: list[_Weight], data: CalibrationData, ctx: PassContext,

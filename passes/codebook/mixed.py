@@ -39,14 +39,12 @@ def _vectors(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0] if a.ndim else 1, -1)
 
 
-def distortion(reference: list[dict], outputs: list[dict], angle: bool = False) -> float:
+def distortion(reference: list[dict], outputs: list[dict]) -> float:
     """Σ over outputs of ||y - y_ref||² / ||y_ref - mean(y_ref)||², plus the worst row's relative
     error ||y_i - y_ref,i||² / ||y_ref,i||² (rows: tokens or samples). The mean alone ranks an
     error spread over every row like one that ruins a few: MiniLM's token embedding at 4 bits
     costs little mean error but sets the worst token's cosine (0.988 alone, every other layer
-    at 6-8 bits 0.9999). `angle`: the worst row's 2 (1 - cosine) instead, blind to the rows'
-    scales (what `codebook` scores whole allocations by: MiniLM at 10x, a row whose norm doubled
-    at cosine 0.87 had a relative error of 2.06, ranking a worse allocation at cosine 0.60 above it)."""
+    at 6-8 bits 0.9999)."""
     total = 0.0
     for name in reference[0]:
         ref = np.concatenate([_vectors(r[name]) for r in reference])
@@ -55,11 +53,7 @@ def distortion(reference: list[dict], outputs: list[dict], angle: bool = False) 
         total += float(((out - ref) ** 2).sum()) / spread
         energy = (ref ** 2).sum(axis=1)
         rows = energy > 0
-        if rows.any() and angle:  # ||u - u_ref||² of the unit rows, 2 (1 - cosine): blind to each row's scale
-            norms = np.sqrt(energy[rows] * (out[rows] ** 2).sum(axis=1))
-            cosine = (out[rows] * ref[rows]).sum(axis=1) / np.where(norms > 0, norms, 1.0)
-            total += float(2 * (1 - cosine).max())
-        elif rows.any():
+        if rows.any():
             total += float((((out - ref) ** 2).sum(axis=1)[rows] / energy[rows]).max())
     return total
 
@@ -107,7 +101,7 @@ def at_bits(probe_distortion: float, bits: int) -> float:
     return probe_distortion * 4.0 ** (PROBE - bits)
 
 
-def hull(options: list[tuple[float, float, object]]) -> list[tuple[float, float, object]]:
+def _hull(options: list[tuple[float, float, object]]) -> list[tuple[float, float, object]]:
     """The (bytes, distortion, choice) options on the lower convex hull, the most bytes first: an
     option that costs more and distorts no less than another is never worth it, nor one above
     the line between its neighbours (taking both halves of a step is as good)."""
@@ -122,12 +116,12 @@ def hull(options: list[tuple[float, float, object]]) -> list[tuple[float, float,
     def slope(a, b):  # distortion added per byte saved from a to the cheaper b
         return (b[1] - a[1]) / (a[0] - b[0])
 
-    lower = []
+    hull = []
     for o in pareto:
-        while len(lower) >= 2 and slope(lower[-2], lower[-1]) >= slope(lower[-1], o):
-            lower.pop()
-        lower.append(o)
-    return lower
+        while len(hull) >= 2 and slope(hull[-2], hull[-1]) >= slope(hull[-1], o):
+            hull.pop()
+        hull.append(o)
+    return hull
 
 
 def allocate(options: dict[str, list[tuple[float, float, object]]], budget: float) -> dict[str, object]:
@@ -135,7 +129,7 @@ def allocate(options: dict[str, list[tuple[float, float, object]]], budget: floa
     options[layer]: its (bytes, distortion, choice) alternatives. Every layer starts at its
     costliest choice; the layer whose next step down its hull adds the least distortion per byte
     saved takes it, until the layers fit (ties: the first in model order, deterministic)."""
-    hulls = {n: hull(o) for n, o in options.items()}
+    hulls = {n: _hull(o) for n, o in options.items()}
     at = {n: 0 for n in hulls}
     total = sum(h[0][0] for h in hulls.values())
     while total > budget:
@@ -158,7 +152,7 @@ def fill(options: dict[str, list[tuple[float, float, object]]], chosen: dict[str
          slack: float) -> dict[str, object]:
     """`chosen` with steps up the hulls taken, the most distortion saved per byte first, while
     their estimated bytes fit in `slack`."""
-    hulls = {n: hull(o) for n, o in options.items()}
+    hulls = {n: _hull(o) for n, o in options.items()}
     at = {n: next(i for i, o in enumerate(h) if o[2] == chosen[n]) for n, h in hulls.items()}
     while True:
         best, best_gain, best_extra = None, None, 0.0
@@ -178,4 +172,4 @@ def fill(options: dict[str, list[tuple[float, float, object]]], chosen: dict[str
         at[best] -= 1
 
 
-__all__ = ["CHOICES", "PROBE", "allocate", "at_bits", "fill", "distortion", "hull", "measured", "weight_error"]
+__all__ = ["CHOICES", "PROBE", "allocate", "at_bits", "fill", "distortion", "measured", "weight_error"]
