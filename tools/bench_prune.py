@@ -3,11 +3,13 @@
     python tools/bench_prune.py [--models cifar10,mnist,...] [--cuts 0.1,0.2,0.3,0.5] [--eval N] [--json out.json]
                                 [--tools "edgegraph,prune(macs={keep}, align=8)"] [--calib N]
 
-Models and data come from tools/bench_quant.py (same preprocessing): the first 256 samples
-calibrate every tool (`--calib`; the prune pass fits on up to 256, holding 16 of them out to
-measure its budgets), and the evaluation set after them is split in two halves A / B, by default
-as large as the data allows (up to 400 a split: SqueezeNet and the CIFAR-10 CNN 122, DeepLab and
-YOLOX 122, MNIST and PP-OCR cls 400), since at 100 images a split ±0.05 is noise. SqueezeNet's float16 file is compared in
+Models and data come from tools/bench_quant.py (same preprocessing), in a seeded random order
+(the ImageNet sample is sorted by class: its first 256 images are animals, the rest objects, so
+calibrating on the first ones and evaluating on the others measured a distribution shift):
+256 samples calibrate every tool (`--calib`; the prune pass fits on up to 256, holding 16 of them
+out to measure its budgets), and the evaluation set after them is split in two halves A / B, by
+default as large as the data allows (up to 400 a split: SqueezeNet and the CIFAR-10 CNN 122,
+DeepLab and YOLOX 122, MNIST and PP-OCR cls 400), since at 100 images a split ±0.05 is noise. SqueezeNet's float16 file is compared in
 float32: every tool gets its float32 version (edgegraph's compute_in_float32), and agreement is
 against that model. For each model and MAC cut, in one run:
 
@@ -27,7 +29,8 @@ against that model. For each model and MAC cut, in one run:
                       it is bisected (global_sparsity=True) until its MAC cut is the same
 
 A `--tools` entry that is a pass spec (`prune(macs={keep}, ...)`) runs that spec as one more
-edgegraph row. The calibration set does not depend on `--eval`: the same first `--calib` samples.
+edgegraph row. By default the samples are all a model's data holds; a smaller `--eval` draws both the
+calibration and the evaluation samples from fewer.
 
 Columns: MACs removed, params ratio, latency ratio (pruned / fp32, onnxruntime CPU, 1 thread,
 full optimisations, interleaved rounds, median), agreement with fp32 on eval halves A and B:
@@ -38,6 +41,7 @@ detection F1 of tools/bench_quant.py for YOLOX.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -146,6 +150,16 @@ def eval_count(name: str, calib: int, asked: int | None) -> int:
     return 2 * per_split if dense else per_split
 
 
+def shuffled(case, seed: int = 0):
+    """`case` with its calibration and evaluation samples drawn from all of them in a seeded random
+    order (the same sizes): no split holds a range of classes of its own."""
+    a, b = case.splits
+    every = np.concatenate([case.calib, a, b])
+    order = np.random.default_rng(seed).permutation(len(every))
+    calib, rest = every[order[:len(case.calib)]], every[order[len(case.calib):]]
+    return dataclasses.replace(case, calib=calib, splits=(rest[:len(a)], rest[len(a):]))
+
+
 def bench(case, cuts, folder: Path, tools: dict, rounds: int) -> list[dict]:
     source = case.source
     model = modelio.load(source)
@@ -208,8 +222,8 @@ def main() -> None:
                                                  "model's data holds after the calibration samples, up to "
                                                  f"{MAX_PER_SPLIT} a split")
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
-    parser.add_argument("--calib", type=int, default=CALIB, help="calibration samples (the first ones; the "
-                                                                "evaluation splits come after them)")
+    parser.add_argument("--calib", type=int, default=CALIB, help="calibration samples (drawn in a seeded random "
+                                                                "order; the evaluation splits from the rest)")
     parser.add_argument("--json")
     args = parser.parse_args()
     names = [t.strip() for t in re.split(r",(?![^()]*\))", args.tools) if t.strip()]  # (not commas inside a spec)
@@ -220,7 +234,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             for case in bq.cases([name], eval_count(name, args.calib, args.eval)):
-                rows += bench(case, cuts, Path(tmp), tools, args.rounds)
+                rows += bench(shuffled(case), cuts, Path(tmp), tools, args.rounds)
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
