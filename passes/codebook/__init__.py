@@ -16,8 +16,8 @@ cleanup's folding and quant leave it encoded.
   values, or a 4096-bin histogram of them, then Lloyd steps on the full data); per output
   channel, the exact DP on each channel's 48-bin histogram vectorised over channels, then Lloyd
   (`method=exact`/`auto`), or Lloyd alone (`method=lloyd`, faster, 1.3-1.75x the error at 16
-  levels on 576-value rows). A tensor with exact zeros keeps a centroid at 0 (sparsified or
-  pruned weights stay zero).
+  levels on 576-value rows). A tensor whose exact zeros are at least 1/(2k) of its values keeps a
+  centroid at 0 (sparsified or pruned weights stay zero; `_pins_zero`).
 * With `--calib` (`datafit.py`): the weight k-means is weighted by diag(X^T X) of the feature each
   weight multiplies (importance), then the layer's output error tr(ΔHΔᵀ), H = XᵀX captured by
   `edgegraph.analysis.capture.grams`, is what is fitted: `fit=gptq` (the default) chooses the
